@@ -1,0 +1,309 @@
+//! How a batch of deliveries from one partition is decided, given what the database already
+//! holds. The store takes the locks and reads [`Batch::lock_keys`], [`Batch::event_ids`] and
+//! [`Batch::skus`] ask for, calls [`Batch::plan`], and writes the plan; every decision
+//! (dead letter, duplicate, conflict, applied, rejected) is made here, in offset order.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use super::event::{Event, InvalidEvent, decode};
+use super::lock_key::lock_key;
+use super::rules::{Movement, Outcome, StockBook, apply_event};
+
+/// One Kafka message as the pipeline sees it: where it was and its raw bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delivery {
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<Vec<u8>>,
+    pub payload: Option<Vec<u8>>,
+}
+
+/// Deliveries of one partition in offset order, each decoded once on arrival.
+#[derive(Debug, Default)]
+pub struct Batch {
+    items: Vec<(Delivery, Result<Event, InvalidEvent>)>,
+    lines: usize,
+}
+
+/// A bad message to keep in `dead_letters`.
+#[derive(Debug)]
+pub struct DeadLetter<'a> {
+    pub delivery: &'a Delivery,
+    pub error: &'static str,
+    pub detail: String,
+}
+
+/// A new event and what became of it.
+#[derive(Debug)]
+pub struct PlannedEvent<'a> {
+    pub event: &'a Event,
+    pub offset: i64,
+    pub outcome: Outcome,
+    pub digest: Vec<u8>,
+}
+
+/// The net change of one product over the batch: one row update however hot the SKU.
+#[derive(Debug, PartialEq, Eq)]
+pub struct ProductChange {
+    pub sku: String,
+    pub delta: i64,
+    /// How many movements the batch made; `products.version` grows by this much.
+    pub changes: i64,
+    /// The batch restocked a SKU that did not exist: insert it rather than update it.
+    pub created: bool,
+}
+
+#[derive(Debug, Default)]
+pub struct BatchPlan<'a> {
+    pub events: Vec<PlannedEvent<'a>>,
+    /// Ledger rows in the order they happened: (event id, movement).
+    pub movements: Vec<(&'a str, Movement)>,
+    /// Sorted by SKU.
+    pub products: Vec<ProductChange>,
+    pub dead_letters: Vec<DeadLetter<'a>>,
+    /// Deliveries of an event that was already recorded with the same digest.
+    pub duplicates: u64,
+}
+
+impl BatchPlan<'_> {
+    pub fn count(&self, outcome: &str) -> u64 {
+        self.events
+            .iter()
+            .filter(|e| e.outcome.as_str() == outcome)
+            .count() as u64
+    }
+}
+
+impl Batch {
+    pub fn push(&mut self, delivery: Delivery) {
+        let decoded = decode(delivery.payload.as_deref());
+        if let Ok(event) = &decoded {
+            self.lines += event.lines.len();
+        }
+        self.items.push((delivery, decoded));
+    }
+
+    pub fn len(&self) -> usize {
+        self.items.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+
+    /// Lines of the valid events: each may take an advisory lock, so batches are capped by it.
+    pub fn line_count(&self) -> usize {
+        self.lines
+    }
+
+    pub fn partition(&self) -> Option<i32> {
+        self.items.first().map(|(d, _)| d.partition)
+    }
+
+    /// First and last offset of the batch.
+    pub fn offsets(&self) -> Option<(i64, i64)> {
+        Some((self.items.first()?.0.offset, self.items.last()?.0.offset))
+    }
+
+    fn events(&self) -> impl Iterator<Item = &Event> {
+        self.items.iter().filter_map(|(_, e)| e.as_ref().ok())
+    }
+
+    /// Advisory-lock keys of every SKU the batch names, ascending and distinct: taking them in
+    /// this one global order is what keeps multi-SKU transactions from deadlocking.
+    pub fn lock_keys(&self) -> Vec<i64> {
+        let mut keys: Vec<i64> = self
+            .events()
+            .flat_map(|e| e.lines.iter().map(|l| lock_key(&l.sku)))
+            .collect();
+        keys.sort_unstable();
+        keys.dedup();
+        keys
+    }
+
+    pub fn event_ids(&self) -> Vec<String> {
+        let ids: HashSet<&str> = self.events().map(|e| e.id.as_str()).collect();
+        ids.into_iter().map(str::to_owned).collect()
+    }
+
+    pub fn skus(&self) -> Vec<String> {
+        let skus: HashSet<&str> = self
+            .events()
+            .flat_map(|e| e.lines.iter().map(|l| l.sku.as_str()))
+            .collect();
+        skus.into_iter().map(str::to_owned).collect()
+    }
+
+    /// Decides every delivery in offset order. `recorded` maps event ids already in
+    /// `processed_events` to their digest; `stock` holds the current stock of the batch's SKUs
+    /// (absent: never restocked). Must be called with the batch's locks held.
+    pub fn plan<'a>(
+        &'a self,
+        recorded: &HashMap<String, Vec<u8>>,
+        mut stock: StockBook,
+    ) -> BatchPlan<'a> {
+        let mut plan = BatchPlan::default();
+        let existing: HashSet<String> = stock.keys().cloned().collect();
+        // Ids decided earlier in this batch count as recorded for the deliveries after them.
+        let mut seen: HashMap<&str, Vec<u8>> = HashMap::new();
+        let mut products: BTreeMap<String, (i64, i64)> = BTreeMap::new();
+        for (delivery, decoded) in &self.items {
+            let event = match decoded {
+                Ok(event) => event,
+                Err(invalid) => {
+                    plan.dead_letters.push(dead_letter(delivery, invalid));
+                    continue;
+                }
+            };
+            let digest = event.digest();
+            let earlier = seen
+                .get(event.id.as_str())
+                .or_else(|| recorded.get(&event.id));
+            match earlier {
+                Some(d) if *d == digest => {
+                    plan.duplicates += 1;
+                    continue;
+                }
+                Some(_) => {
+                    let conflict = InvalidEvent::EventIdConflict(event.id.clone());
+                    plan.dead_letters.push(dead_letter(delivery, &conflict));
+                    continue;
+                }
+                None => {}
+            }
+            let outcome = match apply_event(event, &mut stock) {
+                Ok(movements) => {
+                    for m in movements {
+                        let entry = products.entry(m.sku.clone()).or_default();
+                        entry.0 += m.delta;
+                        entry.1 += 1;
+                        plan.movements.push((&event.id, m));
+                    }
+                    Outcome::Applied
+                }
+                Err(reason) => Outcome::Rejected(reason),
+            };
+            seen.insert(&event.id, digest.clone());
+            plan.events.push(PlannedEvent {
+                event,
+                offset: delivery.offset,
+                outcome,
+                digest,
+            });
+        }
+        plan.products = products
+            .into_iter()
+            .map(|(sku, (delta, changes))| ProductChange {
+                created: !existing.contains(&sku),
+                sku,
+                delta,
+                changes,
+            })
+            .collect();
+        plan
+    }
+}
+
+fn dead_letter<'a>(delivery: &'a Delivery, invalid: &InvalidEvent) -> DeadLetter<'a> {
+    DeadLetter {
+        delivery,
+        error: invalid.code(),
+        detail: invalid.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::RejectReason;
+
+    fn delivery(offset: i64, json: &str) -> Delivery {
+        Delivery {
+            partition: 3,
+            offset,
+            key: None,
+            payload: Some(json.as_bytes().to_vec()),
+        }
+    }
+
+    fn batch(jsons: &[&str]) -> Batch {
+        let mut b = Batch::default();
+        for (i, j) in jsons.iter().enumerate() {
+            b.push(delivery(i as i64 + 100, j));
+        }
+        b
+    }
+
+    #[test]
+    fn decides_each_delivery_in_offset_order() {
+        let b = batch(&[
+            r#"{"event_id":"r1","type":"restock","sku":"A","quantity":2}"#,
+            r#"{"event_id":"s1","type":"sale","sku":"A","quantity":1}"#,
+            r#"{"event_id":"s1","type":"sale","sku":"A","quantity":1}"#,
+            r#"{"event_id":"s1","type":"sale","sku":"A","quantity":9}"#,
+            r#"{"event_id":"s2","type":"sale","sku":"A","quantity":5}"#,
+            r#"{"event_id":"s3","type":"sale","sku":"B","quantity":1}"#,
+            "garbage",
+            r#"{"event_id":"old","type":"sale","sku":"A","quantity":1}"#,
+            r#"{"event_id":"s4","type":"sale","sku":"A","quantity":1}"#,
+        ]);
+        assert_eq!(b.line_count(), 8);
+        let old = decode(Some(
+            br#"{"event_id":"old","type":"sale","sku":"A","quantity":1}"#,
+        ))
+        .unwrap();
+        let recorded = HashMap::from([("old".to_owned(), old.digest())]);
+        let plan = b.plan(&recorded, StockBook::new());
+
+        let outcomes: Vec<_> = plan
+            .events
+            .iter()
+            .map(|e| (e.event.id.as_str(), e.offset, e.outcome))
+            .collect();
+        assert_eq!(
+            outcomes,
+            [
+                ("r1", 100, Outcome::Applied),
+                ("s1", 101, Outcome::Applied),
+                (
+                    "s2",
+                    104,
+                    Outcome::Rejected(RejectReason::InsufficientStock)
+                ),
+                ("s3", 105, Outcome::Rejected(RejectReason::UnknownSku)),
+                ("s4", 108, Outcome::Applied),
+            ]
+        );
+        assert_eq!(plan.duplicates, 2, "s1 again, and old");
+        let dead: Vec<_> = plan
+            .dead_letters
+            .iter()
+            .map(|d| (d.delivery.offset, d.error))
+            .collect();
+        assert_eq!(dead, [(103, "event_id_conflict"), (106, "invalid_json")]);
+        assert_eq!(
+            plan.products,
+            [ProductChange {
+                sku: "A".into(),
+                delta: 0,
+                changes: 3,
+                created: true,
+            }]
+        );
+        let stock_after: Vec<_> = plan.movements.iter().map(|(_, m)| m.stock_after).collect();
+        assert_eq!(stock_after, [2, 1, 0]);
+    }
+
+    #[test]
+    fn lock_keys_are_sorted_and_distinct() {
+        let b = batch(&[
+            r#"{"event_id":"a","type":"sale","lines":[{"sku":"Z","quantity":1},{"sku":"A","quantity":1}]}"#,
+            r#"{"event_id":"b","type":"sale","sku":"A","quantity":1}"#,
+        ]);
+        let keys = b.lock_keys();
+        assert_eq!(keys.len(), 2);
+        assert!(keys.windows(2).all(|w| w[0] < w[1]));
+        assert_eq!(b.skus().len(), 2);
+        assert_eq!(b.event_ids().len(), 2);
+    }
+}

@@ -1,0 +1,519 @@
+//! Decoding and validation of one event, `bytes -> Result<Event, InvalidEvent>`, exactly as
+//! CONTRACT.md section 1 states it. Every rejection names a stable reason code (stored in
+//! `dead_letters.error`) and a human detail, because an operator looking at a dead letter must
+//! be able to tell the producer what to fix without reading this code.
+
+use serde_json::{Map, Value};
+use sha2::{Digest, Sha256};
+
+/// Largest accepted message value, in bytes.
+pub const MAX_PAYLOAD_BYTES: usize = 1024 * 1024;
+pub const MAX_EVENT_ID_CHARS: usize = 128;
+pub const MAX_SKU_CHARS: usize = 64;
+pub const MAX_LINES: usize = 100;
+pub const MAX_ABS_QUANTITY: i64 = 1_000_000_000;
+pub const MAX_REASON_CHARS: usize = 256;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum EventKind {
+    Restock,
+    Sale,
+    Adjustment,
+}
+
+impl EventKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventKind::Restock => "restock",
+            EventKind::Sale => "sale",
+            EventKind::Adjustment => "adjustment",
+        }
+    }
+
+    /// The signed stock change of a line of this kind.
+    pub fn delta(self, quantity: i64) -> i64 {
+        match self {
+            EventKind::Sale => -quantity,
+            EventKind::Restock | EventKind::Adjustment => quantity,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Line {
+    pub sku: String,
+    pub quantity: i64,
+}
+
+/// A valid event. Constructed only by [`decode`], so its fields hold the contract's invariants.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Event {
+    pub id: String,
+    pub kind: EventKind,
+    pub lines: Vec<Line>,
+    pub reason: Option<String>,
+    pub occurred_at: Option<String>,
+    pub source: Option<String>,
+}
+
+impl Event {
+    /// SHA-256 of the event's meaning: the known fields in a fixed order. Whitespace, key
+    /// order and unknown fields do not change it, any known field does; it is what tells a
+    /// harmless re-send (same digest) from a reused event id (`event_id_conflict`).
+    pub fn digest(&self) -> Vec<u8> {
+        let lines: Vec<(&str, i64)> = self
+            .lines
+            .iter()
+            .map(|l| (l.sku.as_str(), l.quantity))
+            .collect();
+        let canonical = serde_json::json!([
+            self.id,
+            self.kind.as_str(),
+            lines,
+            self.reason,
+            self.occurred_at,
+            self.source
+        ]);
+        Sha256::digest(canonical.to_string().as_bytes()).to_vec()
+    }
+}
+
+/// Why a message is not a valid event. `code()` is the stable reason stored with the dead
+/// letter; `Display` is the detail.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidEvent {
+    #[error("message has no value")]
+    EmptyPayload,
+    #[error("message value is {size} bytes, more than the limit of {MAX_PAYLOAD_BYTES}")]
+    TooLarge { size: usize },
+    #[error("message value is not valid UTF-8 (at byte {valid_up_to})")]
+    InvalidUtf8 { valid_up_to: usize },
+    #[error("message value is not valid JSON: {0}")]
+    InvalidJson(String),
+    #[error("message value is JSON but not an object")]
+    NotAnObject,
+    #[error("field `{0}` is required")]
+    MissingField(&'static str),
+    #[error("field `{field}` must be {expected}")]
+    WrongType {
+        field: &'static str,
+        expected: &'static str,
+    },
+    #[error("event_id must be 1..={MAX_EVENT_ID_CHARS} characters, got {chars}")]
+    InvalidEventId { chars: usize },
+    #[error("type `{0}` is not one of restock, sale, adjustment")]
+    UnknownType(String),
+    #[error("give either `sku` and `quantity` or `lines`, not both")]
+    AmbiguousLines,
+    #[error("`lines` must hold 1..={MAX_LINES} lines, got {count}")]
+    LineCount { count: usize },
+    #[error("line {line}: sku {detail}")]
+    InvalidSku { line: usize, detail: String },
+    #[error("line {line}: quantity {detail}")]
+    InvalidQuantity { line: usize, detail: String },
+    #[error("occurred_at `{0}` is not an RFC 3339 timestamp")]
+    InvalidOccurredAt(String),
+    #[error("reason is {chars} characters, more than {MAX_REASON_CHARS}")]
+    ReasonTooLong { chars: usize },
+    /// Not produced by [`decode`]: the id was recorded earlier with another digest.
+    #[error("event_id `{0}` was already used by an event with a different body")]
+    EventIdConflict(String),
+}
+
+impl InvalidEvent {
+    pub fn code(&self) -> &'static str {
+        match self {
+            InvalidEvent::EmptyPayload => "empty_payload",
+            InvalidEvent::TooLarge { .. } => "payload_too_large",
+            InvalidEvent::InvalidUtf8 { .. } => "invalid_utf8",
+            InvalidEvent::InvalidJson(_) => "invalid_json",
+            InvalidEvent::NotAnObject => "not_an_object",
+            InvalidEvent::MissingField(_) => "missing_field",
+            InvalidEvent::WrongType { .. } => "wrong_type",
+            InvalidEvent::InvalidEventId { .. } => "invalid_event_id",
+            InvalidEvent::UnknownType(_) => "unknown_type",
+            InvalidEvent::AmbiguousLines => "ambiguous_lines",
+            InvalidEvent::LineCount { .. } => "invalid_line_count",
+            InvalidEvent::InvalidSku { .. } => "invalid_sku",
+            InvalidEvent::InvalidQuantity { .. } => "invalid_quantity",
+            InvalidEvent::InvalidOccurredAt(_) => "invalid_occurred_at",
+            InvalidEvent::ReasonTooLong { .. } => "reason_too_long",
+            InvalidEvent::EventIdConflict(_) => "event_id_conflict",
+        }
+    }
+}
+
+/// Decodes and validates one message value.
+pub fn decode(payload: Option<&[u8]>) -> Result<Event, InvalidEvent> {
+    let bytes = payload.ok_or(InvalidEvent::EmptyPayload)?;
+    if bytes.len() > MAX_PAYLOAD_BYTES {
+        return Err(InvalidEvent::TooLarge { size: bytes.len() });
+    }
+    let text = std::str::from_utf8(bytes).map_err(|e| InvalidEvent::InvalidUtf8 {
+        valid_up_to: e.valid_up_to(),
+    })?;
+    let value: Value =
+        serde_json::from_str(text).map_err(|e| InvalidEvent::InvalidJson(e.to_string()))?;
+    let object = value.as_object().ok_or(InvalidEvent::NotAnObject)?;
+
+    let id = required_str(object, "event_id")?;
+    let chars = id.chars().count();
+    if chars == 0 || chars > MAX_EVENT_ID_CHARS {
+        return Err(InvalidEvent::InvalidEventId { chars });
+    }
+    let kind = match required_str(object, "type")? {
+        "restock" => EventKind::Restock,
+        "sale" => EventKind::Sale,
+        "adjustment" => EventKind::Adjustment,
+        other => return Err(InvalidEvent::UnknownType(truncate(other, 64))),
+    };
+    let lines = decode_lines(object, kind)?;
+
+    let reason = optional_str(object, "reason")?;
+    if let Some(reason) = reason {
+        let chars = reason.chars().count();
+        if chars > MAX_REASON_CHARS {
+            return Err(InvalidEvent::ReasonTooLong { chars });
+        }
+    }
+    let occurred_at = optional_str(object, "occurred_at")?;
+    if let Some(ts) = occurred_at {
+        chrono::DateTime::parse_from_rfc3339(ts)
+            .map_err(|_| InvalidEvent::InvalidOccurredAt(truncate(ts, 64)))?;
+    }
+    let source = optional_str(object, "source")?;
+
+    Ok(Event {
+        id: id.to_owned(),
+        kind,
+        lines,
+        reason: reason.map(str::to_owned),
+        occurred_at: occurred_at.map(str::to_owned),
+        source: source.map(str::to_owned),
+    })
+}
+
+fn decode_lines(object: &Map<String, Value>, kind: EventKind) -> Result<Vec<Line>, InvalidEvent> {
+    let has_single = object.contains_key("sku") || object.contains_key("quantity");
+    match object.get("lines") {
+        Some(_) if has_single => Err(InvalidEvent::AmbiguousLines),
+        Some(Value::Array(items)) => {
+            if items.is_empty() || items.len() > MAX_LINES {
+                return Err(InvalidEvent::LineCount { count: items.len() });
+            }
+            items
+                .iter()
+                .enumerate()
+                .map(|(i, item)| {
+                    let line = item.as_object().ok_or(InvalidEvent::WrongType {
+                        field: "lines",
+                        expected: "an array of objects",
+                    })?;
+                    decode_line(line, kind, i + 1)
+                })
+                .collect()
+        }
+        Some(_) => Err(InvalidEvent::WrongType {
+            field: "lines",
+            expected: "an array",
+        }),
+        None => Ok(vec![decode_line(object, kind, 1)?]),
+    }
+}
+
+fn decode_line(
+    object: &Map<String, Value>,
+    kind: EventKind,
+    line: usize,
+) -> Result<Line, InvalidEvent> {
+    let sku = required_str(object, "sku")?;
+    validate_sku(sku).map_err(|detail| InvalidEvent::InvalidSku { line, detail })?;
+    let quantity = match object.get("quantity") {
+        None | Some(Value::Null) => return Err(InvalidEvent::MissingField("quantity")),
+        Some(Value::Number(n)) => n.as_i64().ok_or_else(|| InvalidEvent::InvalidQuantity {
+            line,
+            detail: format!("must be an integer within ±{MAX_ABS_QUANTITY}, got {n}"),
+        })?,
+        Some(_) => {
+            return Err(InvalidEvent::WrongType {
+                field: "quantity",
+                expected: "an integer",
+            });
+        }
+    };
+    validate_quantity(kind, quantity).map_err(|detail| InvalidEvent::InvalidQuantity {
+        line,
+        detail: detail.to_owned(),
+    })?;
+    Ok(Line {
+        sku: sku.to_owned(),
+        quantity,
+    })
+}
+
+fn validate_sku(sku: &str) -> Result<(), String> {
+    let chars = sku.chars().count();
+    if chars == 0 || chars > MAX_SKU_CHARS {
+        return Err(format!(
+            "must be 1..={MAX_SKU_CHARS} characters, got {chars}"
+        ));
+    }
+    match sku
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '/')))
+    {
+        Some(c) => Err(format!("contains {c:?}; allowed are A-Z a-z 0-9 . _ - /")),
+        None => Ok(()),
+    }
+}
+
+fn validate_quantity(kind: EventKind, quantity: i64) -> Result<(), &'static str> {
+    if quantity.unsigned_abs() > MAX_ABS_QUANTITY.unsigned_abs() {
+        return Err("must be within ±1000000000");
+    }
+    match kind {
+        EventKind::Restock | EventKind::Sale if quantity <= 0 => {
+            Err("must be > 0 for restock and sale")
+        }
+        EventKind::Adjustment if quantity == 0 => Err("must not be 0 for adjustment"),
+        _ => Ok(()),
+    }
+}
+
+fn required_str<'a>(
+    object: &'a Map<String, Value>,
+    field: &'static str,
+) -> Result<&'a str, InvalidEvent> {
+    optional_str(object, field)?.ok_or(InvalidEvent::MissingField(field))
+}
+
+/// A missing field and an explicit `null` are treated alike.
+fn optional_str<'a>(
+    object: &'a Map<String, Value>,
+    field: &'static str,
+) -> Result<Option<&'a str>, InvalidEvent> {
+    match object.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s)),
+        Some(_) => Err(InvalidEvent::WrongType {
+            field,
+            expected: "a string",
+        }),
+    }
+}
+
+/// Keeps details short when echoing producer input back into a dead letter.
+fn truncate(s: &str, max_chars: usize) -> String {
+    s.chars().take(max_chars).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn code(json: &str) -> &'static str {
+        match decode(Some(json.as_bytes())) {
+            Ok(_) => "ok",
+            Err(e) => e.code(),
+        }
+    }
+
+    #[test]
+    fn accepts_the_contract_examples() {
+        let sale = decode(Some(
+            br#"{"event_id":"c0a8-0001","type":"sale","sku":"SKU-000042","quantity":3}"#,
+        ))
+        .unwrap();
+        assert_eq!(sale.kind, EventKind::Sale);
+        assert_eq!(
+            sale.lines,
+            vec![Line {
+                sku: "SKU-000042".into(),
+                quantity: 3
+            }]
+        );
+        let adj = decode(Some(br#"{"event_id":"cycle-2026-11","type":"adjustment","sku":"SKU-000042","quantity":-2,"reason":"damaged","occurred_at":"2026-11-21T10:00:00+01:00","extra":[1]}"#)).unwrap();
+        assert_eq!(adj.reason.as_deref(), Some("damaged"));
+        let multi = decode(Some(br#"{"event_id":"order-9913","type":"sale","lines":[{"sku":"SKU-1","quantity":1},{"sku":"SKU-2","quantity":4}]}"#)).unwrap();
+        assert_eq!(multi.lines.len(), 2);
+    }
+
+    #[test]
+    fn names_a_precise_reason_for_every_violation() {
+        let long_id = "x".repeat(129);
+        let long_sku = "S".repeat(65);
+        let long_reason = "r".repeat(257);
+        let too_many: Vec<String> = (0..101)
+            .map(|i| format!(r#"{{"sku":"S{i}","quantity":1}}"#))
+            .collect();
+        let cases = [
+            ("not json", "invalid_json"),
+            ("[1,2]", "not_an_object"),
+            (r#"{"type":"sale","sku":"A","quantity":1}"#, "missing_field"),
+            (
+                r#"{"event_id":7,"type":"sale","sku":"A","quantity":1}"#,
+                "wrong_type",
+            ),
+            (
+                r#"{"event_id":"","type":"sale","sku":"A","quantity":1}"#,
+                "invalid_event_id",
+            ),
+            (
+                &format!(r#"{{"event_id":"{long_id}","type":"sale","sku":"A","quantity":1}}"#),
+                "invalid_event_id",
+            ),
+            (
+                r#"{"event_id":"e","type":"gift","sku":"A","quantity":1}"#,
+                "unknown_type",
+            ),
+            (
+                r#"{"event_id":"e","type":"sale","quantity":1}"#,
+                "missing_field",
+            ),
+            (
+                r#"{"event_id":"e","type":"sale","sku":"A"}"#,
+                "missing_field",
+            ),
+            (
+                r#"{"event_id":"e","type":"sale","sku":"A","quantity":"1"}"#,
+                "wrong_type",
+            ),
+            (
+                r#"{"event_id":"e","type":"sale","sku":"A","quantity":1.5}"#,
+                "invalid_quantity",
+            ),
+            (
+                r#"{"event_id":"e","type":"sale","sku":"A","quantity":0}"#,
+                "invalid_quantity",
+            ),
+            (
+                r#"{"event_id":"e","type":"sale","sku":"A","quantity":-1}"#,
+                "invalid_quantity",
+            ),
+            (
+                r#"{"event_id":"e","type":"restock","sku":"A","quantity":1000000001}"#,
+                "invalid_quantity",
+            ),
+            (
+                r#"{"event_id":"e","type":"restock","sku":"A","quantity":99999999999999999999999}"#,
+                "invalid_quantity",
+            ),
+            (
+                r#"{"event_id":"e","type":"adjustment","sku":"A","quantity":0}"#,
+                "invalid_quantity",
+            ),
+            (
+                r#"{"event_id":"e","type":"sale","sku":"A B","quantity":1}"#,
+                "invalid_sku",
+            ),
+            (
+                r#"{"event_id":"e","type":"sale","sku":"A';--","quantity":1}"#,
+                "invalid_sku",
+            ),
+            (
+                r#"{"event_id":"e","type":"sale","sku":"ÄPFEL","quantity":1}"#,
+                "invalid_sku",
+            ),
+            (
+                r#"{"event_id":"e","type":"sale","sku":"","quantity":1}"#,
+                "invalid_sku",
+            ),
+            (
+                &format!(r#"{{"event_id":"e","type":"sale","sku":"{long_sku}","quantity":1}}"#),
+                "invalid_sku",
+            ),
+            (
+                r#"{"event_id":"e","type":"sale","lines":[]}"#,
+                "invalid_line_count",
+            ),
+            (
+                &format!(
+                    r#"{{"event_id":"e","type":"sale","lines":[{}]}}"#,
+                    too_many.join(",")
+                ),
+                "invalid_line_count",
+            ),
+            (r#"{"event_id":"e","type":"sale","lines":{}}"#, "wrong_type"),
+            (
+                r#"{"event_id":"e","type":"sale","lines":[1]}"#,
+                "wrong_type",
+            ),
+            (
+                r#"{"event_id":"e","type":"sale","sku":"A","lines":[{"sku":"A","quantity":1}]}"#,
+                "ambiguous_lines",
+            ),
+            (
+                r#"{"event_id":"e","type":"sale","lines":[{"sku":"A","quantity":1},{"sku":"B","quantity":0}]}"#,
+                "invalid_quantity",
+            ),
+            (
+                r#"{"event_id":"e","type":"sale","sku":"A","quantity":1,"occurred_at":"yesterday"}"#,
+                "invalid_occurred_at",
+            ),
+            (
+                &format!(
+                    r#"{{"event_id":"e","type":"sale","sku":"A","quantity":1,"reason":"{long_reason}"}}"#
+                ),
+                "reason_too_long",
+            ),
+            (
+                r#"{"event_id":"e","type":"sale","sku":"A","quantity":1,"source":5}"#,
+                "wrong_type",
+            ),
+            (
+                r#"{"event_id":"e","type":"adjustment","sku":"a.b_c-d/9","quantity":-1000000000}"#,
+                "ok",
+            ),
+        ];
+        for (json, expected) in cases {
+            assert_eq!(code(json), expected, "for {json}");
+        }
+        assert_eq!(decode(None).unwrap_err().code(), "empty_payload");
+        assert_eq!(
+            decode(Some(&[0xff, 0xfe])).unwrap_err().code(),
+            "invalid_utf8"
+        );
+        let big = vec![b' '; MAX_PAYLOAD_BYTES + 1];
+        assert_eq!(decode(Some(&big)).unwrap_err().code(), "payload_too_large");
+    }
+
+    #[test]
+    fn digest_ignores_formatting_but_not_meaning() {
+        let a = decode(Some(
+            br#"{"event_id":"e","type":"sale","sku":"A","quantity":1}"#,
+        ))
+        .unwrap();
+        let b = decode(Some(
+            br#"{ "quantity": 1, "sku": "A", "type": "sale", "event_id": "e", "unknown": true }"#,
+        ))
+        .unwrap();
+        let c = decode(Some(
+            br#"{"event_id":"e","type":"sale","sku":"A","quantity":2}"#,
+        ))
+        .unwrap();
+        assert_eq!(a.digest(), b.digest());
+        assert_ne!(a.digest(), c.digest());
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = decode(Some(&bytes));
+        }
+
+        #[test]
+        fn arbitrary_json_shapes_never_panic(
+            id in proptest::option::of("[a-z0-9-]{0,140}"),
+            kind in "(sale|restock|adjustment|other)",
+            sku in ".{0,70}",
+            quantity in any::<i64>(),
+        ) {
+            let json = serde_json::json!({"event_id": id, "type": kind, "sku": sku, "quantity": quantity});
+            if let Ok(event) = decode(Some(json.to_string().as_bytes())) {
+                prop_assert!(event.lines.iter().all(|l| l.quantity.abs() <= MAX_ABS_QUANTITY && l.quantity != 0));
+                prop_assert!(!event.id.is_empty());
+            }
+        }
+    }
+}

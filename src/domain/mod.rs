@@ -1,0 +1,13 @@
+//! The pure core: what an event is, what it does to stock, and how a batch of deliveries is
+//! decided. Nothing here touches Kafka, PostgreSQL or an async runtime, so every rule can be
+//! tested exhaustively with plain data (unit and property tests live next to the code).
+
+pub mod batch;
+pub mod event;
+pub mod lock_key;
+pub mod rules;
+
+pub use batch::{Batch, BatchPlan, DeadLetter, Delivery, PlannedEvent};
+pub use event::{Event, EventKind, InvalidEvent, Line, decode};
+pub use lock_key::lock_key;
+pub use rules::{Movement, Outcome, RejectReason, StockBook, apply_event};

@@ -1,0 +1,240 @@
+//! The inventory rules: what one valid event does to the stock of the SKUs it names.
+//!
+//! An event is all-or-nothing: every line is checked against a scratch copy of the stock, in
+//! line order, and only if every line holds is the scratch copy made real. Stock never goes
+//! below zero; a SKU that was never restocked cannot be sold or adjusted.
+
+use std::collections::HashMap;
+
+use super::event::Event;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RejectReason {
+    /// A sale or negative adjustment would take a line below zero.
+    InsufficientStock,
+    /// A sale or adjustment of a SKU that was never restocked.
+    UnknownSku,
+    /// The stock would exceed what a 64-bit counter holds; never expected in practice.
+    StockOverflow,
+}
+
+impl RejectReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RejectReason::InsufficientStock => "insufficient_stock",
+            RejectReason::UnknownSku => "unknown_sku",
+            RejectReason::StockOverflow => "stock_overflow",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Applied,
+    Rejected(RejectReason),
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Applied => "applied",
+            Outcome::Rejected(_) => "rejected",
+        }
+    }
+
+    pub fn reason(self) -> Option<&'static str> {
+        match self {
+            Outcome::Applied => None,
+            Outcome::Rejected(r) => Some(r.as_str()),
+        }
+    }
+}
+
+/// One ledger row: the change of one line and the stock it left.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Movement {
+    pub sku: String,
+    pub delta: i64,
+    pub stock_after: i64,
+}
+
+/// Current stock of the SKUs in play. A SKU that is absent has never been restocked.
+pub type StockBook = HashMap<String, i64>;
+
+/// Applies one event to `book`: on success the book holds the new stock and the movements are
+/// returned in line order; on rejection the book is left exactly as it was.
+pub fn apply_event(event: &Event, book: &mut StockBook) -> Result<Vec<Movement>, RejectReason> {
+    // Only the lines' SKUs change, so a small overlay is cheaper than cloning the book.
+    let mut scratch: Vec<(&str, i64)> = Vec::with_capacity(event.lines.len());
+    let mut movements = Vec::with_capacity(event.lines.len());
+    for line in &event.lines {
+        let current = match scratch.iter().rev().find(|(sku, _)| *sku == line.sku) {
+            Some((_, stock)) => Some(*stock),
+            None => book.get(&line.sku).copied(),
+        };
+        let current = match (current, event.kind) {
+            (Some(stock), _) => stock,
+            (None, super::EventKind::Restock) => 0,
+            (None, _) => return Err(RejectReason::UnknownSku),
+        };
+        let after = current
+            .checked_add(event.kind.delta(line.quantity))
+            .ok_or(RejectReason::StockOverflow)?;
+        if after < 0 {
+            return Err(RejectReason::InsufficientStock);
+        }
+        scratch.push((&line.sku, after));
+        movements.push(Movement {
+            sku: line.sku.clone(),
+            delta: event.kind.delta(line.quantity),
+            stock_after: after,
+        });
+    }
+    for (sku, stock) in scratch {
+        book.insert(sku.to_owned(), stock);
+    }
+    Ok(movements)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::event::{EventKind, Line};
+    use proptest::prelude::*;
+
+    fn event(kind: EventKind, lines: &[(&str, i64)]) -> Event {
+        Event {
+            id: "e".into(),
+            kind,
+            lines: lines
+                .iter()
+                .map(|(sku, quantity)| Line {
+                    sku: (*sku).into(),
+                    quantity: *quantity,
+                })
+                .collect(),
+            reason: None,
+            occurred_at: None,
+            source: None,
+        }
+    }
+
+    #[test]
+    fn restock_creates_and_sale_removes() {
+        let mut book = StockBook::new();
+        let m = apply_event(&event(EventKind::Restock, &[("A", 5)]), &mut book).unwrap();
+        assert_eq!(
+            m,
+            vec![Movement {
+                sku: "A".into(),
+                delta: 5,
+                stock_after: 5
+            }]
+        );
+        apply_event(&event(EventKind::Sale, &[("A", 5)]), &mut book).unwrap();
+        assert_eq!(book["A"], 0);
+        assert_eq!(
+            apply_event(&event(EventKind::Sale, &[("A", 1)]), &mut book),
+            Err(RejectReason::InsufficientStock)
+        );
+    }
+
+    #[test]
+    fn unknown_skus_cannot_be_sold_or_adjusted() {
+        let mut book = StockBook::new();
+        for kind in [EventKind::Sale, EventKind::Adjustment] {
+            assert_eq!(
+                apply_event(&event(kind, &[("A", 1)]), &mut book),
+                Err(RejectReason::UnknownSku)
+            );
+        }
+        assert!(book.is_empty());
+    }
+
+    #[test]
+    fn multi_line_is_all_or_nothing_and_sees_its_own_lines() {
+        let mut book = StockBook::from([("A".to_owned(), 3), ("B".to_owned(), 1)]);
+        // The second line of A sees the first: 3 - 2 - 2 < 0.
+        assert_eq!(
+            apply_event(
+                &event(EventKind::Sale, &[("A", 2), ("B", 1), ("A", 2)]),
+                &mut book
+            ),
+            Err(RejectReason::InsufficientStock)
+        );
+        assert_eq!(book["A"], 3);
+        assert_eq!(book["B"], 1);
+        let m = apply_event(
+            &event(EventKind::Sale, &[("A", 2), ("B", 1), ("A", 1)]),
+            &mut book,
+        )
+        .unwrap();
+        assert_eq!(
+            m.iter().map(|m| m.stock_after).collect::<Vec<_>>(),
+            [1, 0, 0]
+        );
+        assert_eq!((book["A"], book["B"]), (0, 0));
+    }
+
+    #[test]
+    fn overflow_is_rejected_not_wrapped() {
+        let mut book = StockBook::from([("A".to_owned(), i64::MAX - 1)]);
+        assert_eq!(
+            apply_event(&event(EventKind::Restock, &[("A", 2)]), &mut book),
+            Err(RejectReason::StockOverflow)
+        );
+    }
+
+    fn arb_event() -> impl Strategy<Value = Event> {
+        let kind = prop_oneof![
+            Just(EventKind::Restock),
+            Just(EventKind::Sale),
+            Just(EventKind::Adjustment)
+        ];
+        let line = ("[ABCD]", 1i64..20, any::<bool>());
+        (kind, proptest::collection::vec(line, 1..5)).prop_map(|(kind, lines)| Event {
+            id: "e".into(),
+            kind,
+            lines: lines
+                .into_iter()
+                .map(|(sku, q, negative)| Line {
+                    sku,
+                    quantity: if kind == EventKind::Adjustment && negative {
+                        -q
+                    } else {
+                        q
+                    },
+                })
+                .collect(),
+            reason: None,
+            occurred_at: None,
+            source: None,
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn any_sequence_never_goes_negative_and_the_ledger_adds_up(
+            events in proptest::collection::vec(arb_event(), 0..60)
+        ) {
+            let mut book = StockBook::new();
+            let mut ledger: HashMap<String, i64> = HashMap::new();
+            for e in &events {
+                let before = book.clone();
+                match apply_event(e, &mut book) {
+                    Ok(movements) => {
+                        prop_assert_eq!(movements.len(), e.lines.len());
+                        for m in movements {
+                            prop_assert!(m.stock_after >= 0);
+                            *ledger.entry(m.sku).or_default() += m.delta;
+                        }
+                    }
+                    // All-or-nothing: a rejected event leaves every line untouched.
+                    Err(_) => prop_assert_eq!(&before, &book),
+                }
+                prop_assert!(book.values().all(|s| *s >= 0));
+            }
+            prop_assert_eq!(ledger, book);
+        }
+    }
+}

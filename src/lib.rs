@@ -1,0 +1,26 @@
+//! inventory-consumer: applies inventory change events from Kafka to PostgreSQL, exactly once in
+//! effect, with any number of replicas in one consumer group.
+//!
+//! How the pieces fit:
+//! - [`domain`] is pure: it decodes events, applies the inventory rules and decides a batch.
+//! - [`store`] is PostgreSQL: the pool, the migrations, the batch transaction (advisory locks,
+//!   dedupe, atomic stock updates, ledger, dead letters) and the audit behind `verify`.
+//! - [`kafka`] is the consumer: a poll thread owning the librdkafka handle and its rebalance
+//!   callbacks, one [`worker`] task per assigned partition, and the offsets they hand back,
+//!   committed only after the database commit that holds their effect.
+//! - [`embedded`] runs what development and tests need locally: librdkafka's mock cluster and
+//!   a throwaway PostgreSQL.
+//! - [`cli`] holds one module per subcommand; `main.rs` only parses and hands off.
+#![deny(clippy::unwrap_used, clippy::expect_used)]
+
+pub mod cli;
+pub mod config;
+pub mod domain;
+pub mod embedded;
+pub mod kafka;
+pub mod signals;
+pub mod stats;
+pub mod store;
+pub mod telemetry;
+pub mod worker;
+pub mod workload;
