@@ -1,0 +1,543 @@
+//! Settings, loaded with figment in the order CONTRACT.md section 5 gives, later layers winning:
+//! defaults, a TOML file (`--config` or `INVENTORY_CONFIG`), the conventional short forms
+//! (`DATABASE_URL`, `KAFKA_BROKERS`, `PORT`), `INVENTORY_<SECTION>__<KEY>` variables, then
+//! command-line flags. [`Settings::validate`] refuses bad values at start-up, naming the key,
+//! including the cross-field rules (the drain must fit inside the group's timeouts).
+//!
+//! Secrets: `database.url` may carry a password and `kafka.properties` SASL credentials; neither
+//! is ever logged (see [`redact_url`]).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::value::Value;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    pub kafka: KafkaSettings,
+    pub database: DatabaseSettings,
+    pub processing: ProcessingSettings,
+    pub http: HttpSettings,
+    pub log: LogSettings,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GroupProtocol {
+    /// The classic protocol (JoinGroup/SyncGroup), any Kafka version.
+    Classic,
+    /// KIP-848, `group.protocol=consumer`: broker-side assignment, Kafka 4.0 and later.
+    Consumer,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaSettings {
+    pub brokers: String,
+    pub topic: String,
+    pub group_id: String,
+    pub group_protocol: GroupProtocol,
+    /// Classic protocol only: `cooperative-sticky` (incremental) or an eager strategy such as
+    /// `range` or `roundrobin`.
+    pub assignment_strategy: String,
+    /// Passed to librdkafka as they are (TLS, SASL, tuning). In environment variables write
+    /// `_` for `.`: `INVENTORY_KAFKA__PROPERTIES__SASL_MECHANISM=PLAIN`.
+    pub properties: BTreeMap<String, Value>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatabaseSettings {
+    pub url: String,
+    pub pool_size: u32,
+    /// Whether `run` applies pending migrations before consuming.
+    pub migrate: bool,
+    pub connect_timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProcessingSettings {
+    pub batch_max_events: usize,
+    pub batch_linger_ms: u64,
+    /// How long a revoke or a shutdown waits for in-flight batches before giving up on them.
+    pub drain_timeout_ms: u64,
+    /// How often database-committed offsets are committed to Kafka while consuming.
+    pub commit_interval_ms: u64,
+    /// Cap of the exponential backoff between retries of a transient failure.
+    pub retry_backoff_max_ms: u64,
+    /// A batch that keeps failing transiently for this long is a fatal failure.
+    pub retry_deadline_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpSettings {
+    pub addr: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Json,
+    Pretty,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogSettings {
+    /// `json` or `pretty`; unset: pretty on a terminal, JSON otherwise.
+    pub format: Option<LogFormat>,
+    /// A tracing filter, e.g. `info` or `inventory_consumer=debug,rdkafka=warn`.
+    pub level: String,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            kafka: KafkaSettings {
+                brokers: String::new(),
+                topic: "inventory-events".into(),
+                group_id: "inventory-consumer-group".into(),
+                group_protocol: GroupProtocol::Classic,
+                assignment_strategy: "cooperative-sticky".into(),
+                properties: BTreeMap::new(),
+            },
+            database: DatabaseSettings {
+                url: String::new(),
+                pool_size: 4,
+                migrate: true,
+                connect_timeout_ms: 10_000,
+            },
+            processing: ProcessingSettings {
+                batch_max_events: 500,
+                batch_linger_ms: 20,
+                drain_timeout_ms: 10_000,
+                commit_interval_ms: 1_000,
+                retry_backoff_max_ms: 5_000,
+                retry_deadline_ms: 300_000,
+            },
+            http: HttpSettings {
+                addr: "0.0.0.0:8080".into(),
+            },
+            log: LogSettings {
+                format: None,
+                level: "info".into(),
+            },
+        }
+    }
+}
+
+/// Which settings a command cannot do without: `produce` needs no database, `verify` no Kafka.
+#[derive(Debug, Clone, Copy)]
+pub struct Needs {
+    pub kafka: bool,
+    pub database: bool,
+}
+
+/// A configuration problem, naming the key. Exit code 2.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration: {0}")]
+pub struct ConfigError(pub String);
+
+impl ConfigError {
+    fn key(key: &str, problem: impl std::fmt::Display) -> Self {
+        ConfigError(format!("{key}: {problem}"))
+    }
+}
+
+/// Properties the consumer owns; letting them be overridden would break a guarantee.
+const MANAGED_PROPERTIES: &[(&str, &str)] = &[
+    (
+        "enable.auto.commit",
+        "offsets are committed only after the database commit that holds their effect",
+    ),
+    (
+        "enable.auto.offset.store",
+        "offsets are committed only after the database commit that holds their effect",
+    ),
+    ("group.id", "set kafka.group_id"),
+    ("bootstrap.servers", "set kafka.brokers"),
+    ("group.protocol", "set kafka.group_protocol"),
+    (
+        "partition.assignment.strategy",
+        "set kafka.assignment_strategy",
+    ),
+];
+
+/// Librdkafka rejects these with `group.protocol=consumer`: the broker owns them there.
+const CLASSIC_ONLY_PROPERTIES: &[&str] = &["session.timeout.ms", "heartbeat.interval.ms"];
+
+impl Settings {
+    /// Loads every layer. `file` is `--config`; `overrides` are command-line `key=value` pairs.
+    pub fn load(
+        file: Option<&Path>,
+        overrides: &[(String, String)],
+        needs: Needs,
+    ) -> Result<Self, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(Settings::default()));
+        let file = file
+            .map(Path::to_path_buf)
+            .or_else(|| std::env::var_os("INVENTORY_CONFIG").map(PathBuf::from));
+        if let Some(path) = file {
+            if !path.is_file() {
+                return Err(ConfigError::key(
+                    "--config",
+                    format!("no such file: {}", path.display()),
+                ));
+            }
+            figment = figment.merge(Toml::file_exact(path));
+        }
+        for (var, key) in [
+            ("DATABASE_URL", "database.url"),
+            ("KAFKA_BROKERS", "kafka.brokers"),
+        ] {
+            if let Ok(value) = std::env::var(var) {
+                figment = figment.merge(Serialized::default(key, value));
+            }
+        }
+        if let Ok(port) = std::env::var("PORT") {
+            figment = figment.merge(Serialized::default("http.addr", format!("0.0.0.0:{port}")));
+        }
+        figment = figment.merge(Env::prefixed("INVENTORY_").ignore(&["CONFIG"]).split("__"));
+        for (key, value) in overrides {
+            figment = figment.merge(Serialized::default(key, parse_override(value)));
+        }
+        let settings: Settings = figment.extract().map_err(describe_figment_error)?;
+        settings.validate(needs)?;
+        Ok(settings)
+    }
+
+    /// The cross-field and range rules; each error names the key.
+    pub fn validate(&self, needs: Needs) -> Result<(), ConfigError> {
+        let k = &self.kafka;
+        if needs.kafka && k.brokers.trim().is_empty() {
+            return Err(ConfigError::key(
+                "kafka.brokers",
+                "required (set KAFKA_BROKERS, INVENTORY_KAFKA__BROKERS or --brokers)",
+            ));
+        }
+        for (key, value) in [("kafka.topic", &k.topic), ("kafka.group_id", &k.group_id)] {
+            if value.trim().is_empty() {
+                return Err(ConfigError::key(key, "must not be empty"));
+            }
+        }
+        let properties = self.kafka_properties();
+        for (name, why) in MANAGED_PROPERTIES {
+            if properties.contains_key(*name) {
+                return Err(ConfigError::key(
+                    &format!("kafka.properties.{name}"),
+                    format!("managed by the consumer: {why}"),
+                ));
+            }
+        }
+        if k.group_protocol == GroupProtocol::Consumer {
+            for name in CLASSIC_ONLY_PROPERTIES {
+                if properties.contains_key(*name) {
+                    return Err(ConfigError::key(
+                        &format!("kafka.properties.{name}"),
+                        "not allowed with kafka.group_protocol = consumer (the broker sets it)",
+                    ));
+                }
+            }
+        }
+        let db = &self.database;
+        if needs.database && db.url.trim().is_empty() {
+            return Err(ConfigError::key(
+                "database.url",
+                "required (set DATABASE_URL, INVENTORY_DATABASE__URL or --database-url)",
+            ));
+        }
+        if !db.url.is_empty() {
+            db.url.parse::<tokio_postgres::Config>().map_err(|e| {
+                ConfigError::key("database.url", format!("not a PostgreSQL URL: {e}"))
+            })?;
+        }
+        if !(1..=256).contains(&db.pool_size) {
+            return Err(ConfigError::key("database.pool_size", "must be 1..=256"));
+        }
+        let p = &self.processing;
+        if !(1..=10_000).contains(&p.batch_max_events) {
+            return Err(ConfigError::key(
+                "processing.batch_max_events",
+                "must be 1..=10000",
+            ));
+        }
+        if p.batch_linger_ms > 60_000 {
+            return Err(ConfigError::key(
+                "processing.batch_linger_ms",
+                "must be at most 60000",
+            ));
+        }
+        if p.drain_timeout_ms == 0 {
+            return Err(ConfigError::key(
+                "processing.drain_timeout_ms",
+                "must be > 0",
+            ));
+        }
+        // A drain that outlives the group's patience would be pointless: the member is expelled
+        // and the partitions reassigned while we still wait.
+        for (name, default_ms) in [
+            ("session.timeout.ms", 45_000),
+            ("max.poll.interval.ms", 300_000),
+        ] {
+            if name == "session.timeout.ms" && k.group_protocol == GroupProtocol::Consumer {
+                continue;
+            }
+            let limit = match properties.get(name) {
+                Some(v) => v.parse::<u64>().map_err(|_| {
+                    ConfigError::key(&format!("kafka.properties.{name}"), "must be a number")
+                })?,
+                None => default_ms,
+            };
+            if p.drain_timeout_ms >= limit {
+                return Err(ConfigError::key(
+                    "processing.drain_timeout_ms",
+                    format!(
+                        "must be below {name} ({limit} ms), got {}",
+                        p.drain_timeout_ms
+                    ),
+                ));
+            }
+        }
+        if p.commit_interval_ms == 0 || p.retry_backoff_max_ms == 0 || p.retry_deadline_ms == 0 {
+            return Err(ConfigError::key(
+                "processing",
+                "commit_interval_ms, retry_backoff_max_ms and retry_deadline_ms must be > 0",
+            ));
+        }
+        self.http
+            .addr
+            .parse::<SocketAddr>()
+            .map_err(|e| ConfigError::key("http.addr", format!("not a socket address: {e}")))?;
+        tracing_subscriber::EnvFilter::try_new(&self.log.level)
+            .map_err(|e| ConfigError::key("log.level", e))?;
+        Ok(())
+    }
+
+    /// `kafka.properties` flattened to librdkafka's dotted names. Nested tables (from
+    /// environment variables, where `__` nests) are joined with dots, `_` becomes `.`.
+    pub fn kafka_properties(&self) -> BTreeMap<String, String> {
+        let mut out = BTreeMap::new();
+        for (name, value) in &self.kafka.properties {
+            flatten(&name.replace('_', "."), value, &mut out);
+        }
+        out
+    }
+
+    pub fn drain_timeout(&self) -> Duration {
+        Duration::from_millis(self.processing.drain_timeout_ms)
+    }
+}
+
+/// `key: problem (source)` for each error figment found, keys as documented (lowercase).
+fn describe_figment_error(e: figment::Error) -> ConfigError {
+    let lines: Vec<String> = e
+        .into_iter()
+        .map(|e| {
+            let key = e.path.join(".").to_lowercase();
+            let source = e
+                .metadata
+                .as_ref()
+                .map(|m| format!(" (from {})", m.name))
+                .unwrap_or_default();
+            format!("{key}: {}{source}", e.kind)
+        })
+        .collect();
+    ConfigError(lines.join("; "))
+}
+
+fn flatten(prefix: &str, value: &Value, out: &mut BTreeMap<String, String>) {
+    match value {
+        Value::Dict(_, dict) => {
+            for (name, v) in dict {
+                flatten(&format!("{prefix}.{}", name.replace('_', ".")), v, out);
+            }
+        }
+        Value::String(_, s) => {
+            out.insert(prefix.to_owned(), s.clone());
+        }
+        Value::Char(_, c) => {
+            out.insert(prefix.to_owned(), c.to_string());
+        }
+        Value::Bool(_, b) => {
+            out.insert(prefix.to_owned(), b.to_string());
+        }
+        Value::Num(_, n) => {
+            // Num keeps the width and sign it was parsed with (env "0" is a U8).
+            let text = n
+                .to_u128()
+                .map(|u| u.to_string())
+                .or_else(|| n.to_i128().map(|i| i.to_string()))
+                .or_else(|| n.to_f64().map(|f| f.to_string()))
+                .unwrap_or_default();
+            out.insert(prefix.to_owned(), text);
+        }
+        Value::Empty(..) | Value::Array(..) => {}
+    }
+}
+
+/// `--set key=value` values are typed like TOML (numbers, booleans), else taken as strings.
+fn parse_override(value: &str) -> Value {
+    value
+        .parse::<Value>()
+        .unwrap_or_else(|_| Value::from(value.to_owned()))
+}
+
+/// Splits `key=value` for `--set`.
+pub fn parse_key_value(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.trim().to_owned(), v.to_owned()))
+        .ok_or_else(|| format!("expected KEY=VALUE, got `{s}`"))
+}
+
+/// The URL with any password replaced, for logs and messages.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &url[scheme + 3..at];
+            match userinfo.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ALL: Needs = Needs {
+        kafka: true,
+        database: true,
+    };
+
+    fn valid() -> Settings {
+        let mut s = Settings::default();
+        s.kafka.brokers = "localhost:9092".into();
+        s.database.url = "postgres://app:secret@localhost/inventory".into();
+        s
+    }
+
+    fn error_of(s: &Settings) -> String {
+        s.validate(ALL).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn defaults_plus_required_values_are_valid() {
+        valid().validate(ALL).unwrap();
+        assert!(error_of(&Settings::default()).contains("kafka.brokers"));
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let mut s = valid();
+        s.processing.batch_max_events = 0;
+        assert!(error_of(&s).contains("processing.batch_max_events"));
+
+        let mut s = valid();
+        s.processing.drain_timeout_ms = 50_000;
+        assert!(error_of(&s).contains("processing.drain_timeout_ms"));
+
+        let mut s = valid();
+        s.kafka
+            .properties
+            .insert("enable.auto.commit".into(), Value::from("true"));
+        assert!(error_of(&s).contains("kafka.properties.enable.auto.commit"));
+
+        let mut s = valid();
+        s.kafka.group_protocol = GroupProtocol::Consumer;
+        s.kafka
+            .properties
+            .insert("session.timeout.ms".into(), Value::from(6000));
+        assert!(error_of(&s).contains("kafka.properties.session.timeout.ms"));
+
+        let mut s = valid();
+        s.database.url = "mysql:/nope".into();
+        assert!(error_of(&s).contains("database.url"));
+
+        let mut s = valid();
+        s.http.addr = "nowhere".into();
+        assert!(error_of(&s).contains("http.addr"));
+    }
+
+    #[test]
+    fn drain_must_fit_inside_the_session_timeout() {
+        let mut s = valid();
+        s.kafka
+            .properties
+            .insert("session.timeout.ms".into(), Value::from(6000));
+        s.processing.drain_timeout_ms = 6000;
+        assert!(error_of(&s).contains("below session.timeout.ms"));
+        s.processing.drain_timeout_ms = 5000;
+        s.validate(ALL).unwrap();
+    }
+
+    #[test]
+    fn properties_flatten_from_nested_and_underscored_names() {
+        let mut s = valid();
+        let nested = figment::value::Dict::from([("mechanism".to_owned(), Value::from("PLAIN"))]);
+        s.kafka
+            .properties
+            .insert("sasl".into(), Value::from(nested));
+        s.kafka
+            .properties
+            .insert("fetch_queue_backoff_ms".into(), Value::from(0));
+        let p = s.kafka_properties();
+        assert_eq!(p["sasl.mechanism"], "PLAIN");
+        assert_eq!(p["fetch.queue.backoff.ms"], "0");
+    }
+
+    #[test]
+    #[allow(clippy::result_large_err)] // figment's Jail returns figment::Error
+    fn layers_apply_in_the_documented_order() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "c.toml",
+                "[kafka]\nbrokers = \"file:9092\"\ntopic = \"from-file\"\n[processing]\nbatch_max_events = 7\n",
+            )?;
+            jail.set_env("DATABASE_URL", "postgres://u:pw@short/db");
+            jail.set_env("INVENTORY_KAFKA__TOPIC", "from-env");
+            jail.set_env("INVENTORY_KAFKA__PROPERTIES__SASL_MECHANISM", "PLAIN");
+            jail.set_env("INVENTORY_KAFKA__PROPERTIES__FETCH_QUEUE_BACKOFF_MS", "0");
+            let s = Settings::load(
+                Some(Path::new("c.toml")),
+                &[("processing.batch_max_events".into(), "9".into())],
+                ALL,
+            )
+            .map_err(|e| e.to_string())?;
+            assert_eq!(s.kafka.brokers, "file:9092");
+            assert_eq!(s.kafka.topic, "from-env");
+            assert_eq!(s.database.url, "postgres://u:pw@short/db");
+            assert_eq!(s.processing.batch_max_events, 9);
+            assert_eq!(s.kafka_properties()["sasl.mechanism"], "PLAIN");
+            assert_eq!(s.kafka_properties()["fetch.queue.backoff.ms"], "0");
+
+            jail.set_env("INVENTORY_PROCESSING__BATCH_MAX_EVENTS", "lots");
+            let err = Settings::load(Some(Path::new("c.toml")), &[], ALL).unwrap_err();
+            assert!(
+                err.to_string()
+                    .contains("processing.batch_max_events: invalid type"),
+                "{err}"
+            );
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn passwords_are_redacted() {
+        assert_eq!(
+            redact_url("postgres://app:secret@db:5432/x"),
+            "postgres://app:***@db:5432/x"
+        );
+        assert_eq!(redact_url("postgres://db/x"), "postgres://db/x");
+    }
+}
