@@ -1,0 +1,77 @@
+//! Per-process counters of what the pipeline did. `run` prints them as one JSON line on stdout
+//! when it exits, which is how tests and the demo count duplicates and redeliveries.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+use serde::Serialize;
+
+use crate::store::BatchOutcome;
+
+#[derive(Debug, Default)]
+pub struct Stats {
+    applied: AtomicU64,
+    rejected: AtomicU64,
+    duplicates: AtomicU64,
+    dead_letters: AtomicU64,
+    batches: AtomicU64,
+    retries: AtomicU64,
+    abandoned_batches: AtomicU64,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct StatsSnapshot {
+    pub applied: u64,
+    pub rejected: u64,
+    /// Deliveries of events already recorded: re-sent duplicates plus redeliveries.
+    pub duplicates: u64,
+    pub dead_letters: u64,
+    pub batches: u64,
+    pub retries: u64,
+    pub abandoned_batches: u64,
+}
+
+impl Stats {
+    pub fn record_batch(&self, o: &BatchOutcome) {
+        self.applied.fetch_add(o.applied, Relaxed);
+        self.rejected.fetch_add(o.rejected, Relaxed);
+        self.duplicates.fetch_add(o.duplicates, Relaxed);
+        self.dead_letters.fetch_add(o.dead_letters, Relaxed);
+        self.batches.fetch_add(1, Relaxed);
+    }
+
+    pub fn record_retry(&self) {
+        self.retries.fetch_add(1, Relaxed);
+    }
+
+    pub fn record_abandoned(&self) {
+        self.abandoned_batches.fetch_add(1, Relaxed);
+    }
+
+    pub fn snapshot(&self) -> StatsSnapshot {
+        StatsSnapshot {
+            applied: self.applied.load(Relaxed),
+            rejected: self.rejected.load(Relaxed),
+            duplicates: self.duplicates.load(Relaxed),
+            dead_letters: self.dead_letters.load(Relaxed),
+            batches: self.batches.load(Relaxed),
+            retries: self.retries.load(Relaxed),
+            abandoned_batches: self.abandoned_batches.load(Relaxed),
+        }
+    }
+}
+
+impl std::ops::Add for StatsSnapshot {
+    type Output = StatsSnapshot;
+
+    fn add(self, b: StatsSnapshot) -> StatsSnapshot {
+        StatsSnapshot {
+            applied: self.applied + b.applied,
+            rejected: self.rejected + b.rejected,
+            duplicates: self.duplicates + b.duplicates,
+            dead_letters: self.dead_letters + b.dead_letters,
+            batches: self.batches + b.batches,
+            retries: self.retries + b.retries,
+            abandoned_batches: self.abandoned_batches + b.abandoned_batches,
+        }
+    }
+}

@@ -1,0 +1,171 @@
+//! The audit behind `verify`: invariants that must hold in any database this service wrote,
+//! and, given the oracle a `produce` run wrote, equality with what should have happened.
+
+use std::collections::BTreeMap;
+
+use tokio_postgres::Client;
+
+use crate::store::Failure;
+use crate::workload::Expectation;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Check {
+    pub name: &'static str,
+    pub passed: bool,
+    pub detail: String,
+}
+
+#[derive(Debug, Default)]
+pub struct AuditReport {
+    pub checks: Vec<Check>,
+}
+
+impl AuditReport {
+    pub fn passed(&self) -> bool {
+        self.checks.iter().all(|c| c.passed)
+    }
+
+    fn check(&mut self, name: &'static str, passed: bool, detail: String) {
+        self.checks.push(Check {
+            name,
+            passed,
+            detail,
+        });
+    }
+
+    /// Adds a check that a query counting violations returns zero.
+    async fn none_of(
+        &mut self,
+        db: &Client,
+        name: &'static str,
+        what: &str,
+        sql: &str,
+    ) -> Result<(), Failure> {
+        let violations: i64 = db.query_one(sql, &[]).await?.try_get(0)?;
+        self.check(name, violations == 0, format!("{violations} {what}"));
+        Ok(())
+    }
+}
+
+const MOVEMENT_TOTALS: &str = "
+    SELECT sku, sum(delta)::bigint AS total, count(*) AS changes FROM stock_movements GROUP BY sku";
+
+/// Runs every check; `expected` adds the comparison with an oracle.
+pub async fn audit(db: &Client, expected: Option<&Expectation>) -> Result<AuditReport, Failure> {
+    let mut r = AuditReport::default();
+    r.none_of(
+        db,
+        "no negative stock",
+        "products below zero",
+        "SELECT count(*) FROM products WHERE current_stock < 0",
+    )
+    .await?;
+    r.none_of(
+        db,
+        "ledger equals stock",
+        "products whose stock differs from the sum of their movements",
+        &format!(
+            "SELECT count(*) FROM products p LEFT JOIN ({MOVEMENT_TOTALS}) m USING (sku)
+             WHERE p.current_stock <> coalesce(m.total, 0)"
+        ),
+    )
+    .await?;
+    r.none_of(
+        db,
+        "version counts changes",
+        "products whose version differs from their number of movements",
+        &format!(
+            "SELECT count(*) FROM products p LEFT JOIN ({MOVEMENT_TOTALS}) m USING (sku)
+             WHERE p.version <> coalesce(m.changes, 0)"
+        ),
+    )
+    .await?;
+    r.none_of(
+        db,
+        "running balance",
+        "movements whose stock_after is not the running sum of their SKU's ledger",
+        "SELECT count(*) FROM (
+             SELECT stock_after, sum(delta) OVER (PARTITION BY sku ORDER BY id) AS running
+             FROM stock_movements) m
+         WHERE stock_after <> running OR running < 0",
+    )
+    .await?;
+    r.none_of(
+        db,
+        "outcomes match effects",
+        "events whose movements do not match their outcome (applied: one per line; rejected: none)",
+        "SELECT count(*) FROM processed_events e
+         LEFT JOIN (SELECT event_id, count(*) AS n FROM stock_movements GROUP BY event_id) m USING (event_id)
+         WHERE (e.outcome = 'applied' AND coalesce(m.n, 0) <> e.line_count)
+            OR (e.outcome = 'rejected' AND coalesce(m.n, 0) <> 0)
+            OR (e.outcome = 'rejected' AND e.reason NOT IN ('insufficient_stock', 'unknown_sku', 'stock_overflow'))",
+    )
+    .await?;
+    if let Some(expected) = expected {
+        compare_with_oracle(db, expected, &mut r).await?;
+    }
+    Ok(r)
+}
+
+async fn compare_with_oracle(
+    db: &Client,
+    expected: &Expectation,
+    r: &mut AuditReport,
+) -> Result<(), Failure> {
+    let rows = db
+        .query("SELECT sku, current_stock FROM products", &[])
+        .await?;
+    let mut actual = BTreeMap::new();
+    for row in rows {
+        actual.insert(row.try_get::<_, String>(0)?, row.try_get::<_, i64>(1)?);
+    }
+    let mut wrong: Vec<String> = Vec::new();
+    for (sku, want) in &expected.stock {
+        match actual.get(sku) {
+            Some(got) if got == want => {}
+            got => wrong.push(format!("{sku}: expected {want}, found {got:?}")),
+        }
+    }
+    for sku in actual.keys().filter(|s| !expected.stock.contains_key(*s)) {
+        wrong.push(format!("{sku}: not expected to exist"));
+    }
+    let sample: Vec<&str> = wrong.iter().take(5).map(String::as_str).collect();
+    r.check(
+        "stock equals oracle",
+        wrong.is_empty(),
+        format!(
+            "{} of {} SKUs differ{}",
+            wrong.len(),
+            expected.stock.len(),
+            if sample.is_empty() {
+                String::new()
+            } else {
+                format!(": {}", sample.join("; "))
+            }
+        ),
+    );
+
+    let counts = db
+        .query_one(
+            "SELECT (SELECT count(*) FROM processed_events),
+                    (SELECT count(*) FROM processed_events WHERE outcome = 'applied'),
+                    (SELECT count(*) FROM processed_events WHERE outcome = 'rejected'),
+                    (SELECT count(*) FROM dead_letters)",
+            &[],
+        )
+        .await?;
+    for (i, name, want) in [
+        (0, "one outcome per distinct event", expected.events),
+        (1, "applied events equal oracle", expected.applied),
+        (2, "rejected events equal oracle", expected.rejected),
+        (3, "dead letters equal oracle", expected.dead_letters),
+    ] {
+        let got: i64 = counts.try_get(i)?;
+        r.check(
+            name,
+            got == want as i64,
+            format!("expected {want}, found {got}"),
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,103 @@
+//! What kind of failure a database error is. A *transient* failure (connection lost, deadlock,
+//! serialization failure, a lock or statement timeout, a server restarting) is retried with
+//! backoff and leaves the offset where it was; a *fatal* one (schema missing, authentication
+//! refused, a bug) stops the process with a non-zero exit so that an operator sees it.
+
+use tokio_postgres::error::SqlState;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Failure {
+    #[error("transient database failure: {0}")]
+    Transient(String),
+    #[error("fatal database failure: {0}")]
+    Fatal(String),
+}
+
+impl Failure {
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Failure::Transient(_))
+    }
+}
+
+impl From<tokio_postgres::Error> for Failure {
+    fn from(e: tokio_postgres::Error) -> Self {
+        let text = describe(&e);
+        match e.code() {
+            None => {
+                // No SQLSTATE: the connection broke or could not be made (I/O, closed, timeout).
+                Failure::Transient(text)
+            }
+            Some(code) if is_transient(code) => Failure::Transient(text),
+            Some(_) => Failure::Fatal(text),
+        }
+    }
+}
+
+impl From<bb8::RunError<tokio_postgres::Error>> for Failure {
+    fn from(e: bb8::RunError<tokio_postgres::Error>) -> Self {
+        match e {
+            bb8::RunError::User(e) => e.into(),
+            bb8::RunError::TimedOut => {
+                Failure::Transient("timed out waiting for a database connection".into())
+            }
+        }
+    }
+}
+
+fn is_transient(code: &SqlState) -> bool {
+    let class = &code.code()[..2];
+    matches!(
+        class,
+        "08" // connection exception
+            | "40" // transaction rollback: serialization failure, deadlock detected
+            | "53" // insufficient resources: too many connections, out of shared memory (locks)
+            | "57" // operator intervention: admin shutdown, crash shutdown, cannot connect now, query canceled
+            | "58" // system error (I/O)
+    ) || *code == SqlState::LOCK_NOT_AVAILABLE
+        // A racing replica recorded the same event id under other locks (a reused id with a
+        // different body): retrying sees the row and dead-letters the conflict.
+        || *code == SqlState::UNIQUE_VIOLATION
+}
+
+/// The database's message with its detail and SQLSTATE, which `Display` of the driver's error
+/// leaves out.
+fn describe(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!(
+            "{} ({}){}",
+            db.message(),
+            db.code().code(),
+            db.detail().map(|d| format!(": {d}")).unwrap_or_default()
+        ),
+        None => e.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classifies_by_sqlstate_class() {
+        for code in [
+            SqlState::T_R_SERIALIZATION_FAILURE,
+            SqlState::T_R_DEADLOCK_DETECTED,
+            SqlState::ADMIN_SHUTDOWN,
+            SqlState::QUERY_CANCELED,
+            SqlState::LOCK_NOT_AVAILABLE,
+            SqlState::TOO_MANY_CONNECTIONS,
+            SqlState::CONNECTION_FAILURE,
+            SqlState::UNIQUE_VIOLATION,
+        ] {
+            assert!(is_transient(&code), "{code:?}");
+        }
+        for code in [
+            SqlState::UNDEFINED_TABLE,
+            SqlState::INVALID_PASSWORD,
+            SqlState::SYNTAX_ERROR,
+            SqlState::CHECK_VIOLATION,
+        ] {
+            assert!(!is_transient(&code), "{code:?}");
+        }
+    }
+}

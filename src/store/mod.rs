@@ -1,0 +1,47 @@
+//! PostgreSQL: the connection pool, the migrations, the batch transaction and the audit.
+
+pub mod apply;
+pub mod audit;
+pub mod failure;
+pub mod migrate;
+
+use std::time::Duration;
+
+use bb8_postgres::PostgresConnectionManager;
+use tokio_postgres::NoTls;
+
+pub use apply::{BatchOutcome, apply_batch};
+pub use failure::Failure;
+
+use crate::config::DatabaseSettings;
+
+pub type Pool = bb8::Pool<PostgresConnectionManager<NoTls>>;
+
+/// Builds the pool. Connections are made lazily, so this succeeds without a database; the first
+/// checkout reports what is wrong.
+pub async fn pool(settings: &DatabaseSettings) -> Result<Pool, Failure> {
+    let mut config: tokio_postgres::Config = settings
+        .url
+        .parse()
+        .map_err(|e| Failure::Fatal(format!("database.url: {e}")))?;
+    config.connect_timeout(Duration::from_millis(settings.connect_timeout_ms));
+    if config.get_application_name().is_none() {
+        config.application_name("inventory-consumer");
+    }
+    let manager = PostgresConnectionManager::new(config, NoTls);
+    Ok(bb8::Pool::builder()
+        .max_size(settings.pool_size)
+        .connection_timeout(Duration::from_millis(settings.connect_timeout_ms))
+        .build_unchecked(manager))
+}
+
+/// One connection outside any pool, with its driver task spawned.
+pub async fn connect(url: &str) -> Result<tokio_postgres::Client, Failure> {
+    let (client, connection) = tokio_postgres::connect(url, NoTls).await?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!(error = %e, "database connection closed");
+        }
+    });
+    Ok(client)
+}
