@@ -1,0 +1,56 @@
+//! librdkafka configuration for the consumer and the producer, from [`Settings`].
+
+use rdkafka::ClientConfig;
+
+use crate::config::{GroupProtocol, Settings};
+
+/// The consumer's configuration. Offsets are ours to commit: auto-commit and auto-store are off,
+/// because an offset may only be committed after the database commit that holds its effect.
+pub fn consumer_config(settings: &Settings) -> ClientConfig {
+    let k = &settings.kafka;
+    let mut config = ClientConfig::new();
+    config
+        .set("bootstrap.servers", &k.brokers)
+        .set("group.id", &k.group_id)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("enable.partition.eof", "false")
+        .set("client.id", client_id());
+    match k.group_protocol {
+        GroupProtocol::Classic => {
+            config
+                .set("group.protocol", "classic")
+                .set("partition.assignment.strategy", &k.assignment_strategy);
+        }
+        GroupProtocol::Consumer => {
+            config.set("group.protocol", "consumer");
+        }
+    }
+    for (name, value) in settings.kafka_properties() {
+        config.set(name, value);
+    }
+    config
+}
+
+/// The producer's configuration: idempotent, so that retries neither duplicate nor reorder
+/// messages within a partition (the oracle relies on per-SKU order).
+pub fn producer_config(settings: &Settings) -> ClientConfig {
+    let mut config = ClientConfig::new();
+    config
+        .set("bootstrap.servers", &settings.kafka.brokers)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", "5")
+        .set("client.id", client_id());
+    // Shared with the consumer: librdkafka ignores (and logs) consumer-only properties.
+    for (name, value) in settings.kafka_properties() {
+        config.set(name, value);
+    }
+    config
+}
+
+fn client_id() -> String {
+    let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "local".into());
+    format!("inventory-consumer-{host}-{}", std::process::id())
+}

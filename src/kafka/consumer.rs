@@ -1,0 +1,106 @@
+//! The poll thread: owns the librdkafka consumer, dispatches each message to its partition's
+//! worker, commits processed offsets, and on shutdown drains, commits and leaves the group.
+//!
+//! It runs on a dedicated OS thread, never on the async runtime: librdkafka runs the rebalance
+//! callbacks inside `poll`, and those block while the revoked partitions drain.
+
+use std::time::{Duration, Instant};
+
+use rdkafka::Message;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Settings;
+use crate::domain::Delivery;
+use crate::kafka::client::consumer_config;
+use crate::kafka::group::GroupContext;
+use crate::worker::WorkerContext;
+
+/// How long one `poll` may block: also how quickly a shutdown request is noticed.
+const POLL_INTERVAL: Duration = Duration::from_millis(100);
+
+/// Consumes until `shutdown` is cancelled; returns an error only for a fatal Kafka failure.
+/// Blocking: call it on its own thread.
+pub fn consume(
+    settings: &Settings,
+    ctx: WorkerContext,
+    runtime: tokio::runtime::Handle,
+    shutdown: CancellationToken,
+) -> Result<(), KafkaError> {
+    let group = GroupContext::new(ctx, runtime, settings.drain_timeout(), shutdown.clone());
+    let consumer: BaseConsumer<GroupContext> =
+        consumer_config(settings).create_with_context(group)?;
+    consumer.subscribe(&[&settings.kafka.topic])?;
+    tracing::info!(
+        topic = %settings.kafka.topic,
+        group = %settings.kafka.group_id,
+        protocol = ?settings.kafka.group_protocol,
+        "subscribed"
+    );
+
+    let commit_interval = Duration::from_millis(settings.processing.commit_interval_ms);
+    let mut last_commit = Instant::now();
+    let mut result = Ok(());
+    while !shutdown.is_cancelled() {
+        match consumer.poll(POLL_INTERVAL) {
+            Some(Ok(message)) => {
+                let delivery = Delivery {
+                    partition: message.partition(),
+                    offset: message.offset(),
+                    key: message.key().map(<[u8]>::to_vec),
+                    payload: message.payload().map(<[u8]>::to_vec),
+                };
+                dispatch(consumer.context(), delivery);
+            }
+            Some(Err(e)) if is_fatal(&e) => {
+                tracing::error!(error = %e, "fatal Kafka error");
+                result = Err(e);
+                break;
+            }
+            Some(Err(e)) => tracing::warn!(error = %e, "Kafka error; librdkafka retries"),
+            None => {}
+        }
+        if last_commit.elapsed() >= commit_interval {
+            consumer
+                .context()
+                .commit_processed(&consumer, CommitMode::Async);
+            last_commit = Instant::now();
+        }
+    }
+
+    // Shutdown: give every partition up as a revoke would (drain, commit), then leave the group.
+    shutdown.cancel();
+    let owned = consumer.context().owned();
+    consumer.context().revoke(&consumer, &owned, false);
+    consumer.unsubscribe();
+    drop(consumer);
+    tracing::info!("left the consumer group");
+    result
+}
+
+/// Hands a delivery to its partition's worker, waiting while that worker's queue is full.
+fn dispatch(group: &GroupContext, delivery: Delivery) {
+    let partition = delivery.partition;
+    match group.sender(partition) {
+        Some(tx) => {
+            if tx.blocking_send(delivery).is_err() {
+                // The worker stopped (fatal failure or shutdown); the message stays uncommitted.
+                tracing::debug!(partition, "worker gone; delivery left for the next reader");
+            }
+        }
+        None => tracing::debug!(partition, "delivery for a partition not owned; ignored"),
+    }
+}
+
+fn is_fatal(e: &KafkaError) -> bool {
+    matches!(
+        e.rdkafka_error_code(),
+        Some(
+            RDKafkaErrorCode::Fatal
+                | RDKafkaErrorCode::TopicAuthorizationFailed
+                | RDKafkaErrorCode::GroupAuthorizationFailed
+                | RDKafkaErrorCode::SaslAuthenticationFailed
+        )
+    )
+}

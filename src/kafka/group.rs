@@ -1,0 +1,229 @@
+//! Group membership: which partitions this replica owns, and what happens when that changes.
+//!
+//! librdkafka calls the rebalance callbacks on the thread that polls, which is a dedicated OS
+//! thread (see [`super::consumer`]), so blocking here to drain cannot starve the async runtime
+//! that the partition workers run on.
+//!
+//! - **assign**: start one worker per new partition; librdkafka fetches from the committed
+//!   offset.
+//! - **revoke**: stop dispatching to those partitions, tell their workers to stop (each finishes
+//!   the transaction it is in), wait for them up to the drain timeout, then commit their
+//!   processed offsets synchronously, before librdkafka gives the partitions up.
+//! - **lost** (the group already gave the partitions to someone else, e.g. after a session
+//!   timeout): stop the workers the same way but commit nothing: the offsets are no longer ours,
+//!   and whatever we applied meanwhile is recognised as a duplicate by the new owner.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use rdkafka::error::KafkaResult;
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::domain::Delivery;
+use crate::worker::{PartitionWorker, WorkerContext};
+
+/// Deliveries buffered per partition between the poll thread and its worker. When a worker
+/// falls behind, the poll thread waits for room instead of buffering without limit.
+const PARTITION_QUEUE: usize = 2_000;
+
+struct WorkerHandle {
+    deliveries: mpsc::Sender<Delivery>,
+    stop: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+pub struct GroupContext {
+    workers: Mutex<BTreeMap<i32, WorkerHandle>>,
+    ctx: WorkerContext,
+    runtime: tokio::runtime::Handle,
+    drain_timeout: Duration,
+    /// Parent of every worker's stop token: cancelled on shutdown.
+    shutdown: CancellationToken,
+}
+
+impl GroupContext {
+    pub fn new(
+        ctx: WorkerContext,
+        runtime: tokio::runtime::Handle,
+        drain_timeout: Duration,
+        shutdown: CancellationToken,
+    ) -> Self {
+        GroupContext {
+            workers: Mutex::new(BTreeMap::new()),
+            ctx,
+            runtime,
+            drain_timeout,
+            shutdown,
+        }
+    }
+
+    fn workers(&self) -> std::sync::MutexGuard<'_, BTreeMap<i32, WorkerHandle>> {
+        match self.workers.lock() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+
+    /// Where to send a partition's next delivery; `None` if the partition is not ours.
+    pub fn sender(&self, partition: i32) -> Option<mpsc::Sender<Delivery>> {
+        self.workers().get(&partition).map(|w| w.deliveries.clone())
+    }
+
+    pub fn owned(&self) -> Vec<i32> {
+        self.workers().keys().copied().collect()
+    }
+
+    fn assign(&self, partitions: &[i32]) {
+        let mut workers = self.workers();
+        for &partition in partitions {
+            if workers.contains_key(&partition) {
+                continue;
+            }
+            let (tx, rx) = mpsc::channel(PARTITION_QUEUE);
+            let stop = self.shutdown.child_token();
+            self.ctx.offsets.assign(partition);
+            let worker = PartitionWorker {
+                partition,
+                deliveries: rx,
+                stop: stop.clone(),
+                ctx: self.ctx.clone(),
+            };
+            let task = self.runtime.spawn(worker.run());
+            workers.insert(
+                partition,
+                WorkerHandle {
+                    deliveries: tx,
+                    stop,
+                    task,
+                },
+            );
+        }
+        tracing::info!(
+            assigned = ?partitions,
+            owned = ?workers.keys().collect::<Vec<_>>(),
+            "partitions assigned"
+        );
+    }
+
+    /// Stops the workers of `partitions`, waits for them (bounded), and unless the partitions
+    /// were lost commits what they processed. Runs on the poll thread.
+    pub fn revoke(&self, consumer: &BaseConsumer<Self>, partitions: &[i32], lost: bool) {
+        let handles: Vec<(i32, WorkerHandle)> = {
+            let mut workers = self.workers();
+            partitions
+                .iter()
+                .filter_map(|p| workers.remove(p).map(|h| (*p, h)))
+                .collect()
+        };
+        for (_, h) in &handles {
+            h.stop.cancel();
+        }
+        let mut tasks: Vec<JoinHandle<()>> = handles.into_iter().map(|(_, h)| h.task).collect();
+        let drained = self.runtime.block_on(async {
+            tokio::time::timeout(self.drain_timeout, async {
+                for task in tasks.iter_mut() {
+                    let _ = task.await;
+                }
+            })
+            .await
+            .is_ok()
+        });
+        if !drained {
+            // A transaction still running may yet commit; its events are then duplicates for
+            // the next owner, never lost, because its offset is not committed here.
+            tracing::warn!(partitions = ?partitions, timeout = ?self.drain_timeout, "drain timed out; abandoning in-flight work");
+            for task in &tasks {
+                task.abort();
+            }
+        }
+        let mut tpl = TopicPartitionList::new();
+        for &p in partitions {
+            if let Some(next) = self.ctx.offsets.remove(p) {
+                let _ = tpl.add_partition_offset(&self.ctx.topic, p, Offset::Offset(next));
+            }
+        }
+        if lost {
+            tracing::warn!(lost = ?partitions, owned = ?self.owned(), "partitions lost; their offsets are not committed");
+            return;
+        }
+        if tpl.count() > 0 {
+            match consumer.commit(&tpl, CommitMode::Sync) {
+                Ok(()) => {
+                    tracing::info!(offsets = ?offsets_of(&tpl), "committed offsets of revoked partitions")
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, offsets = ?offsets_of(&tpl), "commit on revoke failed; the next owner will see these events again as duplicates")
+                }
+            }
+        }
+        tracing::info!(revoked = ?partitions, owned = ?self.owned(), drained, "partitions revoked");
+    }
+
+    /// Commits every processed offset not yet committed.
+    pub fn commit_processed(&self, consumer: &BaseConsumer<Self>, mode: CommitMode) {
+        let pending = self.ctx.offsets.uncommitted();
+        if pending.is_empty() {
+            return;
+        }
+        let mut tpl = TopicPartitionList::new();
+        for (p, next) in pending {
+            let _ = tpl.add_partition_offset(&self.ctx.topic, p, Offset::Offset(next));
+        }
+        if let Err(e) = consumer.commit(&tpl, mode) {
+            tracing::warn!(error = %e, "offset commit failed; will retry");
+        } else if matches!(mode, CommitMode::Sync) {
+            self.mark_committed(&tpl);
+        }
+    }
+
+    fn mark_committed(&self, tpl: &TopicPartitionList) {
+        for e in tpl.elements() {
+            if let Offset::Offset(next) = e.offset() {
+                self.ctx.offsets.committed(e.partition(), next);
+            }
+        }
+    }
+}
+
+fn partitions_of(tpl: &TopicPartitionList) -> Vec<i32> {
+    tpl.elements().iter().map(|e| e.partition()).collect()
+}
+
+fn offsets_of(tpl: &TopicPartitionList) -> Vec<(i32, Offset)> {
+    tpl.elements()
+        .iter()
+        .map(|e| (e.partition(), e.offset()))
+        .collect()
+}
+
+impl ClientContext for GroupContext {}
+
+impl ConsumerContext for GroupContext {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Revoke(tpl) => {
+                self.revoke(consumer, &partitions_of(tpl), consumer.assignment_lost())
+            }
+            Rebalance::Assign(_) => {}
+            Rebalance::Error(e) => tracing::warn!(error = %e, "rebalance error"),
+        }
+    }
+
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(tpl) = rebalance {
+            self.assign(&partitions_of(tpl));
+        }
+    }
+
+    fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
+        match result {
+            Ok(()) => self.mark_committed(offsets),
+            Err(e) => tracing::debug!(error = %e, "asynchronous offset commit failed; will retry"),
+        }
+    }
+}

@@ -1,0 +1,147 @@
+//! One partition's worker: an async task that takes the partition's deliveries in offset order,
+//! groups them into batches (up to `batch_max_events` deliveries, [`MAX_LINES_PER_BATCH`] event
+//! lines, or `batch_linger_ms`, whichever comes first), applies each batch in one transaction,
+//! and only then records the batch's end as the partition's processed offset.
+//!
+//! Transient failures are retried with capped exponential backoff; the offset does not move.
+//! A batch still failing after `retry_deadline_ms` is fatal. When told to stop (partition
+//! revoked, shutdown) the worker finishes the transaction in progress, if any, and exits;
+//! deliveries not yet in a transaction are left to whoever reads the partition next.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio::time::{Instant, sleep, sleep_until};
+use tokio_util::sync::CancellationToken;
+
+use crate::domain::{Batch, Delivery};
+use crate::kafka::offsets::OffsetTracker;
+use crate::stats::Stats;
+use crate::store::{Failure, Pool, apply_batch};
+
+/// Each distinct SKU of a batch holds one advisory lock until commit, and PostgreSQL's shared
+/// lock table holds `max_locks_per_transaction × max_connections` locks in all (6,400 with
+/// defaults). Capping a batch's lines bounds what one transaction can take.
+pub const MAX_LINES_PER_BATCH: usize = 1_000;
+
+const FIRST_BACKOFF: Duration = Duration::from_millis(50);
+
+/// What every worker of a process shares.
+#[derive(Clone)]
+pub struct WorkerContext {
+    pub topic: String,
+    pub pool: Pool,
+    pub batch_max_events: usize,
+    pub linger: Duration,
+    pub backoff_max: Duration,
+    pub retry_deadline: Duration,
+    pub offsets: Arc<OffsetTracker>,
+    pub stats: Arc<Stats>,
+    /// Where a worker reports a fatal failure; the process then shuts down non-zero.
+    pub fatal: mpsc::UnboundedSender<Failure>,
+}
+
+pub struct PartitionWorker {
+    pub partition: i32,
+    pub deliveries: mpsc::Receiver<Delivery>,
+    pub stop: CancellationToken,
+    pub ctx: WorkerContext,
+}
+
+impl PartitionWorker {
+    pub async fn run(mut self) {
+        while let Some(batch) = self.collect().await {
+            if self.stop.is_cancelled() {
+                break;
+            }
+            match self.apply_with_retry(&batch).await {
+                Ok(()) => {}
+                Err(Some(fatal)) => {
+                    let _ = self.ctx.fatal.send(fatal);
+                    break;
+                }
+                Err(None) => break,
+            }
+        }
+        tracing::debug!(partition = self.partition, "partition worker stopped");
+    }
+
+    /// Waits for the next batch; `None` when stopped or the partition's channel closed.
+    async fn collect(&mut self) -> Option<Batch> {
+        let first = tokio::select! {
+            biased;
+            _ = self.stop.cancelled() => return None,
+            d = self.deliveries.recv() => d?,
+        };
+        let mut batch = Batch::default();
+        batch.push(first);
+        let deadline = Instant::now() + self.ctx.linger;
+        while batch.len() < self.ctx.batch_max_events && batch.line_count() < MAX_LINES_PER_BATCH {
+            tokio::select! {
+                biased;
+                _ = self.stop.cancelled() => return None,
+                _ = sleep_until(deadline) => break,
+                d = self.deliveries.recv() => match d {
+                    Some(d) => batch.push(d),
+                    None => break,
+                },
+            }
+        }
+        Some(batch)
+    }
+
+    /// `Err(Some(_))`: fatal; `Err(None)`: abandoned because the worker was told to stop.
+    async fn apply_with_retry(&self, batch: &Batch) -> Result<(), Option<Failure>> {
+        let Some((first, last)) = batch.offsets() else {
+            return Ok(());
+        };
+        let started = Instant::now();
+        let mut backoff = FIRST_BACKOFF;
+        loop {
+            match apply_batch(&self.ctx.pool, &self.ctx.topic, batch).await {
+                Ok(outcome) => {
+                    self.ctx.stats.record_batch(&outcome);
+                    // The effect is committed: now, and only now, the offset may advance.
+                    self.ctx.offsets.processed(self.partition, last + 1);
+                    tracing::debug!(
+                        partition = self.partition,
+                        first_offset = first,
+                        last_offset = last,
+                        applied = outcome.applied,
+                        rejected = outcome.rejected,
+                        duplicates = outcome.duplicates,
+                        dead_letters = outcome.dead_letters,
+                        "batch committed"
+                    );
+                    return Ok(());
+                }
+                Err(Failure::Transient(why)) if started.elapsed() < self.ctx.retry_deadline => {
+                    self.ctx.stats.record_retry();
+                    tracing::warn!(
+                        partition = self.partition,
+                        first_offset = first,
+                        retry_in_ms = backoff.as_millis() as u64,
+                        error = %why,
+                        "batch failed, will retry"
+                    );
+                    tokio::select! {
+                        _ = self.stop.cancelled() => {
+                            self.ctx.stats.record_abandoned();
+                            return Err(None);
+                        }
+                        _ = sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(self.ctx.backoff_max);
+                }
+                Err(Failure::Transient(why)) => {
+                    return Err(Some(Failure::Fatal(format!(
+                        "partition {}: batch at offset {first} still failing after {:?}: {why}",
+                        self.partition, self.ctx.retry_deadline
+                    ))));
+                }
+                Err(fatal) => return Err(Some(fatal)),
+            }
+        }
+    }
+}
