@@ -1,0 +1,104 @@
+//! `run`: one consumer replica. Migrates (unless told not to), then consumes until SIGTERM or
+//! SIGINT (drain, commit, leave the group, exit 0) or a fatal failure (exit 3). A second signal
+//! exits at once. On exit it prints its counters as one JSON line on stdout.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Args;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::cli::{EXIT_RUNTIME, runtime};
+use crate::config::{Settings, redact_url};
+use crate::kafka::consumer::consume;
+use crate::kafka::offsets::OffsetTracker;
+use crate::stats::Stats;
+use crate::store;
+use crate::worker::WorkerContext;
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Do not apply migrations at start-up (when a separate job applies them).
+    #[arg(long)]
+    pub no_migrate: bool,
+}
+
+pub fn main(settings: Settings, args: &RunArgs) -> anyhow::Result<ExitCode> {
+    let shutdown = CancellationToken::new();
+    crate::signals::on_termination(shutdown.clone())?;
+    let rt = runtime()?;
+    let stats = Arc::new(Stats::default());
+    let outcome = rt.block_on(run(settings, args, shutdown, stats.clone()));
+    println!("{}", serde_json::to_string(&stats.snapshot())?);
+    match outcome {
+        Ok(()) => Ok(ExitCode::SUCCESS),
+        Err(e) => {
+            tracing::error!(
+                error = format!("{e:#}"),
+                "replica stopped on a fatal failure"
+            );
+            eprintln!("error: {e:#}");
+            Ok(ExitCode::from(EXIT_RUNTIME))
+        }
+    }
+}
+
+async fn run(
+    settings: Settings,
+    args: &RunArgs,
+    shutdown: CancellationToken,
+    stats: Arc<Stats>,
+) -> anyhow::Result<()> {
+    let db = &settings.database;
+    tracing::info!(database = %redact_url(&db.url), brokers = %settings.kafka.brokers, "starting replica");
+    if db.migrate && !args.no_migrate {
+        store::migrate::migrate(&db.url)
+            .await
+            .context("applying migrations")?;
+    }
+    let pool = store::pool(db).await?;
+    // Fail fast on a database we cannot reach at all, before joining the group.
+    drop(pool.get().await.context("connecting to the database")?);
+
+    let (fatal_tx, mut fatal_rx) = mpsc::unbounded_channel();
+    let ctx = WorkerContext {
+        topic: settings.kafka.topic.clone(),
+        pool,
+        batch_max_events: settings.processing.batch_max_events,
+        linger: Duration::from_millis(settings.processing.batch_linger_ms),
+        backoff_max: Duration::from_millis(settings.processing.retry_backoff_max_ms),
+        retry_deadline: Duration::from_millis(settings.processing.retry_deadline_ms),
+        offsets: Arc::new(OffsetTracker::default()),
+        stats,
+        fatal: fatal_tx,
+    };
+    let runtime = tokio::runtime::Handle::current();
+    let poll_shutdown = shutdown.clone();
+    let poller = std::thread::Builder::new()
+        .name("kafka-poll".into())
+        .spawn(move || consume(&settings, ctx, runtime, poll_shutdown))
+        .context("starting the poll thread")?;
+
+    let fatal = tokio::select! {
+        _ = shutdown.cancelled() => None,
+        f = fatal_rx.recv() => f,
+    };
+    if fatal.is_some() {
+        shutdown.cancel();
+    }
+    let polled = tokio::task::spawn_blocking(move || poller.join())
+        .await
+        .context("waiting for the poll thread")?;
+    match (fatal, polled) {
+        (Some(f), _) => Err(f.into()),
+        (None, Ok(Ok(()))) => {
+            tracing::info!("replica stopped");
+            Ok(())
+        }
+        (None, Ok(Err(e))) => Err(anyhow::Error::new(e).context("consuming")),
+        (None, Err(_)) => anyhow::bail!("the poll thread panicked"),
+    }
+}

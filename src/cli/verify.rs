@@ -1,0 +1,48 @@
+//! `verify`: the audit. Prints one line per check; exit 0 only if all pass, 1 otherwise.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Args;
+
+use crate::cli::{EXIT_VERIFY_FAILED, runtime};
+use crate::config::Settings;
+use crate::store::{self, audit};
+use crate::workload::Expectation;
+
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    /// Expectation written by `produce --expected-out`: also compare stock and counts with it.
+    #[arg(long, value_name = "PATH")]
+    pub expected: Option<PathBuf>,
+}
+
+pub fn main(settings: &Settings, args: &VerifyArgs) -> anyhow::Result<ExitCode> {
+    let expected: Option<Expectation> = match &args.expected {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            Some(
+                serde_json::from_str(&text)
+                    .with_context(|| format!("parsing {}", path.display()))?,
+            )
+        }
+        None => None,
+    };
+    let report = runtime()?.block_on(async {
+        let db = store::connect(&settings.database.url).await?;
+        audit::audit(&db, expected.as_ref()).await
+    })?;
+    for check in &report.checks {
+        let verdict = if check.passed { "PASS" } else { "FAIL" };
+        println!("{verdict} {}: {}", check.name, check.detail);
+    }
+    if report.passed() {
+        println!("verify: all {} checks passed", report.checks.len());
+        Ok(ExitCode::SUCCESS)
+    } else {
+        println!("verify: FAILED");
+        Ok(ExitCode::from(EXIT_VERIFY_FAILED))
+    }
+}

@@ -1,0 +1,7 @@
+//! What development, tests and the demo run locally instead of real infrastructure: a
+//! Kafka-protocol broker (librdkafka's mock cluster) and a throwaway PostgreSQL cluster.
+//! Production never uses these; it points `kafka.brokers` and `database.url` at real services.
+
+pub mod broker;
+pub mod postgres;
+pub mod replica;

@@ -1,0 +1,121 @@
+//! A replica as a separate OS process (`inventory-consumer run`), as the demo, the benchmark and
+//! the tests run them: its own log file, its counters read from its stdout when it exits.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+use crate::stats::StatsSnapshot;
+
+pub struct ReplicaProcess {
+    pub name: String,
+    child: Option<Child>,
+    pub log: PathBuf,
+    out: PathBuf,
+}
+
+impl ReplicaProcess {
+    /// Starts `exe run` with the environment `env` (on top of a clean one that keeps only
+    /// PATH) and `--set` overrides `settings`; output goes to `<dir>/<name>.log` and `.out`.
+    pub fn spawn(
+        exe: &Path,
+        name: &str,
+        dir: &Path,
+        env: &[(&str, &str)],
+        settings: &[(&str, &str)],
+    ) -> anyhow::Result<Self> {
+        let log = dir.join(format!("{name}.log"));
+        let out = dir.join(format!("{name}.out"));
+        let mut cmd = Command::new(exe);
+        cmd.arg("run")
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&out).context("creating the replica's output file")?)
+            .stderr(std::fs::File::create(&log).context("creating the replica's log file")?);
+        for (key, value) in settings {
+            cmd.arg("--set").arg(format!("{key}={value}"));
+        }
+        let child = cmd.spawn().context("starting a replica")?;
+        Ok(ReplicaProcess {
+            name: name.to_owned(),
+            child: Some(child),
+            log,
+            out,
+        })
+    }
+
+    pub fn pid(&self) -> Option<Pid> {
+        self.child.as_ref().map(|c| Pid::from_raw(c.id() as i32))
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGTERM, then waits up to `timeout` for the exit (SIGKILL after that). Returns the exit
+    /// status and the counters the replica printed, if it got to print them.
+    pub fn terminate(
+        &mut self,
+        timeout: Duration,
+    ) -> anyhow::Result<(ExitStatus, Option<StatsSnapshot>)> {
+        if let Some(pid) = self.pid() {
+            let _ = kill(pid, Signal::SIGTERM);
+        }
+        let status = self.wait(timeout)?;
+        Ok((status, self.stats()))
+    }
+
+    /// SIGKILL: no drain, no commit, no counters.
+    pub fn kill(&mut self) -> anyhow::Result<ExitStatus> {
+        if let Some(pid) = self.pid() {
+            let _ = kill(pid, Signal::SIGKILL);
+        }
+        self.wait(Duration::from_secs(10))
+    }
+
+    /// The counters line the replica printed on exit.
+    pub fn stats(&self) -> Option<StatsSnapshot> {
+        let out = std::fs::read_to_string(&self.out).ok()?;
+        out.lines().rev().find_map(|l| serde_json::from_str(l).ok())
+    }
+
+    fn wait(&mut self, timeout: Duration) -> anyhow::Result<ExitStatus> {
+        let child = self
+            .child
+            .as_mut()
+            .with_context(|| format!("{} is not running", self.name))?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = child.try_wait()? {
+                self.child = None;
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                self.child = None;
+                anyhow::bail!("{} did not exit within {timeout:?}", self.name);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+}
+
+impl Drop for ReplicaProcess {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
