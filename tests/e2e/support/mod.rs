@@ -1,0 +1,419 @@
+//! Test harness: a fresh PostgreSQL database and an embedded broker per test, replicas as real
+//! processes of the real binary, and helpers to wait for conditions (never a bare sleep as a
+//! proof). Logs of each process go to files in the test's temporary directory, printed when a
+//! test fails an assertion through [`Replica::log`]; set `TEST_LOG=1` to echo them always.
+//!
+//! Database: with `TEST_DATABASE_URL` (or `DATABASE_URL`) set, each test creates a uniquely
+//! named database on that server and drops it afterwards; otherwise each test starts a
+//! throwaway cluster from the PostgreSQL binaries on the machine.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+
+use inventory_consumer::embedded::replica::ReplicaProcess;
+use std::time::{Duration, Instant};
+
+use inventory_consumer::embedded::postgres::{PostgresOptions, ThrowawayPostgres};
+use inventory_consumer::stats::StatsSnapshot;
+use inventory_consumer::workload::Expectation;
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use rdkafka::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::{Offset, TopicPartitionList};
+use tempfile::TempDir;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_inventory-consumer");
+pub const TOPIC: &str = "inventory-events";
+pub const GROUP: &str = "inventory-consumer-group";
+
+/// Polls `condition` every 100 ms until it holds; panics with `what` after `timeout`.
+pub async fn wait_until<F, Fut>(what: &str, timeout: Duration, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if condition().await {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A fresh database for one test.
+pub struct TestDb {
+    pub url: String,
+    server: Option<ThrowawayPostgres>,
+    /// On a shared server: (admin URL, database name) to drop afterwards.
+    shared: Option<(String, String)>,
+}
+
+impl TestDb {
+    pub async fn new() -> TestDb {
+        let base = std::env::var("TEST_DATABASE_URL")
+            .or_else(|_| std::env::var("DATABASE_URL"))
+            .ok();
+        match base {
+            Some(admin) => {
+                let name = format!(
+                    "inventory_test_{}_{:08x}",
+                    std::process::id(),
+                    rand::random::<u32>()
+                );
+                let client = connect(&admin).await;
+                client
+                    .batch_execute(&format!("CREATE DATABASE {name}"))
+                    .await
+                    .expect("creating the test database");
+                TestDb {
+                    url: with_database(&admin, &name),
+                    server: None,
+                    shared: Some((admin, name)),
+                }
+            }
+            None => {
+                let server = tokio::task::spawn_blocking(|| {
+                    ThrowawayPostgres::start(PostgresOptions::default())
+                })
+                .await
+                .expect("joining")
+                .expect("starting a throwaway PostgreSQL (or set TEST_DATABASE_URL)");
+                TestDb {
+                    url: server.url("postgres"),
+                    server: Some(server),
+                    shared: None,
+                }
+            }
+        }
+    }
+
+    pub async fn client(&self) -> tokio_postgres::Client {
+        connect(&self.url).await
+    }
+
+    /// The first column of the first row, as i64.
+    pub async fn scalar(&self, sql: &str) -> i64 {
+        let client = self.client().await;
+        client
+            .query_one(sql, &[])
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"))
+            .get(0)
+    }
+
+    pub async fn stock(&self) -> BTreeMap<String, i64> {
+        let client = self.client().await;
+        client
+            .query("SELECT sku, current_stock FROM products", &[])
+            .await
+            .expect("reading stock")
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect()
+    }
+
+    /// Rows in `processed_events` plus `dead_letters`: every message that reached an end.
+    pub async fn settled(&self) -> i64 {
+        self.scalar(
+            "SELECT (SELECT count(*) FROM processed_events) + (SELECT count(*) FROM dead_letters)",
+        )
+        .await
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        if let Some((admin, name)) = self.shared.take() {
+            // Drop runs outside any runtime guarantee: use a small one of our own.
+            let _ = std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("runtime");
+                rt.block_on(async {
+                    if let Ok((client, conn)) =
+                        tokio_postgres::connect(&admin, tokio_postgres::NoTls).await
+                    {
+                        tokio::spawn(conn);
+                        let _ = client
+                            .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                            .await;
+                    }
+                });
+            })
+            .join();
+        }
+        drop(self.server.take());
+    }
+}
+
+pub async fn connect(url: &str) -> tokio_postgres::Client {
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .unwrap_or_else(|e| panic!("connecting to the test database: {e}"));
+    tokio::spawn(conn);
+    client
+}
+
+/// `url` with its database name replaced.
+fn with_database(url: &str, name: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((b, q)) => (b, format!("?{q}")),
+        None => (url, String::new()),
+    };
+    let authority_start = base.find("://").map_or(0, |i| i + 3);
+    let root = match base[authority_start..].find('/') {
+        Some(i) => &base[..authority_start + i],
+        None => base,
+    };
+    format!("{root}/{name}{query}")
+}
+
+/// One test's world: a database, an embedded broker, a directory for files and logs.
+pub struct TestEnv {
+    pub db: TestDb,
+    pub broker: Broker,
+    pub dir: TempDir,
+}
+
+impl TestEnv {
+    pub async fn new(partitions: i32) -> TestEnv {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let broker = Broker::start(dir.path(), partitions).await;
+        let db = TestDb::new().await;
+        TestEnv { db, broker, dir }
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// A replica process with the test defaults (KIP-848 group protocol, which rebalances in
+    /// about a second on the mock, JSON logs) and `settings` on top.
+    pub fn replica(&self, name: &str, settings: &[(&str, &str)]) -> Replica {
+        let env = [
+            ("KAFKA_BROKERS", self.broker.bootstrap.as_str()),
+            ("DATABASE_URL", self.db.url.as_str()),
+            ("INVENTORY_LOG__FORMAT", "json"),
+            ("INVENTORY_LOG__LEVEL", "info,inventory_consumer=debug"),
+            ("INVENTORY_KAFKA__GROUP_PROTOCOL", "consumer"),
+            ("INVENTORY_KAFKA__PROPERTIES__FETCH_QUEUE_BACKOFF_MS", "0"),
+        ];
+        let process = ReplicaProcess::spawn(Path::new(BIN), name, self.dir.path(), &env, settings)
+            .expect("starting a replica");
+        Replica { process }
+    }
+
+    /// Runs `produce` with `args` and returns the expectation it wrote.
+    pub fn produce(&self, args: &[&str]) -> Expectation {
+        let expected = self.path(&format!("expected-{:08x}.json", rand::random::<u32>()));
+        let out = Command::new(BIN)
+            .arg("produce")
+            .args(args)
+            .arg("--quiet")
+            .arg("--expected-out")
+            .arg(&expected)
+            .env("KAFKA_BROKERS", &self.broker.bootstrap)
+            .output()
+            .expect("running produce");
+        assert!(
+            out.status.success(),
+            "produce failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = std::fs::read_to_string(&expected).expect("reading the expectation");
+        serde_json::from_str(&text).expect("parsing the expectation")
+    }
+
+    /// Sends JSON values as messages, one per line of a file; `random_keys` spreads them over
+    /// the partitions instead of keying them by SKU.
+    pub fn produce_json(&self, events: &[serde_json::Value], random_keys: bool) -> Expectation {
+        let file = self.path(&format!("events-{:08x}.jsonl", rand::random::<u32>()));
+        let lines: Vec<String> = events.iter().map(|e| e.to_string()).collect();
+        std::fs::write(&file, lines.join("\n")).expect("writing events");
+        let file = file.to_string_lossy().into_owned();
+        let mut args = vec!["--file", file.as_str()];
+        if random_keys {
+            args.extend(["--keys", "random"]);
+        }
+        self.produce(&args)
+    }
+
+    /// Runs `verify`, optionally against an expectation; returns (success, output).
+    pub fn verify(&self, expected: Option<&Expectation>) -> (bool, String) {
+        let mut cmd = Command::new(BIN);
+        cmd.arg("verify").env("DATABASE_URL", &self.db.url);
+        if let Some(e) = expected {
+            let path = self.path("verify-expected.json");
+            std::fs::write(&path, serde_json::to_vec(e).expect("json")).expect("writing");
+            cmd.arg("--expected").arg(path);
+        }
+        let out = cmd.output().expect("running verify");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), text)
+    }
+
+    /// Messages not yet committed by the group, over all partitions.
+    pub fn lag(&self) -> i64 {
+        self.broker.lag(GROUP)
+    }
+}
+
+/// The embedded broker, as a `broker` process of the real binary.
+pub struct Broker {
+    pub bootstrap: String,
+    child: Child,
+}
+
+impl Broker {
+    pub async fn start(dir: &Path, partitions: i32) -> Broker {
+        let file = dir.join("bootstrap");
+        let child = Command::new(BIN)
+            .arg("broker")
+            .arg("--partitions")
+            .arg(partitions.to_string())
+            .arg("--bootstrap-file")
+            .arg(&file)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.join("broker.log")).expect("broker log"))
+            .spawn()
+            .expect("starting the broker");
+        let path = file.clone();
+        wait_until(
+            "the broker's bootstrap file",
+            Duration::from_secs(20),
+            || {
+                let ready = path.exists();
+                async move { ready }
+            },
+        )
+        .await;
+        let bootstrap = std::fs::read_to_string(&file).expect("bootstrap file");
+        Broker { bootstrap, child }
+    }
+
+    /// Sum over partitions of high watermark minus the group's committed offset.
+    pub fn lag(&self, group: &str) -> i64 {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &self.bootstrap)
+            .set("group.id", group)
+            .set("log_level", "3")
+            .create()
+            .expect("lag consumer");
+        let metadata = consumer
+            .fetch_metadata(Some(TOPIC), Duration::from_secs(10))
+            .expect("metadata");
+        let partitions: Vec<i32> = metadata.topics()[0]
+            .partitions()
+            .iter()
+            .map(|p| p.id())
+            .collect();
+        let mut tpl = TopicPartitionList::new();
+        for p in &partitions {
+            tpl.add_partition(TOPIC, *p);
+        }
+        let committed = consumer
+            .committed_offsets(tpl, Duration::from_secs(10))
+            .expect("committed offsets");
+        partitions
+            .iter()
+            .map(|p| {
+                let (_, high) = consumer
+                    .fetch_watermarks(TOPIC, *p, Duration::from_secs(10))
+                    .expect("watermarks");
+                let done = match committed.find_partition(TOPIC, *p).map(|e| e.offset()) {
+                    Some(Offset::Offset(o)) => o,
+                    _ => 0,
+                };
+                high - done
+            })
+            .sum()
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = kill(Pid::from_raw(self.child.id() as i32), Signal::SIGTERM);
+        let _ = self.child.wait();
+    }
+}
+
+/// A `run` process of the test.
+pub struct Replica {
+    process: ReplicaProcess,
+}
+
+impl Replica {
+    pub fn name(&self) -> &str {
+        &self.process.name
+    }
+
+    pub fn log(&self) -> String {
+        self.process.log_text()
+    }
+
+    /// The partitions the replica owns according to its latest assign/revoke log line.
+    pub fn owned(&self) -> Vec<i32> {
+        self.log()
+            .lines()
+            .rev()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find_map(|v| v.get("owned").and_then(|o| o.as_str()).map(str::to_owned))
+            .map(|o| {
+                o.trim_matches(|c| c == '[' || c == ']')
+                    .split(',')
+                    .filter_map(|p| p.trim().parse().ok())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Sends SIGTERM and waits for the exit; returns the status and the printed counters.
+    pub fn terminate(mut self, timeout: Duration) -> (ExitStatus, StatsSnapshot) {
+        let (status, stats) = self
+            .process
+            .terminate(timeout)
+            .unwrap_or_else(|e| panic!("{e}; log:\n{}", self.log()));
+        let stats = stats
+            .unwrap_or_else(|| panic!("{} printed no counters; log:\n{}", self.name(), self.log()));
+        (status, stats)
+    }
+
+    /// SIGKILL: no drain, no commit.
+    pub fn kill(mut self) {
+        self.process.kill().expect("killing a replica");
+    }
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        if std::thread::panicking() || std::env::var_os("TEST_LOG").is_some() {
+            let log = self.log();
+            let tail: Vec<&str> = log
+                .lines()
+                .rev()
+                .filter(|l| !l.contains("batch committed"))
+                .take(20)
+                .collect();
+            eprintln!(
+                "--- last lines of {} ---\n{}",
+                self.name(),
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
+        }
+    }
+}
