@@ -1,0 +1,12 @@
+# Build stage: librdkafka is compiled from the crate's bundled sources.
+FROM rust:1-bookworm AS build
+WORKDIR /src
+COPY . .
+RUN cargo build --release --locked && strip target/release/inventory-consumer
+
+# Runtime: no shell needed; the binary is the entry point.
+FROM gcr.io/distroless/cc-debian12:nonroot
+COPY --from=build /src/target/release/inventory-consumer /usr/local/bin/inventory-consumer
+USER nonroot
+ENTRYPOINT ["/usr/local/bin/inventory-consumer"]
+CMD ["run"]
