@@ -5,7 +5,7 @@
 //! including the cross-field rules (the drain must fit inside the group's timeouts).
 //!
 //! Secrets: `database.url` may carry a password and `kafka.properties` SASL credentials; neither
-//! is ever logged (see [`redact_url`]).
+//! is ever logged (see [`describe_database`]).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -59,6 +59,10 @@ pub struct DatabaseSettings {
     /// Whether `run` applies pending migrations before consuming.
     pub migrate: bool,
     pub connect_timeout_ms: u64,
+    /// Longest a statement may run; beyond it the batch fails transiently and is retried.
+    pub statement_timeout_ms: u64,
+    /// Longest a statement may wait for a lock (an advisory lock held by a stuck session).
+    pub lock_timeout_ms: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -114,6 +118,8 @@ impl Default for Settings {
                 pool_size: 4,
                 migrate: true,
                 connect_timeout_ms: 10_000,
+                statement_timeout_ms: 30_000,
+                lock_timeout_ms: 10_000,
             },
             processing: ProcessingSettings {
                 batch_max_events: 500,
@@ -121,7 +127,7 @@ impl Default for Settings {
                 drain_timeout_ms: 10_000,
                 commit_interval_ms: 1_000,
                 retry_backoff_max_ms: 5_000,
-                retry_deadline_ms: 300_000,
+                retry_deadline_ms: 120_000,
             },
             http: HttpSettings {
                 addr: "0.0.0.0:8080".into(),
@@ -205,7 +211,13 @@ impl Settings {
         if let Ok(port) = std::env::var("PORT") {
             figment = figment.merge(Serialized::default("http.addr", format!("0.0.0.0:{port}")));
         }
-        figment = figment.merge(Env::prefixed("INVENTORY_").ignore(&["CONFIG"]).split("__"));
+        // Only `INVENTORY_<SECTION>__<KEY>`: other INVENTORY_ variables (such as the
+        // INVENTORY_CONSUMER_SERVICE_HOST Kubernetes injects for a Service) are not settings.
+        figment = figment.merge(
+            Env::prefixed("INVENTORY_")
+                .filter(|key| key.as_str().contains("__"))
+                .split("__"),
+        );
         for (key, value) in overrides {
             figment = figment.merge(Serialized::default(key, parse_override(value)));
         }
@@ -262,6 +274,15 @@ impl Settings {
         if !(1..=256).contains(&db.pool_size) {
             return Err(ConfigError::key("database.pool_size", "must be 1..=256"));
         }
+        for (key, value) in [
+            ("database.connect_timeout_ms", db.connect_timeout_ms),
+            ("database.statement_timeout_ms", db.statement_timeout_ms),
+            ("database.lock_timeout_ms", db.lock_timeout_ms),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::key(key, "must be > 0"));
+            }
+        }
         let p = &self.processing;
         if !(1..=10_000).contains(&p.batch_max_events) {
             return Err(ConfigError::key(
@@ -282,27 +303,45 @@ impl Settings {
             ));
         }
         // A drain that outlives the group's patience would be pointless: the member is expelled
-        // and the partitions reassigned while we still wait.
-        for (name, default_ms) in [
-            ("session.timeout.ms", 45_000),
-            ("max.poll.interval.ms", 300_000),
-        ] {
-            if name == "session.timeout.ms" && k.group_protocol == GroupProtocol::Consumer {
-                continue;
-            }
-            let limit = match properties.get(name) {
+        // and the partitions reassigned while we still wait. Likewise a batch retried for longer
+        // than the poll interval stalls the poll thread past the point of expulsion.
+        let limit = |name: &str, default_ms: u64| -> Result<u64, ConfigError> {
+            match properties.get(name) {
                 Some(v) => v.parse::<u64>().map_err(|_| {
                     ConfigError::key(&format!("kafka.properties.{name}"), "must be a number")
-                })?,
-                None => default_ms,
-            };
-            if p.drain_timeout_ms >= limit {
+                }),
+                None => Ok(default_ms),
+            }
+        };
+        let poll_interval = limit("max.poll.interval.ms", 300_000)?;
+        let mut bounds = vec![
+            (
+                "processing.drain_timeout_ms",
+                p.drain_timeout_ms,
+                "max.poll.interval.ms",
+                poll_interval,
+            ),
+            (
+                "processing.retry_deadline_ms",
+                p.retry_deadline_ms,
+                "max.poll.interval.ms",
+                poll_interval,
+            ),
+        ];
+        if k.group_protocol == GroupProtocol::Classic {
+            let session = limit("session.timeout.ms", 45_000)?;
+            bounds.push((
+                "processing.drain_timeout_ms",
+                p.drain_timeout_ms,
+                "session.timeout.ms",
+                session,
+            ));
+        }
+        for (key, value, name, bound) in bounds {
+            if value >= bound {
                 return Err(ConfigError::key(
-                    "processing.drain_timeout_ms",
-                    format!(
-                        "must be below {name} ({limit} ms), got {}",
-                        p.drain_timeout_ms
-                    ),
+                    key,
+                    format!("must be below {name} ({bound} ms), got {value}"),
                 ));
             }
         }
@@ -318,6 +357,12 @@ impl Settings {
             .map_err(|e| ConfigError::key("http.addr", format!("not a socket address: {e}")))?;
         tracing_subscriber::EnvFilter::try_new(&self.log.level)
             .map_err(|e| ConfigError::key("log.level", e))?;
+        if needs.kafka {
+            // librdkafka checks names and values of its properties when the config is built.
+            crate::kafka::client::consumer_config(self)
+                .create_native_config()
+                .map_err(|e| ConfigError::key("kafka.properties", e))?;
+        }
         Ok(())
     }
 
@@ -397,18 +442,27 @@ pub fn parse_key_value(s: &str) -> Result<(String, String), String> {
         .ok_or_else(|| format!("expected KEY=VALUE, got `{s}`"))
 }
 
-/// The URL with any password replaced, for logs and messages.
-pub fn redact_url(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            let userinfo = &url[scheme + 3..at];
-            match userinfo.split_once(':') {
-                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
-                None => url.to_owned(),
-            }
-        }
-        _ => url.to_owned(),
-    }
+/// `user@host:port/dbname` of a database URL or key=value string, for logs and messages:
+/// built from the parsed settings, so no password can slip through, whatever the format.
+pub fn describe_database(url: &str) -> String {
+    let Ok(config) = url.parse::<tokio_postgres::Config>() else {
+        return "(unparsable database URL)".into();
+    };
+    let hosts: Vec<String> = config
+        .get_hosts()
+        .iter()
+        .zip(config.get_ports().iter().chain(std::iter::repeat(&5432)))
+        .map(|(host, port)| match host {
+            tokio_postgres::config::Host::Tcp(h) => format!("{h}:{port}"),
+            tokio_postgres::config::Host::Unix(p) => format!("{}:{port}", p.display()),
+        })
+        .collect();
+    format!(
+        "{}@{}/{}",
+        config.get_user().unwrap_or(""),
+        hosts.join(","),
+        config.get_dbname().unwrap_or("")
+    )
 }
 
 #[cfg(test)]
@@ -461,6 +515,20 @@ mod tests {
         assert!(error_of(&s).contains("kafka.properties.session.timeout.ms"));
 
         let mut s = valid();
+        s.kafka
+            .properties
+            .insert("no.such.property".into(), Value::from("1"));
+        assert!(error_of(&s).contains("kafka.properties"));
+
+        let mut s = valid();
+        s.database.connect_timeout_ms = 0;
+        assert!(error_of(&s).contains("database.connect_timeout_ms"));
+
+        let mut s = valid();
+        s.processing.retry_deadline_ms = 300_000;
+        assert!(error_of(&s).contains("processing.retry_deadline_ms"));
+
+        let mut s = valid();
         s.database.url = "mysql:/nope".into();
         assert!(error_of(&s).contains("database.url"));
 
@@ -506,6 +574,8 @@ mod tests {
             )?;
             jail.set_env("DATABASE_URL", "postgres://u:pw@short/db");
             jail.set_env("INVENTORY_KAFKA__TOPIC", "from-env");
+            // Injected by Kubernetes for a Service named inventory-consumer: not a setting.
+            jail.set_env("INVENTORY_CONSUMER_SERVICE_HOST", "10.0.0.1");
             jail.set_env("INVENTORY_KAFKA__PROPERTIES__SASL_MECHANISM", "PLAIN");
             jail.set_env("INVENTORY_KAFKA__PROPERTIES__FETCH_QUEUE_BACKOFF_MS", "0");
             let s = Settings::load(
@@ -533,11 +603,15 @@ mod tests {
     }
 
     #[test]
-    fn passwords_are_redacted() {
-        assert_eq!(
-            redact_url("postgres://app:secret@db:5432/x"),
-            "postgres://app:***@db:5432/x"
-        );
-        assert_eq!(redact_url("postgres://db/x"), "postgres://db/x");
+    fn database_descriptions_hold_no_password() {
+        for url in [
+            "postgres://app:secret@db:5432/x",
+            "postgres://app@db/x?password=secret",
+            "host=db user=app password=secret dbname=x",
+        ] {
+            let d = describe_database(url);
+            assert!(!d.contains("secret"), "{d}");
+            assert!(d.starts_with("app@db:") && d.ends_with("/x"), "{d}");
+        }
     }
 }

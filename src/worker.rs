@@ -22,8 +22,9 @@ use crate::store::{Failure, Pool, apply_batch};
 
 /// Each distinct SKU of a batch holds one advisory lock until commit, and PostgreSQL's shared
 /// lock table holds `max_locks_per_transaction × max_connections` locks in all (6,400 with
-/// defaults). Capping a batch's lines bounds what one transaction can take.
-pub const MAX_LINES_PER_BATCH: usize = 1_000;
+/// defaults). Capping a batch's lines bounds what one transaction can take: 3 replicas with 4
+/// connections each stay within the default table.
+pub const MAX_LINES_PER_BATCH: usize = 500;
 
 const FIRST_BACKOFF: Duration = Duration::from_millis(50);
 

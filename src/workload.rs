@@ -166,7 +166,7 @@ impl Generator {
     /// A malformed message, cycling through the ways producers get it wrong.
     fn malformed(&mut self) -> Message {
         let sku = self.pick_sku();
-        let n = self.rng.random_range(0..8);
+        let n = self.rng.random_range(0..9);
         let value: Vec<u8> = match n {
             0 => b"{not json".to_vec(),
             1 => vec![0xff, 0xfe, b'{', 0x80],
@@ -175,6 +175,8 @@ impl Generator {
             4 => format!(r#"{{"event_id":"bad-{}","type":"gift","sku":"{sku}","quantity":1}}"#, self.rng.random::<u32>()).into_bytes(),
             5 => r#"{"event_id":"bad-sku","type":"restock","sku":"'; DROP TABLE products; --","quantity":1}"#.as_bytes().to_vec(),
             6 => format!(r#"{{"event_id":"bad-{}","type":"restock","sku":"{sku}","quantity":"ten"}}"#, self.rng.random::<u32>()).into_bytes(),
+            // Valid JSON that PostgreSQL text could not store.
+            7 => format!(r#"{{"event_id":"nul\u0000{}","type":"restock","sku":"{sku}","quantity":1}}"#, self.rng.random::<u32>()).into_bytes(),
             _ => b"[]".to_vec(),
         };
         Message {

@@ -62,7 +62,7 @@ pub fn main(cli: &Cli, args: &DemoArgs) -> anyhow::Result<ExitCode> {
         Some(url) => {
             step(&format!(
                 "PostgreSQL: using {}",
-                crate::config::redact_url(&url)
+                crate::config::describe_database(&url)
             ));
             (None, url)
         }

@@ -12,7 +12,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::cli::{EXIT_RUNTIME, runtime};
-use crate::config::{Settings, redact_url};
+use crate::config::{Settings, describe_database};
 use crate::kafka::consumer::consume;
 use crate::kafka::offsets::OffsetTracker;
 use crate::stats::Stats;
@@ -53,15 +53,20 @@ async fn run(
     stats: Arc<Stats>,
 ) -> anyhow::Result<()> {
     let db = &settings.database;
-    tracing::info!(database = %redact_url(&db.url), brokers = %settings.kafka.brokers, "starting replica");
+    tracing::info!(database = %describe_database(&db.url), brokers = %settings.kafka.brokers, "starting replica");
     if db.migrate && !args.no_migrate {
         store::migrate::migrate(&db.url)
             .await
             .context("applying migrations")?;
     }
+    // Fail fast, with the database's own words, on a database we cannot reach at all, before
+    // joining the group (the pool only reports that it timed out).
+    drop(
+        store::connect(&db.url)
+            .await
+            .context("connecting to the database")?,
+    );
     let pool = store::pool(db).await?;
-    // Fail fast on a database we cannot reach at all, before joining the group.
-    drop(pool.get().await.context("connecting to the database")?);
 
     let (fatal_tx, mut fatal_rx) = mpsc::unbounded_channel();
     let ctx = WorkerContext {
@@ -92,6 +97,8 @@ async fn run(
     let polled = tokio::task::spawn_blocking(move || poller.join())
         .await
         .context("waiting for the poll thread")?;
+    // A worker may have failed fatally while draining: that must not end in exit 0.
+    let fatal = fatal.or_else(|| fatal_rx.try_recv().ok());
     match (fatal, polled) {
         (Some(f), _) => Err(f.into()),
         (None, Ok(Ok(()))) => {

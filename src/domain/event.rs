@@ -115,6 +115,9 @@ pub enum InvalidEvent {
     InvalidOccurredAt(String),
     #[error("reason is {chars} characters, more than {MAX_REASON_CHARS}")]
     ReasonTooLong { chars: usize },
+    /// PostgreSQL text cannot hold NUL, so such an event could never be recorded.
+    #[error("field `{0}` contains a NUL character")]
+    NulCharacter(&'static str),
     /// Not produced by [`decode`]: the id was recorded earlier with another digest.
     #[error("event_id `{0}` was already used by an event with a different body")]
     EventIdConflict(String),
@@ -138,6 +141,7 @@ impl InvalidEvent {
             InvalidEvent::InvalidQuantity { .. } => "invalid_quantity",
             InvalidEvent::InvalidOccurredAt(_) => "invalid_occurred_at",
             InvalidEvent::ReasonTooLong { .. } => "reason_too_long",
+            InvalidEvent::NulCharacter(_) => "nul_character",
             InvalidEvent::EventIdConflict(_) => "event_id_conflict",
         }
     }
@@ -294,6 +298,7 @@ fn optional_str<'a>(
 ) -> Result<Option<&'a str>, InvalidEvent> {
     match object.get(field) {
         None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) if s.contains('\0') => Err(InvalidEvent::NulCharacter(field)),
         Some(Value::String(s)) => Ok(Some(s)),
         Some(_) => Err(InvalidEvent::WrongType {
             field,
@@ -302,9 +307,12 @@ fn optional_str<'a>(
     }
 }
 
-/// Keeps details short when echoing producer input back into a dead letter.
+/// Keeps details short and storable (no NUL) when echoing producer input into a dead letter.
 fn truncate(s: &str, max_chars: usize) -> String {
-    s.chars().take(max_chars).collect()
+    s.chars()
+        .take(max_chars)
+        .map(|c| if c == '\0' { '\u{FFFD}' } else { c })
+        .collect()
 }
 
 #[cfg(test)]
@@ -500,6 +508,13 @@ mod tests {
         #[test]
         fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
             let _ = decode(Some(&bytes));
+        }
+
+        #[test]
+        fn every_rejection_detail_is_storable(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+            if let Err(e) = decode(Some(&bytes)) {
+                prop_assert!(!e.to_string().contains('\0'));
+            }
         }
 
         #[test]

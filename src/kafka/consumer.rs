@@ -93,14 +93,38 @@ fn dispatch(group: &GroupContext, delivery: Delivery) {
     }
 }
 
+/// librdkafka retries everything else itself; these need an operator (or a restart).
 fn is_fatal(e: &KafkaError) -> bool {
-    matches!(
-        e.rdkafka_error_code(),
-        Some(
-            RDKafkaErrorCode::Fatal
-                | RDKafkaErrorCode::TopicAuthorizationFailed
-                | RDKafkaErrorCode::GroupAuthorizationFailed
-                | RDKafkaErrorCode::SaslAuthenticationFailed
+    matches!(e, KafkaError::MessageConsumptionFatal(_))
+        || matches!(
+            e.rdkafka_error_code(),
+            Some(
+                RDKafkaErrorCode::Fatal
+                    | RDKafkaErrorCode::Authentication
+                    | RDKafkaErrorCode::TopicAuthorizationFailed
+                    | RDKafkaErrorCode::GroupAuthorizationFailed
+                    | RDKafkaErrorCode::SaslAuthenticationFailed
+            )
         )
-    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classifies_kafka_errors() {
+        assert!(is_fatal(&KafkaError::MessageConsumptionFatal(
+            RDKafkaErrorCode::UnknownMemberId
+        )));
+        assert!(is_fatal(&KafkaError::MessageConsumption(
+            RDKafkaErrorCode::TopicAuthorizationFailed
+        )));
+        assert!(!is_fatal(&KafkaError::MessageConsumption(
+            RDKafkaErrorCode::BrokerTransportFailure
+        )));
+        assert!(!is_fatal(&KafkaError::MessageConsumption(
+            RDKafkaErrorCode::UnknownTopicOrPartition
+        )));
+    }
 }

@@ -210,7 +210,12 @@ impl ConsumerContext for GroupContext {
                 self.revoke(consumer, &partitions_of(tpl), consumer.assignment_lost())
             }
             Rebalance::Assign(_) => {}
-            Rebalance::Error(e) => tracing::warn!(error = %e, "rebalance error"),
+            Rebalance::Error(e) => {
+                // librdkafka unassigns everything after a failed rebalance: whatever we own is
+                // no longer ours, so stop it without committing.
+                tracing::warn!(error = %e, "rebalance error; abandoning owned partitions");
+                self.revoke(consumer, &self.owned(), true);
+            }
         }
     }
 

@@ -28,6 +28,21 @@ pub async fn pool(settings: &DatabaseSettings) -> Result<Pool, Failure> {
     if config.get_application_name().is_none() {
         config.application_name("inventory-consumer");
     }
+    // Bound every wait: a lock held by a stuck session, a runaway statement, a peer that
+    // vanished without closing the connection. Each surfaces as a transient failure.
+    let timeouts = format!(
+        "-c statement_timeout={} -c lock_timeout={}",
+        settings.statement_timeout_ms, settings.lock_timeout_ms
+    );
+    let options = match config.get_options() {
+        Some(existing) => format!("{existing} {timeouts}"),
+        None => timeouts,
+    };
+    config
+        .options(&options)
+        .keepalives(true)
+        .keepalives_idle(Duration::from_secs(30))
+        .tcp_user_timeout(Duration::from_millis(settings.statement_timeout_ms + 5_000));
     let manager = PostgresConnectionManager::new(config, NoTls);
     Ok(bb8::Pool::builder()
         .max_size(settings.pool_size)
