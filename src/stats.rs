@@ -16,6 +16,9 @@ pub struct Stats {
     batches: AtomicU64,
     retries: AtomicU64,
     abandoned_batches: AtomicU64,
+    partitions_assigned: AtomicU64,
+    partitions_revoked: AtomicU64,
+    partitions_lost: AtomicU64,
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
@@ -28,6 +31,10 @@ pub struct StatsSnapshot {
     pub batches: u64,
     pub retries: u64,
     pub abandoned_batches: u64,
+    /// Partitions this replica was given, gave up with a commit, and lost without one.
+    pub partitions_assigned: u64,
+    pub partitions_revoked: u64,
+    pub partitions_lost: u64,
 }
 
 impl Stats {
@@ -47,6 +54,18 @@ impl Stats {
         self.abandoned_batches.fetch_add(1, Relaxed);
     }
 
+    pub fn record_assigned(&self, n: usize) {
+        self.partitions_assigned.fetch_add(n as u64, Relaxed);
+    }
+
+    pub fn record_revoked(&self, n: usize) {
+        self.partitions_revoked.fetch_add(n as u64, Relaxed);
+    }
+
+    pub fn record_lost(&self, n: usize) {
+        self.partitions_lost.fetch_add(n as u64, Relaxed);
+    }
+
     pub fn snapshot(&self) -> StatsSnapshot {
         StatsSnapshot {
             applied: self.applied.load(Relaxed),
@@ -56,6 +75,9 @@ impl Stats {
             batches: self.batches.load(Relaxed),
             retries: self.retries.load(Relaxed),
             abandoned_batches: self.abandoned_batches.load(Relaxed),
+            partitions_assigned: self.partitions_assigned.load(Relaxed),
+            partitions_revoked: self.partitions_revoked.load(Relaxed),
+            partitions_lost: self.partitions_lost.load(Relaxed),
         }
     }
 }
@@ -72,6 +94,9 @@ impl std::ops::Add for StatsSnapshot {
             batches: self.batches + b.batches,
             retries: self.retries + b.retries,
             abandoned_batches: self.abandoned_batches + b.abandoned_batches,
+            partitions_assigned: self.partitions_assigned + b.partitions_assigned,
+            partitions_revoked: self.partitions_revoked + b.partitions_revoked,
+            partitions_lost: self.partitions_lost + b.partitions_lost,
         }
     }
 }

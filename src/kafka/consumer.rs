@@ -71,8 +71,7 @@ pub fn consume(
 
     // Shutdown: give every partition up as a revoke would (drain, commit), then leave the group.
     shutdown.cancel();
-    let owned = consumer.context().owned();
-    consumer.context().revoke(&consumer, &owned, false);
+    consumer.context().shutdown(&consumer);
     consumer.unsubscribe();
     drop(consumer);
     tracing::info!("left the consumer group");

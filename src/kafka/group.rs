@@ -1,4 +1,6 @@
 //! Group membership: which partitions this replica owns, and what happens when that changes.
+//! The decisions are made by the pure state machine in [`super::membership`]; this module
+//! carries them out (workers, waiting, committing) from librdkafka's callbacks.
 //!
 //! librdkafka calls the rebalance callbacks on the thread that polls, which is a dedicated OS
 //! thread (see [`super::consumer`]), so blocking here to drain cannot starve the async runtime
@@ -15,7 +17,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::KafkaResult;
@@ -25,6 +27,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::domain::Delivery;
+use crate::kafka::membership::{Membership, Revocation};
 use crate::worker::{PartitionWorker, WorkerContext};
 
 /// Deliveries buffered per partition between the poll thread and its worker. When a worker
@@ -37,11 +40,15 @@ struct WorkerHandle {
     task: JoinHandle<()>,
 }
 
+struct State {
+    membership: Membership,
+    workers: BTreeMap<i32, WorkerHandle>,
+}
+
 pub struct GroupContext {
-    workers: Mutex<BTreeMap<i32, WorkerHandle>>,
+    state: Mutex<State>,
     ctx: WorkerContext,
     runtime: tokio::runtime::Handle,
-    drain_timeout: Duration,
     /// Parent of every worker's stop token: cancelled on shutdown.
     shutdown: CancellationToken,
 }
@@ -54,36 +61,40 @@ impl GroupContext {
         shutdown: CancellationToken,
     ) -> Self {
         GroupContext {
-            workers: Mutex::new(BTreeMap::new()),
+            state: Mutex::new(State {
+                membership: Membership::new(drain_timeout),
+                workers: BTreeMap::new(),
+            }),
             ctx,
             runtime,
-            drain_timeout,
             shutdown,
         }
     }
 
-    fn workers(&self) -> std::sync::MutexGuard<'_, BTreeMap<i32, WorkerHandle>> {
-        match self.workers.lock() {
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        match self.state.lock() {
             Ok(g) => g,
             Err(poisoned) => poisoned.into_inner(),
         }
     }
 
-    /// Where to send a partition's next delivery; `None` if the partition is not ours.
+    /// Where to send a partition's next delivery; `None` if it is not ours or is draining.
     pub fn sender(&self, partition: i32) -> Option<mpsc::Sender<Delivery>> {
-        self.workers().get(&partition).map(|w| w.deliveries.clone())
+        let state = self.state();
+        if !state.membership.accepts(partition) {
+            return None;
+        }
+        state.workers.get(&partition).map(|w| w.deliveries.clone())
     }
 
     pub fn owned(&self) -> Vec<i32> {
-        self.workers().keys().copied().collect()
+        self.state().membership.owned()
     }
 
     fn assign(&self, partitions: &[i32]) {
-        let mut workers = self.workers();
-        for &partition in partitions {
-            if workers.contains_key(&partition) {
-                continue;
-            }
+        let mut state = self.state();
+        let started = state.membership.assign(partitions);
+        for &partition in &started {
             let (tx, rx) = mpsc::channel(PARTITION_QUEUE);
             let stop = self.shutdown.child_token();
             self.ctx.offsets.assign(partition);
@@ -94,7 +105,7 @@ impl GroupContext {
                 ctx: self.ctx.clone(),
             };
             let task = self.runtime.spawn(worker.run());
-            workers.insert(
+            state.workers.insert(
                 partition,
                 WorkerHandle {
                     deliveries: tx,
@@ -103,29 +114,44 @@ impl GroupContext {
                 },
             );
         }
+        self.ctx.stats.record_assigned(started.len());
         tracing::info!(
-            assigned = ?partitions,
-            owned = ?workers.keys().collect::<Vec<_>>(),
+            assigned = ?started,
+            owned = ?state.membership.owned(),
             "partitions assigned"
         );
     }
 
-    /// Stops the workers of `partitions`, waits for them (bounded), and unless the partitions
-    /// were lost commits what they processed. Runs on the poll thread.
-    pub fn revoke(&self, consumer: &BaseConsumer<Self>, partitions: &[i32], lost: bool) {
-        let handles: Vec<(i32, WorkerHandle)> = {
-            let mut workers = self.workers();
+    /// Shutdown: every partition is given up as a revoke would (drain, commit).
+    pub fn shutdown(&self, consumer: &BaseConsumer<Self>) {
+        let revocation = self.state().membership.shutdown(Instant::now());
+        self.give_up(consumer, revocation);
+    }
+
+    /// Carries out a revocation on the poll thread: stop the partitions' workers, wait for
+    /// them until the deadline, then commit what they processed, unless the partitions were
+    /// lost.
+    fn give_up(&self, consumer: &BaseConsumer<Self>, revocation: Revocation) {
+        let Revocation {
+            partitions,
+            deadline,
+            commit,
+        } = revocation;
+        let mut tasks: Vec<JoinHandle<()>> = {
+            let mut state = self.state();
             partitions
                 .iter()
-                .filter_map(|p| workers.remove(p).map(|h| (*p, h)))
+                .filter_map(|p| state.workers.remove(p))
+                .map(|w| {
+                    // Each worker finishes the transaction it is in, then exits.
+                    w.stop.cancel();
+                    w.task
+                })
                 .collect()
         };
-        for (_, h) in &handles {
-            h.stop.cancel();
-        }
-        let mut tasks: Vec<JoinHandle<()>> = handles.into_iter().map(|(_, h)| h.task).collect();
         let drained = self.runtime.block_on(async {
-            tokio::time::timeout(self.drain_timeout, async {
+            let deadline = tokio::time::Instant::from_std(deadline);
+            tokio::time::timeout_at(deadline, async {
                 for task in tasks.iter_mut() {
                     let _ = task.await;
                 }
@@ -136,22 +162,18 @@ impl GroupContext {
         if !drained {
             // A transaction still running may yet commit; its events are then duplicates for
             // the next owner, never lost, because its offset is not committed here.
-            tracing::warn!(partitions = ?partitions, timeout = ?self.drain_timeout, "drain timed out; abandoning in-flight work");
+            tracing::warn!(partitions = ?partitions, "drain timed out; abandoning in-flight work");
             for task in &tasks {
                 task.abort();
             }
         }
         let mut tpl = TopicPartitionList::new();
-        for &p in partitions {
+        for &p in &partitions {
             if let Some(next) = self.ctx.offsets.remove(p) {
                 let _ = tpl.add_partition_offset(&self.ctx.topic, p, Offset::Offset(next));
             }
         }
-        if lost {
-            tracing::warn!(lost = ?partitions, owned = ?self.owned(), "partitions lost; their offsets are not committed");
-            return;
-        }
-        if tpl.count() > 0 {
+        if commit && tpl.count() > 0 {
             match consumer.commit(&tpl, CommitMode::Sync) {
                 Ok(()) => {
                     tracing::info!(offsets = ?offsets_of(&tpl), "committed offsets of revoked partitions")
@@ -161,7 +183,15 @@ impl GroupContext {
                 }
             }
         }
-        tracing::info!(revoked = ?partitions, owned = ?self.owned(), drained, "partitions revoked");
+        let mut state = self.state();
+        state.membership.drained();
+        if commit {
+            self.ctx.stats.record_revoked(partitions.len());
+            tracing::info!(revoked = ?partitions, owned = ?state.membership.owned(), drained, "partitions revoked");
+        } else {
+            self.ctx.stats.record_lost(partitions.len());
+            tracing::warn!(lost = ?partitions, owned = ?state.membership.owned(), drained, "partitions lost; their offsets are not committed");
+        }
     }
 
     /// Commits every processed offset not yet committed.
@@ -207,14 +237,26 @@ impl ConsumerContext for GroupContext {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Revoke(tpl) => {
-                self.revoke(consumer, &partitions_of(tpl), consumer.assignment_lost())
+                let partitions = partitions_of(tpl);
+                let mut state = self.state();
+                let revocation = if consumer.assignment_lost() {
+                    state.membership.lose(&partitions, Instant::now())
+                } else {
+                    state.membership.revoke(&partitions, Instant::now())
+                };
+                drop(state);
+                self.give_up(consumer, revocation);
             }
             Rebalance::Assign(_) => {}
             Rebalance::Error(e) => {
                 // librdkafka unassigns everything after a failed rebalance: whatever we own is
                 // no longer ours, so stop it without committing.
                 tracing::warn!(error = %e, "rebalance error; abandoning owned partitions");
-                self.revoke(consumer, &self.owned(), true);
+                let mut state = self.state();
+                let owned = state.membership.owned();
+                let revocation = state.membership.lose(&owned, Instant::now());
+                drop(state);
+                self.give_up(consumer, revocation);
             }
         }
     }

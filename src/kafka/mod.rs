@@ -4,5 +4,6 @@
 pub mod client;
 pub mod consumer;
 pub mod group;
+pub mod membership;
 pub mod offsets;
 pub mod producer;
