@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use crate::domain::{Batch, Delivery};
 use crate::kafka::offsets::OffsetTracker;
 use crate::stats::Stats;
-use crate::store::{Failure, Pool, apply_batch};
+use crate::store::{Failure, Pool, Source, apply_batch};
 
 /// Each distinct SKU of a batch holds one advisory lock until commit, and PostgreSQL's shared
 /// lock table holds `max_locks_per_transaction × max_connections` locks in all (6,400 with
@@ -31,7 +31,7 @@ const FIRST_BACKOFF: Duration = Duration::from_millis(50);
 /// What every worker of a process shares.
 #[derive(Clone)]
 pub struct WorkerContext {
-    pub topic: String,
+    pub source: Source,
     pub pool: Pool,
     pub batch_max_events: usize,
     pub linger: Duration,
@@ -100,7 +100,7 @@ impl PartitionWorker {
         let started = Instant::now();
         let mut backoff = FIRST_BACKOFF;
         loop {
-            match apply_batch(&self.ctx.pool, &self.ctx.topic, batch).await {
+            match apply_batch(&self.ctx.pool, &self.ctx.source, batch).await {
                 Ok(outcome) => {
                     self.ctx.stats.record_batch(&outcome);
                     // The effect is committed: now, and only now, the offset may advance.

@@ -70,7 +70,10 @@ async fn run(
 
     let (fatal_tx, mut fatal_rx) = mpsc::unbounded_channel();
     let ctx = WorkerContext {
-        topic: settings.kafka.topic.clone(),
+        source: store::Source {
+            group: settings.kafka.group_id.clone(),
+            topic: settings.kafka.topic.clone(),
+        },
         pool,
         batch_max_events: settings.processing.batch_max_events,
         linger: Duration::from_millis(settings.processing.batch_linger_ms),

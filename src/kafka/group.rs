@@ -6,8 +6,8 @@
 //! thread (see [`super::consumer`]), so blocking here to drain cannot starve the async runtime
 //! that the partition workers run on.
 //!
-//! - **assign**: start one worker per new partition; librdkafka fetches from the committed
-//!   offset.
+//! - **assign**: start each new partition where the database says it stands (the offset
+//!   recorded with its last batch, else Kafka's committed offset), one worker per partition.
 //! - **revoke**: stop dispatching to those partitions, tell their workers to stop (each finishes
 //!   the transaction it is in), wait for them up to the drain timeout, then commit their
 //!   processed offsets synchronously, before librdkafka gives the partitions up.
@@ -15,12 +15,13 @@
 //!   timeout): stop the workers the same way but commit nothing: the offsets are no longer ours,
 //!   and whatever we applied meanwhile is recognised as a duplicate by the new owner.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol};
 use rdkafka::error::KafkaResult;
+use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -28,11 +29,15 @@ use tokio_util::sync::CancellationToken;
 
 use crate::domain::Delivery;
 use crate::kafka::membership::{Membership, Revocation};
+use crate::store::load_offsets;
 use crate::worker::{PartitionWorker, WorkerContext};
 
 /// Deliveries buffered per partition between the poll thread and its worker. When a worker
 /// falls behind, the poll thread waits for room instead of buffering without limit.
 const PARTITION_QUEUE: usize = 2_000;
+
+/// Bound on reading the recorded offsets during an assignment (the group waits for us).
+const LOAD_OFFSETS_TIMEOUT: Duration = Duration::from_secs(5);
 
 struct WorkerHandle {
     deliveries: mpsc::Sender<Delivery>,
@@ -91,13 +96,19 @@ impl GroupContext {
         self.state().membership.owned()
     }
 
-    fn assign(&self, partitions: &[i32]) {
+    /// Starts workers for new partitions. `resumed` are the offsets they start from when the
+    /// database had them: they count as processed, so Kafka's committed offsets catch up
+    /// (lag monitoring) even before the first new batch.
+    fn assign(&self, partitions: &[i32], resumed: &HashMap<i32, i64>) {
         let mut state = self.state();
         let started = state.membership.assign(partitions);
         for &partition in &started {
             let (tx, rx) = mpsc::channel(PARTITION_QUEUE);
             let stop = self.shutdown.child_token();
             self.ctx.offsets.assign(partition);
+            if let Some(&next) = resumed.get(&partition) {
+                self.ctx.offsets.processed(partition, next);
+            }
             let worker = PartitionWorker {
                 partition,
                 deliveries: rx,
@@ -120,6 +131,42 @@ impl GroupContext {
             owned = ?state.membership.owned(),
             "partitions assigned"
         );
+    }
+
+    /// Sets each newly assigned partition's start to the offset recorded with its last batch,
+    /// which is never behind Kafka's committed offset and is there even when a commit on
+    /// revoke was refused. Without a record (or a database), Kafka's committed offset holds.
+    fn resume_from_database(
+        &self,
+        tpl: &mut TopicPartitionList,
+        partitions: &[i32],
+    ) -> HashMap<i32, i64> {
+        let loaded = self.runtime.block_on(async {
+            tokio::time::timeout(
+                LOAD_OFFSETS_TIMEOUT,
+                load_offsets(&self.ctx.pool, &self.ctx.source, partitions),
+            )
+            .await
+        });
+        match loaded {
+            Ok(Ok(offsets)) => {
+                for (&p, &next) in &offsets {
+                    let _ =
+                        tpl.set_partition_offset(&self.ctx.source.topic, p, Offset::Offset(next));
+                }
+                offsets
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "cannot read recorded offsets; starting from Kafka's committed offsets");
+                HashMap::new()
+            }
+            Err(_) => {
+                tracing::warn!(
+                    "reading recorded offsets timed out; starting from Kafka's committed offsets"
+                );
+                HashMap::new()
+            }
+        }
     }
 
     /// Shutdown: every partition is given up as a revoke would (drain, commit).
@@ -170,7 +217,7 @@ impl GroupContext {
         let mut tpl = TopicPartitionList::new();
         for &p in &partitions {
             if let Some(next) = self.ctx.offsets.remove(p) {
-                let _ = tpl.add_partition_offset(&self.ctx.topic, p, Offset::Offset(next));
+                let _ = tpl.add_partition_offset(&self.ctx.source.topic, p, Offset::Offset(next));
             }
         }
         if commit && tpl.count() > 0 {
@@ -202,7 +249,7 @@ impl GroupContext {
         }
         let mut tpl = TopicPartitionList::new();
         for (p, next) in pending {
-            let _ = tpl.add_partition_offset(&self.ctx.topic, p, Offset::Offset(next));
+            let _ = tpl.add_partition_offset(&self.ctx.source.topic, p, Offset::Offset(next));
         }
         if let Err(e) = consumer.commit(&tpl, mode) {
             tracing::warn!(error = %e, "offset commit failed; will retry");
@@ -234,36 +281,67 @@ fn offsets_of(tpl: &TopicPartitionList) -> Vec<(i32, Offset)> {
 impl ClientContext for GroupContext {}
 
 impl ConsumerContext for GroupContext {
-    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        match rebalance {
-            Rebalance::Revoke(tpl) => {
-                let partitions = partitions_of(tpl);
-                let mut state = self.state();
-                let revocation = if consumer.assignment_lost() {
-                    state.membership.lose(&partitions, Instant::now())
+    /// The whole rebalance path, on the poll thread. Replaces rust-rdkafka's default so that
+    /// an assignment can start where the database says the partition stands.
+    fn rebalance(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        err: RDKafkaRespErr,
+        tpl: &mut TopicPartitionList,
+    ) {
+        let cooperative = matches!(
+            consumer.rebalance_protocol(),
+            RebalanceProtocol::Cooperative
+        );
+        let partitions = partitions_of(tpl);
+        let handed_over = match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                let resumed = self.resume_from_database(tpl, &partitions);
+                let result = if cooperative {
+                    consumer.incremental_assign(tpl)
                 } else {
-                    state.membership.revoke(&partitions, Instant::now())
+                    consumer.assign(tpl)
                 };
-                drop(state);
-                self.give_up(consumer, revocation);
+                if result.is_ok() {
+                    self.assign(&partitions, &resumed);
+                }
+                result
             }
-            Rebalance::Assign(_) => {}
-            Rebalance::Error(e) => {
-                // librdkafka unassigns everything after a failed rebalance: whatever we own is
-                // no longer ours, so stop it without committing.
-                tracing::warn!(error = %e, "rebalance error; abandoning owned partitions");
-                let mut state = self.state();
-                let owned = state.membership.owned();
-                let revocation = state.membership.lose(&owned, Instant::now());
-                drop(state);
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                let revocation = {
+                    let mut state = self.state();
+                    if consumer.assignment_lost() {
+                        state.membership.lose(&partitions, Instant::now())
+                    } else {
+                        state.membership.revoke(&partitions, Instant::now())
+                    }
+                };
                 self.give_up(consumer, revocation);
+                if cooperative {
+                    consumer.incremental_unassign(tpl)
+                } else {
+                    consumer.unassign()
+                }
             }
-        }
-    }
-
-    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        if let Rebalance::Assign(tpl) = rebalance {
-            self.assign(&partitions_of(tpl));
+            other => {
+                // librdkafka expects everything unassigned after a failed rebalance: whatever
+                // we own is no longer ours, so stop it without committing.
+                tracing::warn!(error = ?other, "rebalance error; abandoning owned partitions");
+                let revocation = {
+                    let mut state = self.state();
+                    let owned = state.membership.owned();
+                    state.membership.lose(&owned, Instant::now())
+                };
+                self.give_up(consumer, revocation);
+                if cooperative {
+                    consumer.incremental_unassign(tpl)
+                } else {
+                    consumer.unassign()
+                }
+            }
+        };
+        if let Err(e) = handed_over {
+            tracing::error!(error = %e, "librdkafka refused the (un)assignment");
         }
     }
 

@@ -11,6 +11,7 @@
 //!    (`current_stock = current_stock + delta`, `version = version + changes`; the CHECK on
 //!    stock is the last line of defence) and inserts of first-restocked SKUs, the ledger, the
 //!    dead letters.
+//!    And the partition's next offset, in `partition_offsets`, where a new owner resumes.
 //! 5. Commit. Only after this returns may the caller let the partition's offset advance.
 //!
 //! Every statement is set-based over arrays (`unnest`), so a batch costs a fixed number of
@@ -24,6 +25,13 @@ use tokio_postgres::types::{ToSql, Type};
 use crate::domain::batch::ProductChange;
 use crate::domain::{Batch, StockBook};
 use crate::store::{Failure, Pool};
+
+/// Where a batch comes from: its partition's offsets are recorded under this group and topic.
+#[derive(Debug, Clone)]
+pub struct Source {
+    pub group: String,
+    pub topic: String,
+}
 
 /// What a committed batch did, for counters and logs.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -69,6 +77,17 @@ const INSERT_MOVEMENTS: &str = "
     INSERT INTO stock_movements (event_id, sku, delta, stock_after)
     SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[])";
 
+// Never moves back: a zombie's late batch cannot rewind a partition.
+const RECORD_OFFSET: &str = "
+    INSERT INTO partition_offsets AS o (consumer_group, topic, partition, next_offset)
+    VALUES ($1, $2, $3, $4)
+    ON CONFLICT (consumer_group, topic, partition) DO UPDATE
+        SET next_offset = greatest(o.next_offset, EXCLUDED.next_offset), updated_at = now()";
+
+const LOAD_OFFSETS: &str = "
+    SELECT partition, next_offset FROM partition_offsets
+    WHERE consumer_group = $1 AND topic = $2 AND partition = ANY($3::int[])";
+
 const INSERT_DEAD_LETTERS: &str = "
     INSERT INTO dead_letters (topic, partition, \"offset\", key, payload, error, detail)
     SELECT $1, $2, d.off, d.key, d.payload, d.error, d.detail
@@ -77,10 +96,15 @@ const INSERT_DEAD_LETTERS: &str = "
     ON CONFLICT (topic, partition, \"offset\") DO NOTHING";
 
 /// Applies one batch of one partition in one transaction; see the module doc for the steps.
-pub async fn apply_batch(pool: &Pool, topic: &str, batch: &Batch) -> Result<BatchOutcome, Failure> {
-    let Some(partition) = batch.partition() else {
+pub async fn apply_batch(
+    pool: &Pool,
+    source: &Source,
+    batch: &Batch,
+) -> Result<BatchOutcome, Failure> {
+    let (Some(partition), Some((_, last))) = (batch.partition(), batch.offsets()) else {
         return Ok(BatchOutcome::default());
     };
+    let topic = source.topic.as_str();
     let mut conn = pool.get().await?;
     let tx = conn.transaction().await?;
 
@@ -204,6 +228,16 @@ pub async fn apply_batch(pool: &Pool, topic: &str, batch: &Batch) -> Result<Batc
         )
         .await?;
     }
+    tx.execute_typed(
+        RECORD_OFFSET,
+        &[
+            (&source.group, Type::TEXT),
+            (&topic, Type::TEXT),
+            (&partition, Type::INT4),
+            (&(last + 1), Type::INT8),
+        ],
+    )
+    .await?;
     let outcome = BatchOutcome {
         applied: plan.count("applied"),
         rejected: plan.count("rejected"),
@@ -212,4 +246,28 @@ pub async fn apply_batch(pool: &Pool, topic: &str, batch: &Batch) -> Result<Batc
     };
     tx.commit().await?;
     Ok(outcome)
+}
+
+/// The recorded next offsets of `partitions` (absent: never processed by this group).
+pub async fn load_offsets(
+    pool: &Pool,
+    source: &Source,
+    partitions: &[i32],
+) -> Result<HashMap<i32, i64>, Failure> {
+    let conn = pool.get().await?;
+    let rows = conn
+        .query_typed(
+            LOAD_OFFSETS,
+            &[
+                (&source.group, Type::TEXT),
+                (&source.topic, Type::TEXT),
+                (&partitions, Type::INT4_ARRAY),
+            ],
+        )
+        .await?;
+    let mut offsets = HashMap::with_capacity(rows.len());
+    for row in rows {
+        offsets.insert(row.try_get::<_, i32>(0)?, row.try_get::<_, i64>(1)?);
+    }
+    Ok(offsets)
 }

@@ -10,7 +10,7 @@ use std::time::Duration;
 use bb8_postgres::PostgresConnectionManager;
 use tokio_postgres::NoTls;
 
-pub use apply::{BatchOutcome, apply_batch};
+pub use apply::{BatchOutcome, Source, apply_batch, load_offsets};
 pub use failure::Failure;
 
 use crate::config::DatabaseSettings;

@@ -1,6 +1,7 @@
 //! End-to-end tests: the real binary as separate processes, an embedded Kafka-protocol broker,
 //! a real PostgreSQL, and the database checked against an oracle of what was produced.
 
+mod group;
 mod support;
 
 use std::time::Duration;
@@ -17,7 +18,7 @@ const EXIT: Duration = Duration::from_secs(30);
 #[tokio::test(flavor = "multi_thread")]
 async fn single_replica_applies_a_workload_exactly_once() {
     let env = TestEnv::new(12).await;
-    let replica = env.replica("r1", &[]);
+    let mut replica = env.replica("r1", &[]);
     let expected = env.produce(&[
         "--events",
         "20000",
@@ -75,8 +76,8 @@ async fn single_replica_applies_a_workload_exactly_once() {
 #[tokio::test(flavor = "multi_thread")]
 async fn two_replicas_never_oversell() {
     let env = TestEnv::new(12).await;
-    let r1 = env.replica("r1", &[]);
-    let r2 = env.replica("r2", &[]);
+    let mut r1 = env.replica("r1", &[]);
+    let mut r2 = env.replica("r2", &[]);
     // Both must own partitions before the sales are sent, or one could do all the work.
     wait_until("both replicas to own partitions", SETTLE, || async {
         let (a, b) = (r1.owned(), r2.owned());
@@ -128,8 +129,8 @@ async fn two_replicas_never_oversell() {
 #[tokio::test(flavor = "multi_thread")]
 async fn multi_line_events_across_partitions_are_atomic_without_deadlock() {
     let env = TestEnv::new(12).await;
-    let r1 = env.replica("r1", &[("processing.batch_max_events", "20")]);
-    let r2 = env.replica("r2", &[("processing.batch_max_events", "20")]);
+    let mut r1 = env.replica("r1", &[("processing.batch_max_events", "20")]);
+    let mut r2 = env.replica("r2", &[("processing.batch_max_events", "20")]);
     let skus: Vec<String> = (0..12).map(|i| format!("M-{i}")).collect();
     let restocks: Vec<_> = skus
         .iter()
@@ -216,13 +217,14 @@ async fn multi_line_events_across_partitions_are_atomic_without_deadlock() {
     assert!(ok, "verify failed:\n{report}");
 }
 
-/// A replica that dies after its transactions committed but before any offset was committed:
-/// its successor reads everything again, and the redelivery changes nothing.
+/// A replica that dies after its transactions committed but before any Kafka offset commit:
+/// its successor resumes where the database says each partition stands (the offset recorded
+/// in the batch's own transaction), so nothing is redelivered and nothing changes.
 #[tokio::test(flavor = "multi_thread")]
 async fn crash_between_database_commit_and_offset_commit_changes_nothing() {
     let env = TestEnv::new(6).await;
-    // Offsets would be committed only after ten minutes: the kill always comes first.
-    let first = env.replica("first", &[("processing.commit_interval_ms", "600000")]);
+    // Kafka offsets would be committed only after ten minutes: the kill always comes first.
+    let mut first = env.replica("first", &[("processing.commit_interval_ms", "600000")]);
     let expected = env.produce(&["--events", "3000", "--skus", "200", "--seed", "9"]);
     wait_until("the workload to be applied", SETTLE, || async {
         env.db.settled().await == expected.events as i64
@@ -231,14 +233,14 @@ async fn crash_between_database_commit_and_offset_commit_changes_nothing() {
     assert_eq!(
         env.lag(),
         expected.messages as i64,
-        "no offset committed yet"
+        "no Kafka offset committed yet"
     );
     let stock_before = env.db.stock().await;
     first.kill();
 
-    let second = env.replica("second", &[]);
+    let mut second = env.replica("second", &[]);
     wait_until(
-        "the redelivery to be consumed and committed",
+        "the successor to commit the recorded offsets",
         SETTLE,
         || async { env.lag() == 0 },
     )
@@ -246,12 +248,58 @@ async fn crash_between_database_commit_and_offset_commit_changes_nothing() {
     let (status, stats) = second.terminate(EXIT);
     assert!(status.success());
     assert_eq!(
-        stats.duplicates, expected.messages,
-        "everything was redelivered and skipped"
+        (stats.applied, stats.rejected, stats.duplicates),
+        (0, 0, 0),
+        "the successor resumed exactly where the database stood"
     );
-    assert_eq!((stats.applied, stats.rejected), (0, 0));
     assert_eq!(env.db.stock().await, stock_before);
     assert_eq!(env.db.stock().await, expected.stock);
+    let (ok, report) = env.verify(Some(&expected));
+    assert!(ok, "verify failed:\n{report}");
+}
+
+/// Every message delivered again (a new consumer group replays the topic into the same
+/// database, as after an offset reset): each redelivered event is recognised as a duplicate
+/// and changes nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn replaying_the_topic_changes_nothing() {
+    let env = TestEnv::new(6).await;
+    let mut first = env.replica("first", &[]);
+    let expected = env.produce(&[
+        "--events",
+        "3000",
+        "--skus",
+        "200",
+        "--invalid",
+        "0.02",
+        "--seed",
+        "11",
+    ]);
+    wait_until("the workload to be applied", SETTLE, || async {
+        env.db.settled().await == (expected.events + expected.dead_letters) as i64
+    })
+    .await;
+    first.terminate(EXIT);
+    let stock_before = env.db.stock().await;
+
+    let mut replay = env.replica("replay", &[("kafka.group_id", "replay-group")]);
+    wait_until("the replay to be consumed", SETTLE, || async {
+        env.broker.lag("replay-group") == 0
+    })
+    .await;
+    let (status, stats) = replay.terminate(EXIT);
+    assert!(status.success());
+    assert_eq!((stats.applied, stats.rejected), (0, 0));
+    assert_eq!(
+        stats.duplicates, expected.events,
+        "every event was redelivered and skipped"
+    );
+    assert_eq!(
+        env.db.scalar("SELECT count(*) FROM dead_letters").await,
+        expected.dead_letters as i64,
+        "a redelivered bad message is kept once"
+    );
+    assert_eq!(env.db.stock().await, stock_before);
     let (ok, report) = env.verify(Some(&expected));
     assert!(ok, "verify failed:\n{report}");
 }

@@ -13,6 +13,7 @@ use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 
+use chrono::{DateTime, Utc};
 use inventory_consumer::embedded::replica::ReplicaProcess;
 use std::time::{Duration, Instant};
 
@@ -210,7 +211,10 @@ impl TestEnv {
         ];
         let process = ReplicaProcess::spawn(Path::new(BIN), name, self.dir.path(), &env, settings)
             .expect("starting a replica");
-        Replica { process }
+        Replica {
+            process,
+            killed_at: None,
+        }
     }
 
     /// Runs `produce` with `args` and returns the expectation it wrote.
@@ -232,6 +236,23 @@ impl TestEnv {
         );
         let text = std::fs::read_to_string(&expected).expect("reading the expectation");
         serde_json::from_str(&text).expect("parsing the expectation")
+    }
+
+    /// Starts `produce` with `args` as a background process (use `--rate` to make it last).
+    pub fn produce_in_background(&self, args: &[&str]) -> BackgroundProduce {
+        let expected = self.path(&format!("expected-{:08x}.json", rand::random::<u32>()));
+        let child = Command::new(BIN)
+            .arg("produce")
+            .args(args)
+            .arg("--quiet")
+            .arg("--expected-out")
+            .arg(&expected)
+            .env("KAFKA_BROKERS", &self.broker.bootstrap)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("starting produce");
+        BackgroundProduce { child, expected }
     }
 
     /// Sends JSON values as messages, one per line of a file; `random_keys` spreads them over
@@ -269,6 +290,26 @@ impl TestEnv {
     /// Messages not yet committed by the group, over all partitions.
     pub fn lag(&self) -> i64 {
         self.broker.lag(GROUP)
+    }
+}
+
+/// A `produce` process running while the test acts.
+pub struct BackgroundProduce {
+    child: Child,
+    expected: PathBuf,
+}
+
+impl BackgroundProduce {
+    /// Waits for the producer to finish and returns its expectation.
+    pub fn finish(self) -> Expectation {
+        let out = self.child.wait_with_output().expect("waiting for produce");
+        assert!(
+            out.status.success(),
+            "produce failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = std::fs::read_to_string(&self.expected).expect("reading the expectation");
+        serde_json::from_str(&text).expect("parsing the expectation")
     }
 }
 
@@ -355,6 +396,28 @@ impl Drop for Broker {
 /// A `run` process of the test.
 pub struct Replica {
     process: ReplicaProcess,
+    /// When the test killed it (its ownership ends there at the latest).
+    killed_at: Option<DateTime<Utc>>,
+}
+
+/// A stretch of time during which a replica owned a partition.
+#[derive(Debug, Clone)]
+pub struct Ownership {
+    pub replica: String,
+    pub partition: i32,
+    pub from: DateTime<Utc>,
+    pub until: Option<DateTime<Utc>>,
+}
+
+/// A committed batch, from a replica's log.
+#[derive(Debug, Clone)]
+pub struct BatchRecord {
+    pub replica: String,
+    pub partition: i32,
+    pub at: DateTime<Utc>,
+    pub first_offset: i64,
+    pub last_offset: i64,
+    pub duplicates: u64,
 }
 
 impl Replica {
@@ -368,22 +431,84 @@ impl Replica {
 
     /// The partitions the replica owns according to its latest assign/revoke log line.
     pub fn owned(&self) -> Vec<i32> {
-        self.log()
-            .lines()
+        self.log_entries()
+            .iter()
             .rev()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .find_map(|v| v.get("owned").and_then(|o| o.as_str()).map(str::to_owned))
-            .map(|o| {
-                o.trim_matches(|c| c == '[' || c == ']')
-                    .split(',')
-                    .filter_map(|p| p.trim().parse().ok())
-                    .collect()
-            })
+            .find(|e| e.get("owned").is_some())
+            .map(|e| partition_list(&e["owned"]))
             .unwrap_or_default()
     }
 
+    fn log_entries(&self) -> Vec<serde_json::Value> {
+        self.log()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    /// Ownership intervals from the replica's assign/revoke/lost log lines; an interval still
+    /// open ends when the test killed the replica, or stays open.
+    pub fn ownership(&self) -> Vec<Ownership> {
+        let mut open: BTreeMap<i32, DateTime<Utc>> = BTreeMap::new();
+        let mut done = Vec::new();
+        for e in self.log_entries() {
+            let (Some(message), Some(at)) = (e["message"].as_str(), timestamp(&e)) else {
+                continue;
+            };
+            let field = match message {
+                "partitions assigned" => "assigned",
+                "partitions revoked" => "revoked",
+                "partitions lost; their offsets are not committed" => "lost",
+                _ => continue,
+            };
+            for p in partition_list(&e[field]) {
+                if field == "assigned" {
+                    open.insert(p, at);
+                } else if let Some(from) = open.remove(&p) {
+                    done.push(self.interval(p, from, Some(at)));
+                }
+            }
+        }
+        for (p, from) in open {
+            done.push(self.interval(p, from, self.killed_at));
+        }
+        done
+    }
+
+    fn interval(
+        &self,
+        partition: i32,
+        from: DateTime<Utc>,
+        until: Option<DateTime<Utc>>,
+    ) -> Ownership {
+        Ownership {
+            replica: self.name().to_owned(),
+            partition,
+            from,
+            until,
+        }
+    }
+
+    /// Every batch the replica logged as committed.
+    pub fn batches(&self) -> Vec<BatchRecord> {
+        self.log_entries()
+            .iter()
+            .filter(|e| e["message"] == "batch committed")
+            .filter_map(|e| {
+                Some(BatchRecord {
+                    replica: self.name().to_owned(),
+                    partition: e["partition"].as_i64()? as i32,
+                    at: timestamp(e)?,
+                    first_offset: e["first_offset"].as_i64()?,
+                    last_offset: e["last_offset"].as_i64()?,
+                    duplicates: e["duplicates"].as_u64()?,
+                })
+            })
+            .collect()
+    }
+
     /// Sends SIGTERM and waits for the exit; returns the status and the printed counters.
-    pub fn terminate(mut self, timeout: Duration) -> (ExitStatus, StatsSnapshot) {
+    pub fn terminate(&mut self, timeout: Duration) -> (ExitStatus, StatsSnapshot) {
         let (status, stats) = self
             .process
             .terminate(timeout)
@@ -393,9 +518,59 @@ impl Replica {
         (status, stats)
     }
 
-    /// SIGKILL: no drain, no commit.
-    pub fn kill(mut self) {
+    /// SIGKILL: no drain, no commit. The replica's log stays readable.
+    pub fn kill(&mut self) {
         self.process.kill().expect("killing a replica");
+        self.killed_at = Some(Utc::now());
+    }
+}
+
+fn timestamp(entry: &serde_json::Value) -> Option<DateTime<Utc>> {
+    entry["timestamp"].as_str()?.parse::<DateTime<Utc>>().ok()
+}
+
+/// `"[0, 3, 5]"` (a Debug-formatted list in a JSON log field) as numbers.
+fn partition_list(field: &serde_json::Value) -> Vec<i32> {
+    field
+        .as_str()
+        .unwrap_or("")
+        .trim_matches(|c| c == '[' || c == ']')
+        .split(',')
+        .filter_map(|p| p.trim().parse().ok())
+        .collect()
+}
+
+/// Checks that no partition was owned by two replicas at once and that every batch was
+/// committed by a replica while it owned the batch's partition.
+pub fn assert_exclusive_ownership(replicas: &[&Replica]) {
+    let intervals: Vec<Ownership> = replicas.iter().flat_map(|r| r.ownership()).collect();
+    for a in &intervals {
+        for b in &intervals {
+            if a.replica == b.replica || a.partition != b.partition {
+                continue;
+            }
+            let a_before_b = a.until.is_some_and(|u| u <= b.from);
+            let b_before_a = b.until.is_some_and(|u| u <= a.from);
+            assert!(
+                a_before_b || b_before_a,
+                "partition {} owned by two replicas at once: {a:?} and {b:?}",
+                a.partition
+            );
+        }
+    }
+    for r in replicas {
+        for batch in r.batches() {
+            let covered = intervals.iter().any(|o| {
+                o.replica == batch.replica
+                    && o.partition == batch.partition
+                    && o.from <= batch.at
+                    && o.until.is_none_or(|u| batch.at <= u)
+            });
+            assert!(
+                covered,
+                "batch committed outside its replica's ownership: {batch:?}"
+            );
+        }
     }
 }
 
