@@ -1,8 +1,10 @@
 //! `demo`: the whole system on embedded defaults, in one command. It starts the embedded broker
 //! and a PostgreSQL (the one in `DATABASE_URL`, else a throwaway local cluster), runs N
-//! replicas as separate processes in one consumer group, produces a workload with duplicates
-//! and malformed messages, waits until every message has settled, stops the replicas
-//! gracefully, audits the database against the workload's oracle and prints a summary.
+//! replicas as separate processes in one consumer group, and produces a workload (with re-sent
+//! duplicates and malformed messages) at a fixed rate while the group changes under it: a
+//! replica joins, one leaves gracefully, one is killed, a replacement joins. Then it waits
+//! until every message has settled, stops the replicas gracefully, audits the database against
+//! the workload's oracle and prints a summary.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -16,28 +18,34 @@ use crate::cli::{Cli, EXIT_VERIFY_FAILED, runtime};
 use crate::config::Settings;
 use crate::embedded::broker::{BrokerOptions, EmbeddedBroker};
 use crate::embedded::postgres::{PostgresOptions, ThrowawayPostgres};
-use crate::embedded::replica::ReplicaProcess;
+use crate::embedded::replica::{LogSummary, ReplicaProcess};
 use crate::stats::StatsSnapshot;
 use crate::store::{self, audit};
 use crate::workload::{Generator, WorkloadSpec};
 
 #[derive(Debug, Args)]
 pub struct DemoArgs {
-    /// Replicas to run, each a separate process.
+    /// Replicas at the start, each a separate process.
     #[arg(long, default_value_t = 3)]
     pub replicas: usize,
     /// Distinct events in the workload.
-    #[arg(long, default_value_t = 50_000)]
+    #[arg(long, default_value_t = 60_000)]
     pub events: u64,
     /// SKU population.
     #[arg(long, default_value_t = 2_000)]
     pub skus: u64,
+    /// Messages per second the workload is produced at (0: as fast as possible).
+    #[arg(long, default_value_t = 4_000)]
+    pub rate: u64,
     /// Partitions of the topic.
     #[arg(long, default_value_t = 12)]
     pub partitions: i32,
-    /// Group protocol of the replicas: `consumer` (KIP-848) or `classic`.
+    /// Group protocol of the replicas: `consumer` (KIP-848) or `classic` (cooperative-sticky).
     #[arg(long, default_value = "consumer")]
     pub protocol: String,
+    /// Keep the group as it is (no joins, leaves or kills during the run).
+    #[arg(long)]
+    pub calm: bool,
     /// Where the replicas' logs go (default: a new directory under the system temp dir).
     #[arg(long, value_name = "DIR")]
     pub logs: Option<PathBuf>,
@@ -45,6 +53,21 @@ pub struct DemoArgs {
 
 const SETTLE_TIMEOUT: Duration = Duration::from_secs(600);
 const STOP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What happens to the group when this share of the workload has settled.
+#[derive(Debug, Clone, Copy)]
+enum Change {
+    Join,
+    Leave,
+    Kill,
+}
+
+const CHANGES: [(f64, Change); 4] = [
+    (0.20, Change::Join),
+    (0.40, Change::Leave),
+    (0.60, Change::Kill),
+    (0.70, Change::Join),
+];
 
 pub fn main(cli: &Cli, args: &DemoArgs) -> anyhow::Result<ExitCode> {
     crate::telemetry::init(None, "warn");
@@ -91,24 +114,41 @@ pub fn main(cli: &Cli, args: &DemoArgs) -> anyhow::Result<ExitCode> {
     rt.block_on(store::migrate::migrate(&database_url))?;
 
     let exe = std::env::current_exe().context("locating this executable")?;
-    let env = [
-        ("KAFKA_BROKERS", broker.bootstrap_servers()),
-        ("DATABASE_URL", database_url.as_str()),
-        ("INVENTORY_KAFKA__GROUP_PROTOCOL", args.protocol.as_str()),
-        ("INVENTORY_KAFKA__PROPERTIES__FETCH_QUEUE_BACKOFF_MS", "0"),
-        ("INVENTORY_LOG__FORMAT", "json"),
+    let mut env = vec![
+        ("KAFKA_BROKERS", broker.bootstrap_servers().to_owned()),
+        ("DATABASE_URL", database_url.clone()),
+        ("INVENTORY_KAFKA__GROUP_PROTOCOL", args.protocol.clone()),
+        (
+            "INVENTORY_KAFKA__PROPERTIES__FETCH_QUEUE_BACKOFF_MS",
+            "0".into(),
+        ),
+        ("INVENTORY_LOG__FORMAT", "json".into()),
+        (
+            "INVENTORY_LOG__LEVEL",
+            "info,inventory_consumer=debug".into(),
+        ),
     ];
-    let overrides: Vec<(&str, &str)> = cli
-        .overrides
-        .iter()
-        .map(|(k, v)| (k.as_str(), v.as_str()))
-        .collect();
-    let mut replicas = (1..=args.replicas)
-        .map(|i| ReplicaProcess::spawn(&exe, &format!("replica-{i}"), &logs, &env, &overrides))
-        .collect::<anyhow::Result<Vec<_>>>()?;
+    if args.protocol == "classic" {
+        // The mock cluster's classic rounds last about session.timeout.ms: keep it short.
+        env.push((
+            "INVENTORY_KAFKA__PROPERTIES__SESSION_TIMEOUT_MS",
+            "6000".into(),
+        ));
+        env.push(("INVENTORY_PROCESSING__DRAIN_TIMEOUT_MS", "4000".into()));
+    }
+    let mut group = Group {
+        exe,
+        logs: logs.clone(),
+        env,
+        overrides: cli.overrides.clone(),
+        replicas: Vec::new(),
+    };
+    for _ in 0..args.replicas {
+        group.start()?;
+    }
     step(&format!(
         "started {} replicas (logs in {})",
-        replicas.len(),
+        args.replicas,
         logs.display()
     ));
 
@@ -123,48 +163,57 @@ pub fn main(cli: &Cli, args: &DemoArgs) -> anyhow::Result<ExitCode> {
         id_prefix: format!("demo{:08x}", rand::random::<u32>()),
     };
     step(&format!(
-        "producing {} events over {} SKUs (5% re-sent duplicates, 1% malformed)",
-        spec.events, spec.skus
+        "producing {} events over {} SKUs at {} msg/s (5% re-sent duplicates, 1% malformed)",
+        spec.events, spec.skus, args.rate
     ));
     let started = Instant::now();
     let estimate = (spec.events as f64 * 1.06) as u64;
-    let expected = send(&settings, Generator::new(spec), estimate, 0, true)?;
+    let rate = args.rate;
+    let mut producer = Some(std::thread::spawn(move || {
+        send(&settings, Generator::new(spec), estimate, rate, false)
+    }));
 
-    let target = (expected.events + expected.dead_letters) as i64;
-    let settled = rt.block_on(async {
-        let db = store::connect(&database_url).await?;
-        let deadline = Instant::now() + SETTLE_TIMEOUT;
-        loop {
-            let done: i64 = db
-                .query_one(
-                    "SELECT (SELECT count(*) FROM processed_events) + (SELECT count(*) FROM dead_letters)",
-                    &[],
-                )
-                .await?
-                .try_get(0)?;
-            if done >= target || Instant::now() > deadline {
-                return Ok::<_, anyhow::Error>(done);
+    // Changes are paced by progress: each happens once its share of the workload settled.
+    let approx_total = estimate as f64;
+    let mut changes: Vec<(f64, Change)> = if args.calm {
+        Vec::new()
+    } else {
+        CHANGES.to_vec()
+    };
+    let db = rt.block_on(store::connect(&database_url))?;
+    let mut target = i64::MAX;
+    let mut expected = None;
+    let deadline = Instant::now() + SETTLE_TIMEOUT;
+    let settled = loop {
+        let done = rt.block_on(settled_messages(&db))?;
+        while let Some(&(share, change)) = changes.first() {
+            if (done as f64) < share * approx_total {
+                break;
             }
-            tokio::time::sleep(Duration::from_millis(200)).await;
+            changes.remove(0);
+            group.apply(change)?;
         }
-    })?;
+        if let Some(finished) = producer.take_if(|p| p.is_finished()) {
+            let e = finished
+                .join()
+                .map_err(|_| anyhow::anyhow!("the producer thread panicked"))??;
+            target = (e.events + e.dead_letters) as i64;
+            expected = Some(e);
+        }
+        if done >= target || Instant::now() > deadline {
+            break done;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let expected = expected.context("the producer did not finish")?;
     let elapsed = started.elapsed();
     step(&format!(
         "{settled} of {target} messages settled in {:.1}s",
         elapsed.as_secs_f64()
     ));
 
-    let mut total = StatsSnapshot::default();
-    for r in &mut replicas {
-        let (status, stats) = r.terminate(STOP_TIMEOUT)?;
-        let stats = stats.unwrap_or_default();
-        step(&format!(
-            "{} stopped ({status}): applied {}, rejected {}, duplicates {}, dead letters {}",
-            r.name, stats.applied, stats.rejected, stats.duplicates, stats.dead_letters
-        ));
-        total = total + stats;
-    }
-
+    let total = group.stop_all()?;
+    let logged = group.log_summary();
     let report = rt.block_on(async {
         let db = store::connect(&database_url).await?;
         audit::audit(&db, Some(&expected)).await
@@ -172,21 +221,33 @@ pub fn main(cli: &Cli, args: &DemoArgs) -> anyhow::Result<ExitCode> {
     println!();
     println!("summary");
     println!(
-        "  throughput        {:.0} events/s ({} messages in {:.1}s, {} replicas)",
-        expected.messages as f64 / elapsed.as_secs_f64(),
+        "  settled           {} messages in {:.1}s: {:.0} messages/s (produced at {}), {} replica processes",
         expected.messages,
         elapsed.as_secs_f64(),
-        args.replicas
+        expected.messages as f64 / elapsed.as_secs_f64(),
+        if args.rate == 0 {
+            "full speed".to_owned()
+        } else {
+            format!("{} msg/s", args.rate)
+        },
+        group.replicas.len()
     );
     println!(
-        "  outcomes          {} applied, {} rejected",
+        "  outcomes          {} applied, {} rejected (by replicas that exited gracefully)",
         total.applied, total.rejected
     );
     println!(
-        "  duplicates        {} skipped ({} injected by the producer)",
-        total.duplicates, expected.duplicates
+        "  duplicates        {} skipped according to the replicas' logs, {} injected by the producer",
+        logged.duplicates, expected.duplicates
     );
-    println!("  dead letters      {}", total.dead_letters);
+    println!("  dead letters      {}", expected.dead_letters);
+    println!(
+        "  rebalances        {} assignments, {} revocations, {} losses over {} replicas",
+        logged.assignments,
+        logged.revocations,
+        logged.losses,
+        group.replicas.len()
+    );
     for check in &report.checks {
         println!(
             "  {} {}: {}",
@@ -206,4 +267,92 @@ pub fn main(cli: &Cli, args: &DemoArgs) -> anyhow::Result<ExitCode> {
 
 fn step(text: &str) {
     eprintln!("demo: {text}");
+}
+
+async fn settled_messages(db: &tokio_postgres::Client) -> anyhow::Result<i64> {
+    Ok(db
+        .query_one(
+            "SELECT (SELECT count(*) FROM processed_events) + (SELECT count(*) FROM dead_letters)",
+            &[],
+        )
+        .await?
+        .try_get(0)?)
+}
+
+/// The replica processes of the demo, started and stopped as the scenario says.
+struct Group {
+    exe: PathBuf,
+    logs: PathBuf,
+    env: Vec<(&'static str, String)>,
+    overrides: Vec<(String, String)>,
+    replicas: Vec<ReplicaProcess>,
+}
+
+impl Group {
+    fn start(&mut self) -> anyhow::Result<()> {
+        let name = format!("replica-{}", self.replicas.len() + 1);
+        let env: Vec<(&str, &str)> = self.env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let overrides: Vec<(&str, &str)> = self
+            .overrides
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        self.replicas.push(ReplicaProcess::spawn(
+            &self.exe, &name, &self.logs, &env, &overrides,
+        )?);
+        Ok(())
+    }
+
+    /// The oldest replica still running.
+    fn oldest(&mut self) -> Option<&mut ReplicaProcess> {
+        self.replicas.iter_mut().find(|r| r.is_running())
+    }
+
+    fn apply(&mut self, change: Change) -> anyhow::Result<()> {
+        match change {
+            Change::Join => {
+                self.start()?;
+                step(&format!("replica-{} joins the group", self.replicas.len()));
+            }
+            Change::Leave => {
+                if let Some(r) = self.oldest() {
+                    let (status, _) = r.terminate(STOP_TIMEOUT)?;
+                    step(&format!("{} left gracefully (SIGTERM, {status})", r.name));
+                }
+            }
+            Change::Kill => {
+                if let Some(r) = self.oldest() {
+                    r.kill()?;
+                    step(&format!("{} was killed (SIGKILL)", r.name));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// SIGTERM to every running replica; returns the counters of all that exited gracefully.
+    fn stop_all(&mut self) -> anyhow::Result<StatsSnapshot> {
+        let mut total = StatsSnapshot::default();
+        for r in &mut self.replicas {
+            if r.is_running() {
+                let (status, _) = r.terminate(STOP_TIMEOUT)?;
+                step(&format!("{} stopped ({status})", r.name));
+            }
+            total = total + r.stats().unwrap_or_default();
+        }
+        Ok(total)
+    }
+
+    fn log_summary(&self) -> LogSummary {
+        self.replicas
+            .iter()
+            .map(ReplicaProcess::log_summary)
+            .fold(LogSummary::default(), |a, b| LogSummary {
+                batches: a.batches + b.batches,
+                duplicates: a.duplicates + b.duplicates,
+                assignments: a.assignments + b.assignments,
+                revocations: a.revocations + b.revocations,
+                losses: a.losses + b.losses,
+            })
+    }
 }

@@ -11,6 +11,16 @@ use nix::unistd::Pid;
 
 use crate::stats::StatsSnapshot;
 
+/// What a replica's log says it did; unlike its exit counters, available after a SIGKILL.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct LogSummary {
+    pub batches: u64,
+    pub duplicates: u64,
+    pub assignments: u64,
+    pub revocations: u64,
+    pub losses: u64,
+}
+
 pub struct ReplicaProcess {
     pub name: String,
     child: Option<Child>,
@@ -56,6 +66,28 @@ impl ReplicaProcess {
 
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Tallies the replica's JSON log (it must run with `log.format = json`; batch lines are
+    /// logged at debug level for `inventory_consumer`).
+    pub fn log_summary(&self) -> LogSummary {
+        let mut summary = LogSummary::default();
+        for line in self.log_text().lines() {
+            let Ok(entry) = serde_json::from_str::<serde_json::Value>(line) else {
+                continue;
+            };
+            match entry["message"].as_str().unwrap_or_default() {
+                "batch committed" => {
+                    summary.batches += 1;
+                    summary.duplicates += entry["duplicates"].as_u64().unwrap_or(0);
+                }
+                "partitions assigned" => summary.assignments += 1,
+                "partitions revoked" => summary.revocations += 1,
+                m if m.starts_with("partitions lost") => summary.losses += 1,
+                _ => {}
+            }
+        }
+        summary
     }
 
     /// SIGTERM, then waits up to `timeout` for the exit (SIGKILL after that). Returns the exit

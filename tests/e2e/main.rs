@@ -303,3 +303,29 @@ async fn replaying_the_topic_changes_nothing() {
     let (ok, report) = env.verify(Some(&expected));
     assert!(ok, "verify failed:\n{report}");
 }
+
+/// The README's "run it" command: the whole system on embedded defaults, with replicas
+/// joining, leaving and being killed, ends with a passing verdict.
+#[tokio::test(flavor = "multi_thread")]
+async fn demo_ends_with_a_passing_verdict() {
+    let db = support::TestDb::new().await;
+    let out = tokio::task::spawn_blocking(move || {
+        let out = std::process::Command::new(support::BIN)
+            .args(["demo", "--events", "20000", "--skus", "500", "--rate", "2500"])
+            .arg("--database-url")
+            .arg(&db.url)
+            .output()
+            .expect("running demo");
+        drop(db);
+        out
+    })
+    .await
+    .expect("joining");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("verdict: PASS"),
+        "demo failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("PASS stock equals oracle"), "{stdout}");
+}

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 
 use chrono::{DateTime, Utc};
-use inventory_consumer::embedded::replica::ReplicaProcess;
+use inventory_consumer::embedded::replica::{LogSummary, ReplicaProcess};
 use std::time::{Duration, Instant};
 
 use inventory_consumer::embedded::postgres::{PostgresOptions, ThrowawayPostgres};
@@ -487,6 +487,11 @@ impl Replica {
             from,
             until,
         }
+    }
+
+    /// What the replica's log says it did (batches, duplicates, rebalances).
+    pub fn log_summary(&self) -> LogSummary {
+        self.process.log_summary()
     }
 
     /// Every batch the replica logged as committed.
