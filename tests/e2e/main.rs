@@ -311,7 +311,9 @@ async fn demo_ends_with_a_passing_verdict() {
     let db = support::TestDb::new().await;
     let out = tokio::task::spawn_blocking(move || {
         let out = std::process::Command::new(support::BIN)
-            .args(["demo", "--events", "20000", "--skus", "500", "--rate", "2500"])
+            .args([
+                "demo", "--events", "20000", "--skus", "500", "--rate", "2500",
+            ])
             .arg("--database-url")
             .arg(&db.url)
             .output()
