@@ -1,0 +1,158 @@
+//! The operator's view of a replica: probes and metrics over HTTP.
+
+use std::time::Duration;
+
+use inventory_consumer::domain::lock_key;
+use serde_json::json;
+
+use crate::support::{TestEnv, http_get, metric, wait_until};
+
+const SETTLE: Duration = Duration::from_secs(120);
+const EXIT: Duration = Duration::from_secs(30);
+
+/// Metrics move as events are processed and as the group rebalances; both replicas become
+/// ready and stay live.
+#[tokio::test(flavor = "multi_thread")]
+async fn metrics_follow_processing_and_rebalances() {
+    let env = TestEnv::new(12).await;
+    let mut r1 = env.replica("r1", &[]);
+    let mut r2 = env.replica("r2", &[]);
+    let (a1, a2) = (r1.http_addr().await, r2.http_addr().await);
+    for addr in [&a1, &a2] {
+        wait_until("the replica to be ready", SETTLE, || async {
+            http_get(addr, "/readyz").0 == 200
+        })
+        .await;
+        assert_eq!(http_get(addr, "/livez").0, 200);
+    }
+    wait_until("both replicas to own partitions", SETTLE, || async {
+        let (x, y) = (r1.owned(), r2.owned());
+        !x.is_empty() && !y.is_empty() && x.len() + y.len() == 12
+    })
+    .await;
+
+    let expected = env.produce(&[
+        "--events",
+        "5000",
+        "--skus",
+        "300",
+        "--duplicates",
+        "0.05",
+        "--invalid",
+        "0.02",
+        "--seed",
+        "5",
+    ]);
+    wait_until("every message to settle", SETTLE, || async {
+        env.db.settled().await == (expected.events + expected.dead_letters) as i64
+    })
+    .await;
+    let scrape = || {
+        [&a1, &a2]
+            .iter()
+            .map(|a| http_get(a, "/metrics").1)
+            .collect::<Vec<_>>()
+    };
+    let total = |texts: &[String], name: &str, labels: &[&str]| -> f64 {
+        texts.iter().map(|t| metric(t, name, labels)).sum()
+    };
+    let texts = scrape();
+    assert_eq!(
+        total(&texts, "inventory_events_total", &["outcome=\"applied\""]),
+        expected.applied as f64
+    );
+    assert_eq!(
+        total(&texts, "inventory_events_total", &["outcome=\"rejected\""]),
+        expected.rejected as f64
+    );
+    assert_eq!(
+        total(&texts, "inventory_duplicates_skipped_total", &[]),
+        expected.duplicates as f64
+    );
+    assert_eq!(
+        total(&texts, "inventory_dead_letters_total", &[]),
+        expected.dead_letters as f64
+    );
+    assert_eq!(total(&texts, "inventory_assigned_partitions", &[]), 12.0);
+    assert!(total(&texts, "inventory_apply_duration_seconds_count", &[]) > 0.0);
+    assert!(total(&texts, "inventory_advisory_lock_wait_seconds_count", &[]) > 0.0);
+    assert!(total(&texts, "inventory_batch_size_sum", &[]) >= expected.messages as f64);
+    wait_until("committed offsets to be exported", SETTLE, || async {
+        let texts = scrape();
+        total(&texts, "inventory_partition_committed_offset", &[]) >= expected.messages as f64
+    })
+    .await;
+    let revokes_before = total(&texts, "inventory_rebalances_total", &["kind=\"revoke\""]);
+
+    // A third replica joins: the others give partitions up, and the metrics say so.
+    let mut r3 = env.replica("r3", &[]);
+    wait_until("the third replica to own partitions", SETTLE, || async {
+        !r3.owned().is_empty()
+    })
+    .await;
+    wait_until("the revocations to show in the metrics", SETTLE, || async {
+        let texts = scrape();
+        total(&texts, "inventory_rebalances_total", &["kind=\"revoke\""]) > revokes_before
+            && total(&texts, "inventory_assigned_partitions", &[]) < 12.0
+    })
+    .await;
+    for r in [&mut r1, &mut r2, &mut r3] {
+        assert!(r.terminate(EXIT).0.success());
+    }
+}
+
+/// `/readyz` turns 503 as soon as a SIGTERM starts the drain, while the in-flight batch is
+/// still waiting (here for an advisory lock the test holds), and the replica still exits 0
+/// once the batch is through.
+#[tokio::test(flavor = "multi_thread")]
+async fn readiness_is_503_while_draining() {
+    let env = TestEnv::new(3).await;
+    let mut r = env.replica("r1", &[("database.lock_timeout_ms", "60000")]);
+    let addr = r.http_addr().await;
+    wait_until("the replica to be ready", SETTLE, || async {
+        http_get(&addr, "/readyz").0 == 200
+    })
+    .await;
+
+    // Hold the SKU's lock in our own session: the replica's batch will wait for it.
+    let blocker = env.db.client().await;
+    blocker
+        .execute("SELECT pg_advisory_lock($1)", &[&lock_key("HELD-1")])
+        .await
+        .expect("taking the lock");
+    env.produce_json(
+        &[json!({"event_id": "held-restock", "type": "restock", "sku": "HELD-1", "quantity": 5})],
+        false,
+    );
+    wait_until(
+        "the replica's batch to wait for the lock",
+        SETTLE,
+        || async {
+            env.db
+                .scalar("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted")
+                .await
+                == 1
+        },
+    )
+    .await;
+
+    nix::sys::signal::kill(r.pid(), nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
+    wait_until("/readyz to report the drain", SETTLE, || async {
+        http_get(&addr, "/readyz").0 == 503
+    })
+    .await;
+    assert!(http_get(&addr, "/readyz").1.contains("draining"));
+    assert_eq!(http_get(&addr, "/livez").0, 200, "draining is not dead");
+
+    blocker
+        .execute("SELECT pg_advisory_unlock($1)", &[&lock_key("HELD-1")])
+        .await
+        .expect("releasing the lock");
+    let (status, stats) = r.wait_exit(EXIT);
+    assert!(status.success(), "{status}");
+    assert_eq!(
+        stats.applied, 1,
+        "the in-flight batch finished during the drain"
+    );
+    assert_eq!(env.db.stock().await["HELD-1"], 5);
+}
