@@ -156,3 +156,114 @@ async fn readiness_is_503_while_draining() {
     );
     assert_eq!(env.db.stock().await["HELD-1"], 5);
 }
+
+/// The Procfile, started with honcho: the embedded broker and three replicas come up and share
+/// the partitions, then stop together. Needs honcho (`pip install honcho`, or `HONCHO=path`):
+/// CI installs it; elsewhere the test says it is skipped.
+#[tokio::test(flavor = "multi_thread")]
+async fn procfile_runs_a_group_with_honcho() {
+    let Some(honcho) = find_honcho() else {
+        eprintln!(
+            "SKIPPED: honcho not found (pip install honcho, or set HONCHO); CI runs this test"
+        );
+        return;
+    };
+    let db = crate::support::TestDb::new().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let procfile = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("Procfile");
+    let out_path = dir.path().join("honcho.out");
+    let child = std::process::Command::new(&honcho)
+        .arg("start")
+        .arg("-f")
+        .arg(&procfile)
+        .arg("-d")
+        .arg(dir.path())
+        .current_dir(dir.path())
+        // honcho is Python: without this its output reaches the file only in blocks.
+        .env("PYTHONUNBUFFERED", "1")
+        .env("INVENTORY_BIN", crate::support::BIN)
+        .env("DATABASE_URL", &db.url)
+        .env("INVENTORY_LOG__FORMAT", "json")
+        .env("INVENTORY_KAFKA__GROUP_PROTOCOL", "consumer")
+        .stdout(std::fs::File::create(&out_path).expect("output file"))
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("starting honcho");
+    // Stopped even if an assertion fails: honcho would otherwise outlive the test.
+    let mut honcho = Stopper(child);
+
+    // honcho prefixes each line with its process name: `09:48:23 replica2.1 | {json}`.
+    let owned_by = |name: &str| -> usize {
+        let text = std::fs::read_to_string(&out_path).unwrap_or_default();
+        text.lines()
+            .rev()
+            .filter(|l| l.contains(&format!(" {name}.")) && l.contains("\"owned\""))
+            .filter_map(|l| l.split_once("| ").map(|(_, json)| json.to_owned()))
+            .find_map(|json| serde_json::from_str::<serde_json::Value>(&json).ok())
+            .map(|e| {
+                e["owned"]
+                    .as_str()
+                    .unwrap_or("")
+                    .trim_matches(|c| c == '[' || c == ']')
+                    .split(',')
+                    .filter(|p| !p.trim().is_empty())
+                    .count()
+            })
+            .unwrap_or(0)
+    };
+    let shared = || {
+        let counts: Vec<usize> = ["replica1", "replica2", "replica3"]
+            .iter()
+            .map(|r| owned_by(r))
+            .collect();
+        counts.iter().all(|c| *c > 0) && counts.iter().sum::<usize>() == 12
+    };
+    let deadline = std::time::Instant::now() + SETTLE;
+    while !shared() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the replicas did not share the partitions; honcho's output:\n{}",
+            std::fs::read_to_string(&out_path).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let status = honcho.stop();
+    let text = std::fs::read_to_string(&out_path).unwrap_or_default();
+    assert_eq!(
+        text.matches("\"message\":\"left the consumer group\"")
+            .count(),
+        3,
+        "every replica left gracefully ({status}):\n{text}"
+    );
+    drop(db);
+}
+
+/// A process that gets SIGTERM and is waited for when dropped.
+struct Stopper(std::process::Child);
+
+impl Stopper {
+    fn stop(&mut self) -> std::process::ExitStatus {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.0.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        self.0.wait().expect("waiting for the process")
+    }
+}
+
+impl Drop for Stopper {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            self.stop();
+        }
+    }
+}
+
+fn find_honcho() -> Option<std::path::PathBuf> {
+    if let Some(path) = std::env::var_os("HONCHO").map(std::path::PathBuf::from) {
+        return path.is_file().then_some(path);
+    }
+    std::env::split_paths(&std::env::var_os("PATH")?)
+        .map(|dir| dir.join("honcho"))
+        .find(|p| p.is_file())
+}
