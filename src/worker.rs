@@ -14,7 +14,6 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::time::{Instant, sleep, sleep_until};
 use tokio_util::sync::CancellationToken;
-use tracing::Instrument;
 
 use crate::domain::{Batch, Delivery};
 use crate::kafka::offsets::OffsetTracker;
@@ -57,13 +56,7 @@ impl PartitionWorker {
             if self.stop.is_cancelled() {
                 break;
             }
-            let span = tracing::info_span!(
-                "batch",
-                topic = %self.ctx.source.topic,
-                partition = self.partition,
-                offsets = ?batch.offsets(),
-            );
-            match self.apply_with_retry(&batch).instrument(span).await {
+            match self.apply_with_retry(&batch).await {
                 Ok(()) => {}
                 Err(Some(fatal)) => {
                     let _ = self.ctx.fatal.send(fatal);
