@@ -267,6 +267,19 @@ impl GroupContext {
     }
 }
 
+/// Hands `tpl` back to librdkafka: incrementally, or (eager) the whole assignment.
+fn unassign(
+    consumer: &BaseConsumer<GroupContext>,
+    tpl: &TopicPartitionList,
+    cooperative: bool,
+) -> KafkaResult<()> {
+    if cooperative {
+        consumer.incremental_unassign(tpl)
+    } else {
+        consumer.unassign()
+    }
+}
+
 fn partitions_of(tpl: &TopicPartitionList) -> Vec<i32> {
     tpl.elements().iter().map(|e| e.partition()).collect()
 }
@@ -317,11 +330,7 @@ impl ConsumerContext for GroupContext {
                     }
                 };
                 self.give_up(consumer, revocation);
-                if cooperative {
-                    consumer.incremental_unassign(tpl)
-                } else {
-                    consumer.unassign()
-                }
+                unassign(consumer, tpl, cooperative)
             }
             other => {
                 // librdkafka expects everything unassigned after a failed rebalance: whatever
@@ -333,11 +342,7 @@ impl ConsumerContext for GroupContext {
                     state.membership.lose(&owned, Instant::now())
                 };
                 self.give_up(consumer, revocation);
-                if cooperative {
-                    consumer.incremental_unassign(tpl)
-                } else {
-                    consumer.unassign()
-                }
+                unassign(consumer, tpl, cooperative)
             }
         };
         if let Err(e) = handed_over {

@@ -219,23 +219,7 @@ impl TestEnv {
 
     /// Runs `produce` with `args` and returns the expectation it wrote.
     pub fn produce(&self, args: &[&str]) -> Expectation {
-        let expected = self.path(&format!("expected-{:08x}.json", rand::random::<u32>()));
-        let out = Command::new(BIN)
-            .arg("produce")
-            .args(args)
-            .arg("--quiet")
-            .arg("--expected-out")
-            .arg(&expected)
-            .env("KAFKA_BROKERS", &self.broker.bootstrap)
-            .output()
-            .expect("running produce");
-        assert!(
-            out.status.success(),
-            "produce failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let text = std::fs::read_to_string(&expected).expect("reading the expectation");
-        serde_json::from_str(&text).expect("parsing the expectation")
+        self.produce_in_background(args).finish()
     }
 
     /// Starts `produce` with `args` as a background process (use `--rate` to make it last).
