@@ -7,6 +7,7 @@ RUN cargo build --release --locked && strip target/release/inventory-consumer
 # Runtime: no shell needed; the binary is the entry point.
 FROM gcr.io/distroless/cc-debian12:nonroot
 COPY --from=build /src/target/release/inventory-consumer /usr/local/bin/inventory-consumer
-USER nonroot
+# distroless "nonroot": numeric, so that runAsNonRoot can verify it
+USER 65532:65532
 ENTRYPOINT ["/usr/local/bin/inventory-consumer"]
 CMD ["run"]

@@ -376,6 +376,12 @@ impl Settings {
         out
     }
 
+    /// Whether rebalances are incremental: KIP-848, or a cooperative classic strategy.
+    pub fn incremental_rebalancing(&self) -> bool {
+        self.kafka.group_protocol == GroupProtocol::Consumer
+            || self.kafka.assignment_strategy.contains("cooperative")
+    }
+
     pub fn drain_timeout(&self) -> Duration {
         Duration::from_millis(self.processing.drain_timeout_ms)
     }

@@ -10,6 +10,7 @@
 //!   committed only after the database commit that holds their effect.
 //! - [`embedded`] runs what development and tests need locally: librdkafka's mock cluster and
 //!   a throwaway PostgreSQL.
+//! - [`http`] serves the probes and [`metrics`] per replica.
 //! - [`cli`] holds one module per subcommand; `main.rs` only parses and hands off.
 #![deny(clippy::unwrap_used, clippy::expect_used)]
 
@@ -17,7 +18,9 @@ pub mod cli;
 pub mod config;
 pub mod domain;
 pub mod embedded;
+pub mod http;
 pub mod kafka;
+pub mod metrics;
 pub mod signals;
 pub mod stats;
 pub mod store;

@@ -1,10 +1,12 @@
 //! Per-process counters of what the pipeline did. `run` prints them as one JSON line on stdout
-//! when it exits, which is how tests and the demo count duplicates and redeliveries.
+//! when it exits, which is how tests and the demo count duplicates and redeliveries; each is
+//! also exported as a Prometheus metric (see [`crate::metrics`]).
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use serde::Serialize;
 
+use crate::metrics as m;
 use crate::store::BatchOutcome;
 
 #[derive(Debug, Default)]
@@ -39,6 +41,10 @@ pub struct StatsSnapshot {
 
 impl Stats {
     pub fn record_batch(&self, o: &BatchOutcome) {
+        metrics::counter!(m::EVENTS, "outcome" => "applied").increment(o.applied);
+        metrics::counter!(m::EVENTS, "outcome" => "rejected").increment(o.rejected);
+        metrics::counter!(m::DUPLICATES).increment(o.duplicates);
+        metrics::counter!(m::DEAD_LETTERS).increment(o.dead_letters);
         self.applied.fetch_add(o.applied, Relaxed);
         self.rejected.fetch_add(o.rejected, Relaxed);
         self.duplicates.fetch_add(o.duplicates, Relaxed);
@@ -47,6 +53,7 @@ impl Stats {
     }
 
     pub fn record_retry(&self) {
+        metrics::counter!(m::RETRIES).increment(1);
         self.retries.fetch_add(1, Relaxed);
     }
 
@@ -55,14 +62,17 @@ impl Stats {
     }
 
     pub fn record_assigned(&self, n: usize) {
+        metrics::counter!(m::REBALANCES, "kind" => "assign").increment(1);
         self.partitions_assigned.fetch_add(n as u64, Relaxed);
     }
 
     pub fn record_revoked(&self, n: usize) {
+        metrics::counter!(m::REBALANCES, "kind" => "revoke").increment(1);
         self.partitions_revoked.fetch_add(n as u64, Relaxed);
     }
 
     pub fn record_lost(&self, n: usize) {
+        metrics::counter!(m::REBALANCES, "kind" => "lost").increment(1);
         self.partitions_lost.fetch_add(n as u64, Relaxed);
     }
 

@@ -100,8 +100,12 @@ impl PartitionWorker {
         let started = Instant::now();
         let mut backoff = FIRST_BACKOFF;
         loop {
+            let attempt = Instant::now();
             match apply_batch(&self.ctx.pool, &self.ctx.source, batch).await {
                 Ok(outcome) => {
+                    metrics::histogram!(crate::metrics::APPLY_SECONDS)
+                        .record(attempt.elapsed().as_secs_f64());
+                    metrics::histogram!(crate::metrics::BATCH_SIZE).record(batch.len() as f64);
                     self.ctx.stats.record_batch(&outcome);
                     // The effect is committed: now, and only now, the offset may advance.
                     self.ctx.offsets.processed(self.partition, last + 1);

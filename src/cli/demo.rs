@@ -127,6 +127,8 @@ pub fn main(cli: &Cli, args: &DemoArgs) -> anyhow::Result<ExitCode> {
             "INVENTORY_LOG__LEVEL",
             "info,inventory_consumer=debug".into(),
         ),
+        // Each replica serves its probes and metrics on a free port (logged at start-up).
+        ("INVENTORY_HTTP__ADDR", "127.0.0.1:0".into()),
     ];
     if args.protocol == "classic" {
         // The mock cluster's classic rounds last about session.timeout.ms: keep it short.

@@ -2,17 +2,20 @@
 //! SIGINT (drain, commit, leave the group, exit 0) or a fatal failure (exit 3). A second signal
 //! exits at once. On exit it prints its counters as one JSON line on stdout.
 
+use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
+use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::cli::{EXIT_RUNTIME, runtime};
 use crate::config::{Settings, describe_database};
+use crate::http::Health;
 use crate::kafka::consumer::consume;
 use crate::kafka::offsets::OffsetTracker;
 use crate::stats::Stats;
@@ -30,8 +33,9 @@ pub fn main(settings: Settings, args: &RunArgs) -> anyhow::Result<ExitCode> {
     let shutdown = CancellationToken::new();
     crate::signals::on_termination(shutdown.clone())?;
     let rt = runtime()?;
+    let metrics = crate::metrics::install()?;
     let stats = Arc::new(Stats::default());
-    let outcome = rt.block_on(run(settings, args, shutdown, stats.clone()));
+    let outcome = rt.block_on(run(settings, args, shutdown, stats.clone(), metrics));
     println!("{}", serde_json::to_string(&stats.snapshot())?);
     match outcome {
         Ok(()) => Ok(ExitCode::SUCCESS),
@@ -51,8 +55,16 @@ async fn run(
     args: &RunArgs,
     shutdown: CancellationToken,
     stats: Arc<Stats>,
+    metrics: PrometheusHandle,
 ) -> anyhow::Result<()> {
     let db = &settings.database;
+    let health = Arc::new(Health::default());
+    // The server outlives the drain (so /readyz can say 503) and stops with the process.
+    let addr: SocketAddr = settings.http.addr.parse().context("http.addr")?;
+    let bound = crate::http::serve(addr, health.clone(), metrics, CancellationToken::new())
+        .await
+        .with_context(|| format!("serving HTTP on {addr}"))?;
+    tracing::info!(addr = %bound, "HTTP endpoints listening (/livez, /readyz, /metrics)");
     tracing::info!(database = %describe_database(&db.url), brokers = %settings.kafka.brokers, "starting replica");
     if db.migrate && !args.no_migrate {
         store::migrate::migrate(&db.url)
@@ -66,6 +78,7 @@ async fn run(
             .await
             .context("connecting to the database")?,
     );
+    health.database_reachable(true);
     let pool = store::pool(db).await?;
 
     let (fatal_tx, mut fatal_rx) = mpsc::unbounded_channel();
@@ -84,10 +97,11 @@ async fn run(
         fatal: fatal_tx,
     };
     let runtime = tokio::runtime::Handle::current();
+    let drain_timeout = settings.drain_timeout();
     let poll_shutdown = shutdown.clone();
     let poller = std::thread::Builder::new()
         .name("kafka-poll".into())
-        .spawn(move || consume(&settings, ctx, runtime, poll_shutdown))
+        .spawn(move || consume(&settings, ctx, health, runtime, poll_shutdown))
         .context("starting the poll thread")?;
 
     let fatal = tokio::select! {
@@ -97,9 +111,15 @@ async fn run(
     if fatal.is_some() {
         shutdown.cancel();
     }
-    let polled = tokio::task::spawn_blocking(move || poller.join())
-        .await
-        .context("waiting for the poll thread")?;
+    // Bounded: a librdkafka close that hangs must not keep a replica from exiting.
+    let stop_limit = drain_timeout + Duration::from_secs(30);
+    let polled = tokio::time::timeout(
+        stop_limit,
+        tokio::task::spawn_blocking(move || poller.join()),
+    )
+    .await
+    .map_err(|_| anyhow::anyhow!("the consumer did not stop within {stop_limit:?}"))?
+    .context("waiting for the poll thread")?;
     // A worker may have failed fatally while draining: that must not end in exit 0.
     let fatal = fatal.or_else(|| fatal_rx.try_recv().ok());
     match (fatal, polled) {

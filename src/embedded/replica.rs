@@ -99,6 +99,14 @@ impl ReplicaProcess {
         if let Some(pid) = self.pid() {
             let _ = kill(pid, Signal::SIGTERM);
         }
+        self.wait_exit(timeout)
+    }
+
+    /// Waits up to `timeout` for an exit already under way (SIGKILL after that).
+    pub fn wait_exit(
+        &mut self,
+        timeout: Duration,
+    ) -> anyhow::Result<(ExitStatus, Option<StatsSnapshot>)> {
         let status = self.wait(timeout)?;
         Ok((status, self.stats()))
     }

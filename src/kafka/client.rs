@@ -16,6 +16,8 @@ pub fn consumer_config(settings: &Settings) -> ClientConfig {
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
         .set("enable.partition.eof", "false")
+        // Feeds the per-partition lag metric.
+        .set("statistics.interval.ms", "5000")
         .set("client.id", client_id());
     match k.group_protocol {
         GroupProtocol::Classic => {

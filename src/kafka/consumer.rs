@@ -4,6 +4,7 @@
 //! It runs on a dedicated OS thread, never on the async runtime: librdkafka runs the rebalance
 //! callbacks inside `poll`, and those block while the revoked partitions drain.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rdkafka::Message;
@@ -13,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Settings;
 use crate::domain::Delivery;
+use crate::http::Health;
 use crate::kafka::client::consumer_config;
 use crate::kafka::group::GroupContext;
 use crate::worker::WorkerContext;
@@ -20,15 +22,26 @@ use crate::worker::WorkerContext;
 /// How long one `poll` may block: also how quickly a shutdown request is noticed.
 const POLL_INTERVAL: Duration = Duration::from_millis(100);
 
+/// How long leaving the group may take before the consumer is closed regardless.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Consumes until `shutdown` is cancelled; returns an error only for a fatal Kafka failure.
 /// Blocking: call it on its own thread.
 pub fn consume(
     settings: &Settings,
     ctx: WorkerContext,
+    health: Arc<Health>,
     runtime: tokio::runtime::Handle,
     shutdown: CancellationToken,
 ) -> Result<(), KafkaError> {
-    let group = GroupContext::new(ctx, runtime, settings.drain_timeout(), shutdown.clone());
+    let group = GroupContext::new(
+        ctx,
+        health.clone(),
+        settings.incremental_rebalancing(),
+        runtime,
+        settings.drain_timeout(),
+        shutdown.clone(),
+    );
     let consumer: BaseConsumer<GroupContext> =
         consumer_config(settings).create_with_context(group)?;
     consumer.subscribe(&[&settings.kafka.topic])?;
@@ -43,6 +56,7 @@ pub fn consume(
     let mut last_commit = Instant::now();
     let mut result = Ok(());
     while !shutdown.is_cancelled() {
+        health.polled();
         match consumer.poll(POLL_INTERVAL) {
             Some(Ok(message)) => {
                 let delivery = Delivery {
@@ -73,6 +87,12 @@ pub fn consume(
     shutdown.cancel();
     consumer.context().shutdown(&consumer);
     consumer.unsubscribe();
+    // Serve the unsubscribe's own rebalance before dropping: a rebalance event left unpolled
+    // can hang the close that drop performs (librdkafka #4884).
+    let deadline = Instant::now() + CLOSE_TIMEOUT;
+    while Instant::now() < deadline && consumer.assignment().is_ok_and(|a| a.count() > 0) {
+        let _ = consumer.poll(POLL_INTERVAL);
+    }
     drop(consumer);
     tracing::info!("left the consumer group");
     result

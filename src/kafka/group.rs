@@ -16,18 +16,19 @@
 //!   and whatever we applied meanwhile is recognised as a duplicate by the new owner.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
 use rdkafka::error::KafkaResult;
 use rdkafka::types::RDKafkaRespErr;
-use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use rdkafka::{ClientContext, Offset, Statistics, TopicPartitionList};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::domain::Delivery;
+use crate::http::Health;
 use crate::kafka::membership::{Membership, Revocation};
 use crate::store::load_offsets;
 use crate::worker::{PartitionWorker, WorkerContext};
@@ -53,6 +54,11 @@ struct State {
 pub struct GroupContext {
     state: Mutex<State>,
     ctx: WorkerContext,
+    health: Arc<Health>,
+    /// Incremental (un)assignment: KIP-848 or a cooperative classic strategy. Known from the
+    /// configuration, because asking librdkafka inside a callback can hang during close
+    /// (librdkafka #4041).
+    cooperative: bool,
     runtime: tokio::runtime::Handle,
     /// Parent of every worker's stop token: cancelled on shutdown.
     shutdown: CancellationToken,
@@ -61,6 +67,8 @@ pub struct GroupContext {
 impl GroupContext {
     pub fn new(
         ctx: WorkerContext,
+        health: Arc<Health>,
+        cooperative: bool,
         runtime: tokio::runtime::Handle,
         drain_timeout: Duration,
         shutdown: CancellationToken,
@@ -71,6 +79,8 @@ impl GroupContext {
                 workers: BTreeMap::new(),
             }),
             ctx,
+            health,
+            cooperative,
             runtime,
             shutdown,
         }
@@ -126,6 +136,7 @@ impl GroupContext {
             );
         }
         self.ctx.stats.record_assigned(started.len());
+        metrics::gauge!(crate::metrics::ASSIGNED).set(state.membership.owned().len() as f64);
         tracing::info!(
             assigned = ?started,
             owned = ?state.membership.owned(),
@@ -171,6 +182,7 @@ impl GroupContext {
 
     /// Shutdown: every partition is given up as a revoke would (drain, commit).
     pub fn shutdown(&self, consumer: &BaseConsumer<Self>) {
+        self.health.draining();
         let revocation = self.state().membership.shutdown(Instant::now());
         self.give_up(consumer, revocation);
     }
@@ -232,6 +244,7 @@ impl GroupContext {
         }
         let mut state = self.state();
         state.membership.drained();
+        metrics::gauge!(crate::metrics::ASSIGNED).set(state.membership.owned().len() as f64);
         if commit {
             self.ctx.stats.record_revoked(partitions.len());
             tracing::info!(revoked = ?partitions, owned = ?state.membership.owned(), drained, "partitions revoked");
@@ -251,10 +264,12 @@ impl GroupContext {
         for (p, next) in pending {
             let _ = tpl.add_partition_offset(&self.ctx.source.topic, p, Offset::Offset(next));
         }
-        if let Err(e) = consumer.commit(&tpl, mode) {
-            tracing::warn!(error = %e, "offset commit failed; will retry");
-        } else if matches!(mode, CommitMode::Sync) {
-            self.mark_committed(&tpl);
+        // An accepted asynchronous commit counts as done: if the broker later refuses it, the
+        // next batch's commit supersedes it, a revoke commits synchronously regardless, and the
+        // position a new owner starts from comes from the database anyway.
+        match consumer.commit(&tpl, mode) {
+            Ok(()) => self.mark_committed(&tpl),
+            Err(e) => tracing::warn!(error = %e, "offset commit failed; will retry"),
         }
     }
 
@@ -262,6 +277,8 @@ impl GroupContext {
         for e in tpl.elements() {
             if let Offset::Offset(next) = e.offset() {
                 self.ctx.offsets.committed(e.partition(), next);
+                metrics::gauge!(crate::metrics::COMMITTED_OFFSET, "partition" => e.partition().to_string())
+                    .set(next as f64);
             }
         }
     }
@@ -291,7 +308,20 @@ fn offsets_of(tpl: &TopicPartitionList) -> Vec<(i32, Offset)> {
         .collect()
 }
 
-impl ClientContext for GroupContext {}
+impl ClientContext for GroupContext {
+    /// librdkafka's periodic statistics (`statistics.interval.ms`): per-partition lag.
+    fn stats(&self, statistics: Statistics) {
+        let owned = self.owned();
+        for topic in statistics.topics.values() {
+            for (p, partition) in &topic.partitions {
+                if owned.contains(p) && partition.consumer_lag >= 0 {
+                    metrics::gauge!(crate::metrics::LAG, "partition" => p.to_string())
+                        .set(partition.consumer_lag as f64);
+                }
+            }
+        }
+    }
+}
 
 impl ConsumerContext for GroupContext {
     /// The whole rebalance path, on the poll thread. Replaces rust-rdkafka's default so that
@@ -302,14 +332,18 @@ impl ConsumerContext for GroupContext {
         err: RDKafkaRespErr,
         tpl: &mut TopicPartitionList,
     ) {
-        let cooperative = matches!(
-            consumer.rebalance_protocol(),
-            RebalanceProtocol::Cooperative
-        );
+        self.health.joined();
+        let cooperative = self.cooperative;
         let partitions = partitions_of(tpl);
         let handed_over = match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
-                let resumed = self.resume_from_database(tpl, &partitions);
+                // On the way out there is nothing to resume (librdkafka turns the assign into
+                // an unassign during close), so skip the database read.
+                let resumed = if self.state().membership.takes_assignments() {
+                    self.resume_from_database(tpl, &partitions)
+                } else {
+                    HashMap::new()
+                };
                 let result = if cooperative {
                     consumer.incremental_assign(tpl)
                 } else {

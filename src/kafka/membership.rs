@@ -123,6 +123,11 @@ impl Membership {
         }
     }
 
+    /// False once a shutdown began: assignments are then ignored.
+    pub fn takes_assignments(&self) -> bool {
+        !self.is_stopping()
+    }
+
     fn is_stopping(&self) -> bool {
         matches!(
             self.phase,

@@ -34,10 +34,11 @@ impl OffsetTracker {
         });
     }
 
-    /// Forgets a partition that is no longer ours; returns its uncommitted offset, if any.
+    /// Forgets a partition that is no longer ours; returns its processed offset, if any, to be
+    /// committed once more, synchronously (an earlier asynchronous commit may have failed).
     pub fn remove(&self, partition: i32) -> Option<i64> {
         self.with(|p| p.remove(&partition))
-            .and_then(|o| o.processed.filter(|n| Some(*n) != o.committed))
+            .and_then(|o| o.processed)
     }
 
     /// Records that everything before `next` is in the database. Ignored for a partition that
@@ -90,6 +91,11 @@ mod tests {
         assert!(t.uncommitted().is_empty());
         t.processed(1, 4);
         assert_eq!(t.remove(1), Some(4));
+        assert_eq!(
+            t.remove(0),
+            Some(10),
+            "committed, but returned to commit again"
+        );
         assert_eq!(t.remove(0), None);
         assert!(t.uncommitted().is_empty());
     }

@@ -110,7 +110,10 @@ pub async fn apply_batch(
 
     let keys = batch.lock_keys();
     if !keys.is_empty() {
+        let waiting = std::time::Instant::now();
         tx.execute_typed(LOCK, &[(&keys, Type::INT8_ARRAY)]).await?;
+        metrics::histogram!(crate::metrics::LOCK_WAIT_SECONDS)
+            .record(waiting.elapsed().as_secs_f64());
     }
     let ids = batch.event_ids();
     let skus = batch.skus();

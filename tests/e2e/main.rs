@@ -2,6 +2,7 @@
 //! a real PostgreSQL, and the database checked against an oracle of what was produced.
 
 mod group;
+mod operations;
 mod support;
 
 use std::time::Duration;

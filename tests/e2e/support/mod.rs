@@ -208,6 +208,7 @@ impl TestEnv {
             ("INVENTORY_LOG__LEVEL", "info,inventory_consumer=debug"),
             ("INVENTORY_KAFKA__GROUP_PROTOCOL", "consumer"),
             ("INVENTORY_KAFKA__PROPERTIES__FETCH_QUEUE_BACKOFF_MS", "0"),
+            ("INVENTORY_HTTP__ADDR", "127.0.0.1:0"),
         ];
         let process = ReplicaProcess::spawn(Path::new(BIN), name, self.dir.path(), &env, settings)
             .expect("starting a replica");
@@ -409,6 +410,12 @@ impl Replica {
         &self.process.name
     }
 
+    pub fn pid(&self) -> Pid {
+        self.process
+            .pid()
+            .unwrap_or_else(|| panic!("{} is not running", self.name()))
+    }
+
     pub fn log(&self) -> String {
         self.process.log_text()
     }
@@ -473,6 +480,31 @@ impl Replica {
         }
     }
 
+    /// The address the replica's HTTP endpoints listen on (from its start-up log line).
+    pub async fn http_addr(&self) -> String {
+        let mut addr = String::new();
+        wait_until(
+            &format!("{} to serve HTTP", self.name()),
+            Duration::from_secs(30),
+            || {
+                addr = self
+                    .log_entries()
+                    .iter()
+                    .find(|e| {
+                        e["message"]
+                            .as_str()
+                            .is_some_and(|m| m.starts_with("HTTP endpoints listening"))
+                    })
+                    .and_then(|e| e["addr"].as_str().map(str::to_owned))
+                    .unwrap_or_default();
+                let found = !addr.is_empty();
+                async move { found }
+            },
+        )
+        .await;
+        addr
+    }
+
     /// What the replica's log says it did (batches, duplicates, rebalances).
     pub fn log_summary(&self) -> LogSummary {
         self.process.log_summary()
@@ -498,9 +530,15 @@ impl Replica {
 
     /// Sends SIGTERM and waits for the exit; returns the status and the printed counters.
     pub fn terminate(&mut self, timeout: Duration) -> (ExitStatus, StatsSnapshot) {
+        let _ = nix::sys::signal::kill(self.pid(), Signal::SIGTERM);
+        self.wait_exit(timeout)
+    }
+
+    /// Waits for an exit already under way; returns the status and the printed counters.
+    pub fn wait_exit(&mut self, timeout: Duration) -> (ExitStatus, StatsSnapshot) {
         let (status, stats) = self
             .process
-            .terminate(timeout)
+            .wait_exit(timeout)
             .unwrap_or_else(|e| panic!("{e}; log:\n{}", self.log()));
         let stats = stats
             .unwrap_or_else(|| panic!("{} printed no counters; log:\n{}", self.name(), self.log()));
@@ -580,4 +618,50 @@ impl Drop for Replica {
             );
         }
     }
+}
+
+/// A plain HTTP/1.1 GET (enough for probes and metrics): (status, body).
+pub fn http_get(addr: &str, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).expect("connecting to the replica");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .expect("sending the request");
+    let mut response = String::new();
+    stream
+        .read_to_string(&mut response)
+        .expect("reading the response");
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// Sum of a Prometheus metric's samples whose labels contain every one of `labels`
+/// (`name{...} value` lines, or `name value`).
+pub fn metric(text: &str, name: &str, labels: &[&str]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (metric_name, rest) = match series.split_once('{') {
+                Some((n, r)) => (n, r),
+                None => (series, ""),
+            };
+            (metric_name == name && labels.iter().all(|want| rest.contains(want)))
+                .then(|| value.parse::<f64>().ok())
+                .flatten()
+        })
+        .sum()
 }

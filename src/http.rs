@@ -1,0 +1,157 @@
+//! HTTP per replica (CONTRACT.md section 6): `/livez`, `/readyz`, `/metrics`.
+//!
+//! - `/livez` is 200 while the poll loop keeps turning (a wedged poll thread is a reason to
+//!   restart the process; a slow database is not: it is retried, and shows in `/readyz`).
+//! - `/readyz` is 200 once the replica has joined the group and reached the database, and 503
+//!   from the moment a shutdown starts draining.
+//! - `/metrics` is the Prometheus text format (see [`crate::metrics`]).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio_util::sync::CancellationToken;
+
+/// A poll loop silent for this long is considered wedged. Generous: a revoke callback blocks
+/// the loop for up to the drain timeout, and a full partition queue for as long as its worker
+/// retries.
+pub const LIVENESS_WINDOW: Duration = Duration::from_secs(120);
+
+/// What the probes report, updated by the consumer.
+#[derive(Debug, Default)]
+pub struct Health {
+    /// Milliseconds since the epoch of the poll loop's latest turn.
+    last_poll_ms: AtomicU64,
+    joined: AtomicBool,
+    database: AtomicBool,
+    draining: AtomicBool,
+}
+
+impl Health {
+    pub fn polled(&self) {
+        self.last_poll_ms.store(now_ms(), Relaxed);
+    }
+
+    pub fn joined(&self) {
+        self.joined.store(true, Relaxed);
+    }
+
+    pub fn database_reachable(&self, reachable: bool) {
+        self.database.store(reachable, Relaxed);
+    }
+
+    pub fn draining(&self) {
+        self.draining.store(true, Relaxed);
+    }
+
+    pub fn is_live(&self) -> bool {
+        let last = self.last_poll_ms.load(Relaxed);
+        last == 0 || now_ms().saturating_sub(last) < LIVENESS_WINDOW.as_millis() as u64
+    }
+
+    /// `Ok` when ready, else why not.
+    pub fn readiness(&self) -> Result<(), &'static str> {
+        if self.draining.load(Relaxed) {
+            Err("draining")
+        } else if !self.database.load(Relaxed) {
+            Err("database not reached")
+        } else if !self.joined.load(Relaxed) {
+            Err("not yet in the consumer group")
+        } else {
+            Ok(())
+        }
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+#[derive(Clone)]
+struct AppState {
+    health: Arc<Health>,
+    metrics: PrometheusHandle,
+}
+
+/// Binds `addr` and serves until `shutdown`; returns the bound address (port 0 picks one).
+pub async fn serve(
+    addr: SocketAddr,
+    health: Arc<Health>,
+    metrics: PrometheusHandle,
+    shutdown: CancellationToken,
+) -> std::io::Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let bound = listener.local_addr()?;
+    let app = Router::new()
+        .route("/livez", get(livez))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(render_metrics))
+        .with_state(AppState { health, metrics });
+    tokio::spawn(async move {
+        let served = axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown.cancelled_owned())
+            .await;
+        if let Err(e) = served {
+            tracing::error!(error = %e, "HTTP server failed");
+        }
+    });
+    Ok(bound)
+}
+
+async fn livez(State(s): State<AppState>) -> (StatusCode, &'static str) {
+    if s.health.is_live() {
+        (StatusCode::OK, "live\n")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "poll loop stalled\n")
+    }
+}
+
+async fn readyz(State(s): State<AppState>) -> (StatusCode, String) {
+    match s.health.readiness() {
+        Ok(()) => (StatusCode::OK, "ready\n".into()),
+        Err(why) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {why}\n"),
+        ),
+    }
+}
+
+async fn render_metrics(State(s): State<AppState>) -> String {
+    s.metrics.render()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn readiness_needs_group_and_database_and_ends_with_the_drain() {
+        let h = Health::default();
+        assert_eq!(h.readiness(), Err("database not reached"));
+        h.database_reachable(true);
+        assert_eq!(h.readiness(), Err("not yet in the consumer group"));
+        h.joined();
+        assert_eq!(h.readiness(), Ok(()));
+        h.draining();
+        assert_eq!(h.readiness(), Err("draining"));
+    }
+
+    #[test]
+    fn liveness_follows_the_poll_loop() {
+        let h = Health::default();
+        assert!(h.is_live(), "starting up");
+        h.polled();
+        assert!(h.is_live());
+        h.last_poll_ms
+            .store(now_ms() - LIVENESS_WINDOW.as_millis() as u64 - 1, Relaxed);
+        assert!(!h.is_live());
+    }
+}

@@ -1,0 +1,62 @@
+//! Prometheus metrics (CONTRACT.md section 6), recorded with the `metrics` crate and rendered
+//! by `/metrics`. Names are the contract; each is described once here.
+
+use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+
+pub const EVENTS: &str = "inventory_events_total";
+pub const DUPLICATES: &str = "inventory_duplicates_skipped_total";
+pub const DEAD_LETTERS: &str = "inventory_dead_letters_total";
+pub const BATCH_SIZE: &str = "inventory_batch_size";
+pub const APPLY_SECONDS: &str = "inventory_apply_duration_seconds";
+pub const LOCK_WAIT_SECONDS: &str = "inventory_advisory_lock_wait_seconds";
+pub const RETRIES: &str = "inventory_batch_retries_total";
+pub const COMMITTED_OFFSET: &str = "inventory_partition_committed_offset";
+pub const LAG: &str = "inventory_partition_lag";
+pub const REBALANCES: &str = "inventory_rebalances_total";
+pub const ASSIGNED: &str = "inventory_assigned_partitions";
+
+/// Installs the global recorder; call once per process, before anything records.
+pub fn install() -> anyhow::Result<PrometheusHandle> {
+    let handle = PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            metrics_exporter_prometheus::Matcher::Full(BATCH_SIZE.into()),
+            &[1.0, 10.0, 50.0, 100.0, 250.0, 500.0, 1000.0],
+        )?
+        .set_buckets(&[
+            0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
+        ])?
+        .install_recorder()?;
+    describe_counter!(EVENTS, "Events decided, by outcome (applied, rejected).");
+    describe_counter!(
+        DUPLICATES,
+        "Deliveries of events already recorded, skipped."
+    );
+    describe_counter!(DEAD_LETTERS, "Bad messages written to dead_letters.");
+    describe_histogram!(BATCH_SIZE, "Deliveries per applied batch.");
+    describe_histogram!(
+        APPLY_SECONDS,
+        Unit::Seconds,
+        "Time to apply and commit one batch."
+    );
+    describe_histogram!(
+        LOCK_WAIT_SECONDS,
+        Unit::Seconds,
+        "Time to take a batch's advisory locks."
+    );
+    describe_counter!(RETRIES, "Batches retried after a transient failure.");
+    describe_gauge!(
+        COMMITTED_OFFSET,
+        "Next offset committed to Kafka, per partition."
+    );
+    describe_gauge!(
+        LAG,
+        "Messages behind the high watermark, per partition (from librdkafka statistics)."
+    );
+    describe_counter!(
+        REBALANCES,
+        "Rebalance events, by kind (assign, revoke, lost)."
+    );
+    describe_gauge!(ASSIGNED, "Partitions this replica owns.");
+    Ok(handle)
+}

@@ -1,0 +1,269 @@
+//! The operator's view of a replica: probes and metrics over HTTP.
+
+use std::time::Duration;
+
+use inventory_consumer::domain::lock_key;
+use serde_json::json;
+
+use crate::support::{TestEnv, http_get, metric, wait_until};
+
+const SETTLE: Duration = Duration::from_secs(120);
+const EXIT: Duration = Duration::from_secs(30);
+
+/// Metrics move as events are processed and as the group rebalances; both replicas become
+/// ready and stay live.
+#[tokio::test(flavor = "multi_thread")]
+async fn metrics_follow_processing_and_rebalances() {
+    let env = TestEnv::new(12).await;
+    let mut r1 = env.replica("r1", &[]);
+    let mut r2 = env.replica("r2", &[]);
+    let (a1, a2) = (r1.http_addr().await, r2.http_addr().await);
+    for addr in [&a1, &a2] {
+        wait_until("the replica to be ready", SETTLE, || async {
+            http_get(addr, "/readyz").0 == 200
+        })
+        .await;
+        assert_eq!(http_get(addr, "/livez").0, 200);
+    }
+    wait_until("both replicas to own partitions", SETTLE, || async {
+        let (x, y) = (r1.owned(), r2.owned());
+        !x.is_empty() && !y.is_empty() && x.len() + y.len() == 12
+    })
+    .await;
+
+    let expected = env.produce(&[
+        "--events",
+        "5000",
+        "--skus",
+        "300",
+        "--duplicates",
+        "0.05",
+        "--invalid",
+        "0.02",
+        "--seed",
+        "5",
+    ]);
+    wait_until("every message to settle", SETTLE, || async {
+        env.db.settled().await == (expected.events + expected.dead_letters) as i64
+    })
+    .await;
+    let scrape = || {
+        [&a1, &a2]
+            .iter()
+            .map(|a| http_get(a, "/metrics").1)
+            .collect::<Vec<_>>()
+    };
+    let total = |texts: &[String], name: &str, labels: &[&str]| -> f64 {
+        texts.iter().map(|t| metric(t, name, labels)).sum()
+    };
+    let texts = scrape();
+    assert_eq!(
+        total(&texts, "inventory_events_total", &["outcome=\"applied\""]),
+        expected.applied as f64
+    );
+    assert_eq!(
+        total(&texts, "inventory_events_total", &["outcome=\"rejected\""]),
+        expected.rejected as f64
+    );
+    assert_eq!(
+        total(&texts, "inventory_duplicates_skipped_total", &[]),
+        expected.duplicates as f64
+    );
+    assert_eq!(
+        total(&texts, "inventory_dead_letters_total", &[]),
+        expected.dead_letters as f64
+    );
+    assert_eq!(total(&texts, "inventory_assigned_partitions", &[]), 12.0);
+    assert!(total(&texts, "inventory_apply_duration_seconds_count", &[]) > 0.0);
+    assert!(total(&texts, "inventory_advisory_lock_wait_seconds_count", &[]) > 0.0);
+    assert!(total(&texts, "inventory_batch_size_sum", &[]) >= expected.messages as f64);
+    wait_until("committed offsets to be exported", SETTLE, || async {
+        let texts = scrape();
+        total(&texts, "inventory_partition_committed_offset", &[]) >= expected.messages as f64
+    })
+    .await;
+    let revokes_before = total(&texts, "inventory_rebalances_total", &["kind=\"revoke\""]);
+
+    // A third replica joins: the others give partitions up, and the metrics say so.
+    let mut r3 = env.replica("r3", &[]);
+    wait_until("the third replica to own partitions", SETTLE, || async {
+        !r3.owned().is_empty()
+    })
+    .await;
+    wait_until("the revocations to show in the metrics", SETTLE, || async {
+        let texts = scrape();
+        total(&texts, "inventory_rebalances_total", &["kind=\"revoke\""]) > revokes_before
+            && total(&texts, "inventory_assigned_partitions", &[]) < 12.0
+    })
+    .await;
+    for r in [&mut r1, &mut r2, &mut r3] {
+        assert!(r.terminate(EXIT).0.success());
+    }
+}
+
+/// `/readyz` turns 503 as soon as a SIGTERM starts the drain, while the in-flight batch is
+/// still waiting (here for an advisory lock the test holds), and the replica still exits 0
+/// once the batch is through.
+#[tokio::test(flavor = "multi_thread")]
+async fn readiness_is_503_while_draining() {
+    let env = TestEnv::new(3).await;
+    let mut r = env.replica("r1", &[("database.lock_timeout_ms", "60000")]);
+    let addr = r.http_addr().await;
+    wait_until("the replica to be ready", SETTLE, || async {
+        http_get(&addr, "/readyz").0 == 200
+    })
+    .await;
+
+    // Hold the SKU's lock in our own session: the replica's batch will wait for it.
+    let blocker = env.db.client().await;
+    blocker
+        .execute("SELECT pg_advisory_lock($1)", &[&lock_key("HELD-1")])
+        .await
+        .expect("taking the lock");
+    env.produce_json(
+        &[json!({"event_id": "held-restock", "type": "restock", "sku": "HELD-1", "quantity": 5})],
+        false,
+    );
+    wait_until(
+        "the replica's batch to wait for the lock",
+        SETTLE,
+        || async {
+            env.db
+                .scalar("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted")
+                .await
+                == 1
+        },
+    )
+    .await;
+
+    nix::sys::signal::kill(r.pid(), nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
+    wait_until("/readyz to report the drain", SETTLE, || async {
+        http_get(&addr, "/readyz").0 == 503
+    })
+    .await;
+    assert!(http_get(&addr, "/readyz").1.contains("draining"));
+    assert_eq!(http_get(&addr, "/livez").0, 200, "draining is not dead");
+
+    blocker
+        .execute("SELECT pg_advisory_unlock($1)", &[&lock_key("HELD-1")])
+        .await
+        .expect("releasing the lock");
+    let (status, stats) = r.wait_exit(EXIT);
+    assert!(status.success(), "{status}");
+    assert_eq!(
+        stats.applied, 1,
+        "the in-flight batch finished during the drain"
+    );
+    assert_eq!(env.db.stock().await["HELD-1"], 5);
+}
+
+/// The Procfile, started with honcho: the embedded broker and three replicas come up and share
+/// the partitions, then stop together. Needs honcho (`pip install honcho`, or `HONCHO=path`):
+/// CI installs it; elsewhere the test says it is skipped.
+#[tokio::test(flavor = "multi_thread")]
+async fn procfile_runs_a_group_with_honcho() {
+    let Some(honcho) = find_honcho() else {
+        eprintln!(
+            "SKIPPED: honcho not found (pip install honcho, or set HONCHO); CI runs this test"
+        );
+        return;
+    };
+    let db = crate::support::TestDb::new().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let procfile = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("Procfile");
+    let out_path = dir.path().join("honcho.out");
+    let child = std::process::Command::new(&honcho)
+        .arg("start")
+        .arg("-f")
+        .arg(&procfile)
+        .arg("-d")
+        .arg(dir.path())
+        .current_dir(dir.path())
+        // honcho is Python: without this its output reaches the file only in blocks.
+        .env("PYTHONUNBUFFERED", "1")
+        .env("INVENTORY_BIN", crate::support::BIN)
+        .env("DATABASE_URL", &db.url)
+        .env("INVENTORY_LOG__FORMAT", "json")
+        .env("INVENTORY_KAFKA__GROUP_PROTOCOL", "consumer")
+        .stdout(std::fs::File::create(&out_path).expect("output file"))
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("starting honcho");
+    // Stopped even if an assertion fails: honcho would otherwise outlive the test.
+    let mut honcho = Stopper(child);
+
+    // honcho prefixes each line with its process name: `09:48:23 replica2.1 | {json}`.
+    let owned_by = |name: &str| -> usize {
+        let text = std::fs::read_to_string(&out_path).unwrap_or_default();
+        text.lines()
+            .rev()
+            .filter(|l| l.contains(&format!(" {name}.")) && l.contains("\"owned\""))
+            .filter_map(|l| l.split_once("| ").map(|(_, json)| json.to_owned()))
+            .find_map(|json| serde_json::from_str::<serde_json::Value>(&json).ok())
+            .map(|e| {
+                e["owned"]
+                    .as_str()
+                    .unwrap_or("")
+                    .trim_matches(|c| c == '[' || c == ']')
+                    .split(',')
+                    .filter(|p| !p.trim().is_empty())
+                    .count()
+            })
+            .unwrap_or(0)
+    };
+    let shared = || {
+        let counts: Vec<usize> = ["replica1", "replica2", "replica3"]
+            .iter()
+            .map(|r| owned_by(r))
+            .collect();
+        counts.iter().all(|c| *c > 0) && counts.iter().sum::<usize>() == 12
+    };
+    let deadline = std::time::Instant::now() + SETTLE;
+    while !shared() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the replicas did not share the partitions; honcho's output:\n{}",
+            std::fs::read_to_string(&out_path).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let status = honcho.stop();
+    let text = std::fs::read_to_string(&out_path).unwrap_or_default();
+    assert_eq!(
+        text.matches("\"message\":\"left the consumer group\"")
+            .count(),
+        3,
+        "every replica left gracefully ({status}):\n{text}"
+    );
+    drop(db);
+}
+
+/// A process that gets SIGTERM and is waited for when dropped.
+struct Stopper(std::process::Child);
+
+impl Stopper {
+    fn stop(&mut self) -> std::process::ExitStatus {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.0.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        self.0.wait().expect("waiting for the process")
+    }
+}
+
+impl Drop for Stopper {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            self.stop();
+        }
+    }
+}
+
+fn find_honcho() -> Option<std::path::PathBuf> {
+    if let Some(path) = std::env::var_os("HONCHO").map(std::path::PathBuf::from) {
+        return path.is_file().then_some(path);
+    }
+    std::env::split_paths(&std::env::var_os("PATH")?)
+        .map(|dir| dir.join("honcho"))
+        .find(|p| p.is_file())
+}
