@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rdkafka::Message;
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use tokio_util::sync::CancellationToken;
 
@@ -76,9 +76,7 @@ pub fn consume(
             None => {}
         }
         if last_commit.elapsed() >= commit_interval {
-            consumer
-                .context()
-                .commit_processed(&consumer, CommitMode::Async);
+            consumer.context().commit_processed(&consumer);
             last_commit = Instant::now();
         }
     }

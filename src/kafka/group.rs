@@ -254,8 +254,11 @@ impl GroupContext {
         }
     }
 
-    /// Commits every processed offset not yet committed.
-    pub fn commit_processed(&self, consumer: &BaseConsumer<Self>, mode: CommitMode) {
+    /// Commits every processed offset not yet committed. Synchronously: only the broker's
+    /// answer says an offset is committed, and rust-rdkafka reports no result for a manual
+    /// asynchronous commit (librdkafka posts one only to an `offset_commit_cb`, which the event
+    /// API it uses does not set). A refused commit (as during a rebalance) is retried next time.
+    pub fn commit_processed(&self, consumer: &BaseConsumer<Self>) {
         let pending = self.ctx.offsets.uncommitted();
         if pending.is_empty() {
             return;
@@ -264,10 +267,7 @@ impl GroupContext {
         for (p, next) in pending {
             let _ = tpl.add_partition_offset(&self.ctx.source.topic, p, Offset::Offset(next));
         }
-        // An accepted asynchronous commit counts as done: if the broker later refuses it, the
-        // next batch's commit supersedes it, a revoke commits synchronously regardless, and the
-        // position a new owner starts from comes from the database anyway.
-        match consumer.commit(&tpl, mode) {
+        match consumer.commit(&tpl, CommitMode::Sync) {
             Ok(()) => self.mark_committed(&tpl),
             Err(e) => tracing::warn!(error = %e, "offset commit failed; will retry"),
         }
@@ -381,13 +381,6 @@ impl ConsumerContext for GroupContext {
         };
         if let Err(e) = handed_over {
             tracing::error!(error = %e, "librdkafka refused the (un)assignment");
-        }
-    }
-
-    fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
-        match result {
-            Ok(()) => self.mark_committed(offsets),
-            Err(e) => tracing::debug!(error = %e, "asynchronous offset commit failed; will retry"),
         }
     }
 }
