@@ -260,8 +260,10 @@ impl Drop for Stopper {
 }
 
 fn find_honcho() -> Option<std::path::PathBuf> {
+    // Named explicitly (as CI does): then it must be there, never a silent skip.
     if let Some(path) = std::env::var_os("HONCHO").map(std::path::PathBuf::from) {
-        return path.is_file().then_some(path);
+        assert!(path.is_file(), "HONCHO={} is not a file", path.display());
+        return Some(path);
     }
     std::env::split_paths(&std::env::var_os("PATH")?)
         .map(|dir| dir.join("honcho"))
