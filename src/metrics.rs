@@ -16,6 +16,18 @@ pub const LAG: &str = "inventory_partition_lag";
 pub const REBALANCES: &str = "inventory_rebalances_total";
 pub const ASSIGNED: &str = "inventory_assigned_partitions";
 
+/// Histogram samples wait in the recorder until drained: by a scrape, or by this periodic upkeep
+/// when nobody scrapes (else they pile up for good).
+pub fn spawn_upkeep(handle: PrometheusHandle) {
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(std::time::Duration::from_secs(5));
+        loop {
+            every.tick().await;
+            handle.run_upkeep();
+        }
+    });
+}
+
 /// Installs the global recorder; call once per process, before anything records.
 pub fn install() -> anyhow::Result<PrometheusHandle> {
     let handle = PrometheusBuilder::new()

@@ -14,6 +14,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::time::{Instant, sleep, sleep_until};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::domain::{Batch, Delivery};
 use crate::kafka::offsets::OffsetTracker;
@@ -56,7 +57,15 @@ impl PartitionWorker {
             if self.stop.is_cancelled() {
                 break;
             }
-            match self.apply_with_retry(&batch).await {
+            let (first, last) = batch.offsets().unwrap_or_default();
+            let span = tracing::info_span!(
+                "batch",
+                topic = %self.ctx.source.topic,
+                partition = self.partition,
+                first_offset = first,
+                last_offset = last,
+            );
+            match self.apply_with_retry(&batch).instrument(span).await {
                 Ok(()) => {}
                 Err(Some(fatal)) => {
                     let _ = self.ctx.fatal.send(fatal);

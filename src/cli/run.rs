@@ -50,6 +50,19 @@ pub fn main(settings: Settings, args: &RunArgs) -> anyhow::Result<ExitCode> {
     }
 }
 
+/// Keeps `/readyz` honest about the database while the replica runs, busy or idle.
+async fn watch_database(pool: store::Pool, health: Arc<Health>) {
+    const EVERY: Duration = Duration::from_secs(5);
+    loop {
+        tokio::time::sleep(EVERY).await;
+        let reached = match pool.get().await {
+            Ok(conn) => conn.simple_query("SELECT 1").await.is_ok(),
+            Err(_) => false,
+        };
+        health.database_reachable(reached);
+    }
+}
+
 async fn run(
     settings: Settings,
     args: &RunArgs,
@@ -61,6 +74,7 @@ async fn run(
     let health = Arc::new(Health::default());
     // The server outlives the drain (so /readyz can say 503) and stops with the process.
     let addr: SocketAddr = settings.http.addr.parse().context("http.addr")?;
+    crate::metrics::spawn_upkeep(metrics.clone());
     let bound = crate::http::serve(addr, health.clone(), metrics, CancellationToken::new())
         .await
         .with_context(|| format!("serving HTTP on {addr}"))?;
@@ -80,6 +94,7 @@ async fn run(
     );
     health.database_reachable(true);
     let pool = store::pool(db).await?;
+    tokio::spawn(watch_database(pool.clone(), health.clone()));
 
     let (fatal_tx, mut fatal_rx) = mpsc::unbounded_channel();
     let ctx = WorkerContext {
