@@ -14,12 +14,21 @@ use anyhow::{Context, bail};
 use tempfile::TempDir;
 
 /// Settings of the throwaway server.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct PostgresOptions {
     /// `false` turns fsync and synchronous commit off: much faster, and safe for a cluster whose
     /// data dies with the test anyway. Benchmarks keep it `true` to measure honest numbers.
     pub durable: bool,
     pub max_connections: u32,
+    /// Serve TLS (as well as plain text) with this certificate.
+    pub tls: Option<ServerTls>,
+}
+
+/// A server certificate chain and its private key, both PEM.
+#[derive(Debug, Clone)]
+pub struct ServerTls {
+    pub cert_pem: String,
+    pub key_pem: String,
 }
 
 impl Default for PostgresOptions {
@@ -27,6 +36,7 @@ impl Default for PostgresOptions {
         PostgresOptions {
             durable: false,
             max_connections: 100,
+            tls: None,
         }
     }
 }
@@ -139,10 +149,27 @@ impl ThrowawayPostgres {
         if !options.durable {
             conf.push_str("fsync = off\nsynchronous_commit = off\nfull_page_writes = off\n");
         }
+        if let Some(tls) = &options.tls {
+            self.write_server_file("server.crt", &tls.cert_pem)?;
+            self.write_server_file("server.key", &tls.key_pem)?;
+            conf.push_str("ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n");
+        }
         let path = self.data().join("postgresql.conf");
         let mut existing = std::fs::read_to_string(&path).context("reading postgresql.conf")?;
         existing.push_str(&conf);
         std::fs::write(&path, existing).context("writing postgresql.conf")?;
+        Ok(())
+    }
+
+    /// A file in the data directory only the server's user may read (PostgreSQL insists for keys).
+    fn write_server_file(&self, name: &str, contents: &str) -> anyhow::Result<()> {
+        use std::os::unix::fs::PermissionsExt;
+        let path = self.data().join(name);
+        std::fs::write(&path, contents).with_context(|| format!("writing {name}"))?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+        if let Some((uid, gid)) = self.run_as {
+            std::os::unix::fs::chown(&path, Some(uid.as_raw()), Some(gid.as_raw()))?;
+        }
         Ok(())
     }
 

@@ -4,26 +4,24 @@ pub mod apply;
 pub mod audit;
 pub mod failure;
 pub mod migrate;
+pub mod tls;
 
 use std::time::Duration;
 
 use bb8_postgres::PostgresConnectionManager;
-use tokio_postgres::NoTls;
+use tokio_postgres_rustls::MakeRustlsConnect;
 
 pub use apply::{BatchOutcome, Source, apply_batch, load_offsets};
 pub use failure::Failure;
 
 use crate::config::DatabaseSettings;
 
-pub type Pool = bb8::Pool<PostgresConnectionManager<NoTls>>;
+pub type Pool = bb8::Pool<PostgresConnectionManager<MakeRustlsConnect>>;
 
 /// Builds the pool. Connections are made lazily, so this succeeds without a database; the first
 /// checkout reports what is wrong.
 pub async fn pool(settings: &DatabaseSettings) -> Result<Pool, Failure> {
-    let mut config: tokio_postgres::Config = settings
-        .url
-        .parse()
-        .map_err(|e| Failure::Fatal(format!("database.url: {e}")))?;
+    let tls::Target { mut config, tls } = tls::target(&settings.url)?;
     config.connect_timeout(Duration::from_millis(settings.connect_timeout_ms));
     if config.get_application_name().is_none() {
         config.application_name("inventory-consumer");
@@ -43,7 +41,7 @@ pub async fn pool(settings: &DatabaseSettings) -> Result<Pool, Failure> {
         .keepalives(true)
         .keepalives_idle(Duration::from_secs(30))
         .tcp_user_timeout(Duration::from_millis(settings.statement_timeout_ms + 5_000));
-    let manager = PostgresConnectionManager::new(config, NoTls);
+    let manager = PostgresConnectionManager::new(config, tls);
     Ok(bb8::Pool::builder()
         .max_size(settings.pool_size)
         .connection_timeout(Duration::from_millis(settings.connect_timeout_ms))
@@ -52,7 +50,8 @@ pub async fn pool(settings: &DatabaseSettings) -> Result<Pool, Failure> {
 
 /// One connection outside any pool, with its driver task spawned.
 pub async fn connect(url: &str) -> Result<tokio_postgres::Client, Failure> {
-    let (client, connection) = tokio_postgres::connect(url, NoTls).await?;
+    let tls::Target { config, tls } = tls::target(url)?;
+    let (client, connection) = config.connect(tls).await?;
     tokio::spawn(async move {
         if let Err(e) = connection.await {
             tracing::debug!(error = %e, "database connection closed");

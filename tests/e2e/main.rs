@@ -4,6 +4,7 @@
 mod group;
 mod operations;
 mod support;
+mod tls;
 
 use std::time::Duration;
 

@@ -1,0 +1,152 @@
+//! How a connection reaches PostgreSQL: in plain text, or over TLS when the URL asks for it.
+//!
+//! - `sslmode=require` (and libpq's `verify-ca` / `verify-full`) connect over TLS and always
+//!   verify the server's certificate and name: against the file named by `sslrootcert` when the
+//!   URL has one, else against the Mozilla root store. (libpq's `require` alone would not
+//!   verify; a service that moves stock should not talk to a server it cannot authenticate.)
+//! - No `sslmode`, `prefer` or `disable` connect in plain text: a TLS attempt failing
+//!   verification must not stop a deployment that never asked for TLS.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use rustls::RootCertStore;
+use rustls_pki_types::CertificateDer;
+use rustls_pki_types::pem::PemObject;
+use tokio_postgres::config::SslMode;
+use tokio_postgres_rustls::MakeRustlsConnect;
+
+use crate::store::Failure;
+
+/// A parsed `database.url` and the TLS connector it calls for.
+pub struct Target {
+    pub config: tokio_postgres::Config,
+    pub tls: MakeRustlsConnect,
+}
+
+pub fn target(url: &str) -> Result<Target, Failure> {
+    let (url, root_cert) = libpq_only_parameters(url);
+    let mut config: tokio_postgres::Config = url
+        .parse()
+        .map_err(|e| Failure::Fatal(format!("database.url: {e}")))?;
+    if config.get_ssl_mode() == SslMode::Prefer {
+        config.ssl_mode(SslMode::Disable);
+    }
+    let tls = MakeRustlsConnect::new(client_config(root_cert)?);
+    Ok(Target { config, tls })
+}
+
+/// Takes out of a `postgres://` URL what libpq understands and tokio-postgres does not:
+/// `sslrootcert=FILE`, and the `verify-ca` / `verify-full` modes (both become `require`, which
+/// verifies here anyway). Other URLs are returned unchanged.
+fn libpq_only_parameters(url: &str) -> (String, Option<PathBuf>) {
+    let Ok(mut parsed) = url::Url::parse(url) else {
+        return (url.to_owned(), None);
+    };
+    let mut root_cert = None;
+    let mut changed = false;
+    let pairs: Vec<(String, String)> = parsed
+        .query_pairs()
+        .filter_map(|(k, v)| match (k.as_ref(), v.as_ref()) {
+            ("sslrootcert", file) => {
+                root_cert = Some(PathBuf::from(file));
+                changed = true;
+                None
+            }
+            ("sslmode", "verify-ca" | "verify-full") => {
+                changed = true;
+                Some((k.into_owned(), "require".to_owned()))
+            }
+            _ => Some((k.into_owned(), v.into_owned())),
+        })
+        .collect();
+    if !changed {
+        return (url.to_owned(), None);
+    }
+    if pairs.is_empty() {
+        parsed.set_query(None);
+    } else {
+        parsed.query_pairs_mut().clear().extend_pairs(pairs);
+    }
+    (parsed.into(), root_cert)
+}
+
+fn client_config(root_cert: Option<PathBuf>) -> Result<rustls::ClientConfig, Failure> {
+    let mut roots = RootCertStore::empty();
+    match root_cert {
+        Some(file) => {
+            let certs = CertificateDer::pem_file_iter(&file)
+                .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+                .map_err(|e| {
+                    Failure::Fatal(format!("database.url: sslrootcert {}: {e}", file.display()))
+                })?;
+            let (added, _) = roots.add_parsable_certificates(certs);
+            if added == 0 {
+                return Err(Failure::Fatal(format!(
+                    "database.url: sslrootcert {} holds no usable certificate",
+                    file.display()
+                )));
+            }
+        }
+        None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| Failure::Fatal(format!("TLS configuration: {e}")))?
+        .with_root_certificates(roots)
+        .with_no_client_auth())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plain_urls_pass_through_unchanged() {
+        for url in [
+            "postgres://u:p%40ss@db:5432/inventory",
+            "postgres://u@h1,h2/db?sslmode=require&application_name=x",
+            "host=db user=u sslmode=require",
+        ] {
+            assert_eq!(libpq_only_parameters(url), (url.to_owned(), None));
+        }
+    }
+
+    #[test]
+    fn libpq_parameters_are_taken_out() {
+        let (url, root) = libpq_only_parameters(
+            "postgres://u:p@db/inv?sslmode=verify-full&sslrootcert=/etc/ca.pem&connect_timeout=5",
+        );
+        assert_eq!(
+            url,
+            "postgres://u:p@db/inv?sslmode=require&connect_timeout=5"
+        );
+        assert_eq!(root, Some(PathBuf::from("/etc/ca.pem")));
+        let (url, _) = libpq_only_parameters("postgres://u@db/inv?sslrootcert=ca.pem");
+        assert_eq!(url, "postgres://u@db/inv");
+    }
+
+    #[test]
+    fn modes_map_to_plain_or_verified_tls() {
+        let mode = |url: &str| target(url).map(|t| t.config.get_ssl_mode()).ok();
+        assert_eq!(mode("postgres://u@db/inv"), Some(SslMode::Disable));
+        assert_eq!(
+            mode("postgres://u@db/inv?sslmode=prefer"),
+            Some(SslMode::Disable)
+        );
+        assert_eq!(
+            mode("postgres://u@db/inv?sslmode=require"),
+            Some(SslMode::Require)
+        );
+        assert_eq!(
+            mode("postgres://u@db/inv?sslmode=verify-full"),
+            Some(SslMode::Require)
+        );
+        let missing = target("postgres://u@db/inv?sslmode=require&sslrootcert=/nonexistent.pem");
+        assert!(
+            matches!(missing, Err(Failure::Fatal(ref m)) if m.contains("/nonexistent.pem")),
+            "a missing root certificate is a clear start-up error"
+        );
+    }
+}
