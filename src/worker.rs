@@ -19,7 +19,7 @@ use tracing::Instrument;
 use crate::domain::{Batch, Delivery};
 use crate::kafka::offsets::OffsetTracker;
 use crate::stats::Stats;
-use crate::store::{Failure, Pool, Source, apply_batch};
+use crate::store::{Failure, Guards, Pool, Source, apply_batch};
 
 /// Each distinct SKU of a batch holds one advisory lock until commit, and PostgreSQL's shared
 /// lock table holds `max_locks_per_transaction × max_connections` locks in all (6,400 with
@@ -28,6 +28,17 @@ use crate::store::{Failure, Pool, Source, apply_batch};
 pub const MAX_LINES_PER_BATCH: usize = 500;
 
 const FIRST_BACKOFF: Duration = Duration::from_millis(50);
+
+/// Produce-to-commit latency of every event of a batch that just committed.
+fn record_latency(batch: &Batch) {
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64);
+    let histogram = metrics::histogram!(crate::metrics::LATENCY_SECONDS);
+    for created in batch.timestamps() {
+        histogram.record((now_ms - created).max(0) as f64 / 1000.0);
+    }
+}
 
 /// What every worker of a process shares.
 #[derive(Clone)]
@@ -40,6 +51,7 @@ pub struct WorkerContext {
     pub retry_deadline: Duration,
     pub offsets: Arc<OffsetTracker>,
     pub stats: Arc<Stats>,
+    pub guards: Guards,
     /// Where a worker reports a fatal failure; the process then shuts down non-zero.
     pub fatal: mpsc::UnboundedSender<Failure>,
 }
@@ -110,8 +122,9 @@ impl PartitionWorker {
         let mut backoff = FIRST_BACKOFF;
         loop {
             let attempt = Instant::now();
-            match apply_batch(&self.ctx.pool, &self.ctx.source, batch).await {
+            match apply_batch(&self.ctx.pool, &self.ctx.source, batch, self.ctx.guards).await {
                 Ok(outcome) => {
+                    record_latency(batch);
                     metrics::histogram!(crate::metrics::APPLY_SECONDS)
                         .record(attempt.elapsed().as_secs_f64());
                     metrics::histogram!(crate::metrics::BATCH_SIZE).record(batch.len() as f64);

@@ -3,6 +3,7 @@
 //! Exit codes: 0 success, 1 verification failure, 2 usage or configuration error, 3 runtime
 //! failure (so an orchestrator restarts the replica and an operator sees why).
 
+pub mod bench;
 pub mod broker;
 pub mod demo;
 pub mod migrate;
@@ -61,6 +62,8 @@ pub enum Command {
     Verify(verify::VerifyArgs),
     /// The whole system on embedded defaults: broker, PostgreSQL, replicas, workload, verify.
     Demo(demo::DemoArgs),
+    /// Measure throughput, latency and memory against the database's own limit, in one run.
+    Bench(bench::BenchArgs),
 }
 
 impl Cli {
@@ -103,6 +106,7 @@ pub fn main(cli: Cli) -> ExitCode {
         Command::Produce(args) => with_settings(&cli, KAFKA, |s| produce::main(&s, args)),
         Command::Verify(args) => with_settings(&cli, DATABASE, |s| verify::main(&s, args)),
         Command::Demo(args) => demo::main(&cli, args),
+        Command::Bench(args) => bench::main(&cli, args),
     };
     match result {
         Ok(code) => code,

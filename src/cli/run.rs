@@ -27,6 +27,9 @@ pub struct RunArgs {
     /// Do not apply migrations at start-up (when a separate job applies them).
     #[arg(long)]
     pub no_migrate: bool,
+    /// Benchmark only: skip advisory locks and the duplicate lookup (unsafe baseline).
+    #[arg(long, hide = true)]
+    pub unguarded_benchmark_baseline: bool,
 }
 
 pub fn main(settings: Settings, args: &RunArgs) -> anyhow::Result<ExitCode> {
@@ -109,6 +112,14 @@ async fn run(
         retry_deadline: Duration::from_millis(settings.processing.retry_deadline_ms),
         offsets: Arc::new(OffsetTracker::default()),
         stats,
+        guards: if args.unguarded_benchmark_baseline {
+            tracing::warn!(
+                "UNSAFE: advisory locks and duplicate detection are off (benchmark baseline)"
+            );
+            store::Guards::Off
+        } else {
+            store::Guards::On
+        },
         fatal: fatal_tx,
     };
     let runtime = tokio::runtime::Handle::current();

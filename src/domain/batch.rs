@@ -16,6 +16,8 @@ pub struct Delivery {
     pub offset: i64,
     pub key: Option<Vec<u8>>,
     pub payload: Option<Vec<u8>>,
+    /// When the producer created it (Kafka CreateTime, ms since the epoch), for latency.
+    pub timestamp_ms: Option<i64>,
 }
 
 /// Deliveries of one partition in offset order, each decoded once on arrival.
@@ -98,6 +100,11 @@ impl Batch {
 
     pub fn partition(&self) -> Option<i32> {
         self.items.first().map(|(d, _)| d.partition)
+    }
+
+    /// Producer timestamps of the deliveries that have one.
+    pub fn timestamps(&self) -> impl Iterator<Item = i64> + '_ {
+        self.items.iter().filter_map(|(d, _)| d.timestamp_ms)
     }
 
     /// First and last offset of the batch.
@@ -223,6 +230,7 @@ mod tests {
             offset,
             key: None,
             payload: Some(json.as_bytes().to_vec()),
+            timestamp_ms: None,
         }
     }
 

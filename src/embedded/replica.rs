@@ -38,10 +38,23 @@ impl ReplicaProcess {
         env: &[(&str, &str)],
         settings: &[(&str, &str)],
     ) -> anyhow::Result<Self> {
+        Self::spawn_with_flags(exe, name, dir, env, settings, &[])
+    }
+
+    /// [`ReplicaProcess::spawn`] with extra flags for `run`.
+    pub fn spawn_with_flags(
+        exe: &Path,
+        name: &str,
+        dir: &Path,
+        env: &[(&str, &str)],
+        settings: &[(&str, &str)],
+        flags: &[&str],
+    ) -> anyhow::Result<Self> {
         let log = dir.join(format!("{name}.log"));
         let out = dir.join(format!("{name}.out"));
         let mut cmd = Command::new(exe);
         cmd.arg("run")
+            .args(flags)
             .env_clear()
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
             .envs(env.iter().copied())
@@ -146,9 +159,46 @@ impl ReplicaProcess {
         }
     }
 
+    /// Peak resident memory so far (VmHWM), in bytes; Linux only.
+    pub fn peak_rss_bytes(&self) -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()?)).ok()?;
+        let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+        let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+        Some(kib * 1024)
+    }
+
+    /// The address of its HTTP endpoints, from its start-up log line (JSON logs).
+    pub fn http_addr(&self) -> Option<String> {
+        self.log_text().lines().find_map(|line| {
+            let entry: serde_json::Value = serde_json::from_str(line).ok()?;
+            entry["message"]
+                .as_str()?
+                .starts_with("HTTP endpoints listening")
+                .then(|| entry["addr"].as_str().map(str::to_owned))?
+        })
+    }
+
+    /// The partitions it owns according to its latest assign/revoke log line (JSON logs).
+    pub fn owned(&self) -> Vec<i32> {
+        self.log_text()
+            .lines()
+            .rev()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find_map(|e| e["owned"].as_str().map(partition_list))
+            .unwrap_or_default()
+    }
+
     pub fn is_running(&self) -> bool {
         self.child.is_some()
     }
+}
+
+/// `[0, 3, 7]`, as the replica logs partition lists.
+pub fn partition_list(text: &str) -> Vec<i32> {
+    text.trim_matches(|c| c == '[' || c == ']')
+        .split(',')
+        .filter_map(|p| p.trim().parse().ok())
+        .collect()
 }
 
 impl Drop for ReplicaProcess {

@@ -18,6 +18,12 @@ pub fn consumer_config(settings: &Settings) -> ClientConfig {
         .set("enable.partition.eof", "false")
         // Feeds the per-partition lag metric.
         .set("statistics.interval.ms", "5000")
+        // Bound what librdkafka prefetches (defaults: 64 MiB, and 100,000 messages per
+        // partition) so that a replica stays small however large the backlog. Each queued
+        // message also costs a few hundred bytes of bookkeeping beyond its payload; 4 MiB of
+        // small events still holds over a second of full-speed consumption.
+        .set("queued.max.messages.kbytes", "4096")
+        .set("queued.min.messages", "10000")
         .set("client.id", client_id());
     match k.group_protocol {
         GroupProtocol::Classic => {

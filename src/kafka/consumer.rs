@@ -64,6 +64,7 @@ pub fn consume(
                     offset: message.offset(),
                     key: message.key().map(<[u8]>::to_vec),
                     payload: message.payload().map(<[u8]>::to_vec),
+                    timestamp_ms: message.timestamp().to_millis(),
                 };
                 dispatch(consumer.context(), delivery);
             }

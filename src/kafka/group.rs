@@ -34,8 +34,10 @@ use crate::store::load_offsets;
 use crate::worker::{PartitionWorker, WorkerContext};
 
 /// Deliveries buffered per partition between the poll thread and its worker. When a worker
-/// falls behind, the poll thread waits for room instead of buffering without limit.
-const PARTITION_QUEUE: usize = 2_000;
+/// falls behind, the poll thread waits for room instead of buffering without limit. One
+/// default batch: the worker drains it while it builds a batch, and memory stays bounded with
+/// many partitions (64 partitions: about 8 MiB at most).
+const PARTITION_QUEUE: usize = 500;
 
 /// Bound on reading the recorded offsets during an assignment (the group waits for us).
 const LOAD_OFFSETS_TIMEOUT: Duration = Duration::from_secs(5);

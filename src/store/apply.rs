@@ -22,7 +22,7 @@ use std::collections::HashMap;
 
 use tokio_postgres::types::{ToSql, Type};
 
-use crate::domain::batch::ProductChange;
+use crate::domain::batch::{BatchPlan, ProductChange};
 use crate::domain::{Batch, StockBook};
 use crate::store::{Failure, Pool};
 
@@ -31,6 +31,14 @@ use crate::store::{Failure, Pool};
 pub struct Source {
     pub group: String,
     pub topic: String,
+}
+
+/// Whether a batch takes its advisory locks and looks up recorded event ids. Always `On` in
+/// service; `Off` exists only for the benchmark's unsafe baseline, to measure what they cost.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Guards {
+    On,
+    Off,
 }
 
 /// What a committed batch did, for counters and logs.
@@ -100,6 +108,7 @@ pub async fn apply_batch(
     pool: &Pool,
     source: &Source,
     batch: &Batch,
+    guards: Guards,
 ) -> Result<BatchOutcome, Failure> {
     let (Some(partition), Some((_, last))) = (batch.partition(), batch.offsets()) else {
         return Ok(BatchOutcome::default());
@@ -108,19 +117,29 @@ pub async fn apply_batch(
     let mut conn = pool.get().await?;
     let tx = conn.transaction().await?;
 
-    let keys = batch.lock_keys();
-    if !keys.is_empty() {
-        let waiting = std::time::Instant::now();
-        tx.execute_typed(LOCK, &[(&keys, Type::INT8_ARRAY)]).await?;
-        metrics::histogram!(crate::metrics::LOCK_WAIT_SECONDS)
-            .record(waiting.elapsed().as_secs_f64());
-    }
-    let ids = batch.event_ids();
+    let keys = match guards {
+        Guards::On => batch.lock_keys(),
+        Guards::Off => Vec::new(),
+    };
+    let ids = match guards {
+        Guards::On => batch.event_ids(),
+        Guards::Off => Vec::new(),
+    };
     let skus = batch.skus();
     let ids_param = [(&ids as &(dyn ToSql + Sync), Type::TEXT_ARRAY)];
     let skus_param = [(&skus as &(dyn ToSql + Sync), Type::TEXT_ARRAY)];
-    // Both reads are sent before either answer is awaited (one round trip for the two).
-    let (recorded_rows, stock_rows) = tokio::try_join!(
+    let keys_param = [(&keys as &(dyn ToSql + Sync), Type::INT8_ARRAY)];
+    // The locks and both reads are sent before any answer is awaited (one round trip). The
+    // server runs them in order, so the reads start once every lock is held.
+    let waiting = std::time::Instant::now();
+    let lock = async {
+        let locked = unless_empty(keys.is_empty(), tx.execute_typed(LOCK, &keys_param)).await;
+        metrics::histogram!(crate::metrics::LOCK_WAIT_SECONDS)
+            .record(waiting.elapsed().as_secs_f64());
+        locked
+    };
+    let (_, recorded_rows, stock_rows) = tokio::try_join!(
+        lock,
         tx.query_typed(RECORDED, &ids_param),
         tx.query_typed(STOCK, &skus_param),
     )?;
@@ -135,112 +154,82 @@ pub async fn apply_batch(
 
     let plan = batch.plan(&recorded, stock);
 
-    if !plan.events.is_empty() {
-        let ids: Vec<&str> = plan.events.iter().map(|e| e.event.id.as_str()).collect();
-        let kinds: Vec<&str> = plan.events.iter().map(|e| e.event.kind.as_str()).collect();
-        let outcomes: Vec<&str> = plan.events.iter().map(|e| e.outcome.as_str()).collect();
-        let reasons: Vec<Option<&str>> = plan.events.iter().map(|e| e.outcome.reason()).collect();
-        let lines: Vec<i32> = plan
-            .events
-            .iter()
-            .map(|e| e.event.lines.len() as i32)
-            .collect();
-        let offsets: Vec<i64> = plan.events.iter().map(|e| e.offset).collect();
-        let digests: Vec<&[u8]> = plan.events.iter().map(|e| e.digest.as_slice()).collect();
-        tx.execute_typed(
-            INSERT_EVENTS,
-            &[
-                (&topic, Type::TEXT),
-                (&partition, Type::INT4),
-                (&ids, Type::TEXT_ARRAY),
-                (&kinds, Type::TEXT_ARRAY),
-                (&outcomes, Type::TEXT_ARRAY),
-                (&reasons, Type::TEXT_ARRAY),
-                (&lines, Type::INT4_ARRAY),
-                (&offsets, Type::INT8_ARRAY),
-                (&digests, Type::BYTEA_ARRAY),
-            ],
-        )
-        .await?;
-    }
-    if !plan.products.is_empty() {
-        for (sql, created) in [(UPDATE_PRODUCTS, false), (INSERT_PRODUCTS, true)] {
-            let changes: Vec<&ProductChange> = plan
-                .products
-                .iter()
-                .filter(|p| p.created == created)
-                .collect();
-            if changes.is_empty() {
-                continue;
-            }
-            let skus: Vec<&str> = changes.iter().map(|p| p.sku.as_str()).collect();
-            let deltas: Vec<i64> = changes.iter().map(|p| p.delta).collect();
-            let counts: Vec<i64> = changes.iter().map(|p| p.changes).collect();
-            let rows = tx
-                .execute_typed(
-                    sql,
-                    &[
-                        (&skus, Type::TEXT_ARRAY),
-                        (&deltas, Type::INT8_ARRAY),
-                        (&counts, Type::INT8_ARRAY),
-                    ],
-                )
-                .await?;
-            if rows != changes.len() as u64 {
-                // We read these rows under their locks a moment ago: someone deletes products.
-                return Err(Failure::Fatal(format!(
-                    "expected to change {} products, changed {rows}: products are being modified outside this service",
-                    changes.len()
-                )));
-            }
+    // The writes are independent of each other's answers: all are sent before any is awaited
+    // (one round trip). PostgreSQL runs them in the order sent, so products exist before the
+    // ledger rows that reference them; if one fails, the rest fail and nothing commits.
+    let events = EventRows::of(&plan);
+    let updated = ProductRows::of(&plan, false);
+    let created = ProductRows::of(&plan, true);
+    let movements = MovementRows::of(&plan);
+    let dead = DeadLetterRows::of(&plan);
+    let next_offset = last + 1;
+    let event_params: [(&(dyn ToSql + Sync), Type); 9] = [
+        (&topic, Type::TEXT),
+        (&partition, Type::INT4),
+        (&events.ids, Type::TEXT_ARRAY),
+        (&events.kinds, Type::TEXT_ARRAY),
+        (&events.outcomes, Type::TEXT_ARRAY),
+        (&events.reasons, Type::TEXT_ARRAY),
+        (&events.lines, Type::INT4_ARRAY),
+        (&events.offsets, Type::INT8_ARRAY),
+        (&events.digests, Type::BYTEA_ARRAY),
+    ];
+    let (updated_params, created_params) = (updated.params(), created.params());
+    let movement_params: [(&(dyn ToSql + Sync), Type); 4] = [
+        (&movements.event_ids, Type::TEXT_ARRAY),
+        (&movements.skus, Type::TEXT_ARRAY),
+        (&movements.deltas, Type::INT8_ARRAY),
+        (&movements.after, Type::INT8_ARRAY),
+    ];
+    let dead_letter_params: [(&(dyn ToSql + Sync), Type); 7] = [
+        (&topic, Type::TEXT),
+        (&partition, Type::INT4),
+        (&dead.offsets, Type::INT8_ARRAY),
+        (&dead.keys, Type::BYTEA_ARRAY),
+        (&dead.payloads, Type::BYTEA_ARRAY),
+        (&dead.errors, Type::TEXT_ARRAY),
+        (&dead.details, Type::TEXT_ARRAY),
+    ];
+    let offset_params: [(&(dyn ToSql + Sync), Type); 4] = [
+        (&source.group, Type::TEXT),
+        (&topic, Type::TEXT),
+        (&partition, Type::INT4),
+        (&next_offset, Type::INT8),
+    ];
+    let (_, updated_rows, created_rows, _, _, _) = tokio::try_join!(
+        unless_empty(
+            events.ids.is_empty(),
+            tx.execute_typed(INSERT_EVENTS, &event_params)
+        ),
+        unless_empty(
+            updated.skus.is_empty(),
+            tx.execute_typed(UPDATE_PRODUCTS, &updated_params)
+        ),
+        unless_empty(
+            created.skus.is_empty(),
+            tx.execute_typed(INSERT_PRODUCTS, &created_params)
+        ),
+        unless_empty(
+            movements.event_ids.is_empty(),
+            tx.execute_typed(INSERT_MOVEMENTS, &movement_params)
+        ),
+        unless_empty(
+            dead.offsets.is_empty(),
+            tx.execute_typed(INSERT_DEAD_LETTERS, &dead_letter_params)
+        ),
+        tx.execute_typed(RECORD_OFFSET, &offset_params),
+    )?;
+    for (rows, expected) in [
+        (updated_rows, updated.skus.len()),
+        (created_rows, created.skus.len()),
+    ] {
+        if rows != expected as u64 {
+            // We read these rows under their locks a moment ago: someone deletes products.
+            return Err(Failure::Fatal(format!(
+                "expected to change {expected} products, changed {rows}: products are being modified outside this service"
+            )));
         }
-        let event_ids: Vec<&str> = plan.movements.iter().map(|(id, _)| *id).collect();
-        let skus: Vec<&str> = plan.movements.iter().map(|(_, m)| m.sku.as_str()).collect();
-        let deltas: Vec<i64> = plan.movements.iter().map(|(_, m)| m.delta).collect();
-        let after: Vec<i64> = plan.movements.iter().map(|(_, m)| m.stock_after).collect();
-        tx.execute_typed(
-            INSERT_MOVEMENTS,
-            &[
-                (&event_ids, Type::TEXT_ARRAY),
-                (&skus, Type::TEXT_ARRAY),
-                (&deltas, Type::INT8_ARRAY),
-                (&after, Type::INT8_ARRAY),
-            ],
-        )
-        .await?;
     }
-    if !plan.dead_letters.is_empty() {
-        let d = &plan.dead_letters;
-        let offsets: Vec<i64> = d.iter().map(|d| d.delivery.offset).collect();
-        let keys: Vec<Option<&[u8]>> = d.iter().map(|d| d.delivery.key.as_deref()).collect();
-        let payloads: Vec<Option<&[u8]>> =
-            d.iter().map(|d| d.delivery.payload.as_deref()).collect();
-        let errors: Vec<&str> = d.iter().map(|d| d.error).collect();
-        let details: Vec<&str> = d.iter().map(|d| d.detail.as_str()).collect();
-        tx.execute_typed(
-            INSERT_DEAD_LETTERS,
-            &[
-                (&topic, Type::TEXT),
-                (&partition, Type::INT4),
-                (&offsets, Type::INT8_ARRAY),
-                (&keys, Type::BYTEA_ARRAY),
-                (&payloads, Type::BYTEA_ARRAY),
-                (&errors, Type::TEXT_ARRAY),
-                (&details, Type::TEXT_ARRAY),
-            ],
-        )
-        .await?;
-    }
-    tx.execute_typed(
-        RECORD_OFFSET,
-        &[
-            (&source.group, Type::TEXT),
-            (&topic, Type::TEXT),
-            (&partition, Type::INT4),
-            (&(last + 1), Type::INT8),
-        ],
-    )
-    .await?;
     let outcome = BatchOutcome {
         applied: plan.count("applied"),
         rejected: plan.count("rejected"),
@@ -249,6 +238,112 @@ pub async fn apply_batch(
     };
     tx.commit().await?;
     Ok(outcome)
+}
+
+/// Runs `statement` unless there is nothing to write (then 0 rows, no round trip).
+async fn unless_empty(
+    empty: bool,
+    statement: impl std::future::Future<Output = Result<u64, tokio_postgres::Error>>,
+) -> Result<u64, tokio_postgres::Error> {
+    if empty { Ok(0) } else { statement.await }
+}
+
+/// The columns of the plan's `processed_events` rows.
+struct EventRows<'a> {
+    ids: Vec<&'a str>,
+    kinds: Vec<&'a str>,
+    outcomes: Vec<&'a str>,
+    reasons: Vec<Option<&'a str>>,
+    lines: Vec<i32>,
+    offsets: Vec<i64>,
+    digests: Vec<&'a [u8]>,
+}
+
+impl<'a> EventRows<'a> {
+    fn of(plan: &'a BatchPlan<'a>) -> Self {
+        let e = &plan.events;
+        EventRows {
+            ids: e.iter().map(|e| e.event.id.as_str()).collect(),
+            kinds: e.iter().map(|e| e.event.kind.as_str()).collect(),
+            outcomes: e.iter().map(|e| e.outcome.as_str()).collect(),
+            reasons: e.iter().map(|e| e.outcome.reason()).collect(),
+            lines: e.iter().map(|e| e.event.lines.len() as i32).collect(),
+            offsets: e.iter().map(|e| e.offset).collect(),
+            digests: e.iter().map(|e| e.digest.as_slice()).collect(),
+        }
+    }
+}
+
+/// Product changes of the plan: of existing SKUs, or (`created`) of first-restocked ones.
+struct ProductRows<'a> {
+    skus: Vec<&'a str>,
+    deltas: Vec<i64>,
+    changes: Vec<i64>,
+}
+
+impl<'a> ProductRows<'a> {
+    fn of(plan: &'a BatchPlan<'a>, created: bool) -> Self {
+        let chosen: Vec<&ProductChange> = plan
+            .products
+            .iter()
+            .filter(|p| p.created == created)
+            .collect();
+        ProductRows {
+            skus: chosen.iter().map(|p| p.sku.as_str()).collect(),
+            deltas: chosen.iter().map(|p| p.delta).collect(),
+            changes: chosen.iter().map(|p| p.changes).collect(),
+        }
+    }
+
+    fn params(&self) -> [(&(dyn ToSql + Sync), Type); 3] {
+        [
+            (&self.skus, Type::TEXT_ARRAY),
+            (&self.deltas, Type::INT8_ARRAY),
+            (&self.changes, Type::INT8_ARRAY),
+        ]
+    }
+}
+
+/// The plan's ledger rows.
+struct MovementRows<'a> {
+    event_ids: Vec<&'a str>,
+    skus: Vec<&'a str>,
+    deltas: Vec<i64>,
+    after: Vec<i64>,
+}
+
+impl<'a> MovementRows<'a> {
+    fn of(plan: &'a BatchPlan<'a>) -> Self {
+        let m = &plan.movements;
+        MovementRows {
+            event_ids: m.iter().map(|(id, _)| *id).collect(),
+            skus: m.iter().map(|(_, m)| m.sku.as_str()).collect(),
+            deltas: m.iter().map(|(_, m)| m.delta).collect(),
+            after: m.iter().map(|(_, m)| m.stock_after).collect(),
+        }
+    }
+}
+
+/// The plan's dead letters.
+struct DeadLetterRows<'a> {
+    offsets: Vec<i64>,
+    keys: Vec<Option<&'a [u8]>>,
+    payloads: Vec<Option<&'a [u8]>>,
+    errors: Vec<&'a str>,
+    details: Vec<&'a str>,
+}
+
+impl<'a> DeadLetterRows<'a> {
+    fn of(plan: &'a BatchPlan<'a>) -> Self {
+        let d = &plan.dead_letters;
+        DeadLetterRows {
+            offsets: d.iter().map(|d| d.delivery.offset).collect(),
+            keys: d.iter().map(|d| d.delivery.key.as_deref()).collect(),
+            payloads: d.iter().map(|d| d.delivery.payload.as_deref()).collect(),
+            errors: d.iter().map(|d| d.error).collect(),
+            details: d.iter().map(|d| d.detail.as_str()).collect(),
+        }
+    }
 }
 
 /// The recorded next offsets of `partitions` (absent: never processed by this group).

@@ -11,7 +11,7 @@ use std::time::Duration;
 use bb8_postgres::PostgresConnectionManager;
 use tokio_postgres_rustls::MakeRustlsConnect;
 
-pub use apply::{BatchOutcome, Source, apply_batch, load_offsets};
+pub use apply::{BatchOutcome, Guards, Source, apply_batch, load_offsets};
 pub use failure::Failure;
 
 use crate::config::DatabaseSettings;

@@ -333,3 +333,64 @@ async fn demo_ends_with_a_passing_verdict() {
     );
     assert!(stdout.contains("PASS stock equals oracle"), "{stdout}");
 }
+
+/// `bench` on a small scale: every run (database only, 1 and 3 replicas, per-event, unsafe,
+/// hot SKU, latency, memory) completes and passes its audit, and the report has every row
+/// and ratio. Speed is not asserted here: the numbers are for `bench` at full size.
+#[tokio::test(flavor = "multi_thread")]
+async fn bench_runs_every_mode_and_each_passes_verify() {
+    let db = support::TestDb::new().await;
+    let out = tokio::task::spawn_blocking(move || {
+        let out = std::process::Command::new(support::BIN)
+            .args([
+                "bench",
+                "--events",
+                "4000",
+                "--skus",
+                "500",
+                "--backlog",
+                "8000",
+                "--latency-rate",
+                "500",
+                "--latency-seconds",
+                "2",
+            ])
+            .arg("--database-url")
+            .arg(&db.url)
+            .output()
+            .expect("running bench");
+        drop(db);
+        out
+    })
+    .await
+    .expect("joining");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let report = format!("{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "bench failed:\n{report}");
+    assert!(stdout.contains("verify: PASS in every run"), "{report}");
+    for run in [
+        "database only",
+        "pipeline, 1 replica",
+        "pipeline, 3 replicas",
+        "per-event mode",
+        "unsafe: no locks, no dedupe",
+        "hot SKU",
+        "latency at 500 events/s",
+        "memory: 8000 backlog",
+    ] {
+        let row = stdout
+            .lines()
+            .find(|l| l.starts_with(run))
+            .unwrap_or_else(|| panic!("no row for {run}:\n{report}"));
+        assert!(row.ends_with("PASS"), "{row}");
+    }
+    for ratio in [
+        "3 replicas / database only",
+        "1 replica / per-event mode",
+        "guarded / unsafe",
+        "hot SKU / uniform",
+        "peak RSS",
+    ] {
+        assert!(stdout.contains(ratio), "no {ratio} ratio:\n{report}");
+    }
+}

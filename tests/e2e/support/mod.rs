@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 
 use chrono::{DateTime, Utc};
-use inventory_consumer::embedded::replica::{LogSummary, ReplicaProcess};
+use inventory_consumer::embedded::replica::{LogSummary, ReplicaProcess, partition_list};
 use std::time::{Duration, Instant};
 
 use inventory_consumer::embedded::postgres::{PostgresOptions, ThrowawayPostgres};
@@ -422,12 +422,7 @@ impl Replica {
 
     /// The partitions the replica owns according to its latest assign/revoke log line.
     pub fn owned(&self) -> Vec<i32> {
-        self.log_entries()
-            .iter()
-            .rev()
-            .find(|e| e.get("owned").is_some())
-            .map(|e| partition_list(&e["owned"]))
-            .unwrap_or_default()
+        self.process.owned()
     }
 
     fn log_entries(&self) -> Vec<serde_json::Value> {
@@ -452,7 +447,7 @@ impl Replica {
                 "partitions lost; their offsets are not committed" => "lost",
                 _ => continue,
             };
-            for p in partition_list(&e[field]) {
+            for p in partition_list(e[field].as_str().unwrap_or("")) {
                 if field == "assigned" {
                     open.insert(p, at);
                 } else if let Some(from) = open.remove(&p) {
@@ -557,16 +552,6 @@ fn timestamp(entry: &serde_json::Value) -> Option<DateTime<Utc>> {
 }
 
 /// `"[0, 3, 5]"` (a Debug-formatted list in a JSON log field) as numbers.
-fn partition_list(field: &serde_json::Value) -> Vec<i32> {
-    field
-        .as_str()
-        .unwrap_or("")
-        .trim_matches(|c| c == '[' || c == ']')
-        .split(',')
-        .filter_map(|p| p.trim().parse().ok())
-        .collect()
-}
-
 /// Checks that no partition was owned by two replicas at once and that every batch was
 /// committed by a replica while it owned the batch's partition.
 pub fn assert_exclusive_ownership(replicas: &[&Replica]) {

@@ -1,0 +1,756 @@
+//! `bench`: what the guarantees cost, measured in one run. It starts the embedded broker and a
+//! PostgreSQL (a fresh database per run on `--database-url`, else a throwaway durable local
+//! cluster) and measures, on the same uniform workload:
+//!
+//! - the database-only limit: the replicas' batch transaction driven directly, no Kafka;
+//! - the pipeline with every guarantee, 1 and 3 replicas (separate processes);
+//! - the pipeline in per-event mode (batches of one event);
+//! - the unsafe baseline: no advisory locks, no duplicate lookup;
+//! - a hot-SKU workload (half the events on one SKU);
+//! - produce-to-commit latency at a fixed rate, from the replicas' latency histograms;
+//! - peak resident memory of one replica working through a large backlog.
+//!
+//! Backlog runs produce everything before the replicas start; their clock runs from the
+//! first committed batch to the last. Every run ends with the audit against the workload's
+//! oracle; a failed audit fails the command. Figures are measured, targets only reported.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::Args;
+use tokio::runtime::Runtime;
+
+use crate::cli::produce::send;
+use crate::cli::{Cli, EXIT_VERIFY_FAILED, runtime};
+use crate::config::Settings;
+use crate::domain::{Batch, Delivery, lock_key};
+use crate::embedded::broker::{BrokerOptions, EmbeddedBroker};
+use crate::embedded::postgres::{PostgresOptions, ThrowawayPostgres};
+use crate::embedded::replica::ReplicaProcess;
+use crate::store::{self, Guards, Source, apply_batch, audit};
+use crate::worker::MAX_LINES_PER_BATCH;
+use crate::workload::{Expectation, Generator, Oracle, WorkloadSpec};
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Events of each throughput run (the per-event run takes a twentieth).
+    #[arg(long, default_value_t = 200_000)]
+    pub events: u64,
+    /// SKU population of the uniform workload.
+    #[arg(long, default_value_t = 10_000)]
+    pub skus: u64,
+    /// Partitions of the topic in the throughput runs.
+    #[arg(long, default_value_t = 12)]
+    pub partitions: i32,
+    /// Backlog of the memory run (one replica); 0 skips the run.
+    #[arg(long, default_value_t = 1_000_000)]
+    pub backlog: u64,
+    /// Events per second of the latency run (3 replicas, produced while they run); 0 skips it.
+    #[arg(long, default_value_t = 5_000)]
+    pub latency_rate: u64,
+    /// How long the latency run produces.
+    #[arg(long, default_value_t = 20)]
+    pub latency_seconds: u64,
+    /// Rounds of the throughput runs; each run reports its median round.
+    #[arg(long, default_value_t = 1)]
+    pub repeat: u32,
+    /// Only these runs (comma-separated): database, one, three, per-event, unsafe, hot,
+    /// latency, memory. Default: all.
+    #[arg(long, value_delimiter = ',')]
+    pub only: Vec<String>,
+    /// Where the replicas' logs go (default: a new directory under the system temp dir).
+    #[arg(long, value_name = "DIR")]
+    pub logs: Option<PathBuf>,
+}
+
+/// Deliveries per transaction in the batched runs: the default `processing.batch_max_events`.
+const BATCH: usize = 500;
+/// Partitions of the memory run: the mock broker keeps about 5 MiB per partition, and a
+/// backlog must not outgrow that before it is read.
+const BACKLOG_PARTITIONS: i32 = 64;
+/// Events of the hot-SKU run at most (see there).
+const HOT_EVENTS: u64 = 60_000;
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(900);
+const STOP_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// One pipeline run.
+#[derive(Debug, Clone, Copy)]
+struct Pipeline {
+    replicas: usize,
+    batch: usize,
+    guards: Guards,
+    hot_share: f64,
+    events: u64,
+    partitions: i32,
+    /// Events per second produced while the replicas run; 0: the backlog comes first.
+    rate: u64,
+}
+
+/// What a run measured.
+#[derive(Debug, Clone)]
+struct Measured {
+    name: String,
+    events: u64,
+    seconds: f64,
+    /// Produce-to-commit latency percentiles (p50, p99), in seconds.
+    latency: Option<(f64, f64)>,
+    peak_rss: Option<u64>,
+    verified: bool,
+}
+
+impl Measured {
+    fn per_second(&self) -> f64 {
+        self.events as f64 / self.seconds.max(f64::EPSILON)
+    }
+}
+
+struct Bench {
+    rt: Runtime,
+    /// Where each run's database is created.
+    admin_url: String,
+    _server: Option<ThrowawayPostgres>,
+    exe: PathBuf,
+    logs: PathBuf,
+    runs: u32,
+    skus: u64,
+}
+
+pub fn main(cli: &Cli, args: &BenchArgs) -> anyhow::Result<ExitCode> {
+    crate::telemetry::init(None, "warn");
+    let logs = match &args.logs {
+        Some(dir) => dir.clone(),
+        None => std::env::temp_dir().join(format!("inventory-bench-{}", std::process::id())),
+    };
+    std::fs::create_dir_all(&logs).context("creating the log directory")?;
+    let admin_url = cli
+        .database_url
+        .clone()
+        .or_else(|| std::env::var("DATABASE_URL").ok());
+    let (server, admin_url) = match admin_url {
+        Some(url) => (None, url),
+        None => {
+            step("PostgreSQL: starting a throwaway local cluster (fsync on)");
+            let server = ThrowawayPostgres::start(PostgresOptions {
+                durable: true,
+                ..PostgresOptions::default()
+            })?;
+            let url = server.url("postgres");
+            (Some(server), url)
+        }
+    };
+    step(&format!(
+        "PostgreSQL: {} (a fresh database per run)",
+        crate::config::describe_database(&admin_url)
+    ));
+    let mut bench = Bench {
+        rt: runtime()?,
+        admin_url,
+        _server: server,
+        exe: std::env::current_exe().context("locating this executable")?,
+        logs,
+        runs: 0,
+        skus: args.skus,
+    };
+
+    let batched = Pipeline {
+        replicas: 1,
+        batch: BATCH,
+        guards: Guards::On,
+        hot_share: 0.0,
+        events: args.events,
+        partitions: args.partitions,
+        rate: 0,
+    };
+    let wanted = |key: &str| args.only.is_empty() || args.only.iter().any(|k| k == key);
+    let rate = args.latency_rate;
+    let runs = [
+        ("one", "pipeline, 1 replica".to_owned(), batched),
+        (
+            "three",
+            "pipeline, 3 replicas".to_owned(),
+            Pipeline {
+                replicas: 3,
+                ..batched
+            },
+        ),
+        (
+            "per-event",
+            "per-event mode (batch of 1), 1 replica".to_owned(),
+            Pipeline {
+                batch: 1,
+                events: (args.events / 20).max(1_000),
+                ..batched
+            },
+        ),
+        (
+            "unsafe",
+            "unsafe: no locks, no dedupe, 1 replica".to_owned(),
+            Pipeline {
+                guards: Guards::Off,
+                ..batched
+            },
+        ),
+        (
+            "hot",
+            "hot SKU (50% of events), 1 replica".to_owned(),
+            Pipeline {
+                hot_share: 0.5,
+                // Half the events in one partition: kept within what the embedded broker
+                // retains per partition (about 5 MiB) until it is read.
+                events: args.events.min(HOT_EVENTS),
+                ..batched
+            },
+        ),
+        (
+            "latency",
+            format!("latency at {rate} events/s, 3 replicas"),
+            Pipeline {
+                replicas: 3,
+                events: rate * args.latency_seconds,
+                rate,
+                ..batched
+            },
+        ),
+        (
+            "memory",
+            format!(
+                "memory: {} backlog, 1 replica, {BACKLOG_PARTITIONS} partitions",
+                args.backlog
+            ),
+            Pipeline {
+                events: args.backlog,
+                partitions: BACKLOG_PARTITIONS,
+                ..batched
+            },
+        ),
+    ];
+    // Rounds interleave the runs, so that a noisy moment of a shared machine does not land on
+    // one run only; each run's median round is reported. Latency and memory run once.
+    let mut rounds: Vec<(&str, Vec<Measured>)> = Vec::new();
+    let mut record =
+        |key: &'static str, m: Measured| match rounds.iter_mut().find(|(k, _)| *k == key) {
+            Some((_, all)) => all.push(m),
+            None => rounds.push((key, vec![m])),
+        };
+    for round in 0..args.repeat.max(1) {
+        if wanted("database") {
+            record(
+                "database",
+                bench.database_only(args.events, args.partitions)?,
+            );
+        }
+        // Odd rounds go backwards, so that no run always follows the same one.
+        let mut order: Vec<_> = runs.iter().collect();
+        if round % 2 == 1 {
+            order.reverse();
+        }
+        for (key, name, pipeline) in order {
+            let once = matches!(*key, "latency" | "memory");
+            if wanted(key) && pipeline.events > 0 && (round == 0 || !once) {
+                record(key, bench.pipeline(name, *pipeline)?);
+            }
+        }
+    }
+    let results: Vec<(&str, Measured)> = rounds
+        .into_iter()
+        .map(|(key, mut all)| {
+            all.sort_by(|a, b| a.per_second().total_cmp(&b.per_second()));
+            let verified = all.iter().all(|m| m.verified);
+            let mut median = all.swap_remove(all.len() / 2);
+            median.verified = verified;
+            (key, median)
+        })
+        .collect();
+
+    print_table(results.iter().map(|(_, m)| m));
+    let get = |key: &str| results.iter().find(|(k, _)| *k == key).map(|(_, m)| m);
+    let ratio = |a: &str, b: &str| Some(get(a)?.per_second() / get(b)?.per_second());
+    println!();
+    println!("ratios (targets are reported, not asserted)");
+    let targets = [
+        (
+            "3 replicas / database only",
+            ratio("three", "database"),
+            ">= 0.5",
+            0.5,
+        ),
+        (
+            "1 replica / per-event mode",
+            ratio("one", "per-event"),
+            ">= 20",
+            20.0,
+        ),
+        (
+            "guarded / unsafe (1 replica)",
+            ratio("one", "unsafe"),
+            ">= 0.95",
+            0.95,
+        ),
+        (
+            "hot SKU / uniform (1 replica)",
+            ratio("hot", "one"),
+            ">= 0.5",
+            0.5,
+        ),
+    ];
+    for (name, value, wanted, at_least) in targets {
+        if let Some(value) = value {
+            target(name, value, wanted, value >= at_least);
+        }
+    }
+    if let Some(rss) = get("memory").and_then(|m| m.peak_rss) {
+        target(
+            "peak RSS of the memory run, MiB",
+            mib(rss),
+            "<= 64",
+            mib(rss) <= 64.0,
+        );
+    }
+    let results: Vec<Measured> = results.into_iter().map(|(_, m)| m).collect();
+    if results.iter().all(|r| r.verified) {
+        println!("verify: PASS in every run");
+        Ok(ExitCode::SUCCESS)
+    } else {
+        println!("verify: FAIL (logs in {})", bench.logs.display());
+        Ok(ExitCode::from(EXIT_VERIFY_FAILED))
+    }
+}
+
+impl Bench {
+    fn spec(&mut self, events: u64, hot_share: f64) -> WorkloadSpec {
+        WorkloadSpec {
+            events,
+            skus: self.skus,
+            skew: 0.0,
+            hot_share,
+            // Every run sees the same kind of workload, one the unsafe baseline can apply
+            // correctly too (duplicates are what it cannot handle).
+            duplicate_share: 0.0,
+            invalid_share: 0.0,
+            seed: 2026 + u64::from(self.runs),
+            id_prefix: format!("bench{}", self.runs),
+        }
+    }
+
+    /// A new, migrated database for the next run.
+    fn fresh_database(&mut self) -> anyhow::Result<String> {
+        self.runs += 1;
+        let name = format!("inventory_bench_{}_{}", std::process::id(), self.runs);
+        let url = with_database(&self.admin_url, &name)?;
+        self.rt.block_on(async {
+            let admin = store::connect(&self.admin_url).await?;
+            admin
+                .batch_execute(&format!("CREATE DATABASE {name}"))
+                .await
+                .context("creating the run's database")?;
+            // Start every run from clean buffers: the previous run's dirty pages are not
+            // written back on this run's time. (Needs superuser or pg_checkpoint; skipped
+            // without.)
+            let _ = admin.batch_execute("CHECKPOINT").await;
+            store::migrate::migrate(&url).await?;
+            anyhow::Ok(())
+        })?;
+        Ok(url)
+    }
+
+    fn drop_database(&self, url: &str) {
+        let Some(name) = url::Url::parse(url)
+            .ok()
+            .map(|u| u.path().trim_start_matches('/').to_owned())
+        else {
+            return;
+        };
+        let _ = self.rt.block_on(async {
+            let admin = store::connect(&self.admin_url).await?;
+            admin
+                .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                .await?;
+            anyhow::Ok(())
+        });
+    }
+
+    /// The replicas' transaction driven directly: the workload cut into the batches a worker
+    /// would make, partition by partition, each partition applying its batches in order, all
+    /// partitions at once through one pool. Best of 2, 4 and 8 connections.
+    fn database_only(&mut self, events: u64, partitions: i32) -> anyhow::Result<Measured> {
+        let mut best: Option<Measured> = None;
+        for connections in [2, 4, 8] {
+            let url = self.fresh_database()?;
+            let spec = self.spec(events, 0.0);
+            step(&format!(
+                "database only, {connections} connections: {events} events"
+            ));
+            let (batches, expected) = cut_into_batches(spec, partitions);
+            let (seconds, verified) = self.rt.block_on(async {
+                let mut settings = Settings::default().database;
+                settings.url = url.clone();
+                settings.pool_size = connections;
+                let pool = store::pool(&settings).await?;
+                let source = Source {
+                    group: "bench".into(),
+                    topic: "bench".into(),
+                };
+                let started = Instant::now();
+                let mut tasks = tokio::task::JoinSet::new();
+                for partition in batches {
+                    let (pool, source) = (pool.clone(), source.clone());
+                    tasks.spawn(async move {
+                        for batch in &partition {
+                            apply_batch(&pool, &source, batch, Guards::On).await?;
+                        }
+                        anyhow::Ok(())
+                    });
+                }
+                while let Some(done) = tasks.join_next().await {
+                    done??;
+                }
+                let seconds = started.elapsed().as_secs_f64();
+                anyhow::Ok((seconds, verify(&url, &expected).await?))
+            })?;
+            self.drop_database(&url);
+            let m = Measured {
+                name: format!("database only ({connections} connections)"),
+                events,
+                seconds,
+                latency: None,
+                peak_rss: None,
+                verified,
+            };
+            report(&m);
+            if best
+                .as_ref()
+                .is_none_or(|b| m.per_second() > b.per_second())
+            {
+                best = Some(m);
+            }
+        }
+        best.context("no database-only run")
+    }
+
+    fn pipeline(&mut self, name: &str, p: Pipeline) -> anyhow::Result<Measured> {
+        let url = self.fresh_database()?;
+        let spec = self.spec(p.events, p.hot_share);
+        step(&format!("{name}: {} events", p.events));
+        let broker = EmbeddedBroker::start(&BrokerOptions {
+            partitions: p.partitions,
+            ..BrokerOptions::default()
+        })
+        .context("starting the embedded broker")?;
+        let mut settings = Settings::default();
+        settings.kafka.brokers = broker.bootstrap_servers().to_owned();
+        settings.database.url = url.clone();
+
+        let backlog = if p.rate == 0 {
+            Some(send(
+                &settings,
+                Generator::new(spec.clone()),
+                p.events,
+                0,
+                false,
+            )?)
+        } else {
+            None
+        };
+        let mut replicas = (0..p.replicas)
+            .map(|i| self.start_replica(&format!("run{}-r{}", self.runs, i + 1), &settings, p))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        // The clock starts once the group has settled: every partition owned, every replica
+        // with its share. Joining is not what is measured (and latency counts from production).
+        wait_for(Duration::from_secs(60), || {
+            let owned: Vec<usize> = replicas.iter().map(|r| r.owned().len()).collect();
+            owned.iter().sum::<usize>() == p.partitions as usize
+                && owned
+                    .iter()
+                    .all(|&n| n > 0 || p.replicas > p.partitions as usize)
+        })
+        .context("the replicas did not share every partition")?;
+        let producer = if p.rate == 0 {
+            None
+        } else {
+            let (settings, spec, rate) = (settings.clone(), spec.clone(), p.rate);
+            Some(std::thread::spawn(move || {
+                send(&settings, Generator::new(spec), p.events, rate, false)
+            }))
+        };
+
+        let seconds = self.rt.block_on(time_to_settle(&url, p.events as i64))?;
+        // In a backlog run latency is mostly time spent waiting in the backlog: not reported.
+        let latency = (p.rate > 0)
+            .then(|| latency_percentiles(&replicas))
+            .flatten();
+        let peak_rss = replicas.iter().filter_map(|r| r.peak_rss_bytes()).max();
+        for r in &mut replicas {
+            let (status, _) = r.terminate(STOP_TIMEOUT)?;
+            if !status.success() {
+                bail!("{} exited with {status}; log: {}", r.name, r.log.display());
+            }
+        }
+        let expected = match producer {
+            Some(thread) => thread
+                .join()
+                .map_err(|_| anyhow::anyhow!("the producer thread panicked"))??,
+            None => backlog.context("a run without a producer has a backlog")?,
+        };
+        let verified = self.rt.block_on(verify(&url, &expected))?;
+        drop(broker);
+        self.drop_database(&url);
+        let m = Measured {
+            name: name.to_owned(),
+            events: p.events,
+            seconds,
+            latency,
+            peak_rss,
+            verified,
+        };
+        report(&m);
+        Ok(m)
+    }
+
+    fn start_replica(
+        &self,
+        name: &str,
+        settings: &Settings,
+        p: Pipeline,
+    ) -> anyhow::Result<ReplicaProcess> {
+        let env = [
+            ("KAFKA_BROKERS", settings.kafka.brokers.as_str()),
+            ("DATABASE_URL", settings.database.url.as_str()),
+            ("INVENTORY_KAFKA__GROUP_PROTOCOL", "consumer"),
+            ("INVENTORY_KAFKA__PROPERTIES__FETCH_QUEUE_BACKOFF_MS", "0"),
+            // The embedded broker answers a fetch with no data waiting only after the full
+            // fetch.wait.max.ms (500 ms by default), even when data arrives meanwhile (Kafka
+            // answers at once): shortened so that latency measures the pipeline, not the mock.
+            ("INVENTORY_KAFKA__PROPERTIES__FETCH_WAIT_MAX_MS", "20"),
+            ("INVENTORY_LOG__FORMAT", "json"),
+            ("INVENTORY_HTTP__ADDR", "127.0.0.1:0"),
+        ];
+        let batch = p.batch.to_string();
+        let flags: &[&str] = match p.guards {
+            Guards::On => &[],
+            Guards::Off => &["--unguarded-benchmark-baseline"],
+        };
+        ReplicaProcess::spawn_with_flags(
+            &self.exe,
+            name,
+            &self.logs,
+            &env,
+            &[
+                ("processing.batch_max_events", batch.as_str()),
+                ("database.migrate", "false"),
+            ],
+            flags,
+        )
+    }
+}
+
+/// The audit against the oracle; failed checks are printed.
+async fn verify(url: &str, expected: &Expectation) -> anyhow::Result<bool> {
+    let db = store::connect(url).await?;
+    let report = audit::audit(&db, Some(expected)).await?;
+    for check in report.checks.iter().filter(|c| !c.passed) {
+        step(&format!("  FAIL {}: {}", check.name, check.detail));
+    }
+    Ok(report.passed())
+}
+
+/// The workload as the batches partition workers would cut, per partition, and its oracle.
+fn cut_into_batches(spec: WorkloadSpec, partitions: i32) -> (Vec<Vec<Batch>>, Expectation) {
+    let n = partitions.max(1) as usize;
+    let mut oracle = Oracle::default();
+    let mut done: Vec<Vec<Batch>> = (0..n).map(|_| Vec::new()).collect();
+    let mut open: Vec<Batch> = (0..n).map(|_| Batch::default()).collect();
+    let mut next_offset = vec![0_i64; n];
+    for message in Generator::new(spec) {
+        oracle.observe(Some(&message.value));
+        // Keyed by SKU, as the producer keys them: one SKU stays in one partition.
+        let key = message.key.clone().unwrap_or_default();
+        let p = lock_key(&key).rem_euclid(n as i64) as usize;
+        if open[p].len() >= BATCH || open[p].line_count() >= MAX_LINES_PER_BATCH {
+            done[p].push(std::mem::take(&mut open[p]));
+        }
+        open[p].push(Delivery {
+            partition: p as i32,
+            offset: next_offset[p],
+            key: message.key.map(String::into_bytes),
+            payload: Some(message.value),
+            timestamp_ms: None,
+        });
+        next_offset[p] += 1;
+    }
+    for (p, batch) in open.into_iter().enumerate() {
+        if !batch.is_empty() {
+            done[p].push(batch);
+        }
+    }
+    (done, oracle.finish())
+}
+
+/// Seconds from now to the batch that completes `messages`, watching the partitions' recorded
+/// offsets (offsets of a fresh topic start at 0, so they sum to the messages done), scaled to
+/// the whole run from the part done after the first observation.
+async fn time_to_settle(url: &str, messages: i64) -> anyhow::Result<f64> {
+    let db = store::connect(url).await?;
+    let deadline = Instant::now() + SETTLE_TIMEOUT;
+    let mut first = None;
+    loop {
+        let done: i64 = db
+            .query_one(
+                "SELECT coalesce(sum(next_offset), 0)::bigint FROM partition_offsets",
+                &[],
+            )
+            .await?
+            .try_get(0)?;
+        let now = Instant::now();
+        let (start, done_then) = *first.get_or_insert((now, done));
+        if done >= messages {
+            let seconds = now.duration_since(start).as_secs_f64();
+            // Scale to the whole run: the share done before the first look is not timed.
+            let timed = (messages - done_then).max(1) as f64;
+            return Ok(seconds * messages as f64 / timed);
+        }
+        if now > deadline {
+            bail!("only {done} of {messages} messages settled within {SETTLE_TIMEOUT:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// p50 and p99 of the replicas' produce-to-commit histograms, added up: linear within a
+/// bucket, as Prometheus' `histogram_quantile` does.
+fn latency_percentiles(replicas: &[ReplicaProcess]) -> Option<(f64, f64)> {
+    let mut cumulative: Vec<(f64, f64)> = Vec::new();
+    for r in replicas {
+        let text = ureq::get(format!("http://{}/metrics", r.http_addr()?))
+            .call()
+            .ok()?
+            .body_mut()
+            .read_to_string()
+            .ok()?;
+        let lines = text.lines().map(|l| Ok(l.to_owned()));
+        let scrape = prometheus_parse::Scrape::parse(lines).ok()?;
+        for sample in scrape.samples {
+            if sample.metric != crate::metrics::LATENCY_SECONDS {
+                continue;
+            }
+            if let prometheus_parse::Value::Histogram(buckets) = sample.value {
+                for b in buckets {
+                    match cumulative.iter_mut().find(|(le, _)| *le == b.less_than) {
+                        Some((_, count)) => *count += b.count,
+                        None => cumulative.push((b.less_than, b.count)),
+                    }
+                }
+            }
+        }
+    }
+    cumulative.sort_by(|a, b| a.0.total_cmp(&b.0));
+    Some((quantile(&cumulative, 0.5)?, quantile(&cumulative, 0.99)?))
+}
+
+fn quantile(cumulative: &[(f64, f64)], q: f64) -> Option<f64> {
+    let total = cumulative.last()?.1;
+    if total <= 0.0 {
+        return None;
+    }
+    let rank = q * total;
+    let mut lower = (0.0, 0.0);
+    for &(le, count) in cumulative {
+        if count >= rank {
+            if le.is_infinite() {
+                return Some(lower.0);
+            }
+            let share = (rank - lower.1) / (count - lower.1).max(f64::EPSILON);
+            return Some(lower.0 + (le - lower.0) * share);
+        }
+        lower = (le, count);
+    }
+    None
+}
+
+fn with_database(url: &str, name: &str) -> anyhow::Result<String> {
+    let mut parsed = url::Url::parse(url)
+        .with_context(|| "--database-url must be a postgres:// URL for the benchmark")?;
+    parsed.set_path(&format!("/{name}"));
+    Ok(parsed.into())
+}
+
+fn wait_for(limit: Duration, mut done: impl FnMut() -> bool) -> anyhow::Result<()> {
+    let deadline = Instant::now() + limit;
+    while !done() {
+        if Instant::now() > deadline {
+            bail!("timed out after {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(())
+}
+
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0)
+}
+
+fn step(text: &str) {
+    eprintln!("bench: {text}");
+}
+
+fn report(m: &Measured) {
+    step(&format!(
+        "  {:.0} events/s ({} events in {:.2}s), verify {}",
+        m.per_second(),
+        m.events,
+        m.seconds,
+        if m.verified { "PASS" } else { "FAIL" }
+    ));
+}
+
+fn print_table<'a>(results: impl Iterator<Item = &'a Measured>) {
+    println!();
+    println!(
+        "{:<50} {:>9} {:>8} {:>10} {:>8} {:>8} {:>9} {:>6}",
+        "run", "events", "seconds", "events/s", "p50 ms", "p99 ms", "RSS MiB", "verify"
+    );
+    for m in results {
+        let (p50, p99) = m.latency.map_or(("-".into(), "-".into()), |(a, b)| {
+            (format!("{:.1}", a * 1e3), format!("{:.1}", b * 1e3))
+        });
+        println!(
+            "{:<50} {:>9} {:>8.2} {:>10.0} {:>8} {:>8} {:>9} {:>6}",
+            m.name,
+            m.events,
+            m.seconds,
+            m.per_second(),
+            p50,
+            p99,
+            m.peak_rss.map_or("-".into(), |b| format!("{:.1}", mib(b))),
+            if m.verified { "PASS" } else { "FAIL" }
+        );
+    }
+}
+
+fn target(name: &str, value: f64, wanted: &str, met: bool) {
+    println!(
+        "  {name:<40} {value:>8.2}   target {wanted:<8} {}",
+        if met { "met" } else { "MISSED" }
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantiles_interpolate_within_buckets() {
+        let buckets = [
+            (0.01, 50.0),
+            (0.1, 90.0),
+            (1.0, 100.0),
+            (f64::INFINITY, 100.0),
+        ];
+        assert_eq!(quantile(&buckets, 0.5), Some(0.01));
+        let p99 = quantile(&buckets, 0.99).unwrap_or_default();
+        assert!((p99 - 0.91).abs() < 1e-9, "{p99}");
+        assert_eq!(quantile(&[], 0.5), None);
+        assert_eq!(quantile(&[(1.0, 0.0)], 0.5), None);
+    }
+}
