@@ -1,6 +1,6 @@
 //! Per-partition offsets, in Kafka's meaning: the *next* offset to read. A worker records an
 //! offset only after the transaction holding everything before it has committed; the poll
-//! thread commits what was recorded (periodically, and synchronously on revoke and shutdown).
+//! thread commits what was recorded, synchronously (periodically, on revoke and on shutdown).
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
@@ -35,7 +35,7 @@ impl OffsetTracker {
     }
 
     /// Forgets a partition that is no longer ours; returns its processed offset, if any, to be
-    /// committed once more, synchronously (an earlier asynchronous commit may have failed).
+    /// committed once more on the way out (cheap, and certain).
     pub fn remove(&self, partition: i32) -> Option<i64> {
         self.with(|p| p.remove(&partition))
             .and_then(|o| o.processed)
