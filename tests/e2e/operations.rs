@@ -157,6 +157,34 @@ async fn readiness_is_503_while_draining() {
     assert_eq!(env.db.stock().await["HELD-1"], 5);
 }
 
+/// `/readyz` turns 503 once the database cannot be reached, while `/livez` stays 200: a lost
+/// database takes a replica out of rotation, it is no reason to restart it.
+#[tokio::test(flavor = "multi_thread")]
+async fn readiness_follows_the_database() {
+    let mut env = TestEnv::new(3).await;
+    let r = env.replica("r1", &[]);
+    let addr = r.http_addr().await;
+    wait_until("the replica to be ready", SETTLE, || async {
+        http_get(&addr, "/readyz").0 == 200
+    })
+    .await;
+    if !env.db.stop_server() {
+        eprintln!("SKIPPED: tests do not stop a shared database server (TEST_DATABASE_URL)");
+        return;
+    }
+    wait_until("/readyz to report the database", SETTLE, || async {
+        http_get(&addr, "/readyz").0 == 503
+    })
+    .await;
+    let (_, reason) = http_get(&addr, "/readyz");
+    assert!(reason.contains("database"), "{reason}");
+    assert_eq!(
+        http_get(&addr, "/livez").0,
+        200,
+        "a lost database is not a dead replica"
+    );
+}
+
 /// The Procfile, started with honcho: the embedded broker and three replicas come up and share
 /// the partitions, then stop together. Needs honcho (`pip install honcho`, or `HONCHO=path`):
 /// CI installs it; elsewhere the test says it is skipped.

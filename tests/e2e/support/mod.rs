@@ -59,6 +59,18 @@ pub struct TestDb {
 }
 
 impl TestDb {
+    /// Stops a throwaway server for good (its database is lost); `false` on a shared server,
+    /// which tests never stop.
+    pub fn stop_server(&mut self) -> bool {
+        match &mut self.server {
+            Some(server) => {
+                server.stop();
+                true
+            }
+            None => false,
+        }
+    }
+
     pub async fn new() -> TestDb {
         let base = std::env::var("TEST_DATABASE_URL")
             .or_else(|_| std::env::var("DATABASE_URL"))
