@@ -9,7 +9,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::State;
@@ -17,6 +17,8 @@ use axum::http::StatusCode;
 use axum::routing::get;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio_util::sync::CancellationToken;
+
+use crate::telemetry::unix_millis;
 
 /// A poll loop silent for this long is considered wedged. Generous: a revoke callback blocks
 /// the loop for up to the drain timeout, and a full partition queue for as long as its worker
@@ -35,7 +37,7 @@ pub struct Health {
 
 impl Health {
     pub fn polled(&self) {
-        self.last_poll_ms.store(now_ms(), Relaxed);
+        self.last_poll_ms.store(unix_millis(), Relaxed);
     }
 
     pub fn joined(&self) {
@@ -52,7 +54,7 @@ impl Health {
 
     pub fn is_live(&self) -> bool {
         let last = self.last_poll_ms.load(Relaxed);
-        last == 0 || now_ms().saturating_sub(last) < LIVENESS_WINDOW.as_millis() as u64
+        last == 0 || unix_millis().saturating_sub(last) < LIVENESS_WINDOW.as_millis() as u64
     }
 
     /// `Ok` when ready, else why not.
@@ -67,12 +69,6 @@ impl Health {
             Ok(())
         }
     }
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 #[derive(Clone)]
@@ -150,8 +146,10 @@ mod tests {
         assert!(h.is_live(), "starting up");
         h.polled();
         assert!(h.is_live());
-        h.last_poll_ms
-            .store(now_ms() - LIVENESS_WINDOW.as_millis() as u64 - 1, Relaxed);
+        h.last_poll_ms.store(
+            unix_millis() - LIVENESS_WINDOW.as_millis() as u64 - 1,
+            Relaxed,
+        );
         assert!(!h.is_live());
     }
 }

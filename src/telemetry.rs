@@ -25,3 +25,10 @@ pub fn init(format: Option<LogFormat>, level: &str) {
         LogFormat::Pretty => builder.compact().try_init(),
     };
 }
+
+/// Wall-clock milliseconds since the Unix epoch (0 if the clock is before it).
+pub fn unix_millis() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}

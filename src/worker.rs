@@ -31,9 +31,7 @@ const FIRST_BACKOFF: Duration = Duration::from_millis(50);
 
 /// Produce-to-commit latency of every event of a batch that just committed.
 fn record_latency(batch: &Batch) {
-    let now_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64);
+    let now_ms = crate::telemetry::unix_millis() as i64;
     let histogram = metrics::histogram!(crate::metrics::LATENCY_SECONDS);
     for created in batch.timestamps() {
         histogram.record((now_ms - created).max(0) as f64 / 1000.0);
