@@ -23,7 +23,7 @@ use clap::Args;
 use tokio::runtime::Runtime;
 
 use crate::cli::produce::send;
-use crate::cli::{Cli, EXIT_VERIFY_FAILED, runtime};
+use crate::cli::{Cli, EXIT_VERIFY_FAILED, given_or_throwaway_database, log_dir, runtime};
 use crate::config::Settings;
 use crate::domain::{Batch, Delivery, lock_key};
 use crate::embedded::broker::{BrokerOptions, EmbeddedBroker};
@@ -119,31 +119,13 @@ struct Bench {
 
 pub fn main(cli: &Cli, args: &BenchArgs) -> anyhow::Result<ExitCode> {
     crate::telemetry::init(None, "warn");
-    let logs = match &args.logs {
-        Some(dir) => dir.clone(),
-        None => std::env::temp_dir().join(format!("inventory-bench-{}", std::process::id())),
+    let logs = log_dir(args.logs.as_ref(), "inventory-bench")?;
+    // Durable (fsync on), for honest numbers; each run gets a fresh database on it.
+    let durable = PostgresOptions {
+        durable: true,
+        ..PostgresOptions::default()
     };
-    std::fs::create_dir_all(&logs).context("creating the log directory")?;
-    let admin_url = cli
-        .database_url
-        .clone()
-        .or_else(|| std::env::var("DATABASE_URL").ok());
-    let (server, admin_url) = match admin_url {
-        Some(url) => (None, url),
-        None => {
-            step("PostgreSQL: starting a throwaway local cluster (fsync on)");
-            let server = ThrowawayPostgres::start(PostgresOptions {
-                durable: true,
-                ..PostgresOptions::default()
-            })?;
-            let url = server.url("postgres");
-            (Some(server), url)
-        }
-    };
-    step(&format!(
-        "PostgreSQL: {} (a fresh database per run)",
-        crate::config::describe_database(&admin_url)
-    ));
+    let (server, admin_url) = given_or_throwaway_database(cli, durable, step)?;
     let mut bench = Bench {
         rt: runtime()?,
         admin_url,
@@ -338,7 +320,7 @@ impl Bench {
     fn fresh_database(&mut self) -> anyhow::Result<String> {
         self.runs += 1;
         let name = format!("inventory_bench_{}_{}", std::process::id(), self.runs);
-        let url = with_database(&self.admin_url, &name)?;
+        let url = store::with_database(&self.admin_url, &name)?;
         self.rt.block_on(async {
             let admin = store::connect(&self.admin_url).await?;
             admin
@@ -666,13 +648,6 @@ fn quantile(cumulative: &[(f64, f64)], q: f64) -> Option<f64> {
         lower = (le, count);
     }
     None
-}
-
-fn with_database(url: &str, name: &str) -> anyhow::Result<String> {
-    let mut parsed = url::Url::parse(url)
-        .with_context(|| "--database-url must be a postgres:// URL for the benchmark")?;
-    parsed.set_path(&format!("/{name}"));
-    Ok(parsed.into())
 }
 
 fn wait_for(limit: Duration, mut done: impl FnMut() -> bool) -> anyhow::Result<()> {

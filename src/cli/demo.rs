@@ -14,10 +14,10 @@ use anyhow::Context;
 use clap::Args;
 
 use crate::cli::produce::send;
-use crate::cli::{Cli, EXIT_VERIFY_FAILED, runtime};
+use crate::cli::{Cli, EXIT_VERIFY_FAILED, given_or_throwaway_database, log_dir, runtime};
 use crate::config::Settings;
 use crate::embedded::broker::{BrokerOptions, EmbeddedBroker};
-use crate::embedded::postgres::{PostgresOptions, ThrowawayPostgres};
+use crate::embedded::postgres::PostgresOptions;
 use crate::embedded::replica::{LogSummary, ReplicaProcess};
 use crate::stats::StatsSnapshot;
 use crate::store::{self, audit};
@@ -71,31 +71,9 @@ const CHANGES: [(f64, Change); 4] = [
 
 pub fn main(cli: &Cli, args: &DemoArgs) -> anyhow::Result<ExitCode> {
     crate::telemetry::init(None, "warn");
-    let logs = match &args.logs {
-        Some(dir) => dir.clone(),
-        None => std::env::temp_dir().join(format!("inventory-demo-{}", std::process::id())),
-    };
-    std::fs::create_dir_all(&logs).context("creating the log directory")?;
-
-    let database_url = cli
-        .database_url
-        .clone()
-        .or_else(|| std::env::var("DATABASE_URL").ok());
-    let (_server, database_url) = match database_url {
-        Some(url) => {
-            step(&format!(
-                "PostgreSQL: using {}",
-                crate::config::describe_database(&url)
-            ));
-            (None, url)
-        }
-        None => {
-            step("PostgreSQL: starting a throwaway local cluster");
-            let server = ThrowawayPostgres::start(PostgresOptions::default())?;
-            let url = server.url("postgres");
-            (Some(server), url)
-        }
-    };
+    let logs = log_dir(args.logs.as_ref(), "inventory-demo")?;
+    let (_server, database_url) =
+        given_or_throwaway_database(cli, PostgresOptions::default(), step)?;
     let broker = EmbeddedBroker::start(&BrokerOptions {
         partitions: args.partitions,
         ..BrokerOptions::default()

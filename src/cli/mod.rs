@@ -14,6 +14,7 @@ pub mod verify;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 use crate::config::{ConfigError, Needs, Settings, parse_key_value};
@@ -140,4 +141,44 @@ pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?)
+}
+
+/// The demo's and the benchmark's PostgreSQL: `--database-url` (or `DATABASE_URL`), else a
+/// throwaway local cluster started with `options` (kept running while the handle lives).
+/// `say` tells the user which.
+pub fn given_or_throwaway_database(
+    cli: &Cli,
+    options: crate::embedded::postgres::PostgresOptions,
+    say: impl Fn(&str),
+) -> anyhow::Result<(Option<crate::embedded::postgres::ThrowawayPostgres>, String)> {
+    let given = cli
+        .database_url
+        .clone()
+        .or_else(|| std::env::var("DATABASE_URL").ok());
+    Ok(match given {
+        Some(url) => {
+            say(&format!(
+                "PostgreSQL: using {}",
+                crate::config::describe_database(&url)
+            ));
+            (None, url)
+        }
+        None => {
+            say("PostgreSQL: starting a throwaway local cluster");
+            let server = crate::embedded::postgres::ThrowawayPostgres::start(options)?;
+            let url = server.url("postgres");
+            (Some(server), url)
+        }
+    })
+}
+
+/// `--logs DIR`, else a new directory `<temp>/<prefix>-<pid>`; created.
+pub fn log_dir(given: Option<&PathBuf>, prefix: &str) -> anyhow::Result<PathBuf> {
+    let dir = match given {
+        Some(dir) => dir.clone(),
+        None => std::env::temp_dir().join(format!("{prefix}-{}", std::process::id())),
+    };
+    std::fs::create_dir_all(&dir)
+        .with_context(|| format!("creating the log directory {}", dir.display()))?;
+    Ok(dir)
 }

@@ -48,6 +48,17 @@ pub async fn pool(settings: &DatabaseSettings) -> Result<Pool, Failure> {
         .build_unchecked(manager))
 }
 
+/// `url` (a `postgres://` URL) naming database `name` instead.
+pub fn with_database(url: &str, name: &str) -> Result<String, Failure> {
+    let mut parsed = url::Url::parse(url).map_err(|e| {
+        Failure::Fatal(format!(
+            "not a postgres:// URL ({e}): a database cannot be named in it"
+        ))
+    })?;
+    parsed.set_path(&format!("/{name}"));
+    Ok(parsed.into())
+}
+
 /// One connection outside any pool, with its driver task spawned.
 pub async fn connect(url: &str) -> Result<tokio_postgres::Client, Failure> {
     let tls::Target { config, tls } = tls::target(url)?;
@@ -58,4 +69,18 @@ pub async fn connect(url: &str) -> Result<tokio_postgres::Client, Failure> {
         }
     });
     Ok(client)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn with_database_replaces_only_the_name() {
+        assert_eq!(
+            with_database("postgres://u:p@db:5432/admin?sslmode=require", "run_1"),
+            Ok("postgres://u:p@db:5432/run_1?sslmode=require".to_owned())
+        );
+        assert!(with_database("host=db user=u", "x").is_err());
+    }
 }

@@ -88,7 +88,8 @@ impl TestDb {
                     .await
                     .expect("creating the test database");
                 TestDb {
-                    url: with_database(&admin, &name),
+                    url: inventory_consumer::store::with_database(&admin, &name)
+                        .expect("TEST_DATABASE_URL names a database"),
                     server: None,
                     shared: Some((admin, name)),
                 }
@@ -175,20 +176,6 @@ pub async fn connect(url: &str) -> tokio_postgres::Client {
         .unwrap_or_else(|e| panic!("connecting to the test database: {e}"));
     tokio::spawn(conn);
     client
-}
-
-/// `url` with its database name replaced.
-fn with_database(url: &str, name: &str) -> String {
-    let (base, query) = match url.split_once('?') {
-        Some((b, q)) => (b, format!("?{q}")),
-        None => (url, String::new()),
-    };
-    let authority_start = base.find("://").map_or(0, |i| i + 3);
-    let root = match base[authority_start..].find('/') {
-        Some(i) => &base[..authority_start + i],
-        None => base,
-    };
-    format!("{root}/{name}{query}")
 }
 
 /// One test's world: a database, an embedded broker, a directory for files and logs.
@@ -494,16 +481,7 @@ impl Replica {
             &format!("{} to serve HTTP", self.name()),
             Duration::from_secs(30),
             || {
-                addr = self
-                    .log_entries()
-                    .iter()
-                    .find(|e| {
-                        e["message"]
-                            .as_str()
-                            .is_some_and(|m| m.starts_with("HTTP endpoints listening"))
-                    })
-                    .and_then(|e| e["addr"].as_str().map(str::to_owned))
-                    .unwrap_or_default();
+                addr = self.process.http_addr().unwrap_or_default();
                 let found = !addr.is_empty();
                 async move { found }
             },
@@ -617,32 +595,23 @@ impl Drop for Replica {
     }
 }
 
-/// A plain HTTP/1.1 GET (enough for probes and metrics): (status, body).
+/// GET on a replica's HTTP endpoints: (status, body).
 pub fn http_get(addr: &str, path: &str) -> (u16, String) {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(addr).expect("connecting to the replica");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("timeout");
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .expect("sending the request");
-    let mut response = String::new();
-    stream
-        .read_to_string(&mut response)
-        .expect("reading the response");
-    let status = response
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
+    // 503 is an answer to look at here, not an error.
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(10)))
+        .build()
+        .into();
+    let mut response = agent
+        .get(format!("http://{addr}{path}"))
+        .call()
+        .expect("requesting from the replica");
     let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    (status, body)
+        .body_mut()
+        .read_to_string()
+        .expect("reading the response");
+    (response.status().as_u16(), body)
 }
 
 /// Sum of a Prometheus metric's samples whose labels contain every one of `labels`
