@@ -7,6 +7,10 @@
 //! A batch still failing after `retry_deadline_ms` is fatal. When told to stop (partition
 //! revoked, shutdown) the worker finishes the transaction in progress, if any, and exits;
 //! deliveries not yet in a transaction are left to whoever reads the partition next.
+//!
+//! Within one ownership offsets only move forward: a delivery at or below one already taken
+//! (librdkafka can rewind its fetch by a message around a cooperative rebalance, as in
+//! librdkafka #4637) is already in a batch here, and is dropped rather than applied again.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -59,6 +63,29 @@ pub struct PartitionWorker {
     pub deliveries: mpsc::Receiver<Delivery>,
     pub stop: CancellationToken,
     pub ctx: WorkerContext,
+    pub gate: ForwardOnly,
+}
+
+/// Admits offsets that move forward only: the first one, then only beyond the last admitted.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct ForwardOnly {
+    next: Option<i64>,
+}
+
+impl ForwardOnly {
+    /// `next`: the first offset expected (everything before it is done), if known.
+    pub fn from(next: Option<i64>) -> Self {
+        ForwardOnly { next }
+    }
+
+    /// Whether `offset` is new; if so, it becomes the last admitted.
+    fn admit(&mut self, offset: i64) -> bool {
+        if self.next.is_some_and(|next| offset < next) {
+            return false;
+        }
+        self.next = Some(offset + 1);
+        true
+    }
 }
 
 impl PartitionWorker {
@@ -89,13 +116,15 @@ impl PartitionWorker {
 
     /// Waits for the next batch; `None` when stopped or the partition's channel closed.
     async fn collect(&mut self) -> Option<Batch> {
-        let first = tokio::select! {
-            biased;
-            _ = self.stop.cancelled() => return None,
-            d = self.deliveries.recv() => d?,
-        };
         let mut batch = Batch::default();
-        batch.push(first);
+        while batch.is_empty() {
+            let d = tokio::select! {
+                biased;
+                _ = self.stop.cancelled() => return None,
+                d = self.deliveries.recv() => d?,
+            };
+            self.take(&mut batch, d);
+        }
         let deadline = Instant::now() + self.ctx.linger;
         while batch.len() < self.ctx.batch_max_events && batch.line_count() < MAX_LINES_PER_BATCH {
             tokio::select! {
@@ -103,12 +132,26 @@ impl PartitionWorker {
                 _ = self.stop.cancelled() => return None,
                 _ = sleep_until(deadline) => break,
                 d = self.deliveries.recv() => match d {
-                    Some(d) => batch.push(d),
+                    Some(d) => self.take(&mut batch, d),
                     None => break,
                 },
             }
         }
         Some(batch)
+    }
+
+    /// Adds `d` to the batch unless this ownership already took its offset.
+    fn take(&mut self, batch: &mut Batch, d: Delivery) {
+        if !self.gate.admit(d.offset) {
+            metrics::counter!(crate::metrics::REWOUND).increment(1);
+            tracing::warn!(
+                partition = self.partition,
+                offset = d.offset,
+                "delivery at an offset already taken; dropped"
+            );
+            return;
+        }
+        batch.push(d);
     }
 
     /// `Err(Some(_))`: fatal; `Err(None)`: abandoned because the worker was told to stop.
@@ -168,5 +211,27 @@ impl PartitionWorker {
                 Err(fatal) => return Err(Some(fatal)),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ForwardOnly;
+
+    #[test]
+    fn admits_only_offsets_beyond_the_last_admitted() {
+        let mut gate = ForwardOnly::from(None);
+        assert!(gate.admit(40));
+        assert!(gate.admit(41));
+        assert!(!gate.admit(41), "the same offset again");
+        assert!(!gate.admit(7), "a rewind");
+        assert!(gate.admit(45), "a gap (compaction, transactions) moves on");
+
+        let mut resumed = ForwardOnly::from(Some(100));
+        assert!(
+            !resumed.admit(99),
+            "before the recorded offset: already applied"
+        );
+        assert!(resumed.admit(100));
     }
 }

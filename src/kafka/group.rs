@@ -31,7 +31,7 @@ use crate::domain::Delivery;
 use crate::http::Health;
 use crate::kafka::membership::{Membership, Revocation};
 use crate::store::load_offsets;
-use crate::worker::{PartitionWorker, WorkerContext};
+use crate::worker::{ForwardOnly, PartitionWorker, WorkerContext};
 
 /// Deliveries buffered per partition between the poll thread and its worker. When a worker
 /// falls behind, the poll thread waits for room instead of buffering without limit. One
@@ -126,6 +126,8 @@ impl GroupContext {
                 deliveries: rx,
                 stop: stop.clone(),
                 ctx: self.ctx.clone(),
+                // Everything before the recorded offset is in the database already.
+                gate: ForwardOnly::from(resumed.get(&partition).copied()),
             };
             let task = self.runtime.spawn(worker.run());
             state.workers.insert(

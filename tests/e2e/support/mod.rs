@@ -187,7 +187,11 @@ pub struct TestEnv {
 
 impl TestEnv {
     pub async fn new(partitions: i32) -> TestEnv {
-        let dir = tempfile::tempdir().expect("tempdir");
+        // TEST_KEEP_DIR keeps the logs and files of every test for a look afterwards.
+        let dir = tempfile::Builder::new()
+            .disable_cleanup(std::env::var_os("TEST_KEEP_DIR").is_some())
+            .tempdir()
+            .expect("tempdir");
         let broker = Broker::start(dir.path(), partitions).await;
         let db = TestDb::new().await;
         TestEnv { db, broker, dir }
