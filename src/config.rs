@@ -63,6 +63,9 @@ pub struct DatabaseSettings {
     pub statement_timeout_ms: u64,
     /// Longest a statement may wait for a lock (an advisory lock held by a stuck session).
     pub lock_timeout_ms: u64,
+    /// Longest a session may sit inside a transaction doing nothing before the server ends it,
+    /// releasing its locks: a replica paused mid-batch blocks the others no longer than this.
+    pub idle_in_transaction_timeout_ms: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -120,6 +123,7 @@ impl Default for Settings {
                 connect_timeout_ms: 10_000,
                 statement_timeout_ms: 30_000,
                 lock_timeout_ms: 10_000,
+                idle_in_transaction_timeout_ms: 10_000,
             },
             processing: ProcessingSettings {
                 batch_max_events: 500,
@@ -278,6 +282,10 @@ impl Settings {
             ("database.connect_timeout_ms", db.connect_timeout_ms),
             ("database.statement_timeout_ms", db.statement_timeout_ms),
             ("database.lock_timeout_ms", db.lock_timeout_ms),
+            (
+                "database.idle_in_transaction_timeout_ms",
+                db.idle_in_transaction_timeout_ms,
+            ),
         ] {
             if value == 0 {
                 return Err(ConfigError::key(key, "must be > 0"));

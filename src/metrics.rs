@@ -16,6 +16,7 @@ pub const COMMITTED_OFFSET: &str = "inventory_partition_committed_offset";
 pub const LAG: &str = "inventory_partition_lag";
 pub const REBALANCES: &str = "inventory_rebalances_total";
 pub const ASSIGNED: &str = "inventory_assigned_partitions";
+pub const FENCED: &str = "inventory_fenced_batches_total";
 pub const REWOUND: &str = "inventory_rewound_deliveries_total";
 
 /// Produce-to-commit latency buckets, 1-2-5 steps from 1 ms to 5 min: fine enough for the
@@ -88,6 +89,10 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
         "Rebalance events, by kind (assign, revoke, lost)."
     );
     describe_gauge!(ASSIGNED, "Partitions this replica owns.");
+    describe_counter!(
+        FENCED,
+        "Batches rolled back because another replica claimed the partition since (a zombie)."
+    );
     describe_counter!(
         REWOUND,
         "Deliveries the client handed over again within one ownership of a partition, dropped."

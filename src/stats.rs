@@ -18,6 +18,7 @@ pub struct Stats {
     batches: AtomicU64,
     retries: AtomicU64,
     abandoned_batches: AtomicU64,
+    fenced_batches: AtomicU64,
     partitions_assigned: AtomicU64,
     partitions_revoked: AtomicU64,
     partitions_lost: AtomicU64,
@@ -33,6 +34,9 @@ pub struct StatsSnapshot {
     pub batches: u64,
     pub retries: u64,
     pub abandoned_batches: u64,
+    /// Batches rolled back because another replica had claimed the partition since.
+    #[serde(default)]
+    pub fenced_batches: u64,
     /// Partitions this replica was given, gave up with a commit, and lost without one.
     pub partitions_assigned: u64,
     pub partitions_revoked: u64,
@@ -61,6 +65,11 @@ impl Stats {
         self.abandoned_batches.fetch_add(1, Relaxed);
     }
 
+    pub fn record_fenced(&self) {
+        metrics::counter!(m::FENCED).increment(1);
+        self.fenced_batches.fetch_add(1, Relaxed);
+    }
+
     pub fn record_assigned(&self, n: usize) {
         metrics::counter!(m::REBALANCES, "kind" => "assign").increment(1);
         self.partitions_assigned.fetch_add(n as u64, Relaxed);
@@ -85,6 +94,7 @@ impl Stats {
             batches: self.batches.load(Relaxed),
             retries: self.retries.load(Relaxed),
             abandoned_batches: self.abandoned_batches.load(Relaxed),
+            fenced_batches: self.fenced_batches.load(Relaxed),
             partitions_assigned: self.partitions_assigned.load(Relaxed),
             partitions_revoked: self.partitions_revoked.load(Relaxed),
             partitions_lost: self.partitions_lost.load(Relaxed),
@@ -104,6 +114,7 @@ impl std::ops::Add for StatsSnapshot {
             batches: self.batches + b.batches,
             retries: self.retries + b.retries,
             abandoned_batches: self.abandoned_batches + b.abandoned_batches,
+            fenced_batches: self.fenced_batches + b.fenced_batches,
             partitions_assigned: self.partitions_assigned + b.partitions_assigned,
             partitions_revoked: self.partitions_revoked + b.partitions_revoked,
             partitions_lost: self.partitions_lost + b.partitions_lost,

@@ -23,7 +23,7 @@ use tracing::Instrument;
 use crate::domain::{Batch, Delivery};
 use crate::kafka::offsets::OffsetTracker;
 use crate::stats::Stats;
-use crate::store::{Failure, Guards, Pool, Source, apply_batch};
+use crate::store::{BatchOutcome, Failure, Guards, Pool, Source, apply_batch, claim};
 
 /// Each distinct SKU of a batch holds one advisory lock until commit, and PostgreSQL's shared
 /// lock table holds `max_locks_per_transaction × max_connections` locks in all (6,400 with
@@ -46,6 +46,8 @@ fn record_latency(batch: &Batch) {
 #[derive(Clone)]
 pub struct WorkerContext {
     pub source: Source,
+    /// This replica's name as a partition owner in the database.
+    pub owner: String,
     pub pool: Pool,
     pub batch_max_events: usize,
     pub linger: Duration,
@@ -64,6 +66,9 @@ pub struct PartitionWorker {
     pub stop: CancellationToken,
     pub ctx: WorkerContext,
     pub gate: ForwardOnly,
+    /// The epoch this worker claimed its partition with; `None` until claimed (when the claim
+    /// during the assignment failed, the worker claims before its first batch).
+    pub epoch: Option<i64>,
 }
 
 /// Admits offsets that move forward only: the first one, then only beyond the last admitted.
@@ -104,6 +109,16 @@ impl PartitionWorker {
             );
             match self.apply_with_retry(&batch).instrument(span).await {
                 Ok(()) => {}
+                Err(Some(Failure::Fenced(why))) => {
+                    // Not fatal: the partition is someone else's now; the group tells us soon.
+                    self.ctx.stats.record_fenced();
+                    tracing::warn!(
+                        partition = self.partition,
+                        reason = %why,
+                        "fenced: another replica owns this partition now; its work here is abandoned"
+                    );
+                    break;
+                }
                 Err(Some(fatal)) => {
                     let _ = self.ctx.fatal.send(fatal);
                     break;
@@ -155,7 +170,7 @@ impl PartitionWorker {
     }
 
     /// `Err(Some(_))`: fatal; `Err(None)`: abandoned because the worker was told to stop.
-    async fn apply_with_retry(&self, batch: &Batch) -> Result<(), Option<Failure>> {
+    async fn apply_with_retry(&mut self, batch: &Batch) -> Result<(), Option<Failure>> {
         let Some((first, last)) = batch.offsets() else {
             return Ok(());
         };
@@ -163,7 +178,7 @@ impl PartitionWorker {
         let mut backoff = FIRST_BACKOFF;
         loop {
             let attempt = Instant::now();
-            match apply_batch(&self.ctx.pool, &self.ctx.source, batch, self.ctx.guards).await {
+            match self.attempt(batch).await {
                 Ok(outcome) => {
                     record_latency(batch);
                     metrics::histogram!(crate::metrics::APPLY_SECONDS)
@@ -208,9 +223,44 @@ impl PartitionWorker {
                         self.partition, self.ctx.retry_deadline
                     ))));
                 }
-                Err(fatal) => return Err(Some(fatal)),
+                Err(other) => return Err(Some(other)),
             }
         }
+    }
+
+    /// One try: claim the partition if that is still to do, then apply the batch.
+    async fn attempt(&mut self, batch: &Batch) -> Result<BatchOutcome, Failure> {
+        let epoch = match self.epoch {
+            Some(epoch) => epoch,
+            None => {
+                let claims = claim(
+                    &self.ctx.pool,
+                    &self.ctx.source,
+                    &self.ctx.owner,
+                    &[self.partition],
+                )
+                .await?;
+                let epoch = claims
+                    .get(&self.partition)
+                    .map(|c| c.epoch)
+                    .ok_or_else(|| {
+                        Failure::Fatal(format!(
+                            "claiming partition {} returned no row",
+                            self.partition
+                        ))
+                    })?;
+                self.epoch = Some(epoch);
+                epoch
+            }
+        };
+        apply_batch(
+            &self.ctx.pool,
+            &self.ctx.source,
+            batch,
+            self.ctx.guards,
+            epoch,
+        )
+        .await
     }
 }
 

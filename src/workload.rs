@@ -163,26 +163,107 @@ impl Generator {
         }
     }
 
-    /// A malformed message, cycling through the ways producers get it wrong.
+    /// A bad message: one of the ways producers get it wrong, or hostile input. Each one is
+    /// dead-lettered by a correct consumer (the oracle decodes it with the same decoder).
     fn malformed(&mut self) -> Message {
         let sku = self.pick_sku();
-        let n = self.rng.random_range(0..9);
-        let value: Vec<u8> = match n {
-            0 => b"{not json".to_vec(),
-            1 => vec![0xff, 0xfe, b'{', 0x80],
-            2 => format!(r#"{{"type":"sale","sku":"{sku}","quantity":1}}"#).into_bytes(),
-            3 => format!(r#"{{"event_id":"bad-{}","type":"sale","sku":"{sku}","quantity":-4}}"#, self.rng.random::<u32>()).into_bytes(),
-            4 => format!(r#"{{"event_id":"bad-{}","type":"gift","sku":"{sku}","quantity":1}}"#, self.rng.random::<u32>()).into_bytes(),
-            5 => r#"{"event_id":"bad-sku","type":"restock","sku":"'; DROP TABLE products; --","quantity":1}"#.as_bytes().to_vec(),
-            6 => format!(r#"{{"event_id":"bad-{}","type":"restock","sku":"{sku}","quantity":"ten"}}"#, self.rng.random::<u32>()).into_bytes(),
-            // Valid JSON that PostgreSQL text could not store.
-            7 => format!(r#"{{"event_id":"nul\u0000{}","type":"restock","sku":"{sku}","quantity":1}}"#, self.rng.random::<u32>()).into_bytes(),
-            _ => b"[]".to_vec(),
-        };
-        Message {
-            key: Some(sku),
-            value,
+        let tag: u32 = self.rng.random();
+        // Rare, because one is 2 MiB: the broker keeps a few MiB per partition in tests.
+        if self.rng.random_ratio(1, 2_000) {
+            let pad = "x".repeat(2 * 1024 * 1024);
+            return keyed(
+                &sku,
+                format!(
+                    r#"{{"event_id":"huge-{tag}","type":"restock","sku":"{sku}","quantity":1,"pad":"{pad}"}}"#
+                ),
+            );
         }
+        let value = match self.rng.random_range(0..20) {
+            0 => "{not json".to_owned(),
+            1 => {
+                return Message {
+                    key: Some(sku),
+                    value: vec![0xff, 0xfe, b'{', 0x80],
+                };
+            }
+            2 => format!(r#"{{"type":"sale","sku":"{sku}","quantity":1}}"#),
+            3 => format!(r#"{{"event_id":"bad-{tag}","type":"sale","sku":"{sku}","quantity":-4}}"#),
+            4 => format!(r#"{{"event_id":"bad-{tag}","type":"gift","sku":"{sku}","quantity":1}}"#),
+            5 => format!(
+                r#"{{"event_id":"bad-{tag}","type":"restock","sku":"'; DROP TABLE products; --","quantity":1}}"#
+            ),
+            6 => format!(
+                r#"{{"event_id":"bad-{tag}","type":"restock","sku":"{sku}","quantity":"ten"}}"#
+            ),
+            // Valid JSON that PostgreSQL text could not store.
+            7 => format!(
+                r#"{{"event_id":"nul\u0000{tag}","type":"restock","sku":"{sku}","quantity":1}}"#
+            ),
+            8 => "[]".to_owned(),
+            // Overflows i64, and beyond the contract's bound.
+            9 => format!(
+                r#"{{"event_id":"bad-{tag}","type":"restock","sku":"{sku}","quantity":92233720368547758070}}"#
+            ),
+            10 => format!(
+                r#"{{"event_id":"bad-{tag}","type":"restock","sku":"{sku}","quantity":1000000001}}"#
+            ),
+            11 => {
+                let line = format!(r#"{{"sku":"{sku}","quantity":1}}"#);
+                let lines = vec![line; 101].join(",");
+                format!(r#"{{"event_id":"bad-{tag}","type":"restock","lines":[{lines}]}}"#)
+            }
+            12 => format!(
+                r#"{{"event_id":"bad-{tag}","type":"restock","sku":"{}","quantity":1}}"#,
+                "S".repeat(65)
+            ),
+            13 => format!(
+                r#"{{"event_id":"bad-{tag}","type":"restock","sku":"SKU-ü-🙂","quantity":1}}"#
+            ),
+            14 => format!(r#"{{"event_id":{tag},"type":"restock","sku":"{sku}","quantity":1}}"#),
+            15 => format!(
+                r#"{{"event_id":"bad-{tag}","type":"restock","sku":"{sku}","quantity":1.5}}"#
+            ),
+            // Nested deeper than the JSON parser's recursion limit.
+            16 => format!("{}{}", "[".repeat(200), "]".repeat(200)),
+            17 => format!(
+                r#"{{"event_id":"bad-{tag}","type":"restock","sku":"{sku}","quantity":1,"reason":"{}"}}"#,
+                "r".repeat(300)
+            ),
+            // No key at all (keys are optional; this body is bad anyway).
+            18 => {
+                return Message {
+                    key: None,
+                    value: format!(r#"{{"event_id":"bad-{tag}","type":"sale"}}"#).into_bytes(),
+                };
+            }
+            // A recent event id again with a different body: `event_id_conflict`. Same key,
+            // sent after the original, so it reaches the consumer after it.
+            _ => match self.conflicting_copy() {
+                Some(m) => return m,
+                None => "{}".to_owned(),
+            },
+        };
+        keyed(&sku, value)
+    }
+
+    /// A recent event with its quantity changed.
+    fn conflicting_copy(&mut self) -> Option<Message> {
+        let i = self.rng.random_range(0..self.recent.len().max(1));
+        let original = self.recent.get(i)?;
+        let mut value: serde_json::Value = serde_json::from_slice(&original.value).ok()?;
+        let quantity = value.get("quantity")?.as_i64()?;
+        value["quantity"] = serde_json::json!(quantity + 1);
+        Some(Message {
+            key: original.key.clone(),
+            value: value.to_string().into_bytes(),
+        })
+    }
+}
+
+fn keyed(sku: &str, value: String) -> Message {
+    Message {
+        key: Some(sku.to_owned()),
+        value: value.into_bytes(),
     }
 }
 

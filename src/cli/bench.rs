@@ -374,13 +374,19 @@ impl Bench {
                     group: "bench".into(),
                     topic: "bench".into(),
                 };
+                let all: Vec<i32> = (0..batches.len() as i32).collect();
+                let claims = store::claim(&pool, &source, "bench", &all).await?;
                 let started = Instant::now();
                 let mut tasks = tokio::task::JoinSet::new();
-                for partition in batches {
+                for (partition, batches) in batches.into_iter().enumerate() {
                     let (pool, source) = (pool.clone(), source.clone());
+                    let epoch = claims
+                        .get(&(partition as i32))
+                        .map(|c| c.epoch)
+                        .context("a partition left unclaimed")?;
                     tasks.spawn(async move {
-                        for batch in &partition {
-                            apply_batch(&pool, &source, batch, Guards::On).await?;
+                        for batch in &batches {
+                            apply_batch(&pool, &source, batch, Guards::On, epoch).await?;
                         }
                         anyhow::Ok(())
                     });

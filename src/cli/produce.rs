@@ -32,7 +32,8 @@ pub struct ProduceArgs {
     /// Share of events re-sent unchanged later (duplicates the consumer must skip).
     #[arg(long, default_value_t = 0.0)]
     pub duplicates: f64,
-    /// Share of malformed messages mixed in (dead letters).
+    /// Share of bad messages mixed in, all to be dead-lettered: malformed, hostile (overflowing
+    /// numbers, deep nesting, SQL in SKUs, 2 MiB values, no key...) and reused event ids.
     #[arg(long, default_value_t = 0.0)]
     pub invalid: f64,
     /// Random seed (printed when not given, to reproduce a run).

@@ -105,6 +105,7 @@ async fn run(
             group: settings.kafka.group_id.clone(),
             topic: settings.kafka.topic.clone(),
         },
+        owner: crate::kafka::client::client_id(),
         pool,
         batch_max_events: settings.processing.batch_max_events,
         linger: Duration::from_millis(settings.processing.batch_linger_ms),

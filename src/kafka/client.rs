@@ -50,6 +50,9 @@ pub fn producer_config(settings: &Settings) -> ClientConfig {
         .set("enable.idempotence", "true")
         .set("acks", "all")
         .set("linger.ms", "5")
+        // Room for the oversized messages of the bad-input mix (the consumer dead-letters
+        // anything over 1 MiB; a real broker may refuse them first: its own limit applies).
+        .set("message.max.bytes", "4194304")
         .set("client.id", client_id());
     // Shared with the consumer: librdkafka ignores (and logs) consumer-only properties.
     for (name, value) in settings.kafka_properties() {
@@ -58,7 +61,8 @@ pub fn producer_config(settings: &Settings) -> ClientConfig {
     config
 }
 
-fn client_id() -> String {
+/// This process's name towards Kafka, and as a partition's owner in the database.
+pub fn client_id() -> String {
     let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "local".into());
     format!("inventory-consumer-{host}-{}", std::process::id())
 }

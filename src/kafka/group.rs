@@ -6,8 +6,10 @@
 //! thread (see [`super::consumer`]), so blocking here to drain cannot starve the async runtime
 //! that the partition workers run on.
 //!
-//! - **assign**: start each new partition where the database says it stands (the offset
-//!   recorded with its last batch, else Kafka's committed offset), one worker per partition.
+//! - **assign**: claim each new partition in the database (a new epoch, which fences off any
+//!   previous owner: [`crate::store::ownership`]), start it where the database says it stands
+//!   (the offset recorded with its last batch, else Kafka's committed offset), one worker per
+//!   partition.
 //! - **revoke**: stop dispatching to those partitions, tell their workers to stop (each finishes
 //!   the transaction it is in), wait for them up to the drain timeout, then commit their
 //!   processed offsets synchronously, before librdkafka gives the partitions up.
@@ -30,7 +32,7 @@ use tokio_util::sync::CancellationToken;
 use crate::domain::Delivery;
 use crate::http::Health;
 use crate::kafka::membership::{Membership, Revocation};
-use crate::store::load_offsets;
+use crate::store::{Claim, claim};
 use crate::worker::{ForwardOnly, PartitionWorker, WorkerContext};
 
 /// Deliveries buffered per partition between the poll thread and its worker. When a worker
@@ -39,8 +41,9 @@ use crate::worker::{ForwardOnly, PartitionWorker, WorkerContext};
 /// many partitions (64 partitions: about 8 MiB at most).
 const PARTITION_QUEUE: usize = 500;
 
-/// Bound on reading the recorded offsets during an assignment (the group waits for us).
-const LOAD_OFFSETS_TIMEOUT: Duration = Duration::from_secs(5);
+/// Bound on claiming partitions during an assignment (the group waits for us). A claim waits
+/// for a previous owner's batch in flight; past this, each worker claims before its first batch.
+const CLAIM_TIMEOUT: Duration = Duration::from_secs(5);
 
 struct WorkerHandle {
     deliveries: mpsc::Sender<Delivery>,
@@ -108,17 +111,19 @@ impl GroupContext {
         self.state().membership.owned()
     }
 
-    /// Starts workers for new partitions. `resumed` are the offsets they start from when the
-    /// database had them: they count as processed, so Kafka's committed offsets catch up
-    /// (lag monitoring) even before the first new batch.
-    fn assign(&self, partitions: &[i32], resumed: &HashMap<i32, i64>) {
+    /// Starts workers for new partitions. `claims` hold their epochs and the offsets they
+    /// start from when the database had them: those count as processed, so Kafka's committed
+    /// offsets catch up (lag monitoring) even before the first new batch.
+    fn assign(&self, partitions: &[i32], claims: &HashMap<i32, Claim>) {
         let mut state = self.state();
         let started = state.membership.assign(partitions);
         for &partition in &started {
             let (tx, rx) = mpsc::channel(PARTITION_QUEUE);
             let stop = self.shutdown.child_token();
             self.ctx.offsets.assign(partition);
-            if let Some(&next) = resumed.get(&partition) {
+            let claim = claims.get(&partition);
+            let resumed = claim.and_then(|c| c.next_offset);
+            if let Some(next) = resumed {
                 self.ctx.offsets.processed(partition, next);
             }
             let worker = PartitionWorker {
@@ -127,7 +132,8 @@ impl GroupContext {
                 stop: stop.clone(),
                 ctx: self.ctx.clone(),
                 // Everything before the recorded offset is in the database already.
-                gate: ForwardOnly::from(resumed.get(&partition).copied()),
+                gate: ForwardOnly::from(resumed),
+                epoch: claim.map(|c| c.epoch),
             };
             let task = self.runtime.spawn(worker.run());
             state.workers.insert(
@@ -148,36 +154,51 @@ impl GroupContext {
         );
     }
 
-    /// Sets each newly assigned partition's start to the offset recorded with its last batch,
-    /// which is never behind Kafka's committed offset and is there even when a commit on
-    /// revoke was refused. Without a record (or a database), Kafka's committed offset holds.
-    fn resume_from_database(
+    /// Claims the newly assigned partitions and sets each one's start to the offset recorded
+    /// with its last batch, which is never behind Kafka's committed offset and is there even
+    /// when a commit on revoke was refused. If the claim fails or times out, Kafka's committed
+    /// offsets hold (at worst some redelivery, which dedupe absorbs) and each worker claims
+    /// its partition before its first batch.
+    fn claim_partitions(
         &self,
         tpl: &mut TopicPartitionList,
         partitions: &[i32],
-    ) -> HashMap<i32, i64> {
-        let loaded = self.runtime.block_on(async {
+    ) -> HashMap<i32, Claim> {
+        if partitions.is_empty() {
+            return HashMap::new();
+        }
+        let claimed = self.runtime.block_on(async {
             tokio::time::timeout(
-                LOAD_OFFSETS_TIMEOUT,
-                load_offsets(&self.ctx.pool, &self.ctx.source, partitions),
+                CLAIM_TIMEOUT,
+                claim(
+                    &self.ctx.pool,
+                    &self.ctx.source,
+                    &self.ctx.owner,
+                    partitions,
+                ),
             )
             .await
         });
-        match loaded {
-            Ok(Ok(offsets)) => {
-                for (&p, &next) in &offsets {
-                    let _ =
-                        tpl.set_partition_offset(&self.ctx.source.topic, p, Offset::Offset(next));
+        match claimed {
+            Ok(Ok(claims)) => {
+                for (&p, c) in &claims {
+                    if let Some(next) = c.next_offset {
+                        let _ = tpl.set_partition_offset(
+                            &self.ctx.source.topic,
+                            p,
+                            Offset::Offset(next),
+                        );
+                    }
                 }
-                offsets
+                claims
             }
             Ok(Err(e)) => {
-                tracing::warn!(error = %e, "cannot read recorded offsets; starting from Kafka's committed offsets");
+                tracing::warn!(error = %e, "cannot claim the partitions now; starting from Kafka's committed offsets, workers claim before their first batch");
                 HashMap::new()
             }
             Err(_) => {
                 tracing::warn!(
-                    "reading recorded offsets timed out; starting from Kafka's committed offsets"
+                    "claiming the partitions timed out; starting from Kafka's committed offsets, workers claim before their first batch"
                 );
                 HashMap::new()
             }
@@ -343,8 +364,8 @@ impl ConsumerContext for GroupContext {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
                 // On the way out there is nothing to resume (librdkafka turns the assign into
                 // an unassign during close), so skip the database read.
-                let resumed = if self.state().membership.takes_assignments() {
-                    self.resume_from_database(tpl, &partitions)
+                let claims = if self.state().membership.takes_assignments() {
+                    self.claim_partitions(tpl, &partitions)
                 } else {
                     HashMap::new()
                 };
@@ -354,7 +375,7 @@ impl ConsumerContext for GroupContext {
                     consumer.assign(tpl)
                 };
                 if result.is_ok() {
-                    self.assign(&partitions, &resumed);
+                    self.assign(&partitions, &claims);
                 }
                 result
             }

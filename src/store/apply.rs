@@ -1,5 +1,7 @@
 //! The batch transaction: everything one batch of one partition does, atomically.
 //!
+//! 0. Lock the partition's row in `partition_owners` and check the epoch this owner claimed
+//!    ([`super::ownership`]): a replica that lost the partition aborts here.
 //! 1. `pg_advisory_xact_lock` on every SKU of the batch, keys ascending ([`Batch::lock_keys`]):
 //!    from here until commit no other replica works on these SKUs, and because every transaction
 //!    takes its locks in the same global order, multi-SKU batches cannot deadlock.
@@ -24,6 +26,7 @@ use tokio_postgres::types::{ToSql, Type};
 
 use crate::domain::batch::{BatchPlan, ProductChange};
 use crate::domain::{Batch, StockBook};
+use crate::store::ownership::{FENCE, check_fence};
 use crate::store::{Failure, Pool};
 
 /// Where a batch comes from: its partition's offsets are recorded under this group and topic.
@@ -92,10 +95,6 @@ const RECORD_OFFSET: &str = "
     ON CONFLICT (consumer_group, topic, partition) DO UPDATE
         SET next_offset = greatest(o.next_offset, EXCLUDED.next_offset), updated_at = now()";
 
-const LOAD_OFFSETS: &str = "
-    SELECT partition, next_offset FROM partition_offsets
-    WHERE consumer_group = $1 AND topic = $2 AND partition = ANY($3::int[])";
-
 const INSERT_DEAD_LETTERS: &str = "
     INSERT INTO dead_letters (topic, partition, \"offset\", key, payload, error, detail)
     SELECT $1, $2, d.off, d.key, d.payload, d.error, d.detail
@@ -109,6 +108,7 @@ pub async fn apply_batch(
     source: &Source,
     batch: &Batch,
     guards: Guards,
+    epoch: i64,
 ) -> Result<BatchOutcome, Failure> {
     let (Some(partition), Some((_, last))) = (batch.partition(), batch.offsets()) else {
         return Ok(BatchOutcome::default());
@@ -129,8 +129,13 @@ pub async fn apply_batch(
     let ids_param = [(&ids as &(dyn ToSql + Sync), Type::TEXT_ARRAY)];
     let skus_param = [(&skus as &(dyn ToSql + Sync), Type::TEXT_ARRAY)];
     let keys_param = [(&keys as &(dyn ToSql + Sync), Type::INT8_ARRAY)];
-    // The locks and both reads are sent before any answer is awaited (one round trip). The
-    // server runs them in order, so the reads start once every lock is held.
+    let fence_params: [(&(dyn ToSql + Sync), Type); 3] = [
+        (&source.group, Type::TEXT),
+        (&topic, Type::TEXT),
+        (&partition, Type::INT4),
+    ];
+    // The fence, the locks and both reads are sent before any answer is awaited (one round
+    // trip). The server runs them in order, so the reads start once every lock is held.
     let waiting = std::time::Instant::now();
     let lock = async {
         let locked = unless_empty(keys.is_empty(), tx.execute_typed(LOCK, &keys_param)).await;
@@ -138,10 +143,16 @@ pub async fn apply_batch(
             .record(waiting.elapsed().as_secs_f64());
         locked
     };
-    let (_, recorded_rows, stock_rows) = tokio::try_join!(
+    let (owner, _, recorded_rows, stock_rows) = tokio::try_join!(
+        tx.query_typed_opt(FENCE, &fence_params),
         lock,
         tx.query_typed(RECORDED, &ids_param),
         tx.query_typed(STOCK, &skus_param),
+    )?;
+    check_fence(
+        partition,
+        epoch,
+        owner.map(|row| row.try_get::<_, i64>(0)).transpose()?,
     )?;
     let mut recorded = HashMap::with_capacity(recorded_rows.len());
     for row in recorded_rows {
@@ -344,28 +355,4 @@ impl<'a> DeadLetterRows<'a> {
             details: d.iter().map(|d| d.detail.as_str()).collect(),
         }
     }
-}
-
-/// The recorded next offsets of `partitions` (absent: never processed by this group).
-pub async fn load_offsets(
-    pool: &Pool,
-    source: &Source,
-    partitions: &[i32],
-) -> Result<HashMap<i32, i64>, Failure> {
-    let conn = pool.get().await?;
-    let rows = conn
-        .query_typed(
-            LOAD_OFFSETS,
-            &[
-                (&source.group, Type::TEXT),
-                (&source.topic, Type::TEXT),
-                (&partitions, Type::INT4_ARRAY),
-            ],
-        )
-        .await?;
-    let mut offsets = HashMap::with_capacity(rows.len());
-    for row in rows {
-        offsets.insert(row.try_get::<_, i32>(0)?, row.try_get::<_, i64>(1)?);
-    }
-    Ok(offsets)
 }

@@ -11,6 +11,10 @@ pub enum Failure {
     Transient(String),
     #[error("fatal database failure: {0}")]
     Fatal(String),
+    /// Another replica claimed the partition since this one did (see [`super::ownership`]):
+    /// the batch was rolled back, and this replica must stop working on the partition.
+    #[error("fenced: {0}")]
+    Fenced(String),
 }
 
 impl Failure {
@@ -54,6 +58,10 @@ fn is_transient(code: &SqlState) -> bool {
             | "57" // operator intervention: admin shutdown, crash shutdown, cannot connect now, query canceled
             | "58" // system error (I/O)
     ) || *code == SqlState::LOCK_NOT_AVAILABLE
+        // The server ended a session that sat in a transaction too long (this replica was
+        // paused): a new connection retries, and the fence tells whether the partition is
+        // still ours.
+        || *code == SqlState::IDLE_IN_TRANSACTION_SESSION_TIMEOUT
         // A racing replica recorded the same event id under other locks (a reused id with a
         // different body): retrying sees the row and dead-letters the conflict.
         || *code == SqlState::UNIQUE_VIOLATION

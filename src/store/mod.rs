@@ -4,6 +4,7 @@ pub mod apply;
 pub mod audit;
 pub mod failure;
 pub mod migrate;
+pub mod ownership;
 pub mod tls;
 
 use std::time::Duration;
@@ -11,8 +12,9 @@ use std::time::Duration;
 use bb8_postgres::PostgresConnectionManager;
 use tokio_postgres_rustls::MakeRustlsConnect;
 
-pub use apply::{BatchOutcome, Guards, Source, apply_batch, load_offsets};
+pub use apply::{BatchOutcome, Guards, Source, apply_batch};
 pub use failure::Failure;
+pub use ownership::{Claim, claim};
 
 use crate::config::DatabaseSettings;
 
@@ -27,10 +29,13 @@ pub async fn pool(settings: &DatabaseSettings) -> Result<Pool, Failure> {
         config.application_name("inventory-consumer");
     }
     // Bound every wait: a lock held by a stuck session, a runaway statement, a peer that
-    // vanished without closing the connection. Each surfaces as a transient failure.
+    // vanished without closing the connection. Each surfaces as a transient failure. And a
+    // session of ours that stalls inside a transaction (process paused) is ended by the server.
     let timeouts = format!(
-        "-c statement_timeout={} -c lock_timeout={}",
-        settings.statement_timeout_ms, settings.lock_timeout_ms
+        "-c statement_timeout={} -c lock_timeout={} -c idle_in_transaction_session_timeout={}",
+        settings.statement_timeout_ms,
+        settings.lock_timeout_ms,
+        settings.idle_in_transaction_timeout_ms
     );
     let options = match config.get_options() {
         Some(existing) => format!("{existing} {timeouts}"),

@@ -8,7 +8,10 @@
 
 use std::time::Duration;
 
-use crate::support::{BackgroundProduce, Replica, TestEnv, assert_exclusive_ownership, wait_until};
+use crate::support::{
+    BackgroundProduce, Replica, TestEnv, assert_exclusive_ownership, assert_nothing_applied_twice,
+    wait_until,
+};
 use inventory_consumer::stats::StatsSnapshot;
 use inventory_consumer::workload::Expectation;
 
@@ -158,7 +161,9 @@ impl Scenario {
         })
         .await;
         self.stop_all();
-        assert_exclusive_ownership(&self.replicas.iter().collect::<Vec<_>>());
+        let replicas: Vec<&Replica> = self.replicas.iter().collect();
+        assert_exclusive_ownership(&replicas);
+        assert_nothing_applied_twice(&replicas);
         assert_eq!(
             self.env
                 .db

@@ -1,6 +1,7 @@
 //! End-to-end tests: the real binary as separate processes, an embedded Kafka-protocol broker,
 //! a real PostgreSQL, and the database checked against an oracle of what was produced.
 
+mod faults;
 mod group;
 mod operations;
 mod support;

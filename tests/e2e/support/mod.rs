@@ -534,6 +534,16 @@ impl Replica {
         (status, stats)
     }
 
+    /// SIGSTOP: the process freezes as in a long pause (its sessions and connections stay open).
+    pub fn pause(&self) {
+        nix::sys::signal::kill(self.pid(), Signal::SIGSTOP).expect("pausing a replica");
+    }
+
+    /// SIGCONT after [`Replica::pause`].
+    pub fn resume(&self) {
+        nix::sys::signal::kill(self.pid(), Signal::SIGCONT).expect("resuming a replica");
+    }
+
     /// SIGKILL: no drain, no commit. The replica's log stays readable.
     pub fn kill(&mut self) {
         self.process.kill().expect("killing a replica");
@@ -575,6 +585,29 @@ pub fn assert_exclusive_ownership(replicas: &[&Replica]) {
             assert!(
                 covered,
                 "batch committed outside its replica's ownership: {batch:?}"
+            );
+        }
+    }
+}
+
+/// Checks that no offset of any partition was committed in two batches, by any replicas: every
+/// new owner started where the last commit left the partition, and no stale owner committed
+/// after it (what the database fence guarantees).
+pub fn assert_nothing_applied_twice(replicas: &[&Replica]) {
+    let mut by_partition: BTreeMap<i32, Vec<BatchRecord>> = BTreeMap::new();
+    for r in replicas {
+        for b in r.batches() {
+            by_partition.entry(b.partition).or_default().push(b);
+        }
+    }
+    for batches in by_partition.values_mut() {
+        batches.sort_by_key(|b| (b.first_offset, b.last_offset));
+        for pair in batches.windows(2) {
+            assert!(
+                pair[0].last_offset < pair[1].first_offset,
+                "offsets committed twice: {:?} and {:?}",
+                pair[0],
+                pair[1]
             );
         }
     }

@@ -1,0 +1,111 @@
+//! Partition ownership in the database: the fence against zombies.
+//!
+//! Kafka says who owns a partition, but a replica that lost one without noticing yet (a long
+//! GC-like pause, a session timeout, a network partition) still believes it owns it and may
+//! hold deliveries it has not applied. So ownership is also recorded here: on assignment a
+//! replica *claims* the partition by moving its epoch on, and every batch transaction first
+//! locks the partition's row and checks that the epoch is still the one it claimed. A claim
+//! waits for the batch in flight to finish (the row lock); a batch of an older epoch aborts.
+//! Whatever a stale owner does after the new owner claimed the partition never commits.
+
+use std::collections::HashMap;
+
+use tokio_postgres::types::{ToSql, Type};
+
+use crate::store::{Failure, Pool, Source};
+
+/// Moves each partition's epoch on (1 for a first claim); the row lock makes it wait for the
+/// batch transaction in flight on that partition, if any. Rows are locked in partition order.
+const CLAIM: &str = "
+    INSERT INTO partition_owners AS o (consumer_group, topic, partition, epoch, owner)
+    SELECT $1, $2, p, 1, $4 FROM unnest($3::int[]) AS t(p) ORDER BY p
+    ON CONFLICT (consumer_group, topic, partition) DO UPDATE
+        SET epoch = o.epoch + 1, owner = EXCLUDED.owner, claimed_at = now()
+    RETURNING partition, epoch";
+
+/// Run after the claim, as its own statement: its snapshot then includes the batch that the
+/// claim waited for.
+const LOAD_OFFSETS: &str = "
+    SELECT partition, next_offset FROM partition_offsets
+    WHERE consumer_group = $1 AND topic = $2 AND partition = ANY($3::int[])";
+
+/// The first statement of every batch transaction: holds the partition's row until commit, so
+/// no claim can slip in between this check and the commit.
+pub(crate) const FENCE: &str = "
+    SELECT epoch FROM partition_owners
+    WHERE consumer_group = $1 AND topic = $2 AND partition = $3
+    FOR UPDATE";
+
+/// A claimed partition: the epoch its batches must carry, and where processing stands (the
+/// offset recorded with its last batch; absent if this group never processed it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Claim {
+    pub epoch: i64,
+    pub next_offset: Option<i64>,
+}
+
+/// Claims `partitions` for `owner` (a name for operators: host and process).
+pub async fn claim(
+    pool: &Pool,
+    source: &Source,
+    owner: &str,
+    partitions: &[i32],
+) -> Result<HashMap<i32, Claim>, Failure> {
+    let conn = pool.get().await?;
+    let claim_params: [(&(dyn ToSql + Sync), Type); 4] = [
+        (&source.group, Type::TEXT),
+        (&source.topic, Type::TEXT),
+        (&partitions, Type::INT4_ARRAY),
+        (&owner, Type::TEXT),
+    ];
+    let load_params: [(&(dyn ToSql + Sync), Type); 3] = [
+        (&source.group, Type::TEXT),
+        (&source.topic, Type::TEXT),
+        (&partitions, Type::INT4_ARRAY),
+    ];
+    // Both sent at once; each commits on its own, in this order.
+    let (claimed, recorded) = tokio::try_join!(
+        conn.query_typed(CLAIM, &claim_params),
+        conn.query_typed(LOAD_OFFSETS, &load_params),
+    )?;
+    let mut offsets = HashMap::with_capacity(recorded.len());
+    for row in recorded {
+        offsets.insert(row.try_get::<_, i32>(0)?, row.try_get::<_, i64>(1)?);
+    }
+    let mut claims = HashMap::with_capacity(claimed.len());
+    for row in claimed {
+        let partition = row.try_get::<_, i32>(0)?;
+        let epoch = row.try_get::<_, i64>(1)?;
+        let next_offset = offsets.get(&partition).copied();
+        claims.insert(partition, Claim { epoch, next_offset });
+    }
+    Ok(claims)
+}
+
+/// Checks the result of [`FENCE`]: `Fenced` unless the partition is still at `epoch`.
+pub(crate) fn check_fence(partition: i32, epoch: i64, current: Option<i64>) -> Result<(), Failure> {
+    match current {
+        Some(current) if current == epoch => Ok(()),
+        Some(current) => Err(Failure::Fenced(format!(
+            "partition {partition} was claimed again (epoch {current}; this owner holds {epoch})"
+        ))),
+        None => Err(Failure::Fenced(format!(
+            "partition {partition} has no recorded owner (this owner holds epoch {epoch})"
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_current_epoch_passes_the_fence() {
+        assert_eq!(check_fence(3, 7, Some(7)), Ok(()));
+        assert!(matches!(
+            check_fence(3, 7, Some(8)),
+            Err(Failure::Fenced(_))
+        ));
+        assert!(matches!(check_fence(3, 7, None), Err(Failure::Fenced(_))));
+    }
+}

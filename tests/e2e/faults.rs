@@ -1,0 +1,208 @@
+//! Faults injected into real processes: a replica frozen past its session (a zombie), the
+//! database killing sessions and restarting, bad input. Each scenario ends with `verify`
+//! against the oracle and prints what was injected and what the replicas counted.
+
+use std::time::Duration;
+
+use crate::support::{Replica, TestEnv, assert_nothing_applied_twice, wait_until};
+use inventory_consumer::stats::StatsSnapshot;
+
+const SETTLE: Duration = Duration::from_secs(240);
+const EXIT: Duration = Duration::from_secs(30);
+
+/// Classic cooperative group with the mock's shortest session, so that a pause outlives it
+/// quickly; a paused replica's open transaction is ended by the server after 3 s idle.
+const SETTINGS: [(&str, &str); 6] = [
+    ("kafka.group_protocol", "classic"),
+    ("kafka.assignment_strategy", "cooperative-sticky"),
+    ("kafka.properties.session.timeout.ms", "6000"),
+    ("kafka.properties.heartbeat.interval.ms", "1000"),
+    ("processing.drain_timeout_ms", "4000"),
+    ("database.idle_in_transaction_timeout_ms", "3000"),
+];
+
+/// A replica frozen with SIGSTOP for longer than its session loses its partitions to the
+/// other replica, which claims them in the database. When it wakes it still holds deliveries
+/// and believes it owns the partitions: nothing it does commits after the new owner's claim.
+/// Proven by the committed batches (no offset committed twice), the oracle, and its counters.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_paused_replica_is_fenced_off_when_it_wakes() {
+    let env = TestEnv::new(12).await;
+    let mut zombie = env.replica("zombie", &SETTINGS);
+    let mut other = env.replica("other", &SETTINGS);
+    wait_until("both replicas to own partitions", SETTLE, || async {
+        !zombie.owned().is_empty() && zombie.owned().len() + other.owned().len() == 12
+    })
+    .await;
+    let producer = env.produce_in_background(&[
+        "--events",
+        "60000",
+        "--skus",
+        "5000",
+        "--duplicates",
+        "0.05",
+        "--seed",
+        "7",
+        "--rate",
+        "5000",
+    ]);
+    wait_until("10,000 messages to settle", SETTLE, || async {
+        env.db.settled().await >= 10_000
+    })
+    .await;
+
+    zombie.pause();
+    wait_until(
+        "the other replica to take every partition",
+        SETTLE,
+        || async { other.owned().len() == 12 },
+    )
+    .await;
+    let claimed_by_other = env
+        .db
+        .scalar(&format!(
+            "SELECT count(*) FROM partition_owners WHERE owner LIKE '%-{}'",
+            other.pid()
+        ))
+        .await;
+    assert_eq!(
+        claimed_by_other, 12,
+        "the other replica claimed every partition"
+    );
+    zombie.resume();
+
+    let expected = producer.finish();
+    wait_until("every event to settle", SETTLE, || async {
+        env.db.settled().await >= expected.events as i64
+    })
+    .await;
+    wait_until("offsets to be committed", SETTLE, || async {
+        env.lag() == 0
+    })
+    .await;
+    let (zombie_exit, zombie_stats) = zombie.terminate(EXIT);
+    let (other_exit, other_stats) = other.terminate(EXIT);
+    assert!(zombie_exit.success() && other_exit.success());
+
+    let replicas: Vec<&Replica> = vec![&zombie, &other];
+    assert_nothing_applied_twice(&replicas);
+    let (ok, report) = env.verify(Some(&expected));
+    assert!(ok, "verify failed:\n{report}");
+    let total: StatsSnapshot = zombie_stats + other_stats;
+    println!(
+        "zombie: paused past its session; {} partitions lost, {} batches fenced, {} retries; \
+         {} duplicates skipped of {} injected",
+        zombie_stats.partitions_lost,
+        zombie_stats.fenced_batches,
+        total.retries,
+        total.duplicates,
+        expected.duplicates
+    );
+    assert!(zombie_stats.partitions_lost > 0, "{zombie_stats:?}");
+    // It woke holding deliveries (fetched before the pause) and tried to apply them.
+    assert!(
+        zombie_stats.fenced_batches > 0,
+        "the fence never fired: {zombie_stats:?}"
+    );
+}
+
+/// More than 10,000 bad messages of every kind (invalid UTF-8 and JSON, wrong types, missing
+/// fields, out-of-range and overflowing quantities, too many lines, over-long and non-ASCII
+/// SKUs, SQL in SKUs, 2 MiB values, no key, reused ids with other bodies) mixed into a valid
+/// workload, consumed by 2 replicas: every one is dead-lettered with a reason, the valid events
+/// end exactly as the oracle says, and both replicas keep going and exit cleanly.
+#[tokio::test(flavor = "multi_thread")]
+async fn hostile_input_is_dead_lettered_and_valid_events_are_unaffected() {
+    let env = TestEnv::new(12).await;
+    let mut replicas = [env.replica("r1", &[]), env.replica("r2", &[])];
+    let expected = env.produce(&[
+        "--events",
+        "40000",
+        "--skus",
+        "2000",
+        "--duplicates",
+        "0.02",
+        "--invalid",
+        "0.27",
+        "--seed",
+        "1303",
+        "--rate",
+        "20000",
+    ]);
+    assert!(expected.dead_letters >= 10_000, "{expected:?}");
+    let target = (expected.events + expected.dead_letters) as i64;
+    wait_until("every message to settle", SETTLE, || async {
+        env.db.settled().await >= target
+    })
+    .await;
+    wait_until("offsets to be committed", SETTLE, || async {
+        env.lag() == 0
+    })
+    .await;
+    let mut total = StatsSnapshot::default();
+    for r in &mut replicas {
+        let (status, stats) = r.terminate(EXIT);
+        assert!(status.success(), "{} exited with {status}", r.name());
+        total = total + stats;
+    }
+    let (ok, report) = env.verify(Some(&expected));
+    assert!(ok, "verify failed:\n{report}");
+    assert_eq!(total.dead_letters, expected.dead_letters);
+
+    let db = &env.db;
+    assert_eq!(
+        db.scalar("SELECT count(*) FROM dead_letters").await,
+        expected.dead_letters as i64
+    );
+    assert_eq!(
+        db.scalar("SELECT count(*) FROM dead_letters WHERE error = '' OR detail = ''")
+            .await,
+        0,
+        "every dead letter has a reason"
+    );
+    assert!(
+        db.scalar("SELECT count(*) FROM dead_letters WHERE key IS NULL")
+            .await
+            > 0,
+        "messages without a key are kept too"
+    );
+    assert!(
+        db.scalar("SELECT count(*) FROM dead_letters WHERE length(payload) > 2 * 1024 * 1024")
+            .await
+            > 0,
+        "a 2 MiB value is kept whole"
+    );
+    assert_eq!(
+        db.scalar("SELECT count(*) FROM products WHERE sku !~ '^[A-Za-z0-9._/-]{1,64}$'")
+            .await,
+        0,
+        "no SKU outside the contract's alphabet got in (SQL in SKUs stayed inert)"
+    );
+    let reasons = db
+        .client()
+        .await
+        .query(
+            "SELECT error, count(*) FROM dead_letters GROUP BY error ORDER BY count(*) DESC",
+            &[],
+        )
+        .await
+        .expect("dead letters by reason");
+    let reasons: Vec<(String, i64)> = reasons.iter().map(|r| (r.get(0), r.get(1))).collect();
+    println!(
+        "hostile input: {} bad messages injected among {} events; dead letters by reason: {reasons:?}; \
+         {} duplicates skipped of {} injected; {} retries",
+        expected.dead_letters,
+        expected.events,
+        total.duplicates,
+        expected.duplicates,
+        total.retries
+    );
+    assert!(
+        reasons.len() >= 10,
+        "every kind of bad input has its reason: {reasons:?}"
+    );
+    assert!(
+        reasons.iter().any(|(e, _)| e == "event_id_conflict"),
+        "{reasons:?}"
+    );
+}
