@@ -204,8 +204,22 @@ impl ThrowawayPostgres {
         Ok(())
     }
 
-    /// Stops the server (fast shutdown). Called by drop; idempotent.
+    /// Restarts the server on the same port and data, as for maintenance or a failover: every
+    /// session is ended (`-m fast`), and what was committed stays (a crash would lose recent
+    /// commits of a cluster that is not durable).
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        self.stop_with("fast");
+        self.pg_ctl_start()?;
+        self.running = true;
+        Ok(())
+    }
+
+    /// Stops the server at once, as a crash would (`-m immediate`). Called by drop; idempotent.
     pub fn stop(&mut self) {
+        self.stop_with("immediate");
+    }
+
+    fn stop_with(&mut self, mode: &str) {
         if !self.running {
             return;
         }
@@ -214,7 +228,7 @@ impl ThrowawayPostgres {
             .command("pg_ctl")
             .arg("-D")
             .arg(self.data())
-            .args(["-m", "immediate", "-w", "stop"])
+            .args(["-m", mode, "-w", "stop"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .status();

@@ -206,3 +206,119 @@ async fn hostile_input_is_dead_lettered_and_valid_events_are_unaffected() {
         "{reasons:?}"
     );
 }
+
+/// While 3 replicas work through a workload, the database kills their sessions again and
+/// again (`pg_terminate_backend`), then the server restarts once. The replicas retry with
+/// capped backoff, keep their partitions, and the database ends as the oracle says.
+#[tokio::test(flavor = "multi_thread")]
+async fn database_faults_are_retried_without_loss_or_double_effect() {
+    let mut env = TestEnv::new(12).await;
+    let settings = [("processing.retry_backoff_max_ms", "1000")];
+    let mut replicas: Vec<Replica> = (1..=3)
+        .map(|i| env.replica(&format!("r{i}"), &settings))
+        .collect();
+    wait_until("the group to form", SETTLE, || async {
+        replicas.iter().all(|r| !r.owned().is_empty())
+    })
+    .await;
+    let producer = env.produce_in_background(&[
+        "--events",
+        "60000",
+        "--skus",
+        "5000",
+        "--duplicates",
+        "0.05",
+        "--invalid",
+        "0.01",
+        "--seed",
+        "99",
+        "--rate",
+        "4000",
+    ]);
+    wait_until("5,000 messages to settle", SETTLE, || async {
+        env.db.settled().await >= 5_000
+    })
+    .await;
+
+    let killer = env.db.client().await;
+    let mut terminated = 0;
+    for _ in 0..10 {
+        // In the select list, so that only the rows the WHERE kept are terminated.
+        let rows = killer
+            .query(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+                 WHERE application_name = 'inventory-consumer' AND pid <> pg_backend_pid()",
+                &[],
+            )
+            .await
+            .expect("terminating the replicas' sessions");
+        terminated += rows.iter().filter(|r| r.get::<_, bool>(0)).count();
+        tokio::time::sleep(Duration::from_millis(700)).await;
+    }
+    drop(killer);
+    let restarted = env.db.restart_server();
+
+    let expected = producer.finish();
+    let target = (expected.events + expected.dead_letters) as i64;
+    wait_until("every message to settle", SETTLE, || async {
+        env.db.settled().await >= target
+    })
+    .await;
+    wait_until("offsets to be committed", SETTLE, || async {
+        env.lag() == 0
+    })
+    .await;
+    let mut total = StatsSnapshot::default();
+    for r in &mut replicas {
+        let (status, stats) = r.terminate(EXIT);
+        assert!(status.success(), "{} exited with {status}", r.name());
+        total = total + stats;
+    }
+    assert_nothing_applied_twice(&replicas.iter().collect::<Vec<_>>());
+    let (ok, report) = env.verify(Some(&expected));
+    assert!(ok, "verify failed:\n{report}");
+    println!(
+        "database faults: {terminated} sessions terminated in 10 rounds, server restarted: \
+         {restarted}; {} batch retries, {} partitions lost; {} duplicates skipped of {} \
+         injected; {} dead letters",
+        total.retries,
+        total.partitions_lost,
+        total.duplicates,
+        expected.duplicates,
+        total.dead_letters
+    );
+    assert!(
+        terminated > 0 && total.retries > 0,
+        "the faults were felt: {total:?}"
+    );
+    assert_eq!(
+        total.partitions_lost, 0,
+        "database faults cost no partition"
+    );
+    assert_eq!(total.dead_letters, expected.dead_letters);
+}
+
+/// A database that stays away is fatal only after `processing.retry_deadline_ms`: the replica
+/// then exits non-zero with a clear error, for the orchestrator to restart it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_database_gone_for_good_is_fatal_after_the_retry_deadline() {
+    let mut env = TestEnv::new(3).await;
+    let mut replica = env.replica("r1", &[("processing.retry_deadline_ms", "3000")]);
+    wait_until("the replica to own partitions", SETTLE, || async {
+        !replica.owned().is_empty()
+    })
+    .await;
+    if !env.db.stop_server() {
+        eprintln!("SKIPPED: tests do not stop a shared database server (TEST_DATABASE_URL)");
+        return;
+    }
+    env.produce(&["--events", "50", "--skus", "5", "--seed", "5"]);
+    let (status, _) = replica.wait_exit(Duration::from_secs(60));
+    assert!(!status.success(), "exit {status}");
+    let log = replica.log();
+    assert!(
+        log.contains("still failing after"),
+        "the error says what happened: {}",
+        log.lines().rev().take(5).collect::<Vec<_>>().join("\n")
+    );
+}

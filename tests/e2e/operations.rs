@@ -158,7 +158,8 @@ async fn readiness_is_503_while_draining() {
 }
 
 /// `/readyz` turns 503 once the database cannot be reached, while `/livez` stays 200: a lost
-/// database takes a replica out of rotation, it is no reason to restart it.
+/// database takes a replica out of rotation, it is no reason to restart it. When the database
+/// is back, so is readiness.
 #[tokio::test(flavor = "multi_thread")]
 async fn readiness_follows_the_database() {
     let mut env = TestEnv::new(3).await;
@@ -183,6 +184,11 @@ async fn readiness_follows_the_database() {
         200,
         "a lost database is not a dead replica"
     );
+    env.db.restart_server();
+    wait_until("/readyz to recover with the database", SETTLE, || async {
+        http_get(&addr, "/readyz").0 == 200
+    })
+    .await;
 }
 
 /// The Procfile, started with honcho: the embedded broker and three replicas come up and share

@@ -71,6 +71,18 @@ impl TestDb {
         }
     }
 
+    /// Restarts the throwaway server (every session ended, committed data kept) on the same
+    /// port; `false` on a shared server.
+    pub fn restart_server(&mut self) -> bool {
+        match &mut self.server {
+            Some(server) => {
+                server.restart().expect("restarting PostgreSQL");
+                true
+            }
+            None => false,
+        }
+    }
+
     pub async fn new() -> TestDb {
         let base = std::env::var("TEST_DATABASE_URL")
             .or_else(|_| std::env::var("DATABASE_URL"))
