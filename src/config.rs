@@ -75,6 +75,10 @@ pub struct ProcessingSettings {
     pub batch_linger_ms: u64,
     /// How long a revoke or a shutdown waits for in-flight batches before giving up on them.
     pub drain_timeout_ms: u64,
+    /// A partition halts when more than this share of its last `dead_letter_window` messages
+    /// are malformed (a broken producer), instead of dead-lettering everything. 1.0: never.
+    pub dead_letter_max_share: f64,
+    pub dead_letter_window: usize,
     /// How often database-committed offsets are committed to Kafka while consuming.
     pub commit_interval_ms: u64,
     /// Cap of the exponential backoff between retries of a transient failure.
@@ -129,6 +133,8 @@ impl Default for Settings {
                 batch_max_events: 500,
                 batch_linger_ms: 20,
                 drain_timeout_ms: 10_000,
+                dead_letter_max_share: 0.5,
+                dead_letter_window: 1_000,
                 commit_interval_ms: 1_000,
                 retry_backoff_max_ms: 5_000,
                 retry_deadline_ms: 120_000,
@@ -292,6 +298,18 @@ impl Settings {
             }
         }
         let p = &self.processing;
+        if !(p.dead_letter_max_share > 0.0 && p.dead_letter_max_share <= 1.0) {
+            return Err(ConfigError::key(
+                "processing.dead_letter_max_share",
+                "must be in (0, 1] (1 never halts)",
+            ));
+        }
+        if !(10..=1_000_000).contains(&p.dead_letter_window) {
+            return Err(ConfigError::key(
+                "processing.dead_letter_window",
+                "must be 10..=1000000",
+            ));
+        }
         if !(1..=10_000).contains(&p.batch_max_events) {
             return Err(ConfigError::key(
                 "processing.batch_max_events",

@@ -16,6 +16,7 @@ pub const COMMITTED_OFFSET: &str = "inventory_partition_committed_offset";
 pub const LAG: &str = "inventory_partition_lag";
 pub const REBALANCES: &str = "inventory_rebalances_total";
 pub const ASSIGNED: &str = "inventory_assigned_partitions";
+pub const HALTED: &str = "inventory_partitions_halted_total";
 pub const FENCED: &str = "inventory_fenced_batches_total";
 pub const REWOUND: &str = "inventory_rewound_deliveries_total";
 
@@ -89,6 +90,10 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
         "Rebalance events, by kind (assign, revoke, lost)."
     );
     describe_gauge!(ASSIGNED, "Partitions this replica owns.");
+    describe_counter!(
+        HALTED,
+        "Partitions halted at their dead-letter limit (a producer sending mostly bad messages)."
+    );
     describe_counter!(
         FENCED,
         "Batches rolled back because another replica claimed the partition since (a zombie)."

@@ -19,6 +19,7 @@ pub struct Stats {
     retries: AtomicU64,
     abandoned_batches: AtomicU64,
     fenced_batches: AtomicU64,
+    partitions_halted: AtomicU64,
     partitions_assigned: AtomicU64,
     partitions_revoked: AtomicU64,
     partitions_lost: AtomicU64,
@@ -37,6 +38,9 @@ pub struct StatsSnapshot {
     /// Batches rolled back because another replica had claimed the partition since.
     #[serde(default)]
     pub fenced_batches: u64,
+    /// Partitions stopped at their dead-letter limit.
+    #[serde(default)]
+    pub partitions_halted: u64,
     /// Partitions this replica was given, gave up with a commit, and lost without one.
     pub partitions_assigned: u64,
     pub partitions_revoked: u64,
@@ -70,6 +74,11 @@ impl Stats {
         self.fenced_batches.fetch_add(1, Relaxed);
     }
 
+    pub fn record_halted(&self) {
+        metrics::counter!(m::HALTED).increment(1);
+        self.partitions_halted.fetch_add(1, Relaxed);
+    }
+
     pub fn record_assigned(&self, n: usize) {
         metrics::counter!(m::REBALANCES, "kind" => "assign").increment(1);
         self.partitions_assigned.fetch_add(n as u64, Relaxed);
@@ -95,6 +104,7 @@ impl Stats {
             retries: self.retries.load(Relaxed),
             abandoned_batches: self.abandoned_batches.load(Relaxed),
             fenced_batches: self.fenced_batches.load(Relaxed),
+            partitions_halted: self.partitions_halted.load(Relaxed),
             partitions_assigned: self.partitions_assigned.load(Relaxed),
             partitions_revoked: self.partitions_revoked.load(Relaxed),
             partitions_lost: self.partitions_lost.load(Relaxed),
@@ -115,6 +125,7 @@ impl std::ops::Add for StatsSnapshot {
             retries: self.retries + b.retries,
             abandoned_batches: self.abandoned_batches + b.abandoned_batches,
             fenced_batches: self.fenced_batches + b.fenced_batches,
+            partitions_halted: self.partitions_halted + b.partitions_halted,
             partitions_assigned: self.partitions_assigned + b.partitions_assigned,
             partitions_revoked: self.partitions_revoked + b.partitions_revoked,
             partitions_lost: self.partitions_lost + b.partitions_lost,

@@ -20,7 +20,7 @@ use tokio::time::{Instant, sleep, sleep_until};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::domain::{Batch, Delivery};
+use crate::domain::{Batch, DeadLetterLimit, Delivery, LimitExceeded};
 use crate::kafka::offsets::OffsetTracker;
 use crate::stats::Stats;
 use crate::store::{BatchOutcome, Failure, Guards, Pool, Source, apply_batch, claim};
@@ -58,6 +58,10 @@ pub struct WorkerContext {
     pub guards: Guards,
     /// Where a worker reports a fatal failure; the process then shuts down non-zero.
     pub fatal: mpsc::UnboundedSender<Failure>,
+    /// Each partition's poison-pill guard starts as a copy of this one.
+    pub dead_letter_limit: DeadLetterLimit,
+    /// Where a worker reports that it halted its partition (the poll thread pauses it).
+    pub halts: mpsc::UnboundedSender<i32>,
 }
 
 pub struct PartitionWorker {
@@ -69,6 +73,7 @@ pub struct PartitionWorker {
     /// The epoch this worker claimed its partition with; `None` until claimed (when the claim
     /// during the assignment failed, the worker claims before its first batch).
     pub epoch: Option<i64>,
+    pub dead_letter_limit: DeadLetterLimit,
 }
 
 /// Admits offsets that move forward only: the first one, then only beyond the last admitted.
@@ -95,38 +100,74 @@ impl ForwardOnly {
 
 impl PartitionWorker {
     pub async fn run(mut self) {
-        while let Some(batch) = self.collect().await {
+        while let Some(mut batch) = self.collect().await {
             if self.stop.is_cancelled() {
                 break;
             }
-            let (first, last) = batch.offsets().unwrap_or_default();
-            let span = tracing::info_span!(
-                "batch",
-                topic = %self.ctx.source.topic,
-                partition = self.partition,
-                first_offset = first,
-                last_offset = last,
-            );
-            match self.apply_with_retry(&batch).instrument(span).await {
-                Ok(()) => {}
-                Err(Some(Failure::Fenced(why))) => {
-                    // Not fatal: the partition is someone else's now; the group tells us soon.
-                    self.ctx.stats.record_fenced();
-                    tracing::warn!(
-                        partition = self.partition,
-                        reason = %why,
-                        "fenced: another replica owns this partition now; its work here is abandoned"
-                    );
+            // Past the dead-letter limit, only the messages before the crossing one go ahead.
+            let mut limit = self.dead_letter_limit.clone();
+            let halt = limit.admit(batch.malformed()).err().map(|exceeded| {
+                let offset = batch.offset_at(exceeded.at);
+                batch.truncate(exceeded.at);
+                (offset, exceeded)
+            });
+            if !batch.is_empty() {
+                if !self.apply(&batch).await {
                     break;
                 }
-                Err(Some(fatal)) => {
-                    let _ = self.ctx.fatal.send(fatal);
-                    break;
-                }
-                Err(None) => break,
+                self.dead_letter_limit = limit;
+            }
+            if let Some((offset, exceeded)) = halt {
+                self.halt(offset, exceeded);
+                break;
             }
         }
         tracing::debug!(partition = self.partition, "partition worker stopped");
+    }
+
+    /// Applies a batch (retrying transient failures); `false` when the worker must stop.
+    async fn apply(&mut self, batch: &Batch) -> bool {
+        let (first, last) = batch.offsets().unwrap_or_default();
+        let span = tracing::info_span!(
+            "batch",
+            topic = %self.ctx.source.topic,
+            partition = self.partition,
+            first_offset = first,
+            last_offset = last,
+        );
+        match self.apply_with_retry(batch).instrument(span).await {
+            Ok(()) => true,
+            Err(Some(Failure::Fenced(why))) => {
+                // Not fatal: the partition is someone else's now; the group tells us soon.
+                self.ctx.stats.record_fenced();
+                tracing::warn!(
+                    partition = self.partition,
+                    reason = %why,
+                    "fenced: another replica owns this partition now; its work here is abandoned"
+                );
+                false
+            }
+            Err(Some(fatal)) => {
+                let _ = self.ctx.fatal.send(fatal);
+                false
+            }
+            Err(None) => false,
+        }
+    }
+
+    /// Stops the partition at `offset`, the message that took it past its dead-letter limit:
+    /// the partition's offset stays there, and the poll thread pauses the partition.
+    fn halt(&self, offset: Option<i64>, exceeded: LimitExceeded) {
+        self.ctx.stats.record_halted();
+        tracing::error!(
+            partition = self.partition,
+            offset,
+            malformed = exceeded.malformed,
+            seen = exceeded.seen,
+            "dead-letter limit exceeded: partition halted (a producer is sending bad messages); \
+             fix the producer, or raise processing.dead_letter_max_share, then restart"
+        );
+        let _ = self.ctx.halts.send(self.partition);
     }
 
     /// Waits for the next batch; `None` when stopped or the partition's channel closed.

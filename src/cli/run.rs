@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cli::{EXIT_RUNTIME, runtime};
 use crate::config::{Settings, describe_database};
+use crate::domain::DeadLetterLimit;
 use crate::http::Health;
 use crate::kafka::consumer::consume;
 use crate::kafka::offsets::OffsetTracker;
@@ -100,6 +101,7 @@ async fn run(
     tokio::spawn(watch_database(pool.clone(), health.clone()));
 
     let (fatal_tx, mut fatal_rx) = mpsc::unbounded_channel();
+    let (halts_tx, halts_rx) = mpsc::unbounded_channel();
     let ctx = WorkerContext {
         source: store::Source {
             group: settings.kafka.group_id.clone(),
@@ -122,13 +124,18 @@ async fn run(
             store::Guards::On
         },
         fatal: fatal_tx,
+        dead_letter_limit: DeadLetterLimit::new(
+            settings.processing.dead_letter_max_share,
+            settings.processing.dead_letter_window,
+        ),
+        halts: halts_tx,
     };
     let runtime = tokio::runtime::Handle::current();
     let drain_timeout = settings.drain_timeout();
     let poll_shutdown = shutdown.clone();
     let poller = std::thread::Builder::new()
         .name("kafka-poll".into())
-        .spawn(move || consume(&settings, ctx, health, runtime, poll_shutdown))
+        .spawn(move || consume(&settings, ctx, halts_rx, health, runtime, poll_shutdown))
         .context("starting the poll thread")?;
 
     let fatal = tokio::select! {

@@ -93,6 +93,27 @@ impl Batch {
         self.items.is_empty()
     }
 
+    /// Keeps the first `len` deliveries.
+    pub fn truncate(&mut self, len: usize) {
+        self.items.truncate(len);
+        self.lines = self
+            .items
+            .iter()
+            .filter_map(|(_, decoded)| decoded.as_ref().ok())
+            .map(|event| event.lines.len())
+            .sum();
+    }
+
+    /// The offset of the `i`-th delivery.
+    pub fn offset_at(&self, i: usize) -> Option<i64> {
+        self.items.get(i).map(|(d, _)| d.offset)
+    }
+
+    /// For each delivery in order, whether it is malformed (it will be dead-lettered).
+    pub fn malformed(&self) -> impl Iterator<Item = bool> + '_ {
+        self.items.iter().map(|(_, decoded)| decoded.is_err())
+    }
+
     /// Lines of the valid events: each may take an advisory lock, so batches are capped by it.
     pub fn line_count(&self) -> usize {
         self.lines

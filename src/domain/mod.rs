@@ -3,11 +3,13 @@
 //! tested exhaustively with plain data (unit and property tests live next to the code).
 
 pub mod batch;
+pub mod dead_letter_limit;
 pub mod event;
 pub mod lock_key;
 pub mod rules;
 
 pub use batch::{Batch, BatchPlan, DeadLetter, Delivery, PlannedEvent};
+pub use dead_letter_limit::{DeadLetterLimit, LimitExceeded};
 pub use event::{Event, EventKind, InvalidEvent, Line, decode};
 pub use lock_key::lock_key;
 pub use rules::{Movement, Outcome, RejectReason, StockBook, apply_event};

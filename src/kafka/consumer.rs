@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use rdkafka::Message;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Settings;
@@ -30,6 +31,7 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
 pub fn consume(
     settings: &Settings,
     ctx: WorkerContext,
+    mut halts: mpsc::UnboundedReceiver<i32>,
     health: Arc<Health>,
     runtime: tokio::runtime::Handle,
     shutdown: CancellationToken,
@@ -75,6 +77,9 @@ pub fn consume(
             }
             Some(Err(e)) => tracing::warn!(error = %e, "Kafka error; librdkafka retries"),
             None => {}
+        }
+        while let Ok(partition) = halts.try_recv() {
+            consumer.context().pause(&consumer, partition);
         }
         if last_commit.elapsed() >= commit_interval {
             consumer.context().commit_processed(&consumer);

@@ -17,7 +17,7 @@
 //!   timeout): stop the workers the same way but commit nothing: the offsets are no longer ours,
 //!   and whatever we applied meanwhile is recognised as a duplicate by the new owner.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -54,6 +54,8 @@ struct WorkerHandle {
 struct State {
     membership: Membership,
     workers: BTreeMap<i32, WorkerHandle>,
+    /// Partitions halted at their dead-letter limit, paused in librdkafka until given up.
+    paused: BTreeSet<i32>,
 }
 
 pub struct GroupContext {
@@ -82,6 +84,7 @@ impl GroupContext {
             state: Mutex::new(State {
                 membership: Membership::new(drain_timeout),
                 workers: BTreeMap::new(),
+                paused: BTreeSet::new(),
             }),
             ctx,
             health,
@@ -134,6 +137,7 @@ impl GroupContext {
                 // Everything before the recorded offset is in the database already.
                 gate: ForwardOnly::from(resumed),
                 epoch: claim.map(|c| c.epoch),
+                dead_letter_limit: self.ctx.dead_letter_limit.clone(),
             };
             let task = self.runtime.spawn(worker.run());
             state.workers.insert(
@@ -205,6 +209,41 @@ impl GroupContext {
         }
     }
 
+    /// Stops fetching a partition whose worker halted it (dead-letter limit), while it stays
+    /// assigned to this replica: its lag shows, and nobody else picks the bad messages up.
+    pub fn pause(&self, consumer: &BaseConsumer<Self>, partition: i32) {
+        let mut state = self.state();
+        if !state.membership.owned().contains(&partition) {
+            return;
+        }
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition(&self.ctx.source.topic, partition);
+        match consumer.pause(&tpl) {
+            Ok(()) => {
+                state.paused.insert(partition);
+                tracing::warn!(partition, "partition paused");
+            }
+            Err(e) => tracing::warn!(partition, error = %e, "cannot pause the halted partition"),
+        }
+    }
+
+    /// Resumes fetching of paused partitions among `partitions` as they are given up, so that a
+    /// later assignment starts unpaused.
+    fn unpause(&self, consumer: &BaseConsumer<Self>, partitions: &[i32]) {
+        let mut tpl = TopicPartitionList::new();
+        {
+            let mut state = self.state();
+            for p in partitions {
+                if state.paused.remove(p) {
+                    tpl.add_partition(&self.ctx.source.topic, *p);
+                }
+            }
+        }
+        if tpl.count() > 0 {
+            let _ = consumer.resume(&tpl);
+        }
+    }
+
     /// Shutdown: every partition is given up as a revoke would (drain, commit).
     pub fn shutdown(&self, consumer: &BaseConsumer<Self>) {
         self.health.draining();
@@ -267,6 +306,7 @@ impl GroupContext {
                 }
             }
         }
+        self.unpause(consumer, &partitions);
         let mut state = self.state();
         state.membership.drained();
         metrics::gauge!(crate::metrics::ASSIGNED).set(state.membership.owned().len() as f64);

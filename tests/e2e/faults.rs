@@ -4,7 +4,11 @@
 
 use std::time::Duration;
 
-use crate::support::{Replica, TestEnv, assert_nothing_applied_twice, wait_until};
+use serde_json::json;
+
+use crate::support::{
+    Replica, TestEnv, assert_nothing_applied_twice, http_get, metric, wait_until,
+};
 use inventory_consumer::stats::StatsSnapshot;
 
 const SETTLE: Duration = Duration::from_secs(240);
@@ -320,5 +324,66 @@ async fn a_database_gone_for_good_is_fatal_after_the_retry_deadline() {
         log.contains("still failing after"),
         "the error says what happened: {}",
         log.lines().rev().take(5).collect::<Vec<_>>().join("\n")
+    );
+}
+
+/// A producer that starts sending garbage: once more than half of a partition's last 100
+/// messages are bad, the partition halts (paused, its offset at the message that crossed the
+/// limit) instead of dead-lettering everything, and the replica stays up. After a restart with
+/// the limit lifted, everything is processed and the database matches the oracle.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_partition_of_mostly_bad_messages_halts_at_its_dead_letter_limit() {
+    let env = TestEnv::new(3).await;
+    let restock = |i: usize| json!({"event_id": format!("ok-{i}"), "type": "restock", "sku": format!("SKU-{}", i % 30), "quantity": 1});
+    // Restocks only, so the result does not depend on order across random keys.
+    let mut events: Vec<serde_json::Value> = (0..600).map(restock).collect();
+    events.extend((0..900).map(|i| json!({"broken_producer": i})));
+    events.extend((600..900).map(restock));
+    let expected = env.produce_json(&events, true);
+    assert_eq!(expected.dead_letters, 900);
+
+    let limit = [
+        ("processing.dead_letter_window", "100"),
+        ("processing.dead_letter_max_share", "0.5"),
+    ];
+    let mut halting = env.replica("halting", &limit);
+    wait_until("all 3 partitions to halt", SETTLE, || async {
+        halting.log_summary().batches > 0
+            && halting.log().matches("dead-letter limit exceeded").count() == 3
+    })
+    .await;
+    let dead_letters = env.db.scalar("SELECT count(*) FROM dead_letters").await;
+    let addr = halting.http_addr().await;
+    let (_, metrics) = http_get(&addr, "/metrics");
+    let (status, stats) = halting.terminate(EXIT);
+    assert!(
+        status.success(),
+        "a halted partition is no reason to exit: {status}"
+    );
+    assert_eq!(stats.partitions_halted, 3, "{stats:?}");
+    assert_eq!(
+        metric(&metrics, "inventory_partitions_halted_total", &[]),
+        3.0
+    );
+    // Each partition took at most about 51 bad messages before halting, not its ~300.
+    assert!(
+        (3 * 40..=3 * 60).contains(&dead_letters),
+        "{dead_letters} dead letters before the halt"
+    );
+
+    // The operator lifts the limit (the bad messages are known now) and restarts.
+    let mut lifted = env.replica("lifted", &[("processing.dead_letter_max_share", "1")]);
+    wait_until("everything to settle", SETTLE, || async {
+        env.db.settled().await >= (expected.events + expected.dead_letters) as i64
+    })
+    .await;
+    let (status, _) = lifted.terminate(EXIT);
+    assert!(status.success());
+    let (ok, report) = env.verify(Some(&expected));
+    assert!(ok, "verify failed:\n{report}");
+    println!(
+        "dead-letter limit: 900 bad messages among 900 valid; {dead_letters} dead-lettered \
+         before 3 partitions halted; all {} after the limit was lifted",
+        expected.dead_letters
     );
 }
