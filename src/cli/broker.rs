@@ -11,6 +11,7 @@ use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
 use crate::embedded::broker::{BrokerOptions, EmbeddedBroker};
+use crate::embedded::faults::Fault;
 
 #[derive(Debug, Args)]
 pub struct BrokerArgs {
@@ -35,6 +36,10 @@ pub struct BrokerArgs {
     /// KIP-848 groups: heartbeat interval the broker asks members to keep.
     #[arg(long, default_value_t = 500)]
     pub consumer_heartbeat_interval_ms: i32,
+    /// Read fault-injection commands from standard input, one per line (`down 2`, `up 2`,
+    /// `rtt 1 300`, `errors fetch 5 not-leader`, `leader 3 1`, `coordinator GROUP 2`).
+    #[arg(long)]
+    pub faults_from_stdin: bool,
 }
 
 pub fn main(args: &BrokerArgs) -> anyhow::Result<ExitCode> {
@@ -64,9 +69,32 @@ pub fn main(args: &BrokerArgs) -> anyhow::Result<ExitCode> {
         "embedded broker ready: topic {} with {} partitions at {bootstrap}; stop with Ctrl-C",
         args.topic, args.partitions
     );
+    let broker = std::sync::Arc::new(broker);
+    if args.faults_from_stdin {
+        let broker = broker.clone();
+        // Detached: it blocks on stdin, and the process ends without it at a signal.
+        std::thread::spawn(move || inject_from_stdin(&broker));
+    }
     if let Some(signal) = signals.forever().next() {
         eprintln!("signal {signal}: stopping the embedded broker");
     }
     drop(broker);
     Ok(ExitCode::SUCCESS)
+}
+
+/// Applies each command line of standard input; a bad line is reported and skipped.
+fn inject_from_stdin(broker: &EmbeddedBroker) {
+    for line in std::io::stdin().lines() {
+        let Ok(line) = line else { return };
+        if line.trim().is_empty() {
+            continue;
+        }
+        match line.parse::<Fault>() {
+            Ok(fault) => match broker.inject(&fault) {
+                Ok(()) => eprintln!("fault injected: {line}"),
+                Err(e) => eprintln!("fault `{line}` failed: {e}"),
+            },
+            Err(e) => eprintln!("fault `{line}` not understood: {e}"),
+        }
+    }
 }

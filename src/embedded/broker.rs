@@ -9,7 +9,10 @@
 use rdkafka::ClientConfig;
 use rdkafka::bindings as rdsys;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::mocking::MockCoordinator;
 use rdkafka::producer::{BaseProducer, Producer};
+
+use crate::embedded::faults::Fault;
 
 #[derive(Debug, Clone)]
 pub struct BrokerOptions {
@@ -42,6 +45,7 @@ pub struct EmbeddedBroker {
     // Owns the mock cluster: dropping it stops the brokers.
     owner: BaseProducer,
     bootstrap: String,
+    topic: String,
 }
 
 impl EmbeddedBroker {
@@ -57,13 +61,41 @@ impl EmbeddedBroker {
         mock.create_topic(&options.topic, options.partitions, options.brokers.min(3))?;
         let bootstrap = mock.bootstrap_servers();
         drop(mock);
-        let broker = EmbeddedBroker { owner, bootstrap };
+        let broker = EmbeddedBroker {
+            owner,
+            bootstrap,
+            topic: options.topic.clone(),
+        };
         broker.tune_groups(options);
         Ok(broker)
     }
 
     pub fn bootstrap_servers(&self) -> &str {
         &self.bootstrap
+    }
+
+    /// Injects a fault (see [`crate::embedded::faults`]).
+    pub fn inject(&self, fault: &Fault) -> Result<(), KafkaError> {
+        let mock = self
+            .owner
+            .client()
+            .mock_cluster()
+            .ok_or(KafkaError::MockCluster(RDKafkaErrorCode::Fail))?;
+        match fault {
+            Fault::Down(broker) => mock.broker_down(*broker),
+            Fault::Up(broker) => mock.broker_up(*broker),
+            Fault::RoundTripTime(broker, delay) => mock.broker_round_trip_time(*broker, *delay),
+            Fault::Errors { api, count, error } => {
+                mock.request_errors(*api, &vec![*error; *count]);
+                Ok(())
+            }
+            Fault::Leader { partition, broker } => {
+                mock.partition_leader(&self.topic, *partition, Some(*broker))
+            }
+            Fault::Coordinator { group, broker } => {
+                mock.coordinator(MockCoordinator::Group(group.clone()), *broker)
+            }
+        }
     }
 
     /// Group timings only reachable through the raw mock API.

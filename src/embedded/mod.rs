@@ -3,5 +3,6 @@
 //! Production never uses these; it points `kafka.brokers` and `database.url` at real services.
 
 pub mod broker;
+pub mod faults;
 pub mod postgres;
 pub mod replica;

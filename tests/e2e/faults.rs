@@ -387,3 +387,91 @@ async fn a_partition_of_mostly_bad_messages_halts_at_its_dead_letter_limit() {
         expected.dead_letters
     );
 }
+
+/// Broker faults from the mock cluster while 2 replicas work through a workload on 3 brokers:
+/// high round-trip time, failing fetch and commit requests, a broker (the leader of a third of
+/// the partitions) down for 5 s, the group coordinator down for 10 s. The replicas ride them
+/// out; nothing is lost or applied twice.
+#[tokio::test(flavor = "multi_thread")]
+async fn broker_faults_are_ridden_out_without_loss_or_double_effect() {
+    let mut env = TestEnv::with_brokers(12, 3).await;
+    env.broker.inject("coordinator inventory-consumer-group 3");
+    let mut replicas = [env.replica("r1", &[]), env.replica("r2", &[])];
+    wait_until("the group to form", SETTLE, || async {
+        replicas.iter().all(|r| !r.owned().is_empty())
+    })
+    .await;
+    let producer = env.produce_in_background(&[
+        "--events",
+        "50000",
+        "--skus",
+        "5000",
+        "--duplicates",
+        "0.05",
+        "--seed",
+        "31",
+        "--rate",
+        "2500",
+    ]);
+    wait_until("5,000 messages to settle", SETTLE, || async {
+        env.db.settled().await >= 5_000
+    })
+    .await;
+
+    let pause = |seconds| tokio::time::sleep(Duration::from_secs(seconds));
+    let mut injected = 0;
+    let mut inject = |env: &mut TestEnv, command: &str| {
+        env.broker.inject(command);
+        injected += 1;
+    };
+    for broker in 1..=3 {
+        inject(&mut env, &format!("rtt {broker} 300"));
+    }
+    pause(4).await;
+    for broker in 1..=3 {
+        inject(&mut env, &format!("rtt {broker} 0"));
+    }
+    inject(&mut env, "errors fetch 20 not-leader");
+    inject(&mut env, "errors offset-commit 10 request-timed-out");
+    inject(
+        &mut env,
+        "errors offset-fetch 5 coordinator-load-in-progress",
+    );
+    pause(3).await;
+    inject(&mut env, "down 2");
+    pause(5).await;
+    inject(&mut env, "up 2");
+    pause(2).await;
+    inject(&mut env, "down 3");
+    pause(10).await;
+    inject(&mut env, "up 3");
+
+    let expected = producer.finish();
+    wait_until("every event to settle", SETTLE, || async {
+        env.db.settled().await >= expected.events as i64
+    })
+    .await;
+    wait_until("offsets to be committed", SETTLE, || async {
+        env.lag() == 0
+    })
+    .await;
+    let mut total = StatsSnapshot::default();
+    for r in &mut replicas {
+        let (status, stats) = r.terminate(EXIT);
+        assert!(status.success(), "{} exited with {status}", r.name());
+        total = total + stats;
+    }
+    assert_nothing_applied_twice(&replicas.iter().collect::<Vec<_>>());
+    let (ok, report) = env.verify(Some(&expected));
+    assert!(ok, "verify failed:\n{report}");
+    println!(
+        "broker faults: {injected} injected; {} partitions lost, {} revoked, {} batches \
+         fenced, {} retries; {} duplicates skipped of {} injected",
+        total.partitions_lost,
+        total.partitions_revoked,
+        total.fenced_batches,
+        total.retries,
+        total.duplicates,
+        expected.duplicates
+    );
+}

@@ -199,12 +199,17 @@ pub struct TestEnv {
 
 impl TestEnv {
     pub async fn new(partitions: i32) -> TestEnv {
+        Self::with_brokers(partitions, 1).await
+    }
+
+    /// A cluster of `brokers` mock brokers, which takes fault commands ([`Broker::inject`]).
+    pub async fn with_brokers(partitions: i32, brokers: i32) -> TestEnv {
         // TEST_KEEP_DIR keeps the logs and files of every test for a look afterwards.
         let dir = tempfile::Builder::new()
             .disable_cleanup(std::env::var_os("TEST_KEEP_DIR").is_some())
             .tempdir()
             .expect("tempdir");
-        let broker = Broker::start(dir.path(), partitions).await;
+        let broker = Broker::start(dir.path(), partitions, brokers).await;
         let db = TestDb::new().await;
         TestEnv { db, broker, dir }
     }
@@ -320,15 +325,18 @@ pub struct Broker {
 }
 
 impl Broker {
-    pub async fn start(dir: &Path, partitions: i32) -> Broker {
+    pub async fn start(dir: &Path, partitions: i32, brokers: i32) -> Broker {
         let file = dir.join("bootstrap");
         let child = Command::new(BIN)
             .arg("broker")
             .arg("--partitions")
             .arg(partitions.to_string())
+            .arg("--broker-count")
+            .arg(brokers.to_string())
             .arg("--bootstrap-file")
             .arg(&file)
-            .stdin(Stdio::null())
+            .arg("--faults-from-stdin")
+            .stdin(Stdio::piped())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(dir.join("broker.log")).expect("broker log"))
             .spawn()
@@ -345,6 +353,14 @@ impl Broker {
         .await;
         let bootstrap = std::fs::read_to_string(&file).expect("bootstrap file");
         Broker { bootstrap, child }
+    }
+
+    /// Sends a fault command to the broker (see `src/embedded/faults.rs`).
+    pub fn inject(&mut self, command: &str) {
+        use std::io::Write;
+        let stdin = self.child.stdin.as_mut().expect("the broker's stdin");
+        writeln!(stdin, "{command}").expect("sending a fault command");
+        stdin.flush().expect("sending a fault command");
     }
 
     /// Sum over partitions of high watermark minus the group's committed offset.
