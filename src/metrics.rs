@@ -16,6 +16,7 @@ pub const COMMITTED_OFFSET: &str = "inventory_partition_committed_offset";
 pub const LAG: &str = "inventory_partition_lag";
 pub const REBALANCES: &str = "inventory_rebalances_total";
 pub const ASSIGNED: &str = "inventory_assigned_partitions";
+pub const OFFSET_RESETS: &str = "inventory_offset_resets_total";
 pub const HALTED: &str = "inventory_partitions_halted_total";
 pub const FENCED: &str = "inventory_fenced_batches_total";
 pub const REWOUND: &str = "inventory_rewound_deliveries_total";
@@ -90,6 +91,10 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
         "Rebalance events, by kind (assign, revoke, lost)."
     );
     describe_gauge!(ASSIGNED, "Partitions this replica owns.");
+    describe_counter!(
+        OFFSET_RESETS,
+        "Times the client jumped over messages it could no longer fetch (retention, out of range)."
+    );
     describe_counter!(
         HALTED,
         "Partitions halted at their dead-letter limit (a producer sending mostly bad messages)."

@@ -10,11 +10,18 @@ use libfuzzer_sys::fuzz_target;
 fuzz_target!(|data: &[u8]| {
     if let Ok(event) = decode(Some(data)) {
         let id_chars = event.id.chars().count();
-        assert!((1..=128).contains(&id_chars), "event id of {id_chars} characters");
+        assert!(
+            (1..=128).contains(&id_chars),
+            "event id of {id_chars} characters"
+        );
         assert!((1..=100).contains(&event.lines.len()));
         for line in &event.lines {
             assert!((1..=64).contains(&line.sku.len()));
-            assert!(line.sku.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-/".contains(&b)));
+            assert!(
+                line.sku
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"._-/".contains(&b))
+            );
             assert!(line.quantity != 0 && line.quantity.abs() <= 1_000_000_000);
         }
         assert_eq!(event.digest(), event.digest());
@@ -30,6 +37,9 @@ fuzz_target!(|data: &[u8]| {
         timestamp_ms: None,
     });
     let plan = batch.plan(&HashMap::new(), StockBook::default());
-    assert_eq!(plan.events.len() + plan.dead_letters.len() + plan.duplicates as usize, 1);
+    assert_eq!(
+        plan.events.len() + plan.dead_letters.len() + plan.duplicates as usize,
+        1
+    );
     assert!(plan.movements.iter().all(|(_, m)| m.stock_after >= 0));
 });

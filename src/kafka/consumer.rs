@@ -70,6 +70,13 @@ pub fn consume(
                 };
                 dispatch(consumer.context(), delivery);
             }
+            Some(Err(e)) if e.rdkafka_error_code() == Some(RDKafkaErrorCode::AutoOffsetReset) => {
+                // The partition's next message is gone (retention deleted it before it was
+                // processed, or an offset is out of range): librdkafka jumps as
+                // `auto.offset.reset` says. Messages were skipped; say so loudly.
+                metrics::counter!(crate::metrics::OFFSET_RESETS).increment(1);
+                tracing::error!(error = %e, "offset reset: messages of a partition were skipped");
+            }
             Some(Err(e)) if is_fatal(&e) => {
                 tracing::error!(error = %e, "fatal Kafka error");
                 result = Err(e);

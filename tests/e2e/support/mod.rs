@@ -23,6 +23,8 @@ use inventory_consumer::workload::Expectation;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use rdkafka::ClientConfig;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{Offset, TopicPartitionList};
 use tempfile::TempDir;
@@ -202,6 +204,25 @@ impl TestEnv {
         Self::with_brokers(partitions, 1).await
     }
 
+    /// The same world on nisshi, an independently written Kafka-compatible broker, when it is
+    /// installed ([`find_nisshi`]); `None` (and a message) when it is not.
+    pub async fn on_nisshi(partitions: i32) -> Option<TestEnv> {
+        let Some(exe) = find_nisshi() else {
+            eprintln!(
+                "SKIPPED: nisshi not found (set NISSHI=path, or put it on PATH; .ci/run installs \
+                 it); CI runs this test"
+            );
+            return None;
+        };
+        let dir = tempfile::Builder::new()
+            .disable_cleanup(std::env::var_os("TEST_KEEP_DIR").is_some())
+            .tempdir()
+            .expect("tempdir");
+        let broker = Broker::start_nisshi(&exe, dir.path(), partitions).await;
+        let db = TestDb::new().await;
+        Some(TestEnv { db, broker, dir })
+    }
+
     /// A cluster of `brokers` mock brokers, which takes fault commands ([`Broker::inject`]).
     pub async fn with_brokers(partitions: i32, brokers: i32) -> TestEnv {
         // TEST_KEEP_DIR keeps the logs and files of every test for a look afterwards.
@@ -352,6 +373,56 @@ impl Broker {
         )
         .await;
         let bootstrap = std::fs::read_to_string(&file).expect("bootstrap file");
+        Broker { bootstrap, child }
+    }
+
+    /// nisshi on a free port, run from its own empty directory (it reads `.env`), with the
+    /// topic created through the admin API.
+    pub async fn start_nisshi(exe: &Path, dir: &Path, partitions: i32) -> Broker {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let url = format!("tcp://127.0.0.1:{port}");
+        let workdir = dir.join("nisshi");
+        std::fs::create_dir_all(&workdir).expect("nisshi's directory");
+        let child = Command::new(exe)
+            .args([
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+            ])
+            .args(["--storage-engine", "memory://nisshi/"])
+            .current_dir(&workdir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.join("broker.log")).expect("broker log"))
+            .spawn()
+            .expect("starting nisshi");
+        let bootstrap = format!("127.0.0.1:{port}");
+        wait_until("nisshi to listen", Duration::from_secs(20), || {
+            let up = std::net::TcpStream::connect(&bootstrap).is_ok();
+            async move { up }
+        })
+        .await;
+        let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+            .set("bootstrap.servers", &bootstrap)
+            .set("log_level", "3")
+            .create()
+            .expect("admin client");
+        let created = admin
+            .create_topics(
+                &[NewTopic::new(TOPIC, partitions, TopicReplication::Fixed(1))],
+                &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
+            )
+            .await
+            .expect("creating the topic on nisshi");
+        for result in created {
+            result.expect("creating the topic on nisshi");
+        }
+        std::fs::write(dir.join("bootstrap"), &bootstrap).expect("bootstrap file");
         Broker { bootstrap, child }
     }
 
@@ -695,4 +766,15 @@ pub fn metric(text: &str, name: &str, labels: &[&str]) -> f64 {
                 .flatten()
         })
         .sum()
+}
+
+/// The nisshi executable: `NISSHI` (then it must exist: CI sets it), else `nisshi` on PATH.
+pub fn find_nisshi() -> Option<PathBuf> {
+    if let Some(path) = std::env::var_os("NISSHI").map(PathBuf::from) {
+        assert!(path.is_file(), "NISSHI={} is not a file", path.display());
+        return Some(path);
+    }
+    std::env::split_paths(&std::env::var_os("PATH")?)
+        .map(|dir| dir.join("nisshi"))
+        .find(|p| p.is_file())
 }
