@@ -304,10 +304,10 @@ impl Settings {
                 "must be in (0, 1] (1 never halts)",
             ));
         }
-        if !(10..=1_000_000).contains(&p.dead_letter_window) {
+        if !(10..=100_000).contains(&p.dead_letter_window) {
             return Err(ConfigError::key(
                 "processing.dead_letter_window",
-                "must be 10..=1000000",
+                "must be 10..=100000",
             ));
         }
         if !(1..=10_000).contains(&p.batch_max_events) {

@@ -61,11 +61,20 @@ pub struct WorkerContext {
     /// Each partition's poison-pill guard starts as a copy of this one.
     pub dead_letter_limit: DeadLetterLimit,
     /// Where a worker reports that it halted its partition (the poll thread pauses it).
-    pub halts: mpsc::UnboundedSender<i32>,
+    pub halts: mpsc::UnboundedSender<Halted>,
+}
+
+/// A partition halted at its dead-letter limit, during which of this replica's ownerships of it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Halted {
+    pub partition: i32,
+    pub ownership: u64,
 }
 
 pub struct PartitionWorker {
     pub partition: i32,
+    /// Tells this ownership of the partition from later ones by this replica.
+    pub ownership: u64,
     pub deliveries: mpsc::Receiver<Delivery>,
     pub stop: CancellationToken,
     pub ctx: WorkerContext,
@@ -84,7 +93,7 @@ pub struct ForwardOnly {
 
 impl ForwardOnly {
     /// `next`: the first offset expected (everything before it is done), if known.
-    pub fn from(next: Option<i64>) -> Self {
+    pub fn starting_at(next: Option<i64>) -> Self {
         ForwardOnly { next }
     }
 
@@ -167,7 +176,10 @@ impl PartitionWorker {
             "dead-letter limit exceeded: partition halted (a producer is sending bad messages); \
              fix the producer, or raise processing.dead_letter_max_share, then restart"
         );
-        let _ = self.ctx.halts.send(self.partition);
+        let _ = self.ctx.halts.send(Halted {
+            partition: self.partition,
+            ownership: self.ownership,
+        });
     }
 
     /// Waits for the next batch; `None` when stopped or the partition's channel closed.
@@ -199,8 +211,9 @@ impl PartitionWorker {
     /// Adds `d` to the batch unless this ownership already took its offset.
     fn take(&mut self, batch: &mut Batch, d: Delivery) {
         if !self.gate.admit(d.offset) {
+            // Counted, and logged at debug only: an offset reset can make these many.
             metrics::counter!(crate::metrics::REWOUND).increment(1);
-            tracing::warn!(
+            tracing::debug!(
                 partition = self.partition,
                 offset = d.offset,
                 "delivery at an offset already taken; dropped"
@@ -311,14 +324,14 @@ mod tests {
 
     #[test]
     fn admits_only_offsets_beyond_the_last_admitted() {
-        let mut gate = ForwardOnly::from(None);
+        let mut gate = ForwardOnly::starting_at(None);
         assert!(gate.admit(40));
         assert!(gate.admit(41));
         assert!(!gate.admit(41), "the same offset again");
         assert!(!gate.admit(7), "a rewind");
         assert!(gate.admit(45), "a gap (compaction, transactions) moves on");
 
-        let mut resumed = ForwardOnly::from(Some(100));
+        let mut resumed = ForwardOnly::starting_at(Some(100));
         assert!(
             !resumed.admit(99),
             "before the recorded offset: already applied"

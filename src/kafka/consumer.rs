@@ -18,7 +18,7 @@ use crate::domain::Delivery;
 use crate::http::Health;
 use crate::kafka::client::consumer_config;
 use crate::kafka::group::GroupContext;
-use crate::worker::WorkerContext;
+use crate::worker::{Halted, WorkerContext};
 
 /// How long one `poll` may block: also how quickly a shutdown request is noticed.
 const POLL_INTERVAL: Duration = Duration::from_millis(100);
@@ -31,7 +31,7 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
 pub fn consume(
     settings: &Settings,
     ctx: WorkerContext,
-    mut halts: mpsc::UnboundedReceiver<i32>,
+    mut halts: mpsc::UnboundedReceiver<Halted>,
     health: Arc<Health>,
     runtime: tokio::runtime::Handle,
     shutdown: CancellationToken,
@@ -85,8 +85,8 @@ pub fn consume(
             Some(Err(e)) => tracing::warn!(error = %e, "Kafka error; librdkafka retries"),
             None => {}
         }
-        while let Ok(partition) = halts.try_recv() {
-            consumer.context().pause(&consumer, partition);
+        while let Ok(halted) = halts.try_recv() {
+            consumer.context().pause(&consumer, halted);
         }
         if last_commit.elapsed() >= commit_interval {
             consumer.context().commit_processed(&consumer);

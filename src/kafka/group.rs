@@ -33,7 +33,7 @@ use crate::domain::Delivery;
 use crate::http::Health;
 use crate::kafka::membership::{Membership, Revocation};
 use crate::store::{Claim, claim};
-use crate::worker::{ForwardOnly, PartitionWorker, WorkerContext};
+use crate::worker::{ForwardOnly, Halted, PartitionWorker, WorkerContext};
 
 /// Deliveries buffered per partition between the poll thread and its worker. When a worker
 /// falls behind, the poll thread waits for room instead of buffering without limit. One
@@ -46,6 +46,7 @@ const PARTITION_QUEUE: usize = 500;
 const CLAIM_TIMEOUT: Duration = Duration::from_secs(5);
 
 struct WorkerHandle {
+    ownership: u64,
     deliveries: mpsc::Sender<Delivery>,
     stop: CancellationToken,
     task: JoinHandle<()>,
@@ -56,6 +57,8 @@ struct State {
     workers: BTreeMap<i32, WorkerHandle>,
     /// Partitions halted at their dead-letter limit, paused in librdkafka until given up.
     paused: BTreeSet<i32>,
+    /// Numbers each worker started, so that a late message of an old one is recognised.
+    ownerships: u64,
 }
 
 pub struct GroupContext {
@@ -85,6 +88,7 @@ impl GroupContext {
                 membership: Membership::new(drain_timeout),
                 workers: BTreeMap::new(),
                 paused: BTreeSet::new(),
+                ownerships: 0,
             }),
             ctx,
             health,
@@ -129,13 +133,16 @@ impl GroupContext {
             if let Some(next) = resumed {
                 self.ctx.offsets.processed(partition, next);
             }
+            state.ownerships += 1;
+            let ownership = state.ownerships;
             let worker = PartitionWorker {
                 partition,
+                ownership,
                 deliveries: rx,
                 stop: stop.clone(),
                 ctx: self.ctx.clone(),
                 // Everything before the recorded offset is in the database already.
-                gate: ForwardOnly::from(resumed),
+                gate: ForwardOnly::starting_at(resumed),
                 epoch: claim.map(|c| c.epoch),
                 dead_letter_limit: self.ctx.dead_letter_limit.clone(),
             };
@@ -143,6 +150,7 @@ impl GroupContext {
             state.workers.insert(
                 partition,
                 WorkerHandle {
+                    ownership,
                     deliveries: tx,
                     stop,
                     task,
@@ -211,9 +219,11 @@ impl GroupContext {
 
     /// Stops fetching a partition whose worker halted it (dead-letter limit), while it stays
     /// assigned to this replica: its lag shows, and nobody else picks the bad messages up.
-    pub fn pause(&self, consumer: &BaseConsumer<Self>, partition: i32) {
+    pub fn pause(&self, consumer: &BaseConsumer<Self>, halted: Halted) {
+        let partition = halted.partition;
         let mut state = self.state();
-        if !state.membership.owned().contains(&partition) {
+        // Only if the worker that halted still holds the partition (not a later ownership).
+        if state.workers.get(&partition).map(|w| w.ownership) != Some(halted.ownership) {
             return;
         }
         let mut tpl = TopicPartitionList::new();
@@ -404,11 +414,20 @@ impl ConsumerContext for GroupContext {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
                 // On the way out there is nothing to resume (librdkafka turns the assign into
                 // an unassign during close), so skip the database read.
-                let claims = if self.state().membership.takes_assignments() {
-                    self.claim_partitions(tpl, &partitions)
-                } else {
-                    HashMap::new()
+                // Only partitions new to this replica: claiming one it works on would fence it.
+                let new: Vec<i32> = {
+                    let state = self.state();
+                    let owned = state.membership.owned();
+                    match state.membership.takes_assignments() {
+                        true => partitions
+                            .iter()
+                            .copied()
+                            .filter(|p| !owned.contains(p))
+                            .collect(),
+                        false => Vec::new(),
+                    }
                 };
+                let claims = self.claim_partitions(tpl, &new);
                 let result = if cooperative {
                     consumer.incremental_assign(tpl)
                 } else {

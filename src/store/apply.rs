@@ -136,6 +136,8 @@ pub async fn apply_batch(
     ];
     // The fence, the locks and both reads are sent before any answer is awaited (one round
     // trip). The server runs them in order, so the reads start once every lock is held.
+    // `biased`: polled in order, so a failure is reported by the statement that failed, not by
+    // a later one that found the transaction already aborted.
     let waiting = std::time::Instant::now();
     let lock = async {
         let locked = unless_empty(keys.is_empty(), tx.execute_typed(LOCK, &keys_param)).await;
@@ -144,6 +146,7 @@ pub async fn apply_batch(
         locked
     };
     let (owner, _, recorded_rows, stock_rows) = tokio::try_join!(
+        biased;
         tx.query_typed_opt(FENCE, &fence_params),
         lock,
         tx.query_typed(RECORDED, &ids_param),
@@ -208,6 +211,7 @@ pub async fn apply_batch(
         (&next_offset, Type::INT8),
     ];
     let (_, updated_rows, created_rows, _, _, _) = tokio::try_join!(
+        biased;
         unless_empty(
             events.ids.is_empty(),
             tx.execute_typed(INSERT_EVENTS, &event_params)

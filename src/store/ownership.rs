@@ -65,6 +65,7 @@ pub async fn claim(
     ];
     // Both sent at once; each commits on its own, in this order.
     let (claimed, recorded) = tokio::try_join!(
+        biased;
         conn.query_typed(CLAIM, &claim_params),
         conn.query_typed(LOAD_OFFSETS, &load_params),
     )?;

@@ -2,14 +2,19 @@
 //! database killing sessions and restarting, bad input. Each scenario ends with `verify`
 //! against the oracle and prints what was injected and what the replicas counted.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use serde_json::json;
 
 use crate::support::{
-    Replica, TestEnv, assert_nothing_applied_twice, http_get, metric, wait_until,
+    Replica, TestDb, TestEnv, assert_nothing_applied_twice, http_get, metric, wait_until,
 };
+use inventory_consumer::config::Settings;
+use inventory_consumer::domain::{Batch, Delivery, lock_key};
 use inventory_consumer::stats::StatsSnapshot;
+use inventory_consumer::store::{self, Claim, Failure, Guards, Source, apply_batch};
+use inventory_consumer::workload::Generator;
 
 const SETTLE: Duration = Duration::from_secs(240);
 const EXIT: Duration = Duration::from_secs(30);
@@ -55,7 +60,34 @@ async fn a_paused_replica_is_fenced_off_when_it_wakes() {
     })
     .await;
 
+    // Catch the zombie mid-transaction: hold every SKU's advisory lock until both replicas'
+    // connections wait on one (each inside a batch, holding its partition's row), pause the
+    // zombie, then let go. Its transactions then sit idle until the server ends them.
+    let blocker = env.db.client().await;
+    let mut keys: Vec<i64> = (0..5_000)
+        .map(|i| lock_key(&Generator::sku_name(i)))
+        .collect();
+    keys.sort_unstable(); // the replicas' order: no deadlock with them
+    keys.dedup();
+    blocker
+        .execute(
+            "SELECT pg_advisory_lock(k) FROM unnest($1::bigint[]) AS t(k)",
+            &[&keys],
+        )
+        .await
+        .expect("taking every SKU's lock");
+    wait_until("both replicas to wait on the locks", SETTLE, || async {
+        env.db
+            .scalar("SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'advisory'")
+            .await
+            >= 8
+    })
+    .await;
     zombie.pause();
+    blocker
+        .execute("SELECT pg_advisory_unlock_all()", &[])
+        .await
+        .expect("releasing the locks");
     wait_until(
         "the other replica to take every partition",
         SETTLE,
@@ -94,19 +126,21 @@ async fn a_paused_replica_is_fenced_off_when_it_wakes() {
     assert!(ok, "verify failed:\n{report}");
     let total: StatsSnapshot = zombie_stats + other_stats;
     println!(
-        "zombie: paused past its session; {} partitions lost, {} batches fenced, {} retries; \
-         {} duplicates skipped of {} injected",
+        "zombie: paused past its session; {} partitions lost, {} batches fenced, {} abandoned, \
+         {} retries; {} duplicates skipped of {} injected",
         zombie_stats.partitions_lost,
         zombie_stats.fenced_batches,
+        zombie_stats.abandoned_batches,
         total.retries,
         total.duplicates,
         expected.duplicates
     );
     assert!(zombie_stats.partitions_lost > 0, "{zombie_stats:?}");
-    // It woke holding deliveries (fetched before the pause) and tried to apply them.
+    // The batches caught by the pause (their sessions ended by the server) were retried into
+    // the fence, or abandoned when the replica learned of the loss: none committed.
     assert!(
-        zombie_stats.fenced_batches > 0,
-        "the fence never fired: {zombie_stats:?}"
+        zombie_stats.fenced_batches + zombie_stats.abandoned_batches > 0,
+        "{zombie_stats:?}"
     );
 }
 
@@ -473,5 +507,77 @@ async fn broker_faults_are_ridden_out_without_loss_or_double_effect() {
         total.retries,
         total.duplicates,
         expected.duplicates
+    );
+}
+
+/// The fence itself, against a real PostgreSQL: a batch carrying an older epoch than the
+/// partition's latest claim rolls back and changes nothing, the current owner's commits; and a
+/// claim waits for a batch transaction in flight on the partition.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_fence_refuses_a_stale_owner_and_a_claim_waits_for_the_batch_in_flight() {
+    let db = TestDb::new().await;
+    store::migrate::migrate(&db.url).await.expect("migrations");
+    let mut settings = Settings::default().database;
+    settings.url = db.url.clone();
+    let pool = store::pool(&settings).await.expect("pool");
+    let source = Source {
+        group: "g".into(),
+        topic: "t".into(),
+    };
+    let epoch_of = |claims: HashMap<i32, Claim>| claims[&0].epoch;
+    let stale = epoch_of(
+        store::claim(&pool, &source, "a", &[0])
+            .await
+            .expect("claim"),
+    );
+    let current = epoch_of(
+        store::claim(&pool, &source, "b", &[0])
+            .await
+            .expect("claim"),
+    );
+    assert!(current > stale);
+
+    let mut batch = Batch::default();
+    batch.push(Delivery {
+        partition: 0,
+        offset: 0,
+        key: None,
+        payload: Some(br#"{"event_id":"e1","type":"restock","sku":"S-1","quantity":5}"#.to_vec()),
+        timestamp_ms: None,
+    });
+    let refused = apply_batch(&pool, &source, &batch, Guards::On, stale).await;
+    assert!(matches!(refused, Err(Failure::Fenced(_))), "{refused:?}");
+    assert_eq!(db.scalar("SELECT count(*) FROM processed_events").await, 0);
+    assert_eq!(db.scalar("SELECT count(*) FROM products").await, 0);
+    apply_batch(&pool, &source, &batch, Guards::On, current)
+        .await
+        .expect("the current owner applies");
+    assert_eq!(db.scalar("SELECT count(*) FROM processed_events").await, 1);
+
+    // A batch in flight holds the partition's row; a claim waits for it to end.
+    let mut in_flight = db.client().await;
+    let tx = in_flight.transaction().await.expect("begin");
+    tx.query(
+        "SELECT epoch FROM partition_owners WHERE partition = 0 FOR UPDATE",
+        &[],
+    )
+    .await
+    .expect("the batch's fence");
+    let claim = tokio::spawn({
+        let (pool, source) = (pool.clone(), source.clone());
+        async move { store::claim(&pool, &source, "c", &[0]).await }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !claim.is_finished(),
+        "the claim did not wait for the batch in flight"
+    );
+    tx.commit().await.expect("commit");
+    let claimed = claim.await.expect("join").expect("claim");
+    assert_eq!(claimed[&0].epoch, current + 1);
+    assert_eq!(
+        claimed[&0].next_offset,
+        Some(1),
+        "resumes after the batch it waited for"
     );
 }
