@@ -8,7 +8,8 @@ use std::time::Duration;
 use serde_json::json;
 
 use crate::support::{
-    Replica, TestDb, TestEnv, assert_nothing_applied_twice, http_get, metric, wait_until,
+    Replica, TestDb, TestEnv, assert_nothing_applied_twice, http_get, metric, terminate_all,
+    wait_until,
 };
 use inventory_consumer::config::Settings;
 use inventory_consumer::domain::{Batch, Delivery, lock_key};
@@ -108,14 +109,7 @@ async fn a_paused_replica_is_fenced_off_when_it_wakes() {
     zombie.resume();
 
     let expected = producer.finish();
-    wait_until("every event to settle", SETTLE, || async {
-        env.db.settled().await >= expected.events as i64
-    })
-    .await;
-    wait_until("offsets to be committed", SETTLE, || async {
-        env.lag() == 0
-    })
-    .await;
+    env.wait_processed(expected.events as i64, SETTLE).await;
     let (zombie_exit, zombie_stats) = zombie.terminate(EXIT);
     let (other_exit, other_stats) = other.terminate(EXIT);
     assert!(zombie_exit.success() && other_exit.success());
@@ -168,21 +162,9 @@ async fn hostile_input_is_dead_lettered_and_valid_events_are_unaffected() {
         "20000",
     ]);
     assert!(expected.dead_letters >= 10_000, "{expected:?}");
-    let target = (expected.events + expected.dead_letters) as i64;
-    wait_until("every message to settle", SETTLE, || async {
-        env.db.settled().await >= target
-    })
-    .await;
-    wait_until("offsets to be committed", SETTLE, || async {
-        env.lag() == 0
-    })
-    .await;
-    let mut total = StatsSnapshot::default();
-    for r in &mut replicas {
-        let (status, stats) = r.terminate(EXIT);
-        assert!(status.success(), "{} exited with {status}", r.name());
-        total = total + stats;
-    }
+    env.wait_processed((expected.events + expected.dead_letters) as i64, SETTLE)
+        .await;
+    let total = terminate_all(&mut replicas, EXIT);
     let (ok, report) = env.verify(Some(&expected));
     assert!(ok, "verify failed:\n{report}");
     assert_eq!(total.dead_letters, expected.dead_letters);
@@ -297,21 +279,9 @@ async fn database_faults_are_retried_without_loss_or_double_effect() {
     let restarted = env.db.restart_server();
 
     let expected = producer.finish();
-    let target = (expected.events + expected.dead_letters) as i64;
-    wait_until("every message to settle", SETTLE, || async {
-        env.db.settled().await >= target
-    })
-    .await;
-    wait_until("offsets to be committed", SETTLE, || async {
-        env.lag() == 0
-    })
-    .await;
-    let mut total = StatsSnapshot::default();
-    for r in &mut replicas {
-        let (status, stats) = r.terminate(EXIT);
-        assert!(status.success(), "{} exited with {status}", r.name());
-        total = total + stats;
-    }
+    env.wait_processed((expected.events + expected.dead_letters) as i64, SETTLE)
+        .await;
+    let total = terminate_all(&mut replicas, EXIT);
     assert_nothing_applied_twice(&replicas.iter().collect::<Vec<_>>());
     let (ok, report) = env.verify(Some(&expected));
     assert!(ok, "verify failed:\n{report}");
@@ -481,20 +451,8 @@ async fn broker_faults_are_ridden_out_without_loss_or_double_effect() {
     inject(&mut env, "up 3");
 
     let expected = producer.finish();
-    wait_until("every event to settle", SETTLE, || async {
-        env.db.settled().await >= expected.events as i64
-    })
-    .await;
-    wait_until("offsets to be committed", SETTLE, || async {
-        env.lag() == 0
-    })
-    .await;
-    let mut total = StatsSnapshot::default();
-    for r in &mut replicas {
-        let (status, stats) = r.terminate(EXIT);
-        assert!(status.success(), "{} exited with {status}", r.name());
-        total = total + stats;
-    }
+    env.wait_processed(expected.events as i64, SETTLE).await;
+    let total = terminate_all(&mut replicas, EXIT);
     assert_nothing_applied_twice(&replicas.iter().collect::<Vec<_>>());
     let (ok, report) = env.verify(Some(&expected));
     assert!(ok, "verify failed:\n{report}");

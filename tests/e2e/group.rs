@@ -164,11 +164,9 @@ impl Scenario {
     /// Waits until everything is settled and committed, stops the replicas, and checks the
     /// database against the oracle and the ownership intervals.
     async fn finish(&mut self, expected: &Expectation) {
-        self.wait_settled(expected.events as i64).await;
-        wait_until("offsets to be committed", SETTLE, || async {
-            self.env.lag() == 0
-        })
-        .await;
+        self.env
+            .wait_processed(expected.events as i64, SETTLE)
+            .await;
         self.stop_all();
         let replicas: Vec<&Replica> = self.replicas.iter().collect();
         assert_exclusive_ownership(&replicas);

@@ -40,15 +40,8 @@ async fn single_replica_applies_a_workload_exactly_once() {
         "{expected:?}"
     );
 
-    let target = (expected.events + expected.dead_letters) as i64;
-    wait_until("every message to settle", SETTLE, || async {
-        env.db.settled().await >= target
-    })
-    .await;
-    wait_until("offsets to be committed", SETTLE, || async {
-        env.lag() == 0
-    })
-    .await;
+    env.wait_processed((expected.events + expected.dead_letters) as i64, SETTLE)
+        .await;
     let (status, stats) = replica.terminate(EXIT);
     assert!(status.success(), "replica exit: {status}");
 

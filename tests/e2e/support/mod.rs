@@ -313,6 +313,19 @@ impl TestEnv {
         (out.status.success(), text)
     }
 
+    /// Waits until at least `rows` events and dead letters are in the database and the group
+    /// has committed every offset to Kafka.
+    pub async fn wait_processed(&self, rows: i64, timeout: Duration) {
+        wait_until(&format!("{rows} messages to settle"), timeout, || async {
+            self.db.settled().await >= rows
+        })
+        .await;
+        wait_until("offsets to be committed", timeout, || async {
+            self.lag() == 0
+        })
+        .await;
+    }
+
     /// Messages not yet committed by the group, over all partitions.
     pub fn lag(&self) -> i64 {
         self.broker.lag(GROUP)
@@ -687,6 +700,17 @@ pub fn assert_exclusive_ownership(replicas: &[&Replica]) {
             );
         }
     }
+}
+
+/// SIGTERMs every replica; each must exit 0. Returns their counters added up.
+pub fn terminate_all(replicas: &mut [Replica], timeout: Duration) -> StatsSnapshot {
+    let mut total = StatsSnapshot::default();
+    for r in replicas {
+        let (status, stats) = r.terminate(timeout);
+        assert!(status.success(), "{} exited with {status}", r.name());
+        total = total + stats;
+    }
+    total
 }
 
 /// Checks that no offset of any partition was committed in two batches, by any replicas: every
