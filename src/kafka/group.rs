@@ -166,6 +166,22 @@ impl GroupContext {
         );
     }
 
+    /// The partitions of an assignment that are new to this replica: claiming one it already
+    /// works on would fence its own worker. None on the way out (librdkafka turns the assign
+    /// into an unassign during close): nothing to claim or resume.
+    fn new_partitions(&self, partitions: &[i32]) -> Vec<i32> {
+        let state = self.state();
+        if !state.membership.takes_assignments() {
+            return Vec::new();
+        }
+        let owned = state.membership.owned();
+        partitions
+            .iter()
+            .copied()
+            .filter(|p| !owned.contains(p))
+            .collect()
+    }
+
     /// Claims the newly assigned partitions and sets each one's start to the offset recorded
     /// with its last batch, which is never behind Kafka's committed offset and is there even
     /// when a commit on revoke was refused. If the claim fails or times out, Kafka's committed
@@ -412,21 +428,7 @@ impl ConsumerContext for GroupContext {
         let partitions = partitions_of(tpl);
         let handed_over = match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
-                // On the way out there is nothing to resume (librdkafka turns the assign into
-                // an unassign during close), so skip the database read.
-                // Only partitions new to this replica: claiming one it works on would fence it.
-                let new: Vec<i32> = {
-                    let state = self.state();
-                    let owned = state.membership.owned();
-                    match state.membership.takes_assignments() {
-                        true => partitions
-                            .iter()
-                            .copied()
-                            .filter(|p| !owned.contains(p))
-                            .collect(),
-                        false => Vec::new(),
-                    }
-                };
+                let new = self.new_partitions(&partitions);
                 let claims = self.claim_partitions(tpl, &new);
                 let result = if cooperative {
                     consumer.incremental_assign(tpl)
