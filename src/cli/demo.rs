@@ -96,10 +96,6 @@ pub fn main(cli: &Cli, args: &DemoArgs) -> anyhow::Result<ExitCode> {
         ("KAFKA_BROKERS", broker.bootstrap_servers().to_owned()),
         ("DATABASE_URL", database_url.clone()),
         ("INVENTORY_KAFKA__GROUP_PROTOCOL", args.protocol.clone()),
-        (
-            "INVENTORY_KAFKA__PROPERTIES__FETCH_QUEUE_BACKOFF_MS",
-            "0".into(),
-        ),
         ("INVENTORY_LOG__FORMAT", "json".into()),
         (
             "INVENTORY_LOG__LEVEL",

@@ -24,6 +24,10 @@ pub fn consumer_config(settings: &Settings) -> ClientConfig {
         // small events still holds over a second of full-speed consumption.
         .set("queued.max.messages.kbytes", "4096")
         .set("queued.min.messages", "10000")
+        // When that queue is full, look again soon (default 1 s: the queue can run dry
+        // meanwhile), but not at once: 0 makes the fetcher spin, burning the CPU the
+        // pipeline needs for as long as the database is the bottleneck.
+        .set("fetch.queue.backoff.ms", "20")
         .set("client.id", client_id());
     match k.group_protocol {
         GroupProtocol::Classic => {

@@ -248,7 +248,6 @@ impl TestEnv {
             ("INVENTORY_LOG__FORMAT", "json"),
             ("INVENTORY_LOG__LEVEL", "info,inventory_consumer=debug"),
             ("INVENTORY_KAFKA__GROUP_PROTOCOL", "consumer"),
-            ("INVENTORY_KAFKA__PROPERTIES__FETCH_QUEUE_BACKOFF_MS", "0"),
             ("INVENTORY_HTTP__ADDR", "127.0.0.1:0"),
         ];
         let process = ReplicaProcess::spawn(Path::new(BIN), name, self.dir.path(), &env, settings)
