@@ -20,6 +20,7 @@ pub const OFFSET_RESETS: &str = "inventory_offset_resets_total";
 pub const HALTED: &str = "inventory_partitions_halted_total";
 pub const FENCED: &str = "inventory_fenced_batches_total";
 pub const REWOUND: &str = "inventory_rewound_deliveries_total";
+pub const RECHECKS: &str = "inventory_recorded_id_rechecks_total";
 
 /// Produce-to-commit latency buckets, 1-2-5 steps from 1 ms to 5 min: fine enough for the
 /// benchmark's percentiles (interpolated within a bucket) and for alerting.
@@ -106,6 +107,10 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
     describe_counter!(
         REWOUND,
         "Deliveries the client handed over again within one ownership of a partition, dropped."
+    );
+    describe_counter!(
+        RECHECKS,
+        "Batches re-run with the recorded-id read after skipping it met an id already recorded."
     );
     Ok(handle)
 }

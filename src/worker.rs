@@ -20,7 +20,7 @@ use tokio::time::{Instant, sleep, sleep_until};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::domain::{Batch, DeadLetterLimit, Delivery, LimitExceeded};
+use crate::domain::{Batch, DeadLetterLimit, Delivery, LimitExceeded, RecordedLookup};
 use crate::kafka::offsets::OffsetTracker;
 use crate::stats::Stats;
 use crate::store::{BatchOutcome, Failure, Guards, Pool, Source, apply_batch, claim};
@@ -83,6 +83,8 @@ pub struct PartitionWorker {
     /// during the assignment failed, the worker claims before its first batch).
     pub epoch: Option<i64>,
     pub dead_letter_limit: DeadLetterLimit,
+    /// Whether this partition's batches read their recorded event ids first.
+    pub recorded_lookup: RecordedLookup,
 }
 
 /// Admits offsets that move forward only: the first one, then only beyond the last admitted.
@@ -313,6 +315,7 @@ impl PartitionWorker {
             batch,
             self.ctx.guards,
             epoch,
+            &mut self.recorded_lookup,
         )
         .await
     }

@@ -25,8 +25,9 @@ use tokio::runtime::Runtime;
 use crate::cli::produce::send;
 use crate::cli::{Cli, EXIT_VERIFY_FAILED, given_or_throwaway_database, log_dir, runtime};
 use crate::config::Settings;
-use crate::domain::{Batch, Delivery, lock_key};
+use crate::domain::{Batch, Delivery, RecordedLookup, lock_key};
 use crate::embedded::broker::{BrokerOptions, EmbeddedBroker};
+use crate::embedded::cpu;
 use crate::embedded::postgres::{PostgresOptions, ThrowawayPostgres};
 use crate::embedded::replica::ReplicaProcess;
 use crate::store::{self, Guards, Source, apply_batch, audit};
@@ -97,12 +98,44 @@ struct Measured {
     /// Produce-to-commit latency percentiles (p50, p99), in seconds.
     latency: Option<(f64, f64)>,
     peak_rss: Option<u64>,
+    /// CPU seconds per event over the timed part (user + system): of the replica processes,
+    /// and of the PostgreSQL server when it is the throwaway one.
+    cpu: Cpu,
     verified: bool,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Cpu {
+    replicas: Option<f64>,
+    server: Option<f64>,
 }
 
 impl Measured {
     fn per_second(&self) -> f64 {
         self.events as f64 / self.seconds.max(f64::EPSILON)
+    }
+
+    /// CPU seconds per event of the whole pipeline, when both parts are known.
+    fn cpu_per_event(&self) -> Option<f64> {
+        Some(self.cpu.replicas? + self.cpu.server?)
+    }
+}
+
+/// CPU seconds used so far by some processes; the difference of two readings over a number of
+/// events gives CPU per event.
+#[derive(Debug, Clone, Copy, Default)]
+struct CpuReading {
+    replicas: Option<f64>,
+    server: Option<f64>,
+}
+
+impl CpuReading {
+    fn per_event(&self, later: &CpuReading, events: f64) -> Cpu {
+        let per = |a: Option<f64>, b: Option<f64>| Some((b? - a?) / events.max(1.0));
+        Cpu {
+            replicas: per(self.replicas, later.replicas),
+            server: per(self.server, later.server),
+        }
     }
 }
 
@@ -110,7 +143,7 @@ struct Bench {
     rt: Runtime,
     /// Where each run's database is created.
     admin_url: String,
-    _server: Option<ThrowawayPostgres>,
+    server: Option<ThrowawayPostgres>,
     exe: PathBuf,
     logs: PathBuf,
     runs: u32,
@@ -129,7 +162,7 @@ pub fn main(cli: &Cli, args: &BenchArgs) -> anyhow::Result<ExitCode> {
     let mut bench = Bench {
         rt: runtime()?,
         admin_url,
-        _server: server,
+        server,
         exe: std::env::current_exe().context("locating this executable")?,
         logs,
         runs: 0,
@@ -238,10 +271,15 @@ pub fn main(cli: &Cli, args: &BenchArgs) -> anyhow::Result<ExitCode> {
     let results: Vec<(&str, Measured)> = rounds
         .into_iter()
         .map(|(key, mut all)| {
-            all.sort_by(|a, b| a.per_second().total_cmp(&b.per_second()));
             let verified = all.iter().all(|m| m.verified);
+            let cpu = Cpu {
+                replicas: median_of(all.iter().map(|m| m.cpu.replicas)),
+                server: median_of(all.iter().map(|m| m.cpu.server)),
+            };
+            all.sort_by(|a, b| a.per_second().total_cmp(&b.per_second()));
             let mut median = all.swap_remove(all.len() / 2);
             median.verified = verified;
+            median.cpu = cpu;
             (key, median)
         })
         .collect();
@@ -282,6 +320,15 @@ pub fn main(cli: &Cli, args: &BenchArgs) -> anyhow::Result<ExitCode> {
             target(name, value, wanted, value >= at_least);
         }
     }
+    // The same comparison by CPU time per event: the machine is CPU-bound, so rates follow the
+    // inverse of it, and it is far steadier than a rate on a shared machine.
+    let cpu_ratio = |a: &str, b: &str| Some(get(b)?.cpu_per_event()? / get(a)?.cpu_per_event()?);
+    if let Some(value) = cpu_ratio("one", "unsafe") {
+        println!(
+            "  {:<40} {value:>8.2}   (by CPU time per event)",
+            "guarded / unsafe (1 replica)"
+        );
+    }
     if let Some(rss) = get("memory").and_then(|m| m.peak_rss) {
         target(
             "peak RSS of the memory run, MiB",
@@ -313,6 +360,24 @@ impl Bench {
             invalid_share: 0.0,
             seed: 2026 + u64::from(self.runs),
             id_prefix: format!("bench{}", self.runs),
+        }
+    }
+
+    /// CPU read off the throwaway server and the given replica processes (`None` for a part
+    /// that cannot be read: a server elsewhere, a replica gone).
+    fn cpu_reading(&self, replicas: &[ReplicaProcess]) -> CpuReading {
+        let server = self.server.as_ref().and_then(|s| s.server_pid());
+        let replicas = (!replicas.is_empty())
+            .then(|| {
+                replicas
+                    .iter()
+                    .map(|r| cpu::process_seconds(r.pid()?.as_raw()))
+                    .sum::<Option<f64>>()
+            })
+            .flatten();
+        CpuReading {
+            replicas,
+            server: server.and_then(cpu::tree_seconds),
         }
     }
 
@@ -365,7 +430,7 @@ impl Bench {
                 "database only, {connections} connections: {events} events"
             ));
             let (batches, expected) = cut_into_batches(spec, partitions);
-            let (seconds, verified) = self.rt.block_on(async {
+            let (seconds, cpu, verified) = self.rt.block_on(async {
                 let mut settings = Settings::default().database;
                 settings.url = url.clone();
                 settings.pool_size = connections;
@@ -376,6 +441,7 @@ impl Bench {
                 };
                 let all: Vec<i32> = (0..batches.len() as i32).collect();
                 let claims = store::claim(&pool, &source, "bench", &all).await?;
+                let before = self.cpu_reading(&[]);
                 let started = Instant::now();
                 let mut tasks = tokio::task::JoinSet::new();
                 for (partition, batches) in batches.into_iter().enumerate() {
@@ -385,8 +451,11 @@ impl Bench {
                         .map(|c| c.epoch)
                         .context("a partition left unclaimed")?;
                     tasks.spawn(async move {
+                        // As a partition worker does: reads recorded ids until none turn up.
+                        let mut lookup = RecordedLookup::new();
                         for batch in &batches {
-                            apply_batch(&pool, &source, batch, Guards::On, epoch).await?;
+                            apply_batch(&pool, &source, batch, Guards::On, epoch, &mut lookup)
+                                .await?;
                         }
                         anyhow::Ok(())
                     });
@@ -395,7 +464,8 @@ impl Bench {
                     done??;
                 }
                 let seconds = started.elapsed().as_secs_f64();
-                anyhow::Ok((seconds, verify(&url, &expected).await?))
+                let cpu = before.per_event(&self.cpu_reading(&[]), events as f64);
+                anyhow::Ok((seconds, cpu, verify(&url, &expected).await?))
             })?;
             self.drop_database(&url);
             let m = Measured {
@@ -404,6 +474,7 @@ impl Bench {
                 seconds,
                 latency: None,
                 peak_rss: None,
+                cpu,
                 verified,
             };
             report(&m);
@@ -463,7 +534,9 @@ impl Bench {
             }))
         };
 
-        let seconds = self.rt.block_on(time_to_settle(&url, p.events as i64))?;
+        let before = self.cpu_reading(&replicas);
+        let (seconds, timed) = self.rt.block_on(time_to_settle(&url, p.events as i64))?;
+        let cpu = before.per_event(&self.cpu_reading(&replicas), timed);
         // In a backlog run latency is mostly time spent waiting in the backlog: not reported.
         let latency = (p.rate > 0)
             .then(|| latency_percentiles(&replicas))
@@ -490,6 +563,7 @@ impl Bench {
             seconds,
             latency,
             peak_rss,
+            cpu,
             verified,
         };
         report(&m);
@@ -506,7 +580,6 @@ impl Bench {
             ("KAFKA_BROKERS", settings.kafka.brokers.as_str()),
             ("DATABASE_URL", settings.database.url.as_str()),
             ("INVENTORY_KAFKA__GROUP_PROTOCOL", "consumer"),
-            ("INVENTORY_KAFKA__PROPERTIES__FETCH_QUEUE_BACKOFF_MS", "0"),
             // The embedded broker answers a fetch with no data waiting only after the full
             // fetch.wait.max.ms (500 ms by default), even when data arrives meanwhile (Kafka
             // answers at once): shortened so that latency measures the pipeline, not the mock.
@@ -577,8 +650,9 @@ fn cut_into_batches(spec: WorkloadSpec, partitions: i32) -> (Vec<Vec<Batch>>, Ex
 
 /// Seconds from now to the batch that completes `messages`, watching the partitions' recorded
 /// offsets (offsets of a fresh topic start at 0, so they sum to the messages done), scaled to
-/// the whole run from the part done after the first observation.
-async fn time_to_settle(url: &str, messages: i64) -> anyhow::Result<f64> {
+/// the whole run from the part done after the first observation; and how many messages that
+/// part held.
+async fn time_to_settle(url: &str, messages: i64) -> anyhow::Result<(f64, f64)> {
     let db = store::connect(url).await?;
     let deadline = Instant::now() + SETTLE_TIMEOUT;
     let mut first = None;
@@ -596,7 +670,7 @@ async fn time_to_settle(url: &str, messages: i64) -> anyhow::Result<f64> {
             let seconds = now.duration_since(start).as_secs_f64();
             // Scale to the whole run: the share done before the first look is not timed.
             let timed = (messages - done_then).max(1) as f64;
-            return Ok(seconds * messages as f64 / timed);
+            return Ok((seconds * messages as f64 / timed, timed));
         }
         if now > deadline {
             bail!("only {done} of {messages} messages settled within {SETTLE_TIMEOUT:?}");
@@ -688,15 +762,24 @@ fn report(m: &Measured) {
 fn print_table<'a>(results: impl Iterator<Item = &'a Measured>) {
     println!();
     println!(
-        "{:<50} {:>9} {:>8} {:>10} {:>8} {:>8} {:>9} {:>6}",
-        "run", "events", "seconds", "events/s", "p50 ms", "p99 ms", "RSS MiB", "verify"
+        "{:<50} {:>9} {:>8} {:>10} {:>8} {:>8} {:>9} {:>7} {:>7} {:>6}",
+        "run",
+        "events",
+        "seconds",
+        "events/s",
+        "p50 ms",
+        "p99 ms",
+        "RSS MiB",
+        "rep µs",
+        "pg µs",
+        "verify"
     );
     for m in results {
         let (p50, p99) = m.latency.map_or(("-".into(), "-".into()), |(a, b)| {
             (format!("{:.1}", a * 1e3), format!("{:.1}", b * 1e3))
         });
         println!(
-            "{:<50} {:>9} {:>8.2} {:>10.0} {:>8} {:>8} {:>9} {:>6}",
+            "{:<50} {:>9} {:>8.2} {:>10.0} {:>8} {:>8} {:>9} {:>7} {:>7} {:>6}",
             m.name,
             m.events,
             m.seconds,
@@ -704,9 +787,26 @@ fn print_table<'a>(results: impl Iterator<Item = &'a Measured>) {
             p50,
             p99,
             m.peak_rss.map_or("-".into(), |b| format!("{:.1}", mib(b))),
+            micros(m.cpu.replicas),
+            micros(m.cpu.server),
             if m.verified { "PASS" } else { "FAIL" }
         );
     }
+    println!(
+        "(rep µs, pg µs: CPU time, user + system, per event over the timed part: of the replica \
+         processes, of the PostgreSQL server)"
+    );
+}
+
+fn micros(seconds: Option<f64>) -> String {
+    seconds.map_or("-".into(), |s| format!("{:.1}", s * 1e6))
+}
+
+/// The median of the values that are known.
+fn median_of(values: impl Iterator<Item = Option<f64>>) -> Option<f64> {
+    let mut known: Vec<f64> = values.flatten().collect();
+    known.sort_by(f64::total_cmp);
+    known.get(known.len() / 2).copied()
 }
 
 fn target(name: &str, value: f64, wanted: &str, met: bool) {

@@ -6,10 +6,12 @@ pub mod batch;
 pub mod dead_letter_limit;
 pub mod event;
 pub mod lock_key;
+pub mod recorded_lookup;
 pub mod rules;
 
 pub use batch::{Batch, BatchPlan, DeadLetter, Delivery, PlannedEvent};
 pub use dead_letter_limit::{DeadLetterLimit, LimitExceeded};
 pub use event::{Event, EventKind, InvalidEvent, Line, decode};
 pub use lock_key::lock_key;
+pub use recorded_lookup::RecordedLookup;
 pub use rules::{Movement, Outcome, RejectReason, StockBook, apply_event};

@@ -3,6 +3,7 @@
 //! Production never uses these; it points `kafka.brokers` and `database.url` at real services.
 
 pub mod broker;
+pub mod cpu;
 pub mod faults;
 pub mod postgres;
 pub mod replica;

@@ -100,6 +100,12 @@ impl ThrowawayPostgres {
         self.port
     }
 
+    /// The server's process id (the postmaster, parent of every backend), while it runs.
+    pub fn server_pid(&self) -> Option<i32> {
+        let pid_file = std::fs::read_to_string(self.data().join("postmaster.pid")).ok()?;
+        pid_file.lines().next()?.trim().parse().ok()
+    }
+
     fn data(&self) -> PathBuf {
         self.dir.path().join("data")
     }

@@ -29,7 +29,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::domain::Delivery;
+use crate::domain::{Delivery, RecordedLookup};
 use crate::http::Health;
 use crate::kafka::membership::{Membership, Revocation};
 use crate::store::{Claim, claim};
@@ -145,6 +145,7 @@ impl GroupContext {
                 gate: ForwardOnly::starting_at(resumed),
                 epoch: claim.map(|c| c.epoch),
                 dead_letter_limit: self.ctx.dead_letter_limit.clone(),
+                recorded_lookup: RecordedLookup::new(),
             };
             let task = self.runtime.spawn(worker.run());
             state.workers.insert(

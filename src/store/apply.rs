@@ -5,9 +5,11 @@
 //! 1. `pg_advisory_xact_lock` on every SKU of the batch, keys ascending ([`Batch::lock_keys`]):
 //!    from here until commit no other replica works on these SKUs, and because every transaction
 //!    takes its locks in the same global order, multi-SKU batches cannot deadlock.
-//! 2. Read which event ids are already recorded (with their digest) and the stock of the SKUs.
-//!    Both reads run after the locks are held, so under READ COMMITTED they see every effect
-//!    committed before us on these SKUs.
+//! 2. Read the stock of the SKUs and, unless [`RecordedLookup`] says duplicates are gone, which
+//!    event ids are already recorded (with their digest). The reads run after the locks are
+//!    held, so under READ COMMITTED they see every effect committed before us on these SKUs.
+//!    A batch that skipped the second read and then inserts an id already recorded fails on
+//!    the primary key, rolls back whole, and is re-run at once with the read.
 //! 3. [`Batch::plan`] decides every delivery (pure code).
 //! 4. Write: the new `processed_events` rows, the product changes as atomic increments
 //!    (`current_stock = current_stock + delta`, `version = version + changes`; the CHECK on
@@ -22,10 +24,11 @@
 
 use std::collections::HashMap;
 
+use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{ToSql, Type};
 
 use crate::domain::batch::{BatchPlan, ProductChange};
-use crate::domain::{Batch, StockBook};
+use crate::domain::{Batch, RecordedLookup, StockBook};
 use crate::store::ownership::{FENCE, check_fence};
 use crate::store::{Failure, Pool};
 
@@ -36,7 +39,7 @@ pub struct Source {
     pub topic: String,
 }
 
-/// Whether a batch takes its advisory locks and looks up recorded event ids. Always `On` in
+/// Whether a batch takes its advisory locks and checks for recorded event ids. Always `On` in
 /// service; `Off` exists only for the benchmark's unsafe baseline, to measure what they cost.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Guards {
@@ -103,15 +106,55 @@ const INSERT_DEAD_LETTERS: &str = "
     ON CONFLICT (topic, partition, \"offset\") DO NOTHING";
 
 /// Applies one batch of one partition in one transaction; see the module doc for the steps.
+/// `lookup` is the partition's: it decides whether the batch reads its recorded ids first, and
+/// learns from what the batch found.
 pub async fn apply_batch(
     pool: &Pool,
     source: &Source,
     batch: &Batch,
     guards: Guards,
     epoch: i64,
+    lookup: &mut RecordedLookup,
 ) -> Result<BatchOutcome, Failure> {
+    if guards == Guards::Off {
+        let applied = apply_once(pool, source, batch, guards, epoch, false).await?;
+        return applied.map(|(outcome, _)| outcome).ok_or_else(|| {
+            Failure::Fatal("the unguarded baseline met a recorded event id".into())
+        });
+    }
+    let look_up = lookup.needed();
+    if let Some((outcome, found)) = apply_once(pool, source, batch, guards, epoch, look_up).await? {
+        if look_up {
+            lookup.looked_up(found);
+        }
+        return Ok(outcome);
+    }
+    lookup.missed();
+    metrics::counter!(crate::metrics::RECHECKS).increment(1);
+    match apply_once(pool, source, batch, guards, epoch, true).await? {
+        Some((outcome, found)) => {
+            lookup.looked_up(found);
+            Ok(outcome)
+        }
+        None => Err(Failure::Transient(
+            "an event id was recorded by another transaction during the batch".into(),
+        )),
+    }
+}
+
+/// One transaction. `Ok(None)`: it skipped the recorded-id read (`look_up` false), inserted an
+/// id already recorded, and rolled back. `Ok(Some((_, found)))`: committed; `found`, the read
+/// found recorded ids.
+async fn apply_once(
+    pool: &Pool,
+    source: &Source,
+    batch: &Batch,
+    guards: Guards,
+    epoch: i64,
+    look_up: bool,
+) -> Result<Option<(BatchOutcome, bool)>, Failure> {
     let (Some(partition), Some((_, last))) = (batch.partition(), batch.offsets()) else {
-        return Ok(BatchOutcome::default());
+        return Ok(Some((BatchOutcome::default(), false)));
     };
     let topic = source.topic.as_str();
     let mut conn = pool.get().await?;
@@ -121,9 +164,10 @@ pub async fn apply_batch(
         Guards::On => batch.lock_keys(),
         Guards::Off => Vec::new(),
     };
-    let ids = match guards {
-        Guards::On => batch.event_ids(),
-        Guards::Off => Vec::new(),
+    let ids = if look_up {
+        batch.event_ids()
+    } else {
+        Vec::new()
     };
     let skus = batch.skus();
     let ids_param = [(&ids as &(dyn ToSql + Sync), Type::TEXT_ARRAY)];
@@ -149,7 +193,7 @@ pub async fn apply_batch(
         biased;
         tx.query_typed_opt(FENCE, &fence_params),
         lock,
-        tx.query_typed(RECORDED, &ids_param),
+        unless_empty(ids.is_empty(), tx.query_typed(RECORDED, &ids_param)),
         tx.query_typed(STOCK, &skus_param),
     )?;
     check_fence(
@@ -157,6 +201,7 @@ pub async fn apply_batch(
         epoch,
         owner.map(|row| row.try_get::<_, i64>(0)).transpose()?,
     )?;
+    let found = !recorded_rows.is_empty();
     let mut recorded = HashMap::with_capacity(recorded_rows.len());
     for row in recorded_rows {
         recorded.insert(row.try_get::<_, String>(0)?, row.try_get::<_, Vec<u8>>(1)?);
@@ -210,7 +255,7 @@ pub async fn apply_batch(
         (&partition, Type::INT4),
         (&next_offset, Type::INT8),
     ];
-    let (_, updated_rows, created_rows, _, _, _) = tokio::try_join!(
+    let written = tokio::try_join!(
         biased;
         unless_empty(
             events.ids.is_empty(),
@@ -233,7 +278,11 @@ pub async fn apply_batch(
             tx.execute_typed(INSERT_DEAD_LETTERS, &dead_letter_params)
         ),
         tx.execute_typed(RECORD_OFFSET, &offset_params),
-    )?;
+    );
+    let (_, updated_rows, created_rows, _, _, _) = match written {
+        Err(e) if !look_up && inserts_a_recorded_id(&e) => return Ok(None),
+        written => written?,
+    };
     for (rows, expected) in [
         (updated_rows, updated.skus.len()),
         (created_rows, created.skus.len()),
@@ -252,15 +301,26 @@ pub async fn apply_batch(
         dead_letters: plan.dead_letters.len() as u64,
     };
     tx.commit().await?;
-    Ok(outcome)
+    Ok(Some((outcome, found)))
 }
 
-/// Runs `statement` unless there is nothing to write (then 0 rows, no round trip).
-async fn unless_empty(
+/// The batch inserted an event id that `processed_events` already holds.
+fn inserts_a_recorded_id(e: &tokio_postgres::Error) -> bool {
+    e.as_db_error().is_some_and(|db| {
+        *db.code() == SqlState::UNIQUE_VIOLATION && db.constraint() == Some("processed_events_pkey")
+    })
+}
+
+/// Runs `statement` unless there is nothing to do (then its default, and no round trip).
+async fn unless_empty<T: Default>(
     empty: bool,
-    statement: impl std::future::Future<Output = Result<u64, tokio_postgres::Error>>,
-) -> Result<u64, tokio_postgres::Error> {
-    if empty { Ok(0) } else { statement.await }
+    statement: impl std::future::Future<Output = Result<T, tokio_postgres::Error>>,
+) -> Result<T, tokio_postgres::Error> {
+    if empty {
+        Ok(T::default())
+    } else {
+        statement.await
+    }
 }
 
 /// The columns of the plan's `processed_events` rows.

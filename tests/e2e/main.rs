@@ -377,6 +377,14 @@ async fn bench_runs_every_mode_and_each_passes_verify() {
             .find(|l| l.starts_with(run))
             .unwrap_or_else(|| panic!("no row for {run}:\n{report}"));
         assert!(row.ends_with("PASS"), "{row}");
+        // CPU per event: the replicas' is read off their processes; the server's only when it
+        // is the bench's own throwaway one (here it is given).
+        let mut columns = row.split_whitespace().rev().skip(1);
+        assert_eq!(columns.next(), Some("-"), "{row}");
+        if run != "database only" {
+            let replicas: f64 = columns.next().and_then(|c| c.parse().ok()).unwrap_or(0.0);
+            assert!(replicas > 0.0, "replica CPU per event: {row}");
+        }
     }
     for ratio in [
         "3 replicas / database only",
