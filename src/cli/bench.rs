@@ -104,10 +104,23 @@ struct Measured {
     verified: bool,
 }
 
+/// CPU seconds (user + system) of the replica processes and of the PostgreSQL server, each
+/// `None` where it cannot be read: used so far (a reading), or per event (two readings apart).
 #[derive(Debug, Clone, Copy, Default)]
 struct Cpu {
     replicas: Option<f64>,
     server: Option<f64>,
+}
+
+impl Cpu {
+    /// Per event, from this reading to a `later` one `events` apart.
+    fn per_event(&self, later: &Cpu, events: f64) -> Cpu {
+        let per = |a: Option<f64>, b: Option<f64>| Some((b? - a?) / events.max(1.0));
+        Cpu {
+            replicas: per(self.replicas, later.replicas),
+            server: per(self.server, later.server),
+        }
+    }
 }
 
 impl Measured {
@@ -118,24 +131,6 @@ impl Measured {
     /// CPU seconds per event of the whole pipeline, when both parts are known.
     fn cpu_per_event(&self) -> Option<f64> {
         Some(self.cpu.replicas? + self.cpu.server?)
-    }
-}
-
-/// CPU seconds used so far by some processes; the difference of two readings over a number of
-/// events gives CPU per event.
-#[derive(Debug, Clone, Copy, Default)]
-struct CpuReading {
-    replicas: Option<f64>,
-    server: Option<f64>,
-}
-
-impl CpuReading {
-    fn per_event(&self, later: &CpuReading, events: f64) -> Cpu {
-        let per = |a: Option<f64>, b: Option<f64>| Some((b? - a?) / events.max(1.0));
-        Cpu {
-            replicas: per(self.replicas, later.replicas),
-            server: per(self.server, later.server),
-        }
     }
 }
 
@@ -365,7 +360,7 @@ impl Bench {
 
     /// CPU read off the throwaway server and the given replica processes (`None` for a part
     /// that cannot be read: a server elsewhere, a replica gone).
-    fn cpu_reading(&self, replicas: &[ReplicaProcess]) -> CpuReading {
+    fn cpu_reading(&self, replicas: &[ReplicaProcess]) -> Cpu {
         let server = self.server.as_ref().and_then(|s| s.server_pid());
         let replicas = (!replicas.is_empty())
             .then(|| {
@@ -375,7 +370,7 @@ impl Bench {
                     .sum::<Option<f64>>()
             })
             .flatten();
-        CpuReading {
+        Cpu {
             replicas,
             server: server.and_then(cpu::tree_seconds),
         }

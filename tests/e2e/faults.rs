@@ -468,11 +468,8 @@ async fn broker_faults_are_ridden_out_without_loss_or_double_effect() {
     );
 }
 
-/// The fence itself, against a real PostgreSQL: a batch carrying an older epoch than the
-/// partition's latest claim rolls back and changes nothing, the current owner's commits; and a
-/// claim waits for a batch transaction in flight on the partition.
-#[tokio::test(flavor = "multi_thread")]
-async fn the_fence_refuses_a_stale_owner_and_a_claim_waits_for_the_batch_in_flight() {
+/// A migrated test database, a pool on it, and where batches say they come from.
+async fn migrated_store() -> (TestDb, store::Pool, Source) {
     let db = TestDb::new().await;
     store::migrate::migrate(&db.url).await.expect("migrations");
     let mut settings = Settings::default().database;
@@ -482,6 +479,15 @@ async fn the_fence_refuses_a_stale_owner_and_a_claim_waits_for_the_batch_in_flig
         group: "g".into(),
         topic: "t".into(),
     };
+    (db, pool, source)
+}
+
+/// The fence itself, against a real PostgreSQL: a batch carrying an older epoch than the
+/// partition's latest claim rolls back and changes nothing, the current owner's commits; and a
+/// claim waits for a batch transaction in flight on the partition.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_fence_refuses_a_stale_owner_and_a_claim_waits_for_the_batch_in_flight() {
+    let (db, pool, source) = migrated_store().await;
     let epoch_of = |claims: HashMap<i32, Claim>| claims[&0].epoch;
     let stale = epoch_of(
         store::claim(&pool, &source, "a", &[0])
@@ -546,15 +552,7 @@ async fn the_fence_refuses_a_stale_owner_and_a_claim_waits_for_the_batch_in_flig
 /// duplicate is skipped, the reused id dead-lettered, the rest applied once.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_batch_that_skipped_the_recorded_id_read_is_rerun_with_it_on_meeting_one() {
-    let db = TestDb::new().await;
-    store::migrate::migrate(&db.url).await.expect("migrations");
-    let mut settings = Settings::default().database;
-    settings.url = db.url.clone();
-    let pool = store::pool(&settings).await.expect("pool");
-    let source = Source {
-        group: "g".into(),
-        topic: "t".into(),
-    };
+    let (db, pool, source) = migrated_store().await;
     let epoch = store::claim(&pool, &source, "a", &[0])
         .await
         .expect("claim")[&0]
