@@ -1,142 +1,27 @@
-//! Faults injected into real processes: a replica frozen past its session (a zombie), the
-//! database killing sessions and restarting, bad input. Each scenario ends with `verify`
-//! against the oracle and prints what was injected and what the replicas counted.
+//! Faults injected into real processes: the database killing sessions and restarting, bad
+//! input, broker faults typed into the embedded broker, and Apache Kafka nodes killed with
+//! SIGKILL (one node, and a three-node cluster). Each scenario ends with `verify` against the
+//! oracle and prints what was injected and what the replicas counted. (The zombie, a replica
+//! frozen past its session, is a group scenario in `group.rs`.)
 
 use std::collections::HashMap;
 use std::time::Duration;
 
 use serde_json::json;
 
+use crate::oracle::{Truth, assert_database_matches, truth_of};
 use crate::support::{
-    Replica, TestDb, TestEnv, assert_nothing_applied_twice, http_get, metric, terminate_all,
-    wait_until,
+    BackgroundProduce, GROUP, Replica, TOPIC, TestDb, TestEnv, assert_nothing_applied_twice,
+    http_get, metric, terminate_all, wait_until,
 };
 use inventory_consumer::config::Settings;
-use inventory_consumer::domain::{Batch, Delivery, RecordedLookup, lock_key};
+use inventory_consumer::domain::{Batch, Delivery, RecordedLookup};
+use inventory_consumer::embedded::apache::ApacheKafka;
 use inventory_consumer::stats::StatsSnapshot;
 use inventory_consumer::store::{self, Claim, Failure, Guards, Source, apply_batch};
-use inventory_consumer::workload::Generator;
 
 const SETTLE: Duration = Duration::from_secs(240);
 const EXIT: Duration = Duration::from_secs(30);
-
-/// Classic cooperative group with the mock's shortest session, so that a pause outlives it
-/// quickly; a paused replica's open transaction is ended by the server after 3 s idle.
-const SETTINGS: [(&str, &str); 6] = [
-    ("kafka.group_protocol", "classic"),
-    ("kafka.assignment_strategy", "cooperative-sticky"),
-    ("kafka.properties.session.timeout.ms", "6000"),
-    ("kafka.properties.heartbeat.interval.ms", "1000"),
-    ("processing.drain_timeout_ms", "4000"),
-    ("database.idle_in_transaction_timeout_ms", "3000"),
-];
-
-/// A replica frozen with SIGSTOP for longer than its session loses its partitions to the
-/// other replica, which claims them in the database. When it wakes it still holds deliveries
-/// and believes it owns the partitions: nothing it does commits after the new owner's claim.
-/// Proven by the committed batches (no offset committed twice), the oracle, and its counters.
-#[tokio::test(flavor = "multi_thread")]
-async fn a_paused_replica_is_fenced_off_when_it_wakes() {
-    let env = TestEnv::new(12).await;
-    let mut zombie = env.replica("zombie", &SETTINGS);
-    let mut other = env.replica("other", &SETTINGS);
-    wait_until("both replicas to own partitions", SETTLE, || async {
-        !zombie.owned().is_empty() && zombie.owned().len() + other.owned().len() == 12
-    })
-    .await;
-    let producer = env.produce_in_background(&[
-        "--events",
-        "60000",
-        "--skus",
-        "5000",
-        "--duplicates",
-        "0.05",
-        "--seed",
-        "7",
-        "--rate",
-        "5000",
-    ]);
-    wait_until("10,000 messages to settle", SETTLE, || async {
-        env.db.settled().await >= 10_000
-    })
-    .await;
-
-    // Catch the zombie mid-transaction: hold every SKU's advisory lock until both replicas'
-    // connections wait on one (each inside a batch, holding its partition's row), pause the
-    // zombie, then let go. Its transactions then sit idle until the server ends them.
-    let blocker = env.db.client().await;
-    let mut keys: Vec<i64> = (0..5_000)
-        .map(|i| lock_key(&Generator::sku_name(i)))
-        .collect();
-    keys.sort_unstable(); // the replicas' order: no deadlock with them
-    keys.dedup();
-    blocker
-        .execute(
-            "SELECT pg_advisory_lock(k) FROM unnest($1::bigint[]) AS t(k)",
-            &[&keys],
-        )
-        .await
-        .expect("taking every SKU's lock");
-    wait_until("both replicas to wait on the locks", SETTLE, || async {
-        env.db
-            .scalar("SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'advisory'")
-            .await
-            >= 8
-    })
-    .await;
-    zombie.pause();
-    blocker
-        .execute("SELECT pg_advisory_unlock_all()", &[])
-        .await
-        .expect("releasing the locks");
-    wait_until(
-        "the other replica to take every partition",
-        SETTLE,
-        || async { other.owned().len() == 12 },
-    )
-    .await;
-    let claimed_by_other = env
-        .db
-        .scalar(&format!(
-            "SELECT count(*) FROM partition_owners WHERE owner LIKE '%-{}'",
-            other.pid()
-        ))
-        .await;
-    assert_eq!(
-        claimed_by_other, 12,
-        "the other replica claimed every partition"
-    );
-    zombie.resume();
-
-    let expected = producer.finish();
-    env.wait_processed(expected.events as i64, SETTLE).await;
-    let (zombie_exit, zombie_stats) = zombie.terminate(EXIT);
-    let (other_exit, other_stats) = other.terminate(EXIT);
-    assert!(zombie_exit.success() && other_exit.success());
-
-    let replicas: Vec<&Replica> = vec![&zombie, &other];
-    assert_nothing_applied_twice(&replicas);
-    let (ok, report) = env.verify(Some(&expected));
-    assert!(ok, "verify failed:\n{report}");
-    let total: StatsSnapshot = zombie_stats + other_stats;
-    println!(
-        "zombie: paused past its session; {} partitions lost, {} batches fenced, {} abandoned, \
-         {} retries; {} duplicates skipped of {} injected",
-        zombie_stats.partitions_lost,
-        zombie_stats.fenced_batches,
-        zombie_stats.abandoned_batches,
-        total.retries,
-        total.duplicates,
-        expected.duplicates
-    );
-    assert!(zombie_stats.partitions_lost > 0, "{zombie_stats:?}");
-    // The batches caught by the pause (their sessions ended by the server) were retried into
-    // the fence, or abandoned when the replica learned of the loss: none committed.
-    assert!(
-        zombie_stats.fenced_batches + zombie_stats.abandoned_batches > 0,
-        "{zombie_stats:?}"
-    );
-}
 
 /// More than 10,000 bad messages of every kind (invalid UTF-8 and JSON, wrong types, missing
 /// fields, out-of-range and overflowing quantities, too many lines, over-long and non-ASCII
@@ -317,7 +202,9 @@ async fn a_database_gone_for_good_is_fatal_after_the_retry_deadline() {
     })
     .await;
     if !env.db.stop_server() {
-        eprintln!("SKIPPED: tests do not stop a shared database server (TEST_DATABASE_URL)");
+        crate::support::skip_unless_ci(
+            "tests do not stop a shared database server (TEST_DATABASE_URL)",
+        );
         return;
     }
     env.produce(&["--events", "50", "--skus", "5", "--seed", "5"]);
@@ -615,5 +502,162 @@ async fn a_batch_that_skipped_the_recorded_id_read_is_rerun_with_it_on_meeting_o
         db.scalar("SELECT current_stock FROM products WHERE sku = 'S-1'")
             .await,
         10 * quiet - 7
+    );
+}
+
+/// Two replicas (KIP-848) in a formed group on `env`.
+async fn two_replicas_in_a_group(env: &TestEnv) -> Vec<Replica> {
+    let replicas = vec![env.replica("r1", &[]), env.replica("r2", &[])];
+    wait_until("the group to form", SETTLE, || async {
+        replicas.iter().all(|r| !r.owned().is_empty())
+    })
+    .await;
+    replicas
+}
+
+/// After the faults: everything produced is settled and committed, both replicas rode the
+/// faults out and exit 0, no offset was committed twice, and the database equals the
+/// reference model. Returns the model's answer and the replicas' counters.
+async fn assert_rode_it_out(
+    env: &TestEnv,
+    mut replicas: Vec<Replica>,
+    producer: BackgroundProduce,
+) -> (Truth, StatsSnapshot) {
+    let expected = producer.finish();
+    env.wait_processed(expected.events as i64, SETTLE).await;
+    for r in &replicas {
+        assert!(r.is_running(), "{} rode the faults out", r.name());
+    }
+    let total = terminate_all(&mut replicas, EXIT);
+    assert_nothing_applied_twice(&replicas.iter().collect::<Vec<_>>());
+    let truth = truth_of(env);
+    assert_database_matches(&env.db, &truth).await;
+    let (ok, report) = env.verify(Some(&expected));
+    assert!(ok, "verify failed:\n{report}");
+    (truth, total)
+}
+
+/// A producer (`acks=all`, idempotent) sending `events` events at 4,000/s while the test
+/// injects its faults.
+fn stream(env: &TestEnv, events: u64, seed: u64) -> BackgroundProduce {
+    env.produce_in_background(&[
+        "--events",
+        &events.to_string(),
+        "--skus",
+        "4000",
+        "--duplicates",
+        "0.05",
+        "--seed",
+        &seed.to_string(),
+        "--rate",
+        "4000",
+    ])
+}
+
+/// The single Apache Kafka broker killed with SIGKILL in the middle of the stream, down for
+/// 5 s, then started again on its data directory, while 2 replicas (KIP-848) consume and the
+/// producer keeps sending. The replicas stay up and ride it out: nothing lost, nothing applied
+/// twice, the database equal to the reference model.
+#[tokio::test(flavor = "multi_thread")]
+async fn apache_broker_killed_and_restarted_loses_nothing() {
+    let mut env = TestEnv::on_apache(12, 1).await;
+    let replicas = two_replicas_in_a_group(&env).await;
+    let producer = stream(&env, 40_000, 77);
+    wait_until("10,000 messages to settle", SETTLE, || async {
+        env.db.settled().await >= 10_000
+    })
+    .await;
+
+    let port = env.broker.apache().port(1);
+    env.broker.apache().kill(1);
+    let settled_at_kill = env.db.settled().await;
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
+        "the broker is down"
+    );
+    // The outage's length is the fault's parameter, not a proof of anything.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let stalled = env.db.settled().await - settled_at_kill;
+    tokio::task::block_in_place(|| env.broker.apache().restart(1, 320))
+        .expect("restarting the broker");
+
+    let (truth, total) = assert_rode_it_out(&env, replicas, producer).await;
+    println!(
+        "apache broker SIGKILL: down 5 s at {settled_at_kill} settled ({stalled} more settled \
+         meanwhile, from fetched batches); {} messages; {} duplicates skipped of {} in the topic; \
+         {} partitions lost, {} revoked; {} retries",
+        truth.messages,
+        total.duplicates,
+        truth.duplicates,
+        total.partitions_lost,
+        total.partitions_revoked,
+        total.retries
+    );
+}
+
+/// Three Apache Kafka nodes (replication factor 3, `min.insync.replicas` 2) while 2 replicas
+/// (KIP-848) consume and the producer sends: the leader of a share of the partitions is
+/// killed with SIGKILL and later restarted, then the node coordinating the group. Leadership
+/// and coordination move to the survivors, the replicas stay up, and nothing is lost or
+/// applied twice.
+#[tokio::test(flavor = "multi_thread")]
+async fn apache_cluster_survives_a_leader_and_the_coordinator_killed() {
+    let mut env = TestEnv::on_apache(12, 3).await;
+    let replicas = two_replicas_in_a_group(&env).await;
+    let producer = stream(&env, 48_000, 78);
+    let mut progress = 8_000;
+    wait_until("8,000 messages to settle", SETTLE, || async {
+        env.db.settled().await >= progress
+    })
+    .await;
+
+    // Who holds a role now: the leader of partition 0, or the group's coordinator.
+    let holder = |cluster: &ApacheKafka, role: &str| {
+        if role == "leader" {
+            cluster.leader(TOPIC, 0)
+        } else {
+            cluster.coordinator(GROUP)
+        }
+    };
+    let mut killed = Vec::new();
+    for role in ["leader", "coordinator"] {
+        let cluster = env.broker.apache();
+        let victim = holder(cluster, role).expect("the role's holder");
+        let led = (0..12)
+            .filter(|p| cluster.leader(TOPIC, *p).is_ok_and(|l| l == victim))
+            .count();
+        cluster.kill(victim);
+        // The fault took effect: the survivors elect a new holder.
+        wait_until(
+            &format!("the {role} to move off node {victim}"),
+            SETTLE,
+            || {
+                let moved = holder(env.broker.apache(), role).is_ok_and(|n| n != victim);
+                async move { moved }
+            },
+        )
+        .await;
+        progress += 8_000;
+        wait_until("progress without the node", SETTLE, || async {
+            env.db.settled().await >= progress
+        })
+        .await;
+        tokio::task::block_in_place(|| env.broker.apache().restart(victim, 320))
+            .expect("restarting the node");
+        killed.push(format!(
+            "{role} node {victim} (leading {led} of 12 partitions)"
+        ));
+    }
+
+    let (truth, total) = assert_rode_it_out(&env, replicas, producer).await;
+    println!(
+        "apache 3-node failover: killed {killed:?}; {} messages; {} duplicates skipped of {} in \
+         the topic; {} partitions lost, {} revoked; {} retries",
+        truth.messages,
+        total.duplicates,
+        truth.duplicates,
+        total.partitions_lost,
+        total.partitions_revoked,
+        total.retries
     );
 }

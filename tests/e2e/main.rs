@@ -1,9 +1,11 @@
-//! End-to-end tests: the real binary as separate processes, an embedded Kafka-protocol broker,
-//! a real PostgreSQL, and the database checked against an oracle of what was produced.
+//! End-to-end tests: the real binary as separate processes, a broker (Apache Kafka for the
+//! group scenarios and broker failures, the embedded one elsewhere), a real PostgreSQL, and the
+//! database checked against an oracle of what was produced.
 
 mod faults;
 mod group;
 mod operations;
+mod oracle;
 mod support;
 mod tls;
 
@@ -304,12 +306,26 @@ async fn replaying_the_topic_changes_nothing() {
 /// joining, leaving and being killed, ends with a passing verdict.
 #[tokio::test(flavor = "multi_thread")]
 async fn demo_ends_with_a_passing_verdict() {
+    demo_passes(&[]).await;
+}
+
+/// The same on Apache Kafka (`--broker apache`).
+#[tokio::test(flavor = "multi_thread")]
+async fn demo_on_apache_kafka_ends_with_a_passing_verdict() {
+    support::install_apache();
+    let output = demo_passes(&["--broker", "apache"]).await;
+    assert!(output.contains("demo: Kafka: Apache Kafka 4."), "{output}");
+}
+
+async fn demo_passes(extra: &[&str]) -> String {
     let db = support::TestDb::new().await;
+    let extra: Vec<String> = extra.iter().map(|a| a.to_string()).collect();
     let out = tokio::task::spawn_blocking(move || {
         let out = std::process::Command::new(support::BIN)
             .args([
                 "demo", "--events", "20000", "--skus", "500", "--rate", "2500",
             ])
+            .args(&extra)
             .arg("--database-url")
             .arg(&db.url)
             .output()
@@ -326,20 +342,24 @@ async fn demo_ends_with_a_passing_verdict() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(stdout.contains("PASS stock equals oracle"), "{stdout}");
+    // Progress lines (`demo: ...`) go to stderr.
+    format!("{stdout}\n{}", String::from_utf8_lossy(&out.stderr))
 }
 
-/// `bench` on a small scale: every run (database only, 1 and 3 replicas, per-event, unsafe,
-/// hot SKU, latency, memory) completes and passes its audit, and the report has every row
-/// and ratio. Speed is not asserted here: the numbers are for `bench` at full size.
+/// `bench` on a small scale: every run (database only, 1 and 3 replicas on both brokers,
+/// per-event, unsafe, hot SKU, latency, memory) completes and passes its audit, and the report
+/// has every row and ratio. Speed is not asserted here: the numbers are for `bench` at full
+/// size.
 #[tokio::test(flavor = "multi_thread")]
 async fn bench_runs_every_mode_and_each_passes_verify() {
+    support::install_apache();
     let db = support::TestDb::new().await;
     let out = tokio::task::spawn_blocking(move || {
         let out = std::process::Command::new(support::BIN)
             .args([
                 "bench",
                 "--events",
-                "4000",
+                "10000",
                 "--skus",
                 "500",
                 "--backlog",
@@ -348,6 +368,7 @@ async fn bench_runs_every_mode_and_each_passes_verify() {
                 "500",
                 "--latency-seconds",
                 "2",
+                "--apache",
             ])
             .arg("--database-url")
             .arg(&db.url)
@@ -371,6 +392,8 @@ async fn bench_runs_every_mode_and_each_passes_verify() {
         "hot SKU",
         "latency at 500 events/s",
         "memory: 8000 backlog",
+        "1 replica on Apache Kafka 4.",
+        "3 replicas on Apache Kafka 4.",
     ] {
         let row = stdout
             .lines()
@@ -392,6 +415,8 @@ async fn bench_runs_every_mode_and_each_passes_verify() {
         "guarded / unsafe",
         "hot SKU / uniform",
         "peak RSS",
+        "Apache Kafka / embedded (1 replica)",
+        "Apache Kafka / embedded (3 replicas)",
     ] {
         assert!(stdout.contains(ratio), "no {ratio} ratio:\n{report}");
     }

@@ -170,7 +170,9 @@ async fn readiness_follows_the_database() {
     })
     .await;
     if !env.db.stop_server() {
-        eprintln!("SKIPPED: tests do not stop a shared database server (TEST_DATABASE_URL)");
+        crate::support::skip_unless_ci(
+            "tests do not stop a shared database server (TEST_DATABASE_URL)",
+        );
         return;
     }
     wait_until("/readyz to report the database", SETTLE, || async {
@@ -197,9 +199,7 @@ async fn readiness_follows_the_database() {
 #[tokio::test(flavor = "multi_thread")]
 async fn procfile_runs_a_group_with_honcho() {
     let Some(honcho) = find_honcho() else {
-        eprintln!(
-            "SKIPPED: honcho not found (pip install honcho, or set HONCHO); CI runs this test"
-        );
+        crate::support::skip_unless_ci("honcho not found (pip install honcho, or set HONCHO)");
         return;
     };
     let db = crate::support::TestDb::new().await;

@@ -1,5 +1,5 @@
-//! Test harness: a fresh PostgreSQL database and an embedded broker per test, replicas as real
-//! processes of the real binary, and helpers to wait for conditions (never a bare sleep as a
+//! Test harness: a fresh PostgreSQL database and a broker per test (the embedded one, or Apache
+//! Kafka: one node or a cluster), replicas as real processes of the real binary, and helpers to wait for conditions (never a bare sleep as a
 //! proof). Logs of each process go to files in the test's temporary directory, printed when a
 //! test fails an assertion through [`Replica::log`]; set `TEST_LOG=1` to echo them always.
 //!
@@ -17,14 +17,13 @@ use chrono::{DateTime, Utc};
 use inventory_consumer::embedded::replica::{LogSummary, ReplicaProcess, partition_list};
 use std::time::{Duration, Instant};
 
+use inventory_consumer::embedded::apache;
 use inventory_consumer::embedded::postgres::{PostgresOptions, ThrowawayPostgres};
 use inventory_consumer::stats::StatsSnapshot;
 use inventory_consumer::workload::Expectation;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use rdkafka::ClientConfig;
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{Offset, TopicPartitionList};
 use tempfile::TempDir;
@@ -204,23 +203,16 @@ impl TestEnv {
         Self::with_brokers(partitions, 1).await
     }
 
-    /// The same world on nisshi, an independently written Kafka-compatible broker, when it is
-    /// installed ([`find_nisshi`]); `None` (and a message) when it is not.
-    pub async fn on_nisshi(partitions: i32) -> Option<TestEnv> {
-        let Some(exe) = find_nisshi() else {
-            eprintln!(
-                "SKIPPED: nisshi not found (set NISSHI=path, or put it on PATH; .ci/run installs \
-                 it); CI runs this test"
-            );
-            return None;
-        };
+    /// The same world on Apache Kafka: a cluster of `nodes` KRaft nodes (replication factor
+    /// and `min.insync.replicas` follow: 3 and 2 from three nodes on), installed first if needed.
+    pub async fn on_apache(partitions: i32, nodes: usize) -> TestEnv {
         let dir = tempfile::Builder::new()
             .disable_cleanup(std::env::var_os("TEST_KEEP_DIR").is_some())
             .tempdir()
             .expect("tempdir");
-        let broker = Broker::start_nisshi(&exe, dir.path(), partitions).await;
+        let broker = Broker::start_apache(dir.path(), partitions, nodes).await;
         let db = TestDb::new().await;
-        Some(TestEnv { db, broker, dir })
+        TestEnv { db, broker, dir }
     }
 
     /// A cluster of `brokers` mock brokers, which takes fault commands ([`Broker::inject`]).
@@ -351,10 +343,16 @@ impl BackgroundProduce {
     }
 }
 
-/// The embedded broker, as a `broker` process of the real binary.
+/// The broker of a test: the embedded one (a `broker` process of the real binary), or Apache
+/// Kafka.
 pub struct Broker {
     pub bootstrap: String,
-    child: Child,
+    server: Server,
+}
+
+enum Server {
+    Mock(Child),
+    Apache(apache::ApacheKafka),
 }
 
 impl Broker {
@@ -385,63 +383,54 @@ impl Broker {
         )
         .await;
         let bootstrap = std::fs::read_to_string(&file).expect("bootstrap file");
-        Broker { bootstrap, child }
+        Broker {
+            bootstrap,
+            server: Server::Mock(child),
+        }
     }
 
-    /// nisshi on a free port, run from its own empty directory (it reads `.env`), with the
-    /// topic created through the admin API.
-    pub async fn start_nisshi(exe: &Path, dir: &Path, partitions: i32) -> Broker {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port();
-        let url = format!("tcp://127.0.0.1:{port}");
-        let workdir = dir.join("nisshi");
-        std::fs::create_dir_all(&workdir).expect("nisshi's directory");
-        let child = Command::new(exe)
-            .args([
-                "broker",
-                "--listener-url",
-                &url,
-                "--advertised-listener-url",
-                &url,
-            ])
-            .args(["--storage-engine", "memory://nisshi/"])
-            .current_dir(&workdir)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(dir.join("broker.log")).expect("broker log"))
-            .spawn()
-            .expect("starting nisshi");
-        let bootstrap = format!("127.0.0.1:{port}");
-        wait_until("nisshi to listen", Duration::from_secs(20), || {
-            let up = std::net::TcpStream::connect(&bootstrap).is_ok();
-            async move { up }
-        })
-        .await;
-        let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-            .set("bootstrap.servers", &bootstrap)
-            .set("log_level", "3")
-            .create()
-            .expect("admin client");
-        let created = admin
-            .create_topics(
-                &[NewTopic::new(TOPIC, partitions, TopicReplication::Fixed(1))],
-                &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
-            )
+    /// Apache Kafka (see [`apache`]), with the topic created; installs the broker first
+    /// (`kafka/install.sh`, serialised across test processes) when it is missing.
+    pub async fn start_apache(dir: &Path, partitions: i32, nodes: usize) -> Broker {
+        install_apache();
+        let options = apache::ClusterOptions {
+            nodes,
+            ..Default::default()
+        };
+        let path = dir.to_owned();
+        let cluster =
+            tokio::task::spawn_blocking(move || apache::ApacheKafka::start(&path, &options))
+                .await
+                .expect("joining")
+                .unwrap_or_else(|e| panic!("starting Apache Kafka: {e:#}"));
+        let replication = nodes.min(3) as i32;
+        cluster
+            .create_topic(TOPIC, partitions, replication)
             .await
-            .expect("creating the topic on nisshi");
-        for result in created {
-            result.expect("creating the topic on nisshi");
-        }
+            .unwrap_or_else(|e| panic!("creating the topic on Apache Kafka: {e:#}"));
+        let bootstrap = cluster.bootstrap().to_owned();
         std::fs::write(dir.join("bootstrap"), &bootstrap).expect("bootstrap file");
-        Broker { bootstrap, child }
+        Broker {
+            bootstrap,
+            server: Server::Apache(cluster),
+        }
+    }
+
+    /// The Apache Kafka cluster behind this broker, to kill and restart its nodes.
+    pub fn apache(&mut self) -> &mut apache::ApacheKafka {
+        match &mut self.server {
+            Server::Apache(cluster) => cluster,
+            Server::Mock(_) => panic!("this test runs on the embedded broker, not Apache Kafka"),
+        }
     }
 
     /// Sends a fault command to the broker (see `src/embedded/faults.rs`).
     pub fn inject(&mut self, command: &str) {
         use std::io::Write;
-        let stdin = self.child.stdin.as_mut().expect("the broker's stdin");
+        let Server::Mock(child) = &mut self.server else {
+            panic!("faults are typed into the embedded broker only");
+        };
+        let stdin = child.stdin.as_mut().expect("the broker's stdin");
         writeln!(stdin, "{command}").expect("sending a fault command");
         stdin.flush().expect("sending a fault command");
     }
@@ -487,9 +476,41 @@ impl Broker {
 
 impl Drop for Broker {
     fn drop(&mut self) {
-        let _ = kill(Pid::from_raw(self.child.id() as i32), Signal::SIGTERM);
-        let _ = self.child.wait();
+        // Apache Kafka's nodes are killed by their own drop.
+        if let Server::Mock(child) = &mut self.server {
+            let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
+            let _ = child.wait();
+        }
     }
+}
+
+/// Runs `kafka/install.sh` unless the broker is installed; one test process at a time (flock).
+pub fn install_apache() {
+    if apache::is_installed() {
+        return;
+    }
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("kafka/install.sh");
+    let lock = std::env::temp_dir().join("inventory-consumer-kafka-install.lock");
+    let status = Command::new("flock")
+        .arg(&lock)
+        .arg(&script)
+        .status()
+        .expect("running kafka/install.sh");
+    assert!(
+        status.success() && apache::is_installed(),
+        "installing Apache Kafka with kafka/install.sh failed ({status}); it needs Maven and \
+         Java 17 or newer"
+    );
+}
+
+/// A test that cannot run here says so and passes, except in CI (`CI` set), where every lane
+/// must run: there a missing tool fails the test.
+pub fn skip_unless_ci(reason: &str) {
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "CI must run every test, but: {reason}"
+    );
+    eprintln!("SKIPPED: {reason}");
 }
 
 /// A `run` process of the test.
@@ -532,6 +553,25 @@ impl Replica {
 
     pub fn log(&self) -> String {
         self.process.log_text()
+    }
+
+    /// Whether the process is alive: not exited, not a zombie awaiting its parent.
+    pub fn is_running(&self) -> bool {
+        let Some(pid) = self.process.pid() else {
+            return false;
+        };
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|stat| {
+                let state = stat
+                    .rsplit_once(')')?
+                    .1
+                    .split_whitespace()
+                    .next()?
+                    .to_owned();
+                Some(state != "Z" && state != "X")
+            })
+            .unwrap_or(false)
     }
 
     /// The partitions the replica owns according to its latest assign/revoke log line.
@@ -671,6 +711,12 @@ fn timestamp(entry: &serde_json::Value) -> Option<DateTime<Utc>> {
 /// committed by a replica while it owned the batch's partition.
 pub fn assert_exclusive_ownership(replicas: &[&Replica]) {
     let intervals: Vec<Ownership> = replicas.iter().flat_map(|r| r.ownership()).collect();
+    let batches: usize = replicas.iter().map(|r| r.batches().len()).sum();
+    assert!(
+        !intervals.is_empty() && batches > 0,
+        "nothing to check: {} ownership intervals and {batches} batches in the logs",
+        intervals.len()
+    );
     for a in &intervals {
         for b in &intervals {
             if a.replica == b.replica || a.partition != b.partition {
@@ -722,6 +768,10 @@ pub fn assert_nothing_applied_twice(replicas: &[&Replica]) {
             by_partition.entry(b.partition).or_default().push(b);
         }
     }
+    assert!(
+        !by_partition.is_empty(),
+        "nothing to check: no committed batch in the replicas' logs"
+    );
     for batches in by_partition.values_mut() {
         batches.sort_by_key(|b| (b.first_offset, b.last_offset));
         for pair in batches.windows(2) {
@@ -789,15 +839,4 @@ pub fn metric(text: &str, name: &str, labels: &[&str]) -> f64 {
                 .flatten()
         })
         .sum()
-}
-
-/// The nisshi executable: `NISSHI` (then it must exist: CI sets it), else `nisshi` on PATH.
-pub fn find_nisshi() -> Option<PathBuf> {
-    if let Some(path) = std::env::var_os("NISSHI").map(PathBuf::from) {
-        assert!(path.is_file(), "NISSHI={} is not a file", path.display());
-        return Some(path);
-    }
-    std::env::split_paths(&std::env::var_os("PATH")?)
-        .map(|dir| dir.join("nisshi"))
-        .find(|p| p.is_file())
 }
