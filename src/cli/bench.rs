@@ -26,8 +26,8 @@ use crate::cli::produce::send;
 use crate::cli::{Cli, EXIT_VERIFY_FAILED, given_or_throwaway_database, log_dir, runtime};
 use crate::config::Settings;
 use crate::domain::{Batch, Delivery, RecordedLookup, lock_key};
-use crate::embedded::broker::{BrokerOptions, EmbeddedBroker};
 use crate::embedded::cpu;
+use crate::embedded::local_kafka::{BrokerKind, LocalKafka};
 use crate::embedded::postgres::{PostgresOptions, ThrowawayPostgres};
 use crate::embedded::replica::ReplicaProcess;
 use crate::store::{self, Guards, Source, apply_batch, audit};
@@ -57,8 +57,13 @@ pub struct BenchArgs {
     /// Rounds of the throughput runs; each run reports its median round.
     #[arg(long, default_value_t = 1)]
     pub repeat: u32,
+    /// Also run the 1- and 3-replica pipelines on Apache Kafka (installed by
+    /// `kafka/install.sh`), reported beside the embedded broker's (runs `one-apache`,
+    /// `three-apache`).
+    #[arg(long)]
+    pub apache: bool,
     /// Only these runs (comma-separated): database, one, three, per-event, unsafe, hot,
-    /// latency, memory. Default: all.
+    /// latency, memory, one-apache, three-apache. Default: all.
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
     /// Where the replicas' logs go (default: a new directory under the system temp dir).
@@ -87,6 +92,7 @@ struct Pipeline {
     partitions: i32,
     /// Events per second produced while the replicas run; 0: the backlog comes first.
     rate: u64,
+    broker: BrokerKind,
 }
 
 /// What a run measured.
@@ -172,10 +178,12 @@ pub fn main(cli: &Cli, args: &BenchArgs) -> anyhow::Result<ExitCode> {
         events: args.events,
         partitions: args.partitions,
         rate: 0,
+        broker: BrokerKind::Embedded,
     };
     let wanted = |key: &str| args.only.is_empty() || args.only.iter().any(|k| k == key);
     let rate = args.latency_rate;
-    let runs = [
+    let on_apache = format!("on {}", LocalKafka::describe(BrokerKind::Apache));
+    let mut runs = vec![
         ("one", "pipeline, 1 replica".to_owned(), batched),
         (
             "three",
@@ -236,6 +244,21 @@ pub fn main(cli: &Cli, args: &BenchArgs) -> anyhow::Result<ExitCode> {
             },
         ),
     ];
+    if args.apache {
+        let apache = Pipeline {
+            broker: BrokerKind::Apache,
+            ..batched
+        };
+        runs.push(("one-apache", format!("1 replica {on_apache}"), apache));
+        runs.push((
+            "three-apache",
+            format!("3 replicas {on_apache}"),
+            Pipeline {
+                replicas: 3,
+                ..apache
+            },
+        ));
+    }
     // Rounds interleave the runs, so that a noisy moment of a shared machine does not land on
     // one run only; each run's median round is reported. Latency and memory run once.
     let mut rounds: Vec<(&str, Vec<Measured>)> = Vec::new();
@@ -322,6 +345,18 @@ pub fn main(cli: &Cli, args: &BenchArgs) -> anyhow::Result<ExitCode> {
         println!(
             "  {:<40} {value:>8.2}   (by CPU time per event)",
             "guarded / unsafe (1 replica)"
+        );
+    }
+    if let Some(value) = ratio("one-apache", "one") {
+        println!(
+            "  {:<40} {value:>8.2}",
+            "Apache Kafka / embedded (1 replica)"
+        );
+    }
+    if let Some(value) = ratio("three-apache", "three") {
+        println!(
+            "  {:<40} {value:>8.2}",
+            "Apache Kafka / embedded (3 replicas)"
         );
     }
     if let Some(rss) = get("memory").and_then(|m| m.peak_rss) {
@@ -487,15 +522,25 @@ impl Bench {
         let url = self.fresh_database()?;
         let spec = self.spec(p.events, p.hot_share);
         step(&format!("{name}: {} events", p.events));
-        let broker = EmbeddedBroker::start(&BrokerOptions {
-            partitions: p.partitions,
-            ..BrokerOptions::default()
-        })
-        .context("starting the embedded broker")?;
+        let broker = LocalKafka::start(p.broker, p.partitions)?;
         let mut settings = Settings::default();
         settings.kafka.brokers = broker.bootstrap_servers().to_owned();
         settings.database.url = url.clone();
 
+        let mut replicas = (0..p.replicas)
+            .map(|i| self.start_replica(&format!("run{}-r{}", self.runs, i + 1), &settings, p))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        // The group settles on the empty topic first: every partition owned, every replica with
+        // its share. Joining is not what is measured (and latency counts from production).
+        wait_for(Duration::from_secs(60), || {
+            let owned: Vec<usize> = replicas.iter().map(|r| r.owned().len()).collect();
+            owned.iter().sum::<usize>() == p.partitions as usize
+                && owned
+                    .iter()
+                    .all(|&n| n > 0 || p.replicas > p.partitions as usize)
+        })
+        .context("the replicas did not share every partition")?;
+        // A backlog run then produces everything at full speed; the clock starts after that.
         let backlog = if p.rate == 0 {
             Some(send(
                 &settings,
@@ -507,19 +552,6 @@ impl Bench {
         } else {
             None
         };
-        let mut replicas = (0..p.replicas)
-            .map(|i| self.start_replica(&format!("run{}-r{}", self.runs, i + 1), &settings, p))
-            .collect::<anyhow::Result<Vec<_>>>()?;
-        // The clock starts once the group has settled: every partition owned, every replica
-        // with its share. Joining is not what is measured (and latency counts from production).
-        wait_for(Duration::from_secs(60), || {
-            let owned: Vec<usize> = replicas.iter().map(|r| r.owned().len()).collect();
-            owned.iter().sum::<usize>() == p.partitions as usize
-                && owned
-                    .iter()
-                    .all(|&n| n > 0 || p.replicas > p.partitions as usize)
-        })
-        .context("the replicas did not share every partition")?;
         let producer = if p.rate == 0 {
             None
         } else {
@@ -661,6 +693,12 @@ async fn time_to_settle(url: &str, messages: i64) -> anyhow::Result<(f64, f64)> 
             .try_get(0)?;
         let now = Instant::now();
         let (start, done_then) = *first.get_or_insert((now, done));
+        if done_then * 10 > messages * 9 {
+            bail!(
+                "{done_then} of {messages} messages settled before the clock started: too few \
+                 to time (raise --events)"
+            );
+        }
         if done >= messages {
             let seconds = now.duration_since(start).as_secs_f64();
             // Scale to the whole run: the share done before the first look is not timed.

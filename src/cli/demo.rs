@@ -16,7 +16,7 @@ use clap::Args;
 use crate::cli::produce::send;
 use crate::cli::{Cli, EXIT_VERIFY_FAILED, given_or_throwaway_database, log_dir, runtime};
 use crate::config::Settings;
-use crate::embedded::broker::{BrokerOptions, EmbeddedBroker};
+use crate::embedded::local_kafka::{BrokerKind, LocalKafka};
 use crate::embedded::postgres::PostgresOptions;
 use crate::embedded::replica::{LogSummary, ReplicaProcess};
 use crate::stats::StatsSnapshot;
@@ -43,6 +43,9 @@ pub struct DemoArgs {
     /// Group protocol of the replicas: `consumer` (KIP-848) or `classic` (cooperative-sticky).
     #[arg(long, default_value = "consumer")]
     pub protocol: String,
+    /// The broker: the embedded one, or Apache Kafka (installed by `kafka/install.sh`).
+    #[arg(long, value_enum, default_value_t = BrokerKind::Embedded)]
+    pub broker: BrokerKind,
     /// Keep the group as it is (no joins, leaves or kills during the run).
     #[arg(long)]
     pub calm: bool,
@@ -74,13 +77,10 @@ pub fn main(cli: &Cli, args: &DemoArgs) -> anyhow::Result<ExitCode> {
     let logs = log_dir(args.logs.as_ref(), "inventory-demo")?;
     let (_server, database_url) =
         given_or_throwaway_database(cli, PostgresOptions::default(), step)?;
-    let broker = EmbeddedBroker::start(&BrokerOptions {
-        partitions: args.partitions,
-        ..BrokerOptions::default()
-    })
-    .context("starting the embedded broker")?;
+    let broker = LocalKafka::start(args.broker, args.partitions)?;
     step(&format!(
-        "Kafka: embedded broker at {}, topic inventory-events with {} partitions",
+        "Kafka: {} at {}, topic inventory-events with {} partitions",
+        LocalKafka::describe(args.broker),
         broker.bootstrap_servers(),
         args.partitions
     ));
