@@ -56,8 +56,8 @@ pub struct ClusterOptions {
     /// KIP-848 groups: the session the broker gives members (its minimum is lowered to match).
     pub consumer_session_timeout_ms: u32,
     pub consumer_heartbeat_interval_ms: u32,
-    /// Extra `server.properties` lines for every node (e.g. listeners for TLS and SASL).
-    pub extra_properties: Vec<(String, String)>,
+    /// A second listener on every node, SASL_SSL: TLS with this certificate, SCRAM users.
+    pub sasl_ssl: Option<SaslSsl>,
     /// Maximum heap of each node's JVM.
     pub heap_mib: u32,
 }
@@ -68,15 +68,26 @@ impl Default for ClusterOptions {
             nodes: 1,
             consumer_session_timeout_ms: 6_000,
             consumer_heartbeat_interval_ms: 1_000,
-            extra_properties: Vec::new(),
+            sasl_ssl: None,
             heap_mib: 320,
         }
     }
 }
 
+/// What a SASL_SSL listener needs: the server's certificate and key (PEM, the key PKCS#8 and
+/// unencrypted), and the SCRAM-SHA-512 users (name, password) created with the cluster.
+#[derive(Debug, Clone)]
+pub struct SaslSsl {
+    pub cert_pem: String,
+    pub key_pem: String,
+    pub users: Vec<(String, String)>,
+}
+
 struct Node {
     id: usize,
     port: u16,
+    /// The SASL_SSL listener's port, when the cluster has one.
+    secure_port: Option<u16>,
     controller_port: u16,
     dir: PathBuf,
     child: Option<Child>,
@@ -104,6 +115,10 @@ impl ApacheKafka {
             nodes.push(Node {
                 id,
                 port: free_port()?,
+                secure_port: match options.sasl_ssl {
+                    Some(_) => Some(free_port()?),
+                    None => None,
+                },
                 controller_port: free_port()?,
                 dir: dir.join(format!("kafka-{id}")),
                 child: None,
@@ -124,12 +139,17 @@ impl ApacheKafka {
             std::fs::create_dir_all(&node.dir)
                 .with_context(|| format!("creating {}", node.dir.display()))?;
             write_config(node, &voters, options)?;
-            let out = java(options.heap_mib)
+            let mut format = java(options.heap_mib);
+            format
                 .arg("kafka.tools.StorageTool")
                 .args(["format", "-t", cluster_id, "-c"])
-                .arg(node.dir.join("server.properties"))
-                .output()
-                .context("running Kafka's StorageTool")?;
+                .arg(node.dir.join("server.properties"));
+            for (name, password) in options.sasl_ssl.iter().flat_map(|s| &s.users) {
+                format
+                    .arg("--add-scram")
+                    .arg(format!("SCRAM-SHA-512=[name={name},password={password}]"));
+            }
+            let out = format.output().context("running Kafka's StorageTool")?;
             ensure!(
                 out.status.success(),
                 "formatting node {}: {}",
@@ -145,9 +165,19 @@ impl ApacheKafka {
         Ok(cluster)
     }
 
-    /// The bootstrap list of every node.
+    /// The bootstrap list of every node (PLAINTEXT listeners).
     pub fn bootstrap(&self) -> &str {
         &self.bootstrap
+    }
+
+    /// The bootstrap list of the SASL_SSL listeners, when the cluster has them.
+    pub fn secure_bootstrap(&self) -> Option<String> {
+        let ports: Option<Vec<String>> = self
+            .nodes
+            .iter()
+            .map(|n| n.secure_port.map(|p| format!("127.0.0.1:{p}")))
+            .collect();
+        ports.map(|p| p.join(","))
     }
 
     /// The node ids (1-based), for [`ApacheKafka::kill`] and [`ApacheKafka::restart`].
@@ -331,6 +361,10 @@ fn free_port() -> Result<u16> {
 fn write_config(node: &Node, voters: &str, options: &ClusterOptions) -> Result<()> {
     let replication = options.nodes.min(3);
     let min_isr = if replication >= 3 { 2 } else { 1 };
+    let mut listeners = format!("PLAINTEXT://127.0.0.1:{}", node.port);
+    if let Some(port) = node.secure_port {
+        listeners.push_str(&format!(",SASL_SSL://127.0.0.1:{port}"));
+    }
     let mut props = vec![
         ("process.roles", "broker,controller".to_owned()),
         ("node.id", node.id.to_string()),
@@ -338,18 +372,15 @@ fn write_config(node: &Node, voters: &str, options: &ClusterOptions) -> Result<(
         (
             "listeners",
             format!(
-                "PLAINTEXT://127.0.0.1:{},CONTROLLER://127.0.0.1:{}",
-                node.port, node.controller_port
+                "{listeners},CONTROLLER://127.0.0.1:{}",
+                node.controller_port
             ),
         ),
-        (
-            "advertised.listeners",
-            format!("PLAINTEXT://127.0.0.1:{}", node.port),
-        ),
+        ("advertised.listeners", listeners),
         ("controller.listener.names", "CONTROLLER".to_owned()),
         (
             "listener.security.protocol.map",
-            "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT".to_owned(),
+            "PLAINTEXT:PLAINTEXT,SASL_SSL:SASL_SSL,CONTROLLER:PLAINTEXT".to_owned(),
         ),
         ("inter.broker.listener.name", "PLAINTEXT".to_owned()),
         ("log.dirs", node.dir.join("data").display().to_string()),
@@ -388,9 +419,19 @@ fn write_config(node: &Node, voters: &str, options: &ClusterOptions) -> Result<(
                 .to_string(),
         ),
     ];
-    for (key, value) in &options.extra_properties {
-        props.retain(|(k, _)| k != key);
-        props.push((key.as_str(), value.clone()));
+    if let Some(tls) = &options.sasl_ssl {
+        // One PEM file with the key and the certificate: Kafka's PEM keystore.
+        let keystore = node.dir.join("server-keystore.pem");
+        std::fs::write(&keystore, format!("{}\n{}", tls.key_pem, tls.cert_pem))?;
+        props.extend([
+            ("sasl.enabled.mechanisms", "SCRAM-SHA-512".to_owned()),
+            (
+                "listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config",
+                "org.apache.kafka.common.security.scram.ScramLoginModule required;".to_owned(),
+            ),
+            ("ssl.keystore.type", "PEM".to_owned()),
+            ("ssl.keystore.location", keystore.display().to_string()),
+        ]);
     }
     let text: String = props.iter().map(|(k, v)| format!("{k}={v}\n")).collect();
     std::fs::write(node.dir.join("server.properties"), text)?;

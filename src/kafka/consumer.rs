@@ -123,13 +123,16 @@ fn dispatch(group: &GroupContext, delivery: Delivery) {
     }
 }
 
-/// librdkafka retries everything else itself; these need an operator (or a restart).
+/// librdkafka retries everything else itself; these need an operator (or a restart): refused
+/// credentials, an unknown SCRAM user, a broker certificate the configured CA does not vouch
+/// for (`SSL`). Retrying them would only hide a misconfiguration behind a silent loop.
 fn is_fatal(e: &KafkaError) -> bool {
     matches!(e, KafkaError::MessageConsumptionFatal(_))
         || matches!(
             e.rdkafka_error_code(),
             Some(
                 RDKafkaErrorCode::Fatal
+                    | RDKafkaErrorCode::SSL
                     | RDKafkaErrorCode::Authentication
                     | RDKafkaErrorCode::TopicAuthorizationFailed
                     | RDKafkaErrorCode::GroupAuthorizationFailed
@@ -149,6 +152,12 @@ mod tests {
         )));
         assert!(is_fatal(&KafkaError::MessageConsumption(
             RDKafkaErrorCode::TopicAuthorizationFailed
+        )));
+        assert!(is_fatal(&KafkaError::MessageConsumption(
+            RDKafkaErrorCode::SSL
+        )));
+        assert!(is_fatal(&KafkaError::MessageConsumption(
+            RDKafkaErrorCode::Authentication
         )));
         assert!(!is_fatal(&KafkaError::MessageConsumption(
             RDKafkaErrorCode::BrokerTransportFailure

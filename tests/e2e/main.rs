@@ -4,6 +4,7 @@
 
 mod faults;
 mod group;
+mod kafka_security;
 mod operations;
 mod oracle;
 mod support;

@@ -1,26 +1,8 @@
 //! PostgreSQL over TLS: `sslmode=require` encrypts and authenticates the server; a server the
 //! configured roots do not vouch for is refused; a URL without `sslmode` stays plain.
 
-use inventory_consumer::embedded::postgres::{PostgresOptions, ServerTls, ThrowawayPostgres};
+use inventory_consumer::embedded::postgres::{PostgresOptions, ThrowawayPostgres};
 use inventory_consumer::store;
-
-/// A private CA and a server certificate it signed for 127.0.0.1.
-fn pki() -> (String, ServerTls) {
-    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("CA params");
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    let ca_key = rcgen::KeyPair::generate().expect("CA key");
-    let ca = rcgen::CertifiedIssuer::self_signed(ca_params, ca_key).expect("CA certificate");
-    let key = rcgen::KeyPair::generate().expect("server key");
-    let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()])
-        .expect("server params")
-        .signed_by(&key, &ca)
-        .expect("server certificate");
-    let server = ServerTls {
-        cert_pem: cert.pem(),
-        key_pem: key.serialize_pem(),
-    };
-    (ca.pem(), server)
-}
 
 async fn uses_tls(url: &str) -> Result<bool, store::Failure> {
     let client = store::connect(url).await?;
@@ -35,7 +17,7 @@ async fn uses_tls(url: &str) -> Result<bool, store::Failure> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sslmode_require_verifies_the_server_and_encrypts() {
-    let (ca_pem, server) = pki();
+    let (ca_pem, server) = crate::support::private_ca();
     let pg = tokio::task::spawn_blocking(move || {
         ThrowawayPostgres::start(PostgresOptions {
             tls: Some(server),

@@ -18,7 +18,7 @@ use inventory_consumer::embedded::replica::{LogSummary, ReplicaProcess, partitio
 use std::time::{Duration, Instant};
 
 use inventory_consumer::embedded::apache;
-use inventory_consumer::embedded::postgres::{PostgresOptions, ThrowawayPostgres};
+use inventory_consumer::embedded::postgres::{PostgresOptions, ServerTls, ThrowawayPostgres};
 use inventory_consumer::stats::StatsSnapshot;
 use inventory_consumer::workload::Expectation;
 use nix::sys::signal::{Signal, kill};
@@ -206,11 +206,20 @@ impl TestEnv {
     /// The same world on Apache Kafka: a cluster of `nodes` KRaft nodes (replication factor
     /// and `min.insync.replicas` follow: 3 and 2 from three nodes on), installed first if needed.
     pub async fn on_apache(partitions: i32, nodes: usize) -> TestEnv {
+        let options = apache::ClusterOptions {
+            nodes,
+            ..Default::default()
+        };
+        Self::on_apache_with(partitions, options).await
+    }
+
+    /// [`TestEnv::on_apache`] with every cluster option (e.g. a SASL_SSL listener).
+    pub async fn on_apache_with(partitions: i32, options: apache::ClusterOptions) -> TestEnv {
         let dir = tempfile::Builder::new()
             .disable_cleanup(std::env::var_os("TEST_KEEP_DIR").is_some())
             .tempdir()
             .expect("tempdir");
-        let broker = Broker::start_apache(dir.path(), partitions, nodes).await;
+        let broker = Broker::start_apache(dir.path(), partitions, options).await;
         let db = TestDb::new().await;
         TestEnv { db, broker, dir }
     }
@@ -234,7 +243,17 @@ impl TestEnv {
     /// A replica process with the test defaults (KIP-848 group protocol, which rebalances in
     /// about a second on the mock, JSON logs) and `settings` on top.
     pub fn replica(&self, name: &str, settings: &[(&str, &str)]) -> Replica {
-        let env = [
+        self.replica_with_env(name, &[], settings)
+    }
+
+    /// [`TestEnv::replica`] with more environment variables (later ones win).
+    pub fn replica_with_env(
+        &self,
+        name: &str,
+        extra_env: &[(&str, &str)],
+        settings: &[(&str, &str)],
+    ) -> Replica {
+        let mut env = vec![
             ("KAFKA_BROKERS", self.broker.bootstrap.as_str()),
             ("DATABASE_URL", self.db.url.as_str()),
             ("INVENTORY_LOG__FORMAT", "json"),
@@ -242,6 +261,7 @@ impl TestEnv {
             ("INVENTORY_KAFKA__GROUP_PROTOCOL", "consumer"),
             ("INVENTORY_HTTP__ADDR", "127.0.0.1:0"),
         ];
+        env.extend_from_slice(extra_env);
         let process = ReplicaProcess::spawn(Path::new(BIN), name, self.dir.path(), &env, settings)
             .expect("starting a replica");
         Replica {
@@ -391,12 +411,13 @@ impl Broker {
 
     /// Apache Kafka (see [`apache`]), with the topic created; installs the broker first
     /// (`kafka/install.sh`, serialised across test processes) when it is missing.
-    pub async fn start_apache(dir: &Path, partitions: i32, nodes: usize) -> Broker {
+    pub async fn start_apache(
+        dir: &Path,
+        partitions: i32,
+        options: apache::ClusterOptions,
+    ) -> Broker {
         install_apache();
-        let options = apache::ClusterOptions {
-            nodes,
-            ..Default::default()
-        };
+        let nodes = options.nodes;
         let path = dir.to_owned();
         let cluster =
             tokio::task::spawn_blocking(move || apache::ApacheKafka::start(&path, &options))
@@ -482,6 +503,33 @@ impl Drop for Broker {
             let _ = child.wait();
         }
     }
+}
+
+/// A private CA (its certificate, PEM) and a server certificate it signed for 127.0.0.1 and
+/// localhost.
+pub fn private_ca() -> (String, ServerTls) {
+    // Distinct names: OpenSSL takes a certificate whose issuer equals its subject for a
+    // self-signed one (rcgen gives every certificate the same default name).
+    let name = |cn: &str| {
+        let mut dn = rcgen::DistinguishedName::new();
+        dn.push(rcgen::DnType::CommonName, cn);
+        dn
+    };
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("CA params");
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params.distinguished_name = name(&format!("test CA {:08x}", rand::random::<u32>()));
+    let ca_key = rcgen::KeyPair::generate().expect("CA key");
+    let ca = rcgen::CertifiedIssuer::self_signed(ca_params, ca_key).expect("CA certificate");
+    let key = rcgen::KeyPair::generate().expect("server key");
+    let names = vec!["127.0.0.1".to_owned(), "localhost".to_owned()];
+    let mut params = rcgen::CertificateParams::new(names).expect("server params");
+    params.distinguished_name = name("127.0.0.1");
+    let cert = params.signed_by(&key, &ca).expect("server certificate");
+    let server = ServerTls {
+        cert_pem: cert.pem(),
+        key_pem: key.serialize_pem(),
+    };
+    (ca.pem(), server)
 }
 
 /// Runs `kafka/install.sh` unless the broker is installed; one test process at a time (flock).
