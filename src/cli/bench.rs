@@ -540,28 +540,13 @@ impl Bench {
                     .all(|&n| n > 0 || p.replicas > p.partitions as usize)
         })
         .context("the replicas did not share every partition")?;
-        // A backlog run then produces everything at full speed; the clock starts after that.
-        let backlog = if p.rate == 0 {
-            Some(send(
-                &settings,
-                Generator::new(spec.clone()),
-                p.events,
-                0,
-                false,
-            )?)
-        } else {
-            None
-        };
-        let producer = if p.rate == 0 {
-            None
-        } else {
-            let (settings, spec, rate) = (settings.clone(), spec.clone(), p.rate);
-            Some(std::thread::spawn(move || {
-                send(&settings, Generator::new(spec), p.events, rate, false)
-            }))
-        };
-
+        // The clock starts with production: at full speed for a backlog run (the producer
+        // outpaces the pipeline, so the backlog builds up at once), at `rate` otherwise.
         let before = self.cpu_reading(&replicas);
+        let producer = {
+            let (settings, spec, rate) = (settings.clone(), spec.clone(), p.rate);
+            std::thread::spawn(move || send(&settings, Generator::new(spec), p.events, rate, false))
+        };
         let (seconds, timed) = self.rt.block_on(time_to_settle(&url, p.events as i64))?;
         let cpu = before.per_event(&self.cpu_reading(&replicas), timed);
         // In a backlog run latency is mostly time spent waiting in the backlog: not reported.
@@ -575,12 +560,9 @@ impl Bench {
                 bail!("{} exited with {status}; log: {}", r.name, r.log.display());
             }
         }
-        let expected = match producer {
-            Some(thread) => thread
-                .join()
-                .map_err(|_| anyhow::anyhow!("the producer thread panicked"))??,
-            None => backlog.context("a run without a producer has a backlog")?,
-        };
+        let expected = producer
+            .join()
+            .map_err(|_| anyhow::anyhow!("the producer thread panicked"))??;
         let verified = self.rt.block_on(verify(&url, &expected))?;
         drop(broker);
         self.drop_database(&url);
