@@ -1,6 +1,6 @@
 //! One partition's worker: an async task that takes the partition's deliveries in offset order,
-//! groups them into batches (up to `batch_max_events` deliveries, [`MAX_LINES_PER_BATCH`] event
-//! lines, or `batch_linger_ms`, whichever comes first), applies each batch in one transaction,
+//! groups them into batches (the rule of [`crate::domain::Batch::is_full`], or
+//! `batch_linger_ms`, whichever comes first), applies each batch in one transaction,
 //! and only then records the batch's end as the partition's processed offset.
 //!
 //! Transient failures are retried with capped exponential backoff; the offset does not move.
@@ -24,12 +24,6 @@ use crate::domain::{Batch, DeadLetterLimit, Delivery, LimitExceeded, RecordedLoo
 use crate::kafka::offsets::OffsetTracker;
 use crate::stats::Stats;
 use crate::store::{BatchOutcome, Failure, Guards, Pool, Source, apply_batch, claim};
-
-/// Each distinct SKU of a batch holds one advisory lock until commit, and PostgreSQL's shared
-/// lock table holds `max_locks_per_transaction × max_connections` locks in all (6,400 with
-/// defaults). Capping a batch's lines bounds what one transaction can take: 3 replicas with 4
-/// connections each stay within the default table.
-pub const MAX_LINES_PER_BATCH: usize = 500;
 
 const FIRST_BACKOFF: Duration = Duration::from_millis(50);
 
@@ -196,7 +190,7 @@ impl PartitionWorker {
             self.take(&mut batch, d);
         }
         let deadline = Instant::now() + self.ctx.linger;
-        while batch.len() < self.ctx.batch_max_events && batch.line_count() < MAX_LINES_PER_BATCH {
+        while !batch.is_full(self.ctx.batch_max_events) {
             tokio::select! {
                 biased;
                 _ = self.stop.cancelled() => return None,

@@ -29,9 +29,9 @@ use crate::domain::{Batch, Delivery, RecordedLookup, lock_key};
 use crate::embedded::cpu;
 use crate::embedded::local_kafka::{BrokerKind, LocalKafka};
 use crate::embedded::postgres::{PostgresOptions, ThrowawayPostgres};
-use crate::embedded::replica::ReplicaProcess;
+use crate::embedded::replica::{ReplicaProcess, local_env};
+use crate::embedded::wait::wait_until;
 use crate::store::{self, Guards, Source, apply_batch, audit};
-use crate::worker::MAX_LINES_PER_BATCH;
 use crate::workload::{Expectation, Generator, Oracle, WorkloadSpec};
 
 #[derive(Debug, Args)]
@@ -415,21 +415,18 @@ impl Bench {
     fn fresh_database(&mut self) -> anyhow::Result<String> {
         self.runs += 1;
         let name = format!("inventory_bench_{}_{}", std::process::id(), self.runs);
-        let url = store::with_database(&self.admin_url, &name)?;
         self.rt.block_on(async {
-            let admin = store::connect(&self.admin_url).await?;
-            admin
-                .batch_execute(&format!("CREATE DATABASE {name}"))
+            let url = store::create_database(&self.admin_url, &name)
                 .await
                 .context("creating the run's database")?;
             // Start every run from clean buffers: the previous run's dirty pages are not
             // written back on this run's time. (Needs superuser or pg_checkpoint; skipped
             // without.)
+            let admin = store::connect(&self.admin_url).await?;
             let _ = admin.batch_execute("CHECKPOINT").await;
             store::migrate::migrate(&url).await?;
-            anyhow::Ok(())
-        })?;
-        Ok(url)
+            anyhow::Ok(url)
+        })
     }
 
     fn drop_database(&self, url: &str) {
@@ -439,13 +436,9 @@ impl Bench {
         else {
             return;
         };
-        let _ = self.rt.block_on(async {
-            let admin = store::connect(&self.admin_url).await?;
-            admin
-                .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-                .await?;
-            anyhow::Ok(())
-        });
+        let _ = self
+            .rt
+            .block_on(store::drop_database(&self.admin_url, &name));
     }
 
     /// The replicas' transaction driven directly: the workload cut into the batches a worker
@@ -532,14 +525,21 @@ impl Bench {
             .collect::<anyhow::Result<Vec<_>>>()?;
         // The group settles on the empty topic first: every partition owned, every replica with
         // its share. Joining is not what is measured (and latency counts from production).
-        wait_for(Duration::from_secs(60), || {
+        let shared = || {
             let owned: Vec<usize> = replicas.iter().map(|r| r.owned().len()).collect();
             owned.iter().sum::<usize>() == p.partitions as usize
                 && owned
                     .iter()
                     .all(|&n| n > 0 || p.replicas > p.partitions as usize)
-        })
-        .context("the replicas did not share every partition")?;
+        };
+        self.rt.block_on(wait_until(
+            "the replicas to share every partition",
+            Duration::from_secs(60),
+            || {
+                let done = shared();
+                async move { done }
+            },
+        ))?;
         // The clock starts with production: at full speed for a backlog run (the producer
         // outpaces the pipeline, so the backlog builds up at once), at `rate` otherwise.
         let before = self.cpu_reading(&replicas);
@@ -585,17 +585,18 @@ impl Bench {
         settings: &Settings,
         p: Pipeline,
     ) -> anyhow::Result<ReplicaProcess> {
-        let env = [
-            ("KAFKA_BROKERS", settings.kafka.brokers.as_str()),
-            ("DATABASE_URL", settings.database.url.as_str()),
-            ("INVENTORY_KAFKA__GROUP_PROTOCOL", "consumer"),
+        let mut env = local_env(&settings.kafka.brokers, &settings.database.url);
+        env.extend([
+            ("INVENTORY_KAFKA__GROUP_PROTOCOL", "consumer".to_owned()),
             // The embedded broker answers a fetch with no data waiting only after the full
             // fetch.wait.max.ms (500 ms by default), even when data arrives meanwhile (Kafka
             // answers at once): shortened so that latency measures the pipeline, not the mock.
-            ("INVENTORY_KAFKA__PROPERTIES__FETCH_WAIT_MAX_MS", "20"),
-            ("INVENTORY_LOG__FORMAT", "json"),
-            ("INVENTORY_HTTP__ADDR", "127.0.0.1:0"),
-        ];
+            (
+                "INVENTORY_KAFKA__PROPERTIES__FETCH_WAIT_MAX_MS",
+                "20".to_owned(),
+            ),
+        ]);
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
         let batch = p.batch.to_string();
         let flags: &[&str] = match p.guards {
             Guards::On => &[],
@@ -637,7 +638,7 @@ fn cut_into_batches(spec: WorkloadSpec, partitions: i32) -> (Vec<Vec<Batch>>, Ex
         // Keyed by SKU, as the producer keys them: one SKU stays in one partition.
         let key = message.key.clone().unwrap_or_default();
         let p = lock_key(&key).rem_euclid(n as i64) as usize;
-        if open[p].len() >= BATCH || open[p].line_count() >= MAX_LINES_PER_BATCH {
+        if open[p].is_full(BATCH) {
             done[p].push(std::mem::take(&mut open[p]));
         }
         open[p].push(Delivery {
@@ -743,17 +744,6 @@ fn quantile(cumulative: &[(f64, f64)], q: f64) -> Option<f64> {
         lower = (le, count);
     }
     None
-}
-
-fn wait_for(limit: Duration, mut done: impl FnMut() -> bool) -> anyhow::Result<()> {
-    let deadline = Instant::now() + limit;
-    while !done() {
-        if Instant::now() > deadline {
-            bail!("timed out after {limit:?}");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    Ok(())
 }
 
 fn mib(bytes: u64) -> f64 {

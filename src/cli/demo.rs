@@ -18,7 +18,7 @@ use crate::cli::{Cli, EXIT_VERIFY_FAILED, given_or_throwaway_database, log_dir, 
 use crate::config::Settings;
 use crate::embedded::local_kafka::{BrokerKind, LocalKafka};
 use crate::embedded::postgres::PostgresOptions;
-use crate::embedded::replica::{LogSummary, ReplicaProcess};
+use crate::embedded::replica::{LogSummary, ReplicaProcess, local_env};
 use crate::stats::StatsSnapshot;
 use crate::store::{self, audit};
 use crate::workload::{Generator, WorkloadSpec};
@@ -92,18 +92,14 @@ pub fn main(cli: &Cli, args: &DemoArgs) -> anyhow::Result<ExitCode> {
     rt.block_on(store::migrate::migrate(&database_url))?;
 
     let exe = std::env::current_exe().context("locating this executable")?;
-    let mut env = vec![
-        ("KAFKA_BROKERS", broker.bootstrap_servers().to_owned()),
-        ("DATABASE_URL", database_url.clone()),
+    let mut env = local_env(broker.bootstrap_servers(), &database_url);
+    env.extend([
         ("INVENTORY_KAFKA__GROUP_PROTOCOL", args.protocol.clone()),
-        ("INVENTORY_LOG__FORMAT", "json".into()),
         (
             "INVENTORY_LOG__LEVEL",
             "info,inventory_consumer=debug".into(),
         ),
-        // Each replica serves its probes and metrics on a free port (logged at start-up).
-        ("INVENTORY_HTTP__ADDR", "127.0.0.1:0".into()),
-    ];
+    ]);
     if args.protocol == "classic" {
         // The mock cluster's classic rounds last about session.timeout.ms: keep it short.
         env.push((
@@ -161,7 +157,7 @@ pub fn main(cli: &Cli, args: &DemoArgs) -> anyhow::Result<ExitCode> {
     let mut expected = None;
     let deadline = Instant::now() + SETTLE_TIMEOUT;
     let settled = loop {
-        let done = rt.block_on(settled_messages(&db))?;
+        let done = rt.block_on(audit::settled(&db))?;
         while let Some(&(share, change)) = changes.first() {
             if (done as f64) < share * approx_total {
                 break;
@@ -243,16 +239,6 @@ pub fn main(cli: &Cli, args: &DemoArgs) -> anyhow::Result<ExitCode> {
 
 fn step(text: &str) {
     eprintln!("demo: {text}");
-}
-
-async fn settled_messages(db: &tokio_postgres::Client) -> anyhow::Result<i64> {
-    Ok(db
-        .query_one(
-            "SELECT (SELECT count(*) FROM processed_events) + (SELECT count(*) FROM dead_letters)",
-            &[],
-        )
-        .await?
-        .try_get(0)?)
 }
 
 /// The replica processes of the demo, started and stopped as the scenario says.

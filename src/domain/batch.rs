@@ -76,7 +76,19 @@ impl BatchPlan<'_> {
     }
 }
 
+/// Each distinct SKU of a batch holds one advisory lock until commit, and PostgreSQL's shared
+/// lock table holds `max_locks_per_transaction × max_connections` locks in all (6,400 with
+/// defaults). Capping a batch's lines bounds what one transaction can take: 3 replicas with 4
+/// connections each stay within the default table.
+pub const MAX_LINES_PER_BATCH: usize = 500;
+
 impl Batch {
+    /// The batching rule, shared by the worker and the benchmark's database-only run: a batch
+    /// takes no more once it holds `max_events` deliveries or [`MAX_LINES_PER_BATCH`] lines.
+    pub fn is_full(&self, max_events: usize) -> bool {
+        self.len() >= max_events || self.line_count() >= MAX_LINES_PER_BATCH
+    }
+
     pub fn push(&mut self, delivery: Delivery) {
         let decoded = decode(delivery.payload.as_deref());
         if let Ok(event) = &decoded {

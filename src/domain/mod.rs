@@ -9,7 +9,7 @@ pub mod lock_key;
 pub mod recorded_lookup;
 pub mod rules;
 
-pub use batch::{Batch, BatchPlan, DeadLetter, Delivery, PlannedEvent};
+pub use batch::{Batch, BatchPlan, DeadLetter, Delivery, MAX_LINES_PER_BATCH, PlannedEvent};
 pub use dead_letter_limit::{DeadLetterLimit, LimitExceeded};
 pub use event::{Event, EventKind, InvalidEvent, Line, decode};
 pub use lock_key::lock_key;

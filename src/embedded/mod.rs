@@ -10,3 +10,4 @@ pub mod faults;
 pub mod local_kafka;
 pub mod postgres;
 pub mod replica;
+pub mod wait;

@@ -21,6 +21,18 @@ pub struct LogSummary {
     pub losses: u64,
 }
 
+/// The environment every locally run replica gets (tests, `demo`, `bench`): where the broker
+/// and the database are, JSON logs (read back as records), probes on a free port (logged at
+/// start-up). Callers add their own settings after it (later entries win).
+pub fn local_env(bootstrap: &str, database_url: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("KAFKA_BROKERS", bootstrap.to_owned()),
+        ("DATABASE_URL", database_url.to_owned()),
+        ("INVENTORY_LOG__FORMAT", "json".to_owned()),
+        ("INVENTORY_HTTP__ADDR", "127.0.0.1:0".to_owned()),
+    ]
+}
+
 pub struct ReplicaProcess {
     pub name: String,
     child: Option<Child>,

@@ -8,6 +8,17 @@ use tokio_postgres::Client;
 use crate::store::Failure;
 use crate::workload::Expectation;
 
+/// Messages that reached an end: events decided (`processed_events`) plus dead letters.
+pub async fn settled(db: &Client) -> Result<i64, Failure> {
+    Ok(db
+        .query_one(
+            "SELECT (SELECT count(*) FROM processed_events) + (SELECT count(*) FROM dead_letters)",
+            &[],
+        )
+        .await?
+        .try_get(0)?)
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Check {
     pub name: &'static str,

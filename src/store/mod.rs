@@ -64,6 +64,26 @@ pub fn with_database(url: &str, name: &str) -> Result<String, Failure> {
     Ok(parsed.into())
 }
 
+/// Creates the empty database `name` on the server of `admin_url` and returns its URL: tests,
+/// `demo` and `bench` each work in a database of their own.
+pub async fn create_database(admin_url: &str, name: &str) -> Result<String, Failure> {
+    let url = with_database(admin_url, name)?;
+    connect(admin_url)
+        .await?
+        .batch_execute(&format!("CREATE DATABASE {name}"))
+        .await?;
+    Ok(url)
+}
+
+/// Drops database `name` of the server of `admin_url`, ending its sessions.
+pub async fn drop_database(admin_url: &str, name: &str) -> Result<(), Failure> {
+    connect(admin_url)
+        .await?
+        .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        .await?;
+    Ok(())
+}
+
 /// One connection outside any pool, with its driver task spawned.
 pub async fn connect(url: &str) -> Result<tokio_postgres::Client, Failure> {
     let tls::Target { config, tls } = tls::target(url)?;

@@ -14,8 +14,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 
 use chrono::{DateTime, Utc};
-use inventory_consumer::embedded::replica::{LogSummary, ReplicaProcess, partition_list};
-use std::time::{Duration, Instant};
+use inventory_consumer::embedded::replica::{
+    LogSummary, ReplicaProcess, local_env, partition_list,
+};
+use inventory_consumer::embedded::wait;
+use std::time::Duration;
 
 use inventory_consumer::embedded::apache;
 use inventory_consumer::embedded::postgres::{PostgresOptions, ServerTls, ThrowawayPostgres};
@@ -32,22 +35,14 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_inventory-consumer");
 pub const TOPIC: &str = "inventory-events";
 pub const GROUP: &str = "inventory-consumer-group";
 
-/// Polls `condition` every 100 ms until it holds; panics with `what` after `timeout`.
-pub async fn wait_until<F, Fut>(what: &str, timeout: Duration, mut condition: F)
+/// [`wait::wait_until`], the harness's bounded wait, failing the test when it times out.
+pub async fn wait_until<F, Fut>(what: &str, timeout: Duration, condition: F)
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = bool>,
 {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if condition().await {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
+    if let Err(e) = wait::wait_until(what, timeout, condition).await {
+        panic!("{e}");
     }
 }
 
@@ -95,14 +90,10 @@ impl TestDb {
                     std::process::id(),
                     rand::random::<u32>()
                 );
-                let client = connect(&admin).await;
-                client
-                    .batch_execute(&format!("CREATE DATABASE {name}"))
-                    .await
-                    .expect("creating the test database");
                 TestDb {
-                    url: inventory_consumer::store::with_database(&admin, &name)
-                        .expect("TEST_DATABASE_URL names a database"),
+                    url: inventory_consumer::store::create_database(&admin, &name)
+                        .await
+                        .expect("creating the test database"),
                     server: None,
                     shared: Some((admin, name)),
                 }
@@ -150,10 +141,9 @@ impl TestDb {
 
     /// Rows in `processed_events` plus `dead_letters`: every message that reached an end.
     pub async fn settled(&self) -> i64 {
-        self.scalar(
-            "SELECT (SELECT count(*) FROM processed_events) + (SELECT count(*) FROM dead_letters)",
-        )
-        .await
+        inventory_consumer::store::audit::settled(&self.client().await)
+            .await
+            .expect("counting settled messages")
     }
 }
 
@@ -166,16 +156,7 @@ impl Drop for TestDb {
                     .enable_all()
                     .build()
                     .expect("runtime");
-                rt.block_on(async {
-                    if let Ok((client, conn)) =
-                        tokio_postgres::connect(&admin, tokio_postgres::NoTls).await
-                    {
-                        tokio::spawn(conn);
-                        let _ = client
-                            .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-                            .await;
-                    }
-                });
+                let _ = rt.block_on(inventory_consumer::store::drop_database(&admin, &name));
             })
             .join();
         }
@@ -253,15 +234,16 @@ impl TestEnv {
         extra_env: &[(&str, &str)],
         settings: &[(&str, &str)],
     ) -> Replica {
-        let mut env = vec![
-            ("KAFKA_BROKERS", self.broker.bootstrap.as_str()),
-            ("DATABASE_URL", self.db.url.as_str()),
-            ("INVENTORY_LOG__FORMAT", "json"),
-            ("INVENTORY_LOG__LEVEL", "info,inventory_consumer=debug"),
-            ("INVENTORY_KAFKA__GROUP_PROTOCOL", "consumer"),
-            ("INVENTORY_HTTP__ADDR", "127.0.0.1:0"),
-        ];
-        env.extend_from_slice(extra_env);
+        let mut env: Vec<(&str, String)> = local_env(&self.broker.bootstrap, &self.db.url);
+        env.extend([
+            (
+                "INVENTORY_LOG__LEVEL",
+                "info,inventory_consumer=debug".to_owned(),
+            ),
+            ("INVENTORY_KAFKA__GROUP_PROTOCOL", "consumer".to_owned()),
+        ]);
+        env.extend(extra_env.iter().map(|(k, v)| (*k, v.to_string())));
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
         let process = ReplicaProcess::spawn(Path::new(BIN), name, self.dir.path(), &env, settings)
             .expect("starting a replica");
         Replica {
