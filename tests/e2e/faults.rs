@@ -50,6 +50,8 @@ async fn hostile_input_is_dead_lettered_and_valid_events_are_unaffected() {
     env.wait_processed((expected.events + expected.dead_letters) as i64, SETTLE)
         .await;
     let total = terminate_all(&mut replicas, EXIT);
+    // The tests' own model of what the topic holds, apart from `produce`'s oracle.
+    crate::oracle::assert_database_matches(&env.db, &crate::oracle::truth_of(&env)).await;
     let (ok, report) = env.verify(Some(&expected));
     assert!(ok, "verify failed:\n{report}");
     assert_eq!(total.dead_letters, expected.dead_letters);
@@ -168,6 +170,8 @@ async fn database_faults_are_retried_without_loss_or_double_effect() {
         .await;
     let total = terminate_all(&mut replicas, EXIT);
     assert_nothing_applied_twice(&replicas.iter().collect::<Vec<_>>());
+    // The tests' own model of what the topic holds, apart from `produce`'s oracle.
+    crate::oracle::assert_database_matches(&env.db, &crate::oracle::truth_of(&env)).await;
     let (ok, report) = env.verify(Some(&expected));
     assert!(ok, "verify failed:\n{report}");
     println!(
@@ -273,6 +277,8 @@ async fn a_partition_of_mostly_bad_messages_halts_at_its_dead_letter_limit() {
     .await;
     let (status, _) = lifted.terminate(EXIT);
     assert!(status.success());
+    // The tests' own model of what the topic holds, apart from `produce`'s oracle.
+    crate::oracle::assert_database_matches(&env.db, &crate::oracle::truth_of(&env)).await;
     let (ok, report) = env.verify(Some(&expected));
     assert!(ok, "verify failed:\n{report}");
     println!(
@@ -344,6 +350,8 @@ async fn broker_faults_are_ridden_out_without_loss_or_double_effect() {
     env.wait_processed(expected.events as i64, SETTLE).await;
     let total = terminate_all(&mut replicas, EXIT);
     assert_nothing_applied_twice(&replicas.iter().collect::<Vec<_>>());
+    // The tests' own model of what the topic holds, apart from `produce`'s oracle.
+    crate::oracle::assert_database_matches(&env.db, &crate::oracle::truth_of(&env)).await;
     let (ok, report) = env.verify(Some(&expected));
     assert!(ok, "verify failed:\n{report}");
     println!(

@@ -65,6 +65,8 @@ async fn single_replica_applies_a_workload_exactly_once() {
         "every malformed message kept with its payload and position"
     );
     assert_eq!(env.db.stock().await, expected.stock);
+    // The tests' own model of what the topic holds, apart from `produce`'s oracle.
+    crate::oracle::assert_database_matches(&env.db, &crate::oracle::truth_of(&env)).await;
     let (ok, report) = env.verify(Some(&expected));
     assert!(ok, "verify failed:\n{report}");
 }
@@ -253,6 +255,8 @@ async fn crash_between_database_commit_and_offset_commit_changes_nothing() {
     );
     assert_eq!(env.db.stock().await, stock_before);
     assert_eq!(env.db.stock().await, expected.stock);
+    // The tests' own model of what the topic holds, apart from `produce`'s oracle.
+    crate::oracle::assert_database_matches(&env.db, &crate::oracle::truth_of(&env)).await;
     let (ok, report) = env.verify(Some(&expected));
     assert!(ok, "verify failed:\n{report}");
 }
@@ -299,6 +303,8 @@ async fn replaying_the_topic_changes_nothing() {
         "a redelivered bad message is kept once"
     );
     assert_eq!(env.db.stock().await, stock_before);
+    // The tests' own model of what the topic holds, apart from `produce`'s oracle.
+    crate::oracle::assert_database_matches(&env.db, &crate::oracle::truth_of(&env)).await;
     let (ok, report) = env.verify(Some(&expected));
     assert!(ok, "verify failed:\n{report}");
 }
