@@ -74,7 +74,9 @@ pub struct ProcessingSettings {
     pub batch_max_events: usize,
     pub batch_linger_ms: u64,
     /// How long a revoke or a shutdown waits for in-flight batches before giving up on them.
-    pub drain_timeout_ms: u64,
+    /// Unset: [`Settings::drain_timeout`] derives it from the group's timeouts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drain_timeout_ms: Option<u64>,
     /// A partition halts when more than this share of its last `dead_letter_window` messages
     /// are malformed (a broken producer), instead of dead-lettering everything. 1.0: never.
     pub dead_letter_max_share: f64,
@@ -109,6 +111,14 @@ pub struct LogSettings {
     pub level: String,
 }
 
+/// The drain when nothing bounds it lower.
+const DEFAULT_DRAIN_TIMEOUT_MS: u64 = 10_000;
+/// How far inside the group's windows a derived drain stays (a commit and a leave after it).
+const DRAIN_MARGIN_MS: u64 = 2_000;
+/// librdkafka's defaults of the group's windows.
+const SESSION_TIMEOUT_MS: u64 = 45_000;
+const MAX_POLL_INTERVAL_MS: u64 = 300_000;
+
 impl Default for Settings {
     fn default() -> Self {
         Settings {
@@ -132,7 +142,7 @@ impl Default for Settings {
             processing: ProcessingSettings {
                 batch_max_events: 500,
                 batch_linger_ms: 20,
-                drain_timeout_ms: 10_000,
+                drain_timeout_ms: None,
                 dead_letter_max_share: 0.5,
                 dead_letter_window: 1_000,
                 commit_interval_ms: 1_000,
@@ -322,7 +332,8 @@ impl Settings {
                 "must be at most 60000",
             ));
         }
-        if p.drain_timeout_ms == 0 {
+        let drain_timeout_ms = self.drain_timeout_ms()?;
+        if drain_timeout_ms == 0 {
             return Err(ConfigError::key(
                 "processing.drain_timeout_ms",
                 "must be > 0",
@@ -331,19 +342,11 @@ impl Settings {
         // A drain that outlives the group's patience would be pointless: the member is expelled
         // and the partitions reassigned while we still wait. Likewise a batch retried for longer
         // than the poll interval stalls the poll thread past the point of expulsion.
-        let limit = |name: &str, default_ms: u64| -> Result<u64, ConfigError> {
-            match properties.get(name) {
-                Some(v) => v.parse::<u64>().map_err(|_| {
-                    ConfigError::key(&format!("kafka.properties.{name}"), "must be a number")
-                }),
-                None => Ok(default_ms),
-            }
-        };
-        let poll_interval = limit("max.poll.interval.ms", 300_000)?;
+        let poll_interval = self.property_ms("max.poll.interval.ms", MAX_POLL_INTERVAL_MS)?;
         let mut bounds = vec![
             (
                 "processing.drain_timeout_ms",
-                p.drain_timeout_ms,
+                drain_timeout_ms,
                 "max.poll.interval.ms",
                 poll_interval,
             ),
@@ -355,10 +358,10 @@ impl Settings {
             ),
         ];
         if k.group_protocol == GroupProtocol::Classic {
-            let session = limit("session.timeout.ms", 45_000)?;
+            let session = self.property_ms("session.timeout.ms", SESSION_TIMEOUT_MS)?;
             bounds.push((
                 "processing.drain_timeout_ms",
-                p.drain_timeout_ms,
+                drain_timeout_ms,
                 "session.timeout.ms",
                 session,
             ));
@@ -408,8 +411,37 @@ impl Settings {
             || self.kafka.assignment_strategy.contains("cooperative")
     }
 
+    /// `processing.drain_timeout_ms`, or when unset 10 s, shortened to stay 2 s inside the
+    /// windows after which the group gives the member's partitions away: `session.timeout.ms`
+    /// (classic protocol; KIP-848's session is the broker's) and `max.poll.interval.ms`. A user
+    /// who lowers the session thus gets a drain that fits it, not a refusal at start-up.
     pub fn drain_timeout(&self) -> Duration {
-        Duration::from_millis(self.processing.drain_timeout_ms)
+        Duration::from_millis(self.drain_timeout_ms().unwrap_or(DEFAULT_DRAIN_TIMEOUT_MS))
+    }
+
+    fn drain_timeout_ms(&self) -> Result<u64, ConfigError> {
+        if let Some(ms) = self.processing.drain_timeout_ms {
+            return Ok(ms);
+        }
+        let mut ms = DEFAULT_DRAIN_TIMEOUT_MS.min(
+            self.property_ms("max.poll.interval.ms", MAX_POLL_INTERVAL_MS)?
+                .saturating_sub(DRAIN_MARGIN_MS),
+        );
+        if self.kafka.group_protocol == GroupProtocol::Classic {
+            let session = self.property_ms("session.timeout.ms", SESSION_TIMEOUT_MS)?;
+            ms = ms.min(session.saturating_sub(DRAIN_MARGIN_MS));
+        }
+        Ok(ms)
+    }
+
+    /// A millisecond property of `kafka.properties`, or librdkafka's default.
+    fn property_ms(&self, name: &str, default_ms: u64) -> Result<u64, ConfigError> {
+        match self.kafka_properties().get(name) {
+            Some(v) => v.parse::<u64>().map_err(|_| {
+                ConfigError::key(&format!("kafka.properties.{name}"), "must be a number")
+            }),
+            None => Ok(default_ms),
+        }
     }
 }
 
@@ -530,7 +562,7 @@ mod tests {
         assert!(error_of(&s).contains("processing.batch_max_events"));
 
         let mut s = valid();
-        s.processing.drain_timeout_ms = 50_000;
+        s.processing.drain_timeout_ms = Some(50_000);
         assert!(error_of(&s).contains("processing.drain_timeout_ms"));
 
         let mut s = valid();
@@ -575,10 +607,25 @@ mod tests {
         s.kafka
             .properties
             .insert("session.timeout.ms".into(), Value::from(6000));
-        s.processing.drain_timeout_ms = 6000;
+        s.processing.drain_timeout_ms = Some(6000);
         assert!(error_of(&s).contains("below session.timeout.ms"));
-        s.processing.drain_timeout_ms = 5000;
+        s.processing.drain_timeout_ms = Some(5000);
         s.validate(ALL).unwrap();
+    }
+
+    #[test]
+    fn an_unset_drain_follows_the_session_timeout() {
+        let mut s = valid();
+        assert_eq!(s.drain_timeout(), Duration::from_secs(10));
+        s.kafka
+            .properties
+            .insert("session.timeout.ms".into(), Value::from(6000));
+        s.validate(ALL).unwrap();
+        assert_eq!(s.drain_timeout(), Duration::from_secs(4));
+        // KIP-848: the session is the broker's, not the client's.
+        let mut s = valid();
+        s.kafka.group_protocol = GroupProtocol::Consumer;
+        assert_eq!(s.drain_timeout(), Duration::from_secs(10));
     }
 
     #[test]

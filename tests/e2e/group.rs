@@ -28,7 +28,7 @@ const SKUS: u64 = 6_000;
 #[derive(Debug, Clone, Copy)]
 enum Protocol {
     /// Classic protocol, cooperative-sticky assignment, the broker's minimum session (6 s) so
-    /// that a frozen member is expelled quickly, and the drain below it.
+    /// that a frozen member is expelled quickly; the drain's default follows it.
     Cooperative,
     /// Classic protocol, eager `range` assignment: every rebalance revokes everything.
     Eager,
@@ -45,7 +45,7 @@ impl Protocol {
                 ("kafka.assignment_strategy", strategy),
                 ("kafka.properties.session.timeout.ms", "6000"),
                 ("kafka.properties.heartbeat.interval.ms", "1000"),
-                ("processing.drain_timeout_ms", "4000"),
+                // No drain timeout: its default follows the session (4 s here).
             ]
         };
         match self {
