@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Fetches Apache Kafka's broker (the version pinned in kafka/pom.xml) and what it needs from
-# Maven Central into a cache, once: `kafka/install.sh [DIR]`. The tests, `demo --broker apache`
-# and `bench --broker apache` find it in $APACHE_KAFKA_HOME, else in the default DIR below.
+# Maven Central into a cache, once. The tests, `demo --broker apache` and `bench --apache` find
+# it in $APACHE_KAFKA_HOME, else in the default below; a DIR argument installs elsewhere (then
+# point APACHE_KAFKA_HOME at it).
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 version="$(sed -n 's:.*<kafka.version>\(.*\)</kafka.version>.*:\1:p' "$here/pom.xml")"

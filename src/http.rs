@@ -44,6 +44,11 @@ impl Health {
         self.joined.store(true, Relaxed);
     }
 
+    /// Whether the replica has joined the group at least once (its first rebalance).
+    pub fn has_joined(&self) -> bool {
+        self.joined.load(Relaxed)
+    }
+
     pub fn database_reachable(&self, reachable: bool) {
         self.database.store(reachable, Relaxed);
     }

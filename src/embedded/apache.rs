@@ -110,6 +110,14 @@ impl ApacheKafka {
             home().display()
         );
         ensure!(options.nodes >= 1, "a cluster needs at least one node");
+        // Ports held until all are chosen, so that no two come out the same.
+        let mut held = Vec::new();
+        let mut free_port = || -> Result<u16> {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+            let port = listener.local_addr()?.port();
+            held.push(listener);
+            Ok(port)
+        };
         let mut nodes = Vec::new();
         for id in 1..=options.nodes {
             nodes.push(Node {
@@ -124,6 +132,7 @@ impl ApacheKafka {
                 child: None,
             });
         }
+        drop(held);
         let voters = nodes
             .iter()
             .map(|n| format!("{}@127.0.0.1:{}", n.id, n.controller_port))
@@ -255,10 +264,9 @@ impl ApacheKafka {
         let hash = group
             .encode_utf16()
             .fold(0i32, |h, c| h.wrapping_mul(31).wrapping_add(i32::from(c)));
-        self.leader(
-            "__consumer_offsets",
-            (hash & 0x7fff_ffff) % OFFSETS_PARTITIONS,
-        )
+        // Kafka's `Utils.abs`: `Math.abs`, and 0 for the one value it cannot negate.
+        let abs = if hash == i32::MIN { 0 } else { hash.abs() };
+        self.leader("__consumer_offsets", abs % OFFSETS_PARTITIONS)
     }
 
     fn client(&self) -> Result<BaseConsumer> {
@@ -306,10 +314,13 @@ impl ApacheKafka {
                     );
                 }
             }
+            // Every running node listens (a restarted one too: metadata can still list it
+            // from before its kill until the controller fences it).
             let up = self
                 .nodes
                 .iter()
-                .any(|n| n.child.is_some() && TcpStream::connect(("127.0.0.1", n.port)).is_ok());
+                .filter(|n| n.child.is_some())
+                .all(|n| TcpStream::connect(("127.0.0.1", n.port)).is_ok());
             if up
                 && let Ok(metadata) = self.client()?.fetch_metadata(None, Duration::from_secs(2))
                 && metadata.brokers().len() >= brokers
@@ -350,12 +361,6 @@ fn java(heap_mib: u32) -> Command {
         .arg("-cp")
         .arg(home().join("libs/*"));
     cmd
-}
-
-fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
 }
 
 fn write_config(node: &Node, voters: &str, options: &ClusterOptions) -> Result<()> {

@@ -77,7 +77,7 @@ pub fn consume(
                 metrics::counter!(crate::metrics::OFFSET_RESETS).increment(1);
                 tracing::error!(error = %e, "offset reset: messages of a partition were skipped");
             }
-            Some(Err(e)) if is_fatal(&e) => {
+            Some(Err(e)) if is_fatal(&e, health.has_joined()) => {
                 tracing::error!(error = %e, "fatal Kafka error");
                 result = Err(e);
                 break;
@@ -124,15 +124,18 @@ fn dispatch(group: &GroupContext, delivery: Delivery) {
 }
 
 /// librdkafka retries everything else itself; these need an operator (or a restart): refused
-/// credentials, an unknown SCRAM user, a broker certificate the configured CA does not vouch
-/// for (`SSL`). Retrying them would only hide a misconfiguration behind a silent loop.
-fn is_fatal(e: &KafkaError) -> bool {
-    matches!(e, KafkaError::MessageConsumptionFatal(_))
+/// credentials, an unknown SCRAM user, and, until the replica first joined its group, a TLS
+/// failure (a broker certificate the configured CA does not vouch for). Retrying those would
+/// only hide a misconfiguration behind a silent loop. Once it has worked, a TLS failure is more
+/// likely a broker restarting or a network blip mid-handshake: librdkafka retries it.
+fn is_fatal(e: &KafkaError, joined: bool) -> bool {
+    let ssl = e.rdkafka_error_code() == Some(RDKafkaErrorCode::SSL);
+    (ssl && !joined)
+        || matches!(e, KafkaError::MessageConsumptionFatal(_))
         || matches!(
             e.rdkafka_error_code(),
             Some(
                 RDKafkaErrorCode::Fatal
-                    | RDKafkaErrorCode::SSL
                     | RDKafkaErrorCode::Authentication
                     | RDKafkaErrorCode::TopicAuthorizationFailed
                     | RDKafkaErrorCode::GroupAuthorizationFailed
@@ -147,23 +150,32 @@ mod tests {
 
     #[test]
     fn classifies_kafka_errors() {
-        assert!(is_fatal(&KafkaError::MessageConsumptionFatal(
-            RDKafkaErrorCode::UnknownMemberId
-        )));
-        assert!(is_fatal(&KafkaError::MessageConsumption(
-            RDKafkaErrorCode::TopicAuthorizationFailed
-        )));
-        assert!(is_fatal(&KafkaError::MessageConsumption(
-            RDKafkaErrorCode::SSL
-        )));
-        assert!(is_fatal(&KafkaError::MessageConsumption(
-            RDKafkaErrorCode::Authentication
-        )));
-        assert!(!is_fatal(&KafkaError::MessageConsumption(
-            RDKafkaErrorCode::BrokerTransportFailure
-        )));
-        assert!(!is_fatal(&KafkaError::MessageConsumption(
-            RDKafkaErrorCode::UnknownTopicOrPartition
-        )));
+        let joined = true;
+        assert!(is_fatal(
+            &KafkaError::MessageConsumptionFatal(RDKafkaErrorCode::UnknownMemberId),
+            joined
+        ));
+        assert!(is_fatal(
+            &KafkaError::MessageConsumption(RDKafkaErrorCode::TopicAuthorizationFailed),
+            joined
+        ));
+        assert!(is_fatal(
+            &KafkaError::MessageConsumption(RDKafkaErrorCode::Authentication),
+            joined
+        ));
+        let ssl = KafkaError::MessageConsumption(RDKafkaErrorCode::SSL);
+        assert!(
+            is_fatal(&ssl, false),
+            "before the first join: misconfigured"
+        );
+        assert!(!is_fatal(&ssl, true), "after it: retried");
+        assert!(!is_fatal(
+            &KafkaError::MessageConsumption(RDKafkaErrorCode::BrokerTransportFailure),
+            joined
+        ));
+        assert!(!is_fatal(
+            &KafkaError::MessageConsumption(RDKafkaErrorCode::UnknownTopicOrPartition),
+            joined
+        ));
     }
 }

@@ -437,7 +437,8 @@ async fn the_fence_refuses_a_stale_owner_and_a_claim_waits_for_the_batch_in_flig
         || async {
             db.scalar(
                 "SELECT count(*) FROM pg_stat_activity
-                 WHERE wait_event_type = 'Lock' AND query LIKE '%partition_owners%'",
+                 WHERE wait_event_type = 'Lock' AND query LIKE '%partition_owners%'
+                   AND datname = current_database()",
             )
             .await
                 == 1

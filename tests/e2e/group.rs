@@ -333,7 +333,10 @@ async fn zombie(protocol: Protocol) {
     wait_until("both replicas to wait on the locks", SETTLE, || async {
         s.env
             .db
-            .scalar("SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'advisory'")
+            .scalar(
+                "SELECT count(*) FROM pg_stat_activity
+                 WHERE wait_event = 'advisory' AND datname = current_database()",
+            )
             .await
             >= 8
     })

@@ -90,6 +90,7 @@ async fn replicas_work_over_sasl_ssl_and_never_show_the_password() {
     let (status, stats) = replica.terminate(Duration::from_secs(30));
     assert!(status.success(), "{status}");
     assert_eq!(stats.applied + stats.rejected, expected.events);
+    crate::oracle::assert_database_matches(&s.env.db, &crate::oracle::truth_of(&s.env)).await;
     let (ok, report) = s.env.verify(Some(&expected));
     assert!(ok, "verify failed:\n{report}");
     assert!(metrics.contains("inventory_events_total"), "{metrics}");
