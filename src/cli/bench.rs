@@ -90,7 +90,7 @@ struct Pipeline {
     hot_share: f64,
     events: u64,
     partitions: i32,
-    /// Events per second produced while the replicas run; 0: the backlog comes first.
+    /// Events per second produced while the replicas run; 0: as fast as possible (a backlog).
     rate: u64,
     broker: BrokerKind,
 }
@@ -347,17 +347,17 @@ pub fn main(cli: &Cli, args: &BenchArgs) -> anyhow::Result<ExitCode> {
             "guarded / unsafe (1 replica)"
         );
     }
-    if let Some(value) = ratio("one-apache", "one") {
-        println!(
-            "  {:<40} {value:>8.2}",
-            "Apache Kafka / embedded (1 replica)"
-        );
-    }
-    if let Some(value) = ratio("three-apache", "three") {
-        println!(
-            "  {:<40} {value:>8.2}",
-            "Apache Kafka / embedded (3 replicas)"
-        );
+    for (apache, embedded, name) in [
+        ("one-apache", "one", "Apache Kafka / embedded (1 replica)"),
+        (
+            "three-apache",
+            "three",
+            "Apache Kafka / embedded (3 replicas)",
+        ),
+    ] {
+        if let Some(value) = ratio(apache, embedded) {
+            println!("  {name:<40} {value:>8.2}");
+        }
     }
     if let Some(rss) = get("memory").and_then(|m| m.peak_rss) {
         target(

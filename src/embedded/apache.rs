@@ -97,6 +97,8 @@ struct Node {
 pub struct ApacheKafka {
     nodes: Vec<Node>,
     bootstrap: String,
+    /// Each node's JVM heap, kept for restarts.
+    heap_mib: u32,
 }
 
 impl ApacheKafka {
@@ -166,9 +168,13 @@ impl ApacheKafka {
                 String::from_utf8_lossy(&out.stderr)
             );
         }
-        let mut cluster = ApacheKafka { nodes, bootstrap };
+        let mut cluster = ApacheKafka {
+            nodes,
+            bootstrap,
+            heap_mib: options.heap_mib,
+        };
         for i in 0..cluster.nodes.len() {
-            cluster.spawn(i, options.heap_mib)?;
+            cluster.spawn(i)?;
         }
         cluster.wait_ready(cluster.nodes.len(), Duration::from_secs(60))?;
         Ok(cluster)
@@ -187,11 +193,6 @@ impl ApacheKafka {
             .map(|n| n.secure_port.map(|p| format!("127.0.0.1:{p}")))
             .collect();
         ports.map(|p| p.join(","))
-    }
-
-    /// The node ids (1-based), for [`ApacheKafka::kill`] and [`ApacheKafka::restart`].
-    pub fn node_ids(&self) -> Vec<usize> {
-        self.nodes.iter().map(|n| n.id).collect()
     }
 
     /// The client port of node `id`.
@@ -235,9 +236,9 @@ impl ApacheKafka {
 
     /// Starts node `id` again on its ports and data directory and waits until the cluster
     /// serves metadata with every running node in it.
-    pub fn restart(&mut self, id: usize, heap_mib: u32) -> Result<()> {
+    pub fn restart(&mut self, id: usize) -> Result<()> {
         ensure!(!self.is_running(id), "node {id} is still running");
-        self.spawn(id - 1, heap_mib)?;
+        self.spawn(id - 1)?;
         let running = self.nodes.iter().filter(|n| n.child.is_some()).count();
         self.wait_ready(running, Duration::from_secs(60))
     }
@@ -276,7 +277,8 @@ impl ApacheKafka {
             .create()?)
     }
 
-    fn spawn(&mut self, index: usize, heap_mib: u32) -> Result<()> {
+    fn spawn(&mut self, index: usize) -> Result<()> {
+        let heap_mib = self.heap_mib;
         let node = &mut self.nodes[index];
         let log = std::fs::OpenOptions::new()
             .create(true)

@@ -603,8 +603,7 @@ async fn apache_broker_killed_and_restarted_loses_nothing() {
     // The outage's length is the fault's parameter, not a proof of anything.
     tokio::time::sleep(Duration::from_secs(5)).await;
     let stalled = env.db.settled().await - settled_at_kill;
-    tokio::task::block_in_place(|| env.broker.apache().restart(1, 320))
-        .expect("restarting the broker");
+    tokio::task::block_in_place(|| env.broker.apache().restart(1)).expect("restarting the broker");
 
     let (truth, total) = assert_rode_it_out(&env, replicas, producer).await;
     println!(
@@ -667,7 +666,7 @@ async fn apache_cluster_survives_a_leader_and_the_coordinator_killed() {
             env.db.settled().await >= progress
         })
         .await;
-        tokio::task::block_in_place(|| env.broker.apache().restart(victim, 320))
+        tokio::task::block_in_place(|| env.broker.apache().restart(victim))
             .expect("restarting the node");
         killed.push(format!(
             "{role} node {victim} (leading {led} of 12 partitions)"
