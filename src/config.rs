@@ -87,6 +87,10 @@ pub struct ProcessingSettings {
     pub retry_backoff_max_ms: u64,
     /// A batch that keeps failing transiently for this long is a fatal failure.
     pub retry_deadline_ms: u64,
+    /// Bytes of deliveries (payload, key and bookkeeping) that may wait for one partition's
+    /// worker; a partition whose worker falls this far behind stops fetching until it catches
+    /// up, while the others flow on.
+    pub partition_buffer_bytes: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -115,6 +119,12 @@ pub struct LogSettings {
 const DEFAULT_DRAIN_TIMEOUT_MS: u64 = 10_000;
 /// How far inside the group's windows a derived drain stays (a commit and a leave after it).
 const DRAIN_MARGIN_MS: u64 = 2_000;
+/// What `/livez` allows beyond the drain timeout, and the least it allows.
+const LIVENESS_MARGIN: Duration = Duration::from_secs(30);
+const MIN_LIVENESS_WINDOW: Duration = Duration::from_secs(60);
+/// Bounds of `processing.partition_buffer_bytes`: a batch's worth of small events at least.
+const MIN_PARTITION_BUFFER_BYTES: usize = 64 << 10;
+const MAX_PARTITION_BUFFER_BYTES: usize = 256 << 20;
 /// librdkafka's defaults of the group's windows.
 const SESSION_TIMEOUT_MS: u64 = 45_000;
 const MAX_POLL_INTERVAL_MS: u64 = 300_000;
@@ -148,6 +158,7 @@ impl Default for Settings {
                 commit_interval_ms: 1_000,
                 retry_backoff_max_ms: 5_000,
                 retry_deadline_ms: 120_000,
+                partition_buffer_bytes: 1 << 20,
             },
             http: HttpSettings {
                 addr: "0.0.0.0:8080".into(),
@@ -340,23 +351,15 @@ impl Settings {
             ));
         }
         // A drain that outlives the group's patience would be pointless: the member is expelled
-        // and the partitions reassigned while we still wait. Likewise a batch retried for longer
-        // than the poll interval stalls the poll thread past the point of expulsion.
+        // and the partitions reassigned while we still wait. (A batch retried for long does not
+        // hold the poll thread: its partition is paused, so the retry deadline is free.)
         let poll_interval = self.property_ms("max.poll.interval.ms", MAX_POLL_INTERVAL_MS)?;
-        let mut bounds = vec![
-            (
-                "processing.drain_timeout_ms",
-                drain_timeout_ms,
-                "max.poll.interval.ms",
-                poll_interval,
-            ),
-            (
-                "processing.retry_deadline_ms",
-                p.retry_deadline_ms,
-                "max.poll.interval.ms",
-                poll_interval,
-            ),
-        ];
+        let mut bounds = vec![(
+            "processing.drain_timeout_ms",
+            drain_timeout_ms,
+            "max.poll.interval.ms",
+            poll_interval,
+        )];
         if k.group_protocol == GroupProtocol::Classic {
             let session = self.property_ms("session.timeout.ms", SESSION_TIMEOUT_MS)?;
             bounds.push((
@@ -373,6 +376,14 @@ impl Settings {
                     format!("must be below {name} ({bound} ms), got {value}"),
                 ));
             }
+        }
+        if !(MIN_PARTITION_BUFFER_BYTES..=MAX_PARTITION_BUFFER_BYTES)
+            .contains(&p.partition_buffer_bytes)
+        {
+            return Err(ConfigError::key(
+                "processing.partition_buffer_bytes",
+                format!("must be {MIN_PARTITION_BUFFER_BYTES}..={MAX_PARTITION_BUFFER_BYTES}"),
+            ));
         }
         if p.commit_interval_ms == 0 || p.retry_backoff_max_ms == 0 || p.retry_deadline_ms == 0 {
             return Err(ConfigError::key(
@@ -417,6 +428,16 @@ impl Settings {
     /// who lowers the session thus gets a drain that fits it, not a refusal at start-up.
     pub fn drain_timeout(&self) -> Duration {
         Duration::from_millis(self.drain_timeout_ms().unwrap_or(DEFAULT_DRAIN_TIMEOUT_MS))
+    }
+
+    /// How long the poll loop may be silent before `/livez` fails. The loop never waits for a
+    /// worker; its longest legitimate silence is a rebalance callback: a revoke drains for up
+    /// to the drain timeout and then commits, an assignment claims its partitions for up to
+    /// 5 s. So the window follows the drain timeout, with room for those, and never below
+    /// a minute (a probe that restarts a replica in the middle of a slow rebalance helps
+    /// nobody).
+    pub fn liveness_window(&self) -> Duration {
+        (self.drain_timeout() + LIVENESS_MARGIN).max(MIN_LIVENESS_WINDOW)
     }
 
     fn drain_timeout_ms(&self) -> Result<u64, ConfigError> {
@@ -589,8 +610,8 @@ mod tests {
         assert!(error_of(&s).contains("database.connect_timeout_ms"));
 
         let mut s = valid();
-        s.processing.retry_deadline_ms = 300_000;
-        assert!(error_of(&s).contains("processing.retry_deadline_ms"));
+        s.processing.partition_buffer_bytes = 100;
+        assert!(error_of(&s).contains("processing.partition_buffer_bytes"));
 
         let mut s = valid();
         s.database.url = "mysql:/nope".into();
@@ -611,6 +632,24 @@ mod tests {
         assert!(error_of(&s).contains("below session.timeout.ms"));
         s.processing.drain_timeout_ms = Some(5000);
         s.validate(ALL).unwrap();
+    }
+
+    #[test]
+    fn a_retry_deadline_past_the_poll_interval_is_allowed_now_that_retries_do_not_hold_the_poll_loop()
+     {
+        let mut s = valid();
+        s.processing.retry_deadline_ms = 600_000;
+        s.validate(ALL).unwrap();
+    }
+
+    #[test]
+    fn liveness_allows_the_longest_rebalance_callback() {
+        let mut s = valid();
+        assert_eq!(s.liveness_window(), Duration::from_secs(60), "the floor");
+        s.kafka.group_protocol = GroupProtocol::Consumer;
+        s.processing.drain_timeout_ms = Some(100_000);
+        s.validate(ALL).unwrap();
+        assert!(s.liveness_window() >= s.drain_timeout() + Duration::from_secs(30));
     }
 
     #[test]

@@ -16,18 +16,17 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::get;
 use metrics_exporter_prometheus::PrometheusHandle;
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::telemetry::unix_millis;
 
-/// A poll loop silent for this long is considered wedged. Generous: a revoke callback blocks
-/// the loop for up to the drain timeout, and a full partition queue for as long as its worker
-/// retries.
-pub const LIVENESS_WINDOW: Duration = Duration::from_secs(120);
-
 /// What the probes report, updated by the consumer.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Health {
+    /// A poll loop silent for this long is considered wedged
+    /// ([`crate::config::Settings::liveness_window`]).
+    liveness_window: Duration,
     /// Milliseconds since the epoch of the poll loop's latest turn.
     last_poll_ms: AtomicU64,
     joined: AtomicBool,
@@ -36,6 +35,16 @@ pub struct Health {
 }
 
 impl Health {
+    pub fn new(liveness_window: Duration) -> Self {
+        Health {
+            liveness_window,
+            last_poll_ms: AtomicU64::new(0),
+            joined: AtomicBool::new(false),
+            database: AtomicBool::new(false),
+            draining: AtomicBool::new(false),
+        }
+    }
+
     pub fn polled(&self) {
         self.last_poll_ms.store(unix_millis(), Relaxed);
     }
@@ -59,7 +68,7 @@ impl Health {
 
     pub fn is_live(&self) -> bool {
         let last = self.last_poll_ms.load(Relaxed);
-        last == 0 || unix_millis().saturating_sub(last) < LIVENESS_WINDOW.as_millis() as u64
+        last == 0 || unix_millis().saturating_sub(last) < self.liveness_window.as_millis() as u64
     }
 
     /// `Ok` when ready, else why not.
@@ -82,13 +91,14 @@ struct AppState {
     metrics: PrometheusHandle,
 }
 
-/// Binds `addr` and serves until `shutdown`; returns the bound address (port 0 picks one).
+/// Binds `addr` and serves until `shutdown`; returns the bound address (port 0 picks one) and
+/// the server's task, which ends once the open requests are answered.
 pub async fn serve(
     addr: SocketAddr,
     health: Arc<Health>,
     metrics: PrometheusHandle,
     shutdown: CancellationToken,
-) -> std::io::Result<SocketAddr> {
+) -> std::io::Result<(SocketAddr, JoinHandle<()>)> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
     let app = Router::new()
@@ -96,7 +106,7 @@ pub async fn serve(
         .route("/readyz", get(readyz))
         .route("/metrics", get(render_metrics))
         .with_state(AppState { health, metrics });
-    tokio::spawn(async move {
+    let task = tokio::spawn(async move {
         let served = axum::serve(listener, app)
             .with_graceful_shutdown(shutdown.cancelled_owned())
             .await;
@@ -104,7 +114,7 @@ pub async fn serve(
             tracing::error!(error = %e, "HTTP server failed");
         }
     });
-    Ok(bound)
+    Ok((bound, task))
 }
 
 async fn livez(State(s): State<AppState>) -> (StatusCode, &'static str) {
@@ -135,7 +145,7 @@ mod tests {
 
     #[test]
     fn readiness_needs_group_and_database_and_ends_with_the_drain() {
-        let h = Health::default();
+        let h = Health::new(Duration::from_secs(60));
         assert_eq!(h.readiness(), Err("database not reached"));
         h.database_reachable(true);
         assert_eq!(h.readiness(), Err("not yet in the consumer group"));
@@ -147,14 +157,16 @@ mod tests {
 
     #[test]
     fn liveness_follows_the_poll_loop() {
-        let h = Health::default();
+        let window = Duration::from_secs(60);
+        let h = Health::new(window);
         assert!(h.is_live(), "starting up");
         h.polled();
         assert!(h.is_live());
-        h.last_poll_ms.store(
-            unix_millis() - LIVENESS_WINDOW.as_millis() as u64 - 1,
-            Relaxed,
-        );
+        h.last_poll_ms
+            .store(unix_millis() - window.as_millis() as u64 + 1_000, Relaxed);
+        assert!(h.is_live());
+        h.last_poll_ms
+            .store(unix_millis() - window.as_millis() as u64 - 1, Relaxed);
         assert!(!h.is_live());
     }
 }

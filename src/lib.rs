@@ -6,7 +6,7 @@
 //! - [`store`] is PostgreSQL: the pool, the migrations, the batch transaction (advisory locks,
 //!   dedupe, atomic stock updates, ledger, dead letters) and the audit behind `verify`.
 //! - [`kafka`] is the consumer: a poll thread owning the librdkafka handle and its rebalance
-//!   callbacks, one [`worker`] task per assigned partition, and the offsets they hand back,
+//!   callbacks, one [`kafka::worker`] task per assigned partition, and the offsets they hand back,
 //!   committed only after the database commit that holds their effect.
 //! - [`embedded`] runs what development and tests need locally: librdkafka's mock cluster and
 //!   a throwaway PostgreSQL.
@@ -25,5 +25,4 @@ pub mod signals;
 pub mod stats;
 pub mod store;
 pub mod telemetry;
-pub mod worker;
 pub mod workload;

@@ -18,6 +18,7 @@ pub const REBALANCES: &str = "inventory_rebalances_total";
 pub const ASSIGNED: &str = "inventory_assigned_partitions";
 pub const OFFSET_RESETS: &str = "inventory_offset_resets_total";
 pub const HALTED: &str = "inventory_partitions_halted_total";
+pub const FLOW_PAUSES: &str = "inventory_partition_flow_pauses_total";
 pub const FENCED: &str = "inventory_fenced_batches_total";
 pub const REWOUND: &str = "inventory_rewound_deliveries_total";
 pub const RECHECKS: &str = "inventory_recorded_id_rechecks_total";
@@ -30,15 +31,20 @@ pub const LATENCY_BUCKETS: [f64; 17] = [
 ];
 
 /// Histogram samples wait in the recorder until drained: by a scrape, or by this periodic upkeep
-/// when nobody scrapes (else they pile up for good).
-pub fn spawn_upkeep(handle: PrometheusHandle) {
+/// when nobody scrapes (else they pile up for good). Runs until `stop`.
+pub fn spawn_upkeep(
+    handle: PrometheusHandle,
+    stop: tokio_util::sync::CancellationToken,
+) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut every = tokio::time::interval(std::time::Duration::from_secs(5));
         loop {
-            every.tick().await;
-            handle.run_upkeep();
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = every.tick() => handle.run_upkeep(),
+            }
         }
-    });
+    })
 }
 
 /// Installs the global recorder; call once per process, before anything records.
@@ -99,6 +105,10 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
     describe_counter!(
         HALTED,
         "Partitions halted at their dead-letter limit (a producer sending mostly bad messages)."
+    );
+    describe_counter!(
+        FLOW_PAUSES,
+        "Times a partition stopped fetching because its worker's backlog was full (a slow or stalled partition)."
     );
     describe_counter!(
         FENCED,

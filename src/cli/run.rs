@@ -10,7 +10,8 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Args;
 use metrics_exporter_prometheus::PrometheusHandle;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::cli::{EXIT_RUNTIME, runtime};
@@ -19,9 +20,9 @@ use crate::domain::DeadLetterLimit;
 use crate::http::Health;
 use crate::kafka::consumer::consume;
 use crate::kafka::offsets::OffsetTracker;
+use crate::kafka::worker::WorkerContext;
 use crate::stats::Stats;
 use crate::store;
-use crate::worker::WorkerContext;
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
@@ -40,6 +41,10 @@ pub fn main(settings: Settings, args: &RunArgs) -> anyhow::Result<ExitCode> {
     let metrics = crate::metrics::install()?;
     let stats = Arc::new(Stats::default());
     let outcome = rt.block_on(run(settings, args, shutdown, stats.clone(), metrics));
+    // Every task was stopped and awaited already; this bounds whatever was not (a worker's
+    // database call abandoned at the drain deadline). The poll thread is a plain thread: the
+    // process does not wait for it.
+    rt.shutdown_timeout(RUNTIME_SHUTDOWN);
     println!("{}", serde_json::to_string(&stats.snapshot())?);
     match outcome {
         Ok(()) => Ok(ExitCode::SUCCESS),
@@ -54,16 +59,55 @@ pub fn main(settings: Settings, args: &RunArgs) -> anyhow::Result<ExitCode> {
     }
 }
 
+/// How long the poll thread may take, after the shutdown began, beyond the drain timeout: a
+/// commit, serving the unsubscribe's rebalance (5 s at most) and librdkafka's close. Past it
+/// the replica exits anyway: what it applied is in the database with its offsets, and the group
+/// notices its departure at the session timeout at worst.
+const STOP_MARGIN: Duration = Duration::from_secs(8);
+/// How long background tasks (HTTP, database watch, metrics upkeep) get to finish.
+const BACKGROUND_STOP: Duration = Duration::from_secs(2);
+const RUNTIME_SHUTDOWN: Duration = Duration::from_secs(1);
+
 /// Keeps `/readyz` honest about the database while the replica runs, busy or idle.
-async fn watch_database(pool: store::Pool, health: Arc<Health>) {
+async fn watch_database(pool: store::Pool, health: Arc<Health>, stop: CancellationToken) {
     const EVERY: Duration = Duration::from_secs(5);
     loop {
-        tokio::time::sleep(EVERY).await;
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(EVERY) => {}
+        }
         let reached = match pool.get().await {
             Ok(conn) => conn.simple_query("SELECT 1").await.is_ok(),
             Err(_) => false,
         };
         health.database_reachable(reached);
+    }
+}
+
+/// Tasks that serve the replica while it runs: the HTTP server, the database watch, the
+/// metrics upkeep. They run until the consumer has stopped (so that `/readyz` says 503 through
+/// the drain), then stop together and are awaited.
+struct Background {
+    stop: CancellationToken,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Background {
+    fn push(&mut self, task: JoinHandle<()>) {
+        self.tasks.push(task);
+    }
+
+    async fn stop(self) {
+        self.stop.cancel();
+        let stopped = tokio::time::timeout(BACKGROUND_STOP, async {
+            for task in self.tasks {
+                let _ = task.await;
+            }
+        })
+        .await;
+        if stopped.is_err() {
+            tracing::warn!("background tasks did not stop within {BACKGROUND_STOP:?}");
+        }
     }
 }
 
@@ -74,14 +118,32 @@ async fn run(
     stats: Arc<Stats>,
     metrics: PrometheusHandle,
 ) -> anyhow::Result<()> {
+    let stop = CancellationToken::new();
+    let mut background = Background {
+        tasks: vec![crate::metrics::spawn_upkeep(metrics.clone(), stop.clone())],
+        stop,
+    };
+    let outcome = replica(settings, args, shutdown, stats, metrics, &mut background).await;
+    background.stop().await;
+    outcome
+}
+
+async fn replica(
+    settings: Settings,
+    args: &RunArgs,
+    shutdown: CancellationToken,
+    stats: Arc<Stats>,
+    metrics: PrometheusHandle,
+    background: &mut Background,
+) -> anyhow::Result<()> {
+    let health = Arc::new(Health::new(settings.liveness_window()));
     let db = &settings.database;
-    let health = Arc::new(Health::default());
-    // The server outlives the drain (so /readyz can say 503) and stops with the process.
     let addr: SocketAddr = settings.http.addr.parse().context("http.addr")?;
-    crate::metrics::spawn_upkeep(metrics.clone());
-    let bound = crate::http::serve(addr, health.clone(), metrics, CancellationToken::new())
-        .await
-        .with_context(|| format!("serving HTTP on {addr}"))?;
+    let (bound, server) =
+        crate::http::serve(addr, health.clone(), metrics, background.stop.clone())
+            .await
+            .with_context(|| format!("serving HTTP on {addr}"))?;
+    background.push(server);
     tracing::info!(addr = %bound, "HTTP endpoints listening (/livez, /readyz, /metrics)");
     tracing::info!(database = %describe_database(&db.url), brokers = %settings.kafka.brokers, "starting replica");
     if db.migrate && !args.no_migrate {
@@ -98,7 +160,11 @@ async fn run(
     );
     health.database_reachable(true);
     let pool = store::pool(db).await?;
-    tokio::spawn(watch_database(pool.clone(), health.clone()));
+    background.push(tokio::spawn(watch_database(
+        pool.clone(),
+        health.clone(),
+        background.stop.clone(),
+    )));
 
     let (fatal_tx, mut fatal_rx) = mpsc::unbounded_channel();
     let (halts_tx, halts_rx) = mpsc::unbounded_channel();
@@ -131,11 +197,15 @@ async fn run(
         halts: halts_tx,
     };
     let runtime = tokio::runtime::Handle::current();
-    let drain_timeout = settings.drain_timeout();
+    let stop_limit = settings.drain_timeout() + STOP_MARGIN;
     let poll_shutdown = shutdown.clone();
-    let poller = std::thread::Builder::new()
+    let (polled_tx, polled_rx) = oneshot::channel();
+    std::thread::Builder::new()
         .name("kafka-poll".into())
-        .spawn(move || consume(&settings, ctx, halts_rx, health, runtime, poll_shutdown))
+        .spawn(move || {
+            let polled = consume(&settings, ctx, halts_rx, health, runtime, poll_shutdown);
+            let _ = polled_tx.send(polled);
+        })
         .context("starting the poll thread")?;
 
     let fatal = tokio::select! {
@@ -145,24 +215,28 @@ async fn run(
     if fatal.is_some() {
         shutdown.cancel();
     }
-    // Bounded: a librdkafka close that hangs must not keep a replica from exiting.
-    let stop_limit = drain_timeout + Duration::from_secs(30);
-    let polled = tokio::time::timeout(
-        stop_limit,
-        tokio::task::spawn_blocking(move || poller.join()),
-    )
-    .await
-    .map_err(|_| anyhow::anyhow!("the consumer did not stop within {stop_limit:?}"))?
-    .context("waiting for the poll thread")?;
+    // Bounded: a librdkafka close that hangs (a group stuck in a rebalance) must not keep a
+    // replica from exiting.
+    let polled = match tokio::time::timeout(stop_limit, polled_rx).await {
+        Ok(Ok(polled)) => Some(polled),
+        Ok(Err(_)) => anyhow::bail!("the poll thread panicked"),
+        Err(_) => {
+            tracing::warn!(
+                limit_ms = stop_limit.as_millis() as u64,
+                "the consumer did not finish leaving the group in time; exiting without it \
+                 (applied work and its offsets are in the database)"
+            );
+            None
+        }
+    };
     // A worker may have failed fatally while draining: that must not end in exit 0.
     let fatal = fatal.or_else(|| fatal_rx.try_recv().ok());
     match (fatal, polled) {
         (Some(f), _) => Err(f.into()),
-        (None, Ok(Ok(()))) => {
+        (None, Some(Err(e))) => Err(anyhow::Error::new(e).context("consuming")),
+        (None, _) => {
             tracing::info!("replica stopped");
             Ok(())
         }
-        (None, Ok(Err(e))) => Err(anyhow::Error::new(e).context("consuming")),
-        (None, Err(_)) => anyhow::bail!("the poll thread panicked"),
     }
 }

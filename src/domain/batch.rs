@@ -20,11 +20,20 @@ pub struct Delivery {
     pub timestamp_ms: Option<i64>,
 }
 
+impl Delivery {
+    /// Bytes of its key and payload.
+    pub fn size(&self) -> usize {
+        self.key.as_ref().map_or(0, Vec::len) + self.payload.as_ref().map_or(0, Vec::len)
+    }
+}
+
 /// Deliveries of one partition in offset order, each decoded once on arrival.
 #[derive(Debug, Default)]
 pub struct Batch {
     items: Vec<(Delivery, Result<Event, InvalidEvent>)>,
     lines: usize,
+    /// Bytes of the deliveries' keys and payloads.
+    bytes: usize,
 }
 
 /// A bad message to keep in `dead_letters`.
@@ -82,14 +91,23 @@ impl BatchPlan<'_> {
 /// connections each stay within the default table.
 pub const MAX_LINES_PER_BATCH: usize = 500;
 
+/// A batch takes no more once its messages hold this many bytes (so it holds at most this plus
+/// one message): with messages of up to 1 MiB, a count of events alone would let one batch
+/// hold hundreds of MiB. 500 typical events are about 100 KB.
+pub const MAX_BYTES_PER_BATCH: usize = 512 << 10;
+
 impl Batch {
     /// The batching rule, shared by the worker and the benchmark's database-only run: a batch
-    /// takes no more once it holds `max_events` deliveries or [`MAX_LINES_PER_BATCH`] lines.
+    /// takes no more once it holds `max_events` deliveries, [`MAX_LINES_PER_BATCH`] lines or
+    /// [`MAX_BYTES_PER_BATCH`] bytes.
     pub fn is_full(&self, max_events: usize) -> bool {
-        self.len() >= max_events || self.line_count() >= MAX_LINES_PER_BATCH
+        self.len() >= max_events
+            || self.line_count() >= MAX_LINES_PER_BATCH
+            || self.bytes >= MAX_BYTES_PER_BATCH
     }
 
     pub fn push(&mut self, delivery: Delivery) {
+        self.bytes += delivery.size();
         let decoded = decode(delivery.payload.as_deref());
         if let Ok(event) = &decoded {
             self.lines += event.lines.len();
@@ -108,6 +126,7 @@ impl Batch {
     /// Keeps the first `len` deliveries.
     pub fn truncate(&mut self, len: usize) {
         self.items.truncate(len);
+        self.bytes = self.items.iter().map(|(d, _)| d.size()).sum();
         self.lines = self
             .items
             .iter()
@@ -346,5 +365,22 @@ mod tests {
         assert!(keys.windows(2).all(|w| w[0] < w[1]));
         assert_eq!(b.skus().len(), 2);
         assert_eq!(b.event_ids().len(), 2);
+    }
+
+    #[test]
+    fn a_batch_is_full_at_its_events_lines_or_bytes() {
+        let sale = r#"{"event_id":"a","type":"sale","sku":"A","quantity":1}"#;
+        assert!(batch(&[sale, sale]).is_full(2));
+        assert!(!batch(&[sale, sale]).is_full(3));
+        let mut big = Batch::default();
+        big.push(Delivery {
+            payload: Some(vec![b' '; MAX_BYTES_PER_BATCH - 10]),
+            ..delivery(0, "")
+        });
+        assert!(!big.is_full(500));
+        big.push(delivery(1, sale));
+        assert!(big.is_full(500), "{} bytes", MAX_BYTES_PER_BATCH);
+        big.truncate(1);
+        assert!(!big.is_full(500), "truncate recounts the bytes");
     }
 }

@@ -28,6 +28,9 @@ pub fn consumer_config(settings: &Settings) -> ClientConfig {
         // meanwhile), but not at once: 0 makes the fetcher spin, burning the CPU the
         // pipeline needs for as long as the database is the bottleneck.
         .set("fetch.queue.backoff.ms", "20")
+        // One fetch response at most (default 50 MiB): with large messages over many
+        // partitions a single response would otherwise dwarf the queue bound above.
+        .set("fetch.max.bytes", "8388608")
         .set("client.id", client_id());
     match k.group_protocol {
         GroupProtocol::Classic => {

@@ -2,29 +2,30 @@
 //! worker, commits processed offsets, and on shutdown drains, commits and leaves the group.
 //!
 //! It runs on a dedicated OS thread, never on the async runtime: librdkafka runs the rebalance
-//! callbacks inside `poll`, and those block while the revoked partitions drain.
+//! callbacks inside `poll`, and those block while the revoked partitions drain. It never waits
+//! for a worker otherwise: a partition whose worker falls behind is paused, the others keep
+//! flowing ([`super::flow`]), and every turn of the loop marks the replica live.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rdkafka::Message;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Settings;
-use crate::domain::Delivery;
 use crate::http::Health;
 use crate::kafka::client::consumer_config;
 use crate::kafka::group::GroupContext;
-use crate::worker::{Halted, WorkerContext};
+use crate::kafka::worker::{Halted, WorkerContext};
 
 /// How long one `poll` may block: also how quickly a shutdown request is noticed.
 const POLL_INTERVAL: Duration = Duration::from_millis(100);
 
-/// How long leaving the group may take before the consumer is closed regardless.
-const CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long serving the unsubscribe's rebalance may take before the consumer is closed
+/// regardless (the caller bounds the close itself: `run`'s stop margin).
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Consumes until `shutdown` is cancelled; returns an error only for a fatal Kafka failure.
 /// Blocking: call it on its own thread.
@@ -42,6 +43,7 @@ pub fn consume(
         settings.incremental_rebalancing(),
         runtime,
         settings.drain_timeout(),
+        settings.processing.partition_buffer_bytes,
         shutdown.clone(),
     );
     let consumer: BaseConsumer<GroupContext> =
@@ -60,16 +62,7 @@ pub fn consume(
     while !shutdown.is_cancelled() {
         health.polled();
         match consumer.poll(POLL_INTERVAL) {
-            Some(Ok(message)) => {
-                let delivery = Delivery {
-                    partition: message.partition(),
-                    offset: message.offset(),
-                    key: message.key().map(<[u8]>::to_vec),
-                    payload: message.payload().map(<[u8]>::to_vec),
-                    timestamp_ms: message.timestamp().to_millis(),
-                };
-                dispatch(consumer.context(), delivery);
-            }
+            Some(Ok(message)) => consumer.context().dispatch(&consumer, &message),
             Some(Err(e)) if e.rdkafka_error_code() == Some(RDKafkaErrorCode::AutoOffsetReset) => {
                 // The partition's next message is gone (retention deleted it before it was
                 // processed, or an offset is out of range): librdkafka jumps as
@@ -86,8 +79,9 @@ pub fn consume(
             None => {}
         }
         while let Ok(halted) = halts.try_recv() {
-            consumer.context().pause(&consumer, halted);
+            consumer.context().halt(&consumer, halted);
         }
+        consumer.context().resume_ready(&consumer);
         if last_commit.elapsed() >= commit_interval {
             consumer.context().commit_processed(&consumer);
             last_commit = Instant::now();
@@ -107,20 +101,6 @@ pub fn consume(
     drop(consumer);
     tracing::info!("left the consumer group");
     result
-}
-
-/// Hands a delivery to its partition's worker, waiting while that worker's queue is full.
-fn dispatch(group: &GroupContext, delivery: Delivery) {
-    let partition = delivery.partition;
-    match group.sender(partition) {
-        Some(tx) => {
-            if tx.blocking_send(delivery).is_err() {
-                // The worker stopped (fatal failure or shutdown); the message stays uncommitted.
-                tracing::debug!(partition, "worker gone; delivery left for the next reader");
-            }
-        }
-        None => tracing::debug!(partition, "delivery for a partition not owned; ignored"),
-    }
 }
 
 /// librdkafka retries everything else itself; these need an operator (or a restart): refused

@@ -17,37 +17,38 @@
 //!   timeout): stop the workers the same way but commit nothing: the offsets are no longer ours,
 //!   and whatever we applied meanwhile is recognised as a duplicate by the new owner.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
 use rdkafka::error::KafkaResult;
+use rdkafka::message::BorrowedMessage;
 use rdkafka::types::RDKafkaRespErr;
-use rdkafka::{ClientContext, Offset, Statistics, TopicPartitionList};
+use rdkafka::{ClientContext, Message, Offset, Statistics, TopicPartitionList};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::domain::{Delivery, RecordedLookup};
 use crate::http::Health;
+use crate::kafka::flow::{Admission, Backlog, FlowControl, footprint};
 use crate::kafka::membership::{Membership, Revocation};
+use crate::kafka::worker::{ForwardOnly, Halted, PartitionWorker, WorkerContext};
 use crate::store::{Claim, claim};
-use crate::worker::{ForwardOnly, Halted, PartitionWorker, WorkerContext};
-
-/// Deliveries buffered per partition between the poll thread and its worker. When a worker
-/// falls behind, the poll thread waits for room instead of buffering without limit. One
-/// default batch: the worker drains it while it builds a batch, and memory stays bounded with
-/// many partitions (64 partitions: about 8 MiB at most).
-const PARTITION_QUEUE: usize = 500;
 
 /// Bound on claiming partitions during an assignment (the group waits for us). A claim waits
 /// for a previous owner's batch in flight; past this, each worker claims before its first batch.
 const CLAIM_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Bound on seeking a partition before resuming it: the seek is served by librdkafka's own
+/// threads, not the network, so it is quick; a failed one is retried on the next turn.
+const SEEK_TIMEOUT: Duration = Duration::from_secs(1);
+
 struct WorkerHandle {
     ownership: u64,
-    deliveries: mpsc::Sender<Delivery>,
+    deliveries: mpsc::UnboundedSender<Delivery>,
+    backlog: Arc<Backlog>,
     stop: CancellationToken,
     task: JoinHandle<()>,
 }
@@ -55,8 +56,8 @@ struct WorkerHandle {
 struct State {
     membership: Membership,
     workers: BTreeMap<i32, WorkerHandle>,
-    /// Partitions halted at their dead-letter limit, paused in librdkafka until given up.
-    paused: BTreeSet<i32>,
+    /// Which partitions are paused in librdkafka, and why.
+    flow: FlowControl,
     /// Numbers each worker started, so that a late message of an old one is recognised.
     ownerships: u64,
 }
@@ -81,13 +82,14 @@ impl GroupContext {
         cooperative: bool,
         runtime: tokio::runtime::Handle,
         drain_timeout: Duration,
+        partition_buffer_bytes: usize,
         shutdown: CancellationToken,
     ) -> Self {
         GroupContext {
             state: Mutex::new(State {
                 membership: Membership::new(drain_timeout),
                 workers: BTreeMap::new(),
-                paused: BTreeSet::new(),
+                flow: FlowControl::new(partition_buffer_bytes),
                 ownerships: 0,
             }),
             ctx,
@@ -105,13 +107,99 @@ impl GroupContext {
         }
     }
 
-    /// Where to send a partition's next delivery; `None` if it is not ours or is draining.
-    pub fn sender(&self, partition: i32) -> Option<mpsc::Sender<Delivery>> {
-        let state = self.state();
+    /// Hands a delivery to its partition's worker without ever waiting: a partition whose
+    /// worker's backlog is full is paused instead ([`crate::kafka::flow`]).
+    pub fn dispatch(&self, consumer: &BaseConsumer<Self>, message: &BorrowedMessage<'_>) {
+        let partition = message.partition();
+        let mut state = self.state();
         if !state.membership.accepts(partition) {
-            return None;
+            tracing::debug!(
+                partition,
+                "delivery for a partition not owned or draining; ignored"
+            );
+            return;
         }
-        state.workers.get(&partition).map(|w| w.deliveries.clone())
+        let Some(backlog) = state.workers.get(&partition).map(|w| w.backlog.clone()) else {
+            return;
+        };
+        let delivery = Delivery {
+            partition,
+            offset: message.offset(),
+            key: message.key().map(<[u8]>::to_vec),
+            payload: message.payload().map(<[u8]>::to_vec),
+            timestamp_ms: message.timestamp().to_millis(),
+        };
+        let bytes = footprint(&delivery);
+        match state
+            .flow
+            .admit(partition, delivery.offset, bytes, backlog.bytes())
+        {
+            Admission::Deliver => {
+                // Counted before it is sent: the worker may take it (and uncount it) at once.
+                backlog.added(bytes);
+                let sent = state
+                    .workers
+                    .get(&partition)
+                    .is_some_and(|w| w.deliveries.send(delivery).is_ok());
+                if !sent {
+                    backlog.taken(bytes);
+                    // The worker stopped (fatal failure, fenced, halted); the message stays
+                    // uncommitted for the partition's next reader.
+                    tracing::debug!(partition, "worker gone; delivery left for the next reader");
+                }
+            }
+            Admission::PauseAt(offset) => {
+                drop(state);
+                metrics::counter!(crate::metrics::FLOW_PAUSES).increment(1);
+                tracing::debug!(
+                    partition,
+                    offset,
+                    backlog = backlog.bytes(),
+                    "backlog full; partition paused"
+                );
+                if let Err(e) = consumer.pause(&self.one(partition)) {
+                    // Still correct: its deliveries are skipped until the seek on resume.
+                    tracing::warn!(partition, error = %e, "cannot pause the partition");
+                }
+            }
+            Admission::Skip => {}
+        }
+    }
+
+    /// Resumes the partitions paused for a full backlog whose worker has room again, each
+    /// sought first to its first undelivered offset. A partition whose seek fails stays paused
+    /// and is tried again on the next turn.
+    pub fn resume_ready(&self, consumer: &BaseConsumer<Self>) {
+        let ready = {
+            let state = self.state();
+            state
+                .flow
+                .resumable(|p| state.workers.get(&p).map_or(0, |w| w.backlog.bytes()))
+        };
+        for (partition, offset) in ready {
+            let sought = consumer.seek(
+                &self.ctx.source.topic,
+                partition,
+                Offset::Offset(offset),
+                SEEK_TIMEOUT,
+            );
+            let resumed = sought.and_then(|()| consumer.resume(&self.one(partition)));
+            match resumed {
+                Ok(()) => {
+                    self.state().flow.resumed(partition);
+                    tracing::debug!(partition, offset, "partition resumed");
+                }
+                Err(e) => {
+                    tracing::warn!(partition, offset, error = %e, "cannot resume the partition yet")
+                }
+            }
+        }
+    }
+
+    fn one(&self, partition: i32) -> TopicPartitionList {
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition(&self.ctx.source.topic, partition);
+        tpl
     }
 
     pub fn owned(&self) -> Vec<i32> {
@@ -125,7 +213,8 @@ impl GroupContext {
         let mut state = self.state();
         let started = state.membership.assign(partitions);
         for &partition in &started {
-            let (tx, rx) = mpsc::channel(PARTITION_QUEUE);
+            let (tx, rx) = mpsc::unbounded_channel();
+            let backlog = Arc::new(Backlog::default());
             let stop = self.shutdown.child_token();
             self.ctx.offsets.assign(partition);
             let claim = claims.get(&partition);
@@ -139,6 +228,7 @@ impl GroupContext {
                 partition,
                 ownership,
                 deliveries: rx,
+                backlog: backlog.clone(),
                 stop: stop.clone(),
                 ctx: self.ctx.clone(),
                 // Everything before the recorded offset is in the database already.
@@ -153,6 +243,7 @@ impl GroupContext {
                 WorkerHandle {
                     ownership,
                     deliveries: tx,
+                    backlog,
                     stop,
                     task,
                 },
@@ -236,20 +327,16 @@ impl GroupContext {
 
     /// Stops fetching a partition whose worker halted it (dead-letter limit), while it stays
     /// assigned to this replica: its lag shows, and nobody else picks the bad messages up.
-    pub fn pause(&self, consumer: &BaseConsumer<Self>, halted: Halted) {
+    pub fn halt(&self, consumer: &BaseConsumer<Self>, halted: Halted) {
         let partition = halted.partition;
         let mut state = self.state();
         // Only if the worker that halted still holds the partition (not a later ownership).
         if state.workers.get(&partition).map(|w| w.ownership) != Some(halted.ownership) {
             return;
         }
-        let mut tpl = TopicPartitionList::new();
-        tpl.add_partition(&self.ctx.source.topic, partition);
-        match consumer.pause(&tpl) {
-            Ok(()) => {
-                state.paused.insert(partition);
-                tracing::warn!(partition, "partition paused");
-            }
+        state.flow.halt(partition);
+        match consumer.pause(&self.one(partition)) {
+            Ok(()) => tracing::warn!(partition, "partition paused"),
             Err(e) => tracing::warn!(partition, error = %e, "cannot pause the halted partition"),
         }
     }
@@ -257,14 +344,10 @@ impl GroupContext {
     /// Resumes fetching of paused partitions among `partitions` as they are given up, so that a
     /// later assignment starts unpaused.
     fn unpause(&self, consumer: &BaseConsumer<Self>, partitions: &[i32]) {
+        let paused = self.state().flow.forget(partitions);
         let mut tpl = TopicPartitionList::new();
-        {
-            let mut state = self.state();
-            for p in partitions {
-                if state.paused.remove(p) {
-                    tpl.add_partition(&self.ctx.source.topic, *p);
-                }
-            }
+        for p in paused {
+            tpl.add_partition(&self.ctx.source.topic, p);
         }
         if tpl.count() > 0 {
             let _ = consumer.resume(&tpl);

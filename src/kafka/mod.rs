@@ -3,7 +3,9 @@
 
 pub mod client;
 pub mod consumer;
+pub mod flow;
 pub mod group;
 pub mod membership;
 pub mod offsets;
 pub mod producer;
+pub mod worker;

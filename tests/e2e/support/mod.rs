@@ -325,6 +325,38 @@ impl TestEnv {
     }
 }
 
+/// Sends each `(partition, key, payload)` to the topic, in order per partition, and waits for
+/// the broker's acknowledgement of all (idempotent, `acks=all`).
+pub fn send(bootstrap: &str, messages: impl IntoIterator<Item = (i32, String, Vec<u8>)>) {
+    use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+    let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("enable.idempotence", "true")
+        .set("message.max.bytes", "4194304")
+        .set("log_level", "3")
+        .create()
+        .expect("test producer");
+    for (partition, key, payload) in messages {
+        let mut record = BaseRecord::to(TOPIC)
+            .partition(partition)
+            .key(&key)
+            .payload(&payload);
+        loop {
+            match producer.send(record) {
+                Ok(()) => break,
+                // The local queue is full: let deliveries drain, then try again.
+                Err((_, back)) => {
+                    record = back;
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            }
+        }
+    }
+    producer
+        .flush(Duration::from_secs(120))
+        .expect("every message acknowledged");
+}
+
 /// A `produce` process running while the test acts.
 pub struct BackgroundProduce {
     child: Child,
@@ -602,6 +634,18 @@ impl Replica {
                 Some(state != "Z" && state != "X")
             })
             .unwrap_or(false)
+    }
+
+    /// The most memory the process has held resident so far (`VmHWM`), in MiB.
+    pub fn peak_rss_mib(&self) -> f64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .expect("reading the replica's /proc status");
+        let kib: f64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmHWM in /proc status");
+        kib / 1024.0
     }
 
     /// The partitions the replica owns according to its latest assign/revoke log line.

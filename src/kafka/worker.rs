@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::domain::{Batch, DeadLetterLimit, Delivery, LimitExceeded, RecordedLookup};
+use crate::kafka::flow::{Backlog, footprint};
 use crate::kafka::offsets::OffsetTracker;
 use crate::stats::Stats;
 use crate::store::{BatchOutcome, Failure, Guards, Pool, Source, apply_batch, claim};
@@ -69,7 +70,9 @@ pub struct PartitionWorker {
     pub partition: i32,
     /// Tells this ownership of the partition from later ones by this replica.
     pub ownership: u64,
-    pub deliveries: mpsc::Receiver<Delivery>,
+    /// Unbounded: the poll thread bounds it in bytes, through `backlog` ([`crate::kafka::flow`]).
+    pub deliveries: mpsc::UnboundedReceiver<Delivery>,
+    pub backlog: Arc<Backlog>,
     pub stop: CancellationToken,
     pub ctx: WorkerContext,
     pub gate: ForwardOnly,
@@ -206,6 +209,7 @@ impl PartitionWorker {
 
     /// Adds `d` to the batch unless this ownership already took its offset.
     fn take(&mut self, batch: &mut Batch, d: Delivery) {
+        self.backlog.taken(footprint(&d));
         if !self.gate.admit(d.offset) {
             // Counted, and logged at debug only: an offset reset can make these many.
             metrics::counter!(crate::metrics::REWOUND).increment(1);
