@@ -16,6 +16,7 @@ pub const COMMITTED_OFFSET: &str = "inventory_partition_committed_offset";
 pub const LAG: &str = "inventory_partition_lag";
 pub const REBALANCES: &str = "inventory_rebalances_total";
 pub const ASSIGNED: &str = "inventory_assigned_partitions";
+pub const MEMBERSHIP_PHASE: &str = "inventory_membership_phase";
 pub const OFFSET_RESETS: &str = "inventory_offset_resets_total";
 pub const HALTED: &str = "inventory_partitions_halted_total";
 pub const FLOW_PAUSES: &str = "inventory_partition_flow_pauses_total";
@@ -98,6 +99,10 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
         "Rebalance events, by kind (assign, revoke, lost)."
     );
     describe_gauge!(ASSIGNED, "Partitions this replica owns.");
+    describe_gauge!(
+        MEMBERSHIP_PHASE,
+        "1 for the replica's membership phase now (consuming, draining, stopped), 0 for the others."
+    );
     describe_counter!(
         OFFSET_RESETS,
         "Times the client jumped over messages it could no longer fetch (retention, out of range)."

@@ -59,13 +59,14 @@ pub fn main(settings: Settings, args: &RunArgs) -> anyhow::Result<ExitCode> {
     }
 }
 
-/// How long the poll thread may take, after the shutdown began, beyond the drain timeout: a
-/// commit, serving the unsubscribe's rebalance (5 s at most) and librdkafka's close. Past it
-/// the replica exits anyway: what it applied is in the database with its offsets, and the group
-/// notices its departure at the session timeout at worst.
-const STOP_MARGIN: Duration = Duration::from_secs(8);
-/// How long background tasks (HTTP, database watch, metrics upkeep) get to finish.
-const BACKGROUND_STOP: Duration = Duration::from_secs(2);
+/// Every exit ends within the drain timeout plus 8 s of the shutdown's start (a signal, or a
+/// fatal failure), whatever leaving the group does: the poll thread gets the drain plus
+/// `STOP_MARGIN` (a commit, serving the unsubscribe's rebalance for up to 5 s, librdkafka's
+/// close), the background tasks `BACKGROUND_STOP`, the runtime `RUNTIME_SHUTDOWN`. Past its
+/// share the replica goes on without the poll thread: what it applied is in the database with
+/// its offsets, and the group notices its departure at the session timeout at worst.
+const STOP_MARGIN: Duration = Duration::from_secs(6);
+const BACKGROUND_STOP: Duration = Duration::from_secs(1);
 const RUNTIME_SHUTDOWN: Duration = Duration::from_secs(1);
 
 /// Keeps `/readyz` honest about the database while the replica runs, busy or idle.

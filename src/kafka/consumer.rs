@@ -23,6 +23,10 @@ use crate::kafka::worker::{Halted, WorkerContext};
 /// How long one `poll` may block: also how quickly a shutdown request is noticed.
 const POLL_INTERVAL: Duration = Duration::from_millis(100);
 
+/// How often partitions paused for a full queue are checked for room (not after every
+/// message: a resume seeks, and a failing one is retried at this pace).
+const RESUME_CHECK: Duration = Duration::from_millis(10);
+
 /// How long serving the unsubscribe's rebalance may take before the consumer is closed
 /// regardless (the caller bounds the close itself: `run`'s stop margin).
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -58,6 +62,7 @@ pub fn consume(
 
     let commit_interval = Duration::from_millis(settings.processing.commit_interval_ms);
     let mut last_commit = Instant::now();
+    let mut last_resume_check = Instant::now();
     let mut result = Ok(());
     while !shutdown.is_cancelled() {
         health.polled();
@@ -81,7 +86,10 @@ pub fn consume(
         while let Ok(halted) = halts.try_recv() {
             consumer.context().halt(&consumer, halted);
         }
-        consumer.context().resume_ready(&consumer);
+        if last_resume_check.elapsed() >= RESUME_CHECK {
+            consumer.context().resume_ready(&consumer);
+            last_resume_check = Instant::now();
+        }
         if last_commit.elapsed() >= commit_interval {
             consumer.context().commit_processed(&consumer);
             last_commit = Instant::now();

@@ -15,6 +15,8 @@
 //! repeat anyway).
 //!
 //! Partitions halted at their dead-letter limit are paused too, but stay paused until given up.
+//! So does, in effect, a partition whose worker stopped (fenced, or failed fatally) once its
+//! queue is full: nothing more is fetched for a partition nobody processes.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};

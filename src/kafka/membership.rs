@@ -14,7 +14,9 @@
 //! ```
 //!
 //! While partitions drain, no delivery for them is dispatched; once stopped, nothing is
-//! dispatched or assigned any more.
+//! dispatched or assigned any more. The drain takes up to the drain timeout on the poll
+//! thread, while other threads serve `/metrics`: the phase is published there
+//! (`inventory_membership_phase`) as it is entered and left.
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
@@ -38,6 +40,20 @@ pub enum Phase {
         stopping: bool,
     },
     Stopped,
+}
+
+/// Every phase's name, as [`Phase::name`] gives them.
+pub const PHASES: [&str; 3] = ["consuming", "draining", "stopped"];
+
+impl Phase {
+    /// Its name in logs and in the `inventory_membership_phase` gauge.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Phase::Consuming => PHASES[0],
+            Phase::Draining { .. } => PHASES[1],
+            Phase::Stopped => PHASES[2],
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -194,8 +210,10 @@ mod tests {
             !m.accepts(1) && !m.accepts(2),
             "draining partitions take nothing new"
         );
+        assert_eq!(m.phase().name(), "draining");
         m.drained();
         assert_eq!(*m.phase(), Phase::Consuming);
+        assert_eq!(m.phase().name(), "consuming");
         assert_eq!(m.owned(), [0]);
     }
 

@@ -1,11 +1,17 @@
-//! Kafka: client configuration, the consumer's poll thread with its rebalance handling, the
-//! per-partition offsets, and a producer for `produce`.
+//! Kafka: client configuration, the consumer's poll thread ([`consumer`]) with its rebalance
+//! handling ([`group`], deciding through [`membership`]), the delivery path and its flow
+//! control ([`intake`], [`flow`]), the partition workers ([`workers`], [`worker`]), the
+//! per-partition offsets and their commits ([`offsets`], [`commits`]), and a producer for
+//! `produce`.
 
 pub mod client;
+pub mod commits;
 pub mod consumer;
 pub mod flow;
 pub mod group;
+pub mod intake;
 pub mod membership;
 pub mod offsets;
 pub mod producer;
 pub mod worker;
+pub mod workers;

@@ -199,7 +199,8 @@ async fn database_faults_are_retried_without_loss_or_double_effect() {
 }
 
 /// A database that stays away is fatal only after `processing.retry_deadline_ms`: the replica
-/// then exits non-zero with a clear error, for the orchestrator to restart it.
+/// then exits non-zero with a clear error, for the orchestrator to restart it, within the bound
+/// of every exit.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_database_gone_for_good_is_fatal_after_the_retry_deadline() {
     let mut env = TestEnv::new(3).await;
@@ -215,8 +216,20 @@ async fn a_database_gone_for_good_is_fatal_after_the_retry_deadline() {
         return;
     }
     env.produce(&["--events", "50", "--skus", "5", "--seed", "5"]);
+    wait_until("the batch to be declared fatal", SETTLE, || async {
+        replica.log().contains("still failing after")
+    })
+    .await;
+    // The fatal path ends the process like a shutdown does: within the drain timeout (10 s by
+    // default) plus `run`'s 8 s stop margin, with the database still gone.
+    let fatal_at = std::time::Instant::now();
     let (status, _) = replica.wait_exit(Duration::from_secs(60));
+    let took = fatal_at.elapsed();
     assert!(!status.success(), "exit {status}");
+    assert!(
+        took <= Duration::from_secs(20),
+        "exited {took:?} after the fatal failure"
+    );
     let log = replica.log();
     assert!(
         log.contains("still failing after"),

@@ -143,6 +143,20 @@ async fn readiness_is_503_while_draining() {
     .await;
     assert!(http_get(&addr, "/readyz").1.contains("draining"));
     assert_eq!(http_get(&addr, "/livez").0, 200, "draining is not dead");
+    let (_, text) = http_get(&addr, "/metrics");
+    assert_eq!(
+        metric(&text, "inventory_membership_phase", &["phase=\"draining\""]),
+        1.0,
+        "the membership's phase is observable while the poll thread drains"
+    );
+    assert_eq!(
+        metric(
+            &text,
+            "inventory_membership_phase",
+            &["phase=\"consuming\""]
+        ),
+        0.0
+    );
 
     blocker
         .execute("SELECT pg_advisory_unlock($1)", &[&lock_key("HELD-1")])

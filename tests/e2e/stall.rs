@@ -122,7 +122,11 @@ async fn a_locked_sku_stalls_only_its_own_partition() {
     let others_done = started.elapsed();
     let (_, text) = http_get(&replica.http_addr().await, "/metrics");
     let pauses = metric(&text, "inventory_partition_flow_pauses_total", &[]);
-    assert!(pauses > 0.0, "the backlog paused partitions: {pauses}");
+    let resumed = resumed_partitions(&replica);
+    assert!(
+        resumed.iter().any(|&p| p != 0),
+        "partitions other than the stalled one paused and resumed under the backlog: {resumed:?}"
+    );
     assert!(replica.is_running());
 
     drop(blocker);
@@ -144,6 +148,25 @@ async fn a_locked_sku_stalls_only_its_own_partition() {
         caught_up,
         stats.retries
     );
+}
+
+/// The partitions a replica's log says it resumed after a pause (seeking back first).
+fn resumed_partitions(replica: &Replica) -> std::collections::BTreeSet<i32> {
+    replica
+        .log()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|e| e["message"] == "partition resumed")
+        .filter_map(|e| e["partition"].as_i64().map(|p| p as i32))
+        .collect()
+}
+
+/// How many times the replicas logged giving partitions up in a revoke.
+fn revokes(replicas: &[Replica]) -> usize {
+    replicas
+        .iter()
+        .map(|r| r.log().matches("\"partitions revoked\"").count())
+        .sum()
 }
 
 /// Which of `replicas` owns `partition` now.
@@ -201,15 +224,22 @@ async fn rebalance_through_a_stall(protocol: &[(&str, &str)]) {
     let mut settings = vec![("processing.drain_timeout_ms", drain.as_str())];
     settings.extend_from_slice(protocol);
     let mut replicas = vec![env.replica("r1", &settings), env.replica("r2", &settings)];
-    wait_ready(&replicas[0]).await;
+    for r in &replicas {
+        wait_ready(r).await;
+    }
+    wait_until("both replicas to own partitions", SETTLE, || async {
+        replicas.iter().all(|r| !r.owned().is_empty())
+    })
+    .await;
     wait_for_all_but_the_stalled_partition(&env, &per_partition).await;
     let stalled = owner_of(&replicas, 0).expect("someone owns the stalled partition");
 
-    // A third replica joins; during the rebalance, SIGTERM a healthy member.
+    // A third replica joins; once the rebalance has begun revoking, SIGTERM a healthy member.
+    let revoked_before = revokes(&replicas);
     replicas.push(env.replica("r3", &settings));
     let joined_at = Instant::now();
-    wait_until("r3 to start consuming", SETTLE, || async {
-        replicas[2].log().contains("subscribed")
+    wait_until("the join to revoke partitions", SETTLE, || async {
+        revokes(&replicas[..2]) > revoked_before
     })
     .await;
     let healthy = 1 - stalled;

@@ -1,0 +1,142 @@
+//! The delivery path on the poll thread: each message goes to its partition's worker at once,
+//! or its partition is paused ([`super::flow`] decides); paused partitions resume when their
+//! worker has room again, halted ones stay paused until given up.
+
+use std::time::Duration;
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::BorrowedMessage;
+use rdkafka::{Message, Offset, TopicPartitionList};
+
+use crate::domain::Delivery;
+use crate::kafka::flow::{Admission, footprint};
+use crate::kafka::group::GroupContext;
+use crate::kafka::worker::Halted;
+
+/// Bound on seeking a partition before resuming it: the seek is served by librdkafka's own
+/// threads, not the network, so it is quick; a failed one is retried on the next turn.
+const SEEK_TIMEOUT: Duration = Duration::from_secs(1);
+
+impl GroupContext {
+    /// Hands a delivery to its partition's worker without ever waiting: a partition whose
+    /// worker's backlog is full is paused instead ([`crate::kafka::flow`]).
+    pub fn dispatch(&self, consumer: &BaseConsumer<Self>, message: &BorrowedMessage<'_>) {
+        let partition = message.partition();
+        let mut state = self.state();
+        if !state.membership.accepts(partition) {
+            tracing::debug!(
+                partition,
+                "delivery for a partition not owned or draining; ignored"
+            );
+            return;
+        }
+        let Some(backlog) = state.workers.backlog(partition) else {
+            return;
+        };
+        let delivery = Delivery {
+            partition,
+            offset: message.offset(),
+            key: message.key().map(<[u8]>::to_vec),
+            payload: message.payload().map(<[u8]>::to_vec),
+            timestamp_ms: message.timestamp().to_millis(),
+        };
+        let bytes = footprint(&delivery);
+        match state
+            .flow
+            .admit(partition, delivery.offset, bytes, backlog.bytes())
+        {
+            Admission::Deliver => {
+                // Counted before it is sent: the worker may take it (and uncount it) at once.
+                backlog.added(bytes);
+                if !state.workers.send(delivery) {
+                    backlog.taken(bytes);
+                    // The worker stopped (fatal failure, fenced, halted); the message stays
+                    // uncommitted for the partition's next reader.
+                    tracing::debug!(partition, "worker gone; delivery left for the next reader");
+                }
+            }
+            Admission::PauseAt(offset) => {
+                drop(state);
+                metrics::counter!(crate::metrics::FLOW_PAUSES).increment(1);
+                tracing::debug!(
+                    partition,
+                    offset,
+                    backlog = backlog.bytes(),
+                    "backlog full; partition paused"
+                );
+                if let Err(e) = consumer.pause(&self.one(partition)) {
+                    // Still correct: its deliveries are skipped until the seek on resume.
+                    tracing::warn!(partition, error = %e, "cannot pause the partition");
+                }
+            }
+            Admission::Skip => {}
+        }
+    }
+
+    /// Resumes the partitions paused for a full backlog whose worker has room again, each
+    /// sought first to its first undelivered offset. A partition whose seek fails stays paused
+    /// and is tried again on the next turn.
+    pub fn resume_ready(&self, consumer: &BaseConsumer<Self>) {
+        let ready = {
+            let state = self.state();
+            state
+                .flow
+                .resumable(|p| state.workers.backlog(p).map_or(0, |b| b.bytes()))
+        };
+        for (partition, offset) in ready {
+            let sought = consumer.seek(
+                &self.ctx.source.topic,
+                partition,
+                Offset::Offset(offset),
+                SEEK_TIMEOUT,
+            );
+            let resumed = sought.and_then(|()| consumer.resume(&self.one(partition)));
+            match resumed {
+                Ok(()) => {
+                    self.state().flow.resumed(partition);
+                    tracing::debug!(partition, offset, "partition resumed");
+                }
+                Err(e) => {
+                    tracing::warn!(partition, offset, error = %e, "cannot resume the partition yet")
+                }
+            }
+        }
+    }
+
+    fn one(&self, partition: i32) -> TopicPartitionList {
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition(&self.ctx.source.topic, partition);
+        tpl
+    }
+
+    /// Stops fetching a partition whose worker halted it (dead-letter limit), while it stays
+    /// assigned to this replica: its lag shows, and nobody else picks the bad messages up.
+    pub fn halt(&self, consumer: &BaseConsumer<Self>, halted: Halted) {
+        let partition = halted.partition;
+        {
+            let mut state = self.state();
+            // Only if the worker that halted still holds the partition (not a later ownership).
+            if state.workers.ownership(partition) != Some(halted.ownership) {
+                return;
+            }
+            state.flow.halt(partition);
+        }
+        match consumer.pause(&self.one(partition)) {
+            Ok(()) => tracing::warn!(partition, "partition paused"),
+            Err(e) => tracing::warn!(partition, error = %e, "cannot pause the halted partition"),
+        }
+    }
+
+    /// Resumes fetching of paused partitions among `partitions` as they are given up, so that a
+    /// later assignment starts unpaused.
+    pub(super) fn unpause(&self, consumer: &BaseConsumer<Self>, partitions: &[i32]) {
+        let paused = self.state().flow.forget(partitions);
+        let mut tpl = TopicPartitionList::new();
+        for p in paused {
+            tpl.add_partition(&self.ctx.source.topic, p);
+        }
+        if tpl.count() > 0 {
+            let _ = consumer.resume(&tpl);
+        }
+    }
+}
