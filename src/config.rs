@@ -87,10 +87,11 @@ pub struct ProcessingSettings {
     pub retry_backoff_max_ms: u64,
     /// A batch that keeps failing transiently for this long is a fatal failure.
     pub retry_deadline_ms: u64,
-    /// Bytes of deliveries (payload, key and bookkeeping) that may wait for one partition's
-    /// worker; a partition whose worker falls this far behind stops fetching until it catches
-    /// up, while the others flow on.
-    pub partition_buffer_bytes: usize,
+    /// Bytes of deliveries (payload, key and bookkeeping) that may wait for the workers of this
+    /// replica, split evenly over the partitions it owns (64 KiB each at least); a partition
+    /// whose worker falls behind by its share stops fetching until it catches up, while the
+    /// others flow on.
+    pub buffer_bytes: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -122,9 +123,9 @@ const DRAIN_MARGIN_MS: u64 = 2_000;
 /// What `/livez` allows beyond the drain timeout, and the least it allows.
 const LIVENESS_MARGIN: Duration = Duration::from_secs(30);
 const MIN_LIVENESS_WINDOW: Duration = Duration::from_secs(60);
-/// Bounds of `processing.partition_buffer_bytes`: a batch's worth of small events at least.
-const MIN_PARTITION_BUFFER_BYTES: usize = 64 << 10;
-const MAX_PARTITION_BUFFER_BYTES: usize = 256 << 20;
+/// Bounds of `processing.buffer_bytes`.
+const MIN_BUFFER_BYTES: usize = 1 << 20;
+const MAX_BUFFER_BYTES: usize = 4 << 30;
 /// librdkafka's defaults of the group's windows.
 const SESSION_TIMEOUT_MS: u64 = 45_000;
 const MAX_POLL_INTERVAL_MS: u64 = 300_000;
@@ -158,7 +159,7 @@ impl Default for Settings {
                 commit_interval_ms: 1_000,
                 retry_backoff_max_ms: 5_000,
                 retry_deadline_ms: 120_000,
-                partition_buffer_bytes: 1 << 20,
+                buffer_bytes: 16 << 20,
             },
             http: HttpSettings {
                 addr: "0.0.0.0:8080".into(),
@@ -377,12 +378,10 @@ impl Settings {
                 ));
             }
         }
-        if !(MIN_PARTITION_BUFFER_BYTES..=MAX_PARTITION_BUFFER_BYTES)
-            .contains(&p.partition_buffer_bytes)
-        {
+        if !(MIN_BUFFER_BYTES..=MAX_BUFFER_BYTES).contains(&p.buffer_bytes) {
             return Err(ConfigError::key(
-                "processing.partition_buffer_bytes",
-                format!("must be {MIN_PARTITION_BUFFER_BYTES}..={MAX_PARTITION_BUFFER_BYTES}"),
+                "processing.buffer_bytes",
+                format!("must be {MIN_BUFFER_BYTES}..={MAX_BUFFER_BYTES}"),
             ));
         }
         if p.commit_interval_ms == 0 || p.retry_backoff_max_ms == 0 || p.retry_deadline_ms == 0 {
@@ -610,8 +609,8 @@ mod tests {
         assert!(error_of(&s).contains("database.connect_timeout_ms"));
 
         let mut s = valid();
-        s.processing.partition_buffer_bytes = 100;
-        assert!(error_of(&s).contains("processing.partition_buffer_bytes"));
+        s.processing.buffer_bytes = 100;
+        assert!(error_of(&s).contains("processing.buffer_bytes"));
 
         let mut s = valid();
         s.database.url = "mysql:/nope".into();

@@ -47,7 +47,7 @@ pub fn consume(
         settings.incremental_rebalancing(),
         runtime,
         settings.drain_timeout(),
-        settings.processing.partition_buffer_bytes,
+        settings.processing.buffer_bytes,
         shutdown.clone(),
     );
     let consumer: BaseConsumer<GroupContext> =

@@ -1,9 +1,10 @@
 //! Per-partition flow control between the poll thread and the partition workers: the poll
 //! thread never waits for a worker. Each partition's deliveries wait in an unbounded channel
 //! whose content is counted in bytes ([`Backlog`]); when a partition's backlog would pass its
-//! limit, the poll thread pauses that partition in librdkafka and keeps polling the others.
-//! Once its worker has taken the backlog down to half the limit, the partition is sought back
-//! to its first undelivered offset and resumed.
+//! share of the replica's buffer (`processing.buffer_bytes` split evenly over the partitions
+//! it owns, and never less than [`MIN_SHARE`]), the poll thread pauses that partition in
+//! librdkafka and keeps polling the others. Once its worker has taken the backlog down to half
+//! its share, the partition is sought back to its first undelivered offset and resumed.
 //!
 //! Why pause and seek rather than one librdkafka queue per partition (Vector's way): one
 //! thread keeps owning the consumer, the rebalance callbacks and the commits, and a partition
@@ -75,21 +76,38 @@ pub enum Admission {
     Skip,
 }
 
+/// The least a partition's backlog may hold, however many partitions share the buffer: about
+/// 200 typical events, so that a worker still finds a good part of its next batch waiting.
+pub const MIN_SHARE: usize = 64 << 10;
+
 /// The poll thread's flow decisions, free of librdkafka: which partitions are paused, and why.
 #[derive(Debug)]
 pub struct FlowControl {
-    /// Most bytes a partition's backlog may hold. One delivery always fits in an empty backlog,
-    /// however large, so a partition never stops for good.
+    /// Bytes the backlogs of all owned partitions may hold together.
+    buffer: usize,
+    /// Most bytes a partition's backlog may hold: its share of `buffer`. One delivery always
+    /// fits in an empty backlog, however large, so a partition never stops for good.
     limit: usize,
     paused: BTreeMap<i32, Pause>,
 }
 
 impl FlowControl {
-    pub fn new(limit: usize) -> Self {
+    pub fn new(buffer: usize) -> Self {
         FlowControl {
-            limit,
+            buffer,
+            limit: buffer.max(MIN_SHARE),
             paused: BTreeMap::new(),
         }
+    }
+
+    /// The replica now owns `partitions` partitions: each gets an even share of the buffer.
+    pub fn share_among(&mut self, partitions: usize) {
+        self.limit = (self.buffer / partitions.max(1)).max(MIN_SHARE);
+    }
+
+    /// Most bytes one partition's backlog may hold now.
+    pub fn limit(&self) -> usize {
+        self.limit
     }
 
     /// Decides a delivery of `partition` at `offset`, costing `bytes`, given its backlog.
@@ -157,6 +175,7 @@ mod tests {
     #[test]
     fn a_full_backlog_pauses_its_partition_only_and_resumes_at_the_first_undelivered_offset() {
         let mut flow = FlowControl::new(1_000);
+        flow.limit = 1_000;
         assert_eq!(flow.admit(0, 10, 400, 0), Admission::Deliver);
         assert_eq!(flow.admit(0, 11, 400, 400), Admission::Deliver);
         assert_eq!(flow.admit(0, 12, 400, 800), Admission::PauseAt(12));
@@ -175,6 +194,7 @@ mod tests {
     #[test]
     fn one_delivery_always_fits_an_empty_backlog() {
         let mut flow = FlowControl::new(1_000);
+        flow.limit = 1_000;
         assert_eq!(flow.admit(0, 0, 5_000_000, 0), Admission::Deliver);
         assert_eq!(flow.admit(0, 1, 1, 5_000_000), Admission::PauseAt(1));
     }
@@ -182,6 +202,7 @@ mod tests {
     #[test]
     fn halted_partitions_stay_paused_until_given_up() {
         let mut flow = FlowControl::new(1_000);
+        flow.limit = 1_000;
         flow.halt(3);
         assert_eq!(flow.admit(3, 0, 1, 0), Admission::Skip);
         assert!(flow.resumable(|_| 0).is_empty());
@@ -191,6 +212,20 @@ mod tests {
         assert_eq!(flow.forget(&[3, 4, 5]), [3, 4]);
         assert_eq!(flow.paused().count(), 0);
         assert_eq!(flow.admit(3, 0, 1, 0), Admission::Deliver);
+    }
+
+    #[test]
+    fn the_buffer_is_shared_evenly_but_never_below_the_least_share() {
+        let mut flow = FlowControl::new(16 << 20);
+        assert_eq!(flow.limit(), 16 << 20, "nothing owned yet");
+        flow.share_among(4);
+        assert_eq!(flow.limit(), 4 << 20);
+        flow.share_among(64);
+        assert_eq!(flow.limit(), 256 << 10);
+        flow.share_among(1024);
+        assert_eq!(flow.limit(), MIN_SHARE, "the floor");
+        flow.share_among(0);
+        assert_eq!(flow.limit(), 16 << 20);
     }
 
     #[test]

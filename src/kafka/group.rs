@@ -95,7 +95,7 @@ impl GroupContext {
         cooperative: bool,
         runtime: tokio::runtime::Handle,
         drain_timeout: Duration,
-        partition_buffer_bytes: usize,
+        buffer_bytes: usize,
         shutdown: CancellationToken,
     ) -> Self {
         let membership = Membership::new(drain_timeout);
@@ -104,7 +104,7 @@ impl GroupContext {
             state: Mutex::new(State {
                 membership,
                 workers: Workers::new(ctx.clone(), runtime.clone(), shutdown),
-                flow: FlowControl::new(partition_buffer_bytes),
+                flow: FlowControl::new(buffer_bytes),
             }),
             ctx,
             health,
@@ -144,7 +144,9 @@ impl GroupContext {
             state.workers.start(partition, claims.get(&partition));
         }
         self.ctx.stats.record_assigned(started.len());
-        metrics::gauge!(crate::metrics::ASSIGNED).set(state.membership.owned().len() as f64);
+        let owned = state.membership.owned().len();
+        state.flow.share_among(owned);
+        metrics::gauge!(crate::metrics::ASSIGNED).set(owned as f64);
         tracing::info!(
             assigned = ?started,
             owned = ?state.membership.owned(),
@@ -219,7 +221,9 @@ impl GroupContext {
         let mut state = self.state();
         state.membership.drained();
         publish(&state.membership);
-        metrics::gauge!(crate::metrics::ASSIGNED).set(state.membership.owned().len() as f64);
+        let owned = state.membership.owned().len();
+        state.flow.share_among(owned);
+        metrics::gauge!(crate::metrics::ASSIGNED).set(owned as f64);
         if commit {
             self.ctx.stats.record_revoked(partitions.len());
             tracing::info!(revoked = ?partitions, owned = ?state.membership.owned(), drained, "partitions revoked");

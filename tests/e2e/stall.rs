@@ -108,14 +108,15 @@ async fn wait_for_all_but_the_stalled_partition(env: &TestEnv, per_partition: &[
 /// The operator's case: one replica, a backlog over 12 partitions, one SKU's lock held by
 /// another session. Every event of the other 11 partitions is applied while the lock is held;
 /// after its release the stalled partition catches up, and the database equals the model. The
-/// buffers are at their smallest, so that every partition pauses and resumes under the backlog
+/// buffer is at its smallest, so that every partition pauses and resumes under the backlog
 /// (each resume seeks back to the first undelivered offset: nothing skipped, nothing twice).
 #[tokio::test(flavor = "multi_thread")]
 async fn a_locked_sku_stalls_only_its_own_partition() {
     let env = TestEnv::on_apache(PARTITIONS, 1).await;
     let blocker = hold_lock(&env, LOCKED).await;
     let per_partition = send_workload(&env);
-    let mut replica = env.replica("r1", &[("processing.partition_buffer_bytes", "65536")]);
+    // The smallest buffer: 1 MiB over 12 partitions, 85 KiB each.
+    let mut replica = env.replica("r1", &[("processing.buffer_bytes", "1048576")]);
     let started = Instant::now();
     wait_ready(&replica).await;
     wait_for_all_but_the_stalled_partition(&env, &per_partition).await;
@@ -338,11 +339,12 @@ async fn memory_stays_bounded_with_1_mib_messages_and_a_stalled_partition() {
     );
 
     // The README's bound: 64 MiB for the process itself, librdkafka's prefetch (4 MiB queued
-    // plus one fetch response of at most 8 MiB), and per owned partition its queue (1 MiB by
-    // default, or one message when larger) plus the batch its worker holds (512 KiB plus one
-    // message).
+    // plus one fetch response of at most 8 MiB), and per owned partition its queue (its share
+    // of the 16 MiB buffer, 256 KiB here, or one message when larger) plus the batch its worker
+    // holds (512 KiB plus one message).
     let message_mib = PADDING as f64 / (1 << 20) as f64 + 0.01;
-    let per_partition = 1.0_f64.max(message_mib) + 0.5 + message_mib;
+    let share_mib = 16.0 / PARTITIONS as f64;
+    let per_partition = share_mib.max(message_mib) + 0.5 + message_mib;
     let bound = 64.0 + 4.0 + 8.0 + PARTITIONS as f64 * per_partition;
     println!(
         "memory: {sent_mib:.0} MiB in 1 MB messages over {PARTITIONS} partitions, one stalled: \
