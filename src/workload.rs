@@ -66,7 +66,11 @@ impl Oracle {
     }
 
     pub fn finish(mut self) -> Expectation {
-        self.expected.stock = self.book.into_iter().collect();
+        self.expected.stock = self
+            .book
+            .into_iter()
+            .map(|(sku, s)| (sku, s.on_hand))
+            .collect();
         self.expected
     }
 }

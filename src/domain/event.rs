@@ -13,12 +13,19 @@ pub const MAX_SKU_CHARS: usize = 64;
 pub const MAX_LINES: usize = 100;
 pub const MAX_ABS_QUANTITY: i64 = 1_000_000_000;
 pub const MAX_REASON_CHARS: usize = 256;
+pub const MAX_ORDER_ID_CHARS: usize = 128;
+/// Longest `ttl_seconds` of a reservation: a week.
+pub const MAX_TTL_SECONDS: i64 = 604_800;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum EventKind {
     Restock,
     Sale,
     Adjustment,
+    /// The steps of an order saga (CONTRACT.md section 7): they name an `order_id`.
+    Reserve,
+    Commit,
+    Release,
 }
 
 impl EventKind {
@@ -27,16 +34,38 @@ impl EventKind {
             EventKind::Restock => "restock",
             EventKind::Sale => "sale",
             EventKind::Adjustment => "adjustment",
+            EventKind::Reserve => "reserve",
+            EventKind::Commit => "commit",
+            EventKind::Release => "release",
         }
     }
 
-    /// The signed stock change of a line of this kind.
+    /// Whether this is a step of an order (reserve, commit, release) rather than a stock event.
+    pub fn is_order_step(self) -> bool {
+        matches!(
+            self,
+            EventKind::Reserve | EventKind::Commit | EventKind::Release
+        )
+    }
+
+    /// The signed change of `current_stock` a line of a stock event makes; order steps move
+    /// stock through their reservation instead ([`super::rules`]).
     pub fn delta(self, quantity: i64) -> i64 {
         match self {
             EventKind::Sale => -quantity,
             EventKind::Restock | EventKind::Adjustment => quantity,
+            EventKind::Reserve | EventKind::Commit | EventKind::Release => 0,
         }
     }
+}
+
+/// When a reservation ends, as its `reserve` event says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Expiry {
+    /// `ttl_seconds`: counted from the moment the reservation is applied, by the database clock.
+    Ttl(i64),
+    /// `expires_at`: an instant (RFC 3339), kept as sent: the digest is of the text.
+    At(String),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -54,6 +83,10 @@ pub struct Event {
     pub reason: Option<String>,
     pub occurred_at: Option<String>,
     pub source: Option<String>,
+    /// The order of a reserve, commit or release; `None` for stock events.
+    pub order_id: Option<String>,
+    /// A reserve's expiry when it gives one (else the configured default TTL applies).
+    pub expiry: Option<Expiry>,
 }
 
 impl Event {
@@ -66,7 +99,7 @@ impl Event {
             .iter()
             .map(|l| (l.sku.as_str(), l.quantity))
             .collect();
-        let canonical = serde_json::json!([
+        let mut canonical = serde_json::json!([
             self.id,
             self.kind.as_str(),
             lines,
@@ -74,6 +107,17 @@ impl Event {
             self.occurred_at,
             self.source
         ]);
+        // Order steps add their fields; stock events keep the digest they were recorded with.
+        if self.kind.is_order_step()
+            && let Value::Array(fields) = &mut canonical
+        {
+            let expiry = match &self.expiry {
+                None => Value::Null,
+                Some(Expiry::Ttl(s)) => serde_json::json!(["ttl", s]),
+                Some(Expiry::At(at)) => serde_json::json!(["at", at]),
+            };
+            fields.extend([serde_json::json!(self.order_id), expiry]);
+        }
         Sha256::digest(canonical.to_string().as_bytes()).to_vec()
     }
 }
@@ -101,8 +145,18 @@ pub enum InvalidEvent {
     },
     #[error("event_id must be 1..={MAX_EVENT_ID_CHARS} characters, got {chars}")]
     InvalidEventId { chars: usize },
-    #[error("type `{0}` is not one of restock, sale, adjustment")]
+    #[error("type `{0}` is not one of restock, sale, adjustment, reserve, commit, release")]
     UnknownType(String),
+    #[error("order_id must be 1..={MAX_ORDER_ID_CHARS} characters, got {chars}")]
+    InvalidOrderId { chars: usize },
+    #[error("a {0} names its order only: it carries no lines")]
+    UnexpectedLines(&'static str),
+    #[error("ttl_seconds must be an integer 1..={MAX_TTL_SECONDS}")]
+    InvalidTtl,
+    #[error("expires_at `{0}` is not an RFC 3339 timestamp")]
+    InvalidExpiresAt(String),
+    #[error("give at most one of `ttl_seconds` and `expires_at`")]
+    AmbiguousExpiry,
     #[error("give either `sku` and `quantity` or `lines`, not both")]
     AmbiguousLines,
     #[error("`lines` must hold 1..={MAX_LINES} lines, got {count}")]
@@ -135,6 +189,11 @@ impl InvalidEvent {
             InvalidEvent::WrongType { .. } => "wrong_type",
             InvalidEvent::InvalidEventId { .. } => "invalid_event_id",
             InvalidEvent::UnknownType(_) => "unknown_type",
+            InvalidEvent::InvalidOrderId { .. } => "invalid_order_id",
+            InvalidEvent::UnexpectedLines(_) => "unexpected_lines",
+            InvalidEvent::InvalidTtl => "invalid_ttl",
+            InvalidEvent::InvalidExpiresAt(_) => "invalid_expires_at",
+            InvalidEvent::AmbiguousExpiry => "ambiguous_expiry",
             InvalidEvent::AmbiguousLines => "ambiguous_lines",
             InvalidEvent::LineCount { .. } => "invalid_line_count",
             InvalidEvent::InvalidSku { .. } => "invalid_sku",
@@ -169,9 +228,38 @@ pub fn decode(payload: Option<&[u8]>) -> Result<Event, InvalidEvent> {
         "restock" => EventKind::Restock,
         "sale" => EventKind::Sale,
         "adjustment" => EventKind::Adjustment,
+        "reserve" => EventKind::Reserve,
+        "commit" => EventKind::Commit,
+        "release" => EventKind::Release,
         other => return Err(InvalidEvent::UnknownType(truncate(other, 64))),
     };
-    let lines = decode_lines(object, kind)?;
+    // `order_id` belongs to the order steps; on a stock event it is an unknown field, ignored.
+    let order_id = if kind.is_order_step() {
+        let order_id = required_str(object, "order_id")?;
+        let chars = order_id.chars().count();
+        if chars == 0 || chars > MAX_ORDER_ID_CHARS {
+            return Err(InvalidEvent::InvalidOrderId { chars });
+        }
+        Some(order_id.to_owned())
+    } else {
+        None
+    };
+    let lines = match kind {
+        EventKind::Commit | EventKind::Release => {
+            if ["lines", "sku", "quantity"]
+                .iter()
+                .any(|f| object.get(*f).is_some_and(|v| !v.is_null()))
+            {
+                return Err(InvalidEvent::UnexpectedLines(kind.as_str()));
+            }
+            Vec::new()
+        }
+        _ => decode_lines(object, kind)?,
+    };
+    let expiry = match kind {
+        EventKind::Reserve => decode_expiry(object)?,
+        _ => None,
+    };
 
     let reason = optional_str(object, "reason")?;
     if let Some(reason) = reason {
@@ -194,7 +282,37 @@ pub fn decode(payload: Option<&[u8]>) -> Result<Event, InvalidEvent> {
         reason: reason.map(str::to_owned),
         occurred_at: occurred_at.map(str::to_owned),
         source: source.map(str::to_owned),
+        order_id,
+        expiry,
     })
+}
+
+/// A reserve's `ttl_seconds` or `expires_at`, at most one of them.
+fn decode_expiry(object: &Map<String, Value>) -> Result<Option<Expiry>, InvalidEvent> {
+    let ttl = match object.get("ttl_seconds") {
+        None | Some(Value::Null) => None,
+        Some(Value::Number(n)) => match n.as_i64() {
+            Some(s) if (1..=MAX_TTL_SECONDS).contains(&s) => Some(s),
+            _ => return Err(InvalidEvent::InvalidTtl),
+        },
+        Some(_) => {
+            return Err(InvalidEvent::WrongType {
+                field: "ttl_seconds",
+                expected: "an integer",
+            });
+        }
+    };
+    let at = optional_str(object, "expires_at")?;
+    if let Some(at) = at {
+        chrono::DateTime::parse_from_rfc3339(at)
+            .map_err(|_| InvalidEvent::InvalidExpiresAt(truncate(at, 64)))?;
+    }
+    match (ttl, at) {
+        (Some(_), Some(_)) => Err(InvalidEvent::AmbiguousExpiry),
+        (Some(s), None) => Ok(Some(Expiry::Ttl(s))),
+        (None, Some(at)) => Ok(Some(Expiry::At(at.to_owned()))),
+        (None, None) => Ok(None),
+    }
 }
 
 fn decode_lines(object: &Map<String, Value>, kind: EventKind) -> Result<Vec<Line>, InvalidEvent> {
@@ -276,8 +394,8 @@ fn validate_quantity(kind: EventKind, quantity: i64) -> Result<(), &'static str>
         return Err("must be within ±1000000000");
     }
     match kind {
-        EventKind::Restock | EventKind::Sale if quantity <= 0 => {
-            Err("must be > 0 for restock and sale")
+        EventKind::Restock | EventKind::Sale | EventKind::Reserve if quantity <= 0 => {
+            Err("must be > 0 for restock, sale and reserve")
         }
         EventKind::Adjustment if quantity == 0 => Err("must not be 0 for adjustment"),
         _ => Ok(()),
@@ -484,6 +602,80 @@ mod tests {
         );
         let big = vec![b' '; MAX_PAYLOAD_BYTES + 1];
         assert_eq!(decode(Some(&big)).unwrap_err().code(), "payload_too_large");
+    }
+
+    #[test]
+    fn decodes_the_order_steps_of_the_contract() {
+        let r = decode(Some(br#"{"event_id": "ord-7-r", "type": "reserve", "order_id": "ord-7",
+            "lines": [{"sku": "SKU-1", "quantity": 2}, {"sku": "SKU-9", "quantity": 1}], "ttl_seconds": 900}"#)).unwrap();
+        assert_eq!(r.kind, EventKind::Reserve);
+        assert_eq!(r.order_id.as_deref(), Some("ord-7"));
+        assert_eq!(r.expiry, Some(Expiry::Ttl(900)));
+        assert_eq!(r.lines.len(), 2);
+        let c = decode(Some(
+            br#"{"event_id": "ord-7-c", "type": "commit", "order_id": "ord-7"}"#,
+        ))
+        .unwrap();
+        assert_eq!((c.kind, c.lines.len()), (EventKind::Commit, 0));
+        let x = decode(Some(
+            br#"{"event_id": "ord-7-x", "type": "release", "order_id": "ord-7"}"#,
+        ))
+        .unwrap();
+        assert_eq!(x.kind, EventKind::Release);
+        let at = decode(Some(br#"{"event_id": "r", "type": "reserve", "order_id": "o", "sku": "A", "quantity": 1, "expires_at": "2026-12-01T14:15:00Z"}"#)).unwrap();
+        assert_eq!(at.expiry, Some(Expiry::At("2026-12-01T14:15:00Z".into())));
+        let default = decode(Some(
+            br#"{"event_id": "r", "type": "reserve", "order_id": "o", "sku": "A", "quantity": 1}"#,
+        ))
+        .unwrap();
+        assert_eq!(default.expiry, None, "reservations.default_ttl_s applies");
+        let sale = decode(Some(
+            br#"{"event_id": "s", "type": "sale", "order_id": "o", "sku": "A", "quantity": 1}"#,
+        ))
+        .unwrap();
+        assert_eq!(
+            sale.order_id, None,
+            "an order id on a stock event is an unknown field"
+        );
+
+        let long_order = "o".repeat(129);
+        let cases = [
+            (r#"{"event_id":"e","type":"commit"}"#.to_owned(), "missing_field"),
+            (r#"{"event_id":"e","type":"reserve","sku":"A","quantity":1}"#.to_owned(), "missing_field"),
+            (r#"{"event_id":"e","type":"commit","order_id":""}"#.to_owned(), "invalid_order_id"),
+            (format!(r#"{{"event_id":"e","type":"release","order_id":"{long_order}"}}"#), "invalid_order_id"),
+            (r#"{"event_id":"e","type":"commit","order_id":7}"#.to_owned(), "wrong_type"),
+            (r#"{"event_id":"e","type":"commit","order_id":"o","sku":"A","quantity":1}"#.to_owned(), "unexpected_lines"),
+            (r#"{"event_id":"e","type":"release","order_id":"o","lines":[]}"#.to_owned(), "unexpected_lines"),
+            (r#"{"event_id":"e","type":"reserve","order_id":"o"}"#.to_owned(), "missing_field"),
+            (r#"{"event_id":"e","type":"reserve","order_id":"o","sku":"A","quantity":0}"#.to_owned(), "invalid_quantity"),
+            (r#"{"event_id":"e","type":"reserve","order_id":"o","sku":"A","quantity":1,"ttl_seconds":0}"#.to_owned(), "invalid_ttl"),
+            (r#"{"event_id":"e","type":"reserve","order_id":"o","sku":"A","quantity":1,"ttl_seconds":604801}"#.to_owned(), "invalid_ttl"),
+            (r#"{"event_id":"e","type":"reserve","order_id":"o","sku":"A","quantity":1,"ttl_seconds":1.5}"#.to_owned(), "invalid_ttl"),
+            (r#"{"event_id":"e","type":"reserve","order_id":"o","sku":"A","quantity":1,"ttl_seconds":"9"}"#.to_owned(), "wrong_type"),
+            (r#"{"event_id":"e","type":"reserve","order_id":"o","sku":"A","quantity":1,"expires_at":"soon"}"#.to_owned(), "invalid_expires_at"),
+            (r#"{"event_id":"e","type":"reserve","order_id":"o","sku":"A","quantity":1,"ttl_seconds":5,"expires_at":"2026-12-01T14:15:00Z"}"#.to_owned(), "ambiguous_expiry"),
+            (r#"{"event_id":"e","type":"reserve","order_id":"o","sku":"A","quantity":1,"ttl_seconds":604800}"#.to_owned(), "ok"),
+        ];
+        for (json, expected) in cases {
+            assert_eq!(code(&json), expected, "for {json}");
+        }
+    }
+
+    #[test]
+    fn a_stock_events_digest_is_unchanged_by_the_order_fields() {
+        // Recorded before order steps existed: a re-send must still be a duplicate.
+        let sale = decode(Some(
+            br#"{"event_id":"e","type":"sale","sku":"A","quantity":1}"#,
+        ))
+        .unwrap();
+        let known = Sha256::digest(br#"["e","sale",[["A",1]],null,null,null]"#).to_vec();
+        assert_eq!(sale.digest(), known);
+        let r1 = decode(Some(br#"{"event_id":"r","type":"reserve","order_id":"o","sku":"A","quantity":1,"ttl_seconds":5}"#)).unwrap();
+        let r2 = decode(Some(br#"{"event_id":"r","type":"reserve","order_id":"o","sku":"A","quantity":1,"ttl_seconds":6}"#)).unwrap();
+        let r3 = decode(Some(br#"{"event_id":"r","type":"reserve","order_id":"p","sku":"A","quantity":1,"ttl_seconds":5}"#)).unwrap();
+        assert_ne!(r1.digest(), r2.digest(), "the expiry is meaning");
+        assert_ne!(r1.digest(), r3.digest(), "so is the order");
     }
 
     #[test]

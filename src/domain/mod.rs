@@ -6,12 +6,14 @@ pub mod batch;
 pub mod dead_letter_limit;
 pub mod event;
 pub mod lock_key;
+pub mod orders;
 pub mod recorded_lookup;
 pub mod rules;
 
 pub use batch::{Batch, BatchPlan, DeadLetter, Delivery, MAX_LINES_PER_BATCH, PlannedEvent};
 pub use dead_letter_limit::{DeadLetterLimit, LimitExceeded};
-pub use event::{Event, EventKind, InvalidEvent, Line, decode};
+pub use event::{Event, EventKind, Expiry, InvalidEvent, Line, decode};
 pub use lock_key::lock_key;
+pub use orders::{Clock, OrderBook, Reservation, ReservationStatus, apply_order_step, expire};
 pub use recorded_lookup::RecordedLookup;
-pub use rules::{Movement, Outcome, RejectReason, StockBook, apply_event};
+pub use rules::{Movement, Outcome, RejectReason, Stock, StockBook, apply_event};

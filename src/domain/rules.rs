@@ -1,8 +1,11 @@
-//! The inventory rules: what one valid event does to the stock of the SKUs it names.
+//! The inventory rules: what one valid stock event does to the stock of the SKUs it names.
+//! (The order steps, reserve, commit and release, are in [`super::orders`].)
 //!
 //! An event is all-or-nothing: every line is checked against a scratch copy of the stock, in
 //! line order, and only if every line holds is the scratch copy made real. Stock never goes
-//! below zero; a SKU that was never restocked cannot be sold or adjusted.
+//! below zero; a SKU that was never restocked cannot be sold or adjusted. Units reserved for
+//! an order are not for sale: a sale or a negative adjustment may take only the available
+//! stock, on hand minus reserved.
 
 use std::collections::HashMap;
 
@@ -16,6 +19,11 @@ pub enum RejectReason {
     UnknownSku,
     /// The stock would exceed what a 64-bit counter holds; never expected in practice.
     StockOverflow,
+    /// A reserve for an order that was reserved already, by another event.
+    OrderExists,
+    /// A commit or release of an order without an active reservation (none, already ended,
+    /// or, for a commit, past its expiry).
+    NoActiveReservation,
 }
 
 impl RejectReason {
@@ -24,6 +32,8 @@ impl RejectReason {
             RejectReason::InsufficientStock => "insufficient_stock",
             RejectReason::UnknownSku => "unknown_sku",
             RejectReason::StockOverflow => "stock_overflow",
+            RejectReason::OrderExists => "order_exists",
+            RejectReason::NoActiveReservation => "no_active_reservation",
         }
     }
 }
@@ -50,22 +60,47 @@ impl Outcome {
     }
 }
 
-/// One ledger row: the change of one line and the stock it left.
+/// One ledger row: the change of one line to the stock on hand and the reserved stock, and
+/// what each was left at.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Movement {
     pub sku: String,
     pub delta: i64,
     pub stock_after: i64,
+    pub reserved_delta: i64,
+    pub reserved_after: i64,
+}
+
+/// One SKU's stock: on hand (`current_stock`) and reserved for orders (`reserved_stock`),
+/// with `0 <= reserved <= on_hand`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stock {
+    pub on_hand: i64,
+    pub reserved: i64,
+}
+
+impl Stock {
+    pub fn on_hand(on_hand: i64) -> Self {
+        Stock {
+            on_hand,
+            reserved: 0,
+        }
+    }
+
+    /// What a sale, a negative adjustment or a reservation may take.
+    pub fn available(self) -> i64 {
+        self.on_hand - self.reserved
+    }
 }
 
 /// Current stock of the SKUs in play. A SKU that is absent has never been restocked.
-pub type StockBook = HashMap<String, i64>;
+pub type StockBook = HashMap<String, Stock>;
 
 /// Applies one event to `book`: on success the book holds the new stock and the movements are
 /// returned in line order; on rejection the book is left exactly as it was.
 pub fn apply_event(event: &Event, book: &mut StockBook) -> Result<Vec<Movement>, RejectReason> {
     // Only the lines' SKUs change, so a small overlay is cheaper than cloning the book.
-    let mut scratch: Vec<(&str, i64)> = Vec::with_capacity(event.lines.len());
+    let mut scratch: Vec<(&str, Stock)> = Vec::with_capacity(event.lines.len());
     let mut movements = Vec::with_capacity(event.lines.len());
     for line in &event.lines {
         let current = match scratch.iter().rev().find(|(sku, _)| *sku == line.sku) {
@@ -74,20 +109,29 @@ pub fn apply_event(event: &Event, book: &mut StockBook) -> Result<Vec<Movement>,
         };
         let current = match (current, event.kind) {
             (Some(stock), _) => stock,
-            (None, super::EventKind::Restock) => 0,
+            (None, super::EventKind::Restock) => Stock::default(),
             (None, _) => return Err(RejectReason::UnknownSku),
         };
+        let delta = event.kind.delta(line.quantity);
         let after = current
-            .checked_add(event.kind.delta(line.quantity))
+            .on_hand
+            .checked_add(delta)
             .ok_or(RejectReason::StockOverflow)?;
-        if after < 0 {
+        // Reserved units stay on hand: only what is above them may go.
+        if after < current.reserved {
             return Err(RejectReason::InsufficientStock);
         }
+        let after = Stock {
+            on_hand: after,
+            reserved: current.reserved,
+        };
         scratch.push((&line.sku, after));
         movements.push(Movement {
             sku: line.sku.clone(),
-            delta: event.kind.delta(line.quantity),
-            stock_after: after,
+            delta,
+            stock_after: after.on_hand,
+            reserved_delta: 0,
+            reserved_after: after.reserved,
         });
     }
     for (sku, stock) in scratch {
@@ -116,6 +160,8 @@ mod tests {
             reason: None,
             occurred_at: None,
             source: None,
+            order_id: None,
+            expiry: None,
         }
     }
 
@@ -128,11 +174,13 @@ mod tests {
             vec![Movement {
                 sku: "A".into(),
                 delta: 5,
-                stock_after: 5
+                stock_after: 5,
+                reserved_delta: 0,
+                reserved_after: 0,
             }]
         );
         apply_event(&event(EventKind::Sale, &[("A", 5)]), &mut book).unwrap();
-        assert_eq!(book["A"], 0);
+        assert_eq!(book["A"].on_hand, 0);
         assert_eq!(
             apply_event(&event(EventKind::Sale, &[("A", 1)]), &mut book),
             Err(RejectReason::InsufficientStock)
@@ -153,7 +201,10 @@ mod tests {
 
     #[test]
     fn multi_line_is_all_or_nothing_and_sees_its_own_lines() {
-        let mut book = StockBook::from([("A".to_owned(), 3), ("B".to_owned(), 1)]);
+        let mut book = StockBook::from([
+            ("A".to_owned(), Stock::on_hand(3)),
+            ("B".to_owned(), Stock::on_hand(1)),
+        ]);
         // The second line of A sees the first: 3 - 2 - 2 < 0.
         assert_eq!(
             apply_event(
@@ -162,8 +213,8 @@ mod tests {
             ),
             Err(RejectReason::InsufficientStock)
         );
-        assert_eq!(book["A"], 3);
-        assert_eq!(book["B"], 1);
+        assert_eq!(book["A"].on_hand, 3);
+        assert_eq!(book["B"].on_hand, 1);
         let m = apply_event(
             &event(EventKind::Sale, &[("A", 2), ("B", 1), ("A", 1)]),
             &mut book,
@@ -173,12 +224,39 @@ mod tests {
             m.iter().map(|m| m.stock_after).collect::<Vec<_>>(),
             [1, 0, 0]
         );
-        assert_eq!((book["A"], book["B"]), (0, 0));
+        assert_eq!((book["A"].on_hand, book["B"].on_hand), (0, 0));
+    }
+
+    #[test]
+    fn reserved_units_are_not_for_sale() {
+        let reserved = Stock {
+            on_hand: 5,
+            reserved: 3,
+        };
+        let mut book = StockBook::from([("A".to_owned(), reserved)]);
+        assert_eq!(
+            apply_event(&event(EventKind::Sale, &[("A", 3)]), &mut book),
+            Err(RejectReason::InsufficientStock)
+        );
+        assert_eq!(
+            apply_event(&event(EventKind::Adjustment, &[("A", -3)]), &mut book),
+            Err(RejectReason::InsufficientStock)
+        );
+        apply_event(&event(EventKind::Sale, &[("A", 2)]), &mut book).unwrap();
+        assert_eq!(
+            book["A"],
+            Stock {
+                on_hand: 3,
+                reserved: 3
+            }
+        );
+        apply_event(&event(EventKind::Restock, &[("A", 1)]), &mut book).unwrap();
+        assert_eq!(book["A"].available(), 1);
     }
 
     #[test]
     fn overflow_is_rejected_not_wrapped() {
-        let mut book = StockBook::from([("A".to_owned(), i64::MAX - 1)]);
+        let mut book = StockBook::from([("A".to_owned(), Stock::on_hand(i64::MAX - 1))]);
         assert_eq!(
             apply_event(&event(EventKind::Restock, &[("A", 2)]), &mut book),
             Err(RejectReason::StockOverflow)
@@ -209,6 +287,8 @@ mod tests {
             reason: None,
             occurred_at: None,
             source: None,
+            order_id: None,
+            expiry: None,
         })
     }
 
@@ -232,9 +312,11 @@ mod tests {
                     // All-or-nothing: a rejected event leaves every line untouched.
                     Err(_) => prop_assert_eq!(&before, &book),
                 }
-                prop_assert!(book.values().all(|s| *s >= 0));
+                prop_assert!(book.values().all(|s| s.on_hand >= 0 && s.reserved == 0));
             }
-            prop_assert_eq!(ledger, book);
+            let on_hand: HashMap<String, i64> =
+                book.into_iter().map(|(sku, s)| (sku, s.on_hand)).collect();
+            prop_assert_eq!(ledger, on_hand);
         }
     }
 }

@@ -28,7 +28,7 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{ToSql, Type};
 
 use crate::domain::batch::{BatchPlan, ProductChange};
-use crate::domain::{Batch, RecordedLookup, StockBook};
+use crate::domain::{Batch, RecordedLookup, Stock, StockBook};
 use crate::store::ownership::{FENCE, check_fence};
 use crate::store::{Failure, Pool};
 
@@ -208,7 +208,10 @@ async fn apply_once(
     }
     let mut stock = StockBook::with_capacity(stock_rows.len());
     for row in stock_rows {
-        stock.insert(row.try_get::<_, String>(0)?, row.try_get::<_, i64>(1)?);
+        stock.insert(
+            row.try_get::<_, String>(0)?,
+            Stock::on_hand(row.try_get::<_, i64>(1)?),
+        );
     }
 
     let plan = batch.plan(&recorded, stock);
