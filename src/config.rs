@@ -23,6 +23,7 @@ pub struct Settings {
     pub kafka: KafkaSettings,
     pub database: DatabaseSettings,
     pub processing: ProcessingSettings,
+    pub reservations: ReservationSettings,
     pub http: HttpSettings,
     pub log: LogSettings,
 }
@@ -94,6 +95,22 @@ pub struct ProcessingSettings {
     pub buffer_bytes: usize,
 }
 
+/// Order sagas (CONTRACT.md section 7).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReservationSettings {
+    /// The expiry of a reserve that gives neither `ttl_seconds` nor `expires_at`.
+    pub default_ttl_s: u64,
+    /// How often each replica releases the reservations whose expiry has passed.
+    pub sweep_interval_ms: u64,
+}
+
+impl ReservationSettings {
+    pub fn default_ttl(&self) -> Duration {
+        Duration::from_secs(self.default_ttl_s)
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HttpSettings {
@@ -160,6 +177,10 @@ impl Default for Settings {
                 retry_backoff_max_ms: 5_000,
                 retry_deadline_ms: 120_000,
                 buffer_bytes: 16 << 20,
+            },
+            reservations: ReservationSettings {
+                default_ttl_s: 900,
+                sweep_interval_ms: 1_000,
             },
             http: HttpSettings {
                 addr: "0.0.0.0:8080".into(),
@@ -382,6 +403,19 @@ impl Settings {
             return Err(ConfigError::key(
                 "processing.buffer_bytes",
                 format!("must be {MIN_BUFFER_BYTES}..={MAX_BUFFER_BYTES}"),
+            ));
+        }
+        let r = &self.reservations;
+        if !(1..=crate::domain::event::MAX_TTL_SECONDS as u64).contains(&r.default_ttl_s) {
+            return Err(ConfigError::key(
+                "reservations.default_ttl_s",
+                "must be 1..=604800 (a week)",
+            ));
+        }
+        if !(10..=3_600_000).contains(&r.sweep_interval_ms) {
+            return Err(ConfigError::key(
+                "reservations.sweep_interval_ms",
+                "must be 10..=3600000",
             ));
         }
         if p.commit_interval_ms == 0 || p.retry_backoff_max_ms == 0 || p.retry_deadline_ms == 0 {

@@ -461,6 +461,7 @@ impl Bench {
                 let source = Source {
                     group: "bench".into(),
                     topic: "bench".into(),
+                    reservation_ttl: Settings::default().reservations.default_ttl(),
                 };
                 let all: Vec<i32> = (0..batches.len() as i32).collect();
                 let claims = store::claim(&pool, &source, "bench", &all).await?;

@@ -173,6 +173,7 @@ async fn replica(
         source: store::Source {
             group: settings.kafka.group_id.clone(),
             topic: settings.kafka.topic.clone(),
+            reservation_ttl: settings.reservations.default_ttl(),
         },
         owner: crate::kafka::client::client_id(),
         pool,

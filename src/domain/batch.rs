@@ -5,8 +5,10 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
+use super::EventKind;
 use super::event::{Event, InvalidEvent, decode};
 use super::lock_key::lock_key;
+use super::orders::{Clock, OrderBook, ReservationStatus, apply_order_step};
 use super::rules::{Movement, Outcome, StockBook, apply_event};
 
 /// One Kafka message as the pipeline sees it: where it was and its raw bytes.
@@ -51,6 +53,25 @@ pub struct PlannedEvent<'a> {
     pub offset: i64,
     pub outcome: Outcome,
     pub digest: Vec<u8>,
+    /// Its lines; for a commit or release, those of its order's reservation (0 if none).
+    pub line_count: i32,
+}
+
+/// A reservation the batch makes.
+#[derive(Debug, PartialEq, Eq)]
+pub struct NewReservation {
+    pub order_id: String,
+    pub event_id: String,
+    pub expires_at: chrono::DateTime<chrono::Utc>,
+    pub lines: Vec<super::Line>,
+}
+
+/// A reservation the batch ends (commit or release), and by which event.
+#[derive(Debug, PartialEq, Eq)]
+pub struct EndedReservation {
+    pub order_id: String,
+    pub status: ReservationStatus,
+    pub by: String,
 }
 
 /// The net change of one product over the batch: one row update however hot the SKU.
@@ -58,6 +79,8 @@ pub struct PlannedEvent<'a> {
 pub struct ProductChange {
     pub sku: String,
     pub delta: i64,
+    /// The net change of `reserved_stock`.
+    pub reserved_delta: i64,
     /// How many movements the batch made; `products.version` grows by this much.
     pub changes: i64,
     /// The batch restocked a SKU that did not exist: insert it rather than update it.
@@ -74,6 +97,9 @@ pub struct BatchPlan<'a> {
     pub dead_letters: Vec<DeadLetter<'a>>,
     /// Deliveries of an event that was already recorded with the same digest.
     pub duplicates: u64,
+    /// Reservations made, in order; then those ended (possibly the same, later in the batch).
+    pub reservations: Vec<NewReservation>,
+    pub ended: Vec<EndedReservation>,
 }
 
 impl BatchPlan<'_> {
@@ -185,6 +211,15 @@ impl Batch {
         ids.into_iter().map(str::to_owned).collect()
     }
 
+    /// The orders the batch's commits, releases and reserves name, distinct.
+    pub fn order_ids(&self) -> Vec<String> {
+        let orders: HashSet<&str> = self
+            .events()
+            .filter_map(|e| e.order_id.as_deref())
+            .collect();
+        orders.into_iter().map(str::to_owned).collect()
+    }
+
     pub fn skus(&self) -> Vec<String> {
         let skus: HashSet<&str> = self
             .events()
@@ -195,17 +230,22 @@ impl Batch {
 
     /// Decides every delivery in offset order. `recorded` maps event ids already in
     /// `processed_events` to their digest; `stock` holds the current stock of the batch's SKUs
-    /// (absent: never restocked). Must be called with the batch's locks held.
+    /// and of its orders' reservations (absent: never restocked); `orders` the reservations of
+    /// the orders it names (absent: none); `clock` the database's time. Must be called with the
+    /// batch's locks held.
     pub fn plan<'a>(
         &'a self,
         recorded: &HashMap<String, Vec<u8>>,
         mut stock: StockBook,
+        mut orders: OrderBook,
+        clock: Clock,
     ) -> BatchPlan<'a> {
         let mut plan = BatchPlan::default();
         let existing: HashSet<String> = stock.keys().cloned().collect();
         // Ids decided earlier in this batch count as recorded for the deliveries after them.
         let mut seen: HashMap<&str, Vec<u8>> = HashMap::new();
-        let mut products: BTreeMap<String, (i64, i64)> = BTreeMap::new();
+        // Per SKU: stock delta, reserved delta, movements.
+        let mut products: BTreeMap<String, (i64, i64, i64)> = BTreeMap::new();
         for (delivery, decoded) in &self.items {
             let event = match decoded {
                 Ok(event) => event,
@@ -230,32 +270,62 @@ impl Batch {
                 }
                 None => {}
             }
-            let outcome = match apply_event(event, &mut stock) {
+            let order = event.order_id.as_deref();
+            let applied = if event.kind.is_order_step() {
+                apply_order_step(event, &mut stock, &mut orders, clock)
+            } else {
+                apply_event(event, &mut stock)
+            };
+            let outcome = match applied {
                 Ok(movements) => {
                     for m in movements {
                         let entry = products.entry(m.sku.clone()).or_default();
                         entry.0 += m.delta;
-                        entry.1 += 1;
+                        entry.1 += m.reserved_delta;
+                        entry.2 += 1;
                         plan.movements.push((&event.id, m));
+                    }
+                    if let Some(r) = order.and_then(|o| orders.get(o).map(|r| (o, r))) {
+                        match event.kind {
+                            EventKind::Reserve => plan.reservations.push(NewReservation {
+                                order_id: r.0.to_owned(),
+                                event_id: event.id.clone(),
+                                expires_at: r.1.expires_at,
+                                lines: r.1.lines.clone(),
+                            }),
+                            _ => plan.ended.push(EndedReservation {
+                                order_id: r.0.to_owned(),
+                                status: r.1.status,
+                                by: event.id.clone(),
+                            }),
+                        }
                     }
                     Outcome::Applied
                 }
                 Err(reason) => Outcome::Rejected(reason),
             };
+            let line_count = match event.kind {
+                EventKind::Commit | EventKind::Release => order
+                    .and_then(|o| orders.get(o))
+                    .map_or(0, |r| r.lines.len()),
+                _ => event.lines.len(),
+            } as i32;
             seen.insert(&event.id, digest.clone());
             plan.events.push(PlannedEvent {
                 event,
                 offset: delivery.offset,
                 outcome,
                 digest,
+                line_count,
             });
         }
         plan.products = products
             .into_iter()
-            .map(|(sku, (delta, changes))| ProductChange {
+            .map(|(sku, (delta, reserved_delta, changes))| ProductChange {
                 created: !existing.contains(&sku),
                 sku,
                 delta,
+                reserved_delta,
                 changes,
             })
             .collect();
@@ -313,7 +383,11 @@ mod tests {
         ))
         .unwrap();
         let recorded = HashMap::from([("old".to_owned(), old.digest())]);
-        let plan = b.plan(&recorded, StockBook::new());
+        let clock = Clock {
+            now: chrono::DateTime::UNIX_EPOCH,
+            default_ttl: chrono::TimeDelta::seconds(900),
+        };
+        let plan = b.plan(&recorded, StockBook::new(), OrderBook::new(), clock);
 
         let outcomes: Vec<_> = plan
             .events
@@ -346,6 +420,7 @@ mod tests {
             [ProductChange {
                 sku: "A".into(),
                 delta: 0,
+                reserved_delta: 0,
                 changes: 3,
                 created: true,
             }]

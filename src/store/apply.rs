@@ -23,20 +23,27 @@
 //! (`query_typed`), which needs no separate prepare round trip.
 
 use std::collections::HashMap;
+use std::time::Duration;
 
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{ToSql, Type};
 
 use crate::domain::batch::{BatchPlan, ProductChange};
-use crate::domain::{Batch, RecordedLookup, Stock, StockBook};
+use crate::domain::{
+    Batch, Clock, Line, OrderBook, RecordedLookup, Reservation, ReservationStatus, Stock,
+    StockBook, lock_key,
+};
 use crate::store::ownership::{FENCE, check_fence};
 use crate::store::{Failure, Pool};
 
 /// Where a batch comes from: its partition's offsets are recorded under this group and topic.
+/// And what its decisions need beyond the database: the expiry of a reserve that gives none.
 #[derive(Debug, Clone)]
 pub struct Source {
     pub group: String,
     pub topic: String,
+    /// `reservations.default_ttl_s`.
+    pub reservation_ttl: Duration,
 }
 
 /// Whether a batch takes its advisory locks and checks for recorded event ids. Always `On` in
@@ -62,7 +69,40 @@ const LOCK: &str = "SELECT pg_advisory_xact_lock(k) FROM unnest($1::bigint[]) AS
 const RECORDED: &str =
     "SELECT event_id, payload_digest FROM processed_events WHERE event_id = ANY($1::text[])";
 
-const STOCK: &str = "SELECT sku, current_stock FROM products WHERE sku = ANY($1::text[])";
+const STOCK: &str =
+    "SELECT sku, current_stock, reserved_stock FROM products WHERE sku = ANY($1::text[])";
+
+// Before the locks: the SKUs of the batch's orders' reservations, whose locks a commit or
+// release needs too. Lines never change once written; what they belong to is re-read under
+// the locks (below).
+const ORDER_SKUS: &str =
+    "SELECT DISTINCT sku FROM reservation_lines WHERE order_id = ANY($1::text[])";
+
+// Under the locks: the reservations of the batch's orders, row-locked against the sweeper.
+const RESERVATIONS: &str = "
+    SELECT r.order_id, r.event_id, r.status,
+           (extract(epoch FROM r.expires_at) * 1000)::bigint, l.sku, l.quantity
+    FROM reservations r JOIN reservation_lines l ON l.order_id = r.order_id
+    WHERE r.order_id = ANY($1::text[])
+    ORDER BY r.order_id, l.line
+    FOR UPDATE OF r";
+
+// The database's clock decides expiries, never a replica's.
+const NOW: &str = "SELECT (extract(epoch FROM now()) * 1000)::bigint";
+
+const INSERT_RESERVATIONS: &str = "
+    INSERT INTO reservations (order_id, event_id, status, expires_at)
+    SELECT o, e, 'active', to_timestamp(x / 1000.0)
+    FROM unnest($1::text[], $2::text[], $3::bigint[]) AS t(o, e, x)";
+
+const INSERT_RESERVATION_LINES: &str = "
+    INSERT INTO reservation_lines (order_id, line, sku, quantity)
+    SELECT * FROM unnest($1::text[], $2::int[], $3::text[], $4::bigint[])";
+
+const END_RESERVATIONS: &str = "
+    UPDATE reservations AS r SET status = t.s, ended_at = now(), ended_by = t.b
+    FROM unnest($1::text[], $2::text[], $3::text[]) AS t(o, s, b)
+    WHERE r.order_id = t.o";
 
 const INSERT_EVENTS: &str = "
     INSERT INTO processed_events
@@ -77,9 +117,10 @@ const INSERT_EVENTS: &str = "
 const UPDATE_PRODUCTS: &str = "
     UPDATE products AS p
     SET current_stock = p.current_stock + c.delta,
+        reserved_stock = p.reserved_stock + c.reserved,
         version = p.version + c.changes,
         updated_at = now()
-    FROM unnest($1::text[], $2::bigint[], $3::bigint[]) AS c(sku, delta, changes)
+    FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bigint[]) AS c(sku, delta, changes, reserved)
     WHERE p.sku = c.sku";
 
 // SKUs restocked for the first time.
@@ -88,8 +129,8 @@ const INSERT_PRODUCTS: &str = "
     SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[])";
 
 const INSERT_MOVEMENTS: &str = "
-    INSERT INTO stock_movements (event_id, sku, delta, stock_after)
-    SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[])";
+    INSERT INTO stock_movements (event_id, sku, delta, stock_after, reserved_delta, reserved_after)
+    SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::bigint[], $6::bigint[])";
 
 // Never moves back: a zombie's late batch cannot rewind a partition.
 const RECORD_OFFSET: &str = "
@@ -160,8 +201,18 @@ async fn apply_once(
     let mut conn = pool.get().await?;
     let tx = conn.transaction().await?;
 
+    let orders = batch.order_ids();
+    let orders_param = [(&orders as &(dyn ToSql + Sync), Type::TEXT_ARRAY)];
+    let mut skus = batch.skus();
+    if !orders.is_empty() {
+        for row in tx.query_typed(ORDER_SKUS, &orders_param).await? {
+            skus.push(row.try_get::<_, String>(0)?);
+        }
+        skus.sort_unstable();
+        skus.dedup();
+    }
     let keys = match guards {
-        Guards::On => batch.lock_keys(),
+        Guards::On => lock_keys(&skus),
         Guards::Off => Vec::new(),
     };
     let ids = if look_up {
@@ -169,7 +220,6 @@ async fn apply_once(
     } else {
         Vec::new()
     };
-    let skus = batch.skus();
     let ids_param = [(&ids as &(dyn ToSql + Sync), Type::TEXT_ARRAY)];
     let skus_param = [(&skus as &(dyn ToSql + Sync), Type::TEXT_ARRAY)];
     let keys_param = [(&keys as &(dyn ToSql + Sync), Type::INT8_ARRAY)];
@@ -189,12 +239,16 @@ async fn apply_once(
             .record(waiting.elapsed().as_secs_f64());
         locked
     };
-    let (owner, _, recorded_rows, stock_rows) = tokio::try_join!(
+    let (owner, _, recorded_rows, stock_rows, reservation_rows, now) = tokio::try_join!(
         biased;
         tx.query_typed_opt(FENCE, &fence_params),
         lock,
         unless_empty(ids.is_empty(), tx.query_typed(RECORDED, &ids_param)),
         tx.query_typed(STOCK, &skus_param),
+        unless_empty(orders.is_empty(), tx.query_typed(RESERVATIONS, &orders_param)),
+        unless_empty(orders.is_empty(), async {
+            tx.query_typed_one(NOW, &[]).await?.try_get::<_, i64>(0)
+        }),
     )?;
     check_fence(
         partition,
@@ -208,13 +262,30 @@ async fn apply_once(
     }
     let mut stock = StockBook::with_capacity(stock_rows.len());
     for row in stock_rows {
-        stock.insert(
-            row.try_get::<_, String>(0)?,
-            Stock::on_hand(row.try_get::<_, i64>(1)?),
-        );
+        let sku = row.try_get::<_, String>(0)?;
+        let (on_hand, reserved) = (row.try_get(1)?, row.try_get(2)?);
+        stock.insert(sku, Stock { on_hand, reserved });
     }
+    let reservations = read_reservations(&reservation_rows)?;
+    if let Some(sku) = reservations
+        .values()
+        .flat_map(|r| &r.lines)
+        .find(|l| skus.binary_search(&l.sku).is_err())
+    {
+        // A reservation of one of our orders was written between the read of its SKUs and the
+        // locks (its reserve came through another partition): take the locks again.
+        return Err(Failure::Transient(format!(
+            "a reservation changed during the batch (SKU {})",
+            sku.sku
+        )));
+    }
+    let clock = Clock {
+        now: chrono::DateTime::from_timestamp_millis(now).unwrap_or_default(),
+        default_ttl: chrono::TimeDelta::from_std(source.reservation_ttl)
+            .unwrap_or(chrono::TimeDelta::MAX),
+    };
 
-    let plan = batch.plan(&recorded, stock);
+    let plan = batch.plan(&recorded, stock, reservations, clock);
 
     // The writes are independent of each other's answers: all are sent before any is awaited
     // (one round trip). PostgreSQL runs them in the order sent, so products exist before the
@@ -223,6 +294,8 @@ async fn apply_once(
     let updated = ProductRows::of(&plan, false);
     let created = ProductRows::of(&plan, true);
     let movements = MovementRows::of(&plan);
+    let made = ReservationRows::of(&plan);
+    let ended = EndedRows::of(&plan);
     let dead = DeadLetterRows::of(&plan);
     let next_offset = last + 1;
     let event_params: [(&(dyn ToSql + Sync), Type); 9] = [
@@ -236,12 +309,30 @@ async fn apply_once(
         (&events.offsets, Type::INT8_ARRAY),
         (&events.digests, Type::BYTEA_ARRAY),
     ];
-    let (updated_params, created_params) = (updated.params(), created.params());
-    let movement_params: [(&(dyn ToSql + Sync), Type); 4] = [
+    let (updated_params, created_params) = (updated.update_params(), created.insert_params());
+    let movement_params: [(&(dyn ToSql + Sync), Type); 6] = [
         (&movements.event_ids, Type::TEXT_ARRAY),
         (&movements.skus, Type::TEXT_ARRAY),
         (&movements.deltas, Type::INT8_ARRAY),
         (&movements.after, Type::INT8_ARRAY),
+        (&movements.reserved_deltas, Type::INT8_ARRAY),
+        (&movements.reserved_after, Type::INT8_ARRAY),
+    ];
+    let reservation_params: [(&(dyn ToSql + Sync), Type); 3] = [
+        (&made.orders, Type::TEXT_ARRAY),
+        (&made.events, Type::TEXT_ARRAY),
+        (&made.expires_ms, Type::INT8_ARRAY),
+    ];
+    let line_params: [(&(dyn ToSql + Sync), Type); 4] = [
+        (&made.line_orders, Type::TEXT_ARRAY),
+        (&made.line_numbers, Type::INT4_ARRAY),
+        (&made.line_skus, Type::TEXT_ARRAY),
+        (&made.line_quantities, Type::INT8_ARRAY),
+    ];
+    let ended_params: [(&(dyn ToSql + Sync), Type); 3] = [
+        (&ended.orders, Type::TEXT_ARRAY),
+        (&ended.statuses, Type::TEXT_ARRAY),
+        (&ended.by, Type::TEXT_ARRAY),
     ];
     let dead_letter_params: [(&(dyn ToSql + Sync), Type); 7] = [
         (&topic, Type::TEXT),
@@ -277,12 +368,24 @@ async fn apply_once(
             tx.execute_typed(INSERT_MOVEMENTS, &movement_params)
         ),
         unless_empty(
+            made.orders.is_empty(),
+            tx.execute_typed(INSERT_RESERVATIONS, &reservation_params)
+        ),
+        unless_empty(
+            made.line_orders.is_empty(),
+            tx.execute_typed(INSERT_RESERVATION_LINES, &line_params)
+        ),
+        unless_empty(
+            ended.orders.is_empty(),
+            tx.execute_typed(END_RESERVATIONS, &ended_params)
+        ),
+        unless_empty(
             dead.offsets.is_empty(),
             tx.execute_typed(INSERT_DEAD_LETTERS, &dead_letter_params)
         ),
         tx.execute_typed(RECORD_OFFSET, &offset_params),
     );
-    let (_, updated_rows, created_rows, _, _, _) = match written {
+    let (_, updated_rows, created_rows, _, _, _, _, _, _) = match written {
         Err(e) if !look_up && inserts_a_recorded_id(&e) => return Ok(None),
         written => written?,
     };
@@ -345,7 +448,7 @@ impl<'a> EventRows<'a> {
             kinds: e.iter().map(|e| e.event.kind.as_str()).collect(),
             outcomes: e.iter().map(|e| e.outcome.as_str()).collect(),
             reasons: e.iter().map(|e| e.outcome.reason()).collect(),
-            lines: e.iter().map(|e| e.event.lines.len() as i32).collect(),
+            lines: e.iter().map(|e| e.line_count).collect(),
             offsets: e.iter().map(|e| e.offset).collect(),
             digests: e.iter().map(|e| e.digest.as_slice()).collect(),
         }
@@ -357,6 +460,7 @@ struct ProductRows<'a> {
     skus: Vec<&'a str>,
     deltas: Vec<i64>,
     changes: Vec<i64>,
+    reserved: Vec<i64>,
 }
 
 impl<'a> ProductRows<'a> {
@@ -370,14 +474,25 @@ impl<'a> ProductRows<'a> {
             skus: chosen.iter().map(|p| p.sku.as_str()).collect(),
             deltas: chosen.iter().map(|p| p.delta).collect(),
             changes: chosen.iter().map(|p| p.changes).collect(),
+            reserved: chosen.iter().map(|p| p.reserved_delta).collect(),
         }
     }
 
-    fn params(&self) -> [(&(dyn ToSql + Sync), Type); 3] {
+    /// For [`INSERT_PRODUCTS`]: a first restock reserves nothing.
+    fn insert_params(&self) -> [(&(dyn ToSql + Sync), Type); 3] {
         [
             (&self.skus, Type::TEXT_ARRAY),
             (&self.deltas, Type::INT8_ARRAY),
             (&self.changes, Type::INT8_ARRAY),
+        ]
+    }
+
+    fn update_params(&self) -> [(&(dyn ToSql + Sync), Type); 4] {
+        [
+            (&self.skus, Type::TEXT_ARRAY),
+            (&self.deltas, Type::INT8_ARRAY),
+            (&self.changes, Type::INT8_ARRAY),
+            (&self.reserved, Type::INT8_ARRAY),
         ]
     }
 }
@@ -388,6 +503,8 @@ struct MovementRows<'a> {
     skus: Vec<&'a str>,
     deltas: Vec<i64>,
     after: Vec<i64>,
+    reserved_deltas: Vec<i64>,
+    reserved_after: Vec<i64>,
 }
 
 impl<'a> MovementRows<'a> {
@@ -398,8 +515,103 @@ impl<'a> MovementRows<'a> {
             skus: m.iter().map(|(_, m)| m.sku.as_str()).collect(),
             deltas: m.iter().map(|(_, m)| m.delta).collect(),
             after: m.iter().map(|(_, m)| m.stock_after).collect(),
+            reserved_deltas: m.iter().map(|(_, m)| m.reserved_delta).collect(),
+            reserved_after: m.iter().map(|(_, m)| m.reserved_after).collect(),
         }
     }
+}
+
+/// The reservations the plan makes, and their lines.
+struct ReservationRows<'a> {
+    orders: Vec<&'a str>,
+    events: Vec<&'a str>,
+    expires_ms: Vec<i64>,
+    line_orders: Vec<&'a str>,
+    line_numbers: Vec<i32>,
+    line_skus: Vec<&'a str>,
+    line_quantities: Vec<i64>,
+}
+
+impl<'a> ReservationRows<'a> {
+    fn of(plan: &'a BatchPlan<'a>) -> Self {
+        let made = &plan.reservations;
+        let lines = || {
+            made.iter().flat_map(|r| {
+                r.lines
+                    .iter()
+                    .enumerate()
+                    .map(move |(i, l)| (r.order_id.as_str(), i as i32 + 1, l))
+            })
+        };
+        ReservationRows {
+            orders: made.iter().map(|r| r.order_id.as_str()).collect(),
+            events: made.iter().map(|r| r.event_id.as_str()).collect(),
+            expires_ms: made
+                .iter()
+                .map(|r| r.expires_at.timestamp_millis())
+                .collect(),
+            line_orders: lines().map(|(o, _, _)| o).collect(),
+            line_numbers: lines().map(|(_, n, _)| n).collect(),
+            line_skus: lines().map(|(_, _, l)| l.sku.as_str()).collect(),
+            line_quantities: lines().map(|(_, _, l)| l.quantity).collect(),
+        }
+    }
+}
+
+/// The reservations the plan ends.
+struct EndedRows<'a> {
+    orders: Vec<&'a str>,
+    statuses: Vec<&'static str>,
+    by: Vec<&'a str>,
+}
+
+impl<'a> EndedRows<'a> {
+    fn of(plan: &'a BatchPlan<'a>) -> Self {
+        let e = &plan.ended;
+        EndedRows {
+            orders: e.iter().map(|e| e.order_id.as_str()).collect(),
+            statuses: e.iter().map(|e| e.status.as_str()).collect(),
+            by: e.iter().map(|e| e.by.as_str()).collect(),
+        }
+    }
+}
+
+/// Advisory-lock keys of `skus`, ascending and distinct: taking them in this one global order
+/// is what keeps multi-SKU transactions from deadlocking.
+fn lock_keys(skus: &[String]) -> Vec<i64> {
+    let mut keys: Vec<i64> = skus.iter().map(|s| lock_key(s)).collect();
+    keys.sort_unstable();
+    keys.dedup();
+    keys
+}
+
+/// The reservations read under the locks, by order (lines in line order).
+fn read_reservations(rows: &[tokio_postgres::Row]) -> Result<OrderBook, Failure> {
+    let mut orders = OrderBook::new();
+    for row in rows {
+        let order_id: String = row.try_get(0)?;
+        let status = match row.try_get::<_, &str>(2)? {
+            "active" => ReservationStatus::Active,
+            "committed" => ReservationStatus::Committed,
+            "released" => ReservationStatus::Released,
+            "expired" => ReservationStatus::Expired,
+            other => return Err(Failure::Fatal(format!("reservation status `{other}`"))),
+        };
+        let reservation = orders.entry(order_id).or_insert_with(|| Reservation {
+            event_id: String::new(),
+            lines: Vec::new(),
+            status,
+            expires_at: chrono::DateTime::UNIX_EPOCH,
+        });
+        reservation.event_id = row.try_get(1)?;
+        reservation.expires_at =
+            chrono::DateTime::from_timestamp_millis(row.try_get(3)?).unwrap_or_default();
+        reservation.lines.push(Line {
+            sku: row.try_get(4)?,
+            quantity: row.try_get(5)?,
+        });
+    }
+    Ok(orders)
 }
 
 /// The plan's dead letters.

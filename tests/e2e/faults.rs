@@ -389,6 +389,7 @@ async fn migrated_store() -> (TestDb, store::Pool, Source) {
     let source = Source {
         group: "g".into(),
         topic: "t".into(),
+        reservation_ttl: Duration::from_secs(900),
     };
     (db, pool, source)
 }
