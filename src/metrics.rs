@@ -23,6 +23,7 @@ pub const FLOW_PAUSES: &str = "inventory_partition_flow_pauses_total";
 pub const FENCED: &str = "inventory_fenced_batches_total";
 pub const REWOUND: &str = "inventory_rewound_deliveries_total";
 pub const RECHECKS: &str = "inventory_recorded_id_rechecks_total";
+pub const EXPIRED: &str = "inventory_reservations_expired_total";
 
 /// Produce-to-commit latency buckets, 1-2-5 steps from 1 ms to 5 min: fine enough for the
 /// benchmark's percentiles (interpolated within a bucket) and for alerting.
@@ -122,6 +123,10 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
     describe_counter!(
         REWOUND,
         "Deliveries the client handed over again within one ownership of a partition, dropped."
+    );
+    describe_counter!(
+        EXPIRED,
+        "Reservations released by the service because their expiry passed."
     );
     describe_counter!(
         RECHECKS,

@@ -167,6 +167,13 @@ async fn replica(
         background.stop.clone(),
     )));
 
+    background.push(tokio::spawn(store::expiry::sweep_until(
+        pool.clone(),
+        settings.kafka.topic.clone(),
+        Duration::from_millis(settings.reservations.sweep_interval_ms),
+        background.stop.clone(),
+    )));
+
     let (fatal_tx, mut fatal_rx) = mpsc::unbounded_channel();
     let (halts_tx, halts_rx) = mpsc::unbounded_channel();
     let ctx = WorkerContext {

@@ -64,12 +64,12 @@ pub struct BatchOutcome {
 }
 
 // Array order is scan order in a function scan, so the locks are taken in the order given.
-const LOCK: &str = "SELECT pg_advisory_xact_lock(k) FROM unnest($1::bigint[]) AS t(k)";
+pub(super) const LOCK: &str = "SELECT pg_advisory_xact_lock(k) FROM unnest($1::bigint[]) AS t(k)";
 
 const RECORDED: &str =
     "SELECT event_id, payload_digest FROM processed_events WHERE event_id = ANY($1::text[])";
 
-const STOCK: &str =
+pub(super) const STOCK: &str =
     "SELECT sku, current_stock, reserved_stock FROM products WHERE sku = ANY($1::text[])";
 
 // Before the locks: the SKUs of the batch's orders' reservations, whose locks a commit or
@@ -79,7 +79,7 @@ const ORDER_SKUS: &str =
     "SELECT DISTINCT sku FROM reservation_lines WHERE order_id = ANY($1::text[])";
 
 // Under the locks: the reservations of the batch's orders, row-locked against the sweeper.
-const RESERVATIONS: &str = "
+pub(super) const RESERVATIONS: &str = "
     SELECT r.order_id, r.event_id, r.status,
            (extract(epoch FROM r.expires_at) * 1000)::bigint, l.sku, l.quantity
     FROM reservations r JOIN reservation_lines l ON l.order_id = r.order_id
@@ -88,7 +88,7 @@ const RESERVATIONS: &str = "
     FOR UPDATE OF r";
 
 // The database's clock decides expiries, never a replica's.
-const NOW: &str = "SELECT (extract(epoch FROM now()) * 1000)::bigint";
+pub(super) const NOW: &str = "SELECT (extract(epoch FROM now()) * 1000)::bigint";
 
 const INSERT_RESERVATIONS: &str = "
     INSERT INTO reservations (order_id, event_id, status, expires_at)
@@ -99,12 +99,12 @@ const INSERT_RESERVATION_LINES: &str = "
     INSERT INTO reservation_lines (order_id, line, sku, quantity)
     SELECT * FROM unnest($1::text[], $2::int[], $3::text[], $4::bigint[])";
 
-const END_RESERVATIONS: &str = "
+pub(super) const END_RESERVATIONS: &str = "
     UPDATE reservations AS r SET status = t.s, ended_at = now(), ended_by = t.b
     FROM unnest($1::text[], $2::text[], $3::text[]) AS t(o, s, b)
     WHERE r.order_id = t.o";
 
-const INSERT_EVENTS: &str = "
+pub(super) const INSERT_EVENTS: &str = "
     INSERT INTO processed_events
         (event_id, event_type, outcome, reason, line_count, topic, partition, \"offset\", payload_digest)
     SELECT e.id, e.kind, e.outcome, e.reason, e.lines, $1, $2, e.off, e.digest
@@ -114,7 +114,7 @@ const INSERT_EVENTS: &str = "
 // Existing SKUs change by increment, never by a value computed here, so even a writer that
 // bypassed the locks could not be overwritten. (Not an upsert: PostgreSQL checks the CHECK
 // constraint on the proposed insert row first, which a net sale would fail.)
-const UPDATE_PRODUCTS: &str = "
+pub(super) const UPDATE_PRODUCTS: &str = "
     UPDATE products AS p
     SET current_stock = p.current_stock + c.delta,
         reserved_stock = p.reserved_stock + c.reserved,
@@ -125,10 +125,10 @@ const UPDATE_PRODUCTS: &str = "
 
 // SKUs restocked for the first time.
 const INSERT_PRODUCTS: &str = "
-    INSERT INTO products (sku, current_stock, version)
-    SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[])";
+    INSERT INTO products (sku, current_stock, version, reserved_stock)
+    SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bigint[])";
 
-const INSERT_MOVEMENTS: &str = "
+pub(super) const INSERT_MOVEMENTS: &str = "
     INSERT INTO stock_movements (event_id, sku, delta, stock_after, reserved_delta, reserved_after)
     SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::bigint[], $6::bigint[])";
 
@@ -309,7 +309,7 @@ async fn apply_once(
         (&events.offsets, Type::INT8_ARRAY),
         (&events.digests, Type::BYTEA_ARRAY),
     ];
-    let (updated_params, created_params) = (updated.update_params(), created.insert_params());
+    let (updated_params, created_params) = (updated.params(), created.params());
     let movement_params: [(&(dyn ToSql + Sync), Type); 6] = [
         (&movements.event_ids, Type::TEXT_ARRAY),
         (&movements.skus, Type::TEXT_ARRAY),
@@ -418,7 +418,7 @@ fn inserts_a_recorded_id(e: &tokio_postgres::Error) -> bool {
 }
 
 /// Runs `statement` unless there is nothing to do (then its default, and no round trip).
-async fn unless_empty<T: Default>(
+pub(super) async fn unless_empty<T: Default>(
     empty: bool,
     statement: impl std::future::Future<Output = Result<T, tokio_postgres::Error>>,
 ) -> Result<T, tokio_postgres::Error> {
@@ -478,16 +478,9 @@ impl<'a> ProductRows<'a> {
         }
     }
 
-    /// For [`INSERT_PRODUCTS`]: a first restock reserves nothing.
-    fn insert_params(&self) -> [(&(dyn ToSql + Sync), Type); 3] {
-        [
-            (&self.skus, Type::TEXT_ARRAY),
-            (&self.deltas, Type::INT8_ARRAY),
-            (&self.changes, Type::INT8_ARRAY),
-        ]
-    }
-
-    fn update_params(&self) -> [(&(dyn ToSql + Sync), Type); 4] {
+    /// For [`INSERT_PRODUCTS`] and [`UPDATE_PRODUCTS`] alike (a SKU first restocked may be
+    /// reserved in the same batch).
+    fn params(&self) -> [(&(dyn ToSql + Sync), Type); 4] {
         [
             (&self.skus, Type::TEXT_ARRAY),
             (&self.deltas, Type::INT8_ARRAY),
@@ -578,7 +571,7 @@ impl<'a> EndedRows<'a> {
 
 /// Advisory-lock keys of `skus`, ascending and distinct: taking them in this one global order
 /// is what keeps multi-SKU transactions from deadlocking.
-fn lock_keys(skus: &[String]) -> Vec<i64> {
+pub(super) fn lock_keys(skus: &[String]) -> Vec<i64> {
     let mut keys: Vec<i64> = skus.iter().map(|s| lock_key(s)).collect();
     keys.sort_unstable();
     keys.dedup();
@@ -586,7 +579,7 @@ fn lock_keys(skus: &[String]) -> Vec<i64> {
 }
 
 /// The reservations read under the locks, by order (lines in line order).
-fn read_reservations(rows: &[tokio_postgres::Row]) -> Result<OrderBook, Failure> {
+pub(super) fn read_reservations(rows: &[tokio_postgres::Row]) -> Result<OrderBook, Failure> {
     let mut orders = OrderBook::new();
     for row in rows {
         let order_id: String = row.try_get(0)?;

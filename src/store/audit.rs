@@ -59,7 +59,9 @@ impl AuditReport {
 }
 
 const MOVEMENT_TOTALS: &str = "
-    SELECT sku, sum(delta)::bigint AS total, count(*) AS changes FROM stock_movements GROUP BY sku";
+    SELECT sku, sum(delta)::bigint AS total, sum(reserved_delta)::bigint AS reserved,
+           count(*) AS changes
+    FROM stock_movements GROUP BY sku";
 
 /// Runs every check; `expected` adds the comparison with an oracle.
 pub async fn audit(db: &Client, expected: Option<&Expectation>) -> Result<AuditReport, Failure> {
@@ -83,6 +85,27 @@ pub async fn audit(db: &Client, expected: Option<&Expectation>) -> Result<AuditR
     .await?;
     r.none_of(
         db,
+        "ledger equals reserved stock",
+        "products whose reserved stock differs from the sum of their movements",
+        &format!(
+            "SELECT count(*) FROM products p LEFT JOIN ({MOVEMENT_TOTALS}) m USING (sku)
+             WHERE p.reserved_stock <> coalesce(m.reserved, 0)"
+        ),
+    )
+    .await?;
+    r.none_of(
+        db,
+        "reserved equals active reservations",
+        "products whose reserved stock differs from the lines of their active reservations, or exceeds their stock",
+        "SELECT count(*) FROM products p
+         LEFT JOIN (SELECT l.sku, sum(l.quantity)::bigint AS units
+                    FROM reservations r JOIN reservation_lines l USING (order_id)
+                    WHERE r.status = 'active' GROUP BY l.sku) a USING (sku)
+         WHERE p.reserved_stock <> coalesce(a.units, 0) OR p.reserved_stock > p.current_stock",
+    )
+    .await?;
+    r.none_of(
+        db,
         "version counts changes",
         "products whose version differs from their number of movements",
         &format!(
@@ -96,9 +119,12 @@ pub async fn audit(db: &Client, expected: Option<&Expectation>) -> Result<AuditR
         "running balance",
         "movements whose stock_after is not the running sum of their SKU's ledger",
         "SELECT count(*) FROM (
-             SELECT stock_after, sum(delta) OVER (PARTITION BY sku ORDER BY id) AS running
+             SELECT stock_after, reserved_after,
+                    sum(delta) OVER (PARTITION BY sku ORDER BY id) AS running,
+                    sum(reserved_delta) OVER (PARTITION BY sku ORDER BY id) AS reserved
              FROM stock_movements) m
-         WHERE stock_after <> running OR running < 0",
+         WHERE stock_after <> running OR running < 0
+            OR reserved_after <> reserved OR reserved < 0 OR reserved > running",
     )
     .await?;
     r.none_of(
@@ -109,7 +135,20 @@ pub async fn audit(db: &Client, expected: Option<&Expectation>) -> Result<AuditR
          LEFT JOIN (SELECT event_id, count(*) AS n FROM stock_movements GROUP BY event_id) m USING (event_id)
          WHERE (e.outcome = 'applied' AND coalesce(m.n, 0) <> e.line_count)
             OR (e.outcome = 'rejected' AND coalesce(m.n, 0) <> 0)
-            OR (e.outcome = 'rejected' AND e.reason NOT IN ('insufficient_stock', 'unknown_sku', 'stock_overflow'))",
+            OR (e.outcome = 'rejected' AND e.reason NOT IN ('insufficient_stock', 'unknown_sku',
+                'stock_overflow', 'order_exists', 'no_active_reservation'))",
+    )
+    .await?;
+    r.none_of(
+        db,
+        "each reservation ended once",
+        "reservations whose status does not match the event that ended them",
+        "SELECT count(*) FROM reservations r
+         LEFT JOIN processed_events e ON e.event_id = r.ended_by
+         WHERE (r.status = 'active') <> (r.ended_by IS NULL)
+            OR (r.status = 'committed' AND e.event_type IS DISTINCT FROM 'commit')
+            OR (r.status = 'released' AND e.event_type IS DISTINCT FROM 'release')
+            OR (r.status = 'expired' AND e.event_type IS DISTINCT FROM 'expire')",
     )
     .await?;
     if let Some(expected) = expected {

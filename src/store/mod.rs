@@ -1,7 +1,9 @@
-//! PostgreSQL: the connection pool, the migrations, the batch transaction and the audit.
+//! PostgreSQL: the connection pool, the migrations, the batch transaction, the expiry of
+//! reservations and the audit.
 
 pub mod apply;
 pub mod audit;
+pub mod expiry;
 pub mod failure;
 pub mod migrate;
 pub mod ownership;

@@ -7,6 +7,7 @@ mod group;
 mod kafka_security;
 mod operations;
 mod oracle;
+mod reservations;
 mod stall;
 mod support;
 mod tls;

@@ -1,0 +1,183 @@
+//! Expiry of reservations (CONTRACT.md section 7): every replica sweeps, every
+//! `reservations.sweep_interval_ms`, for active reservations whose expiry has passed by the
+//! database's clock, and releases them as the event `expire:<order_id>` (outcome `expired` of
+//! that order): its ledger rows, the reserved stock given back, the reservation ended.
+//!
+//! Replicas sweep at once without doing anything twice: a sweep takes the advisory locks of the
+//! due reservations' SKUs, in the same global order as every batch, then re-reads them under
+//! row locks and expires only those still active and due; a reservation another replica (or a
+//! commit, or a release) ended meanwhile is skipped. The `expire:` event id is recorded once
+//! per order, like any event.
+
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+use tokio_postgres::types::{ToSql, Type};
+use tokio_util::sync::CancellationToken;
+
+use crate::domain::{Movement, ReservationStatus, Stock, StockBook, expire};
+use crate::store::apply::{
+    END_RESERVATIONS, INSERT_EVENTS, INSERT_MOVEMENTS, LOCK, NOW, RESERVATIONS, STOCK,
+    UPDATE_PRODUCTS, lock_keys, read_reservations, unless_empty,
+};
+use crate::store::{Failure, Pool};
+
+/// Most reservations one sweep expires (one transaction); the next sweep takes the rest.
+const SWEEP_LIMIT: i64 = 500;
+
+const DUE: &str = "
+    SELECT order_id FROM reservations
+    WHERE status = 'active' AND expires_at <= now()
+    ORDER BY expires_at, order_id
+    LIMIT $1";
+
+const DUE_SKUS: &str =
+    "SELECT DISTINCT sku FROM reservation_lines WHERE order_id = ANY($1::text[]) ORDER BY sku";
+
+/// The event id an order's expiry is recorded (and replied) under.
+pub fn expiry_event_id(order_id: &str) -> String {
+    format!("expire:{order_id}")
+}
+
+/// Sweeps until `stop`: a failed sweep (database away) is logged and tried again next time.
+pub async fn sweep_until(pool: Pool, topic: String, every: Duration, stop: CancellationToken) {
+    let mut ticks = tokio::time::interval(every);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = ticks.tick() => {}
+        }
+        match sweep(&pool, &topic).await {
+            Ok(0) => {}
+            Ok(expired) => tracing::info!(expired, "reservations expired"),
+            Err(e) => tracing::warn!(error = %e, "expiry sweep failed; trying again"),
+        }
+    }
+}
+
+/// One sweep, one transaction; returns how many reservations it expired.
+pub async fn sweep(pool: &Pool, topic: &str) -> Result<usize, Failure> {
+    let mut conn = pool.get().await?;
+    let tx = conn.transaction().await?;
+    let due: Vec<String> = tx
+        .query_typed(DUE, &[(&SWEEP_LIMIT, Type::INT8)])
+        .await?
+        .iter()
+        .map(|row| row.try_get(0))
+        .collect::<Result<_, _>>()?;
+    if due.is_empty() {
+        return Ok(0);
+    }
+    let orders_param = [(&due as &(dyn ToSql + Sync), Type::TEXT_ARRAY)];
+    let skus: Vec<String> = tx
+        .query_typed(DUE_SKUS, &orders_param)
+        .await?
+        .iter()
+        .map(|row| row.try_get(0))
+        .collect::<Result<_, _>>()?;
+    let keys = lock_keys(&skus);
+    let keys_param = [(&keys as &(dyn ToSql + Sync), Type::INT8_ARRAY)];
+    let skus_param = [(&skus as &(dyn ToSql + Sync), Type::TEXT_ARRAY)];
+    let (_, stock_rows, reservation_rows, now) = tokio::try_join!(
+        biased;
+        tx.execute_typed(LOCK, &keys_param),
+        tx.query_typed(STOCK, &skus_param),
+        tx.query_typed(RESERVATIONS, &orders_param),
+        async { tx.query_typed_one(NOW, &[]).await?.try_get::<_, i64>(0) },
+    )?;
+    let mut stock = StockBook::with_capacity(stock_rows.len());
+    for row in stock_rows {
+        let sku: String = row.try_get(0)?;
+        let (on_hand, reserved) = (row.try_get(1)?, row.try_get(2)?);
+        stock.insert(sku, Stock { on_hand, reserved });
+    }
+    let mut orders = read_reservations(&reservation_rows)?;
+    let now = chrono::DateTime::from_timestamp_millis(now).unwrap_or_default();
+
+    // (order, its expiry's event id, movements)
+    let mut expired: Vec<(&str, String, Vec<Movement>)> = Vec::new();
+    for order_id in &due {
+        // Skips what was ended meanwhile, or is not due after all under the locks.
+        if let Some(movements) = expire(order_id, &mut stock, &mut orders, now) {
+            expired.push((order_id, expiry_event_id(order_id), movements));
+        }
+    }
+    if expired.is_empty() {
+        return Ok(0);
+    }
+    let ids: Vec<&str> = expired.iter().map(|(_, id, _)| id.as_str()).collect();
+    let kinds = vec!["expire"; ids.len()];
+    let outcomes = vec!["applied"; ids.len()];
+    let reasons: Vec<Option<&str>> = vec![None; ids.len()];
+    let lines: Vec<i32> = expired.iter().map(|(_, _, m)| m.len() as i32).collect();
+    let offsets: Vec<Option<i64>> = vec![None; ids.len()];
+    let digests: Vec<Vec<u8>> = ids
+        .iter()
+        .map(|id| Sha256::digest(id.as_bytes()).to_vec())
+        .collect();
+    let partition: Option<i32> = None;
+    let event_params: [(&(dyn ToSql + Sync), Type); 9] = [
+        (&topic, Type::TEXT),
+        (&partition, Type::INT4),
+        (&ids, Type::TEXT_ARRAY),
+        (&kinds, Type::TEXT_ARRAY),
+        (&outcomes, Type::TEXT_ARRAY),
+        (&reasons, Type::TEXT_ARRAY),
+        (&lines, Type::INT4_ARRAY),
+        (&offsets, Type::INT8_ARRAY),
+        (&digests, Type::BYTEA_ARRAY),
+    ];
+    let movements: Vec<(&str, &Movement)> = expired
+        .iter()
+        .flat_map(|(_, id, ms)| ms.iter().map(move |m| (id.as_str(), m)))
+        .collect();
+    let m_ids: Vec<&str> = movements.iter().map(|(id, _)| *id).collect();
+    let m_skus: Vec<&str> = movements.iter().map(|(_, m)| m.sku.as_str()).collect();
+    let m_deltas: Vec<i64> = movements.iter().map(|(_, m)| m.delta).collect();
+    let m_after: Vec<i64> = movements.iter().map(|(_, m)| m.stock_after).collect();
+    let m_reserved: Vec<i64> = movements.iter().map(|(_, m)| m.reserved_delta).collect();
+    let m_reserved_after: Vec<i64> = movements.iter().map(|(_, m)| m.reserved_after).collect();
+    let movement_params: [(&(dyn ToSql + Sync), Type); 6] = [
+        (&m_ids, Type::TEXT_ARRAY),
+        (&m_skus, Type::TEXT_ARRAY),
+        (&m_deltas, Type::INT8_ARRAY),
+        (&m_after, Type::INT8_ARRAY),
+        (&m_reserved, Type::INT8_ARRAY),
+        (&m_reserved_after, Type::INT8_ARRAY),
+    ];
+    // Net per product: one row update however many expiries touch it.
+    let mut products: std::collections::BTreeMap<&str, (i64, i64)> = Default::default();
+    for (_, m) in &movements {
+        let entry = products.entry(m.sku.as_str()).or_default();
+        entry.0 += m.reserved_delta;
+        entry.1 += 1;
+    }
+    let p_skus: Vec<&str> = products.keys().copied().collect();
+    let p_deltas = vec![0i64; p_skus.len()];
+    let p_changes: Vec<i64> = products.values().map(|(_, n)| *n).collect();
+    let p_reserved: Vec<i64> = products.values().map(|(r, _)| *r).collect();
+    let product_params: [(&(dyn ToSql + Sync), Type); 4] = [
+        (&p_skus, Type::TEXT_ARRAY),
+        (&p_deltas, Type::INT8_ARRAY),
+        (&p_changes, Type::INT8_ARRAY),
+        (&p_reserved, Type::INT8_ARRAY),
+    ];
+    let e_orders: Vec<&str> = expired.iter().map(|(order, _, _)| *order).collect();
+    let e_status = vec![ReservationStatus::Expired.as_str(); ids.len()];
+    let ended_params: [(&(dyn ToSql + Sync), Type); 3] = [
+        (&e_orders, Type::TEXT_ARRAY),
+        (&e_status, Type::TEXT_ARRAY),
+        (&ids, Type::TEXT_ARRAY),
+    ];
+    tokio::try_join!(
+        biased;
+        tx.execute_typed(INSERT_EVENTS, &event_params),
+        tx.execute_typed(UPDATE_PRODUCTS, &product_params),
+        unless_empty(m_ids.is_empty(), tx.execute_typed(INSERT_MOVEMENTS, &movement_params)),
+        tx.execute_typed(END_RESERVATIONS, &ended_params),
+    )?;
+    tx.commit().await?;
+    metrics::counter!(crate::metrics::EXPIRED).increment(expired.len() as u64);
+    Ok(expired.len())
+}

@@ -1,0 +1,214 @@
+//! Order sagas (CONTRACT.md section 7) through real replicas: reservations compete for stock
+//! across partitions and replicas, commits and releases settle them, expiries release them on
+//! their own; the audit behind `verify` checks the reserved stock against the reservations and
+//! the ledger.
+
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::support::{Replica, TestEnv, send, terminate_all, wait_until};
+
+const SETTLE: Duration = Duration::from_secs(120);
+const EXIT: Duration = Duration::from_secs(30);
+const PARTITIONS: i32 = 12;
+
+/// Sends events, each to the partition of its index (keyed by its order, or SKU).
+fn send_events(env: &TestEnv, events: &[(i32, String, serde_json::Value)]) {
+    send(
+        &env.broker.bootstrap,
+        events
+            .iter()
+            .map(|(p, key, e)| (*p, key.clone(), e.to_string().into_bytes())),
+    );
+}
+
+async fn wait_for_events(env: &TestEnv, count: i64) {
+    wait_until(&format!("{count} events decided"), SETTLE, || async {
+        env.db.scalar("SELECT count(*) FROM processed_events").await >= count
+    })
+    .await;
+}
+
+async fn outcomes(env: &TestEnv, kind: &str, outcome: &str, reason: &str) -> i64 {
+    env.db
+        .scalar(&format!(
+            "SELECT count(*) FROM processed_events WHERE event_type = '{kind}'
+             AND outcome = '{outcome}' AND coalesce(reason, '') = '{reason}'"
+        ))
+        .await
+}
+
+async fn stock_of(env: &TestEnv, sku: &str) -> (i64, i64) {
+    let client = env.db.client().await;
+    let row = client
+        .query_one(
+            "SELECT current_stock, reserved_stock FROM products WHERE sku = $1",
+            &[&sku],
+        )
+        .await
+        .expect("the product");
+    (row.get(0), row.get(1))
+}
+
+fn three_replicas(env: &TestEnv) -> Vec<Replica> {
+    ["r1", "r2", "r3"]
+        .iter()
+        .map(|name| env.replica(name, &[]))
+        .collect()
+}
+
+/// 1,000 orders of one unit each for a SKU with 100 in stock, over 12 partitions and 3
+/// replicas: exactly 100 reservations are applied and 900 rejected `insufficient_stock`; a sale
+/// of the SKU meanwhile is rejected (every unit is reserved); 60 commits and 40 releases leave
+/// 40 in stock, none reserved; the audit holds.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_thousand_orders_compete_for_a_hundred_units() {
+    let env = TestEnv::new(PARTITIONS).await;
+    let mut replicas = three_replicas(&env);
+    send_events(
+        &env,
+        &[(
+            0,
+            "HOT".into(),
+            json!({"event_id": "hot-restock", "type": "restock", "sku": "HOT", "quantity": 100}),
+        )],
+    );
+    wait_for_events(&env, 1).await;
+
+    let reserves: Vec<(i32, String, serde_json::Value)> = (0..1000)
+        .map(|i| {
+            let order = format!("order-{i:04}");
+            let event = json!({"event_id": format!("{order}-r"), "type": "reserve",
+                "order_id": order, "sku": "HOT", "quantity": 1, "ttl_seconds": 3600});
+            (i % PARTITIONS, order, event)
+        })
+        .collect();
+    send_events(&env, &reserves);
+    wait_for_events(&env, 1001).await;
+    assert_eq!(outcomes(&env, "reserve", "applied", "").await, 100);
+    assert_eq!(
+        outcomes(&env, "reserve", "rejected", "insufficient_stock").await,
+        900
+    );
+    assert_eq!(stock_of(&env, "HOT").await, (100, 100));
+
+    send_events(
+        &env,
+        &[(
+            0,
+            "HOT".into(),
+            json!({"event_id": "hot-sale", "type": "sale", "sku": "HOT", "quantity": 1}),
+        )],
+    );
+    wait_for_events(&env, 1002).await;
+    assert_eq!(
+        outcomes(&env, "sale", "rejected", "insufficient_stock").await,
+        1,
+        "every unit is reserved"
+    );
+
+    let client = env.db.client().await;
+    let active: Vec<String> = client
+        .query(
+            "SELECT order_id FROM reservations WHERE status = 'active' ORDER BY order_id",
+            &[],
+        )
+        .await
+        .expect("reservations")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(active.len(), 100);
+    let settle: Vec<(i32, String, serde_json::Value)> = active
+        .iter()
+        .enumerate()
+        .map(|(n, order)| {
+            let i: i32 = order["order-".len()..].parse().expect("order number");
+            let (kind, suffix) = if n < 60 {
+                ("commit", "c")
+            } else {
+                ("release", "x")
+            };
+            let event =
+                json!({"event_id": format!("{order}-{suffix}"), "type": kind, "order_id": order});
+            (i % PARTITIONS, order.clone(), event)
+        })
+        .collect();
+    send_events(&env, &settle);
+    wait_for_events(&env, 1102).await;
+    assert_eq!(outcomes(&env, "commit", "applied", "").await, 60);
+    assert_eq!(outcomes(&env, "release", "applied", "").await, 40);
+    assert_eq!(stock_of(&env, "HOT").await, (40, 0));
+
+    terminate_all(&mut replicas, EXIT);
+    let (ok, report) = env.verify(None);
+    assert!(ok, "verify failed:\n{report}");
+}
+
+/// A reservation with a 2-second TTL expires on its own (the sweeper, by the database clock);
+/// a commit arriving after that is rejected `no_active_reservation`; the expiry is recorded
+/// once as `expire:<order_id>`, with its ledger rows.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reservation_expires_on_its_own_and_a_late_commit_is_rejected() {
+    let env = TestEnv::new(3).await;
+    let mut replicas = vec![
+        env.replica("r1", &[("reservations.sweep_interval_ms", "200")]),
+        env.replica("r2", &[("reservations.sweep_interval_ms", "200")]),
+    ];
+    send_events(
+        &env,
+        &[
+            (
+                0,
+                "A".into(),
+                json!({"event_id": "a-restock", "type": "restock", "sku": "A", "quantity": 5}),
+            ),
+            (
+                0,
+                "o-late".into(),
+                json!({"event_id": "late-r", "type": "reserve", "order_id": "o-late",
+                       "lines": [{"sku": "A", "quantity": 3}], "ttl_seconds": 2}),
+            ),
+        ],
+    );
+    wait_for_events(&env, 2).await;
+    assert_eq!(outcomes(&env, "reserve", "applied", "").await, 1);
+    // Reserved, unless the sweeper was quicker than this read.
+    let (on_hand, reserved) = stock_of(&env, "A").await;
+    assert!(
+        on_hand == 5 && (reserved == 3 || reserved == 0),
+        "{on_hand} {reserved}"
+    );
+    wait_until("the reservation to expire", Duration::from_secs(15), || async {
+        env.db
+            .scalar("SELECT count(*) FROM reservations WHERE order_id = 'o-late' AND status = 'expired'")
+            .await
+            == 1
+    })
+    .await;
+    assert_eq!(stock_of(&env, "A").await, (5, 0));
+    send_events(
+        &env,
+        &[(
+            0,
+            "o-late".into(),
+            json!({"event_id": "late-c", "type": "commit", "order_id": "o-late"}),
+        )],
+    );
+    wait_for_events(&env, 4).await;
+    assert_eq!(
+        outcomes(&env, "commit", "rejected", "no_active_reservation").await,
+        1
+    );
+    assert_eq!(
+        env.db
+            .scalar("SELECT count(*) FROM processed_events WHERE event_id = 'expire:o-late'")
+            .await,
+        1
+    );
+    assert_eq!(stock_of(&env, "A").await, (5, 0));
+    terminate_all(&mut replicas, EXIT);
+    let (ok, report) = env.verify(None);
+    assert!(ok, "verify failed:\n{report}");
+}
