@@ -43,6 +43,8 @@ pub struct KafkaSettings {
     pub brokers: String,
     pub topic: String,
     pub group_id: String,
+    /// Where the replies to order steps are published (CONTRACT.md section 7).
+    pub results_topic: String,
     pub group_protocol: GroupProtocol,
     /// Classic protocol only: `cooperative-sticky` (incremental) or an eager strategy such as
     /// `range` or `roundrobin`.
@@ -154,6 +156,7 @@ impl Default for Settings {
                 brokers: String::new(),
                 topic: "inventory-events".into(),
                 group_id: "inventory-consumer-group".into(),
+                results_topic: "inventory-results".into(),
                 group_protocol: GroupProtocol::Classic,
                 assignment_strategy: "cooperative-sticky".into(),
                 properties: BTreeMap::new(),
@@ -288,7 +291,17 @@ impl Settings {
                 "required (set KAFKA_BROKERS, INVENTORY_KAFKA__BROKERS or --brokers)",
             ));
         }
-        for (key, value) in [("kafka.topic", &k.topic), ("kafka.group_id", &k.group_id)] {
+        if k.results_topic == k.topic {
+            return Err(ConfigError::key(
+                "kafka.results_topic",
+                "must differ from kafka.topic (replies are not events)",
+            ));
+        }
+        for (key, value) in [
+            ("kafka.topic", &k.topic),
+            ("kafka.group_id", &k.group_id),
+            ("kafka.results_topic", &k.results_topic),
+        ] {
             if value.trim().is_empty() {
                 return Err(ConfigError::key(key, "must not be empty"));
             }

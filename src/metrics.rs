@@ -24,6 +24,8 @@ pub const FENCED: &str = "inventory_fenced_batches_total";
 pub const REWOUND: &str = "inventory_rewound_deliveries_total";
 pub const RECHECKS: &str = "inventory_recorded_id_rechecks_total";
 pub const EXPIRED: &str = "inventory_reservations_expired_total";
+pub const REPLIES: &str = "inventory_replies_published_total";
+pub const RELAY_LAG: &str = "inventory_reply_relay_lag_seconds";
 
 /// Produce-to-commit latency buckets, 1-2-5 steps from 1 ms to 5 min: fine enough for the
 /// benchmark's percentiles (interpolated within a bucket) and for alerting.
@@ -123,6 +125,15 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
     describe_counter!(
         REWOUND,
         "Deliveries the client handed over again within one ownership of a partition, dropped."
+    );
+    describe_counter!(
+        REPLIES,
+        "Replies to order steps published to the results topic (at least once)."
+    );
+    describe_gauge!(
+        RELAY_LAG,
+        Unit::Seconds,
+        "Age of the oldest reply still queued for the results topic, as this replica's relay last saw it."
     );
     describe_counter!(
         EXPIRED,

@@ -174,6 +174,17 @@ async fn replica(
         background.stop.clone(),
     )));
 
+    let replies: rdkafka::producer::FutureProducer =
+        crate::kafka::client::producer_config(&settings)
+            .create()
+            .context("creating the reply producer")?;
+    background.push(tokio::spawn(crate::kafka::relay::relay_until(
+        pool.clone(),
+        replies,
+        settings.kafka.results_topic.clone(),
+        background.stop.clone(),
+    )));
+
     let (fatal_tx, mut fatal_rx) = mpsc::unbounded_channel();
     let (halts_tx, halts_rx) = mpsc::unbounded_channel();
     let ctx = WorkerContext {

@@ -9,6 +9,7 @@ use super::EventKind;
 use super::event::{Event, InvalidEvent, decode};
 use super::lock_key::lock_key;
 use super::orders::{Clock, OrderBook, ReservationStatus, apply_order_step};
+use super::replies::{Reply, reply_to};
 use super::rules::{Movement, Outcome, StockBook, apply_event};
 
 /// One Kafka message as the pipeline sees it: where it was and its raw bytes.
@@ -100,6 +101,10 @@ pub struct BatchPlan<'a> {
     /// Reservations made, in order; then those ended (possibly the same, later in the batch).
     pub reservations: Vec<NewReservation>,
     pub ended: Vec<EndedReservation>,
+    /// The replies to the batch's order steps, in order.
+    pub replies: Vec<Reply>,
+    /// Order steps sent again: their recorded replies are published again.
+    pub resent: Vec<&'a str>,
 }
 
 impl BatchPlan<'_> {
@@ -261,6 +266,9 @@ impl Batch {
             match earlier {
                 Some(d) if *d == digest => {
                     plan.duplicates += 1;
+                    if event.kind.is_order_step() {
+                        plan.resent.push(&event.id);
+                    }
                     continue;
                 }
                 Some(_) => {
@@ -310,6 +318,10 @@ impl Batch {
                     .map_or(0, |r| r.lines.len()),
                 _ => event.lines.len(),
             } as i32;
+            if event.kind.is_order_step() {
+                let reservation = order.and_then(|o| orders.get(o));
+                plan.replies.push(reply_to(event, outcome, reservation));
+            }
             seen.insert(&event.id, digest.clone());
             plan.events.push(PlannedEvent {
                 event,

@@ -8,6 +8,7 @@ pub mod event;
 pub mod lock_key;
 pub mod orders;
 pub mod recorded_lookup;
+pub mod replies;
 pub mod rules;
 
 pub use batch::{Batch, BatchPlan, DeadLetter, Delivery, MAX_LINES_PER_BATCH, PlannedEvent};
@@ -16,4 +17,5 @@ pub use event::{Event, EventKind, Expiry, InvalidEvent, Line, decode};
 pub use lock_key::lock_key;
 pub use orders::{Clock, OrderBook, Reservation, ReservationStatus, apply_order_step, expire};
 pub use recorded_lookup::RecordedLookup;
+pub use replies::{Reply, expiry_reply, reply_to};
 pub use rules::{Movement, Outcome, RejectReason, Stock, StockBook, apply_event};

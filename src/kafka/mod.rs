@@ -1,8 +1,8 @@
 //! Kafka: client configuration, the consumer's poll thread ([`consumer`]) with its rebalance
 //! handling ([`group`], deciding through [`membership`]), the delivery path and its flow
 //! control ([`intake`], [`flow`]), the partition workers ([`workers`], [`worker`]), the
-//! per-partition offsets and their commits ([`offsets`], [`commits`]), and a producer for
-//! `produce`.
+//! per-partition offsets and their commits ([`offsets`], [`commits`]), the relay of replies to
+//! order steps ([`relay`]), and a producer for `produce`.
 
 pub mod client;
 pub mod commits;
@@ -13,5 +13,6 @@ pub mod intake;
 pub mod membership;
 pub mod offsets;
 pub mod producer;
+pub mod relay;
 pub mod worker;
 pub mod workers;

@@ -30,7 +30,7 @@ use tokio_postgres::types::{ToSql, Type};
 
 use crate::domain::batch::{BatchPlan, ProductChange};
 use crate::domain::{
-    Batch, Clock, Line, OrderBook, RecordedLookup, Reservation, ReservationStatus, Stock,
+    Batch, Clock, Line, OrderBook, RecordedLookup, Reply, Reservation, ReservationStatus, Stock,
     StockBook, lock_key,
 };
 use crate::store::ownership::{FENCE, check_fence};
@@ -98,6 +98,19 @@ const INSERT_RESERVATIONS: &str = "
 const INSERT_RESERVATION_LINES: &str = "
     INSERT INTO reservation_lines (order_id, line, sku, quantity)
     SELECT * FROM unnest($1::text[], $2::int[], $3::text[], $4::bigint[])";
+
+// The replies of the batch's order steps, each queued for the relay; and the recorded replies
+// of requests sent again, queued once more.
+pub(super) const INSERT_REPLIES: &str = "
+    WITH r AS (
+        INSERT INTO replies (event_id, order_id, payload)
+        SELECT * FROM unnest($1::text[], $2::text[], $3::text[])
+        RETURNING event_id)
+    INSERT INTO reply_outbox (event_id) SELECT event_id FROM unnest($1::text[]) AS t(event_id)";
+
+const REQUEUE_REPLIES: &str = "
+    INSERT INTO reply_outbox (event_id)
+    SELECT event_id FROM replies WHERE event_id = ANY($1::text[]) ORDER BY created_at";
 
 pub(super) const END_RESERVATIONS: &str = "
     UPDATE reservations AS r SET status = t.s, ended_at = now(), ended_by = t.b
@@ -296,6 +309,7 @@ async fn apply_once(
     let movements = MovementRows::of(&plan);
     let made = ReservationRows::of(&plan);
     let ended = EndedRows::of(&plan);
+    let replies = ReplyRows::of(&plan);
     let dead = DeadLetterRows::of(&plan);
     let next_offset = last + 1;
     let event_params: [(&(dyn ToSql + Sync), Type); 9] = [
@@ -334,6 +348,8 @@ async fn apply_once(
         (&ended.statuses, Type::TEXT_ARRAY),
         (&ended.by, Type::TEXT_ARRAY),
     ];
+    let reply_params = replies.params();
+    let resent_param = [(&plan.resent as &(dyn ToSql + Sync), Type::TEXT_ARRAY)];
     let dead_letter_params: [(&(dyn ToSql + Sync), Type); 7] = [
         (&topic, Type::TEXT),
         (&partition, Type::INT4),
@@ -380,12 +396,20 @@ async fn apply_once(
             tx.execute_typed(END_RESERVATIONS, &ended_params)
         ),
         unless_empty(
+            replies.event_ids.is_empty(),
+            tx.execute_typed(INSERT_REPLIES, &reply_params)
+        ),
+        unless_empty(
+            plan.resent.is_empty(),
+            tx.execute_typed(REQUEUE_REPLIES, &resent_param)
+        ),
+        unless_empty(
             dead.offsets.is_empty(),
             tx.execute_typed(INSERT_DEAD_LETTERS, &dead_letter_params)
         ),
         tx.execute_typed(RECORD_OFFSET, &offset_params),
     );
-    let (_, updated_rows, created_rows, _, _, _, _, _, _) = match written {
+    let (_, updated_rows, created_rows, _, _, _, _, _, _, _, _) = match written {
         Err(e) if !look_up && inserts_a_recorded_id(&e) => return Ok(None),
         written => written?,
     };
@@ -548,6 +572,35 @@ impl<'a> ReservationRows<'a> {
             line_skus: lines().map(|(_, _, l)| l.sku.as_str()).collect(),
             line_quantities: lines().map(|(_, _, l)| l.quantity).collect(),
         }
+    }
+}
+
+/// Replies to record and queue.
+pub(super) struct ReplyRows<'a> {
+    pub(super) event_ids: Vec<&'a str>,
+    orders: Vec<&'a str>,
+    payloads: Vec<&'a str>,
+}
+
+impl<'a> ReplyRows<'a> {
+    fn of(plan: &'a BatchPlan<'a>) -> Self {
+        Self::from(&plan.replies)
+    }
+
+    pub(super) fn from(replies: &'a [Reply]) -> Self {
+        ReplyRows {
+            event_ids: replies.iter().map(|r| r.event_id.as_str()).collect(),
+            orders: replies.iter().map(|r| r.order_id.as_str()).collect(),
+            payloads: replies.iter().map(|r| r.payload.as_str()).collect(),
+        }
+    }
+
+    pub(super) fn params(&self) -> [(&(dyn ToSql + Sync), Type); 3] {
+        [
+            (&self.event_ids, Type::TEXT_ARRAY),
+            (&self.orders, Type::TEXT_ARRAY),
+            (&self.payloads, Type::TEXT_ARRAY),
+        ]
     }
 }
 

@@ -7,7 +7,7 @@
 //! due reservations' SKUs, in the same global order as every batch, then re-reads them under
 //! row locks and expires only those still active and due; a reservation another replica (or a
 //! commit, or a release) ended meanwhile is skipped. The `expire:` event id is recorded once
-//! per order, like any event.
+//! per order, like any event, and its reply queued for the relay in the same transaction.
 
 use std::time::Duration;
 
@@ -15,10 +15,10 @@ use sha2::{Digest, Sha256};
 use tokio_postgres::types::{ToSql, Type};
 use tokio_util::sync::CancellationToken;
 
-use crate::domain::{Movement, ReservationStatus, Stock, StockBook, expire};
+use crate::domain::{Movement, ReservationStatus, Stock, StockBook, expire, expiry_reply};
 use crate::store::apply::{
-    END_RESERVATIONS, INSERT_EVENTS, INSERT_MOVEMENTS, LOCK, NOW, RESERVATIONS, STOCK,
-    UPDATE_PRODUCTS, lock_keys, read_reservations, unless_empty,
+    END_RESERVATIONS, INSERT_EVENTS, INSERT_MOVEMENTS, INSERT_REPLIES, LOCK, NOW, RESERVATIONS,
+    ReplyRows, STOCK, UPDATE_PRODUCTS, lock_keys, read_reservations, unless_empty,
 };
 use crate::store::{Failure, Pool};
 
@@ -97,10 +97,15 @@ pub async fn sweep(pool: &Pool, topic: &str) -> Result<usize, Failure> {
 
     // (order, its expiry's event id, movements)
     let mut expired: Vec<(&str, String, Vec<Movement>)> = Vec::new();
+    let mut replies = Vec::new();
     for order_id in &due {
         // Skips what was ended meanwhile, or is not due after all under the locks.
         if let Some(movements) = expire(order_id, &mut stock, &mut orders, now) {
-            expired.push((order_id, expiry_event_id(order_id), movements));
+            let id = expiry_event_id(order_id);
+            if let Some(reservation) = orders.get(order_id.as_str()) {
+                replies.push(expiry_reply(&id, order_id, reservation));
+            }
+            expired.push((order_id, id, movements));
         }
     }
     if expired.is_empty() {
@@ -170,12 +175,15 @@ pub async fn sweep(pool: &Pool, topic: &str) -> Result<usize, Failure> {
         (&e_status, Type::TEXT_ARRAY),
         (&ids, Type::TEXT_ARRAY),
     ];
+    let reply_rows = ReplyRows::from(&replies);
+    let reply_params = reply_rows.params();
     tokio::try_join!(
         biased;
         tx.execute_typed(INSERT_EVENTS, &event_params),
         tx.execute_typed(UPDATE_PRODUCTS, &product_params),
         unless_empty(m_ids.is_empty(), tx.execute_typed(INSERT_MOVEMENTS, &movement_params)),
         tx.execute_typed(END_RESERVATIONS, &ended_params),
+        unless_empty(replies.is_empty(), tx.execute_typed(INSERT_REPLIES, &reply_params)),
     )?;
     tx.commit().await?;
     metrics::counter!(crate::metrics::EXPIRED).increment(expired.len() as u64);

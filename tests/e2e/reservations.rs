@@ -3,8 +3,11 @@
 //! their own; the audit behind `verify` checks the reserved stock against the reservations and
 //! the ledger.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 use serde_json::json;
 
 use crate::support::{Replica, TestEnv, send, terminate_all, wait_until};
@@ -49,6 +52,72 @@ async fn stock_of(env: &TestEnv, sku: &str) -> (i64, i64) {
         .await
         .expect("the product");
     (row.get(0), row.get(1))
+}
+
+const RESULTS: &str = "inventory-results";
+
+/// Every reply in the results topic, read back by a consumer of the test's own, as
+/// (event id -> outcome, reason); fails on two different replies to one request.
+fn replies(env: &TestEnv) -> BTreeMap<String, (String, Option<String>)> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &env.broker.bootstrap)
+        .set("group.id", "reply-reader")
+        .set("enable.auto.commit", "false")
+        .set("log_level", "3")
+        .create()
+        .expect("reply reader");
+    let metadata = consumer
+        .fetch_metadata(Some(RESULTS), Duration::from_secs(10))
+        .expect("metadata");
+    let mut tpl = TopicPartitionList::new();
+    let mut left = 0;
+    for p in metadata.topics()[0].partitions() {
+        let (_, high) = consumer
+            .fetch_watermarks(RESULTS, p.id(), Duration::from_secs(10))
+            .expect("watermarks");
+        left += high;
+        tpl.add_partition_offset(RESULTS, p.id(), Offset::Beginning)
+            .expect("partition");
+    }
+    consumer.assign(&tpl).expect("assign");
+    let mut seen: BTreeMap<String, (String, Option<String>, String)> = BTreeMap::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while left > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{left} replies not read back"
+        );
+        let Some(message) = consumer.poll(Duration::from_millis(500)) else {
+            continue;
+        };
+        let message = message.expect("reading replies");
+        left -= 1;
+        let text = String::from_utf8_lossy(message.payload().unwrap_or_default()).into_owned();
+        let reply: serde_json::Value = serde_json::from_str(&text).expect("a JSON reply");
+        let key = String::from_utf8_lossy(message.key().unwrap_or_default()).into_owned();
+        assert_eq!(reply["order_id"], key.as_str(), "keyed by order");
+        let id = reply["event_id"].as_str().expect("event_id").to_owned();
+        let entry = (
+            reply["outcome"].as_str().unwrap_or_default().to_owned(),
+            reply["reason"].as_str().map(str::to_owned),
+            text.clone(),
+        );
+        if let Some(earlier) = seen.insert(id.clone(), entry.clone()) {
+            assert_eq!(earlier, entry, "two different replies to {id}");
+        }
+    }
+    seen.into_iter()
+        .map(|(id, (outcome, reason, _))| (id, (outcome, reason)))
+        .collect()
+}
+
+/// Waits until the results topic holds at least `count` messages.
+async fn wait_for_replies(env: &TestEnv, count: i64) {
+    wait_until(&format!("{count} replies published"), SETTLE, || async {
+        env.db.scalar("SELECT count(*) FROM reply_outbox").await == 0
+            && env.db.scalar("SELECT count(*) FROM replies").await >= count
+    })
+    .await;
 }
 
 fn three_replicas(env: &TestEnv) -> Vec<Replica> {
@@ -141,7 +210,28 @@ async fn a_thousand_orders_compete_for_a_hundred_units() {
     assert_eq!(outcomes(&env, "release", "applied", "").await, 40);
     assert_eq!(stock_of(&env, "HOT").await, (40, 0));
 
+    // One reply per request, read back from the results topic.
+    wait_for_replies(&env, 1100).await;
     terminate_all(&mut replicas, EXIT);
+    let replies = replies(&env);
+    assert_eq!(replies.len(), 1100, "one distinct reply per order step");
+    let count = |kind: &str, outcome: &str| {
+        replies
+            .iter()
+            .filter(|(id, (o, _))| id.ends_with(kind) && o == outcome)
+            .count()
+    };
+    assert_eq!(count("-r", "applied"), 100);
+    assert_eq!(count("-r", "rejected"), 900);
+    assert!(
+        replies
+            .iter()
+            .filter(|(id, (o, _))| id.ends_with("-r") && o == "rejected")
+            .all(|(_, (_, reason))| reason.as_deref() == Some("insufficient_stock"))
+    );
+    assert_eq!(count("-c", "applied"), 60);
+    assert_eq!(count("-x", "applied"), 40);
+
     let (ok, report) = env.verify(None);
     assert!(ok, "verify failed:\n{report}");
 }
@@ -208,7 +298,23 @@ async fn a_reservation_expires_on_its_own_and_a_late_commit_is_rejected() {
         1
     );
     assert_eq!(stock_of(&env, "A").await, (5, 0));
+    wait_for_replies(&env, 3).await;
     terminate_all(&mut replicas, EXIT);
+    let replies = replies(&env);
+    assert_eq!(
+        replies,
+        BTreeMap::from([
+            ("late-r".to_owned(), ("applied".to_owned(), None)),
+            ("expire:o-late".to_owned(), ("applied".to_owned(), None)),
+            (
+                "late-c".to_owned(),
+                (
+                    "rejected".to_owned(),
+                    Some("no_active_reservation".to_owned())
+                )
+            ),
+        ])
+    );
     let (ok, report) = env.verify(None);
     assert!(ok, "verify failed:\n{report}");
 }

@@ -1,0 +1,132 @@
+//! The reply relay (CONTRACT.md section 7): publishes the replies queued in `reply_outbox` to
+//! `kafka.results_topic`, keyed by order id, in queue order, then deletes their rows.
+//!
+//! - **At least once.** Rows are deleted only after the broker acknowledged every reply of the
+//!   round (the producer is idempotent, `acks=all`); a replica that dies between the
+//!   acknowledgement and the delete only makes the next round publish those replies again,
+//!   which the order service dedupes by `event_id`.
+//! - **In order per order.** One relay publishes at a time across all replicas: a round holds a
+//!   transaction-level advisory lock (`pg_try_advisory_xact_lock`, never a session lock), and
+//!   the other replicas' relays skip the round. Within a round, replies go out in queue order,
+//!   and one order's replies share a partition (their key), whose order the idempotent
+//!   producer keeps through retries.
+//! - **Bounded.** While Kafka is reachable the queue drains; how far behind it is shows as
+//!   `inventory_reply_relay_lag_seconds` (the age of the oldest queued reply).
+
+use std::time::Duration;
+
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use tokio_postgres::types::{ToSql, Type};
+use tokio_util::sync::CancellationToken;
+
+use crate::domain::lock_key;
+use crate::store::{Failure, Pool};
+
+/// Replies per round (one transaction).
+const ROUND: i64 = 500;
+/// How long a round waits for the broker's acknowledgements.
+const ACK_TIMEOUT: Duration = Duration::from_secs(10);
+/// Pause between rounds when the queue is empty, and after a failure.
+const IDLE: Duration = Duration::from_millis(100);
+const AFTER_FAILURE: Duration = Duration::from_secs(1);
+
+const QUEUED: &str = "
+    SELECT o.id, r.order_id, r.payload,
+           extract(epoch FROM now() - o.queued_at)::float8
+    FROM reply_outbox o JOIN replies r ON r.event_id = o.event_id
+    ORDER BY o.id
+    LIMIT $1";
+
+const PUBLISHED: &str = "DELETE FROM reply_outbox WHERE id = ANY($1::bigint[])";
+
+/// Relays until `stop`; a failed round (broker or database away) is retried.
+pub async fn relay_until(
+    pool: Pool,
+    producer: FutureProducer,
+    topic: String,
+    stop: CancellationToken,
+) {
+    loop {
+        let pause = match relay_round(&pool, &producer, &topic).await {
+            Ok(n) if n as i64 == ROUND => Duration::ZERO,
+            Ok(_) => IDLE,
+            Err(e) => {
+                tracing::warn!(error = %e, "reply relay round failed; trying again");
+                AFTER_FAILURE
+            }
+        };
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(pause) => {}
+        }
+    }
+}
+
+/// One round: publishes up to [`ROUND`] queued replies, unless another replica's relay holds
+/// the round; returns how many it published.
+pub async fn relay_round(
+    pool: &Pool,
+    producer: &FutureProducer,
+    topic: &str,
+) -> Result<usize, Failure> {
+    let mut conn = pool.get().await?;
+    let tx = conn.transaction().await?;
+    // No SKU contains a space, so this key is outside the SKU lock space.
+    let key = lock_key("reply relay");
+    let ours: bool = tx
+        .query_typed_one(
+            "SELECT pg_try_advisory_xact_lock($1)",
+            &[(&key, Type::INT8)],
+        )
+        .await?
+        .try_get(0)?;
+    if !ours {
+        return Ok(0);
+    }
+    let rows = tx.query_typed(QUEUED, &[(&ROUND, Type::INT8)]).await?;
+    let lag = match rows.first() {
+        Some(row) => row.try_get::<_, f64>(3)?,
+        None => 0.0,
+    };
+    metrics::gauge!(crate::metrics::RELAY_LAG).set(lag);
+    if rows.is_empty() {
+        return Ok(0);
+    }
+    let mut ids = Vec::with_capacity(rows.len());
+    let mut deliveries = Vec::with_capacity(rows.len());
+    for row in &rows {
+        ids.push(row.try_get::<_, i64>(0)?);
+        let order_id: &str = row.try_get(1)?;
+        let payload: &str = row.try_get(2)?;
+        let record = FutureRecord::to(topic).key(order_id).payload(payload);
+        let delivery = producer
+            .send_result(record)
+            .map_err(|(e, _)| Failure::Transient(format!("queueing a reply: {e}")))?;
+        deliveries.push(delivery);
+    }
+    let acked = tokio::time::timeout(ACK_TIMEOUT, async {
+        for delivery in deliveries {
+            match delivery.await {
+                Ok(Ok(_)) => {}
+                Ok(Err((e, _))) => return Err(format!("{e}")),
+                Err(_) => return Err("the producer dropped a reply".into()),
+            }
+        }
+        Ok(())
+    })
+    .await;
+    match acked {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return Err(Failure::Transient(format!("publishing replies: {e}"))),
+        Err(_) => {
+            return Err(Failure::Transient(format!(
+                "replies not acknowledged within {ACK_TIMEOUT:?}"
+            )));
+        }
+    }
+    let ids_param = [(&ids as &(dyn ToSql + Sync), Type::INT8_ARRAY)];
+    tx.execute_typed(PUBLISHED, &ids_param).await?;
+    tx.commit().await?;
+    metrics::counter!(crate::metrics::REPLIES).increment(ids.len() as u64);
+    Ok(ids.len())
+}
