@@ -10,6 +10,10 @@ ALTER TABLE products
 -- The order steps are events too; an expiry is recorded as the event `expire:<order_id>`, which
 -- the service makes itself (no Kafka position), once per order.
 ALTER TABLE processed_events
+    -- `expire:` and an order id of up to 128 characters.
+    DROP CONSTRAINT processed_events_event_id_check,
+    ADD CONSTRAINT processed_events_event_id_check CHECK (length(event_id) BETWEEN 1 AND
+        CASE WHEN event_type = 'expire' THEN 135 ELSE 128 END),
     DROP CONSTRAINT processed_events_event_type_check,
     ADD CONSTRAINT processed_events_event_type_check CHECK (event_type IN
         ('restock', 'sale', 'adjustment', 'reserve', 'commit', 'release', 'expire')),

@@ -103,8 +103,9 @@ pub struct BatchPlan<'a> {
     pub ended: Vec<EndedReservation>,
     /// The replies to the batch's order steps, in order.
     pub replies: Vec<Reply>,
-    /// Order steps sent again: their recorded replies are published again.
-    pub resent: Vec<&'a str>,
+    /// The event ids whose replies to publish, in the batch's order: the new replies, and the
+    /// recorded ones of order steps sent again.
+    pub queued: Vec<&'a str>,
 }
 
 impl BatchPlan<'_> {
@@ -141,7 +142,8 @@ impl Batch {
         self.bytes += delivery.size();
         let decoded = decode(delivery.payload.as_deref());
         if let Ok(event) = &decoded {
-            self.lines += event.lines.len();
+            // A commit or release names no lines, but locks its reservation's: at least one.
+            self.lines += event.lines.len().max(1);
         }
         self.items.push((delivery, decoded));
     }
@@ -162,7 +164,7 @@ impl Batch {
             .items
             .iter()
             .filter_map(|(_, decoded)| decoded.as_ref().ok())
-            .map(|event| event.lines.len())
+            .map(|event| event.lines.len().max(1))
             .sum();
     }
 
@@ -267,7 +269,7 @@ impl Batch {
                 Some(d) if *d == digest => {
                     plan.duplicates += 1;
                     if event.kind.is_order_step() {
-                        plan.resent.push(&event.id);
+                        plan.queued.push(&event.id);
                     }
                     continue;
                 }
@@ -321,6 +323,7 @@ impl Batch {
             if event.kind.is_order_step() {
                 let reservation = order.and_then(|o| orders.get(o));
                 plan.replies.push(reply_to(event, outcome, reservation));
+                plan.queued.push(&event.id);
             }
             seen.insert(&event.id, digest.clone());
             plan.events.push(PlannedEvent {

@@ -14,6 +14,8 @@ pub const MAX_LINES: usize = 100;
 pub const MAX_ABS_QUANTITY: i64 = 1_000_000_000;
 pub const MAX_REASON_CHARS: usize = 256;
 pub const MAX_ORDER_ID_CHARS: usize = 128;
+/// The event ids the service records its expiries under: `expire:<order_id>`.
+pub const EXPIRY_PREFIX: &str = "expire:";
 /// Longest `ttl_seconds` of a reservation: a week.
 pub const MAX_TTL_SECONDS: i64 = 604_800;
 
@@ -145,6 +147,9 @@ pub enum InvalidEvent {
     },
     #[error("event_id must be 1..={MAX_EVENT_ID_CHARS} characters, got {chars}")]
     InvalidEventId { chars: usize },
+    /// `expire:<order_id>` names the service's own expiries (CONTRACT.md section 7).
+    #[error("event_id `{0}` starts with `{EXPIRY_PREFIX}`, which names the service's expiries")]
+    ReservedEventId(String),
     #[error("type `{0}` is not one of restock, sale, adjustment, reserve, commit, release")]
     UnknownType(String),
     #[error("order_id must be 1..={MAX_ORDER_ID_CHARS} characters, got {chars}")]
@@ -187,7 +192,9 @@ impl InvalidEvent {
             InvalidEvent::NotAnObject => "not_an_object",
             InvalidEvent::MissingField(_) => "missing_field",
             InvalidEvent::WrongType { .. } => "wrong_type",
-            InvalidEvent::InvalidEventId { .. } => "invalid_event_id",
+            InvalidEvent::InvalidEventId { .. } | InvalidEvent::ReservedEventId(_) => {
+                "invalid_event_id"
+            }
             InvalidEvent::UnknownType(_) => "unknown_type",
             InvalidEvent::InvalidOrderId { .. } => "invalid_order_id",
             InvalidEvent::UnexpectedLines(_) => "unexpected_lines",
@@ -223,6 +230,9 @@ pub fn decode(payload: Option<&[u8]>) -> Result<Event, InvalidEvent> {
     let chars = id.chars().count();
     if chars == 0 || chars > MAX_EVENT_ID_CHARS {
         return Err(InvalidEvent::InvalidEventId { chars });
+    }
+    if id.starts_with(EXPIRY_PREFIX) {
+        return Err(InvalidEvent::ReservedEventId(truncate(id, 64)));
     }
     let kind = match required_str(object, "type")? {
         "restock" => EventKind::Restock,
@@ -643,6 +653,7 @@ mod tests {
             (r#"{"event_id":"e","type":"commit"}"#.to_owned(), "missing_field"),
             (r#"{"event_id":"e","type":"reserve","sku":"A","quantity":1}"#.to_owned(), "missing_field"),
             (r#"{"event_id":"e","type":"commit","order_id":""}"#.to_owned(), "invalid_order_id"),
+            (r#"{"event_id":"expire:o","type":"release","order_id":"o"}"#.to_owned(), "invalid_event_id"),
             (format!(r#"{{"event_id":"e","type":"release","order_id":"{long_order}"}}"#), "invalid_order_id"),
             (r#"{"event_id":"e","type":"commit","order_id":7}"#.to_owned(), "wrong_type"),
             (r#"{"event_id":"e","type":"commit","order_id":"o","sku":"A","quantity":1}"#.to_owned(), "unexpected_lines"),

@@ -36,7 +36,7 @@ pub fn reply_to(event: &Event, outcome: Outcome, reservation: Option<&Reservatio
         (EventKind::Reserve, _) | (_, None) => &event.lines,
         (_, Some(r)) => &r.lines,
     };
-    let expires_at = own.map(|r| r.expires_at.to_rfc3339_opts(SecondsFormat::Millis, true));
+    let expires_at = own.map(|r| r.expires_at.to_rfc3339_opts(SecondsFormat::AutoSi, true));
     let payload = json!({
         "event_id": event.id,
         "order_id": order_id,
@@ -62,7 +62,7 @@ pub fn expiry_reply(event_id: &str, order_id: &str, reservation: &Reservation) -
         "outcome": "applied",
         "reason": Value::Null,
         "lines": lines_json(&reservation.lines),
-        "expires_at": reservation.expires_at.to_rfc3339_opts(SecondsFormat::Millis, true),
+        "expires_at": reservation.expires_at.to_rfc3339_opts(SecondsFormat::AutoSi, true),
     });
     Reply {
         event_id: event_id.to_owned(),
@@ -110,7 +110,7 @@ mod tests {
             json!({"event_id": "ord-7-r", "order_id": "ord-7", "type": "reserve",
                    "outcome": "applied", "reason": null,
                    "lines": [{"sku": "SKU-1", "quantity": 2}],
-                   "expires_at": "2026-12-01T14:15:00.000Z"})
+                   "expires_at": "2026-12-01T14:15:00Z"})
         );
     }
 

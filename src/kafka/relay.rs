@@ -83,6 +83,11 @@ pub async fn relay_round(
     if !ours {
         return Ok(0);
     }
+    // The transaction waits for the broker's acknowledgements: whatever the pool's idle
+    // timeout, the server must not end it before ACK_TIMEOUT (rows published but not deleted
+    // would be published again on every round).
+    tx.batch_execute("SET LOCAL idle_in_transaction_session_timeout = '30s'")
+        .await?;
     let rows = tx.query_typed(QUEUED, &[(&ROUND, Type::INT8)]).await?;
     let lag = match rows.first() {
         Some(row) => row.try_get::<_, f64>(3)?,

@@ -87,8 +87,9 @@ pub(super) const RESERVATIONS: &str = "
     ORDER BY r.order_id, l.line
     FOR UPDATE OF r";
 
-// The database's clock decides expiries, never a replica's.
-pub(super) const NOW: &str = "SELECT (extract(epoch FROM now()) * 1000)::bigint";
+// The database's clock decides expiries, never a replica's: read after the locks (`now()` is
+// the transaction's start, which a lock wait can leave seconds behind).
+pub(super) const NOW: &str = "SELECT (extract(epoch FROM statement_timestamp()) * 1000)::bigint";
 
 const INSERT_RESERVATIONS: &str = "
     INSERT INTO reservations (order_id, event_id, status, expires_at)
@@ -102,18 +103,16 @@ const INSERT_RESERVATION_LINES: &str = "
 // The replies of the batch's order steps, each queued for the relay; and the recorded replies
 // of requests sent again, queued once more.
 pub(super) const INSERT_REPLIES: &str = "
-    WITH r AS (
-        INSERT INTO replies (event_id, order_id, payload)
-        SELECT * FROM unnest($1::text[], $2::text[], $3::text[])
-        RETURNING event_id)
-    INSERT INTO reply_outbox (event_id) SELECT event_id FROM unnest($1::text[]) AS t(event_id)";
+    INSERT INTO replies (event_id, order_id, payload)
+    SELECT * FROM unnest($1::text[], $2::text[], $3::text[])";
 
-const REQUEUE_REPLIES: &str = "
-    INSERT INTO reply_outbox (event_id)
-    SELECT event_id FROM replies WHERE event_id = ANY($1::text[]) ORDER BY created_at";
+// Queued in the order given (a function scan keeps array order, and so do the identities):
+// the batch's order, new replies and those of requests sent again alike.
+pub(super) const QUEUE_REPLIES: &str =
+    "INSERT INTO reply_outbox (event_id) SELECT * FROM unnest($1::text[])";
 
 pub(super) const END_RESERVATIONS: &str = "
-    UPDATE reservations AS r SET status = t.s, ended_at = now(), ended_by = t.b
+    UPDATE reservations AS r SET status = t.s, ended_at = statement_timestamp(), ended_by = t.b
     FROM unnest($1::text[], $2::text[], $3::text[]) AS t(o, s, b)
     WHERE r.order_id = t.o";
 
@@ -349,7 +348,7 @@ async fn apply_once(
         (&ended.by, Type::TEXT_ARRAY),
     ];
     let reply_params = replies.params();
-    let resent_param = [(&plan.resent as &(dyn ToSql + Sync), Type::TEXT_ARRAY)];
+    let queue_param = [(&plan.queued as &(dyn ToSql + Sync), Type::TEXT_ARRAY)];
     let dead_letter_params: [(&(dyn ToSql + Sync), Type); 7] = [
         (&topic, Type::TEXT),
         (&partition, Type::INT4),
@@ -400,8 +399,8 @@ async fn apply_once(
             tx.execute_typed(INSERT_REPLIES, &reply_params)
         ),
         unless_empty(
-            plan.resent.is_empty(),
-            tx.execute_typed(REQUEUE_REPLIES, &resent_param)
+            plan.queued.is_empty(),
+            tx.execute_typed(QUEUE_REPLIES, &queue_param)
         ),
         unless_empty(
             dead.offsets.is_empty(),

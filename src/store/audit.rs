@@ -197,8 +197,8 @@ async fn compare_with_oracle(
 
     let counts = db
         .query_one(
-            "SELECT (SELECT count(*) FROM processed_events),
-                    (SELECT count(*) FROM processed_events WHERE outcome = 'applied'),
+            "SELECT (SELECT count(*) FROM processed_events WHERE event_type <> 'expire'),
+                    (SELECT count(*) FROM processed_events WHERE outcome = 'applied' AND event_type <> 'expire'),
                     (SELECT count(*) FROM processed_events WHERE outcome = 'rejected'),
                     (SELECT count(*) FROM dead_letters)",
             &[],

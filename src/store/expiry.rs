@@ -15,20 +15,25 @@ use sha2::{Digest, Sha256};
 use tokio_postgres::types::{ToSql, Type};
 use tokio_util::sync::CancellationToken;
 
-use crate::domain::{Movement, ReservationStatus, Stock, StockBook, expire, expiry_reply};
+use crate::domain::event::EXPIRY_PREFIX;
+use crate::domain::{
+    MAX_LINES_PER_BATCH, Movement, ReservationStatus, Stock, StockBook, expire, expiry_reply,
+};
 use crate::store::apply::{
-    END_RESERVATIONS, INSERT_EVENTS, INSERT_MOVEMENTS, INSERT_REPLIES, LOCK, NOW, RESERVATIONS,
-    ReplyRows, STOCK, UPDATE_PRODUCTS, lock_keys, read_reservations, unless_empty,
+    END_RESERVATIONS, INSERT_EVENTS, INSERT_MOVEMENTS, INSERT_REPLIES, LOCK, NOW, QUEUE_REPLIES,
+    RESERVATIONS, ReplyRows, STOCK, UPDATE_PRODUCTS, lock_keys, read_reservations, unless_empty,
 };
 use crate::store::{Failure, Pool};
 
-/// Most reservations one sweep expires (one transaction); the next sweep takes the rest.
+/// Most reservations one sweep considers (one transaction); the next sweep takes the rest.
 const SWEEP_LIMIT: i64 = 500;
 
+// With their line counts: a sweep takes at most as many locks as a batch may.
 const DUE: &str = "
-    SELECT order_id FROM reservations
-    WHERE status = 'active' AND expires_at <= now()
-    ORDER BY expires_at, order_id
+    SELECT r.order_id, (SELECT count(*) FROM reservation_lines l WHERE l.order_id = r.order_id)
+    FROM reservations r
+    WHERE r.status = 'active' AND r.expires_at <= statement_timestamp()
+    ORDER BY r.expires_at, r.order_id
     LIMIT $1";
 
 const DUE_SKUS: &str =
@@ -36,7 +41,7 @@ const DUE_SKUS: &str =
 
 /// The event id an order's expiry is recorded (and replied) under.
 pub fn expiry_event_id(order_id: &str) -> String {
-    format!("expire:{order_id}")
+    format!("{EXPIRY_PREFIX}{order_id}")
 }
 
 /// Sweeps until `stop`: a failed sweep (database away) is logged and tried again next time.
@@ -60,12 +65,15 @@ pub async fn sweep_until(pool: Pool, topic: String, every: Duration, stop: Cance
 pub async fn sweep(pool: &Pool, topic: &str) -> Result<usize, Failure> {
     let mut conn = pool.get().await?;
     let tx = conn.transaction().await?;
-    let due: Vec<String> = tx
-        .query_typed(DUE, &[(&SWEEP_LIMIT, Type::INT8)])
-        .await?
-        .iter()
-        .map(|row| row.try_get(0))
-        .collect::<Result<_, _>>()?;
+    let mut due: Vec<String> = Vec::new();
+    let mut lines = 0;
+    for row in tx.query_typed(DUE, &[(&SWEEP_LIMIT, Type::INT8)]).await? {
+        lines += row.try_get::<_, i64>(1)?;
+        if !due.is_empty() && lines > MAX_LINES_PER_BATCH as i64 {
+            break;
+        }
+        due.push(row.try_get(0)?);
+    }
     if due.is_empty() {
         return Ok(0);
     }
@@ -177,6 +185,10 @@ pub async fn sweep(pool: &Pool, topic: &str) -> Result<usize, Failure> {
     ];
     let reply_rows = ReplyRows::from(&replies);
     let reply_params = reply_rows.params();
+    let queue_param = [(
+        &reply_rows.event_ids as &(dyn ToSql + Sync),
+        Type::TEXT_ARRAY,
+    )];
     tokio::try_join!(
         biased;
         tx.execute_typed(INSERT_EVENTS, &event_params),
@@ -184,6 +196,10 @@ pub async fn sweep(pool: &Pool, topic: &str) -> Result<usize, Failure> {
         unless_empty(m_ids.is_empty(), tx.execute_typed(INSERT_MOVEMENTS, &movement_params)),
         tx.execute_typed(END_RESERVATIONS, &ended_params),
         unless_empty(replies.is_empty(), tx.execute_typed(INSERT_REPLIES, &reply_params)),
+        unless_empty(
+            replies.is_empty(),
+            tx.execute_typed(QUEUE_REPLIES, &queue_param)
+        ),
     )?;
     tx.commit().await?;
     metrics::counter!(crate::metrics::EXPIRED).increment(expired.len() as u64);

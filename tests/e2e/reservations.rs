@@ -56,9 +56,16 @@ async fn stock_of(env: &TestEnv, sku: &str) -> (i64, i64) {
 
 const RESULTS: &str = "inventory-results";
 
-/// Every reply in the results topic, read back by a consumer of the test's own, as
-/// (event id -> outcome, reason); fails on two different replies to one request.
-fn replies(env: &TestEnv) -> BTreeMap<String, (String, Option<String>)> {
+/// What the results topic holds, read back by a consumer of the test's own.
+struct Replies {
+    /// Event id -> (outcome, reason).
+    by_request: BTreeMap<String, (String, Option<String>)>,
+    /// Order -> its replies' event ids in the order published (first occurrences).
+    by_order: BTreeMap<String, Vec<String>>,
+}
+
+/// Reads every reply back; fails on two different replies to one request.
+fn replies(env: &TestEnv) -> Replies {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", &env.broker.bootstrap)
         .set("group.id", "reply-reader")
@@ -81,6 +88,7 @@ fn replies(env: &TestEnv) -> BTreeMap<String, (String, Option<String>)> {
     }
     consumer.assign(&tpl).expect("assign");
     let mut seen: BTreeMap<String, (String, Option<String>, String)> = BTreeMap::new();
+    let mut by_order: BTreeMap<String, Vec<String>> = BTreeMap::new();
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     while left > 0 {
         assert!(
@@ -102,16 +110,43 @@ fn replies(env: &TestEnv) -> BTreeMap<String, (String, Option<String>)> {
             reply["reason"].as_str().map(str::to_owned),
             text.clone(),
         );
-        if let Some(earlier) = seen.insert(id.clone(), entry.clone()) {
-            assert_eq!(earlier, entry, "two different replies to {id}");
+        match seen.insert(id.clone(), entry.clone()) {
+            Some(earlier) => assert_eq!(earlier, entry, "two different replies to {id}"),
+            None => by_order.entry(key).or_default().push(id),
         }
     }
-    seen.into_iter()
-        .map(|(id, (outcome, reason, _))| (id, (outcome, reason)))
-        .collect()
+    Replies {
+        by_request: seen
+            .into_iter()
+            .map(|(id, (outcome, reason, _))| (id, (outcome, reason)))
+            .collect(),
+        by_order,
+    }
 }
 
-/// Waits until the results topic holds at least `count` messages.
+/// How many messages the results topic holds.
+fn published(env: &TestEnv) -> i64 {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &env.broker.bootstrap)
+        .set("log_level", "3")
+        .create()
+        .expect("watermark reader");
+    let Ok(metadata) = consumer.fetch_metadata(Some(RESULTS), Duration::from_secs(10)) else {
+        return 0;
+    };
+    metadata.topics()[0]
+        .partitions()
+        .iter()
+        .filter_map(|p| {
+            consumer
+                .fetch_watermarks(RESULTS, p.id(), Duration::from_secs(10))
+                .ok()
+        })
+        .map(|(low, high)| high - low)
+        .sum()
+}
+
+/// Waits until every reply recorded so far (at least `count`) has left the outbox.
 async fn wait_for_replies(env: &TestEnv, count: i64) {
     wait_until(&format!("{count} replies published"), SETTLE, || async {
         env.db.scalar("SELECT count(*) FROM reply_outbox").await == 0
@@ -213,7 +248,7 @@ async fn a_thousand_orders_compete_for_a_hundred_units() {
     // One reply per request, read back from the results topic.
     wait_for_replies(&env, 1100).await;
     terminate_all(&mut replicas, EXIT);
-    let replies = replies(&env);
+    let replies = replies(&env).by_request;
     assert_eq!(replies.len(), 1100, "one distinct reply per order step");
     let count = |kind: &str, outcome: &str| {
         replies
@@ -299,10 +334,42 @@ async fn a_reservation_expires_on_its_own_and_a_late_commit_is_rejected() {
     );
     assert_eq!(stock_of(&env, "A").await, (5, 0));
     wait_for_replies(&env, 3).await;
+    // The reserve sent again changes nothing and publishes its recorded reply again.
+    send_events(
+        &env,
+        &[(
+            0,
+            "o-late".into(),
+            json!({"event_id": "late-r", "type": "reserve", "order_id": "o-late",
+                   "lines": [{"sku": "A", "quantity": 3}], "ttl_seconds": 2}),
+        )],
+    );
+    wait_until(
+        "the re-sent reserve to be published again",
+        SETTLE,
+        || async {
+            published(&env) == 4 && env.db.scalar("SELECT count(*) FROM reply_outbox").await == 0
+        },
+    )
+    .await;
+    assert_eq!(stock_of(&env, "A").await, (5, 0));
     terminate_all(&mut replicas, EXIT);
-    let replies = replies(&env);
+    let Replies {
+        by_request,
+        by_order,
+    } = replies(&env);
     assert_eq!(
-        replies,
+        by_order["o-late"],
+        ["late-r", "expire:o-late", "late-c"],
+        "an order's replies in the order of its steps"
+    );
+    let expiry_rows = env
+        .db
+        .scalar("SELECT count(*) FROM stock_movements WHERE event_id = 'expire:o-late' AND reserved_delta = -3 AND delta = 0")
+        .await;
+    assert_eq!(expiry_rows, 1, "the expiry released the units once");
+    assert_eq!(
+        by_request,
         BTreeMap::from([
             ("late-r".to_owned(), ("applied".to_owned(), None)),
             ("expire:o-late".to_owned(), ("applied".to_owned(), None)),
@@ -315,6 +382,70 @@ async fn a_reservation_expires_on_its_own_and_a_late_commit_is_rejected() {
             ),
         ])
     );
+    let (ok, report) = env.verify(None);
+    assert!(ok, "verify failed:\n{report}");
+}
+
+/// The commit's own check of the expiry, by the database clock, with no sweep to help: a
+/// commit that arrives after its reservation's expiry is rejected even though the reservation
+/// is still marked active (the sweeper runs hourly here).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_commit_after_the_expiry_is_rejected_before_any_sweep() {
+    let env = TestEnv::new(3).await;
+    let mut replica = env.replica("r1", &[("reservations.sweep_interval_ms", "3600000")]);
+    send_events(
+        &env,
+        &[
+            (
+                0,
+                "B".into(),
+                json!({"event_id": "b-restock", "type": "restock", "sku": "B", "quantity": 2}),
+            ),
+            (
+                0,
+                "o-clock".into(),
+                json!({"event_id": "clock-r", "type": "reserve", "order_id": "o-clock",
+                       "sku": "B", "quantity": 2, "ttl_seconds": 1}),
+            ),
+        ],
+    );
+    wait_for_events(&env, 2).await;
+    // The replica's hourly sweep ran once at start-up, before the reservation existed.
+    wait_until("the expiry to pass by the database clock", SETTLE, || async {
+        env.db
+            .scalar("SELECT count(*) FROM reservations WHERE order_id = 'o-clock' AND expires_at < now()")
+            .await
+            == 1
+    })
+    .await;
+    send_events(
+        &env,
+        &[(
+            0,
+            "o-clock".into(),
+            json!({"event_id": "clock-c", "type": "commit", "order_id": "o-clock"}),
+        )],
+    );
+    wait_for_events(&env, 3).await;
+    assert_eq!(
+        outcomes(&env, "commit", "rejected", "no_active_reservation").await,
+        1
+    );
+    assert_eq!(
+        env.db
+            .scalar(
+                "SELECT count(*) FROM reservations WHERE order_id = 'o-clock' AND status = 'active'"
+            )
+            .await,
+        1,
+        "no sweep yet: the commit decided by the clock alone"
+    );
+    assert_eq!(
+        stock_of(&env, "B").await,
+        (2, 2),
+        "still reserved until the sweep"
+    );
+    assert!(replica.terminate(EXIT).0.success());
     let (ok, report) = env.verify(None);
     assert!(ok, "verify failed:\n{report}");
 }
