@@ -449,3 +449,91 @@ async fn a_commit_after_the_expiry_is_rejected_before_any_sweep() {
     let (ok, report) = env.verify(None);
     assert!(ok, "verify failed:\n{report}");
 }
+
+/// Replies survive a replica killed mid-stream: 600 orders over 12 partitions and 3 replicas,
+/// each reserved, then committed or released (some for orders never reserved, some reserved
+/// twice), while one replica is SIGKILLed. Every order step in the database has a reply in the
+/// results topic with the outcome and reason the database recorded: duplicates are allowed,
+/// missing replies and wrong outcomes are not.
+#[tokio::test(flavor = "multi_thread")]
+async fn replies_survive_a_replica_killed_mid_stream() {
+    let env = TestEnv::new(PARTITIONS).await;
+    let mut replicas = three_replicas(&env);
+    let skus = ["K0", "K1", "K2", "K3"];
+    let restocks: Vec<(i32, String, serde_json::Value)> = skus
+        .iter()
+        .enumerate()
+        .map(|(i, sku)| {
+            let event = json!({"event_id": format!("{sku}-restock"), "type": "restock",
+                               "sku": sku, "quantity": 150});
+            (i as i32, (*sku).to_owned(), event)
+        })
+        .collect();
+    send_events(&env, &restocks);
+    wait_for_events(&env, 4).await;
+
+    let mut steps = Vec::new();
+    for i in 0..600 {
+        let order = format!("kill-{i:04}");
+        let p = i % PARTITIONS;
+        let sku = skus[i as usize % skus.len()];
+        if i % 10 != 9 {
+            steps.push((p, order.clone(), json!({"event_id": format!("{order}-r"), "type": "reserve",
+                "order_id": order, "lines": [{"sku": sku, "quantity": 1 + i % 3}], "ttl_seconds": 3600})));
+        }
+        if i % 15 == 0 {
+            steps.push((
+                p,
+                order.clone(),
+                json!({"event_id": format!("{order}-r2"), "type": "reserve",
+                "order_id": order, "sku": sku, "quantity": 1}),
+            ));
+        }
+        let (kind, suffix) = if i % 2 == 0 {
+            ("commit", "c")
+        } else {
+            ("release", "x")
+        };
+        steps.push((
+            p,
+            order.clone(),
+            json!({"event_id": format!("{order}-{suffix}"), "type": kind, "order_id": order}),
+        ));
+    }
+    let (first, second) = steps.split_at(steps.len() / 2);
+    send_events(&env, first);
+    wait_until("some order steps to be decided", SETTLE, || async {
+        env.db.scalar("SELECT count(*) FROM processed_events").await >= 200
+    })
+    .await;
+    replicas[1].kill();
+    send_events(&env, second);
+    let total = 4 + steps.len() as i64;
+    wait_for_events(&env, total).await;
+    wait_for_replies(&env, steps.len() as i64).await;
+    terminate_all(&mut replicas[..1], EXIT);
+    terminate_all(&mut replicas[2..], EXIT);
+
+    let recorded: BTreeMap<String, (String, Option<String>)> = env
+        .db
+        .client()
+        .await
+        .query(
+            "SELECT event_id, outcome, reason FROM processed_events
+             WHERE event_type IN ('reserve', 'commit', 'release', 'expire')",
+            &[],
+        )
+        .await
+        .expect("order steps")
+        .iter()
+        .map(|r| (r.get(0), (r.get(1), r.get(2))))
+        .collect();
+    assert_eq!(recorded.len(), steps.len(), "every order step decided once");
+    let replies = replies(&env).by_request;
+    assert_eq!(
+        replies, recorded,
+        "one reply per step, as the database decided it"
+    );
+    let (ok, report) = env.verify(None);
+    assert!(ok, "verify failed:\n{report}");
+}
