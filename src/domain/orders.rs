@@ -18,7 +18,7 @@ use std::collections::HashMap;
 use chrono::{DateTime, TimeDelta, Utc};
 
 use super::event::{Event, EventKind, Expiry, Line};
-use super::rules::{Movement, RejectReason, Stock, StockBook};
+use super::rules::{Change, Movement, RejectReason, StockBook, move_lines};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ReservationStatus {
@@ -86,7 +86,7 @@ pub fn apply_order_step(
                 .get_mut(order_id)
                 .filter(|r| r.is_active() && r.expires_at > clock.now)
                 .ok_or(RejectReason::NoActiveReservation)?;
-            let movements = change(stock, &reservation.lines, -1, -1)?;
+            let movements = move_lines(stock, &reservation.lines, change(-1, -1))?;
             reservation.status = ReservationStatus::Committed;
             Ok(movements)
         }
@@ -135,7 +135,7 @@ fn reserve(
     if orders.contains_key(order_id) {
         return Err(RejectReason::OrderExists);
     }
-    let movements = change(stock, &event.lines, 0, 1)?;
+    let movements = move_lines(stock, &event.lines, change(0, 1))?;
     orders.insert(
         order_id.to_owned(),
         Reservation {
@@ -146,6 +146,15 @@ fn reserve(
         },
     );
     Ok(movements)
+}
+
+/// An order step moves the stock of SKUs that exist: a reservation names restocked ones only.
+fn change(on_hand: i64, reserved: i64) -> Change {
+    Change {
+        on_hand,
+        reserved,
+        creates: false,
+    }
 }
 
 /// Ends an active reservation that `allowed` admits with `status`, giving its units back.
@@ -160,62 +169,15 @@ fn end(
         .get_mut(order_id)
         .filter(|r| r.is_active() && allowed(r))
         .ok_or(RejectReason::NoActiveReservation)?;
-    let movements = change(stock, &reservation.lines, 0, -1)?;
+    let movements = move_lines(stock, &reservation.lines, change(0, -1))?;
     reservation.status = status;
-    Ok(movements)
-}
-
-/// Moves every line by `on_hand` and `reserved` times its quantity, all or nothing, keeping
-/// `0 <= reserved <= on_hand` and refusing SKUs that were never restocked.
-fn change(
-    stock: &mut StockBook,
-    lines: &[Line],
-    on_hand: i64,
-    reserved: i64,
-) -> Result<Vec<Movement>, RejectReason> {
-    let mut scratch: Vec<(&str, Stock)> = Vec::with_capacity(lines.len());
-    let mut movements = Vec::with_capacity(lines.len());
-    for line in lines {
-        let current = scratch
-            .iter()
-            .rev()
-            .find(|(sku, _)| *sku == line.sku)
-            .map(|(_, s)| *s)
-            .or_else(|| stock.get(&line.sku).copied())
-            .ok_or(RejectReason::UnknownSku)?;
-        let (delta, reserved_delta) = (on_hand * line.quantity, reserved * line.quantity);
-        let after = Stock {
-            on_hand: current
-                .on_hand
-                .checked_add(delta)
-                .ok_or(RejectReason::StockOverflow)?,
-            reserved: current
-                .reserved
-                .checked_add(reserved_delta)
-                .ok_or(RejectReason::StockOverflow)?,
-        };
-        if after.reserved < 0 || after.reserved > after.on_hand {
-            return Err(RejectReason::InsufficientStock);
-        }
-        scratch.push((&line.sku, after));
-        movements.push(Movement {
-            sku: line.sku.clone(),
-            delta,
-            stock_after: after.on_hand,
-            reserved_delta,
-            reserved_after: after.reserved,
-        });
-    }
-    for (sku, after) in scratch {
-        stock.insert(sku.to_owned(), after);
-    }
     Ok(movements)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::rules::apply_event;
+    use crate::domain::rules::{Stock, apply_event};
     use proptest::prelude::*;
 
     fn at(seconds: i64) -> DateTime<Utc> {

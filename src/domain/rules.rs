@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 
-use super::event::Event;
+use super::event::{Event, EventKind, Line};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum RejectReason {
@@ -96,41 +96,71 @@ impl Stock {
 /// Current stock of the SKUs in play. A SKU that is absent has never been restocked.
 pub type StockBook = HashMap<String, Stock>;
 
-/// Applies one event to `book`: on success the book holds the new stock and the movements are
-/// returned in line order; on rejection the book is left exactly as it was.
+/// Applies one stock event to `book`: on success the book holds the new stock and the
+/// movements are returned in line order; on rejection the book is left exactly as it was.
 pub fn apply_event(event: &Event, book: &mut StockBook) -> Result<Vec<Movement>, RejectReason> {
+    let change = Change {
+        on_hand: event.kind.delta(1),
+        reserved: 0,
+        creates: event.kind == EventKind::Restock,
+    };
+    move_lines(book, &event.lines, change)
+}
+
+/// How every line of a step moves its SKU: `on_hand` and `reserved` times its quantity.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Change {
+    pub on_hand: i64,
+    pub reserved: i64,
+    /// A SKU never restocked starts at zero (a restock creates it) instead of being refused.
+    pub creates: bool,
+}
+
+/// The one mechanism every step moves stock by (stock events here, order steps in
+/// [`super::orders`]): every line in order against a scratch overlay of the book, all or
+/// nothing, keeping `0 <= reserved <= on_hand`. Reserved units stay on hand: a sale may take
+/// only what is above them.
+pub(super) fn move_lines(
+    book: &mut StockBook,
+    lines: &[Line],
+    change: Change,
+) -> Result<Vec<Movement>, RejectReason> {
     // Only the lines' SKUs change, so a small overlay is cheaper than cloning the book.
-    let mut scratch: Vec<(&str, Stock)> = Vec::with_capacity(event.lines.len());
-    let mut movements = Vec::with_capacity(event.lines.len());
-    for line in &event.lines {
+    let mut scratch: Vec<(&str, Stock)> = Vec::with_capacity(lines.len());
+    let mut movements = Vec::with_capacity(lines.len());
+    for line in lines {
         let current = match scratch.iter().rev().find(|(sku, _)| *sku == line.sku) {
             Some((_, stock)) => Some(*stock),
             None => book.get(&line.sku).copied(),
         };
-        let current = match (current, event.kind) {
-            (Some(stock), _) => stock,
-            (None, super::EventKind::Restock) => Stock::default(),
-            (None, _) => return Err(RejectReason::UnknownSku),
+        let current = match current {
+            Some(stock) => stock,
+            None if change.creates => Stock::default(),
+            None => return Err(RejectReason::UnknownSku),
         };
-        let delta = event.kind.delta(line.quantity);
-        let after = current
-            .on_hand
-            .checked_add(delta)
-            .ok_or(RejectReason::StockOverflow)?;
-        // Reserved units stay on hand: only what is above them may go.
-        if after < current.reserved {
+        let (delta, reserved_delta) = (
+            change.on_hand * line.quantity,
+            change.reserved * line.quantity,
+        );
+        let after = Stock {
+            on_hand: current
+                .on_hand
+                .checked_add(delta)
+                .ok_or(RejectReason::StockOverflow)?,
+            reserved: current
+                .reserved
+                .checked_add(reserved_delta)
+                .ok_or(RejectReason::StockOverflow)?,
+        };
+        if after.reserved < 0 || after.reserved > after.on_hand {
             return Err(RejectReason::InsufficientStock);
         }
-        let after = Stock {
-            on_hand: after,
-            reserved: current.reserved,
-        };
         scratch.push((&line.sku, after));
         movements.push(Movement {
             sku: line.sku.clone(),
             delta,
             stock_after: after.on_hand,
-            reserved_delta: 0,
+            reserved_delta,
             reserved_after: after.reserved,
         });
     }
