@@ -251,8 +251,6 @@ impl Batch {
         let existing: HashSet<String> = stock.keys().cloned().collect();
         // Ids decided earlier in this batch count as recorded for the deliveries after them.
         let mut seen: HashMap<&str, Vec<u8>> = HashMap::new();
-        // Per SKU: stock delta, reserved delta, movements.
-        let mut products: BTreeMap<String, (i64, i64, i64)> = BTreeMap::new();
         for (delivery, decoded) in &self.items {
             let event = match decoded {
                 Ok(event) => event,
@@ -289,10 +287,6 @@ impl Batch {
             let outcome = match applied {
                 Ok(movements) => {
                     for m in movements {
-                        let entry = products.entry(m.sku.clone()).or_default();
-                        entry.0 += m.delta;
-                        entry.1 += m.reserved_delta;
-                        entry.2 += 1;
                         plan.movements.push((&event.id, m));
                     }
                     if let Some(r) = order.and_then(|o| orders.get(o).map(|r| (o, r))) {
@@ -334,18 +328,35 @@ impl Batch {
                 line_count,
             });
         }
-        plan.products = products
-            .into_iter()
-            .map(|(sku, (delta, reserved_delta, changes))| ProductChange {
-                created: !existing.contains(&sku),
-                sku,
-                delta,
-                reserved_delta,
-                changes,
-            })
-            .collect();
+        plan.products = product_changes(plan.movements.iter().map(|(_, m)| m), &existing);
         plan
     }
+}
+
+/// The net change of each product over `movements`, sorted by SKU: one row update per product
+/// however many movements touch it. `existing` are the SKUs that have a row already.
+pub fn product_changes<'m>(
+    movements: impl Iterator<Item = &'m Movement>,
+    existing: &HashSet<String>,
+) -> Vec<ProductChange> {
+    // Per SKU: stock delta, reserved delta, movements.
+    let mut products: BTreeMap<&str, (i64, i64, i64)> = BTreeMap::new();
+    for m in movements {
+        let entry = products.entry(m.sku.as_str()).or_default();
+        entry.0 += m.delta;
+        entry.1 += m.reserved_delta;
+        entry.2 += 1;
+    }
+    products
+        .into_iter()
+        .map(|(sku, (delta, reserved_delta, changes))| ProductChange {
+            created: !existing.contains(sku),
+            sku: sku.to_owned(),
+            delta,
+            reserved_delta,
+            changes,
+        })
+        .collect()
 }
 
 fn dead_letter<'a>(delivery: &'a Delivery, invalid: &InvalidEvent) -> DeadLetter<'a> {

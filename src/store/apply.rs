@@ -28,10 +28,10 @@ use std::time::Duration;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{ToSql, Type};
 
-use crate::domain::batch::{BatchPlan, ProductChange};
+use crate::domain::batch::{BatchPlan, EndedReservation, ProductChange};
 use crate::domain::{
-    Batch, Clock, Line, OrderBook, RecordedLookup, Reply, Reservation, ReservationStatus, Stock,
-    StockBook, lock_key,
+    Batch, Clock, Line, Movement, OrderBook, RecordedLookup, Reply, Reservation, ReservationStatus,
+    Stock, StockBook, lock_key,
 };
 use crate::store::ownership::{FENCE, check_fence};
 use crate::store::{Failure, Pool};
@@ -272,12 +272,7 @@ async fn apply_once(
     for row in recorded_rows {
         recorded.insert(row.try_get::<_, String>(0)?, row.try_get::<_, Vec<u8>>(1)?);
     }
-    let mut stock = StockBook::with_capacity(stock_rows.len());
-    for row in stock_rows {
-        let sku = row.try_get::<_, String>(0)?;
-        let (on_hand, reserved) = (row.try_get(1)?, row.try_get(2)?);
-        stock.insert(sku, Stock { on_hand, reserved });
-    }
+    let stock = read_stock(&stock_rows)?;
     let reservations = read_reservations(&reservation_rows)?;
     if let Some(sku) = reservations
         .values()
@@ -303,11 +298,11 @@ async fn apply_once(
     // (one round trip). PostgreSQL runs them in the order sent, so products exist before the
     // ledger rows that reference them; if one fails, the rest fail and nothing commits.
     let events = EventRows::of(&plan);
-    let updated = ProductRows::of(&plan, false);
-    let created = ProductRows::of(&plan, true);
-    let movements = MovementRows::of(&plan);
+    let updated = ProductRows::of(plan.products.iter().filter(|p| !p.created));
+    let created = ProductRows::of(plan.products.iter().filter(|p| p.created));
+    let movements = MovementRows::of(plan.movements.iter().map(|(id, m)| (*id, m)));
     let made = ReservationRows::of(&plan);
-    let ended = EndedRows::of(&plan);
+    let ended = EndedRows::of(&plan.ended);
     let replies = ReplyRows::of(&plan);
     let dead = DeadLetterRows::of(&plan);
     let next_offset = last + 1;
@@ -323,14 +318,7 @@ async fn apply_once(
         (&events.digests, Type::BYTEA_ARRAY),
     ];
     let (updated_params, created_params) = (updated.params(), created.params());
-    let movement_params: [(&(dyn ToSql + Sync), Type); 6] = [
-        (&movements.event_ids, Type::TEXT_ARRAY),
-        (&movements.skus, Type::TEXT_ARRAY),
-        (&movements.deltas, Type::INT8_ARRAY),
-        (&movements.after, Type::INT8_ARRAY),
-        (&movements.reserved_deltas, Type::INT8_ARRAY),
-        (&movements.reserved_after, Type::INT8_ARRAY),
-    ];
+    let movement_params = movements.params();
     let reservation_params: [(&(dyn ToSql + Sync), Type); 3] = [
         (&made.orders, Type::TEXT_ARRAY),
         (&made.events, Type::TEXT_ARRAY),
@@ -342,11 +330,7 @@ async fn apply_once(
         (&made.line_skus, Type::TEXT_ARRAY),
         (&made.line_quantities, Type::INT8_ARRAY),
     ];
-    let ended_params: [(&(dyn ToSql + Sync), Type); 3] = [
-        (&ended.orders, Type::TEXT_ARRAY),
-        (&ended.statuses, Type::TEXT_ARRAY),
-        (&ended.by, Type::TEXT_ARRAY),
-    ];
+    let ended_params = ended.params();
     let reply_params = replies.params();
     let queue_param = [(&plan.queued as &(dyn ToSql + Sync), Type::TEXT_ARRAY)];
     let dead_letter_params: [(&(dyn ToSql + Sync), Type); 7] = [
@@ -379,7 +363,7 @@ async fn apply_once(
             tx.execute_typed(INSERT_PRODUCTS, &created_params)
         ),
         unless_empty(
-            movements.event_ids.is_empty(),
+            movements.is_empty(),
             tx.execute_typed(INSERT_MOVEMENTS, &movement_params)
         ),
         unless_empty(
@@ -479,7 +463,7 @@ impl<'a> EventRows<'a> {
 }
 
 /// Product changes of the plan: of existing SKUs, or (`created`) of first-restocked ones.
-struct ProductRows<'a> {
+pub(super) struct ProductRows<'a> {
     skus: Vec<&'a str>,
     deltas: Vec<i64>,
     changes: Vec<i64>,
@@ -487,12 +471,8 @@ struct ProductRows<'a> {
 }
 
 impl<'a> ProductRows<'a> {
-    fn of(plan: &'a BatchPlan<'a>, created: bool) -> Self {
-        let chosen: Vec<&ProductChange> = plan
-            .products
-            .iter()
-            .filter(|p| p.created == created)
-            .collect();
+    pub(super) fn of(changes: impl Iterator<Item = &'a ProductChange>) -> Self {
+        let chosen: Vec<&ProductChange> = changes.collect();
         ProductRows {
             skus: chosen.iter().map(|p| p.sku.as_str()).collect(),
             deltas: chosen.iter().map(|p| p.delta).collect(),
@@ -503,7 +483,7 @@ impl<'a> ProductRows<'a> {
 
     /// For [`INSERT_PRODUCTS`] and [`UPDATE_PRODUCTS`] alike (a SKU first restocked may be
     /// reserved in the same batch).
-    fn params(&self) -> [(&(dyn ToSql + Sync), Type); 4] {
+    pub(super) fn params(&self) -> [(&(dyn ToSql + Sync), Type); 4] {
         [
             (&self.skus, Type::TEXT_ARRAY),
             (&self.deltas, Type::INT8_ARRAY),
@@ -513,8 +493,8 @@ impl<'a> ProductRows<'a> {
     }
 }
 
-/// The plan's ledger rows.
-struct MovementRows<'a> {
+/// Ledger rows, each with the event that caused it.
+pub(super) struct MovementRows<'a> {
     event_ids: Vec<&'a str>,
     skus: Vec<&'a str>,
     deltas: Vec<i64>,
@@ -524,8 +504,8 @@ struct MovementRows<'a> {
 }
 
 impl<'a> MovementRows<'a> {
-    fn of(plan: &'a BatchPlan<'a>) -> Self {
-        let m = &plan.movements;
+    pub(super) fn of(movements: impl Iterator<Item = (&'a str, &'a Movement)>) -> Self {
+        let m: Vec<(&str, &Movement)> = movements.collect();
         MovementRows {
             event_ids: m.iter().map(|(id, _)| *id).collect(),
             skus: m.iter().map(|(_, m)| m.sku.as_str()).collect(),
@@ -534,6 +514,21 @@ impl<'a> MovementRows<'a> {
             reserved_deltas: m.iter().map(|(_, m)| m.reserved_delta).collect(),
             reserved_after: m.iter().map(|(_, m)| m.reserved_after).collect(),
         }
+    }
+
+    pub(super) fn is_empty(&self) -> bool {
+        self.event_ids.is_empty()
+    }
+
+    pub(super) fn params(&self) -> [(&(dyn ToSql + Sync), Type); 6] {
+        [
+            (&self.event_ids, Type::TEXT_ARRAY),
+            (&self.skus, Type::TEXT_ARRAY),
+            (&self.deltas, Type::INT8_ARRAY),
+            (&self.after, Type::INT8_ARRAY),
+            (&self.reserved_deltas, Type::INT8_ARRAY),
+            (&self.reserved_after, Type::INT8_ARRAY),
+        ]
     }
 }
 
@@ -603,22 +598,40 @@ impl<'a> ReplyRows<'a> {
     }
 }
 
-/// The reservations the plan ends.
-struct EndedRows<'a> {
+/// Reservations ended, and by which event.
+pub(super) struct EndedRows<'a> {
     orders: Vec<&'a str>,
     statuses: Vec<&'static str>,
     by: Vec<&'a str>,
 }
 
 impl<'a> EndedRows<'a> {
-    fn of(plan: &'a BatchPlan<'a>) -> Self {
-        let e = &plan.ended;
+    pub(super) fn of(ended: &'a [EndedReservation]) -> Self {
         EndedRows {
-            orders: e.iter().map(|e| e.order_id.as_str()).collect(),
-            statuses: e.iter().map(|e| e.status.as_str()).collect(),
-            by: e.iter().map(|e| e.by.as_str()).collect(),
+            orders: ended.iter().map(|e| e.order_id.as_str()).collect(),
+            statuses: ended.iter().map(|e| e.status.as_str()).collect(),
+            by: ended.iter().map(|e| e.by.as_str()).collect(),
         }
     }
+
+    pub(super) fn params(&self) -> [(&(dyn ToSql + Sync), Type); 3] {
+        [
+            (&self.orders, Type::TEXT_ARRAY),
+            (&self.statuses, Type::TEXT_ARRAY),
+            (&self.by, Type::TEXT_ARRAY),
+        ]
+    }
+}
+
+/// The stock of the SKUs a [`STOCK`] read found.
+pub(super) fn read_stock(rows: &[tokio_postgres::Row]) -> Result<StockBook, Failure> {
+    let mut stock = StockBook::with_capacity(rows.len());
+    for row in rows {
+        let sku: String = row.try_get(0)?;
+        let (on_hand, reserved) = (row.try_get(1)?, row.try_get(2)?);
+        stock.insert(sku, Stock { on_hand, reserved });
+    }
+    Ok(stock)
 }
 
 /// Advisory-lock keys of `skus`, ascending and distinct: taking them in this one global order

@@ -9,19 +9,20 @@
 //! commit, or a release) ended meanwhile is skipped. The `expire:` event id is recorded once
 //! per order, like any event, and its reply queued for the relay in the same transaction.
 
+use std::collections::HashSet;
 use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 use tokio_postgres::types::{ToSql, Type};
 use tokio_util::sync::CancellationToken;
 
+use crate::domain::batch::{EndedReservation, product_changes};
 use crate::domain::event::EXPIRY_PREFIX;
-use crate::domain::{
-    MAX_LINES_PER_BATCH, Movement, ReservationStatus, Stock, StockBook, expire, expiry_reply,
-};
+use crate::domain::{MAX_LINES_PER_BATCH, Movement, ReservationStatus, expire, expiry_reply};
 use crate::store::apply::{
-    END_RESERVATIONS, INSERT_EVENTS, INSERT_MOVEMENTS, INSERT_REPLIES, LOCK, NOW, QUEUE_REPLIES,
-    RESERVATIONS, ReplyRows, STOCK, UPDATE_PRODUCTS, lock_keys, read_reservations, unless_empty,
+    END_RESERVATIONS, EndedRows, INSERT_EVENTS, INSERT_MOVEMENTS, INSERT_REPLIES, LOCK,
+    MovementRows, NOW, ProductRows, QUEUE_REPLIES, RESERVATIONS, ReplyRows, STOCK, UPDATE_PRODUCTS,
+    lock_keys, read_reservations, read_stock, unless_empty,
 };
 use crate::store::{Failure, Pool};
 
@@ -94,12 +95,8 @@ pub async fn sweep(pool: &Pool, topic: &str) -> Result<usize, Failure> {
         tx.query_typed(RESERVATIONS, &orders_param),
         async { tx.query_typed_one(NOW, &[]).await?.try_get::<_, i64>(0) },
     )?;
-    let mut stock = StockBook::with_capacity(stock_rows.len());
-    for row in stock_rows {
-        let sku: String = row.try_get(0)?;
-        let (on_hand, reserved) = (row.try_get(1)?, row.try_get(2)?);
-        stock.insert(sku, Stock { on_hand, reserved });
-    }
+    let mut stock = read_stock(&stock_rows)?;
+    let existing: HashSet<String> = stock.keys().cloned().collect();
     let mut orders = read_reservations(&reservation_rows)?;
     let now = chrono::DateTime::from_timestamp_millis(now).unwrap_or_default();
 
@@ -141,48 +138,26 @@ pub async fn sweep(pool: &Pool, topic: &str) -> Result<usize, Failure> {
         (&offsets, Type::INT8_ARRAY),
         (&digests, Type::BYTEA_ARRAY),
     ];
-    let movements: Vec<(&str, &Movement)> = expired
+    let movements = MovementRows::of(
+        expired
+            .iter()
+            .flat_map(|(_, id, ms)| ms.iter().map(move |m| (id.as_str(), m))),
+    );
+    let movement_params = movements.params();
+    // Every SKU of a reservation exists: these are updates, never inserts.
+    let changes = product_changes(expired.iter().flat_map(|(_, _, ms)| ms), &existing);
+    let products = ProductRows::of(changes.iter());
+    let product_params = products.params();
+    let ended: Vec<EndedReservation> = expired
         .iter()
-        .flat_map(|(_, id, ms)| ms.iter().map(move |m| (id.as_str(), m)))
+        .map(|(order, id, _)| EndedReservation {
+            order_id: (*order).to_owned(),
+            status: ReservationStatus::Expired,
+            by: id.clone(),
+        })
         .collect();
-    let m_ids: Vec<&str> = movements.iter().map(|(id, _)| *id).collect();
-    let m_skus: Vec<&str> = movements.iter().map(|(_, m)| m.sku.as_str()).collect();
-    let m_deltas: Vec<i64> = movements.iter().map(|(_, m)| m.delta).collect();
-    let m_after: Vec<i64> = movements.iter().map(|(_, m)| m.stock_after).collect();
-    let m_reserved: Vec<i64> = movements.iter().map(|(_, m)| m.reserved_delta).collect();
-    let m_reserved_after: Vec<i64> = movements.iter().map(|(_, m)| m.reserved_after).collect();
-    let movement_params: [(&(dyn ToSql + Sync), Type); 6] = [
-        (&m_ids, Type::TEXT_ARRAY),
-        (&m_skus, Type::TEXT_ARRAY),
-        (&m_deltas, Type::INT8_ARRAY),
-        (&m_after, Type::INT8_ARRAY),
-        (&m_reserved, Type::INT8_ARRAY),
-        (&m_reserved_after, Type::INT8_ARRAY),
-    ];
-    // Net per product: one row update however many expiries touch it.
-    let mut products: std::collections::BTreeMap<&str, (i64, i64)> = Default::default();
-    for (_, m) in &movements {
-        let entry = products.entry(m.sku.as_str()).or_default();
-        entry.0 += m.reserved_delta;
-        entry.1 += 1;
-    }
-    let p_skus: Vec<&str> = products.keys().copied().collect();
-    let p_deltas = vec![0i64; p_skus.len()];
-    let p_changes: Vec<i64> = products.values().map(|(_, n)| *n).collect();
-    let p_reserved: Vec<i64> = products.values().map(|(r, _)| *r).collect();
-    let product_params: [(&(dyn ToSql + Sync), Type); 4] = [
-        (&p_skus, Type::TEXT_ARRAY),
-        (&p_deltas, Type::INT8_ARRAY),
-        (&p_changes, Type::INT8_ARRAY),
-        (&p_reserved, Type::INT8_ARRAY),
-    ];
-    let e_orders: Vec<&str> = expired.iter().map(|(order, _, _)| *order).collect();
-    let e_status = vec![ReservationStatus::Expired.as_str(); ids.len()];
-    let ended_params: [(&(dyn ToSql + Sync), Type); 3] = [
-        (&e_orders, Type::TEXT_ARRAY),
-        (&e_status, Type::TEXT_ARRAY),
-        (&ids, Type::TEXT_ARRAY),
-    ];
+    let ended_rows = EndedRows::of(&ended);
+    let ended_params = ended_rows.params();
     let reply_rows = ReplyRows::from(&replies);
     let reply_params = reply_rows.params();
     let queue_param = [(
@@ -193,7 +168,7 @@ pub async fn sweep(pool: &Pool, topic: &str) -> Result<usize, Failure> {
         biased;
         tx.execute_typed(INSERT_EVENTS, &event_params),
         tx.execute_typed(UPDATE_PRODUCTS, &product_params),
-        unless_empty(m_ids.is_empty(), tx.execute_typed(INSERT_MOVEMENTS, &movement_params)),
+        unless_empty(movements.is_empty(), tx.execute_typed(INSERT_MOVEMENTS, &movement_params)),
         tx.execute_typed(END_RESERVATIONS, &ended_params),
         unless_empty(replies.is_empty(), tx.execute_typed(INSERT_REPLIES, &reply_params)),
         unless_empty(
