@@ -9,12 +9,8 @@
 //! by SKU; restocks alone commute): it refuses to answer otherwise rather than guess.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::time::Duration;
 
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
-
-use crate::support::TOPIC;
+use crate::support::{TOPIC, read_whole_topic};
 
 const MAX_PAYLOAD: usize = 1024 * 1024;
 const MAX_QUANTITY: i64 = 1_000_000_000;
@@ -41,69 +37,32 @@ pub struct Truth {
 
 /// Reads every message of the topic, partition by partition in offset order.
 pub fn read_topic(bootstrap: &str) -> Vec<Record> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .set("group.id", "oracle-reader")
-        .set("enable.auto.commit", "false")
-        .set("log_level", "3")
-        .create()
-        .expect("oracle consumer");
-    let metadata = consumer
-        .fetch_metadata(Some(TOPIC), Duration::from_secs(10))
-        .expect("metadata");
-    let mut ends = BTreeMap::new();
-    let mut tpl = TopicPartitionList::new();
-    for p in metadata.topics()[0].partitions() {
-        let (low, high) = consumer
-            .fetch_watermarks(TOPIC, p.id(), Duration::from_secs(10))
-            .expect("watermarks");
-        assert_eq!(low, 0, "the oracle needs the whole partition {}", p.id());
-        if high > 0 {
-            ends.insert(p.id(), high);
-            tpl.add_partition_offset(TOPIC, p.id(), Offset::Beginning)
-                .expect("partition");
-        }
-    }
-    assert!(!ends.is_empty(), "the topic is empty: nothing to check");
-    consumer.assign(&tpl).expect("assign");
-    // Partition -> (offset, payload) in the order they arrived.
-    let mut by_partition: BTreeMap<i32, Vec<Positioned>> = BTreeMap::new();
-    let mut left: usize = ends.values().map(|&h| h as usize).sum();
-    let deadline = std::time::Instant::now() + Duration::from_secs(120);
-    while left > 0 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the oracle could not read the topic back ({left} messages missing)"
-        );
-        let Some(message) = consumer.poll(Duration::from_millis(500)) else {
-            continue;
-        };
-        let message = message.expect("reading the topic");
-        by_partition
-            .entry(message.partition())
-            .or_default()
-            .push((message.offset(), message.payload().map(<[u8]>::to_vec)));
-        left -= 1;
-    }
-    let mut records = Vec::new();
-    for (partition, mut messages) in by_partition {
-        messages.sort_by_key(|(offset, _)| *offset);
-        let offsets: Vec<i64> = messages.iter().map(|(o, _)| *o).collect();
+    let (messages, marks) = read_whole_topic(bootstrap, TOPIC);
+    assert!(
+        marks.values().any(|&(_, high)| high > 0),
+        "the topic is empty: nothing to check"
+    );
+    for (p, (low, high)) in marks {
+        assert_eq!(low, 0, "the oracle needs the whole partition {p}");
+        let offsets: Vec<i64> = messages
+            .iter()
+            .filter(|m| m.partition == p)
+            .map(|m| m.offset)
+            .collect();
         assert_eq!(
             offsets,
-            (0..ends[&partition]).collect::<Vec<_>>(),
-            "partition {partition} read back whole"
-        );
-        records.extend(
-            messages
-                .into_iter()
-                .map(|(_, payload)| Record { partition, payload }),
+            (0..high).collect::<Vec<_>>(),
+            "partition {p} read back whole"
         );
     }
-    records
+    messages
+        .into_iter()
+        .map(|m| Record {
+            partition: m.partition,
+            payload: m.payload,
+        })
+        .collect()
 }
-
-type Positioned = (i64, Option<Vec<u8>>);
 
 /// A valid event as the contract defines it.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -6,11 +6,11 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 use serde_json::json;
 
-use crate::support::{Replica, TestEnv, send, terminate_all, wait_until};
+use crate::support::{
+    Replica, TestEnv, read_whole_topic, send, terminate_all, wait_until, watermarks,
+};
 
 const SETTLE: Duration = Duration::from_secs(120);
 const EXIT: Duration = Duration::from_secs(30);
@@ -66,43 +66,14 @@ struct Replies {
 
 /// Reads every reply back; fails on two different replies to one request.
 fn replies(env: &TestEnv) -> Replies {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &env.broker.bootstrap)
-        .set("group.id", "reply-reader")
-        .set("enable.auto.commit", "false")
-        .set("log_level", "3")
-        .create()
-        .expect("reply reader");
-    let metadata = consumer
-        .fetch_metadata(Some(RESULTS), Duration::from_secs(10))
-        .expect("metadata");
-    let mut tpl = TopicPartitionList::new();
-    let mut left = 0;
-    for p in metadata.topics()[0].partitions() {
-        let (_, high) = consumer
-            .fetch_watermarks(RESULTS, p.id(), Duration::from_secs(10))
-            .expect("watermarks");
-        left += high;
-        tpl.add_partition_offset(RESULTS, p.id(), Offset::Beginning)
-            .expect("partition");
-    }
-    consumer.assign(&tpl).expect("assign");
+    let (messages, _) = read_whole_topic(&env.broker.bootstrap, RESULTS);
     let mut seen: BTreeMap<String, (String, Option<String>, String)> = BTreeMap::new();
     let mut by_order: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while left > 0 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{left} replies not read back"
-        );
-        let Some(message) = consumer.poll(Duration::from_millis(500)) else {
-            continue;
-        };
-        let message = message.expect("reading replies");
-        left -= 1;
-        let text = String::from_utf8_lossy(message.payload().unwrap_or_default()).into_owned();
+    for message in messages {
+        let text =
+            String::from_utf8_lossy(message.payload.as_deref().unwrap_or_default()).into_owned();
         let reply: serde_json::Value = serde_json::from_str(&text).expect("a JSON reply");
-        let key = String::from_utf8_lossy(message.key().unwrap_or_default()).into_owned();
+        let key = String::from_utf8_lossy(message.key.as_deref().unwrap_or_default()).into_owned();
         assert_eq!(reply["order_id"], key.as_str(), "keyed by order");
         let id = reply["event_id"].as_str().expect("event_id").to_owned();
         let entry = (
@@ -126,22 +97,8 @@ fn replies(env: &TestEnv) -> Replies {
 
 /// How many messages the results topic holds.
 fn published(env: &TestEnv) -> i64 {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &env.broker.bootstrap)
-        .set("log_level", "3")
-        .create()
-        .expect("watermark reader");
-    let Ok(metadata) = consumer.fetch_metadata(Some(RESULTS), Duration::from_secs(10)) else {
-        return 0;
-    };
-    metadata.topics()[0]
-        .partitions()
-        .iter()
-        .filter_map(|p| {
-            consumer
-                .fetch_watermarks(RESULTS, p.id(), Duration::from_secs(10))
-                .ok()
-        })
+    watermarks(&env.broker.bootstrap, RESULTS)
+        .values()
         .map(|(low, high)| high - low)
         .sum()
 }

@@ -27,6 +27,7 @@ use inventory_consumer::workload::Expectation;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use rdkafka::ClientConfig;
+use rdkafka::Message;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{Offset, TopicPartitionList};
 use tempfile::TempDir;
@@ -323,6 +324,88 @@ impl TestEnv {
     pub fn lag(&self) -> i64 {
         self.broker.lag(GROUP)
     }
+}
+
+/// One message read back from a topic.
+pub struct TopicMessage {
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<Vec<u8>>,
+    pub payload: Option<Vec<u8>>,
+}
+
+/// Each partition's watermarks (low, high) of `topic`.
+pub fn watermarks(bootstrap: &str, topic: &str) -> BTreeMap<i32, (i64, i64)> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("log_level", "3")
+        .create()
+        .expect("watermark reader");
+    watermarks_of(&consumer, topic)
+}
+
+fn watermarks_of(consumer: &BaseConsumer, topic: &str) -> BTreeMap<i32, (i64, i64)> {
+    let metadata = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .expect("metadata");
+    metadata.topics()[0]
+        .partitions()
+        .iter()
+        .map(|p| {
+            let marks = consumer
+                .fetch_watermarks(topic, p.id(), Duration::from_secs(10))
+                .expect("watermarks");
+            (p.id(), marks)
+        })
+        .collect()
+}
+
+/// Every message of `topic` up to the high watermarks taken first, partition by partition in
+/// offset order, with those watermarks.
+pub fn read_whole_topic(
+    bootstrap: &str,
+    topic: &str,
+) -> (Vec<TopicMessage>, BTreeMap<i32, (i64, i64)>) {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", "test-reader")
+        .set("enable.auto.commit", "false")
+        .set("log_level", "3")
+        .create()
+        .expect("topic reader");
+    let marks = watermarks_of(&consumer, topic);
+    let mut tpl = TopicPartitionList::new();
+    for (&p, &(low, high)) in &marks {
+        if high > low {
+            tpl.add_partition_offset(topic, p, Offset::Beginning)
+                .expect("partition");
+        }
+    }
+    let mut left: i64 = marks.values().map(|(low, high)| high - low).sum();
+    let mut messages = Vec::new();
+    if left > 0 {
+        consumer.assign(&tpl).expect("assign");
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while left > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "could not read {topic} back ({left} messages missing)"
+        );
+        let Some(message) = consumer.poll(Duration::from_millis(500)) else {
+            continue;
+        };
+        let message = message.expect("reading the topic");
+        messages.push(TopicMessage {
+            partition: message.partition(),
+            offset: message.offset(),
+            key: message.key().map(<[u8]>::to_vec),
+            payload: message.payload().map(<[u8]>::to_vec),
+        });
+        left -= 1;
+    }
+    messages.sort_by_key(|m| (m.partition, m.offset));
+    (messages, marks)
 }
 
 /// Sends each `(partition, key, payload)` to the topic, in order per partition, and waits for
