@@ -17,6 +17,7 @@ use crate::support::{
     wait_until,
 };
 use inventory_consumer::domain::lock_key;
+use inventory_consumer::embedded::wait;
 use inventory_consumer::stats::StatsSnapshot;
 use inventory_consumer::workload::Generator;
 
@@ -109,7 +110,7 @@ impl Scenario {
     /// Waits until every running replica owns partitions and together they own all 12, and
     /// records how long that took from `since`.
     async fn wait_balanced(&mut self, since: Instant) {
-        wait_until("the group to balance", SETTLE, || async {
+        let balanced = wait::wait_until("the group to balance", SETTLE, || async {
             let owned: Vec<Vec<i32>> = self
                 .running
                 .iter()
@@ -118,7 +119,38 @@ impl Scenario {
             owned.iter().all(|o| !o.is_empty()) && owned.iter().map(Vec::len).sum::<usize>() == 12
         })
         .await;
+        if let Err(e) = balanced {
+            panic!("{e}\n{}", self.membership_report());
+        }
         self.rebalances.push(since.elapsed());
+    }
+
+    /// What each running replica last said about its membership, and its warnings: first in
+    /// a failure's output, where a CI log's excerpt still shows it.
+    fn membership_report(&self) -> String {
+        let mut report = String::new();
+        for &i in &self.running {
+            let replica = &self.replicas[i];
+            report.push_str(&format!(
+                "{} (running: {}) owns {:?}:\n",
+                replica.name(),
+                replica.is_running(),
+                replica.owned()
+            ));
+            let log = replica.log();
+            let telling: Vec<&str> = log
+                .lines()
+                .filter(|l| {
+                    l.contains("\"partitions ")
+                        || l.contains("\"level\":\"WARN\"")
+                        || l.contains("\"level\":\"ERROR\"")
+                })
+                .collect();
+            for line in &telling[telling.len().saturating_sub(8)..] {
+                report.push_str(&format!("  {}\n", &line[..line.len().min(300)]));
+            }
+        }
+        report
     }
 
     async fn wait_settled(&self, at_least: i64) {
