@@ -10,4 +10,5 @@ pub mod faults;
 pub mod local_kafka;
 pub mod postgres;
 pub mod replica;
+pub mod topic;
 pub mod wait;

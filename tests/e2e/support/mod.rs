@@ -17,7 +17,7 @@ use chrono::{DateTime, Utc};
 use inventory_consumer::embedded::replica::{
     LogSummary, ReplicaProcess, local_env, partition_list,
 };
-use inventory_consumer::embedded::wait;
+use inventory_consumer::embedded::{topic, wait};
 use std::time::Duration;
 
 use inventory_consumer::embedded::apache;
@@ -27,13 +27,14 @@ use inventory_consumer::workload::Expectation;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use rdkafka::ClientConfig;
-use rdkafka::Message;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{Offset, TopicPartitionList};
 use tempfile::TempDir;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_inventory-consumer");
 pub const TOPIC: &str = "inventory-events";
+/// Where replies go (`kafka.results_topic`'s default).
+pub const RESULTS_TOPIC: &str = "inventory-results";
 pub const GROUP: &str = "inventory-consumer-group";
 
 /// [`wait::wait_until`], the harness's bounded wait, failing the test when it times out.
@@ -326,38 +327,11 @@ impl TestEnv {
     }
 }
 
-/// One message read back from a topic.
-pub struct TopicMessage {
-    pub partition: i32,
-    pub offset: i64,
-    pub key: Option<Vec<u8>>,
-    pub payload: Option<Vec<u8>>,
-}
+pub use inventory_consumer::embedded::topic::TopicMessage;
 
 /// Each partition's watermarks (low, high) of `topic`.
 pub fn watermarks(bootstrap: &str, topic: &str) -> BTreeMap<i32, (i64, i64)> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .set("log_level", "3")
-        .create()
-        .expect("watermark reader");
-    watermarks_of(&consumer, topic)
-}
-
-fn watermarks_of(consumer: &BaseConsumer, topic: &str) -> BTreeMap<i32, (i64, i64)> {
-    let metadata = consumer
-        .fetch_metadata(Some(topic), Duration::from_secs(10))
-        .expect("metadata");
-    metadata.topics()[0]
-        .partitions()
-        .iter()
-        .map(|p| {
-            let marks = consumer
-                .fetch_watermarks(topic, p.id(), Duration::from_secs(10))
-                .expect("watermarks");
-            (p.id(), marks)
-        })
-        .collect()
+    topic::watermarks(bootstrap, topic).expect("watermarks")
 }
 
 /// Every message of `topic` up to the high watermarks taken first, partition by partition in
@@ -366,46 +340,8 @@ pub fn read_whole_topic(
     bootstrap: &str,
     topic: &str,
 ) -> (Vec<TopicMessage>, BTreeMap<i32, (i64, i64)>) {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .set("group.id", "test-reader")
-        .set("enable.auto.commit", "false")
-        .set("log_level", "3")
-        .create()
-        .expect("topic reader");
-    let marks = watermarks_of(&consumer, topic);
-    let mut tpl = TopicPartitionList::new();
-    for (&p, &(low, high)) in &marks {
-        if high > low {
-            tpl.add_partition_offset(topic, p, Offset::Beginning)
-                .expect("partition");
-        }
-    }
-    let mut left: i64 = marks.values().map(|(low, high)| high - low).sum();
-    let mut messages = Vec::new();
-    if left > 0 {
-        consumer.assign(&tpl).expect("assign");
-    }
-    let deadline = std::time::Instant::now() + Duration::from_secs(120);
-    while left > 0 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "could not read {topic} back ({left} messages missing)"
-        );
-        let Some(message) = consumer.poll(Duration::from_millis(500)) else {
-            continue;
-        };
-        let message = message.expect("reading the topic");
-        messages.push(TopicMessage {
-            partition: message.partition(),
-            offset: message.offset(),
-            key: message.key().map(<[u8]>::to_vec),
-            payload: message.payload().map(<[u8]>::to_vec),
-        });
-        left -= 1;
-    }
-    messages.sort_by_key(|m| (m.partition, m.offset));
-    (messages, marks)
+    topic::read_whole_topic(bootstrap, topic, Duration::from_secs(120))
+        .unwrap_or_else(|e| panic!("{e:#}"))
 }
 
 /// Sends each `(partition, key, payload)` to the topic, in order per partition, and waits for
@@ -522,10 +458,13 @@ impl Broker {
                 .expect("joining")
                 .unwrap_or_else(|e| panic!("starting Apache Kafka: {e:#}"));
         let replication = nodes.min(3) as i32;
-        cluster
-            .create_topic(TOPIC, partitions, replication)
-            .await
-            .unwrap_or_else(|e| panic!("creating the topic on Apache Kafka: {e:#}"));
+        // Topics are not created on use there (as on most production clusters).
+        for topic in [TOPIC, RESULTS_TOPIC] {
+            cluster
+                .create_topic(topic, partitions, replication)
+                .await
+                .unwrap_or_else(|e| panic!("creating {topic} on Apache Kafka: {e:#}"));
+        }
         let bootstrap = cluster.bootstrap().to_owned();
         std::fs::write(dir.join("bootstrap"), &bootstrap).expect("bootstrap file");
         Broker {
