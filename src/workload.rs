@@ -6,21 +6,46 @@
 //! The oracle assumes what the product guarantees for single-SKU events keyed by SKU: each
 //! SKU's events are applied in the order they were produced. Multi-SKU events across
 //! partitions have no such order, so their tests check invariants instead of an oracle.
+//!
+//! Order traffic (`orders` share) keeps that assumption: every generated order has one line
+//! and all its events are keyed by that SKU, so they stay in order with the SKU's stock events
+//! (and one order's events in one partition, as CONTRACT.md section 7 asks of an order id key).
+//! Expiry depends on the clock, not on the stream: an expiring order reserves a SKU of its own
+//! (restocked just before) with a 1-second TTL, so when it expires changes no other outcome;
+//! every other order's reservation lasts a day, so its commit is never late.
 
 use std::collections::{BTreeMap, HashMap};
+
+use chrono::{DateTime, TimeDelta, Utc};
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rand_distr::{Distribution, Zipf};
 use serde::{Deserialize, Serialize};
 
+use crate::domain::orders::{Clock, OrderBook, apply_order_step, expire};
 use crate::domain::{Outcome, StockBook, apply_event, decode};
+
+/// A reservation whose expiry is at most this far from its reserve is expected to have expired
+/// by the time the run is verified; a longer one to be still active (verify within its life).
+pub const EXPIRES_DURING_RUN: TimeDelta = TimeDelta::seconds(60);
+/// The contract's default TTL (`reservations.default_ttl_s`), for reserves that give none.
+const DEFAULT_TTL: TimeDelta = TimeDelta::seconds(900);
 
 /// What a correct consumer must end with; written by `produce`, read by `verify`.
 #[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Expectation {
     /// Final stock of every SKU that was ever restocked.
     pub stock: BTreeMap<String, i64>,
+    /// Final reserved stock of the SKUs that have some (absent: none).
+    #[serde(default)]
+    pub reserved: BTreeMap<String, i64>,
+    /// Reservations by final status (`active`, `committed`, `released`, `expired`).
+    #[serde(default)]
+    pub reservations: BTreeMap<String, u64>,
+    /// Distinct replies: one per distinct order step, one per expiry.
+    #[serde(default)]
+    pub replies: u64,
     /// Distinct valid events: rows expected in `processed_events`.
     pub events: u64,
     pub applied: u64,
@@ -32,11 +57,29 @@ pub struct Expectation {
 }
 
 /// Folds messages, in per-SKU order, into the [`Expectation`].
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Oracle {
     book: StockBook,
+    orders: OrderBook,
     digests: HashMap<String, Vec<u8>>,
     expected: Expectation,
+    /// The stream is decided at one instant: no reservation expires while it is read.
+    clock: Clock,
+}
+
+impl Default for Oracle {
+    fn default() -> Self {
+        Oracle {
+            book: StockBook::default(),
+            orders: OrderBook::default(),
+            digests: HashMap::new(),
+            expected: Expectation::default(),
+            clock: Clock {
+                now: DateTime::<Utc>::UNIX_EPOCH,
+                default_ttl: DEFAULT_TTL,
+            },
+        }
+    }
 }
 
 impl Oracle {
@@ -51,7 +94,13 @@ impl Oracle {
             Some(d) if *d == digest => self.expected.duplicates += 1,
             Some(_) => self.expected.dead_letters += 1,
             None => {
-                let outcome = match apply_event(&event, &mut self.book) {
+                let applied = if event.kind.is_order_step() {
+                    self.expected.replies += 1;
+                    apply_order_step(&event, &mut self.book, &mut self.orders, self.clock)
+                } else {
+                    apply_event(&event, &mut self.book)
+                };
+                let outcome = match applied {
                     Ok(_) => Outcome::Applied,
                     Err(reason) => Outcome::Rejected(reason),
                 };
@@ -65,7 +114,28 @@ impl Oracle {
         }
     }
 
+    /// The end state once the short reservations have expired ([`EXPIRES_DURING_RUN`]).
     pub fn finish(mut self) -> Expectation {
+        let later = self.clock.now + EXPIRES_DURING_RUN;
+        let order_ids: Vec<String> = self.orders.keys().cloned().collect();
+        for order_id in order_ids {
+            if expire(&order_id, &mut self.book, &mut self.orders, later).is_some() {
+                self.expected.replies += 1;
+            }
+        }
+        for reservation in self.orders.values() {
+            *self
+                .expected
+                .reservations
+                .entry(reservation.status.as_str().to_owned())
+                .or_default() += 1;
+        }
+        self.expected.reserved = self
+            .book
+            .iter()
+            .filter(|(_, s)| s.reserved != 0)
+            .map(|(sku, s)| (sku.clone(), s.reserved))
+            .collect();
         self.expected.stock = self
             .book
             .into_iter()
@@ -89,6 +159,9 @@ pub struct WorkloadSpec {
     pub duplicate_share: f64,
     /// Chance, after each event, of sending a malformed message.
     pub invalid_share: f64,
+    /// Share of events that start an order: a reserve, then (later) its commit or release,
+    /// or nothing; some orders expire instead (see the module doc).
+    pub order_share: f64,
     pub seed: u64,
     /// Prefix of event ids, so that runs into one database do not collide.
     pub id_prefix: String,
@@ -109,10 +182,41 @@ pub struct Generator {
     next_event: u64,
     recent: Vec<Message>,
     pending: Vec<Message>,
+    /// Order steps still to send, each after the event count it is due at. Their ids are
+    /// taken when the order starts, so the stream holds exactly `events` valid events.
+    scheduled: Vec<(u64, Message)>,
+    /// Valid events sent so far (the clock of `scheduled`).
+    sent: u64,
 }
 
 /// How many earlier events a duplicate is drawn from.
 const DUPLICATE_WINDOW: usize = 1_000;
+/// A commit or release follows its reserve after up to this many other events.
+const ORDER_SPAN: u64 = 50;
+/// Reservations of orders that do not expire last a day: never late within a run.
+const ORDER_TTL_SECONDS: i64 = 86_400;
+
+/// What becomes of a generated order, by share in percent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum OrderFate {
+    Commit,
+    Release,
+    /// Left active: stock stays reserved.
+    Abandon,
+    /// Reserves a SKU of its own for one second and is released by the service.
+    Expire,
+}
+
+impl OrderFate {
+    fn roll(roll: u32) -> Self {
+        match roll {
+            0..50 => OrderFate::Commit,
+            50..75 => OrderFate::Release,
+            75..85 => OrderFate::Abandon,
+            _ => OrderFate::Expire,
+        }
+    }
+}
 
 impl Generator {
     pub fn new(spec: WorkloadSpec) -> Self {
@@ -126,7 +230,102 @@ impl Generator {
             next_event: 0,
             recent: Vec::new(),
             pending: Vec::new(),
+            scheduled: Vec::new(),
+            sent: 0,
         }
+    }
+
+    fn next_id(&mut self) -> String {
+        let id = format!("{}-{:08}", self.spec.id_prefix, self.next_event);
+        self.next_event += 1;
+        id
+    }
+
+    /// A new valid event: an order's first step (when the budget has room for its second)
+    /// or a stock event.
+    fn fresh(&mut self) -> Message {
+        let room = self.spec.events - self.next_event;
+        if room >= 2 && self.rng.random_bool(self.spec.order_share.clamp(0.0, 1.0)) {
+            self.order()
+        } else {
+            self.event()
+        }
+    }
+
+    /// Starts an order: returns its first message and schedules the rest.
+    fn order(&mut self) -> Message {
+        let fate = OrderFate::roll(self.rng.random_range(0..100));
+        let quantity: i64 = self.rng.random_range(1..=5);
+        let (sku, ttl) = if fate == OrderFate::Expire {
+            // Its own SKU, restocked first: its expiry cannot change another outcome.
+            let tag: String = self
+                .spec
+                .id_prefix
+                .chars()
+                .filter(char::is_ascii_alphanumeric)
+                .collect();
+            (format!("EXP-{tag}-{:08}", self.next_event), 1)
+        } else {
+            (self.pick_sku(), ORDER_TTL_SECONDS)
+        };
+        let mut first = None;
+        if fate == OrderFate::Expire {
+            let id = self.next_id();
+            first = Some(keyed(
+                &sku,
+                serde_json::json!({
+                    "event_id": id, "type": "restock", "sku": sku, "quantity": quantity,
+                    "source": "produce"
+                })
+                .to_string(),
+            ));
+        }
+        let id = self.next_id();
+        let order_id = format!("{id}-order");
+        let reserve = keyed(
+            &sku,
+            serde_json::json!({
+                "event_id": id, "type": "reserve", "order_id": order_id, "sku": sku,
+                "quantity": quantity, "ttl_seconds": ttl, "source": "produce"
+            })
+            .to_string(),
+        );
+        let ending = match fate {
+            OrderFate::Commit => Some("commit"),
+            OrderFate::Release => Some("release"),
+            OrderFate::Abandon | OrderFate::Expire => None,
+        };
+        if let Some(kind) = ending {
+            let id = self.next_id();
+            let due = self.sent + self.rng.random_range(1..=ORDER_SPAN);
+            let step = keyed(
+                &sku,
+                serde_json::json!({
+                    "event_id": id, "type": kind, "order_id": order_id, "source": "produce"
+                })
+                .to_string(),
+            );
+            self.scheduled.push((due, step));
+        }
+        match first {
+            Some(restock) => {
+                self.scheduled.push((self.sent, reserve));
+                restock
+            }
+            None => reserve,
+        }
+    }
+
+    /// The scheduled step due first, if one is due by now (or any, once `events` are out).
+    fn due_step(&mut self) -> Option<Message> {
+        let out_of_events = self.next_event >= self.spec.events;
+        let (i, _) = self
+            .scheduled
+            .iter()
+            .enumerate()
+            .filter(|(_, (due, _))| out_of_events || *due <= self.sent)
+            .min_by_key(|(_, (due, _))| *due)?;
+        Some(self.scheduled.remove(i).1)
     }
 
     pub fn sku_name(index: u64) -> String {
@@ -147,8 +346,7 @@ impl Generator {
 
     fn event(&mut self) -> Message {
         let sku = self.pick_sku();
-        let id = format!("{}-{:08}", self.spec.id_prefix, self.next_event);
-        self.next_event += 1;
+        let id = self.next_id();
         let roll = self.rng.random_range(0..100);
         let (kind, quantity) = match roll {
             0..35 => ("restock", self.rng.random_range(1..=50)),
@@ -278,10 +476,12 @@ impl Iterator for Generator {
         if let Some(m) = self.pending.pop() {
             return Some(m);
         }
-        if self.next_event >= self.spec.events {
-            return None;
-        }
-        let event = self.event();
+        let event = match self.due_step() {
+            Some(step) => step,
+            None if self.next_event < self.spec.events => self.fresh(),
+            None => return None,
+        };
+        self.sent += 1;
         if self
             .rng
             .random_bool(self.spec.invalid_share.clamp(0.0, 1.0))
@@ -318,6 +518,7 @@ mod tests {
             hot_share: 0.0,
             duplicate_share: 0.05,
             invalid_share: 0.01,
+            order_share: 0.0,
             seed: 7,
             id_prefix: "t".into(),
         }
@@ -340,6 +541,55 @@ mod tests {
         assert!((20..100).contains(&e.dead_letters), "{}", e.dead_letters);
         assert!(e.rejected > 0 && e.applied > e.rejected);
         assert!(e.stock.values().all(|s| *s >= 0));
+    }
+
+    #[test]
+    fn order_traffic_ends_as_the_fates_say() {
+        let mut s = spec();
+        s.order_share = 0.3;
+        let messages: Vec<Message> = Generator::new(s).collect();
+        let mut oracle = Oracle::default();
+        for m in &messages {
+            oracle.observe(Some(&m.value));
+        }
+        let e = oracle.finish();
+        assert_eq!(
+            e.events, 5_000,
+            "order steps count towards the events asked for"
+        );
+        assert_eq!(e.events + e.duplicates + e.dead_letters, e.messages);
+
+        // Counted from the messages themselves: the kinds sent, and each order's key.
+        let mut steps = std::collections::BTreeSet::new();
+        let mut keys: HashMap<String, std::collections::BTreeSet<Option<String>>> = HashMap::new();
+        for m in &messages {
+            let Ok(v) = serde_json::from_slice::<serde_json::Value>(&m.value) else {
+                continue;
+            };
+            if let (Some(order), Some(id)) = (v["order_id"].as_str(), v["event_id"].as_str()) {
+                steps.insert(id.to_owned());
+                keys.entry(order.to_owned())
+                    .or_default()
+                    .insert(m.key.clone());
+            }
+        }
+        let expired = e.reservations.get("expired").copied().unwrap_or(0);
+        let active = e.reservations.get("active").copied().unwrap_or(0);
+        assert!(expired > 0 && active > 0, "{:?}", e.reservations);
+        assert!(e.reservations.get("committed").copied().unwrap_or(0) > 0);
+        assert!(e.reservations.get("released").copied().unwrap_or(0) > 0);
+        // Malformed copies may carry an order id too: at least every valid step is replied.
+        assert!(e.replies >= expired && e.replies - expired <= steps.len() as u64);
+        assert!(
+            keys.values().all(|k| k.len() == 1),
+            "every order's events share one key"
+        );
+        assert!(e.reserved.values().all(|r| *r > 0));
+        assert!(
+            e.reserved.keys().all(|sku| !sku.starts_with("EXP-")),
+            "expiring orders hold nothing at the end"
+        );
+        assert!(e.reserved.iter().all(|(sku, r)| e.stock[sku] >= *r));
     }
 
     #[test]

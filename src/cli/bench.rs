@@ -388,6 +388,7 @@ impl Bench {
             // correctly too (duplicates are what it cannot handle).
             duplicate_share: 0.0,
             invalid_share: 0.0,
+            order_share: 0.0,
             seed: 2026 + u64::from(self.runs),
             id_prefix: format!("bench{}", self.runs),
         }

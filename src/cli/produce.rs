@@ -36,6 +36,12 @@ pub struct ProduceArgs {
     /// numbers, deep nesting, SQL in SKUs, 2 MiB values, no key...) and reused event ids.
     #[arg(long, default_value_t = 0.0)]
     pub invalid: f64,
+    /// Share of events that start an order (CONTRACT.md section 7): a reserve, then its
+    /// commit (half of them), its release (a quarter), nothing (a tenth, left reserved), or
+    /// an expiry (the rest: a reservation of one second on a SKU of its own). Each order's
+    /// events are keyed by its one SKU, so that they keep their order with that SKU's events.
+    #[arg(long, default_value_t = 0.0)]
+    pub orders: f64,
     /// Random seed (printed when not given, to reproduce a run).
     #[arg(long)]
     pub seed: Option<u64>,
@@ -91,6 +97,8 @@ pub fn main(settings: &Settings, args: &ProduceArgs) -> anyhow::Result<ExitCode>
         "applied": expected.applied,
         "rejected": expected.rejected,
         "skus": expected.stock.len(),
+        "reservations": expected.reservations,
+        "replies": expected.replies,
     });
     match &args.expected_out {
         Some(path) => {
@@ -110,6 +118,7 @@ pub fn spec_of(args: &ProduceArgs) -> WorkloadSpec {
         hot_share: args.hot_share,
         duplicate_share: args.duplicates,
         invalid_share: args.invalid,
+        order_share: args.orders,
         seed: args.seed.unwrap_or_else(rand::random),
         id_prefix: args
             .id_prefix
@@ -177,7 +186,8 @@ pub fn send(
     Ok(oracle.finish())
 }
 
-/// One message per non-empty line, keyed by the line's `sku` when it has one.
+/// One message per non-empty line, keyed by the line's `sku` when it has one, else by its
+/// `order_id`.
 fn read_lines(path: &Path) -> anyhow::Result<Vec<Message>> {
     let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
     let mut messages = Vec::new();
@@ -188,7 +198,10 @@ fn read_lines(path: &Path) -> anyhow::Result<Vec<Message>> {
         }
         let key = serde_json::from_slice::<serde_json::Value>(&line)
             .ok()
-            .and_then(|v| v.get("sku").and_then(|s| s.as_str()).map(str::to_owned));
+            .and_then(|v| {
+                let key = v.get("sku").or_else(|| v.get("order_id"))?;
+                key.as_str().map(str::to_owned)
+            });
         messages.push(Message { key, value: line });
     }
     Ok(messages)

@@ -1,18 +1,45 @@
 //! The audit behind `verify`: invariants that must hold in any database this service wrote,
 //! and, given the oracle a `produce` run wrote, equality with what should have happened.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use tokio_postgres::Client;
 
 use crate::store::Failure;
 use crate::workload::Expectation;
 
+/// Reservations that have expired so far (each one's expiry is recorded like an event, but
+/// comes from no message, so [`settled`] leaves it out).
+pub async fn expired(db: &Client) -> Result<i64, Failure> {
+    Ok(db
+        .query_one(
+            "SELECT count(*) FROM reservations WHERE status = 'expired'",
+            &[],
+        )
+        .await?
+        .try_get(0)?)
+}
+
+/// Replies written but not yet published (rows of `reply_outbox`).
+pub async fn queued_replies(db: &Client) -> Result<i64, Failure> {
+    Ok(db
+        .query_one("SELECT count(*) FROM reply_outbox", &[])
+        .await?
+        .try_get(0)?)
+}
+
+/// The event ids of every recorded reply.
+pub async fn reply_ids(db: &Client) -> Result<BTreeSet<String>, Failure> {
+    let rows = db.query("SELECT event_id FROM replies", &[]).await?;
+    rows.iter().map(|r| Ok(r.try_get(0)?)).collect()
+}
+
 /// Messages that reached an end: events decided (`processed_events`) plus dead letters.
 pub async fn settled(db: &Client) -> Result<i64, Failure> {
     Ok(db
         .query_one(
-            "SELECT (SELECT count(*) FROM processed_events) + (SELECT count(*) FROM dead_letters)",
+            "SELECT (SELECT count(*) FROM processed_events WHERE event_type <> 'expire')
+                  + (SELECT count(*) FROM dead_letters)",
             &[],
         )
         .await?
@@ -36,7 +63,7 @@ impl AuditReport {
         self.checks.iter().all(|c| c.passed)
     }
 
-    fn check(&mut self, name: &'static str, passed: bool, detail: String) {
+    pub fn check(&mut self, name: &'static str, passed: bool, detail: String) {
         self.checks.push(Check {
             name,
             passed,
@@ -163,17 +190,24 @@ async fn compare_with_oracle(
     r: &mut AuditReport,
 ) -> Result<(), Failure> {
     let rows = db
-        .query("SELECT sku, current_stock FROM products", &[])
+        .query(
+            "SELECT sku, current_stock, reserved_stock FROM products",
+            &[],
+        )
         .await?;
     let mut actual = BTreeMap::new();
     for row in rows {
-        actual.insert(row.try_get::<_, String>(0)?, row.try_get::<_, i64>(1)?);
+        let stock: (i64, i64) = (row.try_get(1)?, row.try_get(2)?);
+        actual.insert(row.try_get::<_, String>(0)?, stock);
     }
     let mut wrong: Vec<String> = Vec::new();
     for (sku, want) in &expected.stock {
+        let want = (*want, expected.reserved.get(sku).copied().unwrap_or(0));
         match actual.get(sku) {
-            Some(got) if got == want => {}
-            got => wrong.push(format!("{sku}: expected {want}, found {got:?}")),
+            Some(got) if *got == want => {}
+            got => wrong.push(format!(
+                "{sku}: expected (stock, reserved) {want:?}, found {got:?}"
+            )),
         }
     }
     for sku in actual.keys().filter(|s| !expected.stock.contains_key(*s)) {
@@ -181,7 +215,7 @@ async fn compare_with_oracle(
     }
     let sample: Vec<&str> = wrong.iter().take(5).map(String::as_str).collect();
     r.check(
-        "stock equals oracle",
+        "stock and reserved stock equal oracle",
         wrong.is_empty(),
         format!(
             "{} of {} SKUs differ{}",
@@ -195,12 +229,35 @@ async fn compare_with_oracle(
         ),
     );
 
+    let rows = db
+        .query(
+            "SELECT status, count(*) FROM reservations GROUP BY status",
+            &[],
+        )
+        .await?;
+    let mut statuses = BTreeMap::new();
+    for row in rows {
+        statuses.insert(
+            row.try_get::<_, String>(0)?,
+            row.try_get::<_, i64>(1)? as u64,
+        );
+    }
+    r.check(
+        "reservations equal oracle",
+        statuses == expected.reservations,
+        format!(
+            "by status: expected {:?}, found {statuses:?}",
+            expected.reservations
+        ),
+    );
+
     let counts = db
         .query_one(
             "SELECT (SELECT count(*) FROM processed_events WHERE event_type <> 'expire'),
                     (SELECT count(*) FROM processed_events WHERE outcome = 'applied' AND event_type <> 'expire'),
                     (SELECT count(*) FROM processed_events WHERE outcome = 'rejected'),
-                    (SELECT count(*) FROM dead_letters)",
+                    (SELECT count(*) FROM dead_letters),
+                    (SELECT count(*) FROM replies)",
             &[],
         )
         .await?;
@@ -209,6 +266,7 @@ async fn compare_with_oracle(
         (1, "applied events equal oracle", expected.applied),
         (2, "rejected events equal oracle", expected.rejected),
         (3, "dead letters equal oracle", expected.dead_letters),
+        (4, "replies equal oracle", expected.replies),
     ] {
         let got: i64 = counts.try_get(i)?;
         r.check(
