@@ -6,6 +6,7 @@
 //! until every message has settled, stops the replicas gracefully, audits the database against
 //! the workload's oracle and prints a summary.
 
+use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -19,6 +20,7 @@ use crate::config::Settings;
 use crate::embedded::local_kafka::{BrokerKind, LocalKafka};
 use crate::embedded::postgres::PostgresOptions;
 use crate::embedded::replica::{LogSummary, ReplicaProcess, local_env};
+use crate::embedded::topic::read_whole_topic;
 use crate::stats::StatsSnapshot;
 use crate::store::{self, audit};
 use crate::workload::{Generator, WorkloadSpec};
@@ -131,13 +133,15 @@ pub fn main(cli: &Cli, args: &DemoArgs) -> anyhow::Result<ExitCode> {
         hot_share: 0.0,
         duplicate_share: 0.05,
         invalid_share: 0.01,
+        order_share: 0.1,
         seed: rand::random(),
         id_prefix: format!("demo{:08x}", rand::random::<u32>()),
     };
     step(&format!(
-        "producing {} events over {} SKUs at {} msg/s (5% re-sent duplicates, 1% malformed)",
+        "producing {} events over {} SKUs at {} msg/s (10% start an order; 5% re-sent duplicates, 1% malformed)",
         spec.events, spec.skus, args.rate
     ));
+    let results_topic = settings.kafka.results_topic.clone();
     let started = Instant::now();
     let estimate = (spec.events as f64 * 1.06) as u64;
     let rate = args.rate;
@@ -183,13 +187,32 @@ pub fn main(cli: &Cli, args: &DemoArgs) -> anyhow::Result<ExitCode> {
         "{settled} of {target} messages settled in {:.1}s",
         elapsed.as_secs_f64()
     ));
+    // Expiries follow the clock, not the topic; replies leave the outbox after their effect.
+    let expiring = expected.reservations.get("expired").copied().unwrap_or(0) as i64;
+    let replied = loop {
+        let expired = rt.block_on(audit::expired(&db))?;
+        let queued = rt.block_on(audit::queued_replies(&db))?;
+        if (expired >= expiring && queued == 0) || Instant::now() > deadline {
+            step(&format!(
+                "{expired} of {expiring} reservations expired, {queued} replies left to publish"
+            ));
+            break expired >= expiring && queued == 0;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
 
     let total = group.stop_all()?;
     let logged = group.log_summary();
-    let report = rt.block_on(async {
+    let mut report = rt.block_on(async {
         let db = store::connect(&database_url).await?;
         audit::audit(&db, Some(&expected)).await
     })?;
+    let (name, passed, detail) = replies_published(
+        &rt.block_on(audit::reply_ids(&db))?,
+        broker.bootstrap_servers(),
+        &results_topic,
+    )?;
+    report.check(name, passed && replied, detail);
     println!();
     println!("summary");
     println!(
@@ -214,6 +237,12 @@ pub fn main(cli: &Cli, args: &DemoArgs) -> anyhow::Result<ExitCode> {
     );
     println!("  dead letters      {}", expected.dead_letters);
     println!(
+        "  orders            {} reservations by status {:?}, {} replies",
+        expected.reservations.values().sum::<u64>(),
+        expected.reservations,
+        expected.replies
+    );
+    println!(
         "  rebalances        {} assignments, {} revocations, {} losses over {} replicas",
         logged.assignments,
         logged.revocations,
@@ -235,6 +264,38 @@ pub fn main(cli: &Cli, args: &DemoArgs) -> anyhow::Result<ExitCode> {
         println!("verdict: FAIL (logs in {})", logs.display());
         Ok(ExitCode::from(EXIT_VERIFY_FAILED))
     }
+}
+
+/// Whether the results topic, read back whole, holds a reply for every recorded one and
+/// nothing else (the same reply published twice counts once: at least once is the contract).
+fn replies_published(
+    recorded: &BTreeSet<String>,
+    bootstrap: &str,
+    topic: &str,
+) -> anyhow::Result<(&'static str, bool, String)> {
+    let name = "every reply published";
+    if recorded.is_empty() {
+        return Ok((name, true, "no reply recorded".to_owned()));
+    }
+    let (messages, _) = read_whole_topic(bootstrap, topic, Duration::from_secs(120))?;
+    let published: BTreeSet<String> = messages
+        .iter()
+        .filter_map(|m| serde_json::from_slice::<serde_json::Value>(m.payload.as_deref()?).ok())
+        .filter_map(|reply| reply["event_id"].as_str().map(str::to_owned))
+        .collect();
+    let missing = recorded.difference(&published).count();
+    let unknown = published.difference(recorded).count();
+    Ok((
+        name,
+        missing == 0 && unknown == 0,
+        format!(
+            "{} distinct replies in {topic} ({} messages) for {} recorded: {missing} missing, \
+             {unknown} unknown",
+            published.len(),
+            messages.len(),
+            recorded.len()
+        ),
+    ))
 }
 
 fn step(text: &str) {

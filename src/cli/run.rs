@@ -178,6 +178,8 @@ async fn replica(
         crate::kafka::client::producer_config(&settings)
             .create()
             .context("creating the reply producer")?;
+    let (probe, topic) = (replies.clone(), settings.kafka.results_topic.clone());
+    tokio::task::spawn_blocking(move || crate::kafka::relay::check_topic(&probe, &topic));
     background.push(tokio::spawn(crate::kafka::relay::relay_until(
         pool.clone(),
         replies,

@@ -47,11 +47,14 @@ impl LocalKafka {
                 tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build()?
-                    .block_on(cluster.create_topic(
-                        &BrokerOptions::default().topic,
-                        partitions,
-                        1,
-                    ))?;
+                    .block_on(async {
+                        // The replies' topic too: Apache Kafka creates none on use here.
+                        let settings = crate::config::Settings::default();
+                        for topic in [&settings.kafka.topic, &settings.kafka.results_topic] {
+                            cluster.create_topic(topic, partitions, 1).await?;
+                        }
+                        anyhow::Ok(())
+                    })?;
                 Ok(LocalKafka::Apache { cluster, _dir: dir })
             }
         }

@@ -39,6 +39,31 @@ const QUEUED: &str = "
 
 const PUBLISHED: &str = "DELETE FROM reply_outbox WHERE id = ANY($1::bigint[])";
 
+/// Says loudly at start-up when the results topic does not exist (clusters that create no topic
+/// on use): replies then wait in the outbox until it does. Blocking: call off the runtime.
+pub fn check_topic(producer: &FutureProducer, topic: &str) {
+    use rdkafka::producer::Producer;
+    match producer
+        .client()
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+    {
+        Ok(metadata) => {
+            let missing = metadata
+                .topics()
+                .first()
+                .is_none_or(|t| t.error().is_some() || t.partitions().is_empty());
+            if missing {
+                tracing::error!(
+                    topic,
+                    "the results topic does not exist: replies to order steps stay queued in \
+                     reply_outbox until it is created (README: Replies)"
+                );
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, topic, "cannot check that the results topic exists"),
+    }
+}
+
 /// Relays until `stop`; a failed round (broker or database away) is retried.
 pub async fn relay_until(
     pool: Pool,
