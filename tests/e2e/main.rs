@@ -350,7 +350,18 @@ async fn demo_passes(extra: &[&str]) -> String {
         "demo failed:\n{stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(stdout.contains("PASS stock equals oracle"), "{stdout}");
+    for check in [
+        "PASS stock and reserved stock equal oracle",
+        "PASS reservations equal oracle",
+        "PASS replies equal oracle",
+        "PASS every reply published",
+    ] {
+        assert!(stdout.contains(check), "{check}:\n{stdout}");
+    }
+    assert!(
+        !stdout.contains("reservations by status {}"),
+        "the demo has orders: {stdout}"
+    );
     // Progress lines (`demo: ...`) go to stderr.
     format!("{stdout}\n{}", String::from_utf8_lossy(&out.stderr))
 }

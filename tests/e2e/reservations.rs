@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use serde_json::json;
 
+use crate::oracle::{assert_database_matches, assert_replies_match, truth_of};
 use crate::support::{
     Replica, TestEnv, read_whole_topic, send, terminate_all, wait_until, watermarks,
 };
@@ -105,11 +106,22 @@ fn published(env: &TestEnv) -> i64 {
 
 /// Waits until every reply recorded so far (at least `count`) has left the outbox.
 async fn wait_for_replies(env: &TestEnv, count: i64) {
-    wait_until(&format!("{count} replies published"), SETTLE, || async {
-        env.db.scalar("SELECT count(*) FROM reply_outbox").await == 0
-            && env.db.scalar("SELECT count(*) FROM replies").await >= count
-    })
+    let published = inventory_consumer::embedded::wait::wait_until(
+        &format!("{count} replies published"),
+        SETTLE,
+        || async {
+            env.db.scalar("SELECT count(*) FROM reply_outbox").await == 0
+                && env.db.scalar("SELECT count(*) FROM replies").await >= count
+        },
+    )
     .await;
+    if let Err(e) = published {
+        panic!(
+            "{e}: {} replies recorded, {} still in the outbox",
+            env.db.scalar("SELECT count(*) FROM replies").await,
+            env.db.scalar("SELECT count(*) FROM reply_outbox").await
+        );
+    }
 }
 
 fn three_replicas(env: &TestEnv) -> Vec<Replica> {
@@ -492,5 +504,75 @@ async fn replies_survive_a_replica_killed_mid_stream() {
         "one reply per step, as the database decided it"
     );
     let (ok, report) = env.verify(None);
+    assert!(ok, "verify failed:\n{report}");
+}
+
+/// Generated order traffic (`produce --orders`: reserves, then commits, releases, nothing, or
+/// an expiry) mixed with stock events, re-sent duplicates and bad messages, through 3 replicas
+/// on Apache Kafka, one of them SIGKILLed mid-stream and replaced: the database and the results
+/// topic match the tests' own model exactly (stock, reserved stock, reservations by status, one
+/// reply per order step and per expiry, with its outcome), and `verify` agrees with the
+/// expectation `produce` computed.
+#[tokio::test(flavor = "multi_thread")]
+async fn generated_order_traffic_matches_the_model() {
+    let env = TestEnv::on_apache(PARTITIONS, 1).await;
+    let mut replicas = three_replicas(&env);
+    wait_until("the group to own every partition", SETTLE, || async {
+        replicas.iter().map(|r| r.owned().len()).sum::<usize>() == PARTITIONS as usize
+    })
+    .await;
+    let producer = env.produce_in_background(&[
+        "--events",
+        "12000",
+        "--skus",
+        "300",
+        "--orders",
+        "0.4",
+        "--duplicates",
+        "0.05",
+        "--invalid",
+        "0.01",
+        "--seed",
+        "13",
+        "--rate",
+        "3000",
+    ]);
+    wait_until("a third of the events to settle", SETTLE, || async {
+        env.db.settled().await >= 4_000
+    })
+    .await;
+    replicas[1].kill();
+    replicas.push(env.replica("r4", &[]));
+    let expected = producer.finish();
+    env.wait_processed((expected.events + expected.dead_letters) as i64, SETTLE)
+        .await;
+    let truth = truth_of(&env);
+    let expiring = truth.reservations.get("expired").copied().unwrap_or(0) as i64;
+    assert!(expiring > 0, "the workload has expiring orders");
+    wait_until("the short reservations to expire", SETTLE, || async {
+        env.db
+            .scalar("SELECT count(*) FROM reservations WHERE status = 'expired'")
+            .await
+            >= expiring
+    })
+    .await;
+    wait_for_replies(&env, truth.replies.len() as i64).await;
+    terminate_all(&mut replicas[..1], EXIT);
+    terminate_all(&mut replicas[2..], EXIT);
+
+    assert_database_matches(&env.db, &truth).await;
+    assert_replies_match(&env.broker.bootstrap, &truth);
+    println!(
+        "generated orders: {} events, {} replies, reservations {:?}",
+        truth.events,
+        truth.replies.len(),
+        truth.reservations
+    );
+    assert_eq!(
+        (expected.replies, &expected.reservations),
+        (truth.replies.len() as u64, &truth.reservations),
+        "produce's expectation agrees with the model"
+    );
+    let (ok, report) = env.verify(Some(&expected));
     assert!(ok, "verify failed:\n{report}");
 }
