@@ -16,7 +16,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use chrono::{DateTime, TimeDelta, Utc};
+use chrono::{TimeDelta, Utc};
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -63,7 +63,9 @@ pub struct Oracle {
     orders: OrderBook,
     digests: HashMap<String, Vec<u8>>,
     expected: Expectation,
-    /// The stream is decided at one instant: no reservation expires while it is read.
+    /// The stream is decided at one instant (when the oracle was made): no reservation
+    /// expires while it is read. Exact for generated traffic; a file whose later events touch
+    /// a SKU held by a reservation of a minute or less depends on when that one expires.
     clock: Clock,
 }
 
@@ -75,7 +77,7 @@ impl Default for Oracle {
             digests: HashMap::new(),
             expected: Expectation::default(),
             clock: Clock {
-                now: DateTime::<Utc>::UNIX_EPOCH,
+                now: Utc::now(),
                 default_ttl: DEFAULT_TTL,
             },
         }
@@ -257,14 +259,10 @@ impl Generator {
         let fate = OrderFate::roll(self.rng.random_range(0..100));
         let quantity: i64 = self.rng.random_range(1..=5);
         let (sku, ttl) = if fate == OrderFate::Expire {
-            // Its own SKU, restocked first: its expiry cannot change another outcome.
-            let tag: String = self
-                .spec
-                .id_prefix
-                .chars()
-                .filter(char::is_ascii_alphanumeric)
-                .collect();
-            (format!("EXP-{tag}-{:08}", self.next_event), 1)
+            // Its own SKU, restocked first: its expiry cannot change another outcome. Named
+            // after the run's prefix (hashed: any prefix makes a valid, short SKU).
+            let run = crate::domain::lock_key(&self.spec.id_prefix) as u64;
+            (format!("EXP-{run:016x}-{:08}", self.next_event), 1)
         } else {
             (self.pick_sku(), ORDER_TTL_SECONDS)
         };

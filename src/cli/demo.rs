@@ -58,6 +58,8 @@ pub struct DemoArgs {
 
 const SETTLE_TIMEOUT: Duration = Duration::from_secs(600);
 const STOP_TIMEOUT: Duration = Duration::from_secs(30);
+/// For the last expiries (a second each, swept every second) and the outbox to drain.
+const REPLY_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// What happens to the group when this share of the workload has settled.
 #[derive(Debug, Clone, Copy)]
@@ -189,6 +191,7 @@ pub fn main(cli: &Cli, args: &DemoArgs) -> anyhow::Result<ExitCode> {
     ));
     // Expiries follow the clock, not the topic; replies leave the outbox after their effect.
     let expiring = expected.reservations.get("expired").copied().unwrap_or(0) as i64;
+    let deadline = Instant::now() + REPLY_TIMEOUT;
     let replied = loop {
         let expired = rt.block_on(audit::expired(&db))?;
         let queued = rt.block_on(audit::queued_replies(&db))?;
@@ -274,6 +277,7 @@ fn replies_published(
     topic: &str,
 ) -> anyhow::Result<(&'static str, bool, String)> {
     let name = "every reply published";
+    // Whether there should be any is "replies equal oracle", in the same report.
     if recorded.is_empty() {
         return Ok((name, true, "no reply recorded".to_owned()));
     }

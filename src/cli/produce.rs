@@ -45,13 +45,15 @@ pub struct ProduceArgs {
     /// Random seed (printed when not given, to reproduce a run).
     #[arg(long)]
     pub seed: Option<u64>,
-    /// Prefix of generated event ids (random when not given, so runs do not collide).
-    #[arg(long)]
+    /// Prefix of generated event ids (random when not given, so runs do not collide); at most
+    /// 64 characters, so that every generated id and order id is valid.
+    #[arg(long, value_parser = short_prefix)]
     pub id_prefix: Option<String>,
     /// Messages per second; 0 sends as fast as the broker takes them.
     #[arg(long, default_value_t = 0)]
     pub rate: u64,
-    /// Send this JSON-lines file instead (one message per line, keyed by its `sku`).
+    /// Send this JSON-lines file instead (one message per line, keyed by its `sku`; an order's
+    /// commit or release by its reserve's).
     #[arg(long, value_name = "PATH", conflicts_with_all = ["events", "skus"])]
     pub file: Option<PathBuf>,
     /// Write the expectation (final stock per SKU, outcome counts) here instead of stdout.
@@ -108,6 +110,14 @@ pub fn main(settings: &Settings, args: &ProduceArgs) -> anyhow::Result<ExitCode>
         None => println!("{}", serde_json::to_string(&expected)?),
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn short_prefix(text: &str) -> Result<String, String> {
+    if text.chars().count() <= 64 {
+        Ok(text.to_owned())
+    } else {
+        Err("at most 64 characters".to_owned())
+    }
 }
 
 pub fn spec_of(args: &ProduceArgs) -> WorkloadSpec {
@@ -186,22 +196,33 @@ pub fn send(
     Ok(oracle.finish())
 }
 
-/// One message per non-empty line, keyed by the line's `sku` when it has one, else by its
-/// `order_id`.
+/// One message per non-empty line, keyed by the line's `sku` when it has one; an order's later
+/// steps (which name no SKU) take the key of its reserve, so that one order's events stay in
+/// one partition, in order with that SKU's (else they are keyed by their `order_id`).
 fn read_lines(path: &Path) -> anyhow::Result<Vec<Message>> {
     let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
     let mut messages = Vec::new();
+    let mut order_keys: std::collections::HashMap<String, String> = Default::default();
     for line in std::io::BufReader::new(file).split(b'\n') {
         let line = line.with_context(|| format!("reading {}", path.display()))?;
         if line.iter().all(u8::is_ascii_whitespace) {
             continue;
         }
-        let key = serde_json::from_slice::<serde_json::Value>(&line)
-            .ok()
-            .and_then(|v| {
-                let key = v.get("sku").or_else(|| v.get("order_id"))?;
-                key.as_str().map(str::to_owned)
-            });
+        let value = serde_json::from_slice::<serde_json::Value>(&line).ok();
+        let text = |field: &str| {
+            let v = value.as_ref()?.get(field)?;
+            v.as_str().map(str::to_owned)
+        };
+        let key = match (text("type").as_deref(), text("sku"), text("order_id")) {
+            (Some("reserve"), Some(sku), Some(order)) => {
+                Some(order_keys.entry(order).or_insert(sku).clone())
+            }
+            (Some("commit" | "release"), _, Some(order)) => {
+                Some(order_keys.get(&order).cloned().unwrap_or(order))
+            }
+            (_, Some(sku), _) => Some(sku),
+            (_, None, order) => order,
+        };
         messages.push(Message { key, value: line });
     }
     Ok(messages)

@@ -115,6 +115,8 @@ pub fn expected_state(records: &[Record]) -> Truth {
     let mut seen: HashMap<String, Event> = HashMap::new();
     let mut partitions_of: HashMap<String, HashSet<i32>> = HashMap::new();
     let mut order_matters: HashSet<String> = HashSet::new();
+    // SKUs held by a reservation that may expire at any moment of the stream.
+    let mut held_briefly: HashSet<String> = HashSet::new();
     for record in records {
         truth.messages += 1;
         let Some((id, event)) = decide(record.payload.as_deref()) else {
@@ -136,6 +138,11 @@ pub fn expected_state(records: &[Record]) -> Truth {
                     }
                     _ => event.lines.iter().map(|(sku, _)| sku.clone()).collect(),
                 };
+                assert!(
+                    event.kind == "restock" || touched.iter().all(|s| !held_briefly.contains(s)),
+                    "the model cannot tell whether {id} comes before the expiry of a \
+                     reservation on its SKUs"
+                );
                 for sku in touched {
                     partitions_of
                         .entry(sku.clone())
@@ -146,6 +153,12 @@ pub fn expected_state(records: &[Record]) -> Truth {
                     }
                 }
                 let verdict = apply(&event, &mut books);
+                if event.kind == "reserve"
+                    && verdict.is_ok()
+                    && event.ttl.is_some_and(|t| t <= SHORT_TTL)
+                {
+                    held_briefly.extend(event.lines.iter().map(|(sku, _)| sku.clone()));
+                }
                 match &verdict {
                     Ok(()) => truth.applied += 1,
                     Err(_) => truth.rejected += 1,
@@ -515,6 +528,7 @@ mod tests {
     fn the_model_follows_the_contract_for_orders() {
         let truth = expected_state(&[
             record(r#"{"event_id":"a","type":"restock","sku":"S-1","quantity":5}"#),
+            record(r#"{"event_id":"a2","type":"restock","sku":"S-2","quantity":1}"#),
             record(
                 r#"{"event_id":"r1","type":"reserve","order_id":"o1","sku":"S-1","quantity":3,"ttl_seconds":3600}"#,
             ),
@@ -528,7 +542,7 @@ mod tests {
             record(r#"{"event_id":"c1","type":"commit","order_id":"o1"}"#),
             record(r#"{"event_id":"x1","type":"release","order_id":"o1"}"#),
             record(
-                r#"{"event_id":"r4","type":"reserve","order_id":"o4","sku":"S-1","quantity":1,"ttl_seconds":1}"#,
+                r#"{"event_id":"r4","type":"reserve","order_id":"o4","sku":"S-2","quantity":1,"ttl_seconds":1}"#,
             ),
             record(
                 r#"{"event_id":"r5","type":"reserve","order_id":"o5","sku":"S-1","quantity":1}"#,
@@ -536,7 +550,10 @@ mod tests {
             record(r#"{"event_id":"bad","type":"commit","order_id":"o5","sku":"S-1"}"#),
             record(r#"{"event_id":"expire:o5","type":"release","order_id":"o5"}"#),
         ]);
-        assert_eq!(truth.stock, BTreeMap::from([("S-1".to_owned(), 2)]));
+        assert_eq!(
+            truth.stock,
+            BTreeMap::from([("S-1".to_owned(), 2), ("S-2".to_owned(), 1)])
+        );
         assert_eq!(truth.reserved, BTreeMap::from([("S-1".to_owned(), 1)]));
         let status = |s: &str| truth.reservations.get(s).copied();
         assert_eq!(
@@ -561,8 +578,20 @@ mod tests {
         assert_eq!(truth.dead_letters, 2, "lines on a commit; an expiry's id");
         assert_eq!(
             (truth.applied, truth.rejected),
-            (5, 4),
+            (6, 4),
             "s: the 3 reserved units are not for sale"
         );
+    }
+
+    #[test]
+    #[should_panic(expected = "cannot tell whether s comes before the expiry")]
+    fn the_model_refuses_a_sale_that_races_an_expiry() {
+        expected_state(&[
+            record(r#"{"event_id":"a","type":"restock","sku":"S-1","quantity":5}"#),
+            record(
+                r#"{"event_id":"r","type":"reserve","order_id":"o","sku":"S-1","quantity":5,"ttl_seconds":2}"#,
+            ),
+            record(r#"{"event_id":"s","type":"sale","sku":"S-1","quantity":1}"#),
+        ]);
     }
 }
