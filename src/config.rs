@@ -24,6 +24,7 @@ pub struct Settings {
     pub database: DatabaseSettings,
     pub processing: ProcessingSettings,
     pub reservations: ReservationSettings,
+    pub results: ResultSettings,
     pub http: HttpSettings,
     pub log: LogSettings,
 }
@@ -107,6 +108,15 @@ pub struct ReservationSettings {
     pub sweep_interval_ms: u64,
 }
 
+/// What is published to `kafka.results_topic` (CONTRACT.md section 7).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResultSettings {
+    /// Also the outcomes of `restock`, `sale` and `adjustment`, keyed by their first SKU
+    /// (order steps and expiries are always published).
+    pub all_events: bool,
+}
+
 impl ReservationSettings {
     pub fn default_ttl(&self) -> Duration {
         Duration::from_secs(self.default_ttl_s)
@@ -185,6 +195,7 @@ impl Default for Settings {
                 default_ttl_s: 900,
                 sweep_interval_ms: 1_000,
             },
+            results: ResultSettings { all_events: false },
             http: HttpSettings {
                 addr: "0.0.0.0:8080".into(),
             },

@@ -26,6 +26,7 @@ pub const RECHECKS: &str = "inventory_recorded_id_rechecks_total";
 pub const EXPIRED: &str = "inventory_reservations_expired_total";
 pub const REPLIES: &str = "inventory_replies_published_total";
 pub const RELAY_LAG: &str = "inventory_reply_relay_lag_seconds";
+pub const BATCH_SPLITS: &str = "inventory_batch_splits_total";
 
 /// Produce-to-commit latency buckets, 1-2-5 steps from 1 ms to 5 min: fine enough for the
 /// benchmark's percentiles (interpolated within a bucket) and for alerting.
@@ -142,6 +143,10 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
     describe_counter!(
         RECHECKS,
         "Batches re-run with the recorded-id read after skipping it met an id already recorded."
+    );
+    describe_counter!(
+        BATCH_SPLITS,
+        "Batches split in two because their commits and releases would lock too many SKUs at once."
     );
     Ok(handle)
 }

@@ -4,7 +4,9 @@
 
 use std::collections::HashMap;
 
-use inventory_consumer::domain::{Batch, Delivery, StockBook, decode};
+use inventory_consumer::domain::{
+    Batch, Clock, Delivery, EventKind, OrderBook, StockBook, decode,
+};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -14,7 +16,12 @@ fuzz_target!(|data: &[u8]| {
             (1..=128).contains(&id_chars),
             "event id of {id_chars} characters"
         );
-        assert!((1..=100).contains(&event.lines.len()));
+        // A commit or release names no lines; every other event 1 to 100.
+        let lines = match event.kind {
+            EventKind::Commit | EventKind::Release => 0..=0,
+            _ => 1..=100,
+        };
+        assert!(lines.contains(&event.lines.len()));
         for line in &event.lines {
             assert!((1..=64).contains(&line.sku.len()));
             assert!(
@@ -36,10 +43,21 @@ fuzz_target!(|data: &[u8]| {
         payload: Some(data.to_vec()),
         timestamp_ms: None,
     });
-    let plan = batch.plan(&HashMap::new(), StockBook::default());
+    let clock = Clock {
+        now: chrono::DateTime::UNIX_EPOCH,
+        default_ttl: chrono::TimeDelta::seconds(900),
+    };
+    let plan = batch.plan(
+        &HashMap::new(),
+        StockBook::default(),
+        OrderBook::default(),
+        clock,
+        true,
+    );
     assert_eq!(
         plan.events.len() + plan.dead_letters.len() + plan.duplicates as usize,
         1
     );
     assert!(plan.movements.iter().all(|(_, m)| m.stock_after >= 0));
+    assert!(plan.replies.len() <= plan.events.len(), "one reply per decided event at most");
 });

@@ -463,6 +463,7 @@ impl Bench {
                     group: "bench".into(),
                     topic: "bench".into(),
                     reservation_ttl: Settings::default().reservations.default_ttl(),
+                    reply_all: false,
                 };
                 let all: Vec<i32> = (0..batches.len() as i32).collect();
                 let claims = store::claim(&pool, &source, "bench", &all).await?;

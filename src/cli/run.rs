@@ -178,8 +178,9 @@ async fn replica(
         crate::kafka::client::producer_config(&settings)
             .create()
             .context("creating the reply producer")?;
+    // On a thread of its own: a replica stopped at once does not wait for its answer.
     let (probe, topic) = (replies.clone(), settings.kafka.results_topic.clone());
-    tokio::task::spawn_blocking(move || crate::kafka::relay::check_topic(&probe, &topic));
+    std::thread::spawn(move || crate::kafka::relay::check_topic(&probe, &topic));
     background.push(tokio::spawn(crate::kafka::relay::relay_until(
         pool.clone(),
         replies,
@@ -194,6 +195,7 @@ async fn replica(
             group: settings.kafka.group_id.clone(),
             topic: settings.kafka.topic.clone(),
             reservation_ttl: settings.reservations.default_ttl(),
+            reply_all: settings.results.all_events,
         },
         owner: crate::kafka::client::client_id(),
         pool,

@@ -123,6 +123,12 @@ impl BatchPlan<'_> {
 /// connections each stay within the default table.
 pub const MAX_LINES_PER_BATCH: usize = 500;
 
+/// The most SKU locks one batch transaction takes, as the line cap above promises. A commit or
+/// release counts as one line there but locks its reservation's SKUs (up to
+/// [`crate::domain::event::MAX_LINES`]), known only once the database is read: a batch past
+/// this is split in halves; one event (at most 200 SKUs with its order's reservation) never is.
+pub const MAX_LOCKS_PER_BATCH: usize = MAX_LINES_PER_BATCH;
+
 /// A batch takes no more once its messages hold this many bytes (so it holds at most this plus
 /// one message): with messages of up to 1 MiB, a count of events alone would let one batch
 /// hold hundreds of MiB. 500 typical events are about 100 KB.
@@ -159,6 +165,22 @@ impl Batch {
     /// Keeps the first `len` deliveries.
     pub fn truncate(&mut self, len: usize) {
         self.items.truncate(len);
+        self.recount();
+    }
+
+    /// Splits the batch in two halves, in offset order: (first, second).
+    pub fn halves(mut self) -> (Batch, Batch) {
+        let second = self.items.split_off(self.items.len() / 2);
+        let mut second = Batch {
+            items: second,
+            ..Batch::default()
+        };
+        self.recount();
+        second.recount();
+        (self, second)
+    }
+
+    fn recount(&mut self) {
         self.bytes = self.items.iter().map(|(d, _)| d.size()).sum();
         self.lines = self
             .items
@@ -238,14 +260,16 @@ impl Batch {
     /// Decides every delivery in offset order. `recorded` maps event ids already in
     /// `processed_events` to their digest; `stock` holds the current stock of the batch's SKUs
     /// and of its orders' reservations (absent: never restocked); `orders` the reservations of
-    /// the orders it names (absent: none); `clock` the database's time. Must be called with the
-    /// batch's locks held.
+    /// the orders it names (absent: none); `clock` the database's time; `reply_all`, whether
+    /// stock events get a reply too (`results.all_events`). Must be called with the batch's
+    /// locks held.
     pub fn plan<'a>(
         &'a self,
         recorded: &HashMap<String, Vec<u8>>,
         mut stock: StockBook,
         mut orders: OrderBook,
         clock: Clock,
+        reply_all: bool,
     ) -> BatchPlan<'a> {
         let mut plan = BatchPlan::default();
         let existing: HashSet<String> = stock.keys().cloned().collect();
@@ -266,7 +290,8 @@ impl Batch {
             match earlier {
                 Some(d) if *d == digest => {
                     plan.duplicates += 1;
-                    if event.kind.is_order_step() {
+                    // Its recorded reply, if it got one, is published again.
+                    if reply_all || event.kind.is_order_step() {
                         plan.queued.push(&event.id);
                     }
                     continue;
@@ -314,7 +339,7 @@ impl Batch {
                     .map_or(0, |r| r.lines.len()),
                 _ => event.lines.len(),
             } as i32;
-            if event.kind.is_order_step() {
+            if reply_all || event.kind.is_order_step() {
                 let reservation = order.and_then(|o| orders.get(o));
                 plan.replies.push(reply_to(event, outcome, reservation));
                 plan.queued.push(&event.id);
@@ -413,7 +438,7 @@ mod tests {
             now: chrono::DateTime::UNIX_EPOCH,
             default_ttl: chrono::TimeDelta::seconds(900),
         };
-        let plan = b.plan(&recorded, StockBook::new(), OrderBook::new(), clock);
+        let plan = b.plan(&recorded, StockBook::new(), OrderBook::new(), clock, false);
 
         let outcomes: Vec<_> = plan
             .events
@@ -435,6 +460,29 @@ mod tests {
             ]
         );
         assert_eq!(plan.duplicates, 2, "s1 again, and old");
+        assert!(plan.replies.is_empty() && plan.queued.is_empty());
+        let all = b.plan(&recorded, StockBook::new(), OrderBook::new(), clock, true);
+        let replied: Vec<(&str, &str)> = all
+            .replies
+            .iter()
+            .map(|r| (r.event_id.as_str(), r.key.as_str()))
+            .collect();
+        assert_eq!(
+            replied,
+            [
+                ("r1", "A"),
+                ("s1", "A"),
+                ("s2", "A"),
+                ("s3", "B"),
+                ("s4", "A")
+            ],
+            "results.all_events: every decided stock event, keyed by its SKU"
+        );
+        assert_eq!(
+            all.queued,
+            ["r1", "s1", "s1", "s2", "s3", "old", "s4"],
+            "the duplicates' recorded replies are published again"
+        );
         let dead: Vec<_> = plan
             .dead_letters
             .iter()

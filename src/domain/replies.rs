@@ -1,5 +1,6 @@
 //! The reply to an order step or an expiry (CONTRACT.md section 7), as published to
-//! `kafka.results_topic` with the order id as key:
+//! `kafka.results_topic` with the order id as key (and, with `results.all_events`, to a stock
+//! event, keyed by its first SKU, with a null `order_id`):
 //!
 //! ```json
 //! {"event_id": "ord-7-r", "order_id": "ord-7", "type": "reserve", "outcome": "applied",
@@ -20,15 +21,26 @@ use super::rules::Outcome;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Reply {
     pub event_id: String,
-    pub order_id: String,
+    /// The order it answers; none for a stock event's outcome.
+    pub order_id: Option<String>,
+    /// Its Kafka key: the order id; for a stock event's outcome (`results.all_events`), the
+    /// event's first SKU, which keeps one SKU's outcomes in order.
+    pub key: String,
     /// The JSON value, as published.
     pub payload: String,
 }
 
-/// The reply to `event`, an order step, decided as `outcome`; `reservation` is its order's
-/// reservation after the step, if the order has one.
+/// The reply to `event` (an order step, or a stock event when all outcomes are published),
+/// decided as `outcome`; `reservation` is its order's reservation after the step, if any.
 pub fn reply_to(event: &Event, outcome: Outcome, reservation: Option<&Reservation>) -> Reply {
-    let order_id = event.order_id.clone().unwrap_or_default();
+    let key = match &event.order_id {
+        Some(order_id) => order_id.clone(),
+        None => event
+            .lines
+            .first()
+            .map(|l| l.sku.clone())
+            .unwrap_or_default(),
+    };
     // A reserve rejected because the order was reserved before must not show the other
     // event's reservation.
     let own = reservation.filter(|r| event.kind != EventKind::Reserve || r.event_id == event.id);
@@ -39,7 +51,7 @@ pub fn reply_to(event: &Event, outcome: Outcome, reservation: Option<&Reservatio
     let expires_at = own.map(|r| r.expires_at.to_rfc3339_opts(SecondsFormat::AutoSi, true));
     let payload = json!({
         "event_id": event.id,
-        "order_id": order_id,
+        "order_id": event.order_id,
         "type": event.kind.as_str(),
         "outcome": outcome.as_str(),
         "reason": outcome.reason(),
@@ -48,7 +60,8 @@ pub fn reply_to(event: &Event, outcome: Outcome, reservation: Option<&Reservatio
     });
     Reply {
         event_id: event.id.clone(),
-        order_id,
+        order_id: event.order_id.clone(),
+        key,
         payload: payload.to_string(),
     }
 }
@@ -66,7 +79,8 @@ pub fn expiry_reply(event_id: &str, order_id: &str, reservation: &Reservation) -
     });
     Reply {
         event_id: event_id.to_owned(),
-        order_id: order_id.to_owned(),
+        order_id: Some(order_id.to_owned()),
+        key: order_id.to_owned(),
         payload: payload.to_string(),
     }
 }
@@ -104,13 +118,30 @@ mod tests {
     fn a_reserve_reply_has_the_contracts_shape() {
         let e = decode(Some(br#"{"event_id":"ord-7-r","type":"reserve","order_id":"ord-7","sku":"SKU-1","quantity":2}"#)).unwrap();
         let r = reply_to(&e, Outcome::Applied, Some(&reservation("ord-7-r")));
-        assert_eq!(r.order_id, "ord-7");
+        assert_eq!(r.key, "ord-7");
         assert_eq!(
             value(&r),
             json!({"event_id": "ord-7-r", "order_id": "ord-7", "type": "reserve",
                    "outcome": "applied", "reason": null,
                    "lines": [{"sku": "SKU-1", "quantity": 2}],
                    "expires_at": "2026-12-01T14:15:00Z"})
+        );
+    }
+
+    #[test]
+    fn a_stock_events_outcome_is_keyed_by_its_first_sku() {
+        let e = decode(Some(
+            br#"{"event_id":"s-1","type":"sale","lines":[{"sku":"B","quantity":1},{"sku":"A","quantity":2}]}"#,
+        ))
+        .unwrap();
+        let r = reply_to(&e, Outcome::Rejected(RejectReason::InsufficientStock), None);
+        assert_eq!(r.key, "B");
+        assert_eq!(
+            value(&r),
+            json!({"event_id": "s-1", "order_id": null, "type": "sale",
+                   "outcome": "rejected", "reason": "insufficient_stock",
+                   "lines": [{"sku": "B", "quantity": 1}, {"sku": "A", "quantity": 2}],
+                   "expires_at": null})
         );
     }
 

@@ -1,5 +1,6 @@
 //! The reply relay (CONTRACT.md section 7): publishes the replies queued in `reply_outbox` to
-//! `kafka.results_topic`, keyed by order id, in queue order, then deletes their rows.
+//! `kafka.results_topic`, keyed by order id (a stock event's by its first SKU), in queue order,
+//! then deletes their rows.
 //!
 //! - **At least once.** Rows are deleted only after the broker acknowledged every reply of the
 //!   round (the producer is idempotent, `acks=all`); a replica that dies between the
@@ -31,7 +32,7 @@ const IDLE: Duration = Duration::from_millis(100);
 const AFTER_FAILURE: Duration = Duration::from_secs(1);
 
 const QUEUED: &str = "
-    SELECT o.id, r.order_id, r.payload,
+    SELECT o.id, coalesce(r.reply_key, r.order_id), r.payload,
            extract(epoch FROM now() - o.queued_at)::float8
     FROM reply_outbox o JOIN replies r ON r.event_id = o.event_id
     ORDER BY o.id
@@ -48,10 +49,11 @@ pub fn check_topic(producer: &FutureProducer, topic: &str) {
         .fetch_metadata(Some(topic), Duration::from_secs(10))
     {
         Ok(metadata) => {
-            let missing = metadata
-                .topics()
-                .first()
-                .is_none_or(|t| t.error().is_some() || t.partitions().is_empty());
+            // Only "unknown": a topic being created on use answers "leader not available".
+            let missing = metadata.topics().first().is_none_or(|t| {
+                t.error()
+                    == Some(rdkafka::types::RDKafkaRespErr::RD_KAFKA_RESP_ERR_UNKNOWN_TOPIC_OR_PART)
+            });
             if missing {
                 tracing::error!(
                     topic,
@@ -126,9 +128,9 @@ pub async fn relay_round(
     let mut deliveries = Vec::with_capacity(rows.len());
     for row in &rows {
         ids.push(row.try_get::<_, i64>(0)?);
-        let order_id: &str = row.try_get(1)?;
+        let key: &str = row.try_get(1)?;
         let payload: &str = row.try_get(2)?;
-        let record = FutureRecord::to(topic).key(order_id).payload(payload);
+        let record = FutureRecord::to(topic).key(key).payload(payload);
         let delivery = producer
             .send_result(record)
             .map_err(|(e, _)| Failure::Transient(format!("queueing a reply: {e}")))?;

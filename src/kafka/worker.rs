@@ -84,6 +84,15 @@ pub struct PartitionWorker {
     pub recorded_lookup: RecordedLookup,
 }
 
+/// How one part of a batch went.
+enum Applied {
+    Done,
+    /// Nothing done: apply it in halves.
+    TooManyLocks,
+    /// Fenced, fatal or told to stop.
+    Stop,
+}
+
 /// Admits offsets that move forward only: the first one, then only beyond the last admitted.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct ForwardOnly {
@@ -120,7 +129,7 @@ impl PartitionWorker {
                 (offset, exceeded)
             });
             if !batch.is_empty() {
-                if !self.apply(&batch).await {
+                if !self.apply(batch).await {
                     break;
                 }
                 self.dead_letter_limit = limit;
@@ -133,8 +142,32 @@ impl PartitionWorker {
         tracing::debug!(partition = self.partition, "partition worker stopped");
     }
 
-    /// Applies a batch (retrying transient failures); `false` when the worker must stop.
-    async fn apply(&mut self, batch: &Batch) -> bool {
+    /// Applies a batch (retrying transient failures), in halves, in order, when it would lock
+    /// too many SKUs at once; `false` when the worker must stop.
+    async fn apply(&mut self, batch: Batch) -> bool {
+        // Parts still to apply, the next one last.
+        let mut parts = vec![batch];
+        let mut first = true;
+        while let Some(part) = parts.pop() {
+            // A stopped worker finishes the transaction it is in, not the rest of a split
+            // batch: the parts done have their offsets recorded.
+            if !std::mem::take(&mut first) && self.stop.is_cancelled() {
+                return false;
+            }
+            match self.apply_part(&part).await {
+                Applied::Done => {}
+                Applied::TooManyLocks => {
+                    let (first, second) = part.halves();
+                    parts.push(second);
+                    parts.push(first);
+                }
+                Applied::Stop => return false,
+            }
+        }
+        true
+    }
+
+    async fn apply_part(&mut self, batch: &Batch) -> Applied {
         let (first, last) = batch.offsets().unwrap_or_default();
         let span = tracing::info_span!(
             "batch",
@@ -144,7 +177,17 @@ impl PartitionWorker {
             last_offset = last,
         );
         match self.apply_with_retry(batch).instrument(span).await {
-            Ok(()) => true,
+            Ok(()) => Applied::Done,
+            Err(Some(Failure::TooManyLocks { skus })) => {
+                metrics::counter!(crate::metrics::BATCH_SPLITS).increment(1);
+                tracing::debug!(
+                    partition = self.partition,
+                    first_offset = first,
+                    skus,
+                    "batch split: its reservations span too many SKUs for one transaction"
+                );
+                Applied::TooManyLocks
+            }
             Err(Some(Failure::Fenced(why))) => {
                 // Not fatal: the partition is someone else's now; the group tells us soon.
                 self.ctx.stats.record_fenced();
@@ -153,13 +196,13 @@ impl PartitionWorker {
                     reason = %why,
                     "fenced: another replica owns this partition now; its work here is abandoned"
                 );
-                false
+                Applied::Stop
             }
             Err(Some(fatal)) => {
                 let _ = self.ctx.fatal.send(fatal);
-                false
+                Applied::Stop
             }
-            Err(None) => false,
+            Err(None) => Applied::Stop,
         }
     }
 

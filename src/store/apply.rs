@@ -28,7 +28,7 @@ use std::time::Duration;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{ToSql, Type};
 
-use crate::domain::batch::{BatchPlan, EndedReservation, ProductChange};
+use crate::domain::batch::{BatchPlan, EndedReservation, MAX_LOCKS_PER_BATCH, ProductChange};
 use crate::domain::{
     Batch, Clock, Line, Movement, OrderBook, RecordedLookup, Reply, Reservation, ReservationStatus,
     Stock, StockBook, lock_key,
@@ -44,6 +44,8 @@ pub struct Source {
     pub topic: String,
     /// `reservations.default_ttl_s`.
     pub reservation_ttl: Duration,
+    /// `results.all_events`: stock events' outcomes are replied too.
+    pub reply_all: bool,
 }
 
 /// Whether a batch takes its advisory locks and checks for recorded event ids. Always `On` in
@@ -103,13 +105,18 @@ const INSERT_RESERVATION_LINES: &str = "
 // The replies of the batch's order steps, each queued for the relay; and the recorded replies
 // of requests sent again, queued once more.
 pub(super) const INSERT_REPLIES: &str = "
-    INSERT INTO replies (event_id, order_id, payload)
-    SELECT * FROM unnest($1::text[], $2::text[], $3::text[])";
+    INSERT INTO replies (event_id, order_id, reply_key, payload)
+    SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[])";
 
 // Queued in the order given (a function scan keeps array order, and so do the identities):
-// the batch's order, new replies and those of requests sent again alike.
-pub(super) const QUEUE_REPLIES: &str =
-    "INSERT INTO reply_outbox (event_id) SELECT * FROM unnest($1::text[])";
+// the batch's order, new replies and those of requests sent again alike. A request sent
+// again whose first delivery got no reply (a stock event decided while `results.all_events`
+// was off) has none to publish.
+pub(super) const QUEUE_REPLIES: &str = "
+    INSERT INTO reply_outbox (event_id)
+    SELECT t.e FROM unnest($1::text[]) WITH ORDINALITY AS t(e, n)
+    WHERE EXISTS (SELECT 1 FROM replies r WHERE r.event_id = t.e)
+    ORDER BY t.n";
 
 pub(super) const END_RESERVATIONS: &str = "
     UPDATE reservations AS r SET status = t.s, ended_at = statement_timestamp(), ended_by = t.b
@@ -223,6 +230,9 @@ async fn apply_once(
         skus.sort_unstable();
         skus.dedup();
     }
+    if skus.len() > MAX_LOCKS_PER_BATCH && batch.len() > 1 {
+        return Err(Failure::TooManyLocks { skus: skus.len() });
+    }
     let keys = match guards {
         Guards::On => lock_keys(&skus),
         Guards::Off => Vec::new(),
@@ -292,7 +302,7 @@ async fn apply_once(
             .unwrap_or(chrono::TimeDelta::MAX),
     };
 
-    let plan = batch.plan(&recorded, stock, reservations, clock);
+    let plan = batch.plan(&recorded, stock, reservations, clock, source.reply_all);
 
     // The writes are independent of each other's answers: all are sent before any is awaited
     // (one round trip). PostgreSQL runs them in the order sent, so products exist before the
@@ -572,7 +582,8 @@ impl<'a> ReservationRows<'a> {
 /// Replies to record and queue.
 pub(super) struct ReplyRows<'a> {
     pub(super) event_ids: Vec<&'a str>,
-    orders: Vec<&'a str>,
+    orders: Vec<Option<&'a str>>,
+    keys: Vec<&'a str>,
     payloads: Vec<&'a str>,
 }
 
@@ -584,15 +595,17 @@ impl<'a> ReplyRows<'a> {
     pub(super) fn from(replies: &'a [Reply]) -> Self {
         ReplyRows {
             event_ids: replies.iter().map(|r| r.event_id.as_str()).collect(),
-            orders: replies.iter().map(|r| r.order_id.as_str()).collect(),
+            orders: replies.iter().map(|r| r.order_id.as_deref()).collect(),
+            keys: replies.iter().map(|r| r.key.as_str()).collect(),
             payloads: replies.iter().map(|r| r.payload.as_str()).collect(),
         }
     }
 
-    pub(super) fn params(&self) -> [(&(dyn ToSql + Sync), Type); 3] {
+    pub(super) fn params(&self) -> [(&(dyn ToSql + Sync), Type); 4] {
         [
             (&self.event_ids, Type::TEXT_ARRAY),
             (&self.orders, Type::TEXT_ARRAY),
+            (&self.keys, Type::TEXT_ARRAY),
             (&self.payloads, Type::TEXT_ARRAY),
         ]
     }

@@ -257,7 +257,8 @@ async fn compare_with_oracle(
                     (SELECT count(*) FROM processed_events WHERE outcome = 'applied' AND event_type <> 'expire'),
                     (SELECT count(*) FROM processed_events WHERE outcome = 'rejected'),
                     (SELECT count(*) FROM dead_letters),
-                    (SELECT count(*) FROM replies)",
+                    (SELECT count(*) FROM replies r JOIN processed_events e USING (event_id)
+                     WHERE e.event_type IN ('reserve', 'commit', 'release', 'expire'))",
             &[],
         )
         .await?;

@@ -15,6 +15,11 @@ pub enum Failure {
     /// the batch was rolled back, and this replica must stop working on the partition.
     #[error("fenced: {0}")]
     Fenced(String),
+    /// The batch's commits and releases name reservations over more SKUs than one transaction
+    /// may lock ([`crate::domain::batch::MAX_LOCKS_PER_BATCH`]): nothing was done; apply it in
+    /// smaller parts.
+    #[error("the batch would lock {skus} SKUs; split it")]
+    TooManyLocks { skus: usize },
 }
 
 impl Failure {

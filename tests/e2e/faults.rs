@@ -390,6 +390,7 @@ async fn migrated_store() -> (TestDb, store::Pool, Source) {
         group: "g".into(),
         topic: "t".into(),
         reservation_ttl: Duration::from_secs(900),
+        reply_all: false,
     };
     (db, pool, source)
 }

@@ -10,7 +10,8 @@ use serde_json::json;
 
 use crate::oracle::{assert_database_matches, assert_replies_match, truth_of};
 use crate::support::{
-    Replica, TestEnv, read_whole_topic, send, terminate_all, wait_until, watermarks,
+    Replica, TestEnv, http_get, metric, read_whole_topic, send, terminate_all, wait_until,
+    watermarks,
 };
 
 const SETTLE: Duration = Duration::from_secs(120);
@@ -574,5 +575,157 @@ async fn generated_order_traffic_matches_the_model() {
         "produce's expectation agrees with the model"
     );
     let (ok, report) = env.verify(Some(&expected));
+    assert!(ok, "verify failed:\n{report}");
+}
+
+/// 70 orders of 100 lines each, over 7,000 distinct SKUs, committed together in one partition:
+/// one batch would take more SKU locks than PostgreSQL's default lock table holds in all
+/// (6,400), so the replica applies it in parts (`inventory_batch_splits_total`), in order; every
+/// commit applies and the audit holds.
+#[tokio::test(flavor = "multi_thread")]
+async fn commits_of_wide_reservations_are_applied_in_parts() {
+    let env = TestEnv::new(PARTITIONS).await;
+    // A long linger: the 70 commits meet in one batch.
+    let mut replica = env.replica("r1", &[("processing.batch_linger_ms", "2000")]);
+    const ORDERS: usize = 70;
+    let lines = |order: usize| -> Vec<serde_json::Value> {
+        (0..100)
+            .map(|l| json!({"sku": format!("W{order:03}-{l:03}"), "quantity": 1}))
+            .collect()
+    };
+    let mut setup = Vec::new();
+    for order in 0..ORDERS {
+        setup.push((
+            0,
+            "wide".to_owned(),
+            json!({"event_id": format!("wide-{order}-stock"),
+            "type": "restock", "lines": lines(order)}),
+        ));
+        setup.push((
+            0,
+            "wide".to_owned(),
+            json!({"event_id": format!("wide-{order}-r"),
+            "type": "reserve", "order_id": format!("wide-{order}"), "lines": lines(order),
+            "ttl_seconds": 3600}),
+        ));
+    }
+    send_events(&env, &setup);
+    wait_for_events(&env, 2 * ORDERS as i64).await;
+    assert_eq!(
+        outcomes(&env, "reserve", "applied", "").await,
+        ORDERS as i64,
+        "every order reserved"
+    );
+    let commits: Vec<(i32, String, serde_json::Value)> = (0..ORDERS)
+        .map(|order| {
+            (
+                0,
+                "wide".to_owned(),
+                json!({"event_id": format!("wide-{order}-c"),
+                "type": "commit", "order_id": format!("wide-{order}")}),
+            )
+        })
+        .collect();
+    send_events(&env, &commits);
+    wait_for_events(&env, 3 * ORDERS as i64).await;
+    assert_eq!(
+        outcomes(&env, "commit", "applied", "").await,
+        ORDERS as i64,
+        "every commit applied"
+    );
+    assert_eq!(
+        env.db
+            .scalar("SELECT count(*) FROM products WHERE current_stock = 0 AND reserved_stock = 0")
+            .await,
+        (ORDERS * 100) as i64,
+        "every unit sold"
+    );
+    let (_, metrics) = http_get(&replica.http_addr().await, "/metrics");
+    let splits = metric(&metrics, "inventory_batch_splits_total", &[]);
+    println!("wide commits: {splits} batch splits");
+    assert!(splits >= 1.0, "the batch of commits was split: {splits}");
+    replica.terminate(EXIT);
+    let (ok, report) = env.verify(None);
+    assert!(ok, "verify failed:\n{report}");
+}
+
+/// `results.all_events`: the outcomes of stock events are published too, keyed by their first
+/// SKU, with a null `order_id`; a stock event sent again publishes its reply again.
+#[tokio::test(flavor = "multi_thread")]
+async fn all_events_publishes_stock_outcomes_too() {
+    let env = TestEnv::new(PARTITIONS).await;
+    let mut replica = env.replica("r1", &[("results.all_events", "true")]);
+    let sale = json!({"event_id": "all-s1", "type": "sale", "sku": "ALL", "quantity": 4});
+    send_events(
+        &env,
+        &[
+            (
+                0,
+                "ALL".into(),
+                json!({"event_id": "all-r", "type": "restock", "sku": "ALL", "quantity": 5}),
+            ),
+            (0, "ALL".into(), sale.clone()),
+            (
+                0,
+                "ALL".into(),
+                json!({"event_id": "all-s2", "type": "sale", "sku": "ALL", "quantity": 4}),
+            ),
+            (0, "ALL".into(), sale),
+            // After the sales in the same partition: one unit is left for it.
+            (
+                0,
+                "o-all".into(),
+                json!({"event_id": "all-o", "type": "reserve", "order_id": "o-all",
+                "sku": "ALL", "quantity": 1}),
+            ),
+        ],
+    );
+    wait_for_events(&env, 4).await;
+    wait_until("five replies published", SETTLE, || async {
+        published(&env) >= 5
+    })
+    .await;
+    replica.terminate(EXIT);
+
+    let (messages, _) = read_whole_topic(&env.broker.bootstrap, RESULTS);
+    let mut found: Vec<(String, String, String, serde_json::Value)> = messages
+        .iter()
+        .map(|m| {
+            let reply: serde_json::Value =
+                serde_json::from_slice(m.payload.as_deref().unwrap_or_default()).expect("JSON");
+            (
+                String::from_utf8_lossy(m.key.as_deref().unwrap_or_default()).into_owned(),
+                reply["event_id"].as_str().unwrap_or_default().to_owned(),
+                reply["outcome"].as_str().unwrap_or_default().to_owned(),
+                reply["order_id"].clone(),
+            )
+        })
+        .collect();
+    found.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
+    let stock = |id: &str, outcome: &str| {
+        (
+            "ALL".to_owned(),
+            id.to_owned(),
+            outcome.to_owned(),
+            serde_json::Value::Null,
+        )
+    };
+    assert_eq!(
+        found,
+        [
+            stock("all-r", "applied"),
+            stock("all-s1", "applied"),
+            stock("all-s1", "applied"),
+            stock("all-s2", "rejected"),
+            (
+                "o-all".to_owned(),
+                "all-o".to_owned(),
+                "applied".to_owned(),
+                json!("o-all")
+            ),
+        ],
+        "every outcome, the re-sent sale's twice"
+    );
+    let (ok, report) = env.verify(None);
     assert!(ok, "verify failed:\n{report}");
 }
