@@ -174,15 +174,16 @@ async fn replica(
         background.stop.clone(),
     )));
 
-    let replies: rdkafka::producer::FutureProducer =
-        crate::kafka::client::producer_config(&settings)
-            .create()
-            .context("creating the reply producer")?;
+    let relay_config = crate::kafka::relay::producer_config(&settings);
+    let replies: rdkafka::producer::FutureProducer = relay_config
+        .create()
+        .context("creating the reply producer")?;
     // On a thread of its own: a replica stopped at once does not wait for its answer.
     let (probe, topic) = (replies.clone(), settings.kafka.results_topic.clone());
     std::thread::spawn(move || crate::kafka::relay::check_topic(&probe, &topic));
     background.push(tokio::spawn(crate::kafka::relay::relay_until(
         pool.clone(),
+        relay_config,
         replies,
         settings.kafka.results_topic.clone(),
         background.stop.clone(),

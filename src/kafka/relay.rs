@@ -10,13 +10,17 @@
 //!   transaction-level advisory lock (`pg_try_advisory_xact_lock`, never a session lock), and
 //!   the other replicas' relays skip the round. Within a round, replies go out in queue order,
 //!   and one order's replies share a partition (their key), whose order the idempotent
-//!   producer keeps through retries.
+//!   producer keeps through retries. It is also gapless (`enable.gapless.guarantee`): should
+//!   one reply fail for good, none after it in its partition is delivered; the producer turns
+//!   fatal instead, the round fails, and a new producer publishes the same rows again, in
+//!   order. A round that is not acknowledged in time is published again the same way.
 //! - **Bounded.** While Kafka is reachable the queue drains; how far behind it is shows as
 //!   `inventory_reply_relay_lag_seconds` (the age of the oldest queued reply).
 
 use std::time::Duration;
 
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::ClientConfig;
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use tokio_postgres::types::{ToSql, Type};
 use tokio_util::sync::CancellationToken;
 
@@ -43,7 +47,6 @@ const PUBLISHED: &str = "DELETE FROM reply_outbox WHERE id = ANY($1::bigint[])";
 /// Says loudly at start-up when the results topic does not exist (clusters that create no topic
 /// on use): replies then wait in the outbox until it does. Blocking: call off the runtime.
 pub fn check_topic(producer: &FutureProducer, topic: &str) {
-    use rdkafka::producer::Producer;
     match producer
         .client()
         .fetch_metadata(Some(topic), Duration::from_secs(10))
@@ -66,10 +69,19 @@ pub fn check_topic(producer: &FutureProducer, topic: &str) {
     }
 }
 
-/// Relays until `stop`; a failed round (broker or database away) is retried.
+/// The relay's producer settings: the service's producer, gapless (see the module doc).
+pub fn producer_config(settings: &crate::config::Settings) -> ClientConfig {
+    let mut config = crate::kafka::client::producer_config(settings);
+    config.set("enable.gapless.guarantee", "true");
+    config
+}
+
+/// Relays until `stop`; a failed round (broker or database away) is retried, with a new
+/// producer if the last one turned fatal.
 pub async fn relay_until(
     pool: Pool,
-    producer: FutureProducer,
+    config: ClientConfig,
+    mut producer: FutureProducer,
     topic: String,
     stop: CancellationToken,
 ) {
@@ -79,6 +91,13 @@ pub async fn relay_until(
             Ok(_) => IDLE,
             Err(e) => {
                 tracing::warn!(error = %e, "reply relay round failed; trying again");
+                if let Some((_, why)) = producer.client().fatal_error() {
+                    tracing::warn!(error = %why, "the reply producer failed for good; replacing it");
+                    match config.create() {
+                        Ok(fresh) => producer = fresh,
+                        Err(e) => tracing::error!(error = %e, "cannot create a reply producer"),
+                    }
+                }
                 AFTER_FAILURE
             }
         };
