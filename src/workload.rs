@@ -56,6 +56,25 @@ pub struct Expectation {
     pub messages: u64,
 }
 
+impl Expectation {
+    /// This expectation on top of `base` (disjoint SKUs and events, as a history's are).
+    pub fn on_top_of(mut self, base: Expectation) -> Expectation {
+        self.stock.extend(base.stock);
+        self.reserved.extend(base.reserved);
+        for (status, n) in base.reservations {
+            *self.reservations.entry(status).or_default() += n;
+        }
+        self.events += base.events;
+        self.applied += base.applied;
+        self.rejected += base.rejected;
+        self.dead_letters += base.dead_letters;
+        self.duplicates += base.duplicates;
+        self.messages += base.messages;
+        self.replies += base.replies;
+        self
+    }
+}
+
 /// Folds messages, in per-SKU order, into the [`Expectation`].
 #[derive(Debug)]
 pub struct Oracle {

@@ -62,8 +62,16 @@ pub struct BenchArgs {
     /// `three-apache`).
     #[arg(long)]
     pub apache: bool,
-    /// Only these runs (comma-separated): database, one, three, per-event, unsafe, hot,
-    /// latency, memory, one-apache, three-apache. Default: all.
+    /// History rows (processed events, each with a ledger row; a dead letter per hundred)
+    /// already in the tables of the steady-state run: the database-only run again on top of
+    /// them, generated in SQL once per bench. 0 skips the run.
+    #[arg(long, default_value_t = 0)]
+    pub history: u64,
+    /// Days the history spans.
+    #[arg(long, default_value_t = 30)]
+    pub history_days: u64,
+    /// Only these runs (comma-separated): database, steady, one, three, per-event, unsafe,
+    /// hot, latency, memory, one-apache, three-apache. Default: all.
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
     /// Where the replicas' logs go (default: a new directory under the system temp dir).
@@ -108,6 +116,19 @@ struct Measured {
     /// and of the PostgreSQL server when it is the throwaway one.
     cpu: Cpu,
     verified: bool,
+    /// Where the server's time went, by statement (database-only runs on a server with
+    /// `pg_stat_statements`).
+    profile: Vec<StatementTime>,
+}
+
+/// One statement's share of the server's time in a run.
+#[derive(Debug, Clone)]
+struct StatementTime {
+    query: String,
+    calls: i64,
+    /// Execution plus planning time, in milliseconds.
+    total_ms: f64,
+    rows: i64,
 }
 
 /// CPU seconds (user + system) of the replica processes and of the PostgreSQL server, each
@@ -149,6 +170,16 @@ struct Bench {
     logs: PathBuf,
     runs: u32,
     skus: u64,
+    /// The database holding the steady-state run's history, filled on first use and copied
+    /// for each of its runs.
+    history: Option<History>,
+}
+
+struct History {
+    rows: u64,
+    days: u64,
+    /// Its database, once filled.
+    template: Option<String>,
 }
 
 pub fn main(cli: &Cli, args: &BenchArgs) -> anyhow::Result<ExitCode> {
@@ -157,6 +188,7 @@ pub fn main(cli: &Cli, args: &BenchArgs) -> anyhow::Result<ExitCode> {
     // Durable (fsync on), for honest numbers; each run gets a fresh database on it.
     let durable = PostgresOptions {
         durable: true,
+        statement_stats: true,
         ..PostgresOptions::default()
     };
     let (server, admin_url) = given_or_throwaway_database(cli, durable, step)?;
@@ -168,6 +200,11 @@ pub fn main(cli: &Cli, args: &BenchArgs) -> anyhow::Result<ExitCode> {
         logs,
         runs: 0,
         skus: args.skus,
+        history: (args.history > 0).then_some(History {
+            rows: args.history,
+            days: args.history_days,
+            template: None,
+        }),
     };
 
     let batched = Pipeline {
@@ -271,7 +308,13 @@ pub fn main(cli: &Cli, args: &BenchArgs) -> anyhow::Result<ExitCode> {
         if wanted("database") {
             record(
                 "database",
-                bench.database_only(args.events, args.partitions)?,
+                bench.database_only(args.events, args.partitions, false)?,
+            );
+        }
+        if wanted("steady") && bench.history.is_some() {
+            record(
+                "steady",
+                bench.database_only(args.events, args.partitions, true)?,
             );
         }
         // Odd rounds go backwards, so that no run always follows the same one.
@@ -303,11 +346,23 @@ pub fn main(cli: &Cli, args: &BenchArgs) -> anyhow::Result<ExitCode> {
         .collect();
 
     print_table(results.iter().map(|(_, m)| m));
+    for (_, m) in results
+        .iter()
+        .filter(|(k, _)| matches!(*k, "database" | "steady"))
+    {
+        print_profile(m);
+    }
     let get = |key: &str| results.iter().find(|(k, _)| *k == key).map(|(_, m)| m);
     let ratio = |a: &str, b: &str| Some(get(a)?.per_second() / get(b)?.per_second());
     println!();
     println!("ratios (targets are reported, not asserted)");
     let targets = [
+        (
+            "steady state (history) / database only",
+            ratio("steady", "database"),
+            ">= 0.8",
+            0.8,
+        ),
         (
             "3 replicas / database only",
             ratio("three", "database"),
@@ -367,6 +422,7 @@ pub fn main(cli: &Cli, args: &BenchArgs) -> anyhow::Result<ExitCode> {
             mib(rss) <= 64.0,
         );
     }
+    bench.drop_history();
     let results: Vec<Measured> = results.into_iter().map(|(_, m)| m).collect();
     if results.iter().all(|r| r.verified) {
         println!("verify: PASS in every run");
@@ -412,14 +468,65 @@ impl Bench {
         }
     }
 
-    /// A new, migrated database for the next run.
-    fn fresh_database(&mut self) -> anyhow::Result<String> {
-        self.runs += 1;
-        let name = format!("inventory_bench_{}_{}", std::process::id(), self.runs);
+    /// The history's database, filled on first use: its name and what it holds.
+    fn history_template(&mut self) -> anyhow::Result<(String, Expectation)> {
+        let history = self.history.as_mut().context("no history asked for")?;
+        let rows = history.rows as i64;
+        if let Some(name) = &history.template {
+            return Ok((name.clone(), store::history::expectation(rows)));
+        }
+        let name = format!("inventory_bench_{}_history", std::process::id());
+        step(&format!(
+            "steady state: generating a history of {rows} events over {} days in SQL",
+            history.days
+        ));
+        let days = history.days as i64;
+        let started = Instant::now();
         self.rt.block_on(async {
             let url = store::create_database(&self.admin_url, &name)
                 .await
-                .context("creating the run's database")?;
+                .context("creating the history's database")?;
+            store::migrate::migrate(&url).await?;
+            let db = store::connect(&url).await?;
+            store::history::fill(&db, rows, days, |done| {
+                if done % 10_000_000 == 0 || done == rows {
+                    step(&format!(
+                        "  {done} events of history ({:.0}s)",
+                        started.elapsed().as_secs_f64()
+                    ));
+                }
+            })
+            .await?;
+            anyhow::Ok(())
+        })?;
+        history.template = Some(name.clone());
+        Ok((name, store::history::expectation(rows)))
+    }
+
+    fn drop_history(&mut self) {
+        if let Some(name) = self.history.as_mut().and_then(|h| h.template.take()) {
+            let _ = self
+                .rt
+                .block_on(store::drop_database(&self.admin_url, &name));
+        }
+    }
+
+    /// A new, migrated database for the next run: empty, or a copy of `template`.
+    fn fresh_database(&mut self) -> anyhow::Result<String> {
+        self.fresh_database_from(None)
+    }
+
+    fn fresh_database_from(&mut self, template: Option<&str>) -> anyhow::Result<String> {
+        self.runs += 1;
+        let name = format!("inventory_bench_{}_{}", std::process::id(), self.runs);
+        self.rt.block_on(async {
+            let url = match template {
+                None => store::create_database(&self.admin_url, &name).await,
+                Some(template) => {
+                    store::create_database_from(&self.admin_url, &name, template).await
+                }
+            }
+            .context("creating the run's database")?;
             // Start every run from clean buffers: the previous run's dirty pages are not
             // written back on this run's time. (Needs superuser or pg_checkpoint; skipped
             // without.)
@@ -444,17 +551,38 @@ impl Bench {
 
     /// The replicas' transaction driven directly: the workload cut into the batches a worker
     /// would make, partition by partition, each partition applying its batches in order, all
-    /// partitions at once through one pool. Best of 2, 4 and 8 connections.
-    fn database_only(&mut self, events: u64, partitions: i32) -> anyhow::Result<Measured> {
+    /// partitions at once through one pool. Best of 2, 4 and 8 connections. With `history`,
+    /// on a copy of the history's database (the steady state).
+    fn database_only(
+        &mut self,
+        events: u64,
+        partitions: i32,
+        history: bool,
+    ) -> anyhow::Result<Measured> {
+        let (template, base) = match history {
+            true => {
+                let (name, base) = self.history_template()?;
+                (Some(name), Some(base))
+            }
+            false => (None, None),
+        };
+        let label = match &base {
+            Some(b) => format!("steady state, {} events of history", b.events),
+            None => "database only".to_owned(),
+        };
         let mut best: Option<Measured> = None;
         for connections in [2, 4, 8] {
-            let url = self.fresh_database()?;
+            let url = self.fresh_database_from(template.as_deref())?;
             let spec = self.spec(events, 0.0);
             step(&format!(
-                "database only, {connections} connections: {events} events"
+                "{label}, {connections} connections: {events} events"
             ));
             let (batches, expected) = cut_into_batches(spec, partitions);
-            let (seconds, cpu, verified) = self.rt.block_on(async {
+            let expected = match &base {
+                Some(base) => expected.on_top_of(base.clone()),
+                None => expected,
+            };
+            let (seconds, cpu, verified, profile) = self.rt.block_on(async {
                 let mut settings = Settings::default().database;
                 settings.url = url.clone();
                 settings.pool_size = connections;
@@ -467,6 +595,7 @@ impl Bench {
                 };
                 let all: Vec<i32> = (0..batches.len() as i32).collect();
                 let claims = store::claim(&pool, &source, "bench", &all).await?;
+                let stats = statement_stats(&self.admin_url).await;
                 let before = self.cpu_reading(&[]);
                 let started = Instant::now();
                 let mut tasks = tokio::task::JoinSet::new();
@@ -491,17 +620,22 @@ impl Bench {
                 }
                 let seconds = started.elapsed().as_secs_f64();
                 let cpu = before.per_event(&self.cpu_reading(&[]), events as f64);
-                anyhow::Ok((seconds, cpu, verify(&url, &expected).await?))
+                let profile = match &stats {
+                    Some(admin) => statement_profile(admin, &url).await.unwrap_or_default(),
+                    None => Vec::new(),
+                };
+                anyhow::Ok((seconds, cpu, verify(&url, &expected).await?, profile))
             })?;
             self.drop_database(&url);
             let m = Measured {
-                name: format!("database only ({connections} connections)"),
+                name: format!("{label} ({connections} connections)"),
                 events,
                 seconds,
                 latency: None,
                 peak_rss: None,
                 cpu,
                 verified,
+                profile,
             };
             report(&m);
             if best
@@ -577,6 +711,7 @@ impl Bench {
             peak_rss,
             cpu,
             verified,
+            profile: Vec::new(),
         };
         report(&m);
         Ok(m)
@@ -616,6 +751,74 @@ impl Bench {
             ],
             flags,
         )
+    }
+}
+
+/// A connection to the server's maintenance database with `pg_stat_statements` ready and its
+/// counters reset, or `None` where it is not loaded (a given server, usually).
+async fn statement_stats(admin_url: &str) -> Option<tokio_postgres::Client> {
+    let admin = store::connect(admin_url).await.ok()?;
+    admin
+        .batch_execute(
+            "CREATE EXTENSION IF NOT EXISTS pg_stat_statements;
+             SELECT pg_stat_statements_reset();",
+        )
+        .await
+        .ok()?;
+    Some(admin)
+}
+
+/// The statements of the database of `url` by the server's time spent on them, most first.
+async fn statement_profile(
+    admin: &tokio_postgres::Client,
+    url: &str,
+) -> anyhow::Result<Vec<StatementTime>> {
+    let name = url::Url::parse(url)?
+        .path()
+        .trim_start_matches('/')
+        .to_owned();
+    let rows = admin
+        .query(
+            "SELECT left(regexp_replace(query, '\\s+', ' ', 'g'), 90), calls,
+                    total_exec_time + total_plan_time, rows
+             FROM pg_stat_statements s JOIN pg_database d ON d.oid = s.dbid
+             WHERE d.datname = $1
+             ORDER BY 3 DESC LIMIT 12",
+            &[&name],
+        )
+        .await?;
+    rows.iter()
+        .map(|r| {
+            Ok(StatementTime {
+                query: r.try_get(0)?,
+                calls: r.try_get(1)?,
+                total_ms: r.try_get(2)?,
+                rows: r.try_get(3)?,
+            })
+        })
+        .collect()
+}
+
+/// Where the server's time went in a database-only run, per event.
+fn print_profile(m: &Measured) {
+    if m.profile.is_empty() {
+        return;
+    }
+    let total: f64 = m.profile.iter().map(|s| s.total_ms).sum();
+    println!();
+    println!(
+        "server time by statement, {} (pg_stat_statements; µs per event, share of the top 12)",
+        m.name
+    );
+    for s in &m.profile {
+        println!(
+            "  {:>7.2} µs {:>5.1}% {:>8} calls {:>9} rows  {}",
+            s.total_ms * 1e3 / m.events.max(1) as f64,
+            100.0 * s.total_ms / total.max(f64::EPSILON),
+            s.calls,
+            s.rows,
+            s.query
+        );
     }
 }
 
@@ -770,7 +973,7 @@ fn report(m: &Measured) {
 fn print_table<'a>(results: impl Iterator<Item = &'a Measured>) {
     println!();
     println!(
-        "{:<50} {:>9} {:>8} {:>10} {:>8} {:>8} {:>9} {:>7} {:>7} {:>6}",
+        "{:<60} {:>9} {:>8} {:>10} {:>8} {:>8} {:>9} {:>7} {:>7} {:>6}",
         "run",
         "events",
         "seconds",
@@ -787,7 +990,7 @@ fn print_table<'a>(results: impl Iterator<Item = &'a Measured>) {
             (format!("{:.1}", a * 1e3), format!("{:.1}", b * 1e3))
         });
         println!(
-            "{:<50} {:>9} {:>8.2} {:>10.0} {:>8} {:>8} {:>9} {:>7} {:>7} {:>6}",
+            "{:<60} {:>9} {:>8.2} {:>10.0} {:>8} {:>8} {:>9} {:>7} {:>7} {:>6}",
             m.name,
             m.events,
             m.seconds,

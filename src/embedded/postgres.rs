@@ -22,6 +22,8 @@ pub struct PostgresOptions {
     pub max_connections: u32,
     /// Serve TLS (as well as plain text) with this certificate.
     pub tls: Option<ServerTls>,
+    /// Load `pg_stat_statements` (time spent per statement), for profiling.
+    pub statement_stats: bool,
 }
 
 /// A server certificate chain and its private key, both PEM.
@@ -37,6 +39,7 @@ impl Default for PostgresOptions {
             durable: false,
             max_connections: 100,
             tls: None,
+            statement_stats: false,
         }
     }
 }
@@ -154,6 +157,9 @@ impl ThrowawayPostgres {
         );
         if !options.durable {
             conf.push_str("fsync = off\nsynchronous_commit = off\nfull_page_writes = off\n");
+        }
+        if options.statement_stats {
+            conf.push_str("shared_preload_libraries = 'pg_stat_statements'\n");
         }
         if let Some(tls) = &options.tls {
             self.write_server_file("server.crt", &tls.cert_pem)?;

@@ -5,6 +5,7 @@ pub mod apply;
 pub mod audit;
 pub mod expiry;
 pub mod failure;
+pub mod history;
 pub mod migrate;
 pub mod ownership;
 pub mod tls;
@@ -75,6 +76,37 @@ pub async fn create_database(admin_url: &str, name: &str) -> Result<String, Fail
         .batch_execute(&format!("CREATE DATABASE {name}"))
         .await?;
     Ok(url)
+}
+
+/// Creates database `name` as a copy of `template` (which nobody may be connected to).
+pub async fn create_database_from(
+    admin_url: &str,
+    name: &str,
+    template: &str,
+) -> Result<String, Failure> {
+    let url = with_database(admin_url, name)?;
+    let admin = connect(admin_url).await?;
+    // A file copy (PostgreSQL 15 and later) is much faster than the default's WAL-logged copy
+    // of every block of a large template; older servers know only the latter.
+    let mut create = format!("CREATE DATABASE {name} TEMPLATE {template} STRATEGY FILE_COPY");
+    // The template's last sessions may still be closing: "being accessed by other users".
+    let mut tries = 0;
+    loop {
+        match admin.batch_execute(&create).await {
+            Ok(()) => return Ok(url),
+            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::SYNTAX_ERROR) => {
+                create = format!("CREATE DATABASE {name} TEMPLATE {template}");
+            }
+            Err(e)
+                if tries < 50
+                    && e.code() == Some(&tokio_postgres::error::SqlState::OBJECT_IN_USE) =>
+            {
+                tries += 1;
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
 }
 
 /// Drops database `name` of the server of `admin_url`, ending its sessions.

@@ -388,6 +388,8 @@ async fn bench_runs_every_mode_and_each_passes_verify() {
                 "500",
                 "--latency-seconds",
                 "2",
+                "--history",
+                "20000",
                 "--apache",
             ])
             .arg("--database-url")
@@ -405,6 +407,7 @@ async fn bench_runs_every_mode_and_each_passes_verify() {
     assert!(stdout.contains("verify: PASS in every run"), "{report}");
     for run in [
         "database only",
+        "steady state, 20000 events of history",
         "pipeline, 1 replica",
         "pipeline, 3 replicas",
         "per-event mode",
@@ -424,12 +427,13 @@ async fn bench_runs_every_mode_and_each_passes_verify() {
         // is the bench's own throwaway one (here it is given).
         let mut columns = row.split_whitespace().rev().skip(1);
         assert_eq!(columns.next(), Some("-"), "{row}");
-        if run != "database only" {
+        if !run.starts_with("database only") && !run.starts_with("steady state") {
             let replicas: f64 = columns.next().and_then(|c| c.parse().ok()).unwrap_or(0.0);
             assert!(replicas > 0.0, "replica CPU per event: {row}");
         }
     }
     for ratio in [
+        "steady state (history) / database only",
         "3 replicas / database only",
         "1 replica / per-event mode",
         "guarded / unsafe",
