@@ -133,6 +133,15 @@ pub async fn audit(db: &Client, expected: Option<&Expectation>) -> Result<AuditR
     .await?;
     r.none_of(
         db,
+        "ledger rows name recorded events and known products",
+        "movements whose event is not in processed_events or whose SKU is not in products",
+        "SELECT count(*) FROM stock_movements m
+         WHERE NOT EXISTS (SELECT 1 FROM processed_events e WHERE e.event_id = m.event_id)
+            OR NOT EXISTS (SELECT 1 FROM products p WHERE p.sku = m.sku)",
+    )
+    .await?;
+    r.none_of(
+        db,
         "version counts changes",
         "products whose version differs from their number of movements",
         &format!(

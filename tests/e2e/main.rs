@@ -445,3 +445,36 @@ async fn bench_runs_every_mode_and_each_passes_verify() {
         assert!(stdout.contains(ratio), "no {ratio} ratio:\n{report}");
     }
 }
+
+/// The ledger's foreign keys are gone (they cost most of the server's time per event): the
+/// audit behind `verify` is what catches a ledger row naming an unknown event or product.
+#[tokio::test(flavor = "multi_thread")]
+async fn verify_catches_ledger_rows_without_their_event_or_product() {
+    let env = support::TestEnv::new(1).await;
+    inventory_consumer::store::migrate::migrate(&env.db.url)
+        .await
+        .expect("migrating");
+    let db = env.db.client().await;
+    db.batch_execute(
+        "INSERT INTO products (sku, current_stock, version) VALUES ('S', 1, 1);
+         INSERT INTO processed_events (event_id, event_type, outcome, line_count, topic,
+             partition, \"offset\", payload_digest)
+         VALUES ('e', 'restock', 'applied', 1, 't', 0, 0, '\\x00');
+         INSERT INTO stock_movements (event_id, sku, delta, stock_after) VALUES ('e', 'S', 1, 1);",
+    )
+    .await
+    .expect("a consistent ledger");
+    let (ok, report) = env.verify(None);
+    assert!(ok, "a consistent ledger passes:\n{report}");
+    for stray in [
+        "UPDATE stock_movements SET event_id = 'nobody'",
+        "UPDATE stock_movements SET event_id = 'e', sku = 'NOPE'",
+    ] {
+        db.batch_execute(stray).await.expect("a stray ledger row");
+        let (ok, report) = env.verify(None);
+        assert!(
+            !ok && report.contains("FAIL ledger rows name recorded events and known products"),
+            "{stray}:\n{report}"
+        );
+    }
+}
