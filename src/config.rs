@@ -242,6 +242,14 @@ const MANAGED_PROPERTIES: &[(&str, &str)] = &[
         "partition.assignment.strategy",
         "set kafka.assignment_strategy",
     ),
+    (
+        "enable.idempotence",
+        "replies are published in order and at least once by an idempotent producer",
+    ),
+    (
+        "acks",
+        "a reply leaves the outbox only once every in-sync replica has it",
+    ),
 ];
 
 /// Librdkafka rejects these with `group.protocol=consumer`: the broker owns them there.
@@ -648,6 +656,12 @@ mod tests {
             .properties
             .insert("enable.auto.commit".into(), Value::from("true"));
         assert!(error_of(&s).contains("kafka.properties.enable.auto.commit"));
+
+        let mut s = valid();
+        s.kafka
+            .properties
+            .insert("enable.idempotence".into(), Value::from("false"));
+        assert!(error_of(&s).contains("kafka.properties.enable.idempotence"));
 
         let mut s = valid();
         s.kafka.group_protocol = GroupProtocol::Consumer;

@@ -595,7 +595,11 @@ impl Bench {
                 };
                 let all: Vec<i32> = (0..batches.len() as i32).collect();
                 let claims = store::claim(&pool, &source, "bench", &all).await?;
-                let stats = statement_stats(&self.admin_url).await;
+                // Only on bench's own server: resetting them is nobody else's business.
+                let stats = match self.server {
+                    Some(_) => statement_stats(&self.admin_url).await,
+                    None => None,
+                };
                 let before = self.cpu_reading(&[]);
                 let started = Instant::now();
                 let mut tasks = tokio::task::JoinSet::new();

@@ -13,7 +13,10 @@
 //!   producer keeps through retries. It is also gapless (`enable.gapless.guarantee`): should
 //!   one reply fail for good, none after it in its partition is delivered; the producer turns
 //!   fatal instead, the round fails, and a new producer publishes the same rows again, in
-//!   order. A round that is not acknowledged in time is published again the same way.
+//!   order. Timeouts are outside librdkafka's guarantee: a reply times out after
+//!   `message.timeout.ms`, set to the round's acknowledgement bound, and the replies queued
+//!   behind it in its partition were sent no earlier, so they time out with it; the round
+//!   fails and the next publishes all of them again, in order.
 //! - **Bounded.** While Kafka is reachable the queue drains; how far behind it is shows as
 //!   `inventory_reply_relay_lag_seconds` (the age of the oldest queued reply).
 
@@ -72,7 +75,9 @@ pub fn check_topic(producer: &FutureProducer, topic: &str) {
 /// The relay's producer settings: the service's producer, gapless (see the module doc).
 pub fn producer_config(settings: &crate::config::Settings) -> ClientConfig {
     let mut config = crate::kafka::client::producer_config(settings);
-    config.set("enable.gapless.guarantee", "true");
+    config
+        .set("enable.gapless.guarantee", "true")
+        .set("message.timeout.ms", ACK_TIMEOUT.as_millis().to_string());
     config
 }
 
@@ -94,7 +99,11 @@ pub async fn relay_until(
                 if let Some((_, why)) = producer.client().fatal_error() {
                     tracing::warn!(error = %why, "the reply producer failed for good; replacing it");
                     match config.create() {
-                        Ok(fresh) => producer = fresh,
+                        // Destroying a client blocks (its threads join): off the runtime.
+                        Ok(fresh) => {
+                            let old = std::mem::replace(&mut producer, fresh);
+                            tokio::task::spawn_blocking(move || drop(old));
+                        }
                         Err(e) => tracing::error!(error = %e, "cannot create a reply producer"),
                     }
                 }

@@ -306,7 +306,7 @@ async fn apply_once(
 
     // The writes are independent of each other's answers: all are sent before any is awaited
     // (one round trip). PostgreSQL runs them in the order sent, so products exist before the
-    // ledger rows that reference them; if one fails, the rest fail and nothing commits.
+    // ledger rows that name them; if one fails, the rest fail and nothing commits.
     let events = EventRows::of(&plan);
     let updated = ProductRows::of(plan.products.iter().filter(|p| !p.created));
     let created = ProductRows::of(plan.products.iter().filter(|p| p.created));

@@ -88,15 +88,21 @@ pub async fn create_database_from(
     let admin = connect(admin_url).await?;
     // A file copy (PostgreSQL 15 and later) is much faster than the default's WAL-logged copy
     // of every block of a large template; older servers know only the latter.
-    let mut create = format!("CREATE DATABASE {name} TEMPLATE {template} STRATEGY FILE_COPY");
+    let version: i32 = admin
+        .query_one("SELECT current_setting('server_version_num')::int", &[])
+        .await?
+        .try_get(0)?;
+    let strategy = if version >= 150_000 {
+        " STRATEGY FILE_COPY"
+    } else {
+        ""
+    };
+    let create = format!("CREATE DATABASE \"{name}\" TEMPLATE \"{template}\"{strategy}");
     // The template's last sessions may still be closing: "being accessed by other users".
     let mut tries = 0;
     loop {
         match admin.batch_execute(&create).await {
             Ok(()) => return Ok(url),
-            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::SYNTAX_ERROR) => {
-                create = format!("CREATE DATABASE {name} TEMPLATE {template}");
-            }
             Err(e)
                 if tries < 50
                     && e.code() == Some(&tokio_postgres::error::SqlState::OBJECT_IN_USE) =>
