@@ -277,26 +277,24 @@ impl Generator {
     fn order(&mut self) -> Message {
         let fate = OrderFate::roll(self.rng.random_range(0..100));
         let quantity: i64 = self.rng.random_range(1..=5);
-        let (sku, ttl) = if fate == OrderFate::Expire {
+        let (sku, ttl, restock) = if fate == OrderFate::Expire {
             // Its own SKU, restocked first: its expiry cannot change another outcome. Named
             // after the run's prefix (hashed: any prefix makes a valid, short SKU).
             let run = crate::domain::lock_key(&self.spec.id_prefix) as u64;
-            (format!("EXP-{run:016x}-{:08}", self.next_event), 1)
-        } else {
-            (self.pick_sku(), ORDER_TTL_SECONDS)
-        };
-        let mut first = None;
-        if fate == OrderFate::Expire {
+            let sku = format!("EXP-{run:016x}-{:08}", self.next_event);
             let id = self.next_id();
-            first = Some(keyed(
+            let restock = keyed(
                 &sku,
                 serde_json::json!({
                     "event_id": id, "type": "restock", "sku": sku, "quantity": quantity,
                     "source": "produce"
                 })
                 .to_string(),
-            ));
-        }
+            );
+            (sku, 1, Some(restock))
+        } else {
+            (self.pick_sku(), ORDER_TTL_SECONDS, None)
+        };
         let id = self.next_id();
         let order_id = format!("{id}-order");
         let reserve = keyed(
@@ -324,7 +322,7 @@ impl Generator {
             );
             self.scheduled.push((due, step));
         }
-        match first {
+        match restock {
             Some(restock) => {
                 self.scheduled.push((self.sent, reserve));
                 restock

@@ -472,8 +472,9 @@ impl Bench {
     fn history_template(&mut self) -> anyhow::Result<(String, Expectation)> {
         let history = self.history.as_mut().context("no history asked for")?;
         let rows = history.rows as i64;
+        let expected = store::history::expectation(rows);
         if let Some(name) = &history.template {
-            return Ok((name.clone(), store::history::expectation(rows)));
+            return Ok((name.clone(), expected));
         }
         let name = format!("inventory_bench_{}_history", std::process::id());
         step(&format!(
@@ -500,7 +501,7 @@ impl Bench {
             anyhow::Ok(())
         })?;
         history.template = Some(name.clone());
-        Ok((name, store::history::expectation(rows)))
+        Ok((name, expected))
     }
 
     fn drop_history(&mut self) {
@@ -559,12 +560,11 @@ impl Bench {
         partitions: i32,
         history: bool,
     ) -> anyhow::Result<Measured> {
-        let (template, base) = match history {
-            true => {
-                let (name, base) = self.history_template()?;
-                (Some(name), Some(base))
-            }
-            false => (None, None),
+        let (template, base) = if history {
+            let (name, base) = self.history_template()?;
+            (Some(name), Some(base))
+        } else {
+            (None, None)
         };
         let label = match &base {
             Some(b) => format!("steady state, {} events of history", b.events),

@@ -148,8 +148,7 @@ impl Batch {
         self.bytes += delivery.size();
         let decoded = decode(delivery.payload.as_deref());
         if let Ok(event) = &decoded {
-            // A commit or release names no lines, but locks its reservation's: at least one.
-            self.lines += event.lines.len().max(1);
+            self.lines += counted_lines(event);
         }
         self.items.push((delivery, decoded));
     }
@@ -186,7 +185,7 @@ impl Batch {
             .items
             .iter()
             .filter_map(|(_, decoded)| decoded.as_ref().ok())
-            .map(|event| event.lines.len().max(1))
+            .map(counted_lines)
             .sum();
     }
 
@@ -356,6 +355,12 @@ impl Batch {
         plan.products = product_changes(plan.movements.iter().map(|(_, m)| m), &existing);
         plan
     }
+}
+
+/// An event's lines towards the batch's cap: a commit or release names none, but locks its
+/// reservation's, so it counts at least one.
+fn counted_lines(event: &Event) -> usize {
+    event.lines.len().max(1)
 }
 
 /// The net change of each product over `movements`, sorted by SKU: one row update per product

@@ -313,7 +313,7 @@ async fn apply_once(
     let movements = MovementRows::of(plan.movements.iter().map(|(id, m)| (*id, m)));
     let made = ReservationRows::of(&plan);
     let ended = EndedRows::of(&plan.ended);
-    let replies = ReplyRows::of(&plan);
+    let replies = ReplyRows::of(&plan.replies);
     let dead = DeadLetterRows::of(&plan);
     let next_offset = last + 1;
     let event_params: [(&(dyn ToSql + Sync), Type); 9] = [
@@ -588,11 +588,7 @@ pub(super) struct ReplyRows<'a> {
 }
 
 impl<'a> ReplyRows<'a> {
-    fn of(plan: &'a BatchPlan<'a>) -> Self {
-        Self::from(&plan.replies)
-    }
-
-    pub(super) fn from(replies: &'a [Reply]) -> Self {
+    pub(super) fn of(replies: &'a [Reply]) -> Self {
         ReplyRows {
             event_ids: replies.iter().map(|r| r.event_id.as_str()).collect(),
             orders: replies.iter().map(|r| r.order_id.as_deref()).collect(),

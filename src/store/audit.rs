@@ -8,24 +8,24 @@ use tokio_postgres::Client;
 use crate::store::Failure;
 use crate::workload::Expectation;
 
+/// The single number a counting query returns.
+async fn count(db: &Client, sql: &str) -> Result<i64, Failure> {
+    Ok(db.query_one(sql, &[]).await?.try_get(0)?)
+}
+
 /// Reservations that have expired so far (each one's expiry is recorded like an event, but
 /// comes from no message, so [`settled`] leaves it out).
 pub async fn expired(db: &Client) -> Result<i64, Failure> {
-    Ok(db
-        .query_one(
-            "SELECT count(*) FROM reservations WHERE status = 'expired'",
-            &[],
-        )
-        .await?
-        .try_get(0)?)
+    count(
+        db,
+        "SELECT count(*) FROM reservations WHERE status = 'expired'",
+    )
+    .await
 }
 
 /// Replies written but not yet published (rows of `reply_outbox`).
 pub async fn queued_replies(db: &Client) -> Result<i64, Failure> {
-    Ok(db
-        .query_one("SELECT count(*) FROM reply_outbox", &[])
-        .await?
-        .try_get(0)?)
+    count(db, "SELECT count(*) FROM reply_outbox").await
 }
 
 /// The event ids of every recorded reply.
@@ -36,14 +36,12 @@ pub async fn reply_ids(db: &Client) -> Result<BTreeSet<String>, Failure> {
 
 /// Messages that reached an end: events decided (`processed_events`) plus dead letters.
 pub async fn settled(db: &Client) -> Result<i64, Failure> {
-    Ok(db
-        .query_one(
-            "SELECT (SELECT count(*) FROM processed_events WHERE event_type <> 'expire')
-                  + (SELECT count(*) FROM dead_letters)",
-            &[],
-        )
-        .await?
-        .try_get(0)?)
+    count(
+        db,
+        "SELECT (SELECT count(*) FROM processed_events WHERE event_type <> 'expire')
+              + (SELECT count(*) FROM dead_letters)",
+    )
+    .await
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -79,7 +77,7 @@ impl AuditReport {
         what: &str,
         sql: &str,
     ) -> Result<(), Failure> {
-        let violations: i64 = db.query_one(sql, &[]).await?.try_get(0)?;
+        let violations = count(db, sql).await?;
         self.check(name, violations == 0, format!("{violations} {what}"));
         Ok(())
     }

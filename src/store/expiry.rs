@@ -158,7 +158,7 @@ pub async fn sweep(pool: &Pool, topic: &str) -> Result<usize, Failure> {
         .collect();
     let ended_rows = EndedRows::of(&ended);
     let ended_params = ended_rows.params();
-    let reply_rows = ReplyRows::from(&replies);
+    let reply_rows = ReplyRows::of(&replies);
     let reply_params = reply_rows.params();
     let queue_param = [(
         &reply_rows.event_ids as &(dyn ToSql + Sync),

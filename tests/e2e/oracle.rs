@@ -14,7 +14,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-use crate::support::{RESULTS_TOPIC, TOPIC, read_whole_topic};
+use crate::support::{TOPIC, read_whole_topic};
 
 const MAX_PAYLOAD: usize = 1024 * 1024;
 const MAX_QUANTITY: i64 = 1_000_000_000;
@@ -463,32 +463,6 @@ pub async fn assert_database_matches(db: &crate::support::TestDb, truth: &Truth)
     assert_eq!(
         reservations, truth.reservations,
         "reservations differ from the reference model"
-    );
-}
-
-/// Checks the results topic, read back whole, against the model: exactly the model's replies,
-/// each with its outcome and reason. A reply may be published more than once (at least once),
-/// never two different ones to one request.
-pub fn assert_replies_match(bootstrap: &str, truth: &Truth) {
-    let (messages, _) = read_whole_topic(bootstrap, RESULTS_TOPIC);
-    let mut found: BTreeMap<String, (String, Option<String>)> = BTreeMap::new();
-    for message in messages {
-        let reply: serde_json::Value =
-            serde_json::from_slice(message.payload.as_deref().unwrap_or_default())
-                .expect("a JSON reply");
-        let id = reply["event_id"].as_str().expect("event_id").to_owned();
-        let entry = (
-            reply["outcome"].as_str().unwrap_or_default().to_owned(),
-            reply["reason"].as_str().map(str::to_owned),
-        );
-        if let Some(earlier) = found.insert(id.clone(), entry.clone()) {
-            assert_eq!(earlier, entry, "two different replies to {id}");
-        }
-    }
-    assert!(!truth.replies.is_empty(), "the model expects no reply");
-    assert_eq!(
-        found, truth.replies,
-        "the replies published differ from the reference model"
     );
 }
 
