@@ -25,6 +25,7 @@ pub struct Settings {
     pub processing: ProcessingSettings,
     pub reservations: ReservationSettings,
     pub results: ResultSettings,
+    pub history: HistorySettings,
     pub http: HttpSettings,
     pub log: LogSettings,
 }
@@ -117,6 +118,32 @@ pub struct ResultSettings {
     pub all_events: bool,
 }
 
+/// Bounded history (src/store/retention.rs): the history tables are partitioned by period, and
+/// a period's partitions are dropped once it ended longer ago than their retention. A
+/// retention of 0 keeps them for ever.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HistorySettings {
+    /// The length of a period: how often a new one starts.
+    pub period_s: u64,
+    /// The dedupe horizon: how long `processed_events` (and replies) are kept. An event id
+    /// delivered again within it is a duplicate; after it, it applies again. Must cover the
+    /// topic's retention (checked against the broker at start-up).
+    pub dedupe_horizon_s: u64,
+    /// How long the ledger (`stock_movements`) is kept; what is dropped is carried forward
+    /// into `ledger_openings`.
+    pub ledger_retention_s: u64,
+    /// How long dead letters are kept.
+    pub dead_letter_retention_s: u64,
+}
+
+impl HistorySettings {
+    /// How often a replica runs maintenance: often enough to start each period on time.
+    pub fn maintenance_interval(&self) -> Duration {
+        Duration::from_secs((self.period_s / 4).clamp(1, 60))
+    }
+}
+
 impl ReservationSettings {
     pub fn default_ttl(&self) -> Duration {
         Duration::from_secs(self.default_ttl_s)
@@ -145,6 +172,7 @@ pub struct LogSettings {
     pub level: String,
 }
 
+const DAY_S: u64 = 86_400;
 /// The drain when nothing bounds it lower.
 const DEFAULT_DRAIN_TIMEOUT_MS: u64 = 10_000;
 /// How far inside the group's windows a derived drain stays (a commit and a leave after it).
@@ -196,6 +224,12 @@ impl Default for Settings {
                 sweep_interval_ms: 1_000,
             },
             results: ResultSettings { all_events: false },
+            history: HistorySettings {
+                period_s: DAY_S,
+                dedupe_horizon_s: 14 * DAY_S,
+                ledger_retention_s: 30 * DAY_S,
+                dead_letter_retention_s: 30 * DAY_S,
+            },
             http: HttpSettings {
                 addr: "0.0.0.0:8080".into(),
             },
@@ -370,6 +404,25 @@ impl Settings {
         ] {
             if value == 0 {
                 return Err(ConfigError::key(key, "must be > 0"));
+            }
+        }
+        let h = &self.history;
+        if !(1..=366 * DAY_S).contains(&h.period_s) {
+            return Err(ConfigError::key(
+                "history.period_s",
+                "must be 1..=31622400 (a year)",
+            ));
+        }
+        for (key, value) in [
+            ("history.dedupe_horizon_s", h.dedupe_horizon_s),
+            ("history.ledger_retention_s", h.ledger_retention_s),
+            ("history.dead_letter_retention_s", h.dead_letter_retention_s),
+        ] {
+            if value != 0 && value < h.period_s {
+                return Err(ConfigError::key(
+                    key,
+                    "must be 0 (keep for ever) or at least history.period_s",
+                ));
             }
         }
         let p = &self.processing;

@@ -25,7 +25,7 @@ use tokio::runtime::Runtime;
 use crate::cli::produce::send;
 use crate::cli::{Cli, EXIT_VERIFY_FAILED, given_or_throwaway_database, log_dir, runtime};
 use crate::config::Settings;
-use crate::domain::{Batch, Delivery, RecordedLookup, lock_key};
+use crate::domain::{Batch, Delivery, lock_key};
 use crate::embedded::cpu;
 use crate::embedded::local_kafka::{BrokerKind, LocalKafka};
 use crate::embedded::postgres::{PostgresOptions, ThrowawayPostgres};
@@ -610,11 +610,8 @@ impl Bench {
                         .map(|c| c.epoch)
                         .context("a partition left unclaimed")?;
                     tasks.spawn(async move {
-                        // As a partition worker does: reads recorded ids until none turn up.
-                        let mut lookup = RecordedLookup::new();
                         for batch in &batches {
-                            apply_batch(&pool, &source, batch, Guards::On, epoch, &mut lookup)
-                                .await?;
+                            apply_batch(&pool, &source, batch, Guards::On, epoch).await?;
                         }
                         anyhow::Ok(())
                     });

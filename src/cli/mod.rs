@@ -6,6 +6,7 @@
 pub mod bench;
 pub mod broker;
 pub mod demo;
+pub mod maintain;
 pub mod migrate;
 pub mod produce;
 pub mod run;
@@ -54,7 +55,10 @@ pub enum Command {
     /// Run one consumer replica (the entry point of the container, the pod and the Procfile).
     Run(run::RunArgs),
     /// Apply pending database migrations and exit.
-    Migrate,
+    Migrate(migrate::MigrateArgs),
+    /// One pass of history maintenance (new periods, partitions ahead, retention), as every
+    /// replica runs it; for a CronJob, or with replicas stopped.
+    Maintain,
     /// Run an embedded Kafka-protocol broker (librdkafka's mock cluster) for development and tests.
     Broker(broker::BrokerArgs),
     /// Produce a generated workload or a JSON-lines file, and write the expected outcome.
@@ -102,7 +106,8 @@ const BOTH: Needs = Needs {
 pub fn main(cli: Cli) -> ExitCode {
     let result = match &cli.command {
         Command::Run(args) => with_settings(&cli, BOTH, |s| run::main(s, args)),
-        Command::Migrate => with_settings(&cli, DATABASE, |s| migrate::main(&s)),
+        Command::Migrate(args) => with_settings(&cli, DATABASE, |s| migrate::main(&s, args)),
+        Command::Maintain => with_settings(&cli, DATABASE, |s| maintain::main(&s)),
         Command::Broker(args) => broker::main(args),
         Command::Produce(args) => with_settings(&cli, KAFKA, |s| produce::main(&s, args)),
         Command::Verify(args) => with_settings(&cli, DATABASE, |s| verify::main(&s, args)),

@@ -174,6 +174,14 @@ async fn replica(
         background.stop.clone(),
     )));
 
+    // Its first pass runs now: a new period starts on time even after a long stop.
+    tracing::info!(history = %store::retention::describe(&settings.history), "history retention");
+    background.push(tokio::spawn(store::retention::maintain_until(
+        pool.clone(),
+        settings.history.clone(),
+        background.stop.clone(),
+    )));
+
     let relay_config = crate::kafka::relay::producer_config(&settings);
     let replies: rdkafka::producer::FutureProducer = relay_config
         .create()

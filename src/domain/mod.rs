@@ -7,7 +7,6 @@ pub mod dead_letter_limit;
 pub mod event;
 pub mod lock_key;
 pub mod orders;
-pub mod recorded_lookup;
 pub mod replies;
 pub mod rules;
 
@@ -16,6 +15,5 @@ pub use dead_letter_limit::{DeadLetterLimit, LimitExceeded};
 pub use event::{Event, EventKind, Expiry, InvalidEvent, Line, decode};
 pub use lock_key::lock_key;
 pub use orders::{Clock, OrderBook, Reservation, ReservationStatus, apply_order_step, expire};
-pub use recorded_lookup::RecordedLookup;
 pub use replies::{Reply, expiry_reply, reply_to};
 pub use rules::{Movement, Outcome, RejectReason, Stock, StockBook, apply_event};

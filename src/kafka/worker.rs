@@ -20,7 +20,7 @@ use tokio::time::{Instant, sleep, sleep_until};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::domain::{Batch, DeadLetterLimit, Delivery, LimitExceeded, RecordedLookup};
+use crate::domain::{Batch, DeadLetterLimit, Delivery, LimitExceeded};
 use crate::kafka::flow::{Backlog, footprint};
 use crate::kafka::offsets::OffsetTracker;
 use crate::stats::Stats;
@@ -80,8 +80,6 @@ pub struct PartitionWorker {
     /// during the assignment failed, the worker claims before its first batch).
     pub epoch: Option<i64>,
     pub dead_letter_limit: DeadLetterLimit,
-    /// Whether this partition's batches read their recorded event ids first.
-    pub recorded_lookup: RecordedLookup,
 }
 
 /// How one part of a batch went.
@@ -356,7 +354,6 @@ impl PartitionWorker {
             batch,
             self.ctx.guards,
             epoch,
-            &mut self.recorded_lookup,
         )
         .await
     }

@@ -11,7 +11,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::domain::{Delivery, RecordedLookup};
+use crate::domain::Delivery;
 use crate::kafka::flow::Backlog;
 use crate::kafka::worker::{ForwardOnly, PartitionWorker, WorkerContext};
 use crate::store::Claim;
@@ -76,7 +76,6 @@ impl Workers {
             gate: ForwardOnly::starting_at(resumed),
             epoch: claim.map(|c| c.epoch),
             dead_letter_limit: self.ctx.dead_letter_limit.clone(),
-            recorded_lookup: RecordedLookup::new(),
         };
         let task = self.runtime.spawn(worker.run());
         self.running.insert(

@@ -1,15 +1,17 @@
 //! The batch transaction: everything one batch of one partition does, atomically.
 //!
-//! 0. Lock the partition's row in `partition_owners` and check the epoch this owner claimed
+//! 0. Take the period clock's shared lock ([`super::retention`]), so that the batch writes
+//!    its history into the current period and no new period starts until it ends. Then lock
+//!    the partition's row in `partition_owners` and check the epoch this owner claimed
 //!    ([`super::ownership`]): a replica that lost the partition aborts here.
 //! 1. `pg_advisory_xact_lock` on every SKU of the batch, keys ascending ([`Batch::lock_keys`]):
 //!    from here until commit no other replica works on these SKUs, and because every transaction
 //!    takes its locks in the same global order, multi-SKU batches cannot deadlock.
-//! 2. Read the stock of the SKUs and, unless [`RecordedLookup`] says duplicates are gone, which
-//!    event ids are already recorded (with their digest). The reads run after the locks are
-//!    held, so under READ COMMITTED they see every effect committed before us on these SKUs.
-//!    A batch that skipped the second read and then inserts an id already recorded fails on
-//!    the primary key, rolls back whole, and is re-run at once with the read.
+//! 2. Read the stock of the SKUs and which event ids are already recorded (with their digest),
+//!    in every period still kept. The reads run after the locks are held, so under READ
+//!    COMMITTED they see every effect committed before us on these SKUs, and every event of an
+//!    earlier period. Two batches that record the same event id at once write to the same
+//!    period, whose unique index makes the second fail and be retried (it then finds the id).
 //! 3. [`Batch::plan`] decides every delivery (pure code).
 //! 4. Write: the new `processed_events` rows, the product changes as atomic increments
 //!    (`current_stock = current_stock + delta`, `version = version + changes`; the CHECK on
@@ -20,20 +22,21 @@
 //!
 //! Every statement is set-based over arrays (`unnest`), so a batch costs a fixed number of
 //! round trips whatever its size, and is sent with explicit parameter types
-//! (`query_typed`), which needs no separate prepare round trip.
+//! (`query_typed`), which needs no separate prepare round trip. History rows name their period
+//! with `(SELECT current_history_period())`, evaluated once per statement.
 
 use std::collections::HashMap;
 use std::time::Duration;
 
-use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{ToSql, Type};
 
 use crate::domain::batch::{BatchPlan, EndedReservation, MAX_LOCKS_PER_BATCH, ProductChange};
 use crate::domain::{
-    Batch, Clock, Line, Movement, OrderBook, RecordedLookup, Reply, Reservation, ReservationStatus,
-    Stock, StockBook, lock_key,
+    Batch, Clock, Line, Movement, OrderBook, Reply, Reservation, ReservationStatus, Stock,
+    StockBook, lock_key,
 };
 use crate::store::ownership::{FENCE, check_fence};
+use crate::store::retention::{CLOCK_SHARED, clock_key};
 use crate::store::{Failure, Pool};
 
 /// Where a batch comes from: its partition's offsets are recorded under this group and topic.
@@ -48,7 +51,8 @@ pub struct Source {
     pub reply_all: bool,
 }
 
-/// Whether a batch takes its advisory locks and checks for recorded event ids. Always `On` in
+/// Whether a batch takes its advisory locks (the period clock's and the SKUs') and checks for
+/// recorded event ids. Always `On` in
 /// service; `Off` exists only for the benchmark's unsafe baseline, to measure what they cost.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Guards {
@@ -105,8 +109,9 @@ const INSERT_RESERVATION_LINES: &str = "
 // The replies of the batch's order steps, each queued for the relay; and the recorded replies
 // of requests sent again, queued once more.
 pub(super) const INSERT_REPLIES: &str = "
-    INSERT INTO replies (event_id, order_id, reply_key, payload)
-    SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[])";
+    INSERT INTO replies (event_id, order_id, reply_key, payload, period)
+    SELECT *, (SELECT current_history_period())
+    FROM unnest($1::text[], $2::text[], $3::text[], $4::text[])";
 
 // Queued in the order given (a function scan keeps array order, and so do the identities):
 // the batch's order, new replies and those of requests sent again alike. A request sent
@@ -125,8 +130,10 @@ pub(super) const END_RESERVATIONS: &str = "
 
 pub(super) const INSERT_EVENTS: &str = "
     INSERT INTO processed_events
-        (event_id, event_type, outcome, reason, line_count, topic, partition, \"offset\", payload_digest)
-    SELECT e.id, e.kind, e.outcome, e.reason, e.lines, $1, $2, e.off, e.digest
+        (event_id, event_type, outcome, reason, line_count, topic, partition, \"offset\", payload_digest,
+         period)
+    SELECT e.id, e.kind, e.outcome, e.reason, e.lines, $1, $2, e.off, e.digest,
+           (SELECT current_history_period())
     FROM unnest($3::text[], $4::text[], $5::text[], $6::text[], $7::int[], $8::bigint[], $9::bytea[])
         AS e(id, kind, outcome, reason, lines, off, digest)";
 
@@ -148,8 +155,10 @@ const INSERT_PRODUCTS: &str = "
     SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bigint[])";
 
 pub(super) const INSERT_MOVEMENTS: &str = "
-    INSERT INTO stock_movements (event_id, sku, delta, stock_after, reserved_delta, reserved_after)
-    SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::bigint[], $6::bigint[])";
+    INSERT INTO stock_movements
+        (event_id, sku, delta, stock_after, reserved_delta, reserved_after, period)
+    SELECT *, (SELECT current_history_period())
+    FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::bigint[], $6::bigint[])";
 
 // Never moves back: a zombie's late batch cannot rewind a partition.
 const RECORD_OFFSET: &str = "
@@ -158,63 +167,26 @@ const RECORD_OFFSET: &str = "
     ON CONFLICT (consumer_group, topic, partition) DO UPDATE
         SET next_offset = greatest(o.next_offset, EXCLUDED.next_offset), updated_at = now()";
 
+// A redelivered bad message is kept once, whatever period holds it. (The partition's fence
+// serializes the batches of one partition, so no other transaction adds the same position.)
 const INSERT_DEAD_LETTERS: &str = "
-    INSERT INTO dead_letters (topic, partition, \"offset\", key, payload, error, detail)
-    SELECT $1, $2, d.off, d.key, d.payload, d.error, d.detail
+    INSERT INTO dead_letters (topic, partition, \"offset\", key, payload, error, detail, period)
+    SELECT $1, $2, d.off, d.key, d.payload, d.error, d.detail, (SELECT current_history_period())
     FROM unnest($3::bigint[], $4::bytea[], $5::bytea[], $6::text[], $7::text[])
         AS d(off, key, payload, error, detail)
-    ON CONFLICT (topic, partition, \"offset\") DO NOTHING";
+    WHERE NOT EXISTS (SELECT 1 FROM dead_letters x
+                      WHERE x.topic = $1 AND x.partition = $2 AND x.\"offset\" = d.off)";
 
 /// Applies one batch of one partition in one transaction; see the module doc for the steps.
-/// `lookup` is the partition's: it decides whether the batch reads its recorded ids first, and
-/// learns from what the batch found.
 pub async fn apply_batch(
     pool: &Pool,
     source: &Source,
     batch: &Batch,
     guards: Guards,
     epoch: i64,
-    lookup: &mut RecordedLookup,
 ) -> Result<BatchOutcome, Failure> {
-    if guards == Guards::Off {
-        let applied = apply_once(pool, source, batch, guards, epoch, false).await?;
-        return applied.map(|(outcome, _)| outcome).ok_or_else(|| {
-            Failure::Fatal("the unguarded baseline met a recorded event id".into())
-        });
-    }
-    let look_up = lookup.needed();
-    if let Some((outcome, found)) = apply_once(pool, source, batch, guards, epoch, look_up).await? {
-        if look_up {
-            lookup.looked_up(found);
-        }
-        return Ok(outcome);
-    }
-    lookup.missed();
-    metrics::counter!(crate::metrics::RECHECKS).increment(1);
-    match apply_once(pool, source, batch, guards, epoch, true).await? {
-        Some((outcome, found)) => {
-            lookup.looked_up(found);
-            Ok(outcome)
-        }
-        None => Err(Failure::Transient(
-            "an event id was recorded by another transaction during the batch".into(),
-        )),
-    }
-}
-
-/// One transaction. `Ok(None)`: it skipped the recorded-id read (`look_up` false), inserted an
-/// id already recorded, and rolled back. `Ok(Some((_, found)))`: committed; `found`, the read
-/// found recorded ids.
-async fn apply_once(
-    pool: &Pool,
-    source: &Source,
-    batch: &Batch,
-    guards: Guards,
-    epoch: i64,
-    look_up: bool,
-) -> Result<Option<(BatchOutcome, bool)>, Failure> {
     let (Some(partition), Some((_, last))) = (batch.partition(), batch.offsets()) else {
-        return Ok(Some((BatchOutcome::default(), false)));
+        return Ok(BatchOutcome::default());
     };
     let topic = source.topic.as_str();
     let mut conn = pool.get().await?;
@@ -237,10 +209,9 @@ async fn apply_once(
         Guards::On => lock_keys(&skus),
         Guards::Off => Vec::new(),
     };
-    let ids = if look_up {
-        batch.event_ids()
-    } else {
-        Vec::new()
+    let ids = match guards {
+        Guards::On => batch.event_ids(),
+        Guards::Off => Vec::new(),
     };
     let ids_param = [(&ids as &(dyn ToSql + Sync), Type::TEXT_ARRAY)];
     let skus_param = [(&skus as &(dyn ToSql + Sync), Type::TEXT_ARRAY)];
@@ -250,8 +221,9 @@ async fn apply_once(
         (&topic, Type::TEXT),
         (&partition, Type::INT4),
     ];
-    // The fence, the locks and both reads are sent before any answer is awaited (one round
-    // trip). The server runs them in order, so the reads start once every lock is held.
+    let clock_param = [(&clock_key() as &(dyn ToSql + Sync), Type::INT8)];
+    // The clock, the fence, the locks and the reads are sent before any answer is awaited (one
+    // round trip). The server runs them in order, so the reads start once every lock is held.
     // `biased`: polled in order, so a failure is reported by the statement that failed, not by
     // a later one that found the transaction already aborted.
     let waiting = std::time::Instant::now();
@@ -261,8 +233,12 @@ async fn apply_once(
             .record(waiting.elapsed().as_secs_f64());
         locked
     };
-    let (owner, _, recorded_rows, stock_rows, reservation_rows, now) = tokio::try_join!(
+    let (_, owner, _, recorded_rows, stock_rows, reservation_rows, now) = tokio::try_join!(
         biased;
+        unless_empty(
+            guards == Guards::Off,
+            tx.execute_typed(CLOCK_SHARED, &clock_param)
+        ),
         tx.query_typed_opt(FENCE, &fence_params),
         lock,
         unless_empty(ids.is_empty(), tx.query_typed(RECORDED, &ids_param)),
@@ -277,7 +253,6 @@ async fn apply_once(
         epoch,
         owner.map(|row| row.try_get::<_, i64>(0)).transpose()?,
     )?;
-    let found = !recorded_rows.is_empty();
     let mut recorded = HashMap::with_capacity(recorded_rows.len());
     for row in recorded_rows {
         recorded.insert(row.try_get::<_, String>(0)?, row.try_get::<_, Vec<u8>>(1)?);
@@ -402,10 +377,7 @@ async fn apply_once(
         ),
         tx.execute_typed(RECORD_OFFSET, &offset_params),
     );
-    let (_, updated_rows, created_rows, _, _, _, _, _, _, _, _) = match written {
-        Err(e) if !look_up && inserts_a_recorded_id(&e) => return Ok(None),
-        written => written?,
-    };
+    let (_, updated_rows, created_rows, _, _, _, _, _, _, _, _) = written?;
     for (rows, expected) in [
         (updated_rows, updated.skus.len()),
         (created_rows, created.skus.len()),
@@ -424,14 +396,7 @@ async fn apply_once(
         dead_letters: plan.dead_letters.len() as u64,
     };
     tx.commit().await?;
-    Ok(Some((outcome, found)))
-}
-
-/// The batch inserted an event id that `processed_events` already holds.
-fn inserts_a_recorded_id(e: &tokio_postgres::Error) -> bool {
-    e.as_db_error().is_some_and(|db| {
-        *db.code() == SqlState::UNIQUE_VIOLATION && db.constraint() == Some("processed_events_pkey")
-    })
+    Ok(outcome)
 }
 
 /// Runs `statement` unless there is nothing to do (then its default, and no round trip).

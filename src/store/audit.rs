@@ -1,5 +1,9 @@
 //! The audit behind `verify`: invariants that must hold in any database this service wrote,
 //! and, given the oracle a `produce` run wrote, equality with what should have happened.
+//!
+//! History that retention dropped (src/store/retention.rs) is accounted for: the ledger's
+//! sums start from `ledger_openings`, the counts add what `history_periods` says the dropped
+//! partitions held, and checks that join two tables skip the periods one of them lost.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -34,12 +38,15 @@ pub async fn reply_ids(db: &Client) -> Result<BTreeSet<String>, Failure> {
     rows.iter().map(|r| Ok(r.try_get(0)?)).collect()
 }
 
-/// Messages that reached an end: events decided (`processed_events`) plus dead letters.
+/// Messages that reached an end: events decided (`processed_events`) plus dead letters,
+/// counting those retention dropped.
 pub async fn settled(db: &Client) -> Result<i64, Failure> {
     count(
         db,
         "SELECT (SELECT count(*) FROM processed_events WHERE event_type <> 'expire')
-              + (SELECT count(*) FROM dead_letters)",
+              + (SELECT count(*) FROM dead_letters)
+              + (SELECT coalesce(sum(events_dropped + dead_letters_dropped), 0)::bigint
+                 FROM history_periods)",
     )
     .await
 }
@@ -83,10 +90,14 @@ impl AuditReport {
     }
 }
 
+// Per SKU: its opening balance (what dropped ledger periods added up to) plus its movements.
 const MOVEMENT_TOTALS: &str = "
     SELECT sku, sum(delta)::bigint AS total, sum(reserved_delta)::bigint AS reserved,
-           count(*) AS changes
-    FROM stock_movements GROUP BY sku";
+           sum(changes)::bigint AS changes
+    FROM (SELECT sku, delta, reserved_delta, 1 AS changes FROM stock_movements
+          UNION ALL
+          SELECT sku, stock, reserved, changes FROM ledger_openings) l
+    GROUP BY sku";
 
 /// Runs every check; `expected` adds the comparison with an oracle.
 pub async fn audit(db: &Client, expected: Option<&Expectation>) -> Result<AuditReport, Failure> {
@@ -133,8 +144,10 @@ pub async fn audit(db: &Client, expected: Option<&Expectation>) -> Result<AuditR
         db,
         "ledger rows name recorded events and known products",
         "movements whose event is not in processed_events or whose SKU is not in products",
-        "SELECT count(*) FROM stock_movements m
-         WHERE NOT EXISTS (SELECT 1 FROM processed_events e WHERE e.event_id = m.event_id)
+        "SELECT count(*) FROM stock_movements m JOIN history_periods h USING (period)
+         WHERE (NOT h.events_gone AND NOT EXISTS (SELECT 1 FROM processed_events e
+                                                  WHERE e.event_id = m.event_id
+                                                    AND e.period = m.period))
             OR NOT EXISTS (SELECT 1 FROM products p WHERE p.sku = m.sku)",
     )
     .await?;
@@ -154,9 +167,11 @@ pub async fn audit(db: &Client, expected: Option<&Expectation>) -> Result<AuditR
         "movements whose stock_after is not the running sum of their SKU's ledger",
         "SELECT count(*) FROM (
              SELECT stock_after, reserved_after,
-                    sum(delta) OVER (PARTITION BY sku ORDER BY id) AS running,
-                    sum(reserved_delta) OVER (PARTITION BY sku ORDER BY id) AS reserved
-             FROM stock_movements) m
+                    coalesce(o.stock, 0)
+                        + sum(delta) OVER (PARTITION BY m.sku ORDER BY id) AS running,
+                    coalesce(o.reserved, 0)
+                        + sum(reserved_delta) OVER (PARTITION BY m.sku ORDER BY id) AS reserved
+             FROM stock_movements m LEFT JOIN ledger_openings o USING (sku)) m
          WHERE stock_after <> running OR running < 0
             OR reserved_after <> reserved OR reserved < 0 OR reserved > running",
     )
@@ -166,9 +181,12 @@ pub async fn audit(db: &Client, expected: Option<&Expectation>) -> Result<AuditR
         "outcomes match effects",
         "events whose movements do not match their outcome (applied: one per line; rejected: none)",
         "SELECT count(*) FROM processed_events e
-         LEFT JOIN (SELECT event_id, count(*) AS n FROM stock_movements GROUP BY event_id) m USING (event_id)
-         WHERE (e.outcome = 'applied' AND coalesce(m.n, 0) <> e.line_count)
-            OR (e.outcome = 'rejected' AND coalesce(m.n, 0) <> 0)
+         LEFT JOIN (SELECT event_id, period, count(*) AS n FROM stock_movements
+                    GROUP BY event_id, period) m USING (event_id, period)
+         -- (Where the period's ledger is kept.)
+         WHERE (e.period NOT IN (SELECT period FROM history_periods WHERE movements_gone)
+                AND ((e.outcome = 'applied' AND coalesce(m.n, 0) <> e.line_count)
+                     OR (e.outcome = 'rejected' AND coalesce(m.n, 0) <> 0)))
             OR (e.outcome = 'rejected' AND e.reason NOT IN ('insufficient_stock', 'unknown_sku',
                 'stock_overflow', 'order_exists', 'no_active_reservation'))",
     )
@@ -180,9 +198,20 @@ pub async fn audit(db: &Client, expected: Option<&Expectation>) -> Result<AuditR
         "SELECT count(*) FROM reservations r
          LEFT JOIN processed_events e ON e.event_id = r.ended_by
          WHERE (r.status = 'active') <> (r.ended_by IS NULL)
-            OR (r.status = 'committed' AND e.event_type IS DISTINCT FROM 'commit')
-            OR (r.status = 'released' AND e.event_type IS DISTINCT FROM 'release')
-            OR (r.status = 'expired' AND e.event_type IS DISTINCT FROM 'expire')",
+            -- Unless its ending event was dropped with its period (then only the above).
+            OR (coalesce(r.ended_at >= (SELECT max(ended_at) FROM history_periods
+                                        WHERE events_gone), true)
+                AND ((r.status = 'committed' AND e.event_type IS DISTINCT FROM 'commit')
+                  OR (r.status = 'released' AND e.event_type IS DISTINCT FROM 'release')
+                  OR (r.status = 'expired' AND e.event_type IS DISTINCT FROM 'expire')))",
+    )
+    .await?;
+    r.none_of(
+        db,
+        "each event id recorded once",
+        "event ids with more than one row in processed_events",
+        "SELECT count(*) FROM (SELECT event_id FROM processed_events
+                               GROUP BY event_id HAVING count(*) > 1) d",
     )
     .await?;
     if let Some(expected) = expected {
@@ -260,12 +289,20 @@ async fn compare_with_oracle(
 
     let counts = db
         .query_one(
-            "SELECT (SELECT count(*) FROM processed_events WHERE event_type <> 'expire'),
-                    (SELECT count(*) FROM processed_events WHERE outcome = 'applied' AND event_type <> 'expire'),
-                    (SELECT count(*) FROM processed_events WHERE outcome = 'rejected'),
-                    (SELECT count(*) FROM dead_letters),
-                    (SELECT count(*) FROM replies r JOIN processed_events e USING (event_id)
-                     WHERE e.event_type IN ('reserve', 'commit', 'release', 'expire'))",
+            "WITH dropped AS (
+                 SELECT coalesce(sum(events_dropped), 0)::bigint AS events,
+                        coalesce(sum(applied_dropped), 0)::bigint AS applied,
+                        coalesce(sum(rejected_dropped), 0)::bigint AS rejected,
+                        coalesce(sum(dead_letters_dropped), 0)::bigint AS dead_letters,
+                        coalesce(sum(order_replies_dropped), 0)::bigint AS replies
+                 FROM history_periods)
+             SELECT (SELECT count(*) FROM processed_events WHERE event_type <> 'expire') + events,
+                    (SELECT count(*) FROM processed_events WHERE outcome = 'applied' AND event_type <> 'expire') + applied,
+                    (SELECT count(*) FROM processed_events WHERE outcome = 'rejected') + rejected,
+                    (SELECT count(*) FROM dead_letters) + dead_letters,
+                    (SELECT count(*) FROM replies r JOIN processed_events e USING (event_id, period)
+                     WHERE e.event_type IN ('reserve', 'commit', 'release', 'expire')) + replies
+             FROM dropped",
             &[],
         )
         .await?;

@@ -24,6 +24,7 @@ use crate::store::apply::{
     MovementRows, NOW, ProductRows, QUEUE_REPLIES, RESERVATIONS, ReplyRows, STOCK, UPDATE_PRODUCTS,
     lock_keys, read_reservations, read_stock, unless_empty,
 };
+use crate::store::retention::{CLOCK_SHARED, clock_key};
 use crate::store::{Failure, Pool};
 
 /// Most reservations one sweep considers (one transaction); the next sweep takes the rest.
@@ -88,8 +89,11 @@ pub async fn sweep(pool: &Pool, topic: &str) -> Result<usize, Failure> {
     let keys = lock_keys(&skus);
     let keys_param = [(&keys as &(dyn ToSql + Sync), Type::INT8_ARRAY)];
     let skus_param = [(&skus as &(dyn ToSql + Sync), Type::TEXT_ARRAY)];
-    let (_, stock_rows, reservation_rows, now) = tokio::try_join!(
+    let clock_param = [(&clock_key() as &(dyn ToSql + Sync), Type::INT8)];
+    // The period clock first, as in every batch (src/store/apply.rs).
+    let (_, _, stock_rows, reservation_rows, now) = tokio::try_join!(
         biased;
+        tx.execute_typed(CLOCK_SHARED, &clock_param),
         tx.execute_typed(LOCK, &keys_param),
         tx.query_typed(STOCK, &skus_param),
         tx.query_typed(RESERVATIONS, &orders_param),

@@ -13,13 +13,22 @@ mod embedded {
 
 /// Applies pending migrations; returns how many were applied by this call.
 pub async fn migrate(url: &str) -> Result<usize, Failure> {
+    migrate_to(url, None).await
+}
+
+/// Applies pending migrations up to version `to` (all if `None`).
+pub async fn migrate_to(url: &str, to: Option<i32>) -> Result<usize, Failure> {
     let mut client = connect(url).await?;
     // No SKU contains a space, so this key is outside the SKU lock space.
     let key = lock_key("schema migrations");
     client
         .execute("SELECT pg_advisory_lock($1)", &[&key])
         .await?;
-    let report = embedded::migrations::runner()
+    let mut runner = embedded::migrations::runner();
+    if let Some(to) = to {
+        runner = runner.set_target(refinery::Target::Version(to));
+    }
+    let report = runner
         .set_abort_divergent(true)
         .run_async(&mut client)
         .await;

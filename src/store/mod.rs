@@ -1,5 +1,5 @@
 //! PostgreSQL: the connection pool, the migrations, the batch transaction, the expiry of
-//! reservations and the audit.
+//! reservations, the retention of history and the audit.
 
 pub mod apply;
 pub mod audit;
@@ -8,6 +8,7 @@ pub mod failure;
 pub mod history;
 pub mod migrate;
 pub mod ownership;
+pub mod retention;
 pub mod tls;
 
 use std::time::Duration;

@@ -15,7 +15,7 @@ use crate::support::{
     http_get, metric, terminate_all, wait_until,
 };
 use inventory_consumer::config::Settings;
-use inventory_consumer::domain::{Batch, Delivery, RecordedLookup};
+use inventory_consumer::domain::{Batch, Delivery};
 use inventory_consumer::embedded::apache::ApacheKafka;
 use inventory_consumer::stats::StatsSnapshot;
 use inventory_consumer::store::{self, Claim, Failure, Guards, Source, apply_batch};
@@ -380,19 +380,23 @@ async fn broker_faults_are_ridden_out_without_loss_or_double_effect() {
 }
 
 /// A migrated test database, a pool on it, and where batches say they come from.
-async fn migrated_store() -> (TestDb, store::Pool, Source) {
+pub(crate) async fn migrated_store() -> (TestDb, store::Pool, Source) {
     let db = TestDb::new().await;
     store::migrate::migrate(&db.url).await.expect("migrations");
     let mut settings = Settings::default().database;
     settings.url = db.url.clone();
     let pool = store::pool(&settings).await.expect("pool");
-    let source = Source {
+    (db, pool, source())
+}
+
+/// The source of the store-level tests' batches.
+pub(crate) fn source() -> Source {
+    Source {
         group: "g".into(),
         topic: "t".into(),
         reservation_ttl: Duration::from_secs(900),
         reply_all: false,
-    };
-    (db, pool, source)
+    }
 }
 
 /// The fence itself, against a real PostgreSQL: a batch carrying an older epoch than the
@@ -422,12 +426,11 @@ async fn the_fence_refuses_a_stale_owner_and_a_claim_waits_for_the_batch_in_flig
         payload: Some(br#"{"event_id":"e1","type":"restock","sku":"S-1","quantity":5}"#.to_vec()),
         timestamp_ms: None,
     });
-    let lookup = &mut RecordedLookup::new();
-    let refused = apply_batch(&pool, &source, &batch, Guards::On, stale, lookup).await;
+    let refused = apply_batch(&pool, &source, &batch, Guards::On, stale).await;
     assert!(matches!(refused, Err(Failure::Fenced(_))), "{refused:?}");
     assert_eq!(db.scalar("SELECT count(*) FROM processed_events").await, 0);
     assert_eq!(db.scalar("SELECT count(*) FROM products").await, 0);
-    apply_batch(&pool, &source, &batch, Guards::On, current, lookup)
+    apply_batch(&pool, &source, &batch, Guards::On, current)
         .await
         .expect("the current owner applies");
     assert_eq!(db.scalar("SELECT count(*) FROM processed_events").await, 1);
@@ -471,77 +474,6 @@ async fn the_fence_refuses_a_stale_owner_and_a_claim_waits_for_the_batch_in_flig
         claimed[&0].next_offset,
         Some(1),
         "resumes after the batch it waited for"
-    );
-}
-
-/// Once a partition's batches stop reading their recorded event ids (none turned up lately), a
-/// batch that meets one anyway rolls back on the primary key and is re-run with the read: the
-/// duplicate is skipped, the reused id dead-lettered, the rest applied once.
-#[tokio::test(flavor = "multi_thread")]
-async fn a_batch_that_skipped_the_recorded_id_read_is_rerun_with_it_on_meeting_one() {
-    let (db, pool, source) = migrated_store().await;
-    let epoch = store::claim(&pool, &source, "a", &[0])
-        .await
-        .expect("claim")[&0]
-        .epoch;
-    let mut offset = 0;
-    let mut batch_of = |events: &[String]| {
-        let mut batch = Batch::default();
-        for event in events {
-            batch.push(Delivery {
-                partition: 0,
-                offset,
-                key: None,
-                payload: Some(event.clone().into_bytes()),
-                timestamp_ms: None,
-            });
-            offset += 1;
-        }
-        batch
-    };
-    let event = |id: &str, kind: &str, quantity: i64| {
-        json!({"event_id": id, "type": kind, "sku": "S-1", "quantity": quantity}).to_string()
-    };
-
-    let mut lookup = RecordedLookup::new();
-    let mut quiet = 0;
-    while lookup.needed() {
-        let batch = batch_of(&[event(&format!("r{quiet}"), "restock", 10)]);
-        apply_batch(&pool, &source, &batch, Guards::On, epoch, &mut lookup)
-            .await
-            .expect("a quiet batch");
-        quiet += 1;
-    }
-    assert!(quiet > 1, "a new owner reads its recorded ids at first");
-
-    let batch = batch_of(&[
-        event("s1", "sale", 3),
-        event("r0", "restock", 10),
-        event("r1", "restock", 99),
-        event("s2", "sale", 4),
-    ]);
-    let outcome = apply_batch(&pool, &source, &batch, Guards::On, epoch, &mut lookup)
-        .await
-        .expect("re-run with the read");
-    assert_eq!(
-        (outcome.applied, outcome.duplicates, outcome.dead_letters),
-        (2, 1, 1),
-        "{outcome:?}"
-    );
-    assert!(lookup.needed(), "reads again after meeting a recorded id");
-    assert_eq!(
-        db.scalar("SELECT count(*) FROM processed_events").await,
-        quiet + 2
-    );
-    assert_eq!(
-        db.scalar("SELECT count(*) FROM dead_letters WHERE error = 'event_id_conflict'")
-            .await,
-        1
-    );
-    assert_eq!(
-        db.scalar("SELECT current_stock FROM products WHERE sku = 'S-1'")
-            .await,
-        10 * quiet - 7
     );
 }
 

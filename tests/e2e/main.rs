@@ -8,6 +8,7 @@ mod kafka_security;
 mod operations;
 mod oracle;
 mod reservations;
+mod retention;
 mod stall;
 mod support;
 mod tls;

@@ -1,0 +1,340 @@
+//! Bounded history: periods, and the retention of the tables that would otherwise grow for ever.
+//!
+//! `processed_events`, `stock_movements`, `dead_letters` and `replies` are partitioned by period
+//! (migration 8 says why a period and not a timestamp). Maintenance, run by every replica every
+//! [`HistorySettings::maintenance_interval`] and by the `maintain` command, does three things,
+//! each in a short transaction of its own that only one session at a time may run (a
+//! transaction-level try-lock: a replica that finds it taken skips the step):
+//! 1. creates the partitions of the next [`AHEAD`] periods, so that starting one never waits on
+//!    DDL;
+//! 2. starts a new period once the current one is `history.period_s` old, under the period
+//!    clock's exclusive lock: the switch waits for the batches of the old period to commit, and
+//!    no batch of the new one starts before it commits;
+//! 3. drops, oldest first, each table's partitions of the periods that ended longer ago than its
+//!    retention, counting what they held into `history_periods` (so `verify` still adds up) and,
+//!    for the ledger, carrying each SKU's balance forward into `ledger_openings`. A period of
+//!    replies still queued for the relay is kept until they are published.
+
+use std::time::Duration;
+
+use tokio_postgres::Client;
+use tokio_postgres::types::Type;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::HistorySettings;
+use crate::domain::lock_key;
+use crate::store::{Failure, Pool};
+
+/// Periods whose partitions exist ahead of the current one.
+pub const AHEAD: i32 = 2;
+
+/// The period clock's lock: every transaction that writes history takes it shared, before any
+/// other lock; starting a period takes it exclusive. No SKU contains a space, so the key is
+/// outside the SKU lock space.
+pub fn clock_key() -> i64 {
+    lock_key("history period clock")
+}
+
+pub(super) const CLOCK_SHARED: &str = "SELECT pg_advisory_xact_lock_shared($1)";
+
+fn maintenance_key() -> i64 {
+    lock_key("history maintenance")
+}
+
+/// What one pass did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Maintenance {
+    /// The period current after the pass.
+    pub period: i32,
+    /// A new period started.
+    pub started: bool,
+    /// Partitions created and dropped, by table name (`processed_events_p3`...).
+    pub created: Vec<String>,
+    pub dropped: Vec<String>,
+    /// Another session was maintaining: some steps were skipped.
+    pub skipped: bool,
+}
+
+/// One maintenance pass (see the module doc).
+pub async fn maintain(db: &mut Client, settings: &HistorySettings) -> Result<Maintenance, Failure> {
+    let mut done = Maintenance::default();
+    create_ahead(db, &mut done).await?;
+    start_period(db, settings, &mut done).await?;
+    for table in Table::ALL {
+        drop_expired(db, table, settings, &mut done).await?;
+    }
+    done.period = current(db).await?;
+    Ok(done)
+}
+
+/// Maintains every `settings.maintenance_interval()` until `stop`; a failed pass is logged and
+/// tried again next time.
+pub async fn maintain_until(pool: Pool, settings: HistorySettings, stop: CancellationToken) {
+    let mut ticks = tokio::time::interval(settings.maintenance_interval());
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = ticks.tick() => {}
+        }
+        let pass = async {
+            let mut conn = pool.get().await?;
+            maintain(&mut conn, &settings).await
+        };
+        match pass.await {
+            Ok(m) if m.started || !m.dropped.is_empty() => tracing::info!(
+                period = m.period,
+                started = m.started,
+                dropped = ?m.dropped,
+                "history maintained"
+            ),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "history maintenance failed; trying again"),
+        }
+    }
+}
+
+/// The period writers write to now.
+pub async fn current(db: &Client) -> Result<i32, Failure> {
+    Ok(db
+        .query_one("SELECT current_history_period()", &[])
+        .await?
+        .try_get(0)?)
+}
+
+/// Starts a transaction and takes the maintenance try-lock; `None` if another session holds it.
+async fn exclusive(db: &mut Client) -> Result<Option<tokio_postgres::Transaction<'_>>, Failure> {
+    let tx = db.transaction().await?;
+    let locked: bool = tx
+        .query_one(
+            "SELECT pg_try_advisory_xact_lock($1)",
+            &[&maintenance_key()],
+        )
+        .await?
+        .try_get(0)?;
+    Ok(locked.then_some(tx))
+}
+
+async fn create_ahead(db: &mut Client, done: &mut Maintenance) -> Result<(), Failure> {
+    let Some(tx) = exclusive(db).await? else {
+        done.skipped = true;
+        return Ok(());
+    };
+    let period: i32 = tx
+        .query_one("SELECT current_history_period()", &[])
+        .await?
+        .try_get(0)?;
+    for p in period..=period + AHEAD {
+        // Only what is missing: creating a partition locks its parent table.
+        let name = format!("processed_events_p{p}");
+        let exists: bool = tx
+            .query_one("SELECT to_regclass($1) IS NOT NULL", &[&name])
+            .await?
+            .try_get(0)?;
+        if !exists {
+            tx.execute("SELECT create_history_partitions($1)", &[&p])
+                .await?;
+            done.created.push(format!("period {p}"));
+        }
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
+async fn start_period(
+    db: &mut Client,
+    settings: &HistorySettings,
+    done: &mut Maintenance,
+) -> Result<(), Failure> {
+    let Some(tx) = exclusive(db).await? else {
+        done.skipped = true;
+        return Ok(());
+    };
+    let due: bool = tx
+        .query_one(
+            "SELECT started_at <= now() - make_interval(secs => $1)
+             FROM history_periods WHERE period = current_history_period()",
+            &[&(settings.period_s as f64)],
+        )
+        .await?
+        .try_get(0)?;
+    if !due {
+        return Ok(());
+    }
+    // Waits for every transaction of the current period to end (bounded by lock_timeout);
+    // batches that come meanwhile queue behind it and then read the new period.
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&clock_key()])
+        .await?;
+    // Its partitions exist (created ahead); made here if maintenance ran late.
+    tx.execute(
+        "SELECT create_history_partitions(current_history_period() + 1)",
+        &[],
+    )
+    .await?;
+    // clock_timestamp(): after the lock, so every transaction of the old period ran before it.
+    tx.batch_execute(
+        "WITH t AS (SELECT clock_timestamp() AS at, current_history_period() AS p),
+              ended AS (UPDATE history_periods SET ended_at = t.at FROM t
+                        WHERE period = t.p)
+         INSERT INTO history_periods (period, started_at) SELECT t.p + 1, t.at FROM t",
+    )
+    .await?;
+    tx.commit().await?;
+    done.started = true;
+    Ok(())
+}
+
+/// The tables with a retention of their own (replies go with `processed_events`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Table {
+    Events,
+    Ledger,
+    DeadLetters,
+}
+
+impl Table {
+    const ALL: [Table; 3] = [Table::Events, Table::Ledger, Table::DeadLetters];
+
+    fn retention(self, s: &HistorySettings) -> u64 {
+        match self {
+            Table::Events => s.dedupe_horizon_s,
+            Table::Ledger => s.ledger_retention_s,
+            Table::DeadLetters => s.dead_letter_retention_s,
+        }
+    }
+
+    /// Its flag in `history_periods`.
+    fn gone(self) -> &'static str {
+        match self {
+            Table::Events => "events_gone",
+            Table::Ledger => "movements_gone",
+            Table::DeadLetters => "dead_letters_gone",
+        }
+    }
+}
+
+async fn drop_expired(
+    db: &mut Client,
+    table: Table,
+    settings: &HistorySettings,
+    done: &mut Maintenance,
+) -> Result<(), Failure> {
+    let retention = table.retention(settings);
+    if retention == 0 {
+        return Ok(());
+    }
+    loop {
+        let Some(tx) = exclusive(db).await? else {
+            done.skipped = true;
+            return Ok(());
+        };
+        let gone = table.gone();
+        let oldest = tx
+            .query_typed_opt(
+                &format!(
+                    "SELECT period FROM history_periods
+                     WHERE NOT {gone} AND ended_at < now() - make_interval(secs => $1)
+                     ORDER BY period LIMIT 1"
+                ),
+                &[(&(retention as f64), Type::FLOAT8)],
+            )
+            .await?;
+        let Some(row) = oldest else {
+            return Ok(());
+        };
+        let p: i32 = row.try_get(0)?;
+        let dropped = match table {
+            Table::Events => {
+                // Replies still to publish keep their period (the relay may be down).
+                let queued: bool = tx
+                    .query_one(
+                        &format!(
+                            "SELECT EXISTS (SELECT 1 FROM reply_outbox o
+                                            JOIN replies_p{p} r USING (event_id))"
+                        ),
+                        &[],
+                    )
+                    .await?
+                    .try_get(0)?;
+                if queued {
+                    tracing::warn!(
+                        period = p,
+                        "replies of an expired period are still queued for the relay; kept until published"
+                    );
+                    return Ok(());
+                }
+                tx.batch_execute(&format!(
+                    "UPDATE history_periods SET
+                         events_dropped = events_dropped +
+                             (SELECT count(*) FROM processed_events_p{p} WHERE event_type <> 'expire'),
+                         applied_dropped = applied_dropped +
+                             (SELECT count(*) FROM processed_events_p{p}
+                              WHERE outcome = 'applied' AND event_type <> 'expire'),
+                         rejected_dropped = rejected_dropped +
+                             (SELECT count(*) FROM processed_events_p{p} WHERE outcome = 'rejected'),
+                         order_replies_dropped = order_replies_dropped +
+                             (SELECT count(*) FROM replies_p{p} r JOIN processed_events_p{p} e USING (event_id)
+                              WHERE e.event_type IN ('reserve', 'commit', 'release', 'expire')),
+                         events_gone = true
+                     WHERE period = {p};
+                     DROP TABLE replies_p{p};
+                     DROP TABLE processed_events_p{p};"
+                ))
+                .await?;
+                vec![format!("processed_events_p{p}"), format!("replies_p{p}")]
+            }
+            Table::Ledger => {
+                // Periods drop oldest first, so each SKU's last movement here is its balance
+                // at the end of the period, and the openings hold everything before.
+                tx.batch_execute(&format!(
+                    "INSERT INTO ledger_openings AS o (sku, stock, reserved, changes)
+                     SELECT DISTINCT ON (sku) sku, stock_after, reserved_after,
+                            count(*) OVER (PARTITION BY sku)
+                     FROM stock_movements_p{p} ORDER BY sku, id DESC
+                     ON CONFLICT (sku) DO UPDATE SET stock = EXCLUDED.stock,
+                         reserved = EXCLUDED.reserved, changes = o.changes + EXCLUDED.changes;
+                     UPDATE history_periods SET
+                         movements_dropped = movements_dropped +
+                             (SELECT count(*) FROM stock_movements_p{p}),
+                         movements_gone = true
+                     WHERE period = {p};
+                     DROP TABLE stock_movements_p{p};"
+                ))
+                .await?;
+                vec![format!("stock_movements_p{p}")]
+            }
+            Table::DeadLetters => {
+                tx.batch_execute(&format!(
+                    "UPDATE history_periods SET
+                         dead_letters_dropped = dead_letters_dropped +
+                             (SELECT count(*) FROM dead_letters_p{p}),
+                         dead_letters_gone = true
+                     WHERE period = {p};
+                     DROP TABLE dead_letters_p{p};"
+                ))
+                .await?;
+                vec![format!("dead_letters_p{p}")]
+            }
+        };
+        tx.commit().await?;
+        done.dropped.extend(dropped);
+    }
+}
+
+/// The settings in words, for the start-up log and `maintain`.
+pub fn describe(settings: &HistorySettings) -> String {
+    let keep = |s: u64| {
+        if s == 0 {
+            "for ever".to_owned()
+        } else {
+            format!("{:?}", Duration::from_secs(s))
+        }
+    };
+    format!(
+        "periods of {:?}; events kept {}, ledger {}, dead letters {}",
+        Duration::from_secs(settings.period_s),
+        keep(settings.dedupe_horizon_s),
+        keep(settings.ledger_retention_s),
+        keep(settings.dead_letter_retention_s)
+    )
+}

@@ -1,0 +1,393 @@
+//! Bounded history against a real PostgreSQL (src/store/retention.rs): periods, the dedupe
+//! horizon, retention with the ledger's balances carried forward, and migration 8 converting a
+//! database that holds data. Time is moved on by moving the periods' timestamps back (the
+//! database's clock decides what is due), so nothing here waits for a day to pass.
+
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::faults::migrated_store;
+use crate::support::{TestDb, wait_until};
+use inventory_consumer::config::HistorySettings;
+use inventory_consumer::domain::{Batch, Delivery};
+use inventory_consumer::store::retention::{self, Maintenance};
+use inventory_consumer::store::{self, Guards, apply_batch, audit, history};
+
+const DAY: u64 = 86_400;
+
+fn settings() -> HistorySettings {
+    HistorySettings {
+        period_s: DAY,
+        dedupe_horizon_s: 14 * DAY,
+        ledger_retention_s: 30 * DAY,
+        dead_letter_retention_s: 30 * DAY,
+    }
+}
+
+/// `days` pass, as far as history is concerned.
+async fn pass_days(db: &tokio_postgres::Client, days: i32) {
+    db.execute(
+        "UPDATE history_periods SET started_at = started_at - make_interval(days => $1),
+                                    ended_at = ended_at - make_interval(days => $1)",
+        &[&days],
+    )
+    .await
+    .expect("moving the periods back");
+}
+
+async fn maintain(db: &TestDb) -> Maintenance {
+    let mut client = db.client().await;
+    retention::maintain(&mut client, &settings())
+        .await
+        .expect("maintenance")
+}
+
+/// The audit's invariants (no expectation); panics with the failed checks.
+async fn assert_audit_passes(db: &TestDb, what: &str) {
+    let report = audit::audit(&db.client().await, None)
+        .await
+        .expect("auditing");
+    let failed: Vec<_> = report.checks.iter().filter(|c| !c.passed).collect();
+    assert!(failed.is_empty(), "{what}: {failed:?}");
+    assert!(report.checks.len() >= 10, "{what}: too few checks ran");
+}
+
+fn batch(first_offset: i64, events: &[String]) -> Batch {
+    let mut batch = Batch::default();
+    for (i, event) in events.iter().enumerate() {
+        batch.push(Delivery {
+            partition: 0,
+            offset: first_offset + i as i64,
+            key: None,
+            payload: Some(event.clone().into_bytes()),
+            timestamp_ms: None,
+        });
+    }
+    batch
+}
+
+fn restock(id: &str, quantity: i64) -> String {
+    json!({"event_id": id, "type": "restock", "sku": "S-1", "quantity": quantity}).to_string()
+}
+
+/// An event id recorded in an earlier period is still a duplicate (the batch reads every period
+/// kept); once its period is past the dedupe horizon and dropped, the same id applies again, as
+/// the horizon says. The ledger's dropped periods become opening balances, dead letters and
+/// events are counted as dropped, and the audit holds at every step.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_event_id_stays_a_duplicate_in_later_periods_until_the_horizon_drops_it() {
+    let (db, pool, source) = migrated_store().await;
+    let client = db.client().await;
+    let epoch = store::claim(&pool, &source, "a", &[0])
+        .await
+        .expect("claim")[&0]
+        .epoch;
+    let apply = |offset: i64, events: Vec<String>| {
+        let (pool, source) = (pool.clone(), source.clone());
+        async move {
+            apply_batch(&pool, &source, &batch(offset, &events), Guards::On, epoch)
+                .await
+                .expect("applying a batch")
+        }
+    };
+    let stock = || async {
+        db.scalar("SELECT current_stock FROM products WHERE sku = 'S-1'")
+            .await
+    };
+
+    assert_eq!(apply(0, vec![restock("e1", 5)]).await.applied, 1);
+    assert_eq!(
+        db.scalar("SELECT period::bigint FROM processed_events WHERE event_id = 'e1'")
+            .await,
+        1
+    );
+    pass_days(&client, 2).await;
+    let m = maintain(&db).await;
+    assert!(m.started && m.period == 2, "{m:?}");
+
+    let again = apply(1, vec![restock("e1", 5), "{not json".to_owned()]).await;
+    assert_eq!((again.duplicates, again.dead_letters), (1, 1), "{again:?}");
+    assert_eq!(
+        stock().await,
+        5,
+        "a duplicate from an earlier period changed stock"
+    );
+    assert_audit_passes(&db, "two periods").await;
+
+    // Period 1 ended 15 days ago: past the 14-day horizon, inside the ledger's 30 days.
+    pass_days(&client, 15).await;
+    let m = maintain(&db).await;
+    assert_eq!(
+        m.dropped,
+        [
+            "processed_events_p0",
+            "replies_p0",
+            "processed_events_p1",
+            "replies_p1"
+        ],
+        "only periods 0 (empty: this database began with migration 8) and 1 lose their events and replies: {m:?}"
+    );
+    assert_audit_passes(&db, "events of period 1 dropped").await;
+    assert_eq!(
+        db.scalar("SELECT events_dropped FROM history_periods WHERE period = 1")
+            .await,
+        1
+    );
+
+    assert_eq!(
+        apply(2, vec![restock("e1", 5)]).await.applied,
+        1,
+        "past the horizon an event id applies again"
+    );
+    assert_eq!(stock().await, 10);
+
+    pass_days(&client, 31).await;
+    let m = maintain(&db).await;
+    for gone in [
+        "stock_movements_p1",
+        "stock_movements_p2",
+        "dead_letters_p2",
+        "processed_events_p2",
+    ] {
+        assert!(m.dropped.iter().any(|d| d == gone), "{gone} kept: {m:?}");
+    }
+    assert_eq!(
+        db.scalar("SELECT stock FROM ledger_openings WHERE sku = 'S-1'")
+            .await,
+        5,
+        "period 1's restock carried forward"
+    );
+    assert_eq!(
+        db.scalar("SELECT count(*) FROM stock_movements").await,
+        1,
+        "the re-applied restock's movement is kept"
+    );
+    assert_audit_passes(&db, "ledger periods dropped").await;
+    assert_eq!(
+        audit::settled(&client).await.expect("settled"),
+        3,
+        "e1 twice (the duplicate is no row) and the dead letter, counted whether dropped or kept"
+    );
+
+    // The audit still catches a ledger that disagrees with stock once balances carry forward.
+    client
+        .execute("UPDATE ledger_openings SET stock = stock + 1", &[])
+        .await
+        .expect("corrupting an opening");
+    let report = audit::audit(&client, None).await.expect("auditing");
+    assert!(!report.passed(), "a wrong opening balance passed the audit");
+}
+
+/// A new period starts only once every transaction of the current one has ended: it waits for
+/// a batch in flight, and a batch that comes meanwhile waits behind it and lands in the new
+/// period. So no two transactions of different periods ever overlap.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_new_period_waits_for_the_batches_of_the_old_one() {
+    let (db, pool, source) = migrated_store().await;
+    let epoch = store::claim(&pool, &source, "a", &[0])
+        .await
+        .expect("claim")[&0]
+        .epoch;
+    let client = db.client().await;
+    pass_days(&client, 2).await;
+
+    let mut in_flight = db.client().await;
+    let tx = in_flight.transaction().await.expect("begin");
+    tx.execute(
+        "SELECT pg_advisory_xact_lock_shared($1)",
+        &[&retention::clock_key()],
+    )
+    .await
+    .expect("a batch's clock lock");
+    let switch = {
+        let url = db.url.clone();
+        tokio::spawn(async move {
+            let mut client = store::connect(&url).await.expect("connect");
+            retention::maintain(&mut client, &settings()).await
+        })
+    };
+    let waiting_on_advisory = |n: i64| {
+        let db = &db;
+        async move {
+            db.scalar(
+                "SELECT count(*) FROM pg_stat_activity
+                 WHERE wait_event_type = 'Lock' AND wait_event = 'advisory'
+                   AND datname = current_database()",
+            )
+            .await
+                == n
+        }
+    };
+    wait_until("the period switch to wait", Duration::from_secs(30), || {
+        waiting_on_advisory(1)
+    })
+    .await;
+    let later = {
+        let (pool, source) = (pool.clone(), source.clone());
+        tokio::spawn(async move {
+            apply_batch(
+                &pool,
+                &source,
+                &batch(0, &[restock("late", 1)]),
+                Guards::On,
+                epoch,
+            )
+            .await
+        })
+    };
+    wait_until("the later batch to queue", Duration::from_secs(30), || {
+        waiting_on_advisory(2)
+    })
+    .await;
+    assert!(!switch.is_finished() && !later.is_finished());
+    tx.commit().await.expect("the batch in flight ends");
+
+    let m = switch.await.expect("join").expect("maintenance");
+    assert!(m.started && m.period == 2, "{m:?}");
+    later.await.expect("join").expect("the later batch");
+    assert_eq!(
+        db.scalar("SELECT period::bigint FROM processed_events WHERE event_id = 'late'")
+            .await,
+        2,
+        "the batch that queued behind the switch wrote to the new period"
+    );
+}
+
+/// Migration 8 converts a database that holds data: 20,000 events of history, their ledger and
+/// dead letters, and an order with its reservation, reply and queued reply, written on the
+/// schema of migration 7. Every row is kept, every invariant and the expectation hold, new
+/// batches go to the new period, and once the old rows are past their retention they are
+/// dropped with the ledger's balances carried forward (after the queued reply is published).
+#[tokio::test(flavor = "multi_thread")]
+async fn migrating_a_filled_database_keeps_every_row_and_every_invariant() {
+    const EVENTS: i64 = 20_000;
+    let db = TestDb::new().await;
+    store::migrate::migrate_to(&db.url, Some(7))
+        .await
+        .expect("migrating to 7");
+    let client = db.client().await;
+    history::fill(&client, EVENTS, 30, |_| {})
+        .await
+        .expect("filling");
+    client
+        .batch_execute(
+            "INSERT INTO products (sku, current_stock, version, reserved_stock)
+                 VALUES ('O-1', 10, 2, 3);
+             INSERT INTO processed_events (event_id, event_type, outcome, line_count, topic,
+                 partition, \"offset\", payload_digest)
+                 VALUES ('o-restock', 'restock', 'applied', 1, 't', 0, 0, '\\x00'),
+                        ('o-reserve', 'reserve', 'applied', 1, 't', 0, 1, '\\x01');
+             INSERT INTO stock_movements (event_id, sku, delta, stock_after, reserved_delta,
+                 reserved_after)
+                 VALUES ('o-restock', 'O-1', 10, 10, 0, 0), ('o-reserve', 'O-1', 0, 10, 3, 3);
+             INSERT INTO reservations (order_id, event_id, status, expires_at)
+                 VALUES ('order-1', 'o-reserve', 'active', now() + interval '1 day');
+             INSERT INTO reservation_lines VALUES ('order-1', 1, 'O-1', 3);
+             INSERT INTO replies (event_id, order_id, reply_key, payload)
+                 VALUES ('o-reserve', 'order-1', 'order-1', '{}');
+             INSERT INTO reply_outbox (event_id) VALUES ('o-reserve');",
+        )
+        .await
+        .expect("an order on the old schema");
+    let mut expected = history::expectation(EVENTS);
+    expected.stock.insert("O-1".into(), 10);
+    expected.reserved.insert("O-1".into(), 3);
+    expected.reservations.insert("active".into(), 1);
+    expected.events += 2;
+    expected.applied += 2;
+    expected.replies = 1;
+
+    const TABLES: [&str; 7] = [
+        "products",
+        "processed_events",
+        "stock_movements",
+        "dead_letters",
+        "reservations",
+        "replies",
+        "reply_outbox",
+    ];
+    let mut before = Vec::new();
+    for table in TABLES {
+        before.push(db.scalar(&format!("SELECT count(*) FROM {table}")).await);
+    }
+    assert_eq!(
+        store::migrate::migrate(&db.url).await.expect("migrating"),
+        1
+    );
+    for (table, rows) in TABLES.iter().zip(&before) {
+        assert_eq!(
+            db.scalar(&format!("SELECT count(*) FROM {table}")).await,
+            *rows,
+            "{table} lost or gained rows"
+        );
+    }
+    assert_eq!(
+        db.scalar("SELECT count(*) FROM processed_events WHERE period <> 0")
+            .await,
+        0,
+        "the old rows are period 0"
+    );
+    let report = audit::audit(&client, Some(&expected))
+        .await
+        .expect("auditing");
+    assert!(report.passed(), "{:?}", report.checks);
+
+    // New rows take their ids and period from the converted tables.
+    let mut db_settings = inventory_consumer::config::Settings::default().database;
+    db_settings.url = db.url.clone();
+    let pool = store::pool(&db_settings).await.expect("pool");
+    let source = crate::faults::source();
+    let epoch = store::claim(&pool, &source, "a", &[0])
+        .await
+        .expect("claim")[&0]
+        .epoch;
+    let applied = apply_batch(
+        &pool,
+        &source,
+        &batch(0, &[restock("new-1", 4), "{bad".to_owned()]),
+        Guards::On,
+        epoch,
+    )
+    .await
+    .expect("a batch on the converted schema");
+    assert_eq!((applied.applied, applied.dead_letters), (1, 1));
+    assert_eq!(
+        db.scalar("SELECT count(*) FROM stock_movements WHERE period = 1 AND id > 20002")
+            .await,
+        1,
+        "the ledger's ids go on from the old identity"
+    );
+    expected.stock.insert("S-1".into(), 4);
+    expected.events += 1;
+    expected.applied += 1;
+    expected.dead_letters += 1;
+
+    // Period 0 ended at the migration; 31 days on, every table's retention has passed. The
+    // queued reply keeps its period's events and replies until it is published.
+    pass_days(&client, 31).await;
+    let m = maintain(&db).await;
+    assert!(
+        m.dropped.iter().any(|d| d == "stock_movements_p0")
+            && !m.dropped.iter().any(|d| d == "processed_events_p0"),
+        "{m:?}"
+    );
+    client
+        .execute("DELETE FROM reply_outbox", &[])
+        .await
+        .expect("the relay publishes");
+    let m = maintain(&db).await;
+    assert!(
+        m.dropped.iter().any(|d| d == "processed_events_p0"),
+        "{m:?}"
+    );
+    assert_eq!(
+        db.scalar("SELECT count(*) FROM ledger_openings").await,
+        10_001,
+        "every SKU of period 0 has its balance carried forward"
+    );
+    let report = audit::audit(&client, Some(&expected))
+        .await
+        .expect("auditing");
+    assert!(report.passed(), "{:?}", report.checks);
+}
