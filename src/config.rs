@@ -254,7 +254,7 @@ pub struct Needs {
 pub struct ConfigError(pub String);
 
 impl ConfigError {
-    fn key(key: &str, problem: impl std::fmt::Display) -> Self {
+    pub(crate) fn key(key: &str, problem: impl std::fmt::Display) -> Self {
         ConfigError(format!("{key}: {problem}"))
     }
 }

@@ -22,7 +22,6 @@ pub const HALTED: &str = "inventory_partitions_halted_total";
 pub const FLOW_PAUSES: &str = "inventory_partition_flow_pauses_total";
 pub const FENCED: &str = "inventory_fenced_batches_total";
 pub const REWOUND: &str = "inventory_rewound_deliveries_total";
-pub const RECHECKS: &str = "inventory_recorded_id_rechecks_total";
 pub const EXPIRED: &str = "inventory_reservations_expired_total";
 pub const REPLIES: &str = "inventory_replies_published_total";
 pub const RELAY_LAG: &str = "inventory_reply_relay_lag_seconds";
@@ -139,10 +138,6 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
     describe_counter!(
         EXPIRED,
         "Reservations released by the service because their expiry passed."
-    );
-    describe_counter!(
-        RECHECKS,
-        "Batches re-run with the recorded-id read after skipping it met an id already recorded."
     );
     describe_counter!(
         BATCH_SPLITS,

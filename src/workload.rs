@@ -14,7 +14,7 @@
 //! (restocked just before) with a 1-second TTL, so when it expires changes no other outcome;
 //! every other order's reservation lasts a day, so its commit is never late.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use chrono::{TimeDelta, Utc};
 
@@ -201,7 +201,7 @@ pub struct Generator {
     rng: StdRng,
     zipf: Option<Zipf<f64>>,
     next_event: u64,
-    recent: Vec<Message>,
+    recent: VecDeque<Message>,
     pending: Vec<Message>,
     /// Order steps still to send, each after the event count it is due at. Their ids are
     /// taken when the order starts, so the stream holds exactly `events` valid events.
@@ -210,7 +210,7 @@ pub struct Generator {
     sent: u64,
 }
 
-/// How many earlier events a duplicate is drawn from.
+/// How many of the latest events a duplicate (or a reused id) is drawn from.
 const DUPLICATE_WINDOW: usize = 1_000;
 /// A commit or release follows its reserve after up to this many other events.
 const ORDER_SPAN: u64 = 50;
@@ -249,7 +249,7 @@ impl Generator {
             spec,
             zipf,
             next_event: 0,
-            recent: Vec::new(),
+            recent: VecDeque::new(),
             pending: Vec::new(),
             scheduled: Vec::new(),
             sent: 0,
@@ -512,11 +512,13 @@ impl Iterator for Generator {
             let i = self.rng.random_range(0..self.recent.len());
             self.pending.push(self.recent[i].clone());
         }
+        // The window slides (the oldest goes), so a duplicate is never more than
+        // DUPLICATE_WINDOW events late: with history retention, a re-send later than the dedupe
+        // horizon would rightly apply again.
         if self.recent.len() == DUPLICATE_WINDOW {
-            let i = self.rng.random_range(0..DUPLICATE_WINDOW);
-            self.recent.swap_remove(i);
+            self.recent.pop_front();
         }
-        self.recent.push(event.clone());
+        self.recent.push_back(event.clone());
         Some(event)
     }
 }

@@ -14,8 +14,8 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::cli::{EXIT_RUNTIME, runtime};
-use crate::config::{Settings, describe_database};
+use crate::cli::{EXIT_CONFIG, EXIT_RUNTIME, runtime};
+use crate::config::{ConfigError, Settings, describe_database};
 use crate::domain::DeadLetterLimit;
 use crate::http::Health;
 use crate::kafka::consumer::consume;
@@ -48,6 +48,11 @@ pub fn main(settings: Settings, args: &RunArgs) -> anyhow::Result<ExitCode> {
     println!("{}", serde_json::to_string(&stats.snapshot())?);
     match outcome {
         Ok(()) => Ok(ExitCode::SUCCESS),
+        Err(e) if e.downcast_ref::<ConfigError>().is_some() => {
+            tracing::error!(error = format!("{e:#}"), "refused the configuration");
+            eprintln!("{e:#}");
+            Ok(ExitCode::from(EXIT_CONFIG))
+        }
         Err(e) => {
             tracing::error!(
                 error = format!("{e:#}"),
@@ -174,6 +179,12 @@ async fn replica(
         background.stop.clone(),
     )));
 
+    crate::kafka::horizon::verify(
+        &crate::kafka::client::producer_config(&settings),
+        &settings.kafka.topic,
+        settings.history.dedupe_horizon_s,
+    )
+    .await?;
     // Its first pass runs now: a new period starts on time even after a long stop.
     tracing::info!(history = %store::retention::describe(&settings.history), "history retention");
     background.push(tokio::spawn(store::retention::maintain_until(

@@ -9,6 +9,7 @@ pub mod commits;
 pub mod consumer;
 pub mod flow;
 pub mod group;
+pub mod horizon;
 pub mod intake;
 pub mod membership;
 pub mod offsets;

@@ -28,6 +28,9 @@ use crate::store::{Failure, Pool};
 /// Periods whose partitions exist ahead of the current one.
 pub const AHEAD: i32 = 2;
 
+/// The longest a maintenance step waits for a lock (see [`exclusive`]).
+const DDL_LOCK_WAIT: Duration = Duration::from_secs(2);
+
 /// The period clock's lock: every transaction that writes history takes it shared, before any
 /// other lock; starting a period takes it exclusive. No SKU contains a space, so the key is
 /// outside the SKU lock space.
@@ -105,6 +108,14 @@ pub async fn current(db: &Client) -> Result<i32, Failure> {
 /// Starts a transaction and takes the maintenance try-lock; `None` if another session holds it.
 async fn exclusive(db: &mut Client) -> Result<Option<tokio_postgres::Transaction<'_>>, Failure> {
     let tx = db.transaction().await?;
+    // Creating and dropping a partition locks its parent table exclusively, and the batches
+    // that come meanwhile queue behind that lock: a long read of the table (an audit) must not
+    // hold them up for long. The step fails instead, and the next pass tries again.
+    tx.batch_execute(&format!(
+        "SET LOCAL lock_timeout = {}",
+        DDL_LOCK_WAIT.as_millis()
+    ))
+    .await?;
     let locked: bool = tx
         .query_one(
             "SELECT pg_try_advisory_xact_lock($1)",

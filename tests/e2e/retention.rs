@@ -8,7 +8,7 @@ use std::time::Duration;
 use serde_json::json;
 
 use crate::faults::migrated_store;
-use crate::support::{TestDb, wait_until};
+use crate::support::{TestDb, TestEnv, terminate_all, wait_until};
 use inventory_consumer::config::HistorySettings;
 use inventory_consumer::domain::{Batch, Delivery};
 use inventory_consumer::store::retention::{self, Maintenance};
@@ -390,4 +390,98 @@ async fn migrating_a_filled_database_keeps_every_row_and_every_invariant() {
         .await
         .expect("auditing");
     assert!(report.passed(), "{:?}", report.checks);
+}
+
+/// The soak, shortened: two replicas with periods of 2 s, a dedupe horizon of 20 s and the
+/// ledger and dead letters kept 4 s, while events with duplicates and bad messages flow for
+/// about a minute. The history tables stay flat (bounded by what the retentions hold) while
+/// their partitions are dropped, `verify` passes throughout, and at the end the stock and
+/// every count equal the oracle: no event applied twice within the horizon, nothing lost.
+#[tokio::test(flavor = "multi_thread")]
+async fn history_stays_bounded_while_events_flow_and_verify_holds_throughout() {
+    let env = TestEnv::new(4).await;
+    let settings = [
+        ("history.period_s", "2"),
+        ("history.dedupe_horizon_s", "20"),
+        ("history.ledger_retention_s", "4"),
+        ("history.dead_letter_retention_s", "4"),
+    ];
+    let mut replicas = vec![env.replica("r1", &settings), env.replica("r2", &settings)];
+    wait_until("the group to form", Duration::from_secs(120), || async {
+        replicas.iter().all(|r| !r.owned().is_empty())
+    })
+    .await;
+    // 150 events/s for 60 s; a duplicate repeats one of the last 1,000 events (under 7 s
+    // back), well inside the horizon.
+    let producer = env.produce_in_background(&[
+        "--events",
+        "9000",
+        "--skus",
+        "300",
+        "--duplicates",
+        "0.05",
+        "--invalid",
+        "0.01",
+        "--seed",
+        "14",
+        "--rate",
+        "150",
+    ]);
+    let started = std::time::Instant::now();
+    let mut samples: Vec<(f64, i64, i64)> = Vec::new();
+    let mut verified = 0;
+    while started.elapsed() < Duration::from_secs(55) {
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let events = env.db.scalar("SELECT count(*) FROM processed_events").await;
+        let movements = env.db.scalar("SELECT count(*) FROM stock_movements").await;
+        samples.push((started.elapsed().as_secs_f64(), events, movements));
+        let (ok, report) = env.verify(None);
+        assert!(ok, "verify failed while events flowed:\n{report}");
+        verified += 1;
+    }
+    let expected = producer.finish();
+    env.wait_processed(
+        (expected.events + expected.dead_letters) as i64,
+        Duration::from_secs(120),
+    )
+    .await;
+    let (ok, report) = env.verify(Some(&expected));
+    let total = terminate_all(&mut replicas, Duration::from_secs(30));
+    println!("samples (s, processed_events, stock_movements): {samples:?}; {total:?}");
+    assert!(ok, "verify against the oracle failed:\n{report}");
+    assert!(
+        verified >= 8,
+        "verify ran {verified} times while events flowed"
+    );
+
+    // Rows a retention may hold: its span plus a period and the maintenance interval, at 150
+    // events/s (and at most one movement per event here: one-line events).
+    let bound = |retention_s: f64| ((retention_s + 2.0 + 1.0 + 2.0) * 150.0 * 1.2) as i64;
+    let late: Vec<_> = samples.iter().filter(|(t, _, _)| *t > 30.0).collect();
+    assert!(late.len() >= 4, "{samples:?}");
+    for (t, events, movements) in &late {
+        assert!(
+            *events <= bound(20.0) && *movements <= bound(4.0),
+            "history grew at {t:.0} s: {events} events, {movements} movements (bounds {}, {})",
+            bound(20.0),
+            bound(4.0)
+        );
+    }
+    for (what, column) in [
+        ("events", "events_dropped"),
+        ("movements", "movements_dropped"),
+        ("dead letters", "dead_letters_dropped"),
+    ] {
+        let dropped = env
+            .db
+            .scalar(&format!(
+                "SELECT sum({column})::bigint FROM history_periods"
+            ))
+            .await;
+        assert!(dropped > 0, "no {what} were dropped");
+    }
+    assert!(
+        env.db.scalar("SELECT count(*) FROM ledger_openings").await > 0,
+        "no balance was carried forward"
+    );
 }
