@@ -485,3 +485,32 @@ async fn history_stays_bounded_while_events_flow_and_verify_holds_throughout() {
         "no balance was carried forward"
     );
 }
+
+/// On Apache Kafka the replica reads the topic's retention at start-up: a dedupe horizon
+/// shorter than `retention.ms` plus `segment.ms` (Kafka's defaults: 7 days each) is refused
+/// with exit 2 naming the key, and the default horizon (14 days) is accepted as covering it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dedupe_horizon_shorter_than_the_topics_retention_is_refused() {
+    let env = TestEnv::on_apache(2, 1).await;
+    let mut short = env.replica("short", &[("history.dedupe_horizon_s", "86400")]);
+    let (status, _) = short.wait_exit(Duration::from_secs(60));
+    let log = short.log();
+    assert_eq!(status.code(), Some(2), "{log}");
+    assert!(
+        log.contains("history.dedupe_horizon_s") && log.contains("1209600 s"),
+        "the refusal names the key and the topic's span:\n{log}"
+    );
+
+    let default = env.replica("default", &[]);
+    wait_until("the default replica to join", Duration::from_secs(120), || async {
+        !default.owned().is_empty()
+    })
+    .await;
+    assert!(
+        default
+            .log()
+            .contains("dedupe horizon covers the topic's retention"),
+        "{}",
+        default.log()
+    );
+}
