@@ -124,7 +124,9 @@ pub struct ResultSettings {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HistorySettings {
-    /// The length of a period: how often a new one starts.
+    /// The length of a period: how often a new one starts. Every batch reads its recorded ids
+    /// in each period kept (an index probe per event and period), so a period of about half
+    /// the dedupe horizon keeps that to three or four probes.
     pub period_s: u64,
     /// The dedupe horizon: how long `processed_events` (and replies) are kept. An event id
     /// delivered again within it is a duplicate; after it, it applies again. Must cover the
@@ -225,7 +227,7 @@ impl Default for Settings {
             },
             results: ResultSettings { all_events: false },
             history: HistorySettings {
-                period_s: DAY_S,
+                period_s: 7 * DAY_S,
                 dedupe_horizon_s: 14 * DAY_S,
                 ledger_retention_s: 30 * DAY_S,
                 dead_letter_retention_s: 30 * DAY_S,

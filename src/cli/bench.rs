@@ -489,14 +489,20 @@ impl Bench {
                 .context("creating the history's database")?;
             store::migrate::migrate(&url).await?;
             let db = store::connect(&url).await?;
-            store::history::fill(&db, rows, days, |done| {
-                if done % 10_000_000 == 0 || done == rows {
-                    step(&format!(
-                        "  {done} events of history ({:.0}s)",
-                        started.elapsed().as_secs_f64()
-                    ));
-                }
-            })
+            store::history::fill(
+                &db,
+                rows,
+                days,
+                Some(Settings::default().history.period_s),
+                |done| {
+                    if done % 10_000_000 == 0 || done == rows {
+                        step(&format!(
+                            "  {done} events of history ({:.0}s)",
+                            started.elapsed().as_secs_f64()
+                        ));
+                    }
+                },
+            )
             .await?;
             anyhow::Ok(())
         })?;
@@ -600,6 +606,10 @@ impl Bench {
                     Some(_) => statement_stats(&self.admin_url).await,
                     None => None,
                 };
+                // The steady state has retention working (see `retention_during_run`).
+                let stop = tokio_util::sync::CancellationToken::new();
+                let upkeep = history
+                    .then(|| tokio::spawn(retention_during_run(url.clone(), stop.clone())));
                 let before = self.cpu_reading(&[]);
                 let started = Instant::now();
                 let mut tasks = tokio::task::JoinSet::new();
@@ -621,6 +631,13 @@ impl Bench {
                 }
                 let seconds = started.elapsed().as_secs_f64();
                 let cpu = before.per_event(&self.cpu_reading(&[]), events as f64);
+                stop.cancel();
+                if let Some(upkeep) = upkeep {
+                    let (started, dropped) = upkeep.await??;
+                    step(&format!(
+                        "  retention during the run: {started} periods started, {dropped} partitions dropped"
+                    ));
+                }
                 let profile = match &stats {
                     Some(admin) => statement_profile(admin, &url).await.unwrap_or_default(),
                     None => Vec::new(),
@@ -1046,4 +1063,27 @@ mod tests {
         assert_eq!(quantile(&[], 0.5), None);
         assert_eq!(quantile(&[(1.0, 0.0)], 0.5), None);
     }
+}
+
+/// History maintenance as the replicas run it, every 250 ms until `stop`, with the default
+/// settings: what of the history is past its retention (with `--history-days` 22, its oldest
+/// week of events, past the 14-day dedupe horizon) is dropped while the batches run. Returns
+/// (periods started, partitions dropped).
+async fn retention_during_run(
+    url: String,
+    stop: tokio_util::sync::CancellationToken,
+) -> anyhow::Result<(u64, usize)> {
+    let settings = Settings::default().history;
+    let mut db = store::connect(&url).await?;
+    let (mut started, mut dropped) = (0, 0);
+    while !stop.is_cancelled() {
+        let m = store::retention::maintain(&mut db, &settings).await?;
+        started += u64::from(m.started);
+        dropped += m.dropped.len();
+        tokio::select! {
+            _ = stop.cancelled() => {}
+            _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+        }
+    }
+    Ok((started, dropped))
 }

@@ -3,6 +3,11 @@
 //! server itself (`generate_series`), never through Kafka. The history keeps every invariant
 //! `verify` checks: each history SKU's stock is the sum of its ledger, whose running balance is
 //! its `stock_after`.
+//!
+//! By period (the schema of migration 8 on), the history is cut into periods of the given
+//! length, each ended at the time of its last row, as weeks of traffic would have left it, so
+//! that retention finds old periods to drop and the recorded-id read meets every kept period;
+//! a new period starts when the fill ends.
 
 use tokio_postgres::Client;
 
@@ -19,13 +24,22 @@ const DEAD_LETTER_EVERY: i64 = 100;
 
 /// Fills `db` with `events` processed restocks of one line each over the last `days` days,
 /// their ledger rows and one dead letter per hundred, then their SKUs' products and fresh
-/// planner statistics. `progress` is called after each chunk with the events written.
+/// planner statistics. `period_s`: the length of the history's periods (above); `None`, the
+/// rows go where the schema puts them (migration 7 knows no periods). `progress` is called
+/// after each chunk with the events written.
 pub async fn fill(
     db: &Client,
     events: i64,
     days: i64,
+    period_s: Option<u64>,
     mut progress: impl FnMut(i64),
 ) -> Result<(), Failure> {
+    let by_period = period_s.is_some();
+    // Rows per period: the history's events spread evenly over its days.
+    let per_period = period_s.map_or(i64::MAX, |s| {
+        let periods = ((days * 86_400) as u64).div_ceil(s.max(1)).max(1) as i64;
+        (events + periods - 1) / periods
+    });
     // Each history SKU's stock and version: its number of movements.
     db.execute(
         "INSERT INTO products (sku, current_stock, version)
@@ -36,9 +50,30 @@ pub async fn fill(
     )
     .await?;
     let span = format!("{days} days");
+    if by_period {
+        // The current period (and the one before, empty) began when the history did.
+        db.execute(
+            "UPDATE history_periods SET
+                 started_at = CASE WHEN period = current_history_period()
+                                   THEN now() - $1::text::interval ELSE started_at END,
+                 ended_at = CASE WHEN period = current_history_period() - 1
+                                 THEN now() - $1::text::interval ELSE ended_at END
+             WHERE period >= current_history_period() - 1",
+            &[&span],
+        )
+        .await?;
+    }
     let mut from: i64 = 0;
     while from < events {
-        let to = (from + CHUNK).min(events) - 1;
+        let period_end = (from / per_period + 1).saturating_mul(per_period);
+        let to = (from + CHUNK).min(events).min(period_end) - 1;
+        if by_period && from > 0 && from % per_period == 0 {
+            next_period(
+                db,
+                &format!("now() - '{span}'::interval * (1.0 - {from}::float8 / {events}::float8)"),
+            )
+            .await?;
+        }
         db.execute(
             "INSERT INTO processed_events (event_id, event_type, outcome, line_count, topic,
                  partition, \"offset\", payload_digest, processed_at)
@@ -69,8 +104,26 @@ pub async fn fill(
         from = to + 1;
         progress(from);
     }
+    if by_period {
+        next_period(db, "clock_timestamp()").await?;
+        db.batch_execute("SELECT create_history_partitions(current_history_period() + 1)")
+            .await?;
+    }
     db.batch_execute("ANALYZE processed_events, stock_movements, dead_letters, products")
         .await?;
+    Ok(())
+}
+
+/// Ends the current period at `at` (an SQL expression) and starts the next, with its
+/// partitions. Only while nothing else writes (maintenance does it under the period clock).
+async fn next_period(db: &Client, at: &str) -> Result<(), Failure> {
+    db.batch_execute(&format!(
+        "WITH t AS (SELECT {at} AS at, current_history_period() AS p),
+              ended AS (UPDATE history_periods SET ended_at = t.at FROM t WHERE period = t.p)
+         INSERT INTO history_periods (period, started_at) SELECT t.p + 1, t.at FROM t;
+         SELECT create_history_partitions(current_history_period());"
+    ))
+    .await?;
     Ok(())
 }
 

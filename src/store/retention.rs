@@ -274,19 +274,25 @@ async fn drop_expired(
                     );
                     return Ok(());
                 }
+                // One pass over the events (the replies are few: order steps).
                 tx.batch_execute(&format!(
-                    "UPDATE history_periods SET
-                         events_dropped = events_dropped +
-                             (SELECT count(*) FROM processed_events_p{p} WHERE event_type <> 'expire'),
-                         applied_dropped = applied_dropped +
-                             (SELECT count(*) FROM processed_events_p{p}
-                              WHERE outcome = 'applied' AND event_type <> 'expire'),
-                         rejected_dropped = rejected_dropped +
-                             (SELECT count(*) FROM processed_events_p{p} WHERE outcome = 'rejected'),
-                         order_replies_dropped = order_replies_dropped +
-                             (SELECT count(*) FROM replies_p{p} r JOIN processed_events_p{p} e USING (event_id)
-                              WHERE e.event_type IN ('reserve', 'commit', 'release', 'expire')),
+                    "WITH e AS (
+                         SELECT count(*) FILTER (WHERE event_type <> 'expire') AS events,
+                                count(*) FILTER (WHERE outcome = 'applied' AND event_type <> 'expire')
+                                    AS applied,
+                                count(*) FILTER (WHERE outcome = 'rejected') AS rejected
+                         FROM processed_events_p{p}),
+                     r AS (
+                         SELECT count(*) AS replies
+                         FROM replies_p{p} r JOIN processed_events_p{p} e USING (event_id)
+                         WHERE e.event_type IN ('reserve', 'commit', 'release', 'expire'))
+                     UPDATE history_periods SET
+                         events_dropped = events_dropped + e.events,
+                         applied_dropped = applied_dropped + e.applied,
+                         rejected_dropped = rejected_dropped + e.rejected,
+                         order_replies_dropped = order_replies_dropped + r.replies,
                          events_gone = true
+                     FROM e, r
                      WHERE period = {p};
                      DROP TABLE replies_p{p};
                      DROP TABLE processed_events_p{p};"

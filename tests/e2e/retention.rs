@@ -267,7 +267,7 @@ async fn migrating_a_filled_database_keeps_every_row_and_every_invariant() {
         .await
         .expect("migrating to 7");
     let client = db.client().await;
-    history::fill(&client, EVENTS, 30, |_| {})
+    history::fill(&client, EVENTS, 30, None, |_| {})
         .await
         .expect("filling");
     client
@@ -502,9 +502,11 @@ async fn a_dedupe_horizon_shorter_than_the_topics_retention_is_refused() {
     );
 
     let default = env.replica("default", &[]);
-    wait_until("the default replica to join", Duration::from_secs(120), || async {
-        !default.owned().is_empty()
-    })
+    wait_until(
+        "the default replica to join",
+        Duration::from_secs(120),
+        || async { !default.owned().is_empty() },
+    )
     .await;
     assert!(
         default
