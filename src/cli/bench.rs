@@ -1045,26 +1045,6 @@ fn target(name: &str, value: f64, wanted: &str, met: bool) {
     );
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn quantiles_interpolate_within_buckets() {
-        let buckets = [
-            (0.01, 50.0),
-            (0.1, 90.0),
-            (1.0, 100.0),
-            (f64::INFINITY, 100.0),
-        ];
-        assert_eq!(quantile(&buckets, 0.5), Some(0.01));
-        let p99 = quantile(&buckets, 0.99).unwrap_or_default();
-        assert!((p99 - 0.91).abs() < 1e-9, "{p99}");
-        assert_eq!(quantile(&[], 0.5), None);
-        assert_eq!(quantile(&[(1.0, 0.0)], 0.5), None);
-    }
-}
-
 /// History maintenance as the replicas run it, every 250 ms until `stop`, with the default
 /// settings: what of the history is past its retention (with `--history-days` 22, its oldest
 /// week of events, past the 14-day dedupe horizon) is dropped while the batches run. Returns
@@ -1086,4 +1066,24 @@ async fn retention_during_run(
         }
     }
     Ok((started, dropped))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantiles_interpolate_within_buckets() {
+        let buckets = [
+            (0.01, 50.0),
+            (0.1, 90.0),
+            (1.0, 100.0),
+            (f64::INFINITY, 100.0),
+        ];
+        assert_eq!(quantile(&buckets, 0.5), Some(0.01));
+        let p99 = quantile(&buckets, 0.99).unwrap_or_default();
+        assert!((p99 - 0.91).abs() < 1e-9, "{p99}");
+        assert_eq!(quantile(&[], 0.5), None);
+        assert_eq!(quantile(&[(1.0, 0.0)], 0.5), None);
+    }
 }
