@@ -34,7 +34,10 @@ CREATE TABLE history_periods (
 INSERT INTO history_periods (period, started_at, ended_at)
 VALUES (0, '-infinity', now()), (1, now(), NULL);
 
--- The period writers write to; read under the clock's shared lock.
+-- The period writers write to; read under the clock's shared lock. The `period` columns have no
+-- default: a writer names the period it read under the lock, and a replica of an earlier
+-- version (which knows no clock and could apply an event of an earlier period again) fails
+-- to insert instead of writing where it should not.
 CREATE FUNCTION current_history_period() RETURNS integer LANGUAGE sql STABLE
     AS 'SELECT max(period) FROM history_periods';
 
@@ -61,7 +64,7 @@ ALTER TABLE processed_events RENAME TO processed_events_p0;
 ALTER TABLE processed_events_p0 ADD COLUMN period integer NOT NULL DEFAULT 0;
 CREATE TABLE processed_events (LIKE processed_events_p0 INCLUDING DEFAULTS INCLUDING CONSTRAINTS)
     PARTITION BY LIST (period);
-ALTER TABLE processed_events ALTER COLUMN period SET DEFAULT current_history_period();
+ALTER TABLE processed_events ALTER COLUMN period DROP DEFAULT;
 ALTER TABLE processed_events_p0 ALTER COLUMN period DROP DEFAULT;
 ALTER TABLE processed_events ATTACH PARTITION processed_events_p0 FOR VALUES IN (0);
 
@@ -77,7 +80,7 @@ CREATE TABLE stock_movements (LIKE stock_movements_p0 INCLUDING DEFAULTS INCLUDI
     PARTITION BY LIST (period);
 ALTER TABLE stock_movements ALTER COLUMN id SET DEFAULT nextval('stock_movements_seq');
 ALTER SEQUENCE stock_movements_seq OWNED BY stock_movements.id;
-ALTER TABLE stock_movements ALTER COLUMN period SET DEFAULT current_history_period();
+ALTER TABLE stock_movements ALTER COLUMN period DROP DEFAULT;
 ALTER TABLE stock_movements_p0 ALTER COLUMN period DROP DEFAULT;
 ALTER TABLE stock_movements ATTACH PARTITION stock_movements_p0 FOR VALUES IN (0);
 -- Attaches period 0's index rather than building another.
@@ -93,7 +96,7 @@ CREATE TABLE dead_letters (LIKE dead_letters_p0 INCLUDING DEFAULTS INCLUDING CON
     PARTITION BY LIST (period);
 ALTER TABLE dead_letters ALTER COLUMN id SET DEFAULT nextval('dead_letters_seq');
 ALTER SEQUENCE dead_letters_seq OWNED BY dead_letters.id;
-ALTER TABLE dead_letters ALTER COLUMN period SET DEFAULT current_history_period();
+ALTER TABLE dead_letters ALTER COLUMN period DROP DEFAULT;
 ALTER TABLE dead_letters_p0 ALTER COLUMN period DROP DEFAULT;
 ALTER TABLE dead_letters ATTACH PARTITION dead_letters_p0 FOR VALUES IN (0);
 
@@ -102,7 +105,7 @@ ALTER TABLE replies RENAME TO replies_p0;
 ALTER TABLE replies_p0 ADD COLUMN period integer NOT NULL DEFAULT 0;
 CREATE TABLE replies (LIKE replies_p0 INCLUDING DEFAULTS INCLUDING CONSTRAINTS)
     PARTITION BY LIST (period);
-ALTER TABLE replies ALTER COLUMN period SET DEFAULT current_history_period();
+ALTER TABLE replies ALTER COLUMN period DROP DEFAULT;
 ALTER TABLE replies_p0 ALTER COLUMN period DROP DEFAULT;
 ALTER TABLE replies ATTACH PARTITION replies_p0 FOR VALUES IN (0);
 

@@ -228,7 +228,7 @@ impl Default for Settings {
             results: ResultSettings { all_events: false },
             history: HistorySettings {
                 period_s: 7 * DAY_S,
-                dedupe_horizon_s: 14 * DAY_S,
+                dedupe_horizon_s: 15 * DAY_S,
                 ledger_retention_s: 30 * DAY_S,
                 dead_letter_retention_s: 30 * DAY_S,
             },

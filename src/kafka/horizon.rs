@@ -4,8 +4,10 @@
 //! `history.dedupe_horizon_s` after its period ended. Any message the topic still holds can be
 //! read again (a new consumer group, an offset reset, a replay), so the horizon must outlast
 //! every message's stay in the topic: `retention.ms`, plus up to `segment.ms`, because Kafka
-//! deletes a whole segment only once its newest message is past `retention.ms`. A horizon
-//! shorter than that is refused (exit 2); a topic that keeps messages for ever
+//! deletes a whole segment only once its newest message is past `retention.ms`, plus
+//! [`MARGIN`] for the broker's retention check (every 5 minutes by default) and producers'
+//! clocks (retention follows the timestamps they set). A horizon shorter than that is refused
+//! (exit 2); a topic that keeps messages for ever
 //! (`retention.ms = -1`, or compaction) needs a horizon of for ever (0). Where the broker
 //! cannot say (librdkafka's mock broker, missing DescribeConfigs rights), the replica warns and
 //! goes on.
@@ -21,6 +23,10 @@ use crate::config::ConfigError;
 /// How long the broker may take to answer.
 const ANSWER: Duration = Duration::from_secs(10);
 
+/// Beyond retention and a segment: the broker's retention check interval
+/// (`log.retention.check.interval.ms`, 5 minutes by default) and producer clocks running late.
+pub const MARGIN: Duration = Duration::from_secs(3600);
+
 /// How long a message can stay readable in a topic.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Readable {
@@ -34,7 +40,7 @@ pub fn readable(retention_ms: i64, segment_ms: i64, cleanup_policy: &str) -> Rea
         return Readable::Forever;
     }
     let ms = retention_ms.saturating_add(segment_ms.max(0));
-    Readable::For(Duration::from_millis(ms as u64))
+    Readable::For(Duration::from_millis(ms as u64) + MARGIN)
 }
 
 /// Refuses a horizon (seconds, 0 = for ever) shorter than the topic keeps its messages.
@@ -61,8 +67,8 @@ pub fn check(horizon_s: u64, topic: &str, readable: Readable) -> Result<(), Conf
             "history.dedupe_horizon_s",
             format!(
                 "{horizon_s} s is shorter than topic {topic} may keep a message (retention.ms \
-                 plus segment.ms: {} s): an event read again after the horizon would apply \
-                 twice; set at least that",
+                 plus segment.ms plus an hour's margin: {} s): an event read again after the \
+                 horizon would apply twice; set at least that",
                 needed.as_millis().div_ceil(1000)
             ),
         ));
@@ -146,7 +152,7 @@ mod tests {
     fn a_message_stays_for_its_retention_plus_a_segment() {
         assert_eq!(
             readable(7 * DAY_MS, 7 * DAY_MS, "delete"),
-            Readable::For(Duration::from_secs(14 * 86_400))
+            Readable::For(Duration::from_secs(14 * 86_400) + MARGIN)
         );
         assert_eq!(readable(-1, DAY_MS, "delete"), Readable::Forever);
         assert_eq!(
@@ -158,7 +164,8 @@ mod tests {
     #[test]
     fn the_horizon_must_cover_it() {
         let kafka_default = readable(7 * DAY_MS, 7 * DAY_MS, "delete");
-        assert!(check(14 * 86_400, "t", kafka_default).is_ok());
+        assert!(check(15 * 86_400, "t", kafka_default).is_ok());
+        assert!(check(14 * 86_400, "t", kafka_default).is_err(), "no margin");
         let refused = check(7 * 86_400, "t", kafka_default).unwrap_err();
         assert!(
             refused.to_string().contains("history.dedupe_horizon_s"),

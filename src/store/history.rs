@@ -63,6 +63,12 @@ pub async fn fill(
         )
         .await?;
     }
+    // Named explicitly: the `period` columns have no default (migration 8).
+    let (period_column, period) = if by_period {
+        (", period", ", (SELECT current_history_period())")
+    } else {
+        ("", "")
+    };
     let mut from: i64 = 0;
     while from < events {
         let period_end = (from / per_period + 1).saturating_mul(per_period);
@@ -75,29 +81,31 @@ pub async fn fill(
             .await?;
         }
         db.execute(
-            "INSERT INTO processed_events (event_id, event_type, outcome, line_count, topic,
-                 partition, \"offset\", payload_digest, processed_at)
+            &format!(
+                "INSERT INTO processed_events (event_id, event_type, outcome, line_count, topic,
+                 partition, \"offset\", payload_digest, processed_at{period_column})
              SELECT 'hist-' || i, 'restock', 'applied', 1, 'history', (i % 12)::int, i / 12,
                     decode(md5(i::text), 'hex'),
-                    now() - $3::text::interval * (1.0 - i::float8 / $4::bigint::float8)
-             FROM generate_series($1::bigint, $2::bigint) AS i",
+                    now() - $3::text::interval * (1.0 - i::float8 / $4::bigint::float8){period}
+             FROM generate_series($1::bigint, $2::bigint) AS i"
+            ),
             &[&from, &to, &span, &events],
         )
         .await?;
         db.execute(
-            "INSERT INTO stock_movements (event_id, sku, delta, stock_after, created_at)
+            &format!("INSERT INTO stock_movements (event_id, sku, delta, stock_after, created_at{period_column})
              SELECT 'hist-' || i, 'H-' || (i % $3), 1, i / $3 + 1,
-                    now() - $4::text::interval * (1.0 - i::float8 / $5::bigint::float8)
-             FROM generate_series($1::bigint, $2::bigint) AS i ORDER BY i",
+                    now() - $4::text::interval * (1.0 - i::float8 / $5::bigint::float8){period}
+             FROM generate_series($1::bigint, $2::bigint) AS i ORDER BY i"),
             &[&from, &to, &HISTORY_SKUS, &span, &events],
         )
         .await?;
         db.execute(
-            "INSERT INTO dead_letters (topic, partition, \"offset\", key, payload, error, detail,
-                 received_at)
-             SELECT 'history', (i % 12)::int, -1 - i, NULL, convert_to('{not json', 'UTF8'),
-                    'invalid_json', 'history', now() - $4::text::interval * (1.0 - i::float8 / $5::bigint::float8)
-             FROM generate_series($1::bigint, $2::bigint) AS i WHERE i % $3 = 0",
+            &format!("INSERT INTO dead_letters (topic, partition, \"offset\", key, payload, error, detail,
+                 received_at{period_column})
+             SELECT 'history', (i % 12)::int, -1 - i, NULL, convert_to('{{not json', 'UTF8'),
+                    'invalid_json', 'history', now() - $4::text::interval * (1.0 - i::float8 / $5::bigint::float8){period}
+             FROM generate_series($1::bigint, $2::bigint) AS i WHERE i % $3 = 0"),
             &[&from, &to, &DEAD_LETTER_EVERY, &span, &events],
         )
         .await?;

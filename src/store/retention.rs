@@ -61,10 +61,21 @@ pub struct Maintenance {
 /// One maintenance pass (see the module doc).
 pub async fn maintain(db: &mut Client, settings: &HistorySettings) -> Result<Maintenance, Failure> {
     let mut done = Maintenance::default();
-    create_ahead(db, &mut done).await?;
-    start_period(db, settings, &mut done).await?;
-    for table in Table::ALL {
-        drop_expired(db, table, settings, &mut done).await?;
+    // Each step on its own: one that fails (a lock not granted in time) leaves the others to
+    // do their part; the first failure is reported.
+    let mut failed = None;
+    for step in 0..2 + Table::ALL.len() {
+        let result = match step {
+            0 => create_ahead(db, &mut done).await,
+            1 => start_period(db, settings, &mut done).await,
+            n => drop_expired(db, Table::ALL[n - 2], settings, &mut done).await,
+        };
+        if let Err(e) = result {
+            failed.get_or_insert(e);
+        }
+    }
+    if let Some(e) = failed {
+        return Err(e);
     }
     done.period = current(db).await?;
     Ok(done)
@@ -111,8 +122,10 @@ async fn exclusive(db: &mut Client) -> Result<Option<tokio_postgres::Transaction
     // Creating and dropping a partition locks its parent table exclusively, and the batches
     // that come meanwhile queue behind that lock: a long read of the table (an audit) must not
     // hold them up for long. The step fails instead, and the next pass tries again.
+    // And a drop counts and carries forward a whole period, which can outlast the pool's
+    // statement timeout: no statement bound here, only the lock bound.
     tx.batch_execute(&format!(
-        "SET LOCAL lock_timeout = {}",
+        "SET LOCAL lock_timeout = {}; SET LOCAL statement_timeout = 0",
         DDL_LOCK_WAIT.as_millis()
     ))
     .await?;
@@ -256,6 +269,28 @@ async fn drop_expired(
         let p: i32 = row.try_get(0)?;
         let dropped = match table {
             Table::Events => {
+                // Counted before any table lock: an ended period's rows no longer change (one
+                // pass over the events; the replies are few, order steps only).
+                let counts = tx
+                    .query_one(
+                        &format!(
+                            "SELECT count(*) FILTER (WHERE event_type <> 'expire'),
+                                    count(*) FILTER (WHERE outcome = 'applied'
+                                                     AND event_type <> 'expire'),
+                                    count(*) FILTER (WHERE outcome = 'rejected'),
+                                    (SELECT count(*) FROM replies_p{p} r
+                                     JOIN processed_events_p{p} e USING (event_id)
+                                     WHERE e.event_type IN ('reserve', 'commit', 'release', 'expire'))
+                             FROM processed_events_p{p}"
+                        ),
+                        &[],
+                    )
+                    .await?;
+                // Both parents, in the order the writers lock them (events, then replies), so
+                // that dropping cannot deadlock with a batch; and from here no batch can queue
+                // a reply of this period again before the check below.
+                tx.batch_execute("LOCK TABLE processed_events, replies IN ACCESS EXCLUSIVE MODE")
+                    .await?;
                 // Replies still to publish keep their period (the relay may be down).
                 let queued: bool = tx
                     .query_one(
@@ -274,28 +309,20 @@ async fn drop_expired(
                     );
                     return Ok(());
                 }
-                // One pass over the events (the replies are few: order steps).
-                tx.batch_execute(&format!(
-                    "WITH e AS (
-                         SELECT count(*) FILTER (WHERE event_type <> 'expire') AS events,
-                                count(*) FILTER (WHERE outcome = 'applied' AND event_type <> 'expire')
-                                    AS applied,
-                                count(*) FILTER (WHERE outcome = 'rejected') AS rejected
-                         FROM processed_events_p{p}),
-                     r AS (
-                         SELECT count(*) AS replies
-                         FROM replies_p{p} r JOIN processed_events_p{p} e USING (event_id)
-                         WHERE e.event_type IN ('reserve', 'commit', 'release', 'expire'))
-                     UPDATE history_periods SET
-                         events_dropped = events_dropped + e.events,
-                         applied_dropped = applied_dropped + e.applied,
-                         rejected_dropped = rejected_dropped + e.rejected,
-                         order_replies_dropped = order_replies_dropped + r.replies,
+                let count = |i: usize| counts.try_get::<_, i64>(i);
+                tx.execute(
+                    "UPDATE history_periods SET
+                         events_dropped = events_dropped + $2,
+                         applied_dropped = applied_dropped + $3,
+                         rejected_dropped = rejected_dropped + $4,
+                         order_replies_dropped = order_replies_dropped + $5,
                          events_gone = true
-                     FROM e, r
-                     WHERE period = {p};
-                     DROP TABLE replies_p{p};
-                     DROP TABLE processed_events_p{p};"
+                     WHERE period = $1",
+                    &[&p, &count(0)?, &count(1)?, &count(2)?, &count(3)?],
+                )
+                .await?;
+                tx.batch_execute(&format!(
+                    "DROP TABLE replies_p{p}; DROP TABLE processed_events_p{p};"
                 ))
                 .await?;
                 vec![format!("processed_events_p{p}"), format!("replies_p{p}")]

@@ -459,9 +459,10 @@ async fn verify_catches_ledger_rows_without_their_event_or_product() {
     db.batch_execute(
         "INSERT INTO products (sku, current_stock, version) VALUES ('S', 1, 1);
          INSERT INTO processed_events (event_id, event_type, outcome, line_count, topic,
-             partition, \"offset\", payload_digest)
-         VALUES ('e', 'restock', 'applied', 1, 't', 0, 0, '\\x00');
-         INSERT INTO stock_movements (event_id, sku, delta, stock_after) VALUES ('e', 'S', 1, 1);",
+             partition, \"offset\", payload_digest, period)
+         VALUES ('e', 'restock', 'applied', 1, 't', 0, 0, '\\x00', current_history_period());
+         INSERT INTO stock_movements (event_id, sku, delta, stock_after, period)
+             VALUES ('e', 'S', 1, 1, current_history_period());",
     )
     .await
     .expect("a consistent ledger");

@@ -19,7 +19,7 @@ const DAY: u64 = 86_400;
 fn settings() -> HistorySettings {
     HistorySettings {
         period_s: DAY,
-        dedupe_horizon_s: 14 * DAY,
+        dedupe_horizon_s: 15 * DAY,
         ledger_retention_s: 30 * DAY,
         dead_letter_retention_s: 30 * DAY,
     }
@@ -115,8 +115,8 @@ async fn an_event_id_stays_a_duplicate_in_later_periods_until_the_horizon_drops_
     );
     assert_audit_passes(&db, "two periods").await;
 
-    // Period 1 ended 15 days ago: past the 14-day horizon, inside the ledger's 30 days.
-    pass_days(&client, 15).await;
+    // Period 1 ended 16 days ago: past the 15-day horizon, inside the ledger's 30 days.
+    pass_days(&client, 16).await;
     let m = maintain(&db).await;
     assert_eq!(
         m.dropped,
@@ -487,17 +487,24 @@ async fn history_stays_bounded_while_events_flow_and_verify_holds_throughout() {
 }
 
 /// On Apache Kafka the replica reads the topic's retention at start-up: a dedupe horizon
-/// shorter than `retention.ms` plus `segment.ms` (Kafka's defaults: 7 days each) is refused
-/// with exit 2 naming the key, and the default horizon (14 days) is accepted as covering it.
+/// shorter than `retention.ms` plus `segment.ms` (Kafka's defaults: 7 days each) plus an
+/// hour's margin is refused with exit 2 naming the key, and the default horizon (15 days) is
+/// accepted as covering it.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_dedupe_horizon_shorter_than_the_topics_retention_is_refused() {
     let env = TestEnv::on_apache(2, 1).await;
-    let mut short = env.replica("short", &[("history.dedupe_horizon_s", "86400")]);
+    let mut short = env.replica(
+        "short",
+        &[
+            ("history.period_s", "3600"),
+            ("history.dedupe_horizon_s", "1209600"),
+        ],
+    );
     let (status, _) = short.wait_exit(Duration::from_secs(60));
     let log = short.log();
     assert_eq!(status.code(), Some(2), "{log}");
     assert!(
-        log.contains("history.dedupe_horizon_s") && log.contains("1209600 s"),
+        log.contains("history.dedupe_horizon_s") && log.contains("1213200 s"),
         "the refusal names the key and the topic's span:\n{log}"
     );
 
