@@ -179,12 +179,17 @@ async fn replica(
         background.stop.clone(),
     )));
 
-    crate::kafka::horizon::verify(
-        &crate::kafka::client::producer_config(&settings),
-        &settings.kafka.topic,
-        settings.history.dedupe_horizon_s,
-    )
-    .await?;
+    // Beside the start-up, not before it: a broker that cannot answer (the embedded one knows
+    // no DescribeConfigs) takes the whole request timeout to say so. A refusal stops the
+    // replica like a fatal failure, with exit 2.
+    let mut horizon = tokio::spawn({
+        let (config, topic) = (
+            crate::kafka::client::producer_config(&settings),
+            settings.kafka.topic.clone(),
+        );
+        let horizon_s = settings.history.dedupe_horizon_s;
+        async move { crate::kafka::horizon::verify(&config, &topic, horizon_s).await }
+    });
     // Its first pass runs now: a new period starts on time even after a long stop.
     tracing::info!(history = %store::retention::describe(&settings.history), "history retention");
     background.push(tokio::spawn(store::retention::maintain_until(
@@ -252,11 +257,12 @@ async fn replica(
         })
         .context("starting the poll thread")?;
 
-    let fatal = tokio::select! {
-        _ = shutdown.cancelled() => None,
-        f = fatal_rx.recv() => f,
+    let (fatal, refused) = tokio::select! {
+        _ = shutdown.cancelled() => (None, None),
+        f = fatal_rx.recv() => (f, None),
+        Ok(Err(refused)) = &mut horizon => (None, Some(refused)),
     };
-    if fatal.is_some() {
+    if fatal.is_some() || refused.is_some() {
         shutdown.cancel();
     }
     // Bounded: a librdkafka close that hangs (a group stuck in a rebalance) must not keep a
@@ -273,6 +279,9 @@ async fn replica(
             None
         }
     };
+    if let Some(refused) = refused {
+        return Err(refused.into());
+    }
     // A worker may have failed fatally while draining: that must not end in exit 0.
     let fatal = fatal.or_else(|| fatal_rx.try_recv().ok());
     match (fatal, polled) {
