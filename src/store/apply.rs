@@ -21,9 +21,9 @@
 //! 5. Commit. Only after this returns may the caller let the partition's offset advance.
 //!
 //! Every statement is set-based over arrays (`unnest`), so a batch costs a fixed number of
-//! round trips whatever its size, and is sent with explicit parameter types
-//! (`query_typed`), which needs no separate prepare round trip. History rows name their period
-//! with `(SELECT current_history_period())`, evaluated once per statement.
+//! round trips whatever its size. Each is prepared once per connection
+//! ([`super::statements`]): parsed once, and planned once for arrays of any length. History rows
+//! name their period with `(SELECT current_history_period())`, evaluated once per statement.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -193,13 +193,14 @@ pub async fn apply_batch(
     };
     let topic = source.topic.as_str();
     let mut conn = pool.get().await?;
+    let statements = conn.statements.clone();
     let tx = conn.transaction().await?;
 
     let orders = batch.order_ids();
     let orders_param = [(&orders as &(dyn ToSql + Sync), Type::TEXT_ARRAY)];
     let mut skus = batch.skus();
     if !orders.is_empty() {
-        for row in tx.query_typed(ORDER_SKUS, &orders_param).await? {
+        for row in statements.query(&tx, ORDER_SKUS, &orders_param).await? {
             skus.push(row.try_get::<_, String>(0)?);
         }
         skus.sort_unstable();
@@ -231,7 +232,8 @@ pub async fn apply_batch(
     // a later one that found the transaction already aborted.
     let waiting = std::time::Instant::now();
     let lock = async {
-        let locked = unless_empty(keys.is_empty(), tx.execute_typed(LOCK, &keys_param)).await;
+        let locked =
+            unless_empty(keys.is_empty(), statements.execute(&tx, LOCK, &keys_param)).await;
         metrics::histogram!(crate::metrics::LOCK_WAIT_SECONDS)
             .record(waiting.elapsed().as_secs_f64());
         locked
@@ -240,15 +242,15 @@ pub async fn apply_batch(
         biased;
         unless_empty(
             guards == Guards::Off,
-            tx.execute_typed(CLOCK_SHARED, &clock_param)
+            statements.execute(&tx, CLOCK_SHARED, &clock_param)
         ),
-        tx.query_typed_opt(FENCE, &fence_params),
+        statements.query_opt(&tx, FENCE, &fence_params),
         lock,
-        unless_empty(ids.is_empty(), tx.query_typed(RECORDED, &ids_param)),
-        tx.query_typed(STOCK, &skus_param),
-        unless_empty(orders.is_empty(), tx.query_typed(RESERVATIONS, &orders_param)),
+        unless_empty(ids.is_empty(), statements.query(&tx, RECORDED, &ids_param)),
+        statements.query(&tx, STOCK, &skus_param),
+        unless_empty(orders.is_empty(), statements.query(&tx, RESERVATIONS, &orders_param)),
         unless_empty(orders.is_empty(), async {
-            tx.query_typed_one(NOW, &[]).await?.try_get::<_, i64>(0)
+            statements.query_one(&tx, NOW, &[]).await?.try_get::<_, i64>(0)
         }),
     )?;
     check_fence(
@@ -340,45 +342,45 @@ pub async fn apply_batch(
         biased;
         unless_empty(
             events.ids.is_empty(),
-            tx.execute_typed(INSERT_EVENTS, &event_params)
+            statements.execute(&tx, INSERT_EVENTS, &event_params)
         ),
         unless_empty(
             updated.skus.is_empty(),
-            tx.execute_typed(UPDATE_PRODUCTS, &updated_params)
+            statements.execute(&tx, UPDATE_PRODUCTS, &updated_params)
         ),
         unless_empty(
             created.skus.is_empty(),
-            tx.execute_typed(INSERT_PRODUCTS, &created_params)
+            statements.execute(&tx, INSERT_PRODUCTS, &created_params)
         ),
         unless_empty(
             movements.is_empty(),
-            tx.execute_typed(INSERT_MOVEMENTS, &movement_params)
+            statements.execute(&tx, INSERT_MOVEMENTS, &movement_params)
         ),
         unless_empty(
             made.orders.is_empty(),
-            tx.execute_typed(INSERT_RESERVATIONS, &reservation_params)
+            statements.execute(&tx, INSERT_RESERVATIONS, &reservation_params)
         ),
         unless_empty(
             made.line_orders.is_empty(),
-            tx.execute_typed(INSERT_RESERVATION_LINES, &line_params)
+            statements.execute(&tx, INSERT_RESERVATION_LINES, &line_params)
         ),
         unless_empty(
             ended.orders.is_empty(),
-            tx.execute_typed(END_RESERVATIONS, &ended_params)
+            statements.execute(&tx, END_RESERVATIONS, &ended_params)
         ),
         unless_empty(
             replies.event_ids.is_empty(),
-            tx.execute_typed(INSERT_REPLIES, &reply_params)
+            statements.execute(&tx, INSERT_REPLIES, &reply_params)
         ),
         unless_empty(
             plan.queued.is_empty(),
-            tx.execute_typed(QUEUE_REPLIES, &queue_param)
+            statements.execute(&tx, QUEUE_REPLIES, &queue_param)
         ),
         unless_empty(
             dead.offsets.is_empty(),
-            tx.execute_typed(INSERT_DEAD_LETTERS, &dead_letter_params)
+            statements.execute(&tx, INSERT_DEAD_LETTERS, &dead_letter_params)
         ),
-        tx.execute_typed(RECORD_OFFSET, &offset_params),
+        statements.execute(&tx, RECORD_OFFSET, &offset_params),
     );
     let (_, updated_rows, created_rows, _, _, _, _, _, _, _, _) = written?;
     for (rows, expected) in [

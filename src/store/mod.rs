@@ -9,12 +9,12 @@ pub mod history;
 pub mod migrate;
 pub mod ownership;
 pub mod retention;
+pub mod statements;
 pub mod tls;
 
 use std::time::Duration;
 
 use bb8_postgres::PostgresConnectionManager;
-use tokio_postgres_rustls::MakeRustlsConnect;
 
 pub use apply::{BatchOutcome, Guards, Source, apply_batch};
 pub use failure::Failure;
@@ -22,7 +22,7 @@ pub use ownership::{Claim, claim};
 
 use crate::config::DatabaseSettings;
 
-pub type Pool = bb8::Pool<PostgresConnectionManager<MakeRustlsConnect>>;
+pub type Pool = bb8::Pool<statements::Manager>;
 
 /// Builds the pool. Connections are made lazily, so this succeeds without a database; the first
 /// checkout reports what is wrong.
@@ -50,7 +50,7 @@ pub async fn pool(settings: &DatabaseSettings) -> Result<Pool, Failure> {
         .keepalives(true)
         .keepalives_idle(Duration::from_secs(30))
         .tcp_user_timeout(Duration::from_millis(settings.statement_timeout_ms + 5_000));
-    let manager = PostgresConnectionManager::new(config, tls);
+    let manager = statements::Manager(PostgresConnectionManager::new(config, tls));
     Ok(bb8::Pool::builder()
         .max_size(settings.pool_size)
         .connection_timeout(Duration::from_millis(settings.connect_timeout_ms))
