@@ -126,10 +126,8 @@ pub async fn fill(
 /// partitions. Only while nothing else writes (maintenance does it under the period clock).
 async fn next_period(db: &Client, at: &str) -> Result<(), Failure> {
     db.batch_execute(&format!(
-        "WITH t AS (SELECT {at} AS at, current_history_period() AS p),
-              ended AS (UPDATE history_periods SET ended_at = t.at FROM t WHERE period = t.p)
-         INSERT INTO history_periods (period, started_at) SELECT t.p + 1, t.at FROM t;
-         SELECT create_history_partitions(current_history_period());"
+        "{}; SELECT create_history_partitions(current_history_period());",
+        super::retention::next_period(at)
     ))
     .await?;
     Ok(())

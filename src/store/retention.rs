@@ -196,16 +196,19 @@ async fn start_period(
     )
     .await?;
     // clock_timestamp(): after the lock, so every transaction of the old period ran before it.
-    tx.batch_execute(
-        "WITH t AS (SELECT clock_timestamp() AS at, current_history_period() AS p),
-              ended AS (UPDATE history_periods SET ended_at = t.at FROM t
-                        WHERE period = t.p)
-         INSERT INTO history_periods (period, started_at) SELECT t.p + 1, t.at FROM t",
-    )
-    .await?;
+    tx.batch_execute(&next_period("clock_timestamp()")).await?;
     tx.commit().await?;
     done.started = true;
     Ok(())
+}
+
+/// The statement that ends the current period at `at` (an SQL expression) and starts the next.
+pub(super) fn next_period(at: &str) -> String {
+    format!(
+        "WITH t AS (SELECT {at} AS at, current_history_period() AS p),
+              ended AS (UPDATE history_periods SET ended_at = t.at FROM t WHERE period = t.p)
+         INSERT INTO history_periods (period, started_at) SELECT t.p + 1, t.at FROM t"
+    )
 }
 
 /// The tables with a retention of their own (replies go with `processed_events`).
@@ -329,17 +332,21 @@ async fn drop_expired(
             }
             Table::Ledger => {
                 // Periods drop oldest first, so each SKU's last movement here is its balance
-                // at the end of the period, and the openings hold everything before.
+                // at the end of the period, and the openings hold everything before. One pass:
+                // the period's count is the sum of the SKUs' counts.
                 tx.batch_execute(&format!(
-                    "INSERT INTO ledger_openings AS o (sku, stock, reserved, changes)
-                     SELECT DISTINCT ON (sku) sku, stock_after, reserved_after,
-                            count(*) OVER (PARTITION BY sku)
-                     FROM stock_movements_p{p} ORDER BY sku, id DESC
-                     ON CONFLICT (sku) DO UPDATE SET stock = EXCLUDED.stock,
-                         reserved = EXCLUDED.reserved, changes = o.changes + EXCLUDED.changes;
+                    "WITH last AS (
+                         SELECT DISTINCT ON (sku) sku, stock_after, reserved_after,
+                                count(*) OVER (PARTITION BY sku) AS changes
+                         FROM stock_movements_p{p} ORDER BY sku, id DESC),
+                     carried AS (
+                         INSERT INTO ledger_openings AS o (sku, stock, reserved, changes)
+                         SELECT sku, stock_after, reserved_after, changes FROM last
+                         ON CONFLICT (sku) DO UPDATE SET stock = EXCLUDED.stock,
+                             reserved = EXCLUDED.reserved, changes = o.changes + EXCLUDED.changes)
                      UPDATE history_periods SET
-                         movements_dropped = movements_dropped +
-                             (SELECT count(*) FROM stock_movements_p{p}),
+                         movements_dropped = movements_dropped
+                             + (SELECT coalesce(sum(changes), 0) FROM last),
                          movements_gone = true
                      WHERE period = {p};
                      DROP TABLE stock_movements_p{p};"
