@@ -258,6 +258,21 @@ fn free_port() -> anyhow::Result<u16> {
     Ok(listener.local_addr()?.port())
 }
 
+/// A program of the same PostgreSQL installation as the throwaway servers (`pg_dump`,
+/// `pg_restore`), so that its version matches theirs.
+pub fn client_program(name: &str) -> anyhow::Result<PathBuf> {
+    // `initdb` on PATH is often a link into the installation's own directory.
+    let initdb =
+        std::fs::canonicalize(find_bin_dir()?.join("initdb")).context("locating initdb")?;
+    let program = initdb.with_file_name(name);
+    anyhow::ensure!(
+        program.is_file(),
+        "{} not found beside initdb",
+        program.display()
+    );
+    Ok(program)
+}
+
 /// The directory holding `initdb` and `pg_ctl`.
 fn find_bin_dir() -> anyhow::Result<PathBuf> {
     let on_path = std::env::var_os("PATH")

@@ -2,11 +2,13 @@
 //! group scenarios and broker failures, the embedded one elsewhere), a real PostgreSQL, and the
 //! database checked against an oracle of what was produced.
 
+mod dead_letters;
 mod faults;
 mod group;
 mod kafka_security;
 mod operations;
 mod oracle;
+mod recovery;
 mod reservations;
 mod retention;
 mod stall;

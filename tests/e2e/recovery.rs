@@ -1,0 +1,128 @@
+//! Recovery from a backup: the database holds the offsets beside the effects, so a restored
+//! backup says itself where each partition resumes.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use inventory_consumer::embedded::postgres::client_program;
+
+use crate::support::{TestDb, TestEnv, connect, terminate_all, wait_until};
+
+const SETTLE: Duration = Duration::from_secs(180);
+const EXIT: Duration = Duration::from_secs(30);
+
+/// On Apache Kafka: a `pg_dump` taken while two replicas apply a workload, at least 20,000
+/// more events applied after it, the database dropped and restored from the dump, two new
+/// replicas started. They resume at the offsets in the backup, apply again exactly the events
+/// the backup lacks (each once), skip the rest, and the end state equals the oracle.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_restored_backup_resumes_from_its_own_offsets() {
+    let env = TestEnv::on_apache(6, 1).await;
+    let mut first = vec![env.replica("r1", &[]), env.replica("r2", &[])];
+    let producing = env.produce_in_background(&[
+        "--events",
+        "30000",
+        "--skus",
+        "500",
+        "--duplicates",
+        "0.03",
+        "--invalid",
+        "0.01",
+        "--rate",
+        "2000",
+        "--seed",
+        "21",
+    ]);
+    wait_until("a few thousand events to be applied", SETTLE, || async {
+        env.db.settled().await >= 4_000
+    })
+    .await;
+    let dump = env.path("mid-stream.dump");
+    pg_dump(&env.db.url, &dump);
+
+    let expected = producing.finish();
+    let total = (expected.events + expected.dead_letters) as i64;
+    env.wait_processed(total, SETTLE).await;
+    terminate_all(&mut first, EXIT);
+
+    drop_and_restore(&env.db, &dump).await;
+    let in_backup = env.db.scalar("SELECT count(*) FROM processed_events").await;
+    assert!(
+        in_backup >= 4_000 && (expected.events as i64) - in_backup >= 20_000,
+        "the backup holds {in_backup} of {} events: taken mid-stream, 20,000 or more after it",
+        expected.events
+    );
+    let offsets_in_backup = env
+        .db
+        .scalar("SELECT sum(next_offset)::bigint FROM partition_offsets")
+        .await;
+    assert!(offsets_in_backup < expected.messages as i64);
+
+    let mut second = vec![env.replica("r3", &[]), env.replica("r4", &[])];
+    wait_until("the restored database to catch up", SETTLE, || async {
+        env.db.settled().await == total
+    })
+    .await;
+    wait_until("the recorded offsets to reach the end", SETTLE, || async {
+        env.db
+            .scalar("SELECT sum(next_offset)::bigint FROM partition_offsets")
+            .await
+            == expected.messages as i64
+    })
+    .await;
+    let stats = terminate_all(&mut second, EXIT);
+    assert_eq!(
+        (stats.applied + stats.rejected) as i64,
+        expected.events as i64 - in_backup,
+        "exactly the events the backup lacks were decided again"
+    );
+    assert_eq!(env.db.stock().await, expected.stock);
+    crate::oracle::assert_database_matches(&env.db, &crate::oracle::truth_of(&env)).await;
+    let (ok, report) = env.verify(Some(&expected));
+    assert!(ok, "verify failed:\n{report}");
+}
+
+/// `pg_dump` of `url` in the custom format (one consistent snapshot).
+fn pg_dump(url: &str, to: &Path) {
+    let out = Command::new(client_program("pg_dump").expect("pg_dump"))
+        .args(["--format=custom", "--file"])
+        .arg(to)
+        .arg(format!("--dbname={url}"))
+        .output()
+        .expect("running pg_dump");
+    assert!(
+        out.status.success(),
+        "pg_dump: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// What the README's procedure does, the group stopped: drop the database, create it empty,
+/// `pg_restore` the dump into it.
+async fn drop_and_restore(db: &TestDb, dump: &Path) {
+    let config: tokio_postgres::Config = db.url.parse().expect("the test database's URL");
+    let name = config.get_dbname().expect("a database name").to_owned();
+    let admin_url =
+        inventory_consumer::store::with_database(&db.url, "template1").expect("an admin URL");
+    let admin = connect(&admin_url).await;
+    admin
+        .batch_execute(&format!("DROP DATABASE \"{name}\" WITH (FORCE)"))
+        .await
+        .expect("dropping the database");
+    admin
+        .batch_execute(&format!("CREATE DATABASE \"{name}\""))
+        .await
+        .expect("creating it empty");
+    let out = Command::new(client_program("pg_restore").expect("pg_restore"))
+        .args(["--exit-on-error", "--no-owner"])
+        .arg(format!("--dbname={}", db.url))
+        .arg(dump)
+        .output()
+        .expect("running pg_restore");
+    assert!(
+        out.status.success(),
+        "pg_restore: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
