@@ -5,6 +5,7 @@
 
 pub mod bench;
 pub mod broker;
+pub mod dead_letters;
 pub mod demo;
 pub mod maintain;
 pub mod migrate;
@@ -69,6 +70,8 @@ pub enum Command {
     Demo(demo::DemoArgs),
     /// Measure throughput, latency and memory against the database's own limit, in one run.
     Bench(bench::BenchArgs),
+    /// List, show and redrive (publish again) the dead letters.
+    DeadLetters(dead_letters::DeadLettersArgs),
 }
 
 impl Cli {
@@ -113,6 +116,7 @@ pub fn main(cli: Cli) -> ExitCode {
         Command::Verify(args) => with_settings(&cli, DATABASE, |s| verify::main(&s, args)),
         Command::Demo(args) => demo::main(&cli, args),
         Command::Bench(args) => bench::main(&cli, args),
+        Command::DeadLetters(args) => with_settings(&cli, BOTH, |s| dead_letters::main(&s, args)),
     };
     match result {
         Ok(code) => code,

@@ -3,6 +3,7 @@
 
 pub mod apply;
 pub mod audit;
+pub mod dead_letters;
 pub mod expiry;
 pub mod failure;
 pub mod history;

@@ -1,0 +1,203 @@
+//! `dead-letters`: what an operator does once a producer's mistake is understood.
+
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::support::{BIN, TOPIC, TestEnv, wait_until, watermarks};
+
+const SETTLE: Duration = Duration::from_secs(120);
+const EXIT: Duration = Duration::from_secs(30);
+
+/// Two sales dead-lettered for a malformed quantity, and a message that is not JSON: `list`
+/// and `show` tell them apart; the two sales redriven with corrected payloads apply once; a
+/// second redrive is refused and sends nothing; with `--again` it is sent and changes nothing
+/// (its event id is recorded); the message that is not JSON stays pending.
+#[tokio::test(flavor = "multi_thread")]
+async fn corrected_dead_letters_are_redriven_once() {
+    let env = TestEnv::new(2).await;
+    let mut replica = env.replica("r1", &[]);
+    env.produce_json(
+        &[
+            json!({"event_id": "restock-a", "type": "restock", "sku": "A", "quantity": 10}),
+            json!({"event_id": "sale-1", "type": "sale", "sku": "A", "quantity": "three"}),
+            json!({"event_id": "sale-2", "type": "sale", "sku": "A", "quantity": -2}),
+        ],
+        false,
+    );
+    crate::support::send(
+        &env.broker.bootstrap,
+        [(0, "A".to_owned(), b"not json".to_vec())],
+    );
+    wait_until("the restock and three dead letters", SETTLE, || async {
+        env.db.settled().await == 4
+    })
+    .await;
+    let id_of = |event: &'static str| {
+        let db = &env.db;
+        async move {
+            db.scalar(&format!(
+                "SELECT id FROM dead_letters WHERE convert_from(payload, 'UTF8') LIKE '%\"{event}\"%'"
+            ))
+            .await
+        }
+    };
+    let (sale1, sale2) = (id_of("sale-1").await, id_of("sale-2").await);
+    let not_json = env
+        .db
+        .scalar("SELECT id FROM dead_letters WHERE error = 'invalid_json'")
+        .await;
+
+    let list = cli(&env, &["list"]);
+    assert!(list.status.success(), "{}", text(&list));
+    for id in [sale1, sale2, not_json] {
+        assert!(
+            text(&list)
+                .lines()
+                .any(|l| l.trim_start().starts_with(&format!("{id} "))),
+            "list names {id}:\n{}",
+            text(&list)
+        );
+    }
+    assert!(text(&list).contains("3 dead letter(s)"), "{}", text(&list));
+    let shown = cli(&env, &["show", &sale1.to_string()]);
+    assert!(
+        shown.status.success()
+            && text(&shown).contains("\"quantity\":\"three\"")
+            && text(&shown).contains("error:     wrong_type")
+            && text(&shown).contains("redriven:  no"),
+        "{}",
+        text(&shown)
+    );
+
+    // Corrected, one file each.
+    for (id, corrected) in [
+        (
+            sale1,
+            json!({"event_id": "sale-1", "type": "sale", "sku": "A", "quantity": 3}),
+        ),
+        (
+            sale2,
+            json!({"event_id": "sale-2", "type": "sale", "sku": "A", "quantity": 2}),
+        ),
+    ] {
+        let file = env.path(&format!("corrected-{id}.json"));
+        std::fs::write(&file, corrected.to_string()).expect("writing the correction");
+        let dry = cli(
+            &env,
+            &[
+                "redrive",
+                &id.to_string(),
+                "--payload",
+                file.to_str().unwrap_or_default(),
+                "--dry-run",
+            ],
+        );
+        assert!(
+            dry.status.success() && text(&dry).contains("would send"),
+            "{}",
+            text(&dry)
+        );
+        let sent = cli(
+            &env,
+            &[
+                "redrive",
+                &id.to_string(),
+                "--payload",
+                file.to_str().unwrap_or_default(),
+            ],
+        );
+        assert!(
+            sent.status.success() && text(&sent).contains(&format!("redrove dead letter {id}")),
+            "{}",
+            text(&sent)
+        );
+    }
+    wait_until("the corrected sales to apply", SETTLE, || async {
+        env.db
+            .scalar("SELECT count(*) FROM processed_events WHERE event_id IN ('sale-1', 'sale-2') AND outcome = 'applied'")
+            .await
+            == 2
+    })
+    .await;
+    assert_eq!(env.db.stock().await["A"], 5);
+
+    // Again by accident: refused, nothing sent.
+    let high =
+        |w: &std::collections::BTreeMap<i32, (i64, i64)>| w.values().map(|(_, h)| h).sum::<i64>();
+    let before = high(&watermarks(&env.broker.bootstrap, TOPIC));
+    let refused = cli(&env, &["redrive", &sale1.to_string()]);
+    assert_eq!(refused.status.code(), Some(2), "{}", text(&refused));
+    assert!(
+        text(&refused).contains("already redriven"),
+        "{}",
+        text(&refused)
+    );
+    assert_eq!(
+        high(&watermarks(&env.broker.bootstrap, TOPIC)),
+        before,
+        "nothing sent"
+    );
+
+    // Again on purpose: sent, and recognised as a duplicate.
+    let file = env.path(&format!("corrected-{sale1}.json"));
+    let again = cli(
+        &env,
+        &[
+            "redrive",
+            &sale1.to_string(),
+            "--payload",
+            file.to_str().unwrap_or_default(),
+            "--again",
+        ],
+    );
+    assert!(again.status.success(), "{}", text(&again));
+    assert_eq!(high(&watermarks(&env.broker.bootstrap, TOPIC)), before + 1);
+    wait_until("the resent sale to be consumed", SETTLE, || async {
+        env.lag() == 0
+    })
+    .await;
+    let (status, stats) = replica.terminate(EXIT);
+    assert!(status.success());
+    assert_eq!(
+        stats.duplicates, 1,
+        "the resent sale was skipped: {stats:?}"
+    );
+    assert_eq!(env.db.stock().await["A"], 5);
+    assert_eq!(
+        env.db
+            .scalar("SELECT count(*) FROM dead_letters WHERE redriven_at IS NOT NULL")
+            .await,
+        2
+    );
+    let pending = cli(&env, &["list"]);
+    assert!(
+        text(&pending).contains("1 dead letter(s)")
+            && text(&pending)
+                .lines()
+                .any(|l| l.trim_start().starts_with(&format!("{not_json} "))),
+        "only the message that is not JSON is still pending:\n{}",
+        text(&pending)
+    );
+    let (ok, report) = env.verify(None);
+    assert!(ok, "verify failed:\n{report}");
+}
+
+fn cli(env: &TestEnv, args: &[&str]) -> Output {
+    Command::new(BIN)
+        .arg("dead-letters")
+        .args(args)
+        .env("DATABASE_URL", &env.db.url)
+        .env("KAFKA_BROKERS", &env.broker.bootstrap)
+        .output()
+        .expect("running dead-letters")
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
