@@ -26,6 +26,8 @@ pub const EXPIRED: &str = "inventory_reservations_expired_total";
 pub const REPLIES: &str = "inventory_replies_published_total";
 pub const RELAY_LAG: &str = "inventory_reply_relay_lag_seconds";
 pub const BATCH_SPLITS: &str = "inventory_batch_splits_total";
+pub const RECORDED_OFFSET: &str = "inventory_partition_recorded_offset";
+pub const END_OFFSET: &str = "inventory_partition_end_offset";
 
 /// Produce-to-commit latency buckets, 1-2-5 steps from 1 ms to 5 min: fine enough for the
 /// benchmark's percentiles (interpolated within a bucket) and for alerting.
@@ -143,5 +145,42 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
         BATCH_SPLITS,
         "Batches split in two because their commits and releases would lock too many SKUs at once."
     );
+    describe_gauge!(
+        RECORDED_OFFSET,
+        "Next offset of each partition as recorded in the database by this replica's last batch (where a new owner resumes)."
+    );
+    describe_gauge!(
+        END_OFFSET,
+        "End offset (high watermark) of each owned partition, as the client last saw it; minus the recorded offset, the lag of the database."
+    );
+    start_at_zero();
     Ok(handle)
+}
+
+/// Every counter from zero at start-up, not from its first event: an alert on
+/// `increase(...)` then sees the first occurrence too, and a series that never moved still
+/// says so instead of being absent.
+fn start_at_zero() {
+    for outcome in ["applied", "rejected"] {
+        metrics::counter!(EVENTS, "outcome" => outcome).absolute(0);
+    }
+    for kind in ["assign", "revoke", "lost"] {
+        metrics::counter!(REBALANCES, "kind" => kind).absolute(0);
+    }
+    for name in [
+        DUPLICATES,
+        DEAD_LETTERS,
+        RETRIES,
+        OFFSET_RESETS,
+        HALTED,
+        FLOW_PAUSES,
+        FENCED,
+        REWOUND,
+        EXPIRED,
+        REPLIES,
+        BATCH_SPLITS,
+    ] {
+        metrics::counter!(name).absolute(0);
+    }
+    metrics::gauge!(ASSIGNED).set(0.0);
 }

@@ -336,6 +336,10 @@ impl ClientContext for GroupContext {
                     metrics::gauge!(crate::metrics::LAG, "partition" => p.to_string())
                         .set(partition.consumer_lag as f64);
                 }
+                if owned.contains(p) && partition.hi_offset >= 0 {
+                    metrics::gauge!(crate::metrics::END_OFFSET, "partition" => p.to_string())
+                        .set(partition.hi_offset as f64);
+                }
             }
         }
     }

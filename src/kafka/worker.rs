@@ -282,6 +282,8 @@ impl PartitionWorker {
                     self.ctx.stats.record_batch(&outcome);
                     // The effect is committed: now, and only now, the offset may advance.
                     self.ctx.offsets.processed(self.partition, last + 1);
+                    metrics::gauge!(crate::metrics::RECORDED_OFFSET, "partition" => self.partition.to_string())
+                        .set((last + 1) as f64);
                     tracing::debug!(
                         partition = self.partition,
                         first_offset = first,
