@@ -317,3 +317,62 @@ fn find_honcho() -> Option<std::path::PathBuf> {
         .map(|dir| dir.join("honcho"))
         .find(|p| p.is_file())
 }
+
+/// The Grafana dashboard and the alert rules in `deploy/` name only metrics that a replica
+/// really exports: read off a live `/metrics` after some traffic (bad messages included), not
+/// off the code's constants. (`.ci/validate-deploy` has promtool parse every expression.)
+#[tokio::test(flavor = "multi_thread")]
+async fn the_dashboard_and_the_alerts_name_only_exported_metrics() {
+    let env = TestEnv::new(2).await;
+    let mut r = env.replica("r1", &[]);
+    let addr = r.http_addr().await;
+    let expected = env.produce(&[
+        "--events",
+        "300",
+        "--skus",
+        "20",
+        "--invalid",
+        "0.05",
+        "--seed",
+        "3",
+    ]);
+    env.wait_processed((expected.events + expected.dead_letters) as i64, SETTLE)
+        .await;
+    // End offsets come with librdkafka's statistics, every 5 s.
+    wait_until("the end offsets to be exported", SETTLE, || async {
+        http_get(&addr, "/metrics")
+            .1
+            .contains("inventory_partition_end_offset{")
+    })
+    .await;
+    let scraped = http_get(&addr, "/metrics").1;
+    let exported: std::collections::BTreeSet<&str> = scraped
+        .lines()
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .filter_map(|l| l.split(['{', ' ']).next())
+        .collect();
+    for file in [
+        "deploy/overlays/monitoring/prometheusrule.yaml",
+        "deploy/overlays/monitoring/dashboards/inventory-consumer.json",
+    ] {
+        let text = std::fs::read_to_string(format!("{}/{file}", env!("CARGO_MANIFEST_DIR")))
+            .unwrap_or_else(|e| panic!("reading {file}: {e}"));
+        let named: std::collections::BTreeSet<&str> = text
+            .match_indices("inventory_")
+            .map(|(at, _)| {
+                let rest = &text[at..];
+                let end = rest
+                    .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                    .unwrap_or(rest.len());
+                &rest[..end]
+            })
+            .collect();
+        assert!(named.len() >= 8, "{file} names only {named:?}");
+        let unknown: Vec<&&str> = named.iter().filter(|n| !exported.contains(**n)).collect();
+        assert!(
+            unknown.is_empty(),
+            "{file} names metrics no replica exports: {unknown:?}\nexported: {exported:?}"
+        );
+    }
+    assert!(r.terminate(EXIT).0.success());
+}
