@@ -1,8 +1,9 @@
 //! `dead-letters`: list, show and redrive the bad messages kept in `dead_letters`.
 //!
-//! A redrive publishes a dead letter to the topic again (with its original key; its payload as
-//! it was, or replaced from a file once the producer's mistake is understood) and marks it as
-//! redriven, with when and where it went. The published message takes the normal path: dedupe
+//! A redrive publishes a dead letter again to the topic and partition it was read from (with
+//! its original key; its payload as it was, or replaced from a file once the producer's
+//! mistake is understood) and marks it as redriven, with when and where it went, in a
+//! transaction of its own per message. The published message takes the normal path: dedupe
 //! by event id, the rules, dead-lettering again if still bad. A dead letter already redriven
 //! is refused unless `--again` says so; the row lock makes two concurrent redrives take turns.
 
@@ -26,6 +27,13 @@ pub struct DeadLettersArgs {
     pub command: DeadLettersCommand,
 }
 
+impl DeadLettersCommand {
+    /// Whether it talks to Kafka (and so needs its settings).
+    pub fn sends(&self) -> bool {
+        matches!(self, DeadLettersCommand::Redrive { .. })
+    }
+}
+
 #[derive(Debug, Subcommand)]
 pub enum DeadLettersCommand {
     /// Dead letters, newest first: id, position, reason, when, and whether redriven.
@@ -39,12 +47,13 @@ pub enum DeadLettersCommand {
         /// Also those already redriven.
         #[arg(long)]
         all: bool,
-        #[arg(long, default_value_t = 50)]
+        #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(i64).range(1..))]
         limit: i64,
     },
     /// One dead letter in full: position, reason, detail, raw key and payload.
     Show { id: i64 },
-    /// Publish dead letters to the topic again, each marked with when and where it went.
+    /// Publish dead letters again, each to the topic and partition it was read from, and mark
+    /// each with when and where it went.
     Redrive {
         /// Ids from `list`.
         #[arg(required = true)]
@@ -61,7 +70,7 @@ pub enum DeadLettersCommand {
     },
 }
 
-/// How long one message may take to be acknowledged.
+/// How long one message may take to be acknowledged (librdkafka's `message.timeout.ms`).
 const DELIVERY_TIMEOUT: Duration = Duration::from_secs(30);
 
 pub fn main(settings: &Settings, args: &DeadLettersArgs) -> anyhow::Result<ExitCode> {
@@ -137,16 +146,16 @@ async fn redrive(
         None => None,
     };
     let mut db = store::connect(&settings.database.url).await?;
-    let tx = db.transaction().await?;
-    let found = dead_letters::lock(&tx, ids).await?;
-    let missing: Vec<i64> = ids
-        .iter()
-        .copied()
-        .filter(|id| !found.iter().any(|d| d.id == *id))
-        .collect();
-    if !missing.is_empty() {
-        eprintln!("no dead letter with id {missing:?}: nothing sent");
-        return Ok(ExitCode::from(EXIT_CONFIG));
+    // Checked before anything is sent, so that a refusal sends nothing.
+    let mut found = Vec::with_capacity(ids.len());
+    for id in ids {
+        match dead_letters::get(&db, *id).await? {
+            Some(d) => found.push(d),
+            None => {
+                eprintln!("no dead letter with id {id}: nothing sent");
+                return Ok(ExitCode::from(EXIT_CONFIG));
+            }
+        }
     }
     let done: Vec<&DeadLetter> = found.iter().filter(|d| d.redriven.is_some()).collect();
     if !again && !done.is_empty() {
@@ -158,18 +167,15 @@ async fn redrive(
         eprintln!("nothing sent: pass --again to send them once more");
         return Ok(ExitCode::from(EXIT_CONFIG));
     }
-    let topic = &settings.kafka.topic;
     if dry_run {
         for d in &found {
-            let bytes = replacement
-                .as_deref()
-                .or(d.payload.as_deref())
-                .unwrap_or(&[]);
+            let bytes = replacement.as_deref().or(d.payload.as_deref());
             println!(
-                "would send dead letter {} ({}) to {topic}: {} bytes{}",
+                "would send dead letter {} to {}/{}: {} bytes{}",
                 d.id,
-                position(d),
-                bytes.len(),
+                d.topic,
+                d.partition,
+                bytes.map_or(0, <[u8]>::len),
                 if replacement.is_some() {
                     " (replaced payload)"
                 } else {
@@ -180,28 +186,64 @@ async fn redrive(
         return Ok(ExitCode::SUCCESS);
     }
     let producer: FutureProducer = producer_config(settings)
+        // Bounds the wait for each acknowledgement, which a transaction spends idle.
+        .set(
+            "message.timeout.ms",
+            DELIVERY_TIMEOUT.as_millis().to_string(),
+        )
         .create()
         .context("creating the producer")?;
+    let mut skipped = 0;
     for d in &found {
+        // One transaction per message: each mark commits right after its send, so a failure
+        // later on leaves every message sent so far marked.
+        let tx = db.transaction().await?;
+        tx.batch_execute("SET LOCAL idle_in_transaction_session_timeout = '60s'")
+            .await?;
+        let Some(current) = dead_letters::lock(&tx, &[d.id]).await?.pop() else {
+            eprintln!(
+                "dead letter {} is gone (retention dropped it): not sent",
+                d.id
+            );
+            skipped += 1;
+            continue;
+        };
+        if current.redriven.is_some() && !again {
+            eprintln!(
+                "dead letter {} was redriven meanwhile by someone else: not sent",
+                d.id
+            );
+            skipped += 1;
+            continue;
+        }
+        // Back where it was read: its partition keeps it in order with its key's other events.
+        let mut record = FutureRecord::<[u8], [u8]>::to(&d.topic).partition(d.partition);
         // A message kept without a payload is sent without one.
-        let mut record = FutureRecord::<[u8], [u8]>::to(topic);
         if let Some(bytes) = replacement.as_deref().or(d.payload.as_deref()) {
             record = record.payload(bytes);
         }
         if let Some(key) = d.key.as_deref() {
             record = record.key(key);
         }
-        // Sent one at a time, each marked once acknowledged (the mark commits with the rest).
         let delivered = producer
             .send(record, DELIVERY_TIMEOUT)
             .await
             .map_err(|(e, _)| anyhow::anyhow!("sending dead letter {}: {e}", d.id))?;
-        let to = format!("{topic}/{}@{}", delivered.partition, delivered.offset);
+        let to = format!("{}/{}@{}", d.topic, delivered.partition, delivered.offset);
         dead_letters::mark_redriven(&tx, d.id, &to).await?;
+        tx.commit().await.with_context(|| {
+            format!(
+                "dead letter {} was sent to {to} but could not be marked",
+                d.id
+            )
+        })?;
         println!("redrove dead letter {} ({}) to {to}", d.id, position(d));
     }
-    tx.commit().await?;
-    Ok(ExitCode::SUCCESS)
+    Ok(if skipped == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_CONFIG)
+    })
 }
 
 fn position(d: &DeadLetter) -> String {

@@ -116,7 +116,10 @@ pub fn main(cli: Cli) -> ExitCode {
         Command::Verify(args) => with_settings(&cli, DATABASE, |s| verify::main(&s, args)),
         Command::Demo(args) => demo::main(&cli, args),
         Command::Bench(args) => bench::main(&cli, args),
-        Command::DeadLetters(args) => with_settings(&cli, BOTH, |s| dead_letters::main(&s, args)),
+        Command::DeadLetters(args) => {
+            let needs = if args.command.sends() { BOTH } else { DATABASE };
+            with_settings(&cli, needs, |s| dead_letters::main(&s, args))
+        }
     };
     match result {
         Ok(code) => code,

@@ -22,7 +22,8 @@
 //!
 //! Every statement is set-based over arrays (`unnest`), so a batch costs a fixed number of
 //! round trips whatever its size. Each is prepared once per connection
-//! ([`super::statements`]): parsed once, and planned once for arrays of any length. History rows
+//! ([`super::statements`]; all of a round trip's before it is sent, which keeps them in order):
+//! parsed once, and planned once for arrays of any length. History rows
 //! name their period with `(SELECT current_history_period())`, evaluated once per statement.
 
 use std::collections::HashMap;
@@ -230,6 +231,21 @@ pub async fn apply_batch(
     // round trip). The server runs them in order, so the reads start once every lock is held.
     // `biased`: polled in order, so a failure is reported by the statement that failed, not by
     // a later one that found the transaction already aborted.
+    let no_params: [(&(dyn ToSql + Sync), Type); 0] = [];
+    statements
+        .prepare(
+            &tx,
+            &[
+                (CLOCK_SHARED, &clock_param),
+                (FENCE, &fence_params),
+                (LOCK, &keys_param),
+                (RECORDED, &ids_param),
+                (STOCK, &skus_param),
+                (RESERVATIONS, &orders_param),
+                (NOW, &no_params),
+            ],
+        )
+        .await?;
     let waiting = std::time::Instant::now();
     let lock = async {
         let locked =
@@ -250,13 +266,16 @@ pub async fn apply_batch(
         statements.query(&tx, STOCK, &skus_param),
         unless_empty(orders.is_empty(), statements.query(&tx, RESERVATIONS, &orders_param)),
         unless_empty(orders.is_empty(), async {
-            statements.query_one(&tx, NOW, &[]).await?.try_get::<_, i64>(0)
+            statements.query_one(&tx, NOW, &no_params).await?.try_get::<_, i64>(0)
         }),
     )?;
     check_fence(
         partition,
         epoch,
-        owner.map(|row| row.try_get::<_, i64>(0)).transpose()?,
+        owner
+            .as_ref()
+            .map(|row| row.try_get::<_, i64>(0))
+            .transpose()?,
     )?;
     let mut recorded = HashMap::with_capacity(recorded_rows.len());
     for row in recorded_rows {
@@ -338,6 +357,24 @@ pub async fn apply_batch(
         (&partition, Type::INT4),
         (&next_offset, Type::INT8),
     ];
+    statements
+        .prepare(
+            &tx,
+            &[
+                (INSERT_EVENTS, &event_params),
+                (UPDATE_PRODUCTS, &updated_params),
+                (INSERT_PRODUCTS, &created_params),
+                (INSERT_MOVEMENTS, &movement_params),
+                (INSERT_RESERVATIONS, &reservation_params),
+                (INSERT_RESERVATION_LINES, &line_params),
+                (END_RESERVATIONS, &ended_params),
+                (INSERT_REPLIES, &reply_params),
+                (QUEUE_REPLIES, &queue_param),
+                (INSERT_DEAD_LETTERS, &dead_letter_params),
+                (RECORD_OFFSET, &offset_params),
+            ],
+        )
+        .await?;
     let written = tokio::try_join!(
         biased;
         unless_empty(

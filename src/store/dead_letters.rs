@@ -4,7 +4,7 @@
 use tokio_postgres::types::Type;
 use tokio_postgres::{GenericClient, Row, Transaction};
 
-use crate::store::Failure;
+use crate::store::{Failure, utc_text};
 
 /// One dead letter as kept: where it was read, why it was refused, and whether it was redriven.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,20 +33,25 @@ pub struct Filter {
     pub limit: i64,
 }
 
-const COLUMNS: &str = "id, topic, partition, \"offset\", key, payload, error, detail, \
-     to_char(received_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'), \
-     to_char(redriven_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'), redriven_to";
+fn columns() -> String {
+    format!(
+        "id, topic, partition, \"offset\", key, payload, error, detail, {}, {}, redriven_to",
+        utc_text("received_at"),
+        utc_text("redriven_at")
+    )
+}
 
 /// Dead letters matching `filter`, newest first.
 pub async fn list(db: &impl GenericClient, filter: &Filter) -> Result<Vec<DeadLetter>, Failure> {
     let rows = db
         .query_typed(
             &format!(
-                "SELECT {COLUMNS} FROM dead_letters
+                "SELECT {} FROM dead_letters
                  WHERE ($1::int IS NULL OR partition = $1)
                    AND ($2::text IS NULL OR error = $2)
                    AND ($3 OR redriven_at IS NULL)
-                 ORDER BY id DESC LIMIT $4"
+                 ORDER BY id DESC LIMIT $4",
+                columns()
             ),
             &[
                 (&filter.partition, Type::INT4),
@@ -63,7 +68,7 @@ pub async fn list(db: &impl GenericClient, filter: &Filter) -> Result<Vec<DeadLe
 pub async fn get(db: &impl GenericClient, id: i64) -> Result<Option<DeadLetter>, Failure> {
     let row = db
         .query_typed_opt(
-            &format!("SELECT {COLUMNS} FROM dead_letters WHERE id = $1"),
+            &format!("SELECT {} FROM dead_letters WHERE id = $1", columns()),
             &[(&id, Type::INT8)],
         )
         .await?;
@@ -76,7 +81,8 @@ pub async fn lock(tx: &Transaction<'_>, ids: &[i64]) -> Result<Vec<DeadLetter>, 
     let rows = tx
         .query_typed(
             &format!(
-                "SELECT {COLUMNS} FROM dead_letters WHERE id = ANY($1) ORDER BY id FOR UPDATE"
+                "SELECT {} FROM dead_letters WHERE id = ANY($1) ORDER BY id FOR UPDATE",
+                columns()
             ),
             &[(&ids, Type::INT8_ARRAY)],
         )

@@ -37,6 +37,9 @@ impl From<tokio_postgres::Error> for Failure {
                 Failure::Transient(text)
             }
             Some(code) if is_transient(code) => Failure::Transient(text),
+            // Our connection's prepared statements, forgotten meanwhile and prepared again by
+            // the retry (`super::statements`).
+            Some(_) if super::statements::is_stale_statement(&e) => Failure::Transient(text),
             Some(_) => Failure::Fatal(text),
         }
     }

@@ -36,8 +36,11 @@ pub async fn pool(settings: &DatabaseSettings) -> Result<Pool, Failure> {
     // Bound every wait: a lock held by a stuck session, a runaway statement, a peer that
     // vanished without closing the connection. Each surfaces as a transient failure. And a
     // session of ours that stalls inside a transaction (process paused) is ended by the server.
+    // And one plan per prepared statement, made for parameters of any value: the batch's
+    // statements probe by key whatever the length of their arrays (`statements`).
     let timeouts = format!(
-        "-c statement_timeout={} -c lock_timeout={} -c idle_in_transaction_session_timeout={}",
+        "-c statement_timeout={} -c lock_timeout={} -c idle_in_transaction_session_timeout={} \
+         -c plan_cache_mode=force_generic_plan",
         settings.statement_timeout_ms,
         settings.lock_timeout_ms,
         settings.idle_in_transaction_timeout_ms
@@ -56,6 +59,12 @@ pub async fn pool(settings: &DatabaseSettings) -> Result<Pool, Failure> {
         .max_size(settings.pool_size)
         .connection_timeout(Duration::from_millis(settings.connect_timeout_ms))
         .build_unchecked(manager))
+}
+
+/// SQL that renders timestamp `column` as RFC 3339 text in UTC, to the millisecond (the
+/// driver is built without a date-time type).
+pub(crate) fn utc_text(column: &str) -> String {
+    format!("to_char({column} AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"')")
 }
 
 /// `url` (a `postgres://` URL) naming database `name` instead.

@@ -4,15 +4,16 @@
 //! batch transaction that is about ten plans per batch, and each custom plan is made for the
 //! batch's actual arrays, where PostgreSQL's defaults (a random read costs four sequential
 //! ones) often pick a hash join over a whole table instead of a few index probes by key.
-//! A statement prepared once per connection is parsed once, and after five executions
-//! PostgreSQL settles on one generic plan, made for arrays of unknown length: the index probes
-//! by key. [`Statements`] prepares each statement on first use and keeps it with its connection.
+//! A statement prepared once per connection is parsed once, and planned once for arrays of any
+//! length (the pool sets `plan_cache_mode = force_generic_plan`): the index probes by key.
+//! [`Statements`] prepares each statement on first use and keeps it with its connection.
 
 use std::collections::HashMap;
 use std::ops::{Deref, DerefMut};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use bb8_postgres::PostgresConnectionManager;
+use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{Client, Error, GenericClient, Row, Statement};
 use tokio_postgres_rustls::MakeRustlsConnect;
@@ -21,10 +22,28 @@ use tokio_postgres_rustls::MakeRustlsConnect;
 pub type Params<'a> = [(&'a (dyn ToSql + Sync), Type)];
 
 /// The statements prepared on one connection, by their text.
+///
+/// Statements sent together (pipelined) run in the order they are *sent*, and one not yet
+/// prepared is sent only after its Parse returns, behind the others: so a caller that sends
+/// several at once must [`Statements::prepare`] all of them first.
 #[derive(Clone, Default)]
 pub struct Statements(Arc<Mutex<HashMap<&'static str, Statement>>>);
 
 impl Statements {
+    /// Prepares those of `statements` (text, and parameters for their types) that are not yet,
+    /// one after the other: afterwards each runs with no round trip of its own, in the order
+    /// sent.
+    pub async fn prepare(
+        &self,
+        client: &impl GenericClient,
+        statements: &[(&'static str, &Params<'_>)],
+    ) -> Result<(), Error> {
+        for (sql, params) in statements {
+            self.prepared(client, sql, params).await?;
+        }
+        Ok(())
+    }
+
     /// `sql` prepared on `client`'s connection (which a transaction shares), once.
     async fn prepared(
         &self,
@@ -53,7 +72,7 @@ impl Statements {
         params: &Params<'_>,
     ) -> Result<u64, Error> {
         let statement = self.prepared(client, sql, params).await?;
-        client.execute(&statement, &values(params)).await
+        self.checked(client.execute(&statement, &values(params)).await)
     }
 
     pub async fn query(
@@ -63,7 +82,7 @@ impl Statements {
         params: &Params<'_>,
     ) -> Result<Vec<Row>, Error> {
         let statement = self.prepared(client, sql, params).await?;
-        client.query(&statement, &values(params)).await
+        self.checked(client.query(&statement, &values(params)).await)
     }
 
     pub async fn query_opt(
@@ -73,7 +92,7 @@ impl Statements {
         params: &Params<'_>,
     ) -> Result<Option<Row>, Error> {
         let statement = self.prepared(client, sql, params).await?;
-        client.query_opt(&statement, &values(params)).await
+        self.checked(client.query_opt(&statement, &values(params)).await)
     }
 
     pub async fn query_one(
@@ -83,7 +102,33 @@ impl Statements {
         params: &Params<'_>,
     ) -> Result<Row, Error> {
         let statement = self.prepared(client, sql, params).await?;
-        client.query_one(&statement, &values(params)).await
+        self.checked(client.query_one(&statement, &values(params)).await)
+    }
+
+    /// Forgets every statement when the server no longer knows them (a pooler or `DISCARD`
+    /// dropped them) or can no longer run them as prepared (a migration changed a result
+    /// type): the retry prepares them again ([`super::Failure`] counts both as transient).
+    fn checked<T>(&self, result: Result<T, Error>) -> Result<T, Error> {
+        if let Err(e) = &result
+            && is_stale_statement(e)
+        {
+            self.lock().clear();
+        }
+        result
+    }
+}
+
+/// Whether `e` says a prepared statement is gone or no longer matches the schema.
+pub fn is_stale_statement(e: &Error) -> bool {
+    match e.code() {
+        Some(code) if *code == SqlState::INVALID_SQL_STATEMENT_NAME => true,
+        Some(code) if *code == SqlState::FEATURE_NOT_SUPPORTED => {
+            e.as_db_error().is_some_and(|d| {
+                d.message()
+                    .contains("cached plan must not change result type")
+            })
+        }
+        _ => false,
     }
 }
 
