@@ -28,6 +28,7 @@ pub const RELAY_LAG: &str = "inventory_reply_relay_lag_seconds";
 pub const BATCH_SPLITS: &str = "inventory_batch_splits_total";
 pub const RECORDED_OFFSET: &str = "inventory_partition_recorded_offset";
 pub const END_OFFSET: &str = "inventory_partition_end_offset";
+pub const PAUSED: &str = "inventory_partition_paused";
 
 /// Produce-to-commit latency buckets, 1-2-5 steps from 1 ms to 5 min: fine enough for the
 /// benchmark's percentiles (interpolated within a bucket) and for alerting.
@@ -152,6 +153,10 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
     describe_gauge!(
         END_OFFSET,
         "End offset (high watermark) of each owned partition, as the client last saw it; minus the recorded offset, the lag of the database."
+    );
+    describe_gauge!(
+        PAUSED,
+        "1 while this replica's worker of the partition waits because an operator paused it (`pause`)."
     );
     start_at_zero();
     Ok(handle)

@@ -9,8 +9,10 @@ pub mod dead_letters;
 pub mod demo;
 pub mod maintain;
 pub mod migrate;
+pub mod pause;
 pub mod produce;
 pub mod run;
+pub mod status;
 pub mod verify;
 
 use std::path::PathBuf;
@@ -72,6 +74,12 @@ pub enum Command {
     Bench(bench::BenchArgs),
     /// List, show and redrive (publish again) the dead letters.
     DeadLetters(dead_letters::DeadLettersArgs),
+    /// The group at a glance: owners, epochs, recorded, committed and end offsets, lag, pauses.
+    Status(status::StatusArgs),
+    /// Stop applying a partition's events (or the whole topic's) on every replica, until `resume`.
+    Pause(pause::PauseArgs),
+    /// Lift pauses made with `pause`.
+    Resume(pause::ResumeArgs),
 }
 
 impl Cli {
@@ -120,6 +128,9 @@ pub fn main(cli: Cli) -> ExitCode {
             let needs = if args.command.sends() { BOTH } else { DATABASE };
             with_settings(&cli, needs, |s| dead_letters::main(&s, args))
         }
+        Command::Status(args) => with_settings(&cli, BOTH, |s| status::main(&s, args)),
+        Command::Pause(args) => with_settings(&cli, DATABASE, |s| pause::pause(&s, args)),
+        Command::Resume(args) => with_settings(&cli, DATABASE, |s| pause::resume(&s, args)),
     };
     match result {
         Ok(code) => code,

@@ -207,6 +207,12 @@ impl GroupContext {
             state.workers.stop(&partitions)
         };
         let drained = stopping.join(&self.runtime, deadline);
+        // No longer this replica's to report (its offsets stay: they only grow).
+        for p in &partitions {
+            for gauge in [crate::metrics::LAG, crate::metrics::PAUSED] {
+                metrics::gauge!(gauge, "partition" => p.to_string()).set(0.0);
+            }
+        }
         if !drained {
             tracing::warn!(partitions = ?partitions, "drain timed out; abandoning in-flight work");
         }
@@ -283,6 +289,8 @@ impl GroupContext {
                             p,
                             Offset::Offset(next),
                         );
+                        metrics::gauge!(crate::metrics::RECORDED_OFFSET, "partition" => p.to_string())
+                            .set(next as f64);
                     }
                 }
                 claims

@@ -27,6 +27,8 @@ use crate::stats::Stats;
 use crate::store::{BatchOutcome, Failure, Guards, Pool, Source, apply_batch, claim};
 
 const FIRST_BACKOFF: Duration = Duration::from_millis(50);
+/// How often a batch of a paused partition looks again whether it was resumed.
+const PAUSE_CHECK: Duration = Duration::from_secs(1);
 
 /// Produce-to-commit latency of every event of a batch that just committed.
 fn record_latency(batch: &Batch) {
@@ -269,12 +271,19 @@ impl PartitionWorker {
         let Some((first, last)) = batch.offsets() else {
             return Ok(());
         };
-        let started = Instant::now();
+        let mut started = Instant::now();
         let mut backoff = FIRST_BACKOFF;
+        let mut paused = false;
         loop {
             let attempt = Instant::now();
             match self.attempt(batch).await {
                 Ok(outcome) => {
+                    if paused {
+                        tracing::info!(partition = self.partition, "partition resumed");
+                    }
+                    let partition = self.partition.to_string();
+                    metrics::gauge!(crate::metrics::PAUSED, "partition" => partition.clone())
+                        .set(0.0);
                     record_latency(batch);
                     metrics::histogram!(crate::metrics::APPLY_SECONDS)
                         .record(attempt.elapsed().as_secs_f64());
@@ -282,7 +291,7 @@ impl PartitionWorker {
                     self.ctx.stats.record_batch(&outcome);
                     // The effect is committed: now, and only now, the offset may advance.
                     self.ctx.offsets.processed(self.partition, last + 1);
-                    metrics::gauge!(crate::metrics::RECORDED_OFFSET, "partition" => self.partition.to_string())
+                    metrics::gauge!(crate::metrics::RECORDED_OFFSET, "partition" => partition)
                         .set((last + 1) as f64);
                     tracing::debug!(
                         partition = self.partition,
@@ -295,6 +304,29 @@ impl PartitionWorker {
                         "batch committed"
                     );
                     return Ok(());
+                }
+                Err(Failure::Paused(_)) => {
+                    // An operator's pause: no deadline. The partition's queue fills and flow
+                    // control stops fetching it; a revoke or shutdown ends the wait.
+                    if !paused {
+                        paused = true;
+                        metrics::gauge!(crate::metrics::PAUSED, "partition" => self.partition.to_string()).set(1.0);
+                        tracing::info!(
+                            partition = self.partition,
+                            first_offset = first,
+                            "partition paused by an operator: waiting for resume"
+                        );
+                    }
+                    tokio::select! {
+                        _ = self.stop.cancelled() => {
+                            metrics::gauge!(crate::metrics::PAUSED, "partition" => self.partition.to_string()).set(0.0);
+                            self.ctx.stats.record_abandoned();
+                            return Err(None);
+                        }
+                        _ = sleep(PAUSE_CHECK) => {}
+                    }
+                    // The time paused does not count towards the retry deadline.
+                    started = Instant::now();
                 }
                 Err(Failure::Transient(why)) if started.elapsed() < self.ctx.retry_deadline => {
                     self.ctx.stats.record_retry();

@@ -3,7 +3,8 @@
 //! 0. Take the period clock's shared lock ([`super::retention`]), so that the batch writes
 //!    its history into the current period and no new period starts until it ends. Then lock
 //!    the partition's row in `partition_owners` and check the epoch this owner claimed
-//!    ([`super::ownership`]): a replica that lost the partition aborts here.
+//!    ([`super::ownership`]): a replica that lost the partition aborts here; and so does a
+//!    batch of a paused partition ([`super::pauses`]).
 //! 1. `pg_advisory_xact_lock` on every SKU of the batch, keys ascending ([`Batch::lock_keys`]):
 //!    from here until commit no other replica works on these SKUs, and because every transaction
 //!    takes its locks in the same global order, multi-SKU batches cannot deadlock.
@@ -277,6 +278,9 @@ pub async fn apply_batch(
             .map(|row| row.try_get::<_, i64>(0))
             .transpose()?,
     )?;
+    if owner.map(|row| row.try_get::<_, bool>(1)).transpose()? == Some(true) {
+        return Err(Failure::Paused(partition));
+    }
     let mut recorded = HashMap::with_capacity(recorded_rows.len());
     for row in recorded_rows {
         recorded.insert(row.try_get::<_, String>(0)?, row.try_get::<_, Vec<u8>>(1)?);

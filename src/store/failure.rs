@@ -20,6 +20,9 @@ pub enum Failure {
     /// smaller parts.
     #[error("the batch would lock {skus} SKUs; split it")]
     TooManyLocks { skus: usize },
+    /// An operator paused the partition (`pause`): nothing was done; try again later.
+    #[error("partition {0} is paused")]
+    Paused(i32),
 }
 
 impl Failure {

@@ -9,8 +9,10 @@ pub mod failure;
 pub mod history;
 pub mod migrate;
 pub mod ownership;
+pub mod pauses;
 pub mod retention;
 pub mod statements;
+pub mod status;
 pub mod tls;
 
 use std::time::Duration;

@@ -31,10 +31,14 @@ const LOAD_OFFSETS: &str = "
 
 /// The first statement of every batch transaction: holds the partition's row until commit, so
 /// no claim can slip in between this check and the commit.
+// And whether the partition (or the whole topic) is paused, read under the same lock.
 pub(crate) const FENCE: &str = "
-    SELECT epoch FROM partition_owners
+    SELECT epoch,
+           EXISTS (SELECT 1 FROM partition_pauses p
+                   WHERE p.consumer_group = $1 AND p.topic = $2 AND p.partition IN ($3, -1))
+    FROM partition_owners
     WHERE consumer_group = $1 AND topic = $2 AND partition = $3
-    FOR UPDATE";
+    FOR UPDATE OF partition_owners";
 
 /// A claimed partition: the epoch its batches must carry, and where processing stands (the
 /// offset recorded with its last batch; absent if this group never processed it).

@@ -8,6 +8,7 @@ mod group;
 mod kafka_security;
 mod operations;
 mod oracle;
+mod pauses;
 mod recovery;
 mod reservations;
 mod retention;

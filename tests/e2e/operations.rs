@@ -5,7 +5,7 @@ use std::time::Duration;
 use inventory_consumer::domain::lock_key;
 use serde_json::json;
 
-use crate::support::{TestEnv, http_get, metric, wait_until};
+use crate::support::{TestEnv, http_get, metric, terminate_all, wait_until};
 
 const SETTLE: Duration = Duration::from_secs(120);
 const EXIT: Duration = Duration::from_secs(30);
@@ -375,4 +375,77 @@ async fn the_dashboard_and_the_alerts_name_only_exported_metrics() {
         );
     }
     assert!(r.terminate(EXIT).0.success());
+}
+
+/// `status` against the database and the broker: after two replicas applied a workload, each
+/// partition's owner, epoch and recorded offset are the database's, its end offset the
+/// broker's, the committed offset equals the recorded one and the lag is 0; the table names
+/// every owner.
+#[tokio::test(flavor = "multi_thread")]
+async fn status_shows_what_the_database_and_the_broker_hold() {
+    let env = TestEnv::new(6).await;
+    let mut replicas = vec![env.replica("r1", &[]), env.replica("r2", &[])];
+    wait_until("both replicas to own partitions", SETTLE, || async {
+        let (a, b) = (replicas[0].owned(), replicas[1].owned());
+        !a.is_empty() && !b.is_empty() && a.len() + b.len() == 6
+    })
+    .await;
+    let expected = env.produce(&["--events", "2000", "--skus", "100", "--seed", "8"]);
+    env.wait_processed(expected.events as i64, SETTLE).await;
+
+    let json = status(&env, &["--json"]);
+    let shown: serde_json::Value = serde_json::from_str(&json).expect("status --json");
+    let partitions = shown["partitions"].as_array().expect("partitions");
+    assert_eq!(partitions.len(), 6, "{json}");
+    let ends = crate::support::watermarks(&env.broker.bootstrap, crate::support::TOPIC);
+    let db = env.db.client().await;
+    for p in partitions {
+        let partition = p["partition"].as_i64().expect("partition") as i32;
+        let row = db
+            .query_one(
+                "SELECT o.owner, o.epoch, f.next_offset
+                 FROM partition_owners o JOIN partition_offsets f USING (consumer_group, topic, partition)
+                 WHERE o.partition = $1",
+                &[&partition],
+            )
+            .await
+            .expect("the partition's records");
+        let (owner, epoch, recorded): (String, i64, i64) = (row.get(0), row.get(1), row.get(2));
+        assert_eq!(p["owner"].as_str(), Some(owner.as_str()), "{p}");
+        assert_eq!(p["epoch"].as_i64(), Some(epoch), "{p}");
+        assert_eq!(p["recorded"].as_i64(), Some(recorded), "{p}");
+        assert_eq!(p["end"].as_i64(), Some(ends[&partition].1), "{p}");
+        assert_eq!(p["committed"].as_i64(), Some(recorded), "{p}");
+        assert_eq!(p["lag"].as_i64(), Some(0), "{p}");
+    }
+    assert_eq!(shown["total_lag"].as_i64(), Some(0), "{json}");
+    let owners = db
+        .query("SELECT DISTINCT owner FROM partition_owners", &[])
+        .await
+        .expect("owners");
+    assert_eq!(owners.len(), 2);
+    let table = status(&env, &[]);
+    for row in owners {
+        let owner: String = row.get(0);
+        assert!(table.contains(&owner), "{table}");
+    }
+    assert!(table.contains("6 partitions, 2 owners, lag 0"), "{table}");
+    terminate_all(&mut replicas, EXIT);
+}
+
+fn status(env: &TestEnv, args: &[&str]) -> String {
+    let out = std::process::Command::new(crate::support::BIN)
+        .arg("status")
+        .args(args)
+        .env("DATABASE_URL", &env.db.url)
+        .env("KAFKA_BROKERS", &env.broker.bootstrap)
+        .output()
+        .expect("running status");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "status failed:\n{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
 }
