@@ -1,11 +1,10 @@
 //! `dead-letters`: what an operator does once a producer's mistake is understood.
 
-use std::process::{Command, Output};
 use std::time::Duration;
 
 use serde_json::json;
 
-use crate::support::{BIN, TOPIC, TestEnv, wait_until, watermarks};
+use crate::support::{TOPIC, TestEnv, output_text, wait_until, watermarks};
 
 const SETTLE: Duration = Duration::from_secs(120);
 const EXIT: Duration = Duration::from_secs(30);
@@ -49,26 +48,30 @@ async fn corrected_dead_letters_are_redriven_once() {
         .scalar("SELECT id FROM dead_letters WHERE error = 'invalid_json'")
         .await;
 
-    let list = cli(&env, &["list"]);
-    assert!(list.status.success(), "{}", text(&list));
+    let list = env.command("dead-letters", &["list"]);
+    assert!(list.status.success(), "{}", output_text(&list));
     for id in [sale1, sale2, not_json] {
         assert!(
-            text(&list)
+            output_text(&list)
                 .lines()
                 .any(|l| l.trim_start().starts_with(&format!("{id} "))),
             "list names {id}:\n{}",
-            text(&list)
+            output_text(&list)
         );
     }
-    assert!(text(&list).contains("3 dead letter(s)"), "{}", text(&list));
-    let shown = cli(&env, &["show", &sale1.to_string()]);
+    assert!(
+        output_text(&list).contains("3 dead letter(s)"),
+        "{}",
+        output_text(&list)
+    );
+    let shown = env.command("dead-letters", &["show", &sale1.to_string()]);
     assert!(
         shown.status.success()
-            && text(&shown).contains("\"quantity\":\"three\"")
-            && text(&shown).contains("error:     wrong_type")
-            && text(&shown).contains("redriven:  no"),
+            && output_text(&shown).contains("\"quantity\":\"three\"")
+            && output_text(&shown).contains("error:     wrong_type")
+            && output_text(&shown).contains("redriven:  no"),
         "{}",
-        text(&shown)
+        output_text(&shown)
     );
 
     // Corrected, one file each.
@@ -84,8 +87,8 @@ async fn corrected_dead_letters_are_redriven_once() {
     ] {
         let file = env.path(&format!("corrected-{id}.json"));
         std::fs::write(&file, corrected.to_string()).expect("writing the correction");
-        let dry = cli(
-            &env,
+        let dry = env.command(
+            "dead-letters",
             &[
                 "redrive",
                 &id.to_string(),
@@ -95,12 +98,12 @@ async fn corrected_dead_letters_are_redriven_once() {
             ],
         );
         assert!(
-            dry.status.success() && text(&dry).contains("would send"),
+            dry.status.success() && output_text(&dry).contains("would send"),
             "{}",
-            text(&dry)
+            output_text(&dry)
         );
-        let sent = cli(
-            &env,
+        let sent = env.command(
+            "dead-letters",
             &[
                 "redrive",
                 &id.to_string(),
@@ -109,9 +112,10 @@ async fn corrected_dead_letters_are_redriven_once() {
             ],
         );
         assert!(
-            sent.status.success() && text(&sent).contains(&format!("redrove dead letter {id}")),
+            sent.status.success()
+                && output_text(&sent).contains(&format!("redrove dead letter {id}")),
             "{}",
-            text(&sent)
+            output_text(&sent)
         );
     }
     wait_until("the corrected sales to apply", SETTLE, || async {
@@ -127,12 +131,12 @@ async fn corrected_dead_letters_are_redriven_once() {
     let high =
         |w: &std::collections::BTreeMap<i32, (i64, i64)>| w.values().map(|(_, h)| h).sum::<i64>();
     let before = high(&watermarks(&env.broker.bootstrap, TOPIC));
-    let refused = cli(&env, &["redrive", &sale1.to_string()]);
-    assert_eq!(refused.status.code(), Some(2), "{}", text(&refused));
+    let refused = env.command("dead-letters", &["redrive", &sale1.to_string()]);
+    assert_eq!(refused.status.code(), Some(2), "{}", output_text(&refused));
     assert!(
-        text(&refused).contains("already redriven"),
+        output_text(&refused).contains("already redriven"),
         "{}",
-        text(&refused)
+        output_text(&refused)
     );
     assert_eq!(
         high(&watermarks(&env.broker.bootstrap, TOPIC)),
@@ -142,8 +146,8 @@ async fn corrected_dead_letters_are_redriven_once() {
 
     // Again on purpose: sent, and recognised as a duplicate.
     let file = env.path(&format!("corrected-{sale1}.json"));
-    let again = cli(
-        &env,
+    let again = env.command(
+        "dead-letters",
         &[
             "redrive",
             &sale1.to_string(),
@@ -152,7 +156,7 @@ async fn corrected_dead_letters_are_redriven_once() {
             "--again",
         ],
     );
-    assert!(again.status.success(), "{}", text(&again));
+    assert!(again.status.success(), "{}", output_text(&again));
     assert_eq!(high(&watermarks(&env.broker.bootstrap, TOPIC)), before + 1);
     wait_until("the resent sale to be consumed", SETTLE, || async {
         env.lag() == 0
@@ -171,33 +175,15 @@ async fn corrected_dead_letters_are_redriven_once() {
             .await,
         2
     );
-    let pending = cli(&env, &["list"]);
+    let pending = env.command("dead-letters", &["list"]);
     assert!(
-        text(&pending).contains("1 dead letter(s)")
-            && text(&pending)
+        output_text(&pending).contains("1 dead letter(s)")
+            && output_text(&pending)
                 .lines()
                 .any(|l| l.trim_start().starts_with(&format!("{not_json} "))),
         "only the message that is not JSON is still pending:\n{}",
-        text(&pending)
+        output_text(&pending)
     );
     let (ok, report) = env.verify(None);
     assert!(ok, "verify failed:\n{report}");
-}
-
-fn cli(env: &TestEnv, args: &[&str]) -> Output {
-    Command::new(BIN)
-        .arg("dead-letters")
-        .args(args)
-        .env("DATABASE_URL", &env.db.url)
-        .env("KAFKA_BROKERS", &env.broker.bootstrap)
-        .output()
-        .expect("running dead-letters")
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
 }

@@ -393,7 +393,7 @@ async fn status_shows_what_the_database_and_the_broker_hold() {
     let expected = env.produce(&["--events", "2000", "--skus", "100", "--seed", "8"]);
     env.wait_processed(expected.events as i64, SETTLE).await;
 
-    let json = status(&env, &["--json"]);
+    let json = env.command_ok("status", &["--json"]);
     let shown: serde_json::Value = serde_json::from_str(&json).expect("status --json");
     let partitions = shown["partitions"].as_array().expect("partitions");
     assert_eq!(partitions.len(), 6, "{json}");
@@ -424,28 +424,11 @@ async fn status_shows_what_the_database_and_the_broker_hold() {
         .await
         .expect("owners");
     assert_eq!(owners.len(), 2);
-    let table = status(&env, &[]);
+    let table = env.command_ok("status", &[]);
     for row in owners {
         let owner: String = row.get(0);
         assert!(table.contains(&owner), "{table}");
     }
     assert!(table.contains("6 partitions, 2 owners, lag 0"), "{table}");
     terminate_all(&mut replicas, EXIT);
-}
-
-fn status(env: &TestEnv, args: &[&str]) -> String {
-    let out = std::process::Command::new(crate::support::BIN)
-        .arg("status")
-        .args(args)
-        .env("DATABASE_URL", &env.db.url)
-        .env("KAFKA_BROKERS", &env.broker.bootstrap)
-        .output()
-        .expect("running status");
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "status failed:\n{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    stdout
 }

@@ -1,9 +1,8 @@
 //! `pause` and `resume`: a maintenance window on one partition, across replicas.
 
-use std::process::{Command, Output};
 use std::time::Duration;
 
-use crate::support::{BIN, Replica, TOPIC, TestEnv, wait_until, watermarks};
+use crate::support::{Replica, TOPIC, TestEnv, output_text, wait_until, watermarks};
 
 const SETTLE: Duration = Duration::from_secs(120);
 const EXIT: Duration = Duration::from_secs(30);
@@ -22,8 +21,8 @@ async fn a_paused_partition_stays_paused_on_its_new_owner() {
         || async { first.owned().len() == 4 },
     )
     .await;
-    let paused = cli(&env, "pause", &["--partition", "0", "--reason", "reindex"]);
-    assert!(paused.status.success(), "{}", text(&paused));
+    let paused = env.command("pause", &["--partition", "0", "--reason", "reindex"]);
+    assert!(paused.status.success(), "{}", output_text(&paused));
 
     let expected = env.produce(&["--events", "2000", "--skus", "100", "--seed", "12"]);
     let ends = watermarks(&env.broker.bootstrap, TOPIC);
@@ -74,13 +73,13 @@ async fn a_paused_partition_stays_paused_on_its_new_owner() {
     .await;
     assert_eq!(env.db.scalar(on_partition_0).await, 0, "still paused");
     let shown: serde_json::Value =
-        serde_json::from_str(&text_of(&cli(&env, "status", &["--json"]))).expect("status --json");
+        serde_json::from_str(&env.command_ok("status", &["--json"])).expect("status --json");
     assert_eq!(shown["partitions"][0]["paused"], true, "{shown}");
     assert_eq!(shown["partitions"][1]["paused"], false, "{shown}");
     assert_eq!(shown["pauses"][0]["reason"], "reindex", "{shown}");
 
-    let resumed = cli(&env, "resume", &["--partition", "0"]);
-    assert!(resumed.status.success(), "{}", text(&resumed));
+    let resumed = env.command("resume", &["--partition", "0"]);
+    assert!(resumed.status.success(), "{}", output_text(&resumed));
     env.wait_processed(expected.events as i64, SETTLE).await;
     assert!(env.db.scalar(on_partition_0).await > 0);
     let (status, _) = second.terminate(EXIT);
@@ -100,27 +99,4 @@ fn met_pause(replica: &Replica) -> bool {
                 && v["partition"] == 0
         })
     })
-}
-
-fn cli(env: &TestEnv, command: &str, args: &[&str]) -> Output {
-    Command::new(BIN)
-        .arg(command)
-        .args(args)
-        .env("DATABASE_URL", &env.db.url)
-        .env("KAFKA_BROKERS", &env.broker.bootstrap)
-        .output()
-        .expect("running the command")
-}
-
-fn text_of(out: &Output) -> String {
-    assert!(out.status.success(), "{}", text(out));
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
 }

@@ -11,7 +11,7 @@
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
 
 use chrono::{DateTime, Utc};
 use inventory_consumer::embedded::replica::{
@@ -301,6 +301,28 @@ impl TestEnv {
         self.produce(&args)
     }
 
+    /// Runs `inventory-consumer <command> <args>` on this world's database and broker.
+    pub fn command(&self, command: &str, args: &[&str]) -> Output {
+        Command::new(BIN)
+            .arg(command)
+            .args(args)
+            .env("DATABASE_URL", &self.db.url)
+            .env("KAFKA_BROKERS", &self.broker.bootstrap)
+            .output()
+            .unwrap_or_else(|e| panic!("running {command}: {e}"))
+    }
+
+    /// [`TestEnv::command`], which must succeed; returns its standard output.
+    pub fn command_ok(&self, command: &str, args: &[&str]) -> String {
+        let out = self.command(command, args);
+        assert!(
+            out.status.success(),
+            "{command} {args:?} failed:\n{}",
+            output_text(&out)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     /// Runs `verify`, optionally against an expectation; returns (success, output).
     pub fn verify(&self, expected: Option<&Expectation>) -> (bool, String) {
         let mut cmd = Command::new(BIN);
@@ -339,6 +361,15 @@ impl TestEnv {
 }
 
 pub use inventory_consumer::embedded::topic::TopicMessage;
+
+/// A command's standard output and error, for assertions and their messages.
+pub fn output_text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
 
 /// Each partition's watermarks (low, high) of `topic`.
 pub fn watermarks(bootstrap: &str, topic: &str) -> BTreeMap<i32, (i64, i64)> {
