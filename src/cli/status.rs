@@ -29,7 +29,7 @@ pub struct StatusArgs {
 const KAFKA_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// One partition, as both sides see it.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
 pub struct PartitionStatus {
     pub partition: i32,
     pub owner: Option<String>,
@@ -143,25 +143,14 @@ fn combine(
                 claimed_at: r.claimed_at,
                 recorded: r.next_offset,
                 recorded_at: r.recorded_at,
-                committed: None,
-                end: None,
-                lag: None,
-                paused: false,
+                ..PartitionStatus::default()
             },
         );
     }
     for (&p, &(low, high, committed)) in &view {
         let s = by_partition.entry(p).or_insert_with(|| PartitionStatus {
             partition: p,
-            owner: None,
-            epoch: None,
-            claimed_at: None,
-            recorded: None,
-            recorded_at: None,
-            committed: None,
-            end: None,
-            lag: None,
-            paused: false,
+            ..PartitionStatus::default()
         });
         s.committed = committed;
         s.end = Some(high);
