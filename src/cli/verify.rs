@@ -32,7 +32,19 @@ pub fn main(settings: &Settings, args: &VerifyArgs) -> anyhow::Result<ExitCode> 
     };
     let report = runtime()?.block_on(async {
         let db = store::connect(&settings.database.url).await?;
-        audit::audit(&db, expected.as_ref()).await
+        // The audit reads while replicas and maintenance run: a deadlock with a partition
+        // being dropped aborts a read (transient); the whole audit runs again.
+        let mut tries = 1;
+        loop {
+            match audit::audit(&db, expected.as_ref()).await {
+                Err(e) if e.is_transient() && tries < 3 => {
+                    eprintln!("verify: {e}; auditing again");
+                    tries += 1;
+                    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                }
+                result => break result,
+            }
+        }
     })?;
     for check in &report.checks {
         let verdict = if check.passed { "PASS" } else { "FAIL" };
