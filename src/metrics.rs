@@ -29,6 +29,7 @@ pub const BATCH_SPLITS: &str = "inventory_batch_splits_total";
 pub const RECORDED_OFFSET: &str = "inventory_partition_recorded_offset";
 pub const END_OFFSET: &str = "inventory_partition_end_offset";
 pub const PAUSED: &str = "inventory_partition_paused";
+pub const REPLAYS: &str = "inventory_partition_replays_total";
 
 /// Produce-to-commit latency buckets, 1-2-5 steps from 1 ms to 5 min: fine enough for the
 /// benchmark's percentiles (interpolated within a bucket) and for alerting.
@@ -158,6 +159,10 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
         PAUSED,
         "1 while this replica's worker of the partition waits because an operator paused it (`pause`)."
     );
+    describe_counter!(
+        REPLAYS,
+        "Partitions this replica claimed again to read from an offset an operator rewound them to (`replay`)."
+    );
     start_at_zero();
     Ok(handle)
 }
@@ -184,6 +189,7 @@ fn start_at_zero() {
         EXPIRED,
         REPLIES,
         BATCH_SPLITS,
+        REPLAYS,
     ] {
         metrics::counter!(name).absolute(0);
     }

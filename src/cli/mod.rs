@@ -11,6 +11,7 @@ pub mod maintain;
 pub mod migrate;
 pub mod pause;
 pub mod produce;
+pub mod replay;
 pub mod run;
 pub mod status;
 pub mod verify;
@@ -80,6 +81,9 @@ pub enum Command {
     Pause(pause::PauseArgs),
     /// Lift pauses made with `pause`.
     Resume(pause::ResumeArgs),
+    /// Read a window again: move the group's recorded offsets back to an offset or a time,
+    /// safely while replicas run; says how many events would decide again.
+    Replay(replay::ReplayArgs),
 }
 
 impl Cli {
@@ -131,6 +135,7 @@ pub fn main(cli: Cli) -> ExitCode {
         Command::Status(args) => with_settings(&cli, BOTH, |s| status::main(&s, args)),
         Command::Pause(args) => with_settings(&cli, DATABASE, |s| pause::pause(&s, args)),
         Command::Resume(args) => with_settings(&cli, DATABASE, |s| pause::resume(&s, args)),
+        Command::Replay(args) => with_settings(&cli, BOTH, |s| replay::main(&s, args)),
     };
     match result {
         Ok(code) => code,

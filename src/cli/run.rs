@@ -215,13 +215,21 @@ async fn replica(
 
     let (fatal_tx, mut fatal_rx) = mpsc::unbounded_channel();
     let (halts_tx, halts_rx) = mpsc::unbounded_channel();
+    let source = store::Source {
+        group: settings.kafka.group_id.clone(),
+        topic: settings.kafka.topic.clone(),
+        reservation_ttl: settings.reservations.default_ttl(),
+        reply_all: settings.results.all_events,
+    };
+    let (rewinds_tx, rewinds_rx) = mpsc::unbounded_channel();
+    background.push(tokio::spawn(crate::kafka::rewinds::watch_until(
+        pool.clone(),
+        source.clone(),
+        rewinds_tx,
+        background.stop.clone(),
+    )));
     let ctx = WorkerContext {
-        source: store::Source {
-            group: settings.kafka.group_id.clone(),
-            topic: settings.kafka.topic.clone(),
-            reservation_ttl: settings.reservations.default_ttl(),
-            reply_all: settings.results.all_events,
-        },
+        source,
         owner: crate::kafka::client::client_id(),
         pool,
         batch_max_events: settings.processing.batch_max_events,
@@ -252,7 +260,15 @@ async fn replica(
     std::thread::Builder::new()
         .name("kafka-poll".into())
         .spawn(move || {
-            let polled = consume(&settings, ctx, halts_rx, health, runtime, poll_shutdown);
+            let polled = consume(
+                &settings,
+                ctx,
+                halts_rx,
+                rewinds_rx,
+                health,
+                runtime,
+                poll_shutdown,
+            );
             let _ = polled_tx.send(polled);
         })
         .context("starting the poll thread")?;

@@ -18,6 +18,7 @@ use crate::config::Settings;
 use crate::http::Health;
 use crate::kafka::client::consumer_config;
 use crate::kafka::group::GroupContext;
+use crate::kafka::rewinds::Rewind;
 use crate::kafka::worker::{Halted, WorkerContext};
 
 /// How long one `poll` may block: also how quickly a shutdown request is noticed.
@@ -37,6 +38,7 @@ pub fn consume(
     settings: &Settings,
     ctx: WorkerContext,
     mut halts: mpsc::UnboundedReceiver<Halted>,
+    mut rewinds: mpsc::UnboundedReceiver<Vec<Rewind>>,
     health: Arc<Health>,
     runtime: tokio::runtime::Handle,
     shutdown: CancellationToken,
@@ -85,6 +87,9 @@ pub fn consume(
         }
         while let Ok(halted) = halts.try_recv() {
             consumer.context().halt(&consumer, halted);
+        }
+        while let Ok(rewound) = rewinds.try_recv() {
+            consumer.context().rewind(&consumer, &rewound);
         }
         if last_resume_check.elapsed() >= RESUME_CHECK {
             consumer.context().resume_ready(&consumer);

@@ -146,6 +146,13 @@ impl FlowControl {
             .collect()
     }
 
+    /// The partition must fetch from `offset` (an operator rewound it): paused until the seek on
+    /// resume, so that nothing fetched from the old position reaches its new worker.
+    pub fn refetch_from(&mut self, partition: i32, offset: i64) {
+        self.paused
+            .insert(partition, Pause::Full { resume_at: offset });
+    }
+
     /// The partition fetches again.
     pub fn resumed(&mut self, partition: i32) {
         if matches!(self.paused.get(&partition), Some(Pause::Full { .. })) {
@@ -189,6 +196,21 @@ mod tests {
         assert_eq!(flow.resumable(|_| 500), [(0, 12)], "half the limit");
         flow.resumed(0);
         assert_eq!(flow.admit(0, 12, 400, 500), Admission::Deliver);
+    }
+
+    #[test]
+    fn a_refetch_skips_deliveries_until_the_seek_to_its_offset() {
+        let mut flow = FlowControl::new(1_000);
+        flow.halt(0);
+        flow.refetch_from(0, 7);
+        assert_eq!(
+            flow.admit(0, 120, 10, 0),
+            Admission::Skip,
+            "from the old position"
+        );
+        assert_eq!(flow.resumable(|_| 0), [(0, 7)]);
+        flow.resumed(0);
+        assert_eq!(flow.admit(0, 7, 10, 0), Admission::Deliver);
     }
 
     #[test]

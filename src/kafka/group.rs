@@ -40,7 +40,7 @@ use crate::store::{Claim, claim};
 
 /// Bound on claiming partitions during an assignment (the group waits for us). A claim waits
 /// for a previous owner's batch in flight; past this, each worker claims before its first batch.
-const CLAIM_TIMEOUT: Duration = Duration::from_secs(5);
+pub(super) const CLAIM_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub(super) struct State {
     pub(super) membership: Membership,
@@ -57,7 +57,8 @@ pub struct GroupContext {
     /// configuration, because asking librdkafka inside a callback can hang during close
     /// (librdkafka #4041).
     cooperative: bool,
-    runtime: tokio::runtime::Handle,
+    pub(super) runtime: tokio::runtime::Handle,
+    pub(super) drain_timeout: Duration,
 }
 
 /// What librdkafka asks of the rebalance callback.
@@ -110,6 +111,7 @@ impl GroupContext {
             health,
             cooperative,
             runtime,
+            drain_timeout,
         }
     }
 

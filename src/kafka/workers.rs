@@ -19,6 +19,8 @@ use crate::store::Claim;
 struct WorkerHandle {
     /// Tells this ownership of the partition from later ones by this replica.
     ownership: u64,
+    /// The epoch it claimed the partition with, if the assignment could claim it.
+    epoch: Option<i64>,
     deliveries: mpsc::UnboundedSender<Delivery>,
     backlog: Arc<Backlog>,
     stop: CancellationToken,
@@ -82,6 +84,7 @@ impl Workers {
             partition,
             WorkerHandle {
                 ownership: self.ownerships,
+                epoch: claim.map(|c| c.epoch),
                 deliveries: tx,
                 backlog,
                 stop,
@@ -98,6 +101,11 @@ impl Workers {
     /// Which ownership the partition's running worker belongs to.
     pub fn ownership(&self, partition: i32) -> Option<u64> {
         self.running.get(&partition).map(|w| w.ownership)
+    }
+
+    /// The epoch the partition's running worker claimed it with, if known.
+    pub fn epoch(&self, partition: i32) -> Option<i64> {
+        self.running.get(&partition).and_then(|w| w.epoch)
     }
 
     /// Hands a delivery to its partition's worker; false when the worker is gone (it stopped

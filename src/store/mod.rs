@@ -10,6 +10,7 @@ pub mod history;
 pub mod migrate;
 pub mod ownership;
 pub mod pauses;
+pub mod replay;
 pub mod retention;
 pub mod statements;
 pub mod status;

@@ -20,7 +20,7 @@ const CLAIM: &str = "
     INSERT INTO partition_owners AS o (consumer_group, topic, partition, epoch, owner)
     SELECT $1, $2, p, 1, $4 FROM unnest($3::int[]) AS t(p) ORDER BY p
     ON CONFLICT (consumer_group, topic, partition) DO UPDATE
-        SET epoch = o.epoch + 1, owner = EXCLUDED.owner, claimed_at = now()
+        SET epoch = o.epoch + 1, owner = EXCLUDED.owner, claimed_at = now(), rewound_at = NULL
     RETURNING partition, epoch";
 
 /// Run after the claim, as its own statement: its snapshot then includes the batch that the
@@ -85,6 +85,22 @@ pub async fn claim(
         claims.insert(partition, Claim { epoch, next_offset });
     }
     Ok(claims)
+}
+
+/// The partitions an operator rewound (`replay`) since they were last claimed, each with the
+/// epoch the rewind moved it to. The owner claims each again ([`crate::kafka::rewinds`]).
+pub async fn rewound(pool: &Pool, source: &Source) -> Result<Vec<(i32, i64)>, Failure> {
+    let conn = pool.get().await?;
+    let rows = conn
+        .query_typed(
+            "SELECT partition, epoch FROM partition_owners
+             WHERE consumer_group = $1 AND topic = $2 AND rewound_at IS NOT NULL",
+            &[(&source.group, Type::TEXT), (&source.topic, Type::TEXT)],
+        )
+        .await?;
+    rows.iter()
+        .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+        .collect()
 }
 
 /// Checks the result of [`FENCE`]: `Fenced` unless the partition is still at `epoch`.

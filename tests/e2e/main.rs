@@ -10,6 +10,7 @@ mod operations;
 mod oracle;
 mod pauses;
 mod recovery;
+mod replay;
 mod reservations;
 mod retention;
 mod stall;

@@ -13,9 +13,10 @@ const SETTLE: Duration = Duration::from_secs(180);
 const EXIT: Duration = Duration::from_secs(30);
 
 /// On Apache Kafka: a `pg_dump` taken while two replicas apply a workload, at least 20,000
-/// more events applied after it, the database dropped and restored from the dump, two new
-/// replicas started. They resume at the offsets in the backup, apply again exactly the events
-/// the backup lacks (each once), skip the rest, and the end state equals the oracle.
+/// more events applied after it, the database dropped and restored from the dump, the whole
+/// topic replayed (`replay --to-offset 0`), two new replicas started. They read every message
+/// once more, apply again exactly the events the backup lacks (each once), skip the rest, and
+/// the end state equals the oracle.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_restored_backup_resumes_from_its_own_offsets() {
     let env = TestEnv::on_apache(6, 1).await;
@@ -58,6 +59,24 @@ async fn a_restored_backup_resumes_from_its_own_offsets() {
         .scalar("SELECT sum(next_offset)::bigint FROM partition_offsets")
         .await;
     assert!(offsets_in_backup < expected.messages as i64);
+    // A replay of the whole topic before the new replicas start: everything up to the
+    // backup's offsets is recorded in the backup, so nothing of that window applies again.
+    let replayed: serde_json::Value =
+        serde_json::from_str(&env.command_ok("replay", &["--to-offset", "0", "--json"]))
+            .expect("replay --json");
+    assert_eq!(replayed["again"], 0, "{replayed}");
+    assert_eq!(
+        replayed["messages"].as_i64(),
+        Some(offsets_in_backup),
+        "{replayed}"
+    );
+    assert_eq!(
+        env.db
+            .scalar("SELECT sum(next_offset)::bigint FROM partition_offsets")
+            .await,
+        0,
+        "every partition rewound to its start"
+    );
 
     let mut second = vec![env.replica("r3", &[]), env.replica("r4", &[])];
     wait_until("the restored database to catch up", SETTLE, || async {
@@ -76,6 +95,11 @@ async fn a_restored_backup_resumes_from_its_own_offsets() {
         (stats.applied + stats.rejected) as i64,
         expected.events as i64 - in_backup,
         "exactly the events the backup lacks were decided again"
+    );
+    assert_eq!(
+        stats.applied + stats.rejected + stats.duplicates + stats.dead_letters,
+        expected.messages,
+        "every message read once more, from the start the replay set: {stats:?}"
     );
     assert_eq!(env.db.stock().await, expected.stock);
     crate::oracle::assert_database_matches(&env.db, &crate::oracle::truth_of(&env)).await;

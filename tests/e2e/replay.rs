@@ -1,0 +1,125 @@
+//! `replay`: a window of the topic read again while replicas run.
+
+use std::time::Duration;
+
+use crate::support::{TestEnv, http_get, metric, terminate_all, wait_until};
+
+const SETTLE: Duration = Duration::from_secs(180);
+const EXIT: Duration = Duration::from_secs(30);
+
+/// On Apache Kafka, three replicas apply a workload; mid-stream, `replay --to-time` rewinds
+/// every partition to the first message produced after a moment already applied.
+/// - The dry run reads the window, predicts that none of its events applies again, and moves
+///   nothing.
+/// - The replay moves each partition back; each owner claims its partitions again (once per
+///   partition) and reads the window again: every message of it is skipped as a duplicate,
+///   exactly, so no worker kept its old position and none read the window twice.
+/// - Each event is decided once, and stock equals the oracle.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replayed_window_changes_nothing_while_three_replicas_run() {
+    let env = TestEnv::on_apache(6, 1).await;
+    let mut replicas = vec![
+        env.replica("r1", &[]),
+        env.replica("r2", &[]),
+        env.replica("r3", &[]),
+    ];
+    wait_until(
+        "the three replicas to share the partitions",
+        SETTLE,
+        || async {
+            replicas.iter().all(|r| !r.owned().is_empty())
+                && replicas.iter().map(|r| r.owned().len()).sum::<usize>() == 6
+        },
+    )
+    .await;
+    // No invalid messages: then every message of the window is an event, and a duplicate
+    // when read again.
+    let producing = env.produce_in_background(&[
+        "--events",
+        "12000",
+        "--skus",
+        "300",
+        "--duplicates",
+        "0.03",
+        "--rate",
+        "1500",
+        "--seed",
+        "31",
+    ]);
+    wait_until("2,000 events to be applied", SETTLE, || async {
+        env.db.settled().await >= 2_000
+    })
+    .await;
+    let from = chrono::Utc::now().timestamp_millis().to_string();
+    wait_until("5,000 events to be applied", SETTLE, || async {
+        env.db.settled().await >= 5_000
+    })
+    .await;
+
+    let dry: serde_json::Value = serde_json::from_str(
+        &env.command_ok("replay", &["--to-time", &from, "--dry-run", "--json"]),
+    )
+    .expect("replay --json");
+    assert_eq!(dry["dry_run"], true, "{dry}");
+    assert!(
+        dry["messages"].as_u64().unwrap_or(0) > 0,
+        "a window to read: {dry}"
+    );
+    assert_eq!(dry["messages"], dry["events"], "no invalid messages: {dry}");
+    assert_eq!(
+        dry["again"], 0,
+        "every event of the window is recorded: {dry}"
+    );
+    assert_eq!(dry["rewound"].as_array().map(Vec::len), Some(0), "{dry}");
+    let marked = "SELECT count(*) FROM partition_owners WHERE rewound_at IS NOT NULL";
+    assert_eq!(env.db.scalar(marked).await, 0, "a dry run moves nothing");
+
+    let done: serde_json::Value =
+        serde_json::from_str(&env.command_ok("replay", &["--to-time", &from, "--json"]))
+            .expect("replay --json");
+    assert_eq!(done["again"], 0, "{done}");
+    let rewound = done["rewound"].as_array().cloned().unwrap_or_default();
+    assert_eq!(rewound.len(), 6, "every partition moved back: {done}");
+    let window: i64 = rewound
+        .iter()
+        .map(|r| r["from"].as_i64().unwrap_or(0) - r["to"].as_i64().unwrap_or(0))
+        .sum();
+    assert!(window >= 1_000, "a window of {window} messages: {done}");
+
+    let expected = producing.finish();
+    env.wait_processed(expected.events as i64, SETTLE).await;
+    wait_until(
+        "the recorded offsets to reach the end again",
+        SETTLE,
+        || async {
+            env.db
+                .scalar("SELECT sum(next_offset)::bigint FROM partition_offsets")
+                .await
+                == expected.messages as i64
+        },
+    )
+    .await;
+    assert_eq!(env.db.scalar(marked).await, 0, "every rewind claimed");
+    let mut replays = 0.0;
+    for r in &replicas {
+        let (_, metrics) = http_get(&r.http_addr().await, "/metrics");
+        replays += metric(&metrics, "inventory_partition_replays_total", &[]);
+    }
+    assert_eq!(replays, 6.0, "each partition claimed again once");
+
+    let stats = terminate_all(&mut replicas, EXIT);
+    assert_eq!(
+        stats.applied + stats.rejected,
+        expected.events,
+        "each event decided once"
+    );
+    assert_eq!(
+        stats.duplicates as i64,
+        expected.duplicates as i64 + window,
+        "the producer's duplicates, and the window read again exactly once"
+    );
+    assert_eq!(env.db.stock().await, expected.stock);
+    crate::oracle::assert_database_matches(&env.db, &crate::oracle::truth_of(&env)).await;
+    let (ok, report) = env.verify(Some(&expected));
+    assert!(ok, "verify failed:\n{report}");
+}
