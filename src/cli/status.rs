@@ -46,6 +46,10 @@ pub struct PartitionStatus {
     pub lag: Option<i64>,
     /// Paused by an operator (`pause`), itself or with the whole topic.
     pub paused: bool,
+    /// Messages between the recorded offset and the first one Kafka still holds: retention
+    /// deleted them before they were applied (as after restoring an old backup), so the next
+    /// owner cannot read them and skips them (an offset reset).
+    pub missing: Option<i64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -155,6 +159,7 @@ fn combine(
         s.committed = committed;
         s.end = Some(high);
         s.lag = Some(high - s.recorded.unwrap_or(low).max(low));
+        s.missing = s.recorded.filter(|r| *r < low).map(|r| low - r);
     }
     let whole_topic = paused.iter().any(|p| p.partition == WHOLE_TOPIC);
     for s in by_partition.values_mut() {
@@ -190,6 +195,15 @@ fn table(s: &Status) -> String {
     if let Some(e) = &s.kafka_error {
         out.push_str(&format!(
             "Kafka: unreachable ({e}); committed and end offsets unknown\n"
+        ));
+    }
+    for p in s.partitions.iter().filter(|p| p.missing.is_some()) {
+        out.push_str(&format!(
+            "MISSING: partition {} resumes at offset {}, but Kafka keeps only from {}: {} message(s) were deleted before they were applied, and will be skipped; re-send them from their source\n",
+            p.partition,
+            p.recorded.unwrap_or_default(),
+            p.recorded.unwrap_or_default() + p.missing.unwrap_or_default(),
+            p.missing.unwrap_or_default(),
         ));
     }
     for p in &s.pauses {
@@ -292,6 +306,26 @@ mod tests {
             "a partition nobody claimed yet"
         );
         assert_eq!(s.partitions[0].committed, Some(90));
+        assert_eq!(s.partitions[0].missing, None);
+    }
+
+    #[test]
+    fn messages_deleted_before_they_were_applied_are_shown_as_missing() {
+        let kafka = KafkaView::from([(0, (500, 900, None)), (1, (500, 900, None))]);
+        let s = combine(
+            "g",
+            "t",
+            vec![record(0, "a", Some(120)), record(1, "a", Some(600))],
+            vec![],
+            Ok(kafka),
+        );
+        let missing: Vec<Option<i64>> = s.partitions.iter().map(|p| p.missing).collect();
+        assert_eq!(missing, [Some(380), None]);
+        assert!(
+            table(&s).contains("MISSING: partition 0 resumes at offset 120, but Kafka keeps only from 500: 380 message(s)"),
+            "{}",
+            table(&s)
+        );
     }
 
     #[test]
