@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use clap::Args;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::error::KafkaError;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::{Message, Offset, TopicPartitionList};
 use serde::Serialize;
 
@@ -232,15 +232,25 @@ fn offsets_for_time(
         .context("asking the broker for the offsets at that time")?;
     let mut targets = BTreeMap::new();
     for e in found.elements() {
+        e.error().with_context(|| {
+            format!(
+                "the broker cannot say the offset at that time of {topic} [{}]",
+                e.partition()
+            )
+        })?;
         let offset = match e.offset() {
             Offset::Offset(n) => n,
             // No message at or after that time: from the end, that is, nothing to read again.
-            _ => {
+            Offset::End => {
                 consumer
                     .fetch_watermarks(topic, e.partition(), KAFKA_TIMEOUT)
                     .with_context(|| format!("reading the end of {topic} [{}]", e.partition()))?
                     .1
             }
+            other => bail!(
+                "the broker answered {other:?} for the offset at that time of {topic} [{}]",
+                e.partition()
+            ),
         };
         targets.insert(e.partition(), offset);
     }
@@ -286,18 +296,26 @@ fn read_windows(
             None => continue,
             Some(Err(KafkaError::PartitionEOF(p))) => {
                 // The end of the partition: the window (which ends at or before it) is read.
-                open.remove(&p);
+                close(consumer, topic, &mut open, p);
                 continue;
             }
-            Some(Err(e)) => return Err(e).context("reading the window"),
+            Some(Err(e)) if e.rdkafka_error_code() == Some(RDKafkaErrorCode::AutoOffsetReset) => {
+                return Err(e).context("the window's first messages were deleted meanwhile");
+            }
+            // librdkafka retries the rest (a broker restarting, a connection dropped); the
+            // stall bound above ends a wait that does not recover.
+            Some(Err(e)) => {
+                eprintln!("replay: Kafka: {e} (retrying)");
+                continue;
+            }
             Some(Ok(m)) => m,
         };
-        last_message = Instant::now();
         let Some(&(i, end)) = open.get(&message.partition()) else {
             continue;
         };
+        last_message = Instant::now();
         if message.offset() >= end {
-            open.remove(&message.partition());
+            close(consumer, topic, &mut open, message.partition());
             continue;
         }
         let plan = &mut plans[i];
@@ -307,7 +325,7 @@ fn read_windows(
             ids.entry(plan.partition).or_default().insert(event.id);
         }
         if message.offset() + 1 >= end {
-            open.remove(&message.partition());
+            close(consumer, topic, &mut open, message.partition());
         }
     }
     for plan in plans.iter_mut() {
@@ -316,6 +334,14 @@ fn read_windows(
         }
     }
     Ok(())
+}
+
+/// A partition's window is read: stop fetching it.
+fn close(consumer: &BaseConsumer, topic: &str, open: &mut BTreeMap<i32, (usize, i64)>, p: i32) {
+    open.remove(&p);
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition(topic, p);
+    let _ = consumer.pause(&tpl);
 }
 
 fn table(r: &Replay) -> String {

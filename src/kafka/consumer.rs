@@ -6,6 +6,7 @@
 //! for a worker otherwise: a partition whose worker falls behind is paused, the others keep
 //! flowing ([`super::flow`]), and every turn of the loop marks the replica live.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -88,7 +89,20 @@ pub fn consume(
         while let Ok(halted) = halts.try_recv() {
             consumer.context().halt(&consumer, halted);
         }
-        while let Ok(rewound) = rewinds.try_recv() {
+        // Reports pile up while a rewind waits on the database: handle the latest of each
+        // partition once per turn.
+        let mut rewound = BTreeMap::new();
+        while let Ok(reports) = rewinds.try_recv() {
+            for r in reports {
+                let epoch = rewound.entry(r.partition).or_insert(r.epoch);
+                *epoch = (*epoch).max(r.epoch);
+            }
+        }
+        if !rewound.is_empty() {
+            let rewound: Vec<Rewind> = rewound
+                .into_iter()
+                .map(|(partition, epoch)| Rewind { partition, epoch })
+                .collect();
             consumer.context().rewind(&consumer, &rewound);
         }
         if last_resume_check.elapsed() >= RESUME_CHECK {

@@ -5,8 +5,9 @@
 //! the same replica and its fetch position is still the old one. So each replica looks every
 //! [`CHECK_INTERVAL`] for partitions marked rewound ([`watch_until`]); the poll thread then
 //! claims each one it owns again, restarts its worker, and fetches again from the offset now
-//! recorded ([`GroupContext::rewind`]). The claim clears the mark. An idle partition is rewound
-//! too, which is why this is a watch and not a reaction to a fenced batch.
+//! recorded ([`GroupContext::rewind`]), then clears the mark: a restart that failed halfway is
+//! tried again at the next look. An idle partition is rewound too, which is why this is a watch
+//! and not a reaction to a fenced batch.
 
 use std::time::{Duration, Instant};
 
@@ -16,7 +17,8 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::kafka::group::{CLAIM_TIMEOUT, GroupContext};
-use crate::store::{Pool, Source, claim, ownership};
+use crate::store::ownership::{self, acknowledge_rewinds, reclaim_rewound};
+use crate::store::{Pool, Source};
 
 /// How often a replica looks for rewound partitions: a replay takes effect within about this.
 pub const CHECK_INTERVAL: Duration = Duration::from_secs(1);
@@ -60,77 +62,75 @@ pub async fn watch_until(
 }
 
 impl GroupContext {
-    /// Claims again the `rewound` partitions this replica owns, and restarts each one's worker
-    /// reading from its recorded offset. On the poll thread.
+    /// Restarts the `rewound` partitions this replica owns, each reading from its recorded
+    /// offset: the old worker stops, the partition is claimed again (a new epoch), a new worker
+    /// starts and fetching restarts at the offset. On the poll thread. Whatever fails is tried
+    /// again at the next report: the mark stays until the restart is acknowledged.
     pub fn rewind(&self, consumer: &BaseConsumer<Self>, rewound: &[Rewind]) {
-        let partitions: Vec<i32> = {
-            let state = self.state();
-            if !state.membership.takes_assignments() {
-                return;
-            }
-            rewound
-                .iter()
-                // Not one that is draining, nor one this replica claimed since the rewind
-                // (a report that raced the claim that cleared it).
-                .filter(|r| {
-                    state.membership.accepts(r.partition)
-                        && state
-                            .workers
-                            .epoch(r.partition)
-                            .is_none_or(|mine| mine < r.epoch)
-                })
-                .map(|r| r.partition)
-                .collect()
-        };
-        if partitions.is_empty() {
+        let (restart, restarted) = self.rewinds_to_handle(rewound);
+        if !restarted.is_empty() {
+            // Restarted already, but the acknowledgement was lost: send it again.
+            self.acknowledge(&restarted);
+        }
+        if restart.is_empty() {
             return;
         }
-        // First the claim: when it fails, the mark stays and the next look tries again (the
-        // old worker is fenced meanwhile, so it records nothing).
+        // The old workers stop first: none may record anything, or claim its partition before
+        // its first batch, after the claim below.
+        let stopping = self.state().workers.stop(&restart);
+        if !stopping.join(&self.runtime, Instant::now() + self.drain_timeout) {
+            tracing::warn!(partitions = ?restart, "a rewound partition's worker did not stop in time; abandoned");
+        }
+        let mut tpl = TopicPartitionList::new();
+        for &p in &restart {
+            tpl.add_partition(&self.ctx.source.topic, p);
+        }
+        // No fetching until each partition is sought to its new start (flow control's
+        // resume): nothing fetched from the old position reaches the new worker. Marked
+        // halted meanwhile, so that giving the partition up resumes it in librdkafka.
+        if let Err(e) = consumer.pause(&tpl) {
+            // Still correct: flow control skips the partition's deliveries until the seek.
+            tracing::warn!(error = %e, "cannot pause the rewound partitions");
+        }
+        {
+            let mut state = self.state();
+            for &p in &restart {
+                self.ctx.offsets.remove(p);
+                state.flow.halt(p);
+            }
+        }
         // The timer is made inside the runtime: this thread is not one of its workers.
         let claimed = self.runtime.block_on(async {
             tokio::time::timeout(
                 CLAIM_TIMEOUT,
-                claim(
-                    &self.ctx.pool,
-                    &self.ctx.source,
-                    &self.ctx.owner,
-                    &partitions,
-                ),
+                reclaim_rewound(&self.ctx.pool, &self.ctx.source, &self.ctx.owner, &restart),
             )
             .await
         });
         let claims = match claimed {
             Ok(Ok(claims)) => claims,
             Ok(Err(e)) => {
-                tracing::warn!(partitions = ?partitions, error = %e, "cannot claim the rewound partitions now; trying again shortly");
+                tracing::warn!(partitions = ?restart, error = %e, "cannot claim the rewound partitions now; they wait, without a worker, for the next try");
                 return;
             }
             Err(_) => {
-                tracing::warn!(partitions = ?partitions, "claiming the rewound partitions timed out; trying again shortly");
+                tracing::warn!(partitions = ?restart, "claiming the rewound partitions timed out; they wait, without a worker, for the next try");
                 return;
             }
         };
-        let stopping = self.state().workers.stop(&partitions);
-        if !stopping.join(&self.runtime, Instant::now() + self.drain_timeout) {
-            tracing::warn!(partitions = ?partitions, "a rewound partition's worker did not stop in time; abandoned");
-        }
-        // Fetching stops until each partition is sought to its new start (flow control's
-        // resume): nothing fetched from the old position reaches the new worker.
-        let mut tpl = TopicPartitionList::new();
-        for &p in &partitions {
-            tpl.add_partition(&self.ctx.source.topic, p);
-        }
-        if let Err(e) = consumer.pause(&tpl) {
-            // Still correct: flow control skips the partition's deliveries until the seek.
-            tracing::warn!(error = %e, "cannot pause the rewound partitions");
-        }
+        let mut started = Vec::with_capacity(claims.len());
         let mut state = self.state();
-        for &p in &partitions {
-            let claim = claims.get(&p);
-            self.ctx.offsets.remove(p);
-            state.flow.forget(&[p]);
-            match claim.and_then(|c| c.next_offset) {
+        for &p in &restart {
+            let Some(claim) = claims.get(&p) else {
+                // Another replica claimed it since: one of us is about to lose it. No worker
+                // here, so this replica cannot take it back from the database's owner.
+                tracing::warn!(
+                    partition = p,
+                    "a rewound partition was claimed by another replica since; left to it"
+                );
+                continue;
+            };
+            match claim.next_offset {
                 Some(next) => {
                     state.flow.refetch_from(p, next);
                     metrics::gauge!(crate::metrics::RECORDED_OFFSET, "partition" => p.to_string())
@@ -138,19 +138,62 @@ impl GroupContext {
                 }
                 // Nothing recorded (the offsets were deleted meanwhile): Kafka's position holds.
                 None => {
+                    state.flow.forget(&[p]);
                     let mut one = TopicPartitionList::new();
                     one.add_partition(&self.ctx.source.topic, p);
                     let _ = consumer.resume(&one);
                 }
             }
-            state.workers.start(p, claim);
+            state.workers.start(p, Some(claim));
+            started.push((p, claim.epoch));
             tracing::info!(
                 partition = p,
-                epoch = claim.map(|c| c.epoch),
-                next_offset = claim.and_then(|c| c.next_offset),
+                epoch = claim.epoch,
+                next_offset = claim.next_offset,
                 "partition rewound by an operator: reading it again from the offset recorded"
             );
         }
-        metrics::counter!(crate::metrics::REPLAYS).increment(partitions.len() as u64);
+        drop(state);
+        metrics::counter!(crate::metrics::REPLAYS).increment(started.len() as u64);
+        self.acknowledge(&started);
+    }
+
+    /// Of the `rewound` partitions this replica owns: those to restart, and those restarted
+    /// already (with their epoch) whose mark is still set.
+    fn rewinds_to_handle(&self, rewound: &[Rewind]) -> (Vec<i32>, Vec<(i32, i64)>) {
+        let state = self.state();
+        let (mut restart, mut restarted) = (Vec::new(), Vec::new());
+        if !state.membership.takes_assignments() {
+            return (restart, restarted);
+        }
+        for r in rewound {
+            // Not one that is draining or given up.
+            if !state.membership.accepts(r.partition) {
+                continue;
+            }
+            match state.workers.epoch(r.partition) {
+                Some(mine) if mine == r.epoch => restarted.push((r.partition, mine)),
+                // Claimed since (a report that raced the claim): nothing to do.
+                Some(mine) if mine > r.epoch => {}
+                _ => restart.push(r.partition),
+            }
+        }
+        (restart, restarted)
+    }
+
+    fn acknowledge(&self, restarted: &[(i32, i64)]) {
+        if restarted.is_empty() {
+            return;
+        }
+        let acknowledged = self.runtime.block_on(async {
+            tokio::time::timeout(
+                CLAIM_TIMEOUT,
+                acknowledge_rewinds(&self.ctx.pool, &self.ctx.source, restarted),
+            )
+            .await
+        });
+        if !matches!(acknowledged, Ok(Ok(()))) {
+            tracing::debug!(partitions = ?restarted, "cannot clear the rewind marks now; trying again at the next look");
+        }
     }
 }

@@ -87,8 +87,8 @@ pub async fn claim(
     Ok(claims)
 }
 
-/// The partitions an operator rewound (`replay`) since they were last claimed, each with the
-/// epoch the rewind moved it to. The owner claims each again ([`crate::kafka::rewinds`]).
+/// The partitions an operator rewound (`replay`) and whose owner has not restarted them yet,
+/// each with its epoch now. The owner claims each again ([`crate::kafka::rewinds`]).
 pub async fn rewound(pool: &Pool, source: &Source) -> Result<Vec<(i32, i64)>, Failure> {
     let conn = pool.get().await?;
     let rows = conn
@@ -101,6 +101,87 @@ pub async fn rewound(pool: &Pool, source: &Source) -> Result<Vec<(i32, i64)>, Fa
     rows.iter()
         .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
         .collect()
+}
+
+/// Claims again, for `owner`, those of `partitions` it still owns in the database and that an
+/// operator rewound: a new epoch (the mark stays until [`acknowledge_rewinds`]), and the
+/// offsets now recorded, read in the same transaction. A partition another replica claimed
+/// since is not returned: it is that replica's.
+pub async fn reclaim_rewound(
+    pool: &Pool,
+    source: &Source,
+    owner: &str,
+    partitions: &[i32],
+) -> Result<HashMap<i32, Claim>, Failure> {
+    let mut conn = pool.get().await?;
+    let tx = conn.transaction().await?;
+    // Rows locked in partition order, as batches, claims and `replay` take them.
+    let claimed = tx
+        .query_typed(
+            "WITH mine AS (
+                 SELECT partition FROM partition_owners
+                 WHERE consumer_group = $1 AND topic = $2 AND partition = ANY($3)
+                   AND owner = $4 AND rewound_at IS NOT NULL
+                 ORDER BY partition FOR UPDATE)
+             UPDATE partition_owners o SET epoch = o.epoch + 1, claimed_at = now()
+             FROM mine
+             WHERE o.consumer_group = $1 AND o.topic = $2 AND o.partition = mine.partition
+             RETURNING o.partition, o.epoch",
+            &[
+                (&source.group, Type::TEXT),
+                (&source.topic, Type::TEXT),
+                (&partitions, Type::INT4_ARRAY),
+                (&owner, Type::TEXT),
+            ],
+        )
+        .await?;
+    let recorded = tx
+        .query_typed(
+            LOAD_OFFSETS,
+            &[
+                (&source.group, Type::TEXT),
+                (&source.topic, Type::TEXT),
+                (&partitions, Type::INT4_ARRAY),
+            ],
+        )
+        .await?;
+    tx.commit().await?;
+    let mut offsets = HashMap::with_capacity(recorded.len());
+    for row in recorded {
+        offsets.insert(row.try_get::<_, i32>(0)?, row.try_get::<_, i64>(1)?);
+    }
+    let mut claims = HashMap::with_capacity(claimed.len());
+    for row in claimed {
+        let partition = row.try_get::<_, i32>(0)?;
+        let epoch = row.try_get::<_, i64>(1)?;
+        let next_offset = offsets.get(&partition).copied();
+        claims.insert(partition, Claim { epoch, next_offset });
+    }
+    Ok(claims)
+}
+
+/// Clears the rewind marks of `restarted` partitions (each with the epoch its new worker
+/// claimed): only after the restart, so that a claim whose answer was lost is tried again.
+pub async fn acknowledge_rewinds(
+    pool: &Pool,
+    source: &Source,
+    restarted: &[(i32, i64)],
+) -> Result<(), Failure> {
+    let (partitions, epochs): (Vec<i32>, Vec<i64>) = restarted.iter().copied().unzip();
+    let conn = pool.get().await?;
+    conn.execute_typed(
+        "UPDATE partition_owners o SET rewound_at = NULL
+         FROM unnest($3::int[], $4::bigint[]) AS t(p, epoch)
+         WHERE o.consumer_group = $1 AND o.topic = $2 AND o.partition = t.p AND o.epoch = t.epoch",
+        &[
+            (&source.group, Type::TEXT),
+            (&source.topic, Type::TEXT),
+            (&partitions, Type::INT4_ARRAY),
+            (&epochs, Type::INT8_ARRAY),
+        ],
+    )
+    .await?;
+    Ok(())
 }
 
 /// Checks the result of [`FENCE`]: `Fenced` unless the partition is still at `epoch`.
