@@ -66,6 +66,7 @@ pub fn consume(
     let commit_interval = Duration::from_millis(settings.processing.commit_interval_ms);
     let mut last_commit = Instant::now();
     let mut last_resume_check = Instant::now();
+    let mut last_restart_check = Instant::now();
     let mut result = Ok(());
     while !shutdown.is_cancelled() {
         health.polled();
@@ -104,6 +105,10 @@ pub fn consume(
                 .map(|(partition, epoch)| Rewind { partition, epoch })
                 .collect();
             consumer.context().rewind(&consumer, &rewound);
+        }
+        if last_restart_check.elapsed() >= crate::kafka::rewinds::CHECK_INTERVAL {
+            consumer.context().restart_unstarted(&consumer);
+            last_restart_check = Instant::now();
         }
         if last_resume_check.elapsed() >= RESUME_CHECK {
             consumer.context().resume_ready(&consumer);

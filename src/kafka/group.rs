@@ -21,7 +21,7 @@
 //! The workers themselves are started and joined by [`super::workers`]; deliveries reach them
 //! through [`super::intake`], and offsets reach Kafka through [`super::commits`].
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -47,6 +47,9 @@ pub(super) struct State {
     pub(super) workers: Workers,
     /// Which partitions are paused in librdkafka, and why.
     pub(super) flow: FlowControl,
+    /// Owned partitions left without a worker by a restart ([`super::rewinds`]) that could not
+    /// claim them yet.
+    pub(super) unstarted: BTreeSet<i32>,
 }
 
 pub struct GroupContext {
@@ -106,6 +109,7 @@ impl GroupContext {
                 membership,
                 workers: Workers::new(ctx.clone(), runtime.clone(), shutdown),
                 flow: FlowControl::new(buffer_bytes),
+                unstarted: BTreeSet::new(),
             }),
             ctx,
             health,

@@ -1,13 +1,17 @@
-//! Rewinds by an operator (`replay`), carried out by the replica that owns the partition.
+//! Partitions read again from the offset the database records, restarted by the replica that
+//! owns them: after an operator's rewind (`replay`), or when a worker finds the database behind
+//! its fetch position (its claim during the assignment failed, so it started from Kafka's
+//! committed offset, which a restore or a replay left ahead).
 //!
 //! `replay` moves a partition's recorded offset back and its epoch on ([`crate::store::replay`]),
 //! so the owner's worker is fenced on its next batch, but Kafka still assigns the partition to
 //! the same replica and its fetch position is still the old one. So each replica looks every
-//! [`CHECK_INTERVAL`] for partitions marked rewound ([`watch_until`]); the poll thread then
-//! claims each one it owns again, restarts its worker, and fetches again from the offset now
-//! recorded ([`GroupContext::rewind`]), then clears the mark: a restart that failed halfway is
-//! tried again at the next look. An idle partition is rewound too, which is why this is a watch
-//! and not a reaction to a fenced batch.
+//! [`CHECK_INTERVAL`] for partitions marked rewound ([`watch_until`]); the poll thread then stops
+//! the worker of each one it owns, claims it again, starts a new worker fetching from the offset
+//! now recorded ([`GroupContext::rewind`]), and only then clears the mark. A partition whose
+//! claim fails stays without a worker and is tried again every [`CHECK_INTERVAL`], mark or no
+//! mark. An idle partition is rewound too, which is why this is a watch and not a reaction to a
+//! fenced batch.
 
 use std::time::{Duration, Instant};
 
@@ -16,8 +20,8 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::kafka::group::{CLAIM_TIMEOUT, GroupContext};
-use crate::store::ownership::{self, acknowledge_rewinds, reclaim_rewound};
+use crate::kafka::group::{CLAIM_TIMEOUT, GroupContext, State};
+use crate::store::ownership::{self, acknowledge_rewinds, reclaim};
 use crate::store::{Pool, Source};
 
 /// How often a replica looks for rewound partitions: a replay takes effect within about this.
@@ -72,17 +76,41 @@ impl GroupContext {
             // Restarted already, but the acknowledgement was lost: send it again.
             self.acknowledge(&restarted);
         }
+        self.restart(consumer, &restart);
+    }
+
+    /// Tries again to restart the partitions left without a worker by a restart that failed
+    /// (their rewind mark may be gone meanwhile: a claim clears it). On the poll thread.
+    pub fn restart_unstarted(&self, consumer: &BaseConsumer<Self>) {
+        let partitions: Vec<i32> = {
+            let mut state = self.state();
+            let State {
+                membership,
+                unstarted,
+                ..
+            } = &mut *state;
+            // Given up meanwhile: no longer this replica's to restart.
+            unstarted.retain(|&p| membership.accepts(p));
+            unstarted.iter().copied().collect()
+        };
+        self.restart(consumer, &partitions);
+    }
+
+    /// Stops the partitions' workers, claims the partitions again (a new epoch) and starts new
+    /// workers fetching from the offsets recorded. A partition whose claim fails waits without
+    /// a worker for [`Self::restart_unstarted`].
+    fn restart(&self, consumer: &BaseConsumer<Self>, restart: &[i32]) {
         if restart.is_empty() {
             return;
         }
         // The old workers stop first: none may record anything, or claim its partition before
         // its first batch, after the claim below.
-        let stopping = self.state().workers.stop(&restart);
+        let stopping = self.state().workers.stop(restart);
         if !stopping.join(&self.runtime, Instant::now() + self.drain_timeout) {
             tracing::warn!(partitions = ?restart, "a rewound partition's worker did not stop in time; abandoned");
         }
         let mut tpl = TopicPartitionList::new();
-        for &p in &restart {
+        for &p in restart {
             tpl.add_partition(&self.ctx.source.topic, p);
         }
         // No fetching until each partition is sought to its new start (flow control's
@@ -94,16 +122,17 @@ impl GroupContext {
         }
         {
             let mut state = self.state();
-            for &p in &restart {
+            for &p in restart {
                 self.ctx.offsets.remove(p);
                 state.flow.halt(p);
+                state.unstarted.insert(p);
             }
         }
         // The timer is made inside the runtime: this thread is not one of its workers.
         let claimed = self.runtime.block_on(async {
             tokio::time::timeout(
                 CLAIM_TIMEOUT,
-                reclaim_rewound(&self.ctx.pool, &self.ctx.source, &self.ctx.owner, &restart),
+                reclaim(&self.ctx.pool, &self.ctx.source, &self.ctx.owner, restart),
             )
             .await
         });
@@ -120,7 +149,8 @@ impl GroupContext {
         };
         let mut started = Vec::with_capacity(claims.len());
         let mut state = self.state();
-        for &p in &restart {
+        for &p in restart {
+            state.unstarted.remove(&p);
             let Some(claim) = claims.get(&p) else {
                 // Another replica claimed it since: one of us is about to lose it. No worker
                 // here, so this replica cannot take it back from the database's owner.
@@ -150,7 +180,7 @@ impl GroupContext {
                 partition = p,
                 epoch = claim.epoch,
                 next_offset = claim.next_offset,
-                "partition rewound by an operator: reading it again from the offset recorded"
+                "partition rewound: reading it again from the offset recorded"
             );
         }
         drop(state);

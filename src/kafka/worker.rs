@@ -24,6 +24,7 @@ use crate::domain::{Batch, DeadLetterLimit, Delivery, LimitExceeded};
 use crate::kafka::flow::{Backlog, footprint};
 use crate::kafka::offsets::OffsetTracker;
 use crate::stats::Stats;
+use crate::store::ownership::mark_rewound;
 use crate::store::{BatchOutcome, Failure, Guards, Pool, Source, apply_batch, claim};
 
 const FIRST_BACKOFF: Duration = Duration::from_millis(50);
@@ -198,6 +199,11 @@ impl PartitionWorker {
                 );
                 Applied::Stop
             }
+            Err(Some(behind @ Failure::Behind { .. })) => {
+                // Marked: the poll thread restarts the partition from the recorded offset.
+                tracing::warn!(partition = self.partition, reason = %behind, "partition behind its fetch position");
+                Applied::Stop
+            }
             Err(Some(fatal)) => {
                 let _ = self.ctx.fatal.send(fatal);
                 Applied::Stop
@@ -369,17 +375,32 @@ impl PartitionWorker {
                     &[self.partition],
                 )
                 .await?;
-                let epoch = claims
-                    .get(&self.partition)
-                    .map(|c| c.epoch)
-                    .ok_or_else(|| {
-                        Failure::Fatal(format!(
-                            "claiming partition {} returned no row",
-                            self.partition
-                        ))
-                    })?;
-                self.epoch = Some(epoch);
-                epoch
+                let claimed = claims.get(&self.partition).ok_or_else(|| {
+                    Failure::Fatal(format!(
+                        "claiming partition {} returned no row",
+                        self.partition
+                    ))
+                })?;
+                // This worker fetches from Kafka's committed offset (the claim during the
+                // assignment failed). When the database records an earlier one, the messages
+                // between were never applied: the partition must be read again from there.
+                let first = batch.offsets().map_or(0, |(first, _)| first);
+                if let Some(recorded) = claimed.next_offset.filter(|r| *r < first) {
+                    mark_rewound(
+                        &self.ctx.pool,
+                        &self.ctx.source,
+                        self.partition,
+                        claimed.epoch,
+                    )
+                    .await?;
+                    return Err(Failure::Behind {
+                        partition: self.partition,
+                        recorded,
+                        first,
+                    });
+                }
+                self.epoch = Some(claimed.epoch);
+                claimed.epoch
             }
         };
         apply_batch(

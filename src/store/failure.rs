@@ -23,6 +23,18 @@ pub enum Failure {
     /// An operator paused the partition (`pause`): nothing was done; try again later.
     #[error("partition {0} is paused")]
     Paused(i32),
+    /// The database records an offset before the batch's first: the messages between were
+    /// never applied (the fetch started at Kafka's committed offset, ahead of the database's
+    /// after a restore or a replay). Nothing was done; the partition is marked to be read
+    /// again from the recorded offset ([`crate::kafka::rewinds`]).
+    #[error(
+        "partition {partition}: the database records offset {recorded}, before the batch's first ({first}); reading it again from there"
+    )]
+    Behind {
+        partition: i32,
+        recorded: i64,
+        first: i64,
+    },
 }
 
 impl Failure {

@@ -103,11 +103,11 @@ pub async fn rewound(pool: &Pool, source: &Source) -> Result<Vec<(i32, i64)>, Fa
         .collect()
 }
 
-/// Claims again, for `owner`, those of `partitions` it still owns in the database and that an
-/// operator rewound: a new epoch (the mark stays until [`acknowledge_rewinds`]), and the
-/// offsets now recorded, read in the same transaction. A partition another replica claimed
-/// since is not returned: it is that replica's.
-pub async fn reclaim_rewound(
+/// Claims again, for `owner`, those of `partitions` it still owns in the database: a new epoch
+/// (a rewind's mark stays until [`acknowledge_rewinds`]), and the offsets now recorded, read in
+/// the same transaction. A partition another replica claimed since is not returned: it is that
+/// replica's.
+pub async fn reclaim(
     pool: &Pool,
     source: &Source,
     owner: &str,
@@ -115,23 +115,36 @@ pub async fn reclaim_rewound(
 ) -> Result<HashMap<i32, Claim>, Failure> {
     let mut conn = pool.get().await?;
     let tx = conn.transaction().await?;
-    // Rows locked in partition order, as batches, claims and `replay` take them.
-    let claimed = tx
+    // Rows locked in partition order, as batches, claims and `replay` take them. The owner is
+    // compared after the lock, on the row as it is then: a claim in flight (even one of ours
+    // whose answer timed out) commits first.
+    let locked = tx
         .query_typed(
-            "WITH mine AS (
-                 SELECT partition FROM partition_owners
-                 WHERE consumer_group = $1 AND topic = $2 AND partition = ANY($3)
-                   AND owner = $4 AND rewound_at IS NOT NULL
-                 ORDER BY partition FOR UPDATE)
-             UPDATE partition_owners o SET epoch = o.epoch + 1, claimed_at = now()
-             FROM mine
-             WHERE o.consumer_group = $1 AND o.topic = $2 AND o.partition = mine.partition
-             RETURNING o.partition, o.epoch",
+            "SELECT partition, owner FROM partition_owners
+             WHERE consumer_group = $1 AND topic = $2 AND partition = ANY($3)
+             ORDER BY partition FOR UPDATE",
             &[
                 (&source.group, Type::TEXT),
                 (&source.topic, Type::TEXT),
                 (&partitions, Type::INT4_ARRAY),
-                (&owner, Type::TEXT),
+            ],
+        )
+        .await?;
+    let mut mine = Vec::with_capacity(locked.len());
+    for row in locked {
+        if row.try_get::<_, &str>(1)? == owner {
+            mine.push(row.try_get::<_, i32>(0)?);
+        }
+    }
+    let claimed = tx
+        .query_typed(
+            "UPDATE partition_owners SET epoch = epoch + 1, claimed_at = now()
+             WHERE consumer_group = $1 AND topic = $2 AND partition = ANY($3)
+             RETURNING partition, epoch",
+            &[
+                (&source.group, Type::TEXT),
+                (&source.topic, Type::TEXT),
+                (&mine, Type::INT4_ARRAY),
             ],
         )
         .await?;
@@ -178,6 +191,29 @@ pub async fn acknowledge_rewinds(
             (&source.topic, Type::TEXT),
             (&partitions, Type::INT4_ARRAY),
             (&epochs, Type::INT8_ARRAY),
+        ],
+    )
+    .await?;
+    Ok(())
+}
+
+/// Marks `partition` to be read again from its recorded offset, as `replay` does, if it is
+/// still at `epoch`; its owner restarts it ([`crate::kafka::rewinds`]).
+pub async fn mark_rewound(
+    pool: &Pool,
+    source: &Source,
+    partition: i32,
+    epoch: i64,
+) -> Result<(), Failure> {
+    let conn = pool.get().await?;
+    conn.execute_typed(
+        "UPDATE partition_owners SET rewound_at = now()
+         WHERE consumer_group = $1 AND topic = $2 AND partition = $3 AND epoch = $4",
+        &[
+            (&source.group, Type::TEXT),
+            (&source.topic, Type::TEXT),
+            (&partition, Type::INT4),
+            (&epoch, Type::INT8),
         ],
     )
     .await?;

@@ -1,4 +1,5 @@
-//! `replay`: a window of the topic read again while replicas run.
+//! `replay`: a window of the topic read again while replicas run; and a partition whose fetch
+//! starts ahead of the database is read again from where the database stands.
 
 use std::time::Duration;
 
@@ -154,4 +155,72 @@ async fn a_replayed_window_changes_nothing_while_three_replicas_run() {
     .expect("replay --json");
     assert_eq!(predicted["again"], 10, "{predicted}");
     assert_eq!(predicted["partitions"][0]["again"], 10, "{predicted}");
+}
+
+/// A replica whose claim during the assignment fails starts from Kafka's committed offsets.
+/// Where the database records earlier ones (after a restore, as here) the messages between were
+/// never applied by this database: they must be read again, not skipped. The test holds the ownership rows locked while the replica joins,
+/// so its claim times out; its first batch then finds the database behind its fetch position,
+/// and the partition restarts from the recorded offset: every earlier message is read again.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replica_that_starts_ahead_of_the_database_reads_the_gap_again() {
+    let env = TestEnv::new(2).await;
+    let mut first = env.replica("first", &[]);
+    let before = env.produce(&["--events", "1000", "--skus", "50", "--seed", "5"]);
+    env.wait_processed(before.events as i64, SETTLE).await;
+    wait_until("Kafka's commits to reach the end", SETTLE, || async {
+        env.lag() == 0
+    })
+    .await;
+    let (status, _) = first.terminate(EXIT);
+    assert!(status.success());
+    // As after restoring a backup taken before any of it was applied (the events stay
+    // recorded here, so that reading them again shows as duplicates).
+    env.db
+        .client()
+        .await
+        .execute("UPDATE partition_offsets SET next_offset = 0", &[])
+        .await
+        .expect("moving the recorded offsets back");
+
+    let mut db = env.db.client().await;
+    let holding = db.transaction().await.expect("a transaction");
+    holding
+        .execute("SELECT 1 FROM partition_owners FOR UPDATE", &[])
+        .await
+        .expect("locking the ownership rows");
+    let mut second = env.replica("second", &[]);
+    wait_until(
+        "the claim during the assignment to time out",
+        SETTLE,
+        || async { second.log().contains("claiming the partitions timed out") },
+    )
+    .await;
+    holding.rollback().await.expect("releasing the rows");
+
+    // New messages make the first batches, at Kafka's committed offsets.
+    let after = env.produce(&["--events", "200", "--skus", "50", "--seed", "6"]);
+    env.wait_processed((before.events + after.events) as i64, SETTLE)
+        .await;
+    wait_until("the recorded offsets to reach the end", SETTLE, || async {
+        env.db
+            .scalar("SELECT sum(next_offset)::bigint FROM partition_offsets")
+            .await
+            == (before.messages + after.messages) as i64
+    })
+    .await;
+    let (status, stats) = second.terminate(EXIT);
+    assert!(status.success());
+    assert!(
+        second.log().contains("partition behind its fetch position"),
+        "the gap was found"
+    );
+    assert_eq!(
+        (stats.applied + stats.rejected, stats.duplicates),
+        (after.events, before.messages),
+        "the new events applied once, and every earlier message read again: {stats:?}"
+    );
+    crate::oracle::assert_database_matches(&env.db, &crate::oracle::truth_of(&env)).await;
+    let (ok, report) = env.verify(None);
+    assert!(ok, "verify failed:\n{report}");
 }
