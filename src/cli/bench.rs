@@ -348,7 +348,7 @@ pub fn main(cli: &Cli, args: &BenchArgs) -> anyhow::Result<ExitCode> {
     print_table(results.iter().map(|(_, m)| m));
     for (_, m) in results
         .iter()
-        .filter(|(k, _)| matches!(*k, "database" | "steady"))
+        .filter(|(k, _)| matches!(*k, "database" | "steady" | "three"))
     {
         print_profile(m);
     }
@@ -709,6 +709,11 @@ impl Bench {
         ))?;
         // The clock starts with production: at full speed for a backlog run (the producer
         // outpaces the pipeline, so the backlog builds up at once), at `rate` otherwise.
+        // Only on bench's own server: resetting them is nobody else's business.
+        let stats = match self.server {
+            Some(_) => self.rt.block_on(statement_stats(&self.admin_url)),
+            None => None,
+        };
         let before = self.cpu_reading(&replicas);
         let producer = {
             let (settings, spec, rate) = (settings.clone(), spec.clone(), p.rate);
@@ -720,6 +725,13 @@ impl Bench {
         let latency = (p.rate > 0)
             .then(|| latency_percentiles(&replicas))
             .flatten();
+        let profile = match &stats {
+            Some(admin) => self
+                .rt
+                .block_on(statement_profile(admin, &url))
+                .unwrap_or_default(),
+            None => Vec::new(),
+        };
         let peak_rss = replicas.iter().filter_map(|r| r.peak_rss_bytes()).max();
         for r in &mut replicas {
             let (status, _) = r.terminate(STOP_TIMEOUT)?;
@@ -741,7 +753,7 @@ impl Bench {
             peak_rss,
             cpu,
             verified,
-            profile: Vec::new(),
+            profile,
         };
         report(&m);
         Ok(m)
@@ -829,7 +841,7 @@ async fn statement_profile(
         .collect()
 }
 
-/// Where the server's time went in a database-only run, per event.
+/// Where the server's time went in a run, per event.
 fn print_profile(m: &Measured) {
     if m.profile.is_empty() {
         return;
