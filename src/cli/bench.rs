@@ -629,20 +629,18 @@ impl Bench {
                         .map(|c| c.epoch)
                         .context("a partition left unclaimed")?;
                     tasks.spawn(async move {
-                        for batch in &batches {
-                            apply_batch(&pool, &source, batch, Guards::On, epoch).await?;
+                        // Each batch freed once applied, as a replica does.
+                        for batch in batches {
+                            apply_batch(&pool, &source, &batch, Guards::On, epoch).await?;
                         }
-                        // Freed after the timed part: a replica frees each batch as it goes.
-                        anyhow::Ok(batches)
+                        anyhow::Ok(())
                     });
                 }
-                let mut applied = Vec::new();
                 while let Some(done) = tasks.join_next().await {
-                    applied.push(done??);
+                    done??;
                 }
                 let seconds = started.elapsed().as_secs_f64();
                 let cpu = before.per_event(&self.own_cpu_reading(), events as f64);
-                drop(applied);
                 stop.cancel();
                 if let Some(upkeep) = upkeep {
                     let (started, dropped) = upkeep.await??;

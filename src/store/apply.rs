@@ -1,6 +1,6 @@
 //! The batch transaction: everything one batch of one partition does, atomically.
 //!
-//! 0. Take the period clock's shared lock ([`super::retention`]), so that the batch writes
+//! 0. Plan by key for this transaction ([`KEYED_PLANS`]). Take the period clock's shared lock ([`super::retention`]), so that the batch writes
 //!    its history into the current period and no new period starts until it ends. Then lock
 //!    the partition's row in `partition_owners` and check the epoch this owner claimed
 //!    ([`super::ownership`]): a replica that lost the partition aborts here; and so does a
@@ -98,15 +98,19 @@ pub(super) const RESERVATIONS: &str = "
     ORDER BY r.order_id, l.line
     FOR UPDATE OF r";
 
+/// The first statement of every batch transaction: index probes by key and nested loops,
+/// whatever the statistics say. The statements' generic plans are made on their first use and
+/// kept until the next ANALYZE; made while `products` was still small (a new database, the
+/// first batches) they scan it whole for every batch, comparing each row with every key of the
+/// batch. Seen in `bench`: the stock read took 31 ms a batch instead of 1. Every statement of
+/// the batch touches a few rows per key, by key: a scan or a hash of a whole table never pays.
+pub(super) const KEYED_PLANS: &str = "
+    SELECT set_config('enable_seqscan', 'off', true),
+           set_config('enable_hashjoin', 'off', true),
+           set_config('enable_mergejoin', 'off', true)";
+
 // The database's clock decides expiries, never a replica's: read after the locks (`now()` is
 // the transaction's start, which a lock wait can leave seconds behind).
-/// The first statement of every batch transaction: index probes by key, whatever the
-/// statistics say. The statements' generic plans are made on their first use and kept until
-/// the next ANALYZE; made while `products` was still small (a new database, the first batches)
-/// they scan it whole for every batch, comparing each row with every key of the batch. Seen in
-/// `bench`: the stock read took 31 ms a batch instead of 1.
-pub(super) const KEYED_PLANS: &str = "SET LOCAL enable_seqscan = off";
-
 pub(super) const NOW: &str = "SELECT (extract(epoch FROM statement_timestamp()) * 1000)::bigint";
 
 const INSERT_RESERVATIONS: &str = "

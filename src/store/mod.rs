@@ -61,10 +61,6 @@ pub async fn pool(settings: &DatabaseSettings) -> Result<Pool, Failure> {
     Ok(bb8::Pool::builder()
         .max_size(settings.pool_size)
         .connection_timeout(Duration::from_millis(settings.connect_timeout_ms))
-        // No empty query before every use (a round trip per batch): a connection that broke
-        // while idle fails its first statement instead, which is retried as transient, and
-        // one seen closed is dropped by the pool.
-        .test_on_check_out(false)
         .build_unchecked(manager))
 }
 

@@ -170,8 +170,15 @@ impl bb8::ManageConnection for Manager {
         })
     }
 
+    /// No round trip per checkout (an empty query before every batch): only a connection known
+    /// to be closed is refused, and its query fails at once without reaching the server. One
+    /// that broke unnoticed fails its first statement instead, which is retried as transient.
     async fn is_valid(&self, conn: &mut Connection) -> Result<(), Error> {
-        self.0.is_valid(&mut conn.client).await
+        if conn.client.is_closed() {
+            self.0.is_valid(&mut conn.client).await
+        } else {
+            Ok(())
+        }
     }
 
     fn has_broken(&self, conn: &mut Connection) -> bool {
