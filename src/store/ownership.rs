@@ -10,6 +10,7 @@
 
 use std::collections::HashMap;
 
+use tokio_postgres::Row;
 use tokio_postgres::types::{ToSql, Type};
 
 use crate::store::{Failure, Pool, Source};
@@ -73,6 +74,12 @@ pub async fn claim(
         conn.query_typed(CLAIM, &claim_params),
         conn.query_typed(LOAD_OFFSETS, &load_params),
     )?;
+    claims_of(&claimed, &recorded)
+}
+
+/// Each claimed partition (`partition, epoch` rows) with its recorded offset, if any
+/// (`partition, next_offset` rows).
+fn claims_of(claimed: &[Row], recorded: &[Row]) -> Result<HashMap<i32, Claim>, Failure> {
     let mut offsets = HashMap::with_capacity(recorded.len());
     for row in recorded {
         offsets.insert(row.try_get::<_, i32>(0)?, row.try_get::<_, i64>(1)?);
@@ -159,18 +166,7 @@ pub async fn reclaim(
         )
         .await?;
     tx.commit().await?;
-    let mut offsets = HashMap::with_capacity(recorded.len());
-    for row in recorded {
-        offsets.insert(row.try_get::<_, i32>(0)?, row.try_get::<_, i64>(1)?);
-    }
-    let mut claims = HashMap::with_capacity(claimed.len());
-    for row in claimed {
-        let partition = row.try_get::<_, i32>(0)?;
-        let epoch = row.try_get::<_, i64>(1)?;
-        let next_offset = offsets.get(&partition).copied();
-        claims.insert(partition, Claim { epoch, next_offset });
-    }
-    Ok(claims)
+    claims_of(&claimed, &recorded)
 }
 
 /// Clears the rewind marks of `restarted` partitions (each with the epoch its new worker
