@@ -527,6 +527,13 @@ impl Bench {
         }
     }
 
+    /// The server's statement counters, reset, for a run's profile: only on bench's own
+    /// server (resetting them is nobody else's business).
+    async fn statement_stats(&self) -> Option<tokio_postgres::Client> {
+        self.server.as_ref()?;
+        statement_stats(&self.admin_url).await
+    }
+
     /// A new, migrated database for the next run: empty, or a copy of `template`.
     fn fresh_database(&mut self) -> anyhow::Result<String> {
         self.fresh_database_from(None)
@@ -610,11 +617,7 @@ impl Bench {
                 };
                 let all: Vec<i32> = (0..batches.len() as i32).collect();
                 let claims = store::claim(&pool, &source, "bench", &all).await?;
-                // Only on bench's own server: resetting them is nobody else's business.
-                let stats = match self.server {
-                    Some(_) => statement_stats(&self.admin_url).await,
-                    None => None,
-                };
+                let stats = self.statement_stats().await;
                 // The steady state has retention working (see `retention_during_run`).
                 let stop = tokio_util::sync::CancellationToken::new();
                 let upkeep = history
@@ -705,13 +708,9 @@ impl Bench {
                 async move { done }
             },
         ))?;
+        let stats = self.rt.block_on(self.statement_stats());
         // The clock starts with production: at full speed for a backlog run (the producer
         // outpaces the pipeline, so the backlog builds up at once), at `rate` otherwise.
-        // Only on bench's own server: resetting them is nobody else's business.
-        let stats = match self.server {
-            Some(_) => self.rt.block_on(statement_stats(&self.admin_url)),
-            None => None,
-        };
         let before = self.cpu_reading(&replicas);
         let producer = {
             let (settings, spec, rate) = (settings.clone(), spec.clone(), p.rate);

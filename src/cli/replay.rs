@@ -25,7 +25,7 @@ use serde::Serialize;
 use crate::cli::{EXIT_CONFIG, runtime};
 use crate::config::Settings;
 use crate::domain::event::decode;
-use crate::kafka::client::consumer_config;
+use crate::kafka::client::{consumer_config, watermarks};
 use crate::store::{self, replay};
 
 const KAFKA_TIMEOUT: Duration = Duration::from_secs(10);
@@ -137,13 +137,21 @@ pub fn main(settings: &Settings, args: &ReplayArgs) -> anyhow::Result<ExitCode> 
     let (group, topic) = (&settings.kafka.group_id, &settings.kafka.topic);
     let rt = runtime()?;
     let mut db = rt.block_on(store::connect(&settings.database.url))?;
-    let recorded = rt.block_on(replay::recorded(&db, group, topic))?;
+    let recorded: BTreeMap<i32, i64> = rt
+        .block_on(store::status::partitions(&db, group, topic))?
+        .into_iter()
+        .filter_map(|r| Some((r.partition, r.next_offset?)))
+        .collect();
 
     let consumer: BaseConsumer = consumer_config(settings)
         .set("enable.partition.eof", "true")
         .create()
         .context("creating a Kafka client")?;
-    let low = first_offsets(&consumer, topic)?;
+    // The first offset Kafka still holds, per partition of the topic.
+    let low: BTreeMap<i32, i64> = watermarks(&consumer, topic, KAFKA_TIMEOUT)?
+        .into_iter()
+        .map(|(p, (first, _))| (p, first))
+        .collect();
     let chosen: Vec<i32> = if args.partitions.is_empty() {
         recorded.keys().copied().collect()
     } else {
@@ -192,26 +200,6 @@ pub fn main(settings: &Settings, args: &ReplayArgs) -> anyhow::Result<ExitCode> 
         print!("{}", table(&report));
     }
     Ok(ExitCode::SUCCESS)
-}
-
-/// The first offset Kafka still holds, per partition of `topic`.
-fn first_offsets(consumer: &BaseConsumer, topic: &str) -> anyhow::Result<BTreeMap<i32, i64>> {
-    let metadata = consumer
-        .fetch_metadata(Some(topic), KAFKA_TIMEOUT)
-        .with_context(|| format!("reading the metadata of {topic}"))?;
-    let partitions: Vec<i32> = metadata
-        .topics()
-        .first()
-        .map(|t| t.partitions().iter().map(|p| p.id()).collect())
-        .unwrap_or_default();
-    let mut low = BTreeMap::new();
-    for p in partitions {
-        let (first, _) = consumer
-            .fetch_watermarks(topic, p, KAFKA_TIMEOUT)
-            .with_context(|| format!("reading the watermarks of {topic} [{p}]"))?;
-        low.insert(p, first);
-    }
-    Ok(low)
 }
 
 /// Per partition, the first offset whose message is at or after `time` (ms), from the broker;

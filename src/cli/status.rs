@@ -15,7 +15,7 @@ use serde::Serialize;
 
 use crate::cli::runtime;
 use crate::config::Settings;
-use crate::kafka::client::consumer_config;
+use crate::kafka::client::{consumer_config, watermarks};
 use crate::store::pauses::{Pause, WHOLE_TOPIC};
 use crate::store::{self, pauses, status::PartitionRecord};
 
@@ -94,26 +94,16 @@ fn kafka_view(settings: &Settings) -> anyhow::Result<KafkaView> {
     let consumer: BaseConsumer = consumer_config(settings)
         .create()
         .context("creating a Kafka client")?;
-    let metadata = consumer
-        .fetch_metadata(Some(topic), KAFKA_TIMEOUT)
-        .with_context(|| format!("reading the metadata of {topic}"))?;
-    let partitions: Vec<i32> = metadata
-        .topics()
-        .first()
-        .map(|t| t.partitions().iter().map(|p| p.id()).collect())
-        .unwrap_or_default();
+    let marks = watermarks(&consumer, topic, KAFKA_TIMEOUT)?;
     let mut wanted = TopicPartitionList::new();
-    for p in &partitions {
+    for p in marks.keys() {
         wanted.add_partition(topic, *p);
     }
     let committed = consumer
         .committed_offsets(wanted, KAFKA_TIMEOUT)
         .context("reading the group's committed offsets")?;
     let mut view = KafkaView::new();
-    for p in partitions {
-        let (low, high) = consumer
-            .fetch_watermarks(topic, p, KAFKA_TIMEOUT)
-            .with_context(|| format!("reading the watermarks of {topic} [{p}]"))?;
+    for (p, (low, high)) in marks {
         let offset = committed
             .find_partition(topic, p)
             .and_then(|e| match e.offset() {

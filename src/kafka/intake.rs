@@ -104,8 +104,15 @@ impl GroupContext {
     }
 
     fn one(&self, partition: i32) -> TopicPartitionList {
+        self.list(&[partition])
+    }
+
+    /// `partitions` of this replica's topic, as librdkafka takes them.
+    pub(super) fn list(&self, partitions: &[i32]) -> TopicPartitionList {
         let mut tpl = TopicPartitionList::new();
-        tpl.add_partition(&self.ctx.source.topic, partition);
+        for &p in partitions {
+            tpl.add_partition(&self.ctx.source.topic, p);
+        }
         tpl
     }
 
@@ -131,12 +138,8 @@ impl GroupContext {
     /// later assignment starts unpaused.
     pub(super) fn unpause(&self, consumer: &BaseConsumer<Self>, partitions: &[i32]) {
         let paused = self.state().flow.forget(partitions);
-        let mut tpl = TopicPartitionList::new();
-        for p in paused {
-            tpl.add_partition(&self.ctx.source.topic, p);
-        }
-        if tpl.count() > 0 {
-            let _ = consumer.resume(&tpl);
+        if !paused.is_empty() {
+            let _ = consumer.resume(&self.list(&paused));
         }
     }
 }

@@ -15,7 +15,6 @@
 
 use std::time::{Duration, Instant};
 
-use rdkafka::TopicPartitionList;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -109,14 +108,10 @@ impl GroupContext {
         if !stopping.join(&self.runtime, Instant::now() + self.drain_timeout) {
             tracing::warn!(partitions = ?restart, "a rewound partition's worker did not stop in time; abandoned");
         }
-        let mut tpl = TopicPartitionList::new();
-        for &p in restart {
-            tpl.add_partition(&self.ctx.source.topic, p);
-        }
         // No fetching until each partition is sought to its new start (flow control's
         // resume): nothing fetched from the old position reaches the new worker. Marked
         // halted meanwhile, so that giving the partition up resumes it in librdkafka.
-        if let Err(e) = consumer.pause(&tpl) {
+        if let Err(e) = consumer.pause(&self.list(restart)) {
             // Still correct: flow control skips the partition's deliveries until the seek.
             tracing::warn!(error = %e, "cannot pause the rewound partitions");
         }
@@ -169,9 +164,7 @@ impl GroupContext {
                 // Nothing recorded (the offsets were deleted meanwhile): Kafka's position holds.
                 None => {
                     state.flow.forget(&[p]);
-                    let mut one = TopicPartitionList::new();
-                    one.add_partition(&self.ctx.source.topic, p);
-                    let _ = consumer.resume(&one);
+                    let _ = consumer.resume(&self.list(&[p]));
                 }
             }
             state.workers.start(p, Some(claim));

@@ -1,10 +1,11 @@
 //! The batch transaction: everything one batch of one partition does, atomically.
 //!
-//! 0. Plan by key for this transaction ([`KEYED_PLANS`]). Take the period clock's shared lock ([`super::retention`]), so that the batch writes
-//!    its history into the current period and no new period starts until it ends. Then lock
-//!    the partition's row in `partition_owners` and check the epoch this owner claimed
-//!    ([`super::ownership`]): a replica that lost the partition aborts here; and so does a
-//!    batch of a paused partition ([`super::pauses`]).
+//! 0. Plan by key for this transaction ([`KEYED_PLANS`]). Take the period clock's shared lock
+//!    ([`super::retention`]), so that the batch writes its history into the current period
+//!    and no new period starts until it ends. Then lock the partition's row in
+//!    `partition_owners` and check the epoch this owner claimed ([`super::ownership`]): a
+//!    replica that lost the partition aborts here; and so does a batch of a paused partition
+//!    ([`super::pauses`]).
 //! 1. `pg_advisory_xact_lock` on every SKU of the batch, keys ascending ([`Batch::lock_keys`]):
 //!    from here until commit no other replica works on these SKUs, and because every transaction
 //!    takes its locks in the same global order, multi-SKU batches cannot deadlock.
@@ -213,9 +214,8 @@ pub async fn apply_batch(
     let orders_param = [(&orders as &(dyn ToSql + Sync), Type::TEXT_ARRAY)];
     let no_params: [(&(dyn ToSql + Sync), Type); 0] = [];
     let mut skus = batch.skus();
-    // Sent with the transaction's first round trip: this one when the batch has orders, else
-    // the next.
-    let mut keyed_plans = true;
+    // KEYED_PLANS goes with the transaction's first round trip: this one when the batch has
+    // orders, else the next.
     if !orders.is_empty() {
         statements
             .prepare(
@@ -228,7 +228,6 @@ pub async fn apply_batch(
             statements.execute(&tx, KEYED_PLANS, &no_params),
             statements.query(&tx, ORDER_SKUS, &orders_param),
         )?;
-        keyed_plans = false;
         for row in rows {
             skus.push(row.try_get::<_, String>(0)?);
         }
@@ -284,7 +283,10 @@ pub async fn apply_batch(
     };
     let (_, _, owner, _, recorded_rows, stock_rows, reservation_rows, now) = tokio::try_join!(
         biased;
-        unless_empty(!keyed_plans, statements.execute(&tx, KEYED_PLANS, &no_params)),
+        unless_empty(
+            !orders.is_empty(),
+            statements.execute(&tx, KEYED_PLANS, &no_params)
+        ),
         unless_empty(
             guards == Guards::Off,
             statements.execute(&tx, CLOCK_SHARED, &clock_param)

@@ -24,6 +24,13 @@ const CLAIM: &str = "
         SET epoch = o.epoch + 1, owner = EXCLUDED.owner, claimed_at = now(), rewound_at = NULL
     RETURNING partition, epoch";
 
+/// Locks the rows of some partitions, in partition order as batches and claims take them
+/// (waiting for the batches in flight), and reads who claimed each last.
+pub(super) const LOCK_OWNERS: &str = "
+    SELECT partition, owner FROM partition_owners
+    WHERE consumer_group = $1 AND topic = $2 AND partition = ANY($3)
+    ORDER BY partition FOR UPDATE";
+
 /// Run after the claim, as its own statement: its snapshot then includes the batch that the
 /// claim waited for.
 const LOAD_OFFSETS: &str = "
@@ -127,9 +134,7 @@ pub async fn reclaim(
     // whose answer timed out) commits first.
     let locked = tx
         .query_typed(
-            "SELECT partition, owner FROM partition_owners
-             WHERE consumer_group = $1 AND topic = $2 AND partition = ANY($3)
-             ORDER BY partition FOR UPDATE",
+            LOCK_OWNERS,
             &[
                 (&source.group, Type::TEXT),
                 (&source.topic, Type::TEXT),

@@ -15,6 +15,7 @@ use tokio_postgres::Client;
 use tokio_postgres::types::Type;
 
 use crate::store::Failure;
+use crate::store::ownership::LOCK_OWNERS;
 
 /// One partition moved back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -23,24 +24,6 @@ pub struct Rewound {
     /// The offset recorded before (the next offset to read).
     pub from: i64,
     pub to: i64,
-}
-
-/// The next offset recorded for each partition of `group` on `topic`.
-pub async fn recorded(
-    db: &Client,
-    group: &str,
-    topic: &str,
-) -> Result<BTreeMap<i32, i64>, Failure> {
-    let rows = db
-        .query_typed(
-            "SELECT partition, next_offset FROM partition_offsets
-             WHERE consumer_group = $1 AND topic = $2",
-            &[(&group, Type::TEXT), (&topic, Type::TEXT)],
-        )
-        .await?;
-    rows.iter()
-        .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
-        .collect()
 }
 
 /// Moves the recorded offset of each partition in `targets` back to its target; a partition
@@ -58,9 +41,7 @@ pub async fn rewind(
     // The fences, in the order batches and claims take them: the batches in flight end first,
     // and none of the current epochs commits after this transaction.
     tx.execute_typed(
-        "SELECT 1 FROM partition_owners
-         WHERE consumer_group = $1 AND topic = $2 AND partition = ANY($3)
-         ORDER BY partition FOR UPDATE",
+        LOCK_OWNERS,
         &[
             (&group, Type::TEXT),
             (&topic, Type::TEXT),
