@@ -46,12 +46,12 @@ pub fn main(settings: Settings, args: &RunArgs) -> anyhow::Result<ExitCode> {
     // process does not wait for it.
     rt.shutdown_timeout(RUNTIME_SHUTDOWN);
     println!("{}", serde_json::to_string(&stats.snapshot())?);
-    match outcome {
-        Ok(()) => Ok(ExitCode::SUCCESS),
+    let code = match outcome {
+        Ok(()) => 0,
         Err(e) if e.downcast_ref::<ConfigError>().is_some() => {
             tracing::error!(error = format!("{e:#}"), "refused the configuration");
             eprintln!("{e:#}");
-            Ok(ExitCode::from(EXIT_CONFIG))
+            EXIT_CONFIG
         }
         Err(e) => {
             tracing::error!(
@@ -59,9 +59,25 @@ pub fn main(settings: Settings, args: &RunArgs) -> anyhow::Result<ExitCode> {
                 "replica stopped on a fatal failure"
             );
             eprintln!("error: {e:#}");
-            Ok(ExitCode::from(EXIT_RUNTIME))
+            EXIT_RUNTIME
         }
-    }
+    };
+    exit_now(code)
+}
+
+/// Ends the process without the C library's exit handlers. librdkafka threads can outlive
+/// `main` (the reply producer's topic check, a client whose close was abandoned at its
+/// deadline), and OpenSSL's exit handler frees the state their TLS handshakes use: a replica
+/// that had logged its fatal TLS error crashed with SIGSEGV instead of exiting 3. Nothing is
+/// lost by skipping the handlers: the logs and the counters are flushed here, and what the
+/// replica applied is in the database with its offsets.
+fn exit_now(code: u8) -> ! {
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    let _ = std::io::stderr().flush();
+    // SAFETY: `_exit` takes no pointers and never returns; skipping destructors and exit
+    // handlers is its purpose here.
+    unsafe { libc::_exit(code.into()) }
 }
 
 /// Every exit ends within the drain timeout plus 8 s of the shutdown's start (a signal, or a
