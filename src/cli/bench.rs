@@ -70,6 +70,11 @@ pub struct BenchArgs {
     /// Days the history spans.
     #[arg(long, default_value_t = 30)]
     pub history_days: u64,
+    /// `shared_buffers` of the throwaway PostgreSQL server (PostgreSQL's default, 128MB,
+    /// unless given; ignored with `--database-url`). A server holding a large history is
+    /// given a cache that holds the dedupe horizon's indexes (see the README).
+    #[arg(long, value_name = "SIZE", default_value = "128MB")]
+    pub shared_buffers: String,
     /// Only these runs (comma-separated): database, steady, one, three, per-event, unsafe,
     /// hot, latency, memory, one-apache, three-apache. Default: all.
     #[arg(long, value_delimiter = ',')]
@@ -189,8 +194,17 @@ pub fn main(cli: &Cli, args: &BenchArgs) -> anyhow::Result<ExitCode> {
     let durable = PostgresOptions {
         durable: true,
         statement_stats: true,
+        shared_buffers: args.shared_buffers.clone(),
         ..PostgresOptions::default()
     };
+    anyhow::ensure!(
+        !args.shared_buffers.is_empty()
+            && args
+                .shared_buffers
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric()),
+        "--shared-buffers takes a size such as 128MB or 4GB"
+    );
     let (server, admin_url) = given_or_throwaway_database(cli, durable, step)?;
     let mut bench = Bench {
         rt: runtime()?,

@@ -24,6 +24,8 @@ pub struct PostgresOptions {
     pub tls: Option<ServerTls>,
     /// Load `pg_stat_statements` (time spent per statement), for profiling.
     pub statement_stats: bool,
+    /// The server's buffer cache (`shared_buffers`, e.g. `128MB`, PostgreSQL's default).
+    pub shared_buffers: String,
 }
 
 /// A server certificate chain and its private key, both PEM.
@@ -40,6 +42,7 @@ impl Default for PostgresOptions {
             max_connections: 100,
             tls: None,
             statement_stats: false,
+            shared_buffers: "128MB".to_owned(),
         }
     }
 }
@@ -151,9 +154,10 @@ impl ThrowawayPostgres {
 
     fn write_settings(&self, options: PostgresOptions) -> anyhow::Result<()> {
         let mut conf = format!(
-            "\n# throwaway cluster\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{}'\nmax_connections = {}\nmax_locks_per_transaction = 256\nshared_buffers = '128MB'\n",
+            "\n# throwaway cluster\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{}'\nmax_connections = {}\nmax_locks_per_transaction = 256\nshared_buffers = '{}'\n",
             self.dir.path().display(),
-            options.max_connections
+            options.max_connections,
+            options.shared_buffers
         );
         if !options.durable {
             conf.push_str("fsync = off\nsynchronous_commit = off\nfull_page_writes = off\n");

@@ -10,8 +10,9 @@
 //! 2. starts a new period once the current one is `history.period_s` old, under the period
 //!    clock's exclusive lock: the switch waits for the batches of the old period to commit, and
 //!    no batch of the new one starts before it commits;
-//! 3. drops, oldest first, each table's partitions of the periods that ended longer ago than its
-//!    retention, counting what they held into `history_periods` (so `verify` still adds up) and,
+//! 3. counts what the events of each newly ended period hold, once, into `history_periods`;
+//! 4. drops, oldest first, each table's partitions of the periods that ended longer ago than its
+//!    retention, recording what they held in `history_periods` (so `verify` still adds up) and,
 //!    for the ledger, carrying each SKU's balance forward into `ledger_openings`. A period of
 //!    replies still queued for the relay is kept until they are published.
 
@@ -64,11 +65,12 @@ pub async fn maintain(db: &mut Client, settings: &HistorySettings) -> Result<Mai
     // Each step on its own: one that fails (a lock not granted in time) leaves the others to
     // do their part; the first failure is reported.
     let mut failed = None;
-    for step in 0..2 + Table::ALL.len() {
+    for step in 0..3 + Table::ALL.len() {
         let result = match step {
             0 => create_ahead(db, &mut done).await,
             1 => start_period(db, settings, &mut done).await,
-            n => drop_expired(db, Table::ALL[n - 2], settings, &mut done).await,
+            2 => count_ended(db, &mut done).await,
+            n => drop_expired(db, Table::ALL[n - 3], settings, &mut done).await,
         };
         if let Err(e) = result {
             failed.get_or_insert(e);
@@ -211,6 +213,49 @@ pub(super) fn next_period(at: &str) -> String {
     )
 }
 
+/// Counts the events of each ended period not counted yet, oldest first, one period per
+/// transaction. An ended period's rows no longer change: every transaction of it ended before
+/// the clock moved on, and none can start. So the count taken now is the count its drop records,
+/// days later, without scanning the period while the batches wait (migration 13).
+async fn count_ended(db: &mut Client, done: &mut Maintenance) -> Result<(), Failure> {
+    loop {
+        let Some(tx) = exclusive(db).await? else {
+            done.skipped = true;
+            return Ok(());
+        };
+        let Some(row) = tx
+            .query_opt(
+                "SELECT period FROM history_periods
+                 WHERE ended_at IS NOT NULL AND events_counted IS NULL AND NOT events_gone
+                 ORDER BY period LIMIT 1",
+                &[],
+            )
+            .await?
+        else {
+            return Ok(());
+        };
+        tx.batch_execute(&count_events(row.try_get(0)?)).await?;
+        tx.commit().await?;
+    }
+}
+
+/// Counts what period `p`'s events hold into its `*_counted` columns, unless counted already:
+/// one pass over the events; the replies are few (order steps only).
+pub(super) fn count_events(p: i32) -> String {
+    format!(
+        "UPDATE history_periods SET
+             (events_counted, applied_counted, rejected_counted, order_replies_counted) = (
+                 SELECT count(*) FILTER (WHERE event_type <> 'expire'),
+                        count(*) FILTER (WHERE outcome = 'applied' AND event_type <> 'expire'),
+                        count(*) FILTER (WHERE outcome = 'rejected'),
+                        (SELECT count(*) FROM replies_p{p} r
+                         JOIN processed_events_p{p} e USING (event_id)
+                         WHERE e.event_type IN ('reserve', 'commit', 'release', 'expire'))
+                 FROM processed_events_p{p})
+         WHERE period = {p} AND events_counted IS NULL"
+    )
+}
+
 /// The tables with a retention of their own (replies go with `processed_events`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Table {
@@ -272,23 +317,9 @@ async fn drop_expired(
         let p: i32 = row.try_get(0)?;
         let dropped = match table {
             Table::Events => {
-                // Counted before any table lock: an ended period's rows no longer change (one
-                // pass over the events; the replies are few, order steps only).
-                let counts = tx
-                    .query_one(
-                        &format!(
-                            "SELECT count(*) FILTER (WHERE event_type <> 'expire'),
-                                    count(*) FILTER (WHERE outcome = 'applied'
-                                                     AND event_type <> 'expire'),
-                                    count(*) FILTER (WHERE outcome = 'rejected'),
-                                    (SELECT count(*) FROM replies_p{p} r
-                                     JOIN processed_events_p{p} e USING (event_id)
-                                     WHERE e.event_type IN ('reserve', 'commit', 'release', 'expire'))
-                             FROM processed_events_p{p}"
-                        ),
-                        &[],
-                    )
-                    .await?;
+                // Counted when the period ended (`count_ended`); if that has not happened yet,
+                // now, before any table lock.
+                tx.batch_execute(&count_events(p)).await?;
                 // Both parents, in the order the writers lock them (events, then replies), so
                 // that dropping cannot deadlock with a batch; and from here no batch can queue
                 // a reply of this period again before the check below.
@@ -312,16 +343,15 @@ async fn drop_expired(
                     );
                     return Ok(());
                 }
-                let count = |i: usize| counts.try_get::<_, i64>(i);
                 tx.execute(
                     "UPDATE history_periods SET
-                         events_dropped = events_dropped + $2,
-                         applied_dropped = applied_dropped + $3,
-                         rejected_dropped = rejected_dropped + $4,
-                         order_replies_dropped = order_replies_dropped + $5,
+                         events_dropped = events_dropped + events_counted,
+                         applied_dropped = applied_dropped + applied_counted,
+                         rejected_dropped = rejected_dropped + rejected_counted,
+                         order_replies_dropped = order_replies_dropped + order_replies_counted,
                          events_gone = true
                      WHERE period = $1",
-                    &[&p, &count(0)?, &count(1)?, &count(2)?, &count(3)?],
+                    &[&p],
                 )
                 .await?;
                 tx.batch_execute(&format!(

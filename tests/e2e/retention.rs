@@ -105,6 +105,14 @@ async fn an_event_id_stays_a_duplicate_in_later_periods_until_the_horizon_drops_
     pass_days(&client, 2).await;
     let m = maintain(&db).await;
     assert!(m.started && m.period == 2, "{m:?}");
+    assert_eq!(
+        db.scalar(
+            "SELECT events_counted * 10 + events_dropped FROM history_periods WHERE period = 1"
+        )
+        .await,
+        10,
+        "the pass that ended period 1 counted its event, to be recorded when it is dropped"
+    );
 
     let again = apply(1, vec![restock("e1", 5), "{not json".to_owned()]).await;
     assert_eq!((again.duplicates, again.dead_letters), (1, 1), "{again:?}");
