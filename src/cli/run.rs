@@ -2,6 +2,7 @@
 //! SIGINT (drain, commit, leave the group, exit 0) or a fatal failure (exit 3). A second signal
 //! exits at once. On exit it prints its counters as one JSON line on stdout.
 
+use std::io::Write;
 use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -45,7 +46,10 @@ pub fn main(settings: Settings, args: &RunArgs) -> anyhow::Result<ExitCode> {
     // database call abandoned at the drain deadline). The poll thread is a plain thread: the
     // process does not wait for it.
     rt.shutdown_timeout(RUNTIME_SHUTDOWN);
-    println!("{}", serde_json::to_string(&stats.snapshot())?);
+    // Whatever happens to stdout (a closed pipe), the exit below must be reached.
+    if let Ok(counters) = serde_json::to_string(&stats.snapshot()) {
+        let _ = writeln!(std::io::stdout(), "{counters}");
+    }
     let code = match outcome {
         Ok(()) => 0,
         Err(e) if e.downcast_ref::<ConfigError>().is_some() => {
@@ -62,22 +66,7 @@ pub fn main(settings: Settings, args: &RunArgs) -> anyhow::Result<ExitCode> {
             EXIT_RUNTIME
         }
     };
-    exit_now(code)
-}
-
-/// Ends the process without the C library's exit handlers. librdkafka threads can outlive
-/// `main` (the reply producer's topic check, a client whose close was abandoned at its
-/// deadline), and OpenSSL's exit handler frees the state their TLS handshakes use: a replica
-/// that had logged its fatal TLS error crashed with SIGSEGV instead of exiting 3. Nothing is
-/// lost by skipping the handlers: the logs and the counters are flushed here, and what the
-/// replica applied is in the database with its offsets.
-fn exit_now(code: u8) -> ! {
-    use std::io::Write;
-    let _ = std::io::stdout().flush();
-    let _ = std::io::stderr().flush();
-    // SAFETY: `_exit` takes no pointers and never returns; skipping destructors and exit
-    // handlers is its purpose here.
-    unsafe { libc::_exit(code.into()) }
+    crate::signals::exit_now(code)
 }
 
 /// Every exit ends within the drain timeout plus 8 s of the shutdown's start (a signal, or a

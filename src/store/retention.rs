@@ -2,7 +2,7 @@
 //!
 //! `processed_events`, `stock_movements`, `dead_letters` and `replies` are partitioned by period
 //! (migration 8 says why a period and not a timestamp). Maintenance, run by every replica every
-//! [`HistorySettings::maintenance_interval`] and by the `maintain` command, does three things,
+//! [`HistorySettings::maintenance_interval`] and by the `maintain` command, does four things,
 //! each in a short transaction of its own that only one session at a time may run (a
 //! transaction-level try-lock: a replica that finds it taken skips the step):
 //! 1. creates the partitions of the next [`AHEAD`] periods, so that starting one never waits on
@@ -319,7 +319,16 @@ async fn drop_expired(
             Table::Events => {
                 // Counted when the period ended (`count_ended`); if that has not happened yet,
                 // now, before any table lock.
-                tx.batch_execute(&count_events(p)).await?;
+                let counted: bool = tx
+                    .query_one(
+                        "SELECT events_counted IS NOT NULL FROM history_periods WHERE period = $1",
+                        &[&p],
+                    )
+                    .await?
+                    .try_get(0)?;
+                if !counted {
+                    tx.batch_execute(&count_events(p)).await?;
+                }
                 // Both parents, in the order the writers lock them (events, then replies), so
                 // that dropping cannot deadlock with a batch; and from here no batch can queue
                 // a reply of this period again before the check below.

@@ -7,6 +7,7 @@
 use std::time::{Duration, Instant};
 
 use inventory_consumer::domain::lock_key;
+use nix::sys::signal::Signal;
 use serde_json::json;
 
 use crate::oracle::{assert_database_matches, truth_of};
@@ -288,6 +289,45 @@ async fn rebalance_through_a_stall(protocol: &[(&str, &str)]) {
         replicas[healthy].name(),
         replicas[owner].name(),
     );
+}
+
+/// An operator who will not wait for a drain that a stalled partition holds up sends a second
+/// signal: the replica exits 130 at once (without the C library's exit handlers, which ran
+/// under librdkafka's threads), and what it applied stays applied.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_signal_ends_a_stalled_drain_at_once() {
+    let env = TestEnv::new(PARTITIONS).await;
+    let blocker = hold_lock(&env, LOCKED).await;
+    let per_partition = send_workload(&env);
+    let mut replica = env.replica("r1", &[("processing.drain_timeout_ms", "120000")]);
+    wait_ready(&replica).await;
+    wait_for_all_but_the_stalled_partition(&env, &per_partition).await;
+
+    let _ = nix::sys::signal::kill(replica.pid(), Signal::SIGTERM);
+    wait_until("the drain to begin", SETTLE, || async {
+        replica.log().contains("termination requested; draining")
+    })
+    .await;
+    let second = Instant::now();
+    let _ = nix::sys::signal::kill(replica.pid(), Signal::SIGINT);
+    let status = replica.wait_abrupt_exit(EXIT);
+    let took = second.elapsed();
+    assert_eq!(
+        status.code(),
+        Some(130),
+        "exit after a second signal; log:\n{}",
+        replica.log()
+    );
+    assert!(
+        took < Duration::from_secs(10),
+        "exited {took:?} after the second signal; the drain would have waited 120 s"
+    );
+    assert!(replica.log().contains("second termination signal"));
+    drop(blocker);
+    let others: i64 = per_partition[1..].iter().sum();
+    assert_eq!(processed_outside(&env, 0).await, others);
+    assert_eq!(processed_in(&env, 0).await, 0);
+    println!("a second signal during a stalled drain: exit 130 after {took:.1?}");
 }
 
 /// Messages of about 1 MB over 64 partitions, one of them stalled by a held lock: the replica's

@@ -823,6 +823,15 @@ impl Replica {
         (status, stats)
     }
 
+    /// Waits for an exit that prints no counters (a second signal); returns its status.
+    pub fn wait_abrupt_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let (status, _) = self
+            .process
+            .wait_exit(timeout)
+            .unwrap_or_else(|e| panic!("{e}; log:\n{}", self.log()));
+        status
+    }
+
     /// SIGSTOP: the process freezes as in a long pause (its sessions and connections stay open).
     pub fn pause(&self) {
         nix::sys::signal::kill(self.pid(), Signal::SIGSTOP).expect("pausing a replica");
