@@ -21,6 +21,9 @@ pub fn main(settings: &Settings) -> anyhow::Result<ExitCode> {
     for what in &done.created {
         println!("created the partitions of {what}");
     }
+    for period in &done.sealed {
+        println!("sealed period {period} (counted; its event ids indexed by hash)");
+    }
     for table in &done.dropped {
         println!("dropped {table}");
     }

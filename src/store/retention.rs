@@ -10,7 +10,8 @@
 //! 2. starts a new period once the current one is `history.period_s` old, under the period
 //!    clock's exclusive lock: the switch waits for the batches of the old period to commit, and
 //!    no batch of the new one starts before it commits;
-//! 3. counts what the events of each newly ended period hold, once, into `history_periods`;
+//! 3. seals each newly ended period, once: counts what its events hold into `history_periods`,
+//!    and gives its event ids a hash index in place of the unique B-tree (see [`seal_ended`]);
 //! 4. drops, oldest first, each table's partitions of the periods that ended longer ago than its
 //!    retention, recording what they held in `history_periods` (so `verify` still adds up) and,
 //!    for the ledger, carrying each SKU's balance forward into `ledger_openings`. A period of
@@ -55,6 +56,8 @@ pub struct Maintenance {
     /// Partitions created and dropped, by table name (`processed_events_p3`...).
     pub created: Vec<String>,
     pub dropped: Vec<String>,
+    /// Ended periods sealed (see [`seal_ended`]).
+    pub sealed: Vec<i32>,
     /// Another session was maintaining: some steps were skipped.
     pub skipped: bool,
 }
@@ -69,7 +72,7 @@ pub async fn maintain(db: &mut Client, settings: &HistorySettings) -> Result<Mai
         let result = match step {
             0 => create_ahead(db, &mut done).await,
             1 => start_period(db, settings, &mut done).await,
-            2 => count_ended(db, &mut done).await,
+            2 => seal_ended(db, &mut done).await,
             n => drop_expired(db, Table::ALL[n - 3], settings, &mut done).await,
         };
         if let Err(e) = result {
@@ -98,9 +101,10 @@ pub async fn maintain_until(pool: Pool, settings: HistorySettings, stop: Cancell
             maintain(&mut conn, &settings).await
         };
         match pass.await {
-            Ok(m) if m.started || !m.dropped.is_empty() => tracing::info!(
+            Ok(m) if m.started || !m.dropped.is_empty() || !m.sealed.is_empty() => tracing::info!(
                 period = m.period,
                 started = m.started,
+                sealed = ?m.sealed,
                 dropped = ?m.dropped,
                 "history maintained"
             ),
@@ -213,11 +217,17 @@ pub(super) fn next_period(at: &str) -> String {
     )
 }
 
-/// Counts the events of each ended period not counted yet, oldest first, one period per
-/// transaction. An ended period's rows no longer change: every transaction of it ended before
-/// the clock moved on, and none can start. So the count taken now is the count its drop records,
-/// days later, without scanning the period while the batches wait (migration 13).
-async fn count_ended(db: &mut Client, done: &mut Maintenance) -> Result<(), Failure> {
+/// Seals each ended period not sealed yet, oldest first (migration 13): counts its events, so
+/// that its drop, days later, records the counts without scanning the period while the batches
+/// wait; and gives its event ids a hash index in place of the unique B-tree, so that the
+/// recorded-id read of every batch probes it at a third of the cost. An ended period's rows no
+/// longer change: every transaction of it ended before the clock moved on, and none can start.
+///
+/// The count and the index build lock nothing the batches need (building locks the ended
+/// partition against writes, which never come); dropping the B-tree waits for the batches that
+/// read the partition, so it commits on its own: when it gives up (after [`DDL_LOCK_WAIT`]),
+/// the next pass finds the count and the index done.
+async fn seal_ended(db: &mut Client, done: &mut Maintenance) -> Result<(), Failure> {
     loop {
         let Some(tx) = exclusive(db).await? else {
             done.skipped = true;
@@ -226,7 +236,7 @@ async fn count_ended(db: &mut Client, done: &mut Maintenance) -> Result<(), Fail
         let Some(row) = tx
             .query_opt(
                 "SELECT period FROM history_periods
-                 WHERE ended_at IS NOT NULL AND events_counted IS NULL AND NOT events_gone
+                 WHERE ended_at IS NOT NULL AND NOT events_sealed AND NOT events_gone
                  ORDER BY period LIMIT 1",
                 &[],
             )
@@ -234,14 +244,33 @@ async fn count_ended(db: &mut Client, done: &mut Maintenance) -> Result<(), Fail
         else {
             return Ok(());
         };
-        tx.batch_execute(&count_events(row.try_get(0)?)).await?;
+        let p: i32 = row.try_get(0)?;
+        tx.batch_execute(&format!("{}; {}", count_events(p), hash_index(p)))
+            .await?;
         tx.commit().await?;
+        let Some(tx) = exclusive(db).await? else {
+            done.skipped = true;
+            return Ok(());
+        };
+        tx.batch_execute(&drop_unique_index(p)).await?;
+        tx.commit().await?;
+        done.sealed.push(p);
     }
+}
+
+/// All of [`seal_ended`] for period `p` at once, for a database nothing else writes to.
+pub(super) fn seal(p: i32) -> String {
+    format!(
+        "{}; {}; {}",
+        count_events(p),
+        hash_index(p),
+        drop_unique_index(p)
+    )
 }
 
 /// Counts what period `p`'s events hold into its `*_counted` columns, unless counted already:
 /// one pass over the events; the replies are few (order steps only).
-pub(super) fn count_events(p: i32) -> String {
+fn count_events(p: i32) -> String {
     format!(
         "UPDATE history_periods SET
              (events_counted, applied_counted, rejected_counted, order_replies_counted) = (
@@ -253,6 +282,22 @@ pub(super) fn count_events(p: i32) -> String {
                          WHERE e.event_type IN ('reserve', 'commit', 'release', 'expire'))
                  FROM processed_events_p{p})
          WHERE period = {p} AND events_counted IS NULL"
+    )
+}
+
+fn hash_index(p: i32) -> String {
+    format!(
+        "CREATE INDEX IF NOT EXISTS processed_events_p{p}_event_id_hash
+         ON processed_events_p{p} USING hash (event_id)"
+    )
+}
+
+/// Period 0 of a database converted by migration 8 keeps its primary key: it is dropped with
+/// its period, and the planner probes whichever index costs less.
+fn drop_unique_index(p: i32) -> String {
+    format!(
+        "DROP INDEX IF EXISTS processed_events_p{p}_event_id;
+         UPDATE history_periods SET events_sealed = true WHERE period = {p}"
     )
 }
 
@@ -317,8 +362,8 @@ async fn drop_expired(
         let p: i32 = row.try_get(0)?;
         let dropped = match table {
             Table::Events => {
-                // Counted when the period ended (`count_ended`); if that has not happened yet,
-                // now, before any table lock.
+                // Counted when the period was sealed (`seal_ended`); if that has not happened
+                // yet, now, before any table lock.
                 let counted: bool = tx
                     .query_one(
                         "SELECT events_counted IS NOT NULL FROM history_periods WHERE period = $1",
