@@ -21,8 +21,8 @@ pub fn main(settings: &Settings) -> anyhow::Result<ExitCode> {
     for what in &done.created {
         println!("created the partitions of {what}");
     }
-    for period in &done.sealed {
-        println!("sealed period {period} (counted; its event ids indexed by hash)");
+    for period in &done.counted {
+        println!("counted the events of period {period}, for its drop to record");
     }
     for table in &done.dropped {
         println!("dropped {table}");

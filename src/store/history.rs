@@ -7,7 +7,7 @@
 //! By period (the schema of migration 8 on), the history is cut into periods of the given
 //! length, each ended at the time of its last row, as weeks of traffic would have left it, so
 //! that retention finds old periods to drop and the recorded-id read meets every kept period;
-//! a new period starts when the fill ends, and the ended ones are sealed as maintenance seals
+//! a new period starts when the fill ends, and the ended ones are counted as maintenance counts
 //! them.
 
 use tokio_postgres::Client;
@@ -117,16 +117,16 @@ pub async fn fill(
         next_period(db, "clock_timestamp()").await?;
         db.batch_execute("SELECT create_history_partitions(current_history_period() + 1)")
             .await?;
-        // Sealed, as maintenance did soon after each period ended.
+        // Counted, as maintenance did soon after each period ended.
         let ended = db
             .query(
                 "SELECT period FROM history_periods
-                 WHERE ended_at IS NOT NULL AND NOT events_sealed AND NOT events_gone",
+                 WHERE ended_at IS NOT NULL AND events_counted IS NULL AND NOT events_gone",
                 &[],
             )
             .await?;
         for row in ended {
-            db.batch_execute(&super::retention::seal(row.try_get(0)?))
+            db.batch_execute(&super::retention::count_events(row.try_get(0)?))
                 .await?;
         }
     }

@@ -3,19 +3,19 @@
 //! `processed_events`, `stock_movements`, `dead_letters` and `replies` are partitioned by period
 //! (migration 8 says why a period and not a timestamp). Maintenance, run by every replica every
 //! [`HistorySettings::maintenance_interval`] and by the `maintain` command, does four things,
-//! each in a short transaction of its own that only one session at a time may run (a
+//! each in a transaction of its own that only one session at a time may run (a
 //! transaction-level try-lock: a replica that finds it taken skips the step):
 //! 1. creates the partitions of the next [`AHEAD`] periods, so that starting one never waits on
 //!    DDL;
 //! 2. starts a new period once the current one is `history.period_s` old, under the period
 //!    clock's exclusive lock: the switch waits for the batches of the old period to commit, and
 //!    no batch of the new one starts before it commits;
-//! 3. seals each newly ended period, once: counts what its events hold into `history_periods`,
-//!    and gives its event ids a hash index in place of the unique B-tree (see [`seal_ended`]);
-//! 4. drops, oldest first, each table's partitions of the periods that ended longer ago than its
+//! 3. drops, oldest first, each table's partitions of the periods that ended longer ago than its
 //!    retention, recording what they held in `history_periods` (so `verify` still adds up) and,
 //!    for the ledger, carrying each SKU's balance forward into `ledger_openings`. A period of
-//!    replies still queued for the relay is kept until they are published.
+//!    replies still queued for the relay is kept until they are published;
+//! 4. counts, once, what the events of each ended period still kept hold, into
+//!    `history_periods` (see [`count_ended`]).
 
 use std::time::Duration;
 
@@ -56,8 +56,8 @@ pub struct Maintenance {
     /// Partitions created and dropped, by table name (`processed_events_p3`...).
     pub created: Vec<String>,
     pub dropped: Vec<String>,
-    /// Ended periods sealed (see [`seal_ended`]).
-    pub sealed: Vec<i32>,
+    /// Ended periods counted (see [`count_ended`]).
+    pub counted: Vec<i32>,
     /// Another session was maintaining: some steps were skipped.
     pub skipped: bool,
 }
@@ -68,12 +68,16 @@ pub async fn maintain(db: &mut Client, settings: &HistorySettings) -> Result<Mai
     // Each step on its own: one that fails (a lock not granted in time) leaves the others to
     // do their part; the first failure is reported.
     let mut failed = None;
+    // Expired periods are dropped before the ended ones are counted: counting one about to go
+    // would read it for nothing (its drop counts it if it was never counted).
     for step in 0..3 + Table::ALL.len() {
         let result = match step {
             0 => create_ahead(db, &mut done).await,
             1 => start_period(db, settings, &mut done).await,
-            2 => seal_ended(db, &mut done).await,
-            n => drop_expired(db, Table::ALL[n - 3], settings, &mut done).await,
+            n if n < 2 + Table::ALL.len() => {
+                drop_expired(db, Table::ALL[n - 2], settings, &mut done).await
+            }
+            _ => count_ended(db, &mut done).await,
         };
         if let Err(e) = result {
             failed.get_or_insert(e);
@@ -101,10 +105,10 @@ pub async fn maintain_until(pool: Pool, settings: HistorySettings, stop: Cancell
             maintain(&mut conn, &settings).await
         };
         match pass.await {
-            Ok(m) if m.started || !m.dropped.is_empty() || !m.sealed.is_empty() => tracing::info!(
+            Ok(m) if m.started || !m.dropped.is_empty() || !m.counted.is_empty() => tracing::info!(
                 period = m.period,
                 started = m.started,
-                sealed = ?m.sealed,
+                counted = ?m.counted,
                 dropped = ?m.dropped,
                 "history maintained"
             ),
@@ -128,8 +132,8 @@ async fn exclusive(db: &mut Client) -> Result<Option<tokio_postgres::Transaction
     // Creating and dropping a partition locks its parent table exclusively, and the batches
     // that come meanwhile queue behind that lock: a long read of the table (an audit) must not
     // hold them up for long. The step fails instead, and the next pass tries again.
-    // And a drop counts and carries forward a whole period, which can outlast the pool's
-    // statement timeout: no statement bound here, only the lock bound.
+    // And counting a period and a drop that carries the ledger forward read a whole period, which can outlast the pool's statement timeout: no statement
+    // bound here, only the lock bound.
     tx.batch_execute(&format!(
         "SET LOCAL lock_timeout = {}; SET LOCAL statement_timeout = 0",
         DDL_LOCK_WAIT.as_millis()
@@ -217,17 +221,12 @@ pub(super) fn next_period(at: &str) -> String {
     )
 }
 
-/// Seals each ended period not sealed yet, oldest first (migration 13): counts its events, so
-/// that its drop, days later, records the counts without scanning the period while the batches
-/// wait; and gives its event ids a hash index in place of the unique B-tree, so that the
-/// recorded-id read of every batch probes it at a third of the cost. An ended period's rows no
-/// longer change: every transaction of it ended before the clock moved on, and none can start.
-///
-/// The count and the index build lock nothing the batches need (building locks the ended
-/// partition against writes, which never come); dropping the B-tree waits for the batches that
-/// read the partition, so it commits on its own: when it gives up (after [`DDL_LOCK_WAIT`]),
-/// the next pass finds the count and the index done.
-async fn seal_ended(db: &mut Client, done: &mut Maintenance) -> Result<(), Failure> {
+/// Counts the events of each ended period still kept and not counted yet, oldest first, one
+/// period per transaction (migration 13). An ended period's rows no longer change: every
+/// transaction of it ended before the clock moved on, and none can start. So the count taken
+/// now is the count its drop records, days later, without scanning the period while the
+/// batches wait. Counting reads the period and locks nothing the batches need.
+async fn count_ended(db: &mut Client, done: &mut Maintenance) -> Result<(), Failure> {
     loop {
         let Some(tx) = exclusive(db).await? else {
             done.skipped = true;
@@ -236,7 +235,7 @@ async fn seal_ended(db: &mut Client, done: &mut Maintenance) -> Result<(), Failu
         let Some(row) = tx
             .query_opt(
                 "SELECT period FROM history_periods
-                 WHERE ended_at IS NOT NULL AND NOT events_sealed AND NOT events_gone
+                 WHERE ended_at IS NOT NULL AND events_counted IS NULL AND NOT events_gone
                  ORDER BY period LIMIT 1",
                 &[],
             )
@@ -245,32 +244,15 @@ async fn seal_ended(db: &mut Client, done: &mut Maintenance) -> Result<(), Failu
             return Ok(());
         };
         let p: i32 = row.try_get(0)?;
-        tx.batch_execute(&format!("{}; {}", count_events(p), hash_index(p)))
-            .await?;
+        tx.batch_execute(&count_events(p)).await?;
         tx.commit().await?;
-        let Some(tx) = exclusive(db).await? else {
-            done.skipped = true;
-            return Ok(());
-        };
-        tx.batch_execute(&drop_unique_index(p)).await?;
-        tx.commit().await?;
-        done.sealed.push(p);
+        done.counted.push(p);
     }
-}
-
-/// All of [`seal_ended`] for period `p` at once, for a database nothing else writes to.
-pub(super) fn seal(p: i32) -> String {
-    format!(
-        "{}; {}; {}",
-        count_events(p),
-        hash_index(p),
-        drop_unique_index(p)
-    )
 }
 
 /// Counts what period `p`'s events hold into its `*_counted` columns, unless counted already:
 /// one pass over the events; the replies are few (order steps only).
-fn count_events(p: i32) -> String {
+pub(super) fn count_events(p: i32) -> String {
     format!(
         "UPDATE history_periods SET
              (events_counted, applied_counted, rejected_counted, order_replies_counted) = (
@@ -282,22 +264,6 @@ fn count_events(p: i32) -> String {
                          WHERE e.event_type IN ('reserve', 'commit', 'release', 'expire'))
                  FROM processed_events_p{p})
          WHERE period = {p} AND events_counted IS NULL"
-    )
-}
-
-fn hash_index(p: i32) -> String {
-    format!(
-        "CREATE INDEX IF NOT EXISTS processed_events_p{p}_event_id_hash
-         ON processed_events_p{p} USING hash (event_id)"
-    )
-}
-
-/// Period 0 of a database converted by migration 8 keeps its primary key: it is dropped with
-/// its period, and the planner probes whichever index costs less.
-fn drop_unique_index(p: i32) -> String {
-    format!(
-        "DROP INDEX IF EXISTS processed_events_p{p}_event_id;
-         UPDATE history_periods SET events_sealed = true WHERE period = {p}"
     )
 }
 
@@ -362,8 +328,8 @@ async fn drop_expired(
         let p: i32 = row.try_get(0)?;
         let dropped = match table {
             Table::Events => {
-                // Counted when the period was sealed (`seal_ended`); if that has not happened
-                // yet, now, before any table lock.
+                // Counted soon after the period ended (`count_ended`); if that has not
+                // happened yet, now, before any table lock.
                 let counted: bool = tx
                     .query_one(
                         "SELECT events_counted IS NOT NULL FROM history_periods WHERE period = $1",
