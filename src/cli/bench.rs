@@ -89,6 +89,10 @@ const BATCH: usize = 500;
 /// Partitions of the memory run: the mock broker keeps about 5 MiB per partition, and a
 /// backlog must not outgrow that before it is read.
 const BACKLOG_PARTITIONS: i32 = 64;
+/// What the embedded broker keeps of a partition (about 5 MiB, librdkafka's mock), with a
+/// margin, and about the size of one of the workload's messages.
+const EMBEDDED_KEEPS: u64 = 4 << 20;
+const MESSAGE_BYTES: u64 = 160;
 /// Events of the hot-SKU run at most (see there).
 const HOT_EVENTS: u64 = 60_000;
 const SETTLE_TIMEOUT: Duration = Duration::from_secs(900);
@@ -309,6 +313,23 @@ pub fn main(cli: &Cli, args: &BenchArgs) -> anyhow::Result<ExitCode> {
                 ..apache
             },
         ));
+    }
+    // The embedded broker deletes a partition's oldest messages past about 5 MiB, read or not:
+    // a backlog larger than that would lose messages before a replica reads them (the replica
+    // logs the offset reset and the audit fails). Refused up front, with what to do instead.
+    for (key, _, p) in &runs {
+        let per_partition = p.events * MESSAGE_BYTES / p.partitions.max(1) as u64;
+        if wanted(key) && p.broker == BrokerKind::Embedded && per_partition > EMBEDDED_KEEPS {
+            anyhow::bail!(
+                "run `{key}`: {} events over {} partitions is about {} MiB a partition, more \
+                 than the embedded broker keeps (about 5 MiB): messages would be deleted before \
+                 they are read. Use more --partitions, fewer --events, or Apache Kafka \
+                 (--apache --only one-apache,three-apache)",
+                p.events,
+                p.partitions,
+                per_partition >> 20
+            );
+        }
     }
     // Rounds interleave the runs, so that a noisy moment of a shared machine does not land on
     // one run only; each run's median round is reported. Latency and memory run once.

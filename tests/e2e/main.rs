@@ -376,6 +376,35 @@ async fn demo_passes(extra: &[&str]) -> String {
 /// has every row and ratio. Speed is not asserted here: the numbers are for `bench` at full
 /// size.
 #[tokio::test(flavor = "multi_thread")]
+async fn bench_refuses_a_backlog_the_embedded_broker_cannot_keep() {
+    let db = support::TestDb::new().await;
+    let url = db.url.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(support::BIN)
+            .args(["bench", "--only", "one", "--events", "1000000"])
+            .arg("--database-url")
+            .arg(&url)
+            .output()
+            .expect("running bench")
+    })
+    .await
+    .expect("joining");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "bench ran a backlog the broker deletes"
+    );
+    assert!(
+        stderr.contains("more than the embedded broker keeps"),
+        "{stderr}"
+    );
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains("events/s"),
+        "a run started before the refusal"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn bench_runs_every_mode_and_each_passes_verify() {
     support::install_apache();
     let db = support::TestDb::new().await;
