@@ -118,14 +118,7 @@ pub async fn fill(
         db.batch_execute("SELECT create_history_partitions(current_history_period() + 1)")
             .await?;
         // Counted, as maintenance did soon after each period ended.
-        let ended = db
-            .query(
-                "SELECT period FROM history_periods
-                 WHERE ended_at IS NOT NULL AND events_counted IS NULL AND NOT events_gone",
-                &[],
-            )
-            .await?;
-        for row in ended {
+        for row in db.query(super::retention::UNCOUNTED, &[]).await? {
             db.batch_execute(&super::retention::count_events(row.try_get(0)?))
                 .await?;
         }

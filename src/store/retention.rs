@@ -132,8 +132,9 @@ async fn exclusive(db: &mut Client) -> Result<Option<tokio_postgres::Transaction
     // Creating and dropping a partition locks its parent table exclusively, and the batches
     // that come meanwhile queue behind that lock: a long read of the table (an audit) must not
     // hold them up for long. The step fails instead, and the next pass tries again.
-    // And counting a period and a drop that carries the ledger forward read a whole period, which can outlast the pool's statement timeout: no statement
-    // bound here, only the lock bound.
+    // And counting a period and a drop that carries the ledger forward read a whole period,
+    // which can outlast the pool's statement timeout: no statement bound here, only the lock
+    // bound.
     tx.batch_execute(&format!(
         "SET LOCAL lock_timeout = {}; SET LOCAL statement_timeout = 0",
         DDL_LOCK_WAIT.as_millis()
@@ -232,15 +233,7 @@ async fn count_ended(db: &mut Client, done: &mut Maintenance) -> Result<(), Fail
             done.skipped = true;
             return Ok(());
         };
-        let Some(row) = tx
-            .query_opt(
-                "SELECT period FROM history_periods
-                 WHERE ended_at IS NOT NULL AND events_counted IS NULL AND NOT events_gone
-                 ORDER BY period LIMIT 1",
-                &[],
-            )
-            .await?
-        else {
+        let Some(row) = tx.query(UNCOUNTED, &[]).await?.into_iter().next() else {
             return Ok(());
         };
         let p: i32 = row.try_get(0)?;
@@ -250,8 +243,15 @@ async fn count_ended(db: &mut Client, done: &mut Maintenance) -> Result<(), Fail
     }
 }
 
-/// Counts what period `p`'s events hold into its `*_counted` columns, unless counted already:
-/// one pass over the events; the replies are few (order steps only).
+/// The ended periods whose events are kept and not counted yet, oldest first.
+pub(super) const UNCOUNTED: &str = "
+    SELECT period FROM history_periods
+    WHERE ended_at IS NOT NULL AND events_counted IS NULL AND NOT events_gone
+    ORDER BY period";
+
+/// Counts what period `p`'s events hold into its `*_counted` columns, unless counted already
+/// (then the count is not run): one pass over the events; the replies are few (order steps
+/// only).
 pub(super) fn count_events(p: i32) -> String {
     format!(
         "UPDATE history_periods SET
@@ -329,17 +329,8 @@ async fn drop_expired(
         let dropped = match table {
             Table::Events => {
                 // Counted soon after the period ended (`count_ended`); if that has not
-                // happened yet, now, before any table lock.
-                let counted: bool = tx
-                    .query_one(
-                        "SELECT events_counted IS NOT NULL FROM history_periods WHERE period = $1",
-                        &[&p],
-                    )
-                    .await?
-                    .try_get(0)?;
-                if !counted {
-                    tx.batch_execute(&count_events(p)).await?;
-                }
+                // happened yet, now, before any table lock (else the count is not run).
+                tx.batch_execute(&count_events(p)).await?;
                 // Both parents, in the order the writers lock them (events, then replies), so
                 // that dropping cannot deadlock with a batch; and from here no batch can queue
                 // a reply of this period again before the check below.
