@@ -25,8 +25,8 @@
 //! Every statement is set-based over arrays (`unnest`), so a batch costs a fixed number of
 //! round trips whatever its size. Each is prepared once per connection
 //! ([`super::statements`]; all of a round trip's before it is sent, which keeps them in order):
-//! parsed once, and planned once for arrays of any length. History rows
-//! name their period with `(SELECT current_history_period())`, evaluated once per statement.
+//! parsed once, and planned once for arrays of any length. History rows name their period with
+//! [`current_period!`], evaluated once per statement.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -75,11 +75,22 @@ pub struct BatchOutcome {
 // Array order is scan order in a function scan, so the locks are taken in the order given.
 pub(super) const LOCK: &str = "SELECT pg_advisory_xact_lock(k) FROM unnest($1::bigint[]) AS t(k)";
 
+/// The period writers write to, `current_history_period()` (migration 8) written out: a call of
+/// that SQL function is parsed and planned again by every statement that makes it (three or more
+/// per batch), where this subquery is planned once with its prepared statement.
+macro_rules! current_period {
+    () => {
+        "(SELECT max(period) FROM history_periods)"
+    };
+}
+
 // Every period kept, but not those made ahead (empty): the condition prunes their partitions
-// when the statement starts, which saves an index probe per event and partition.
-const RECORDED: &str = "
-    SELECT event_id, payload_digest FROM processed_events
-    WHERE event_id = ANY($1::text[]) AND period <= current_history_period()";
+// once the subquery has run, which saves an index probe per event and partition.
+const RECORDED: &str = concat!(
+    "SELECT event_id, payload_digest FROM processed_events
+     WHERE event_id = ANY($1::text[]) AND period <= ",
+    current_period!()
+);
 
 pub(super) const STOCK: &str =
     "SELECT sku, current_stock, reserved_stock FROM products WHERE sku = ANY($1::text[])";
@@ -125,10 +136,12 @@ const INSERT_RESERVATION_LINES: &str = "
 
 // The replies of the batch's order steps, each queued for the relay; and the recorded replies
 // of requests sent again, queued once more.
-pub(super) const INSERT_REPLIES: &str = "
-    INSERT INTO replies (event_id, order_id, reply_key, payload, period)
-    SELECT *, (SELECT current_history_period())
-    FROM unnest($1::text[], $2::text[], $3::text[], $4::text[])";
+pub(super) const INSERT_REPLIES: &str = concat!(
+    "INSERT INTO replies (event_id, order_id, reply_key, payload, period)
+     SELECT *, ",
+    current_period!(),
+    " FROM unnest($1::text[], $2::text[], $3::text[], $4::text[])"
+);
 
 // Queued in the order given (a function scan keeps array order, and so do the identities):
 // the batch's order, new replies and those of requests sent again alike. A request sent
@@ -145,14 +158,15 @@ pub(super) const END_RESERVATIONS: &str = "
     FROM unnest($1::text[], $2::text[], $3::text[]) AS t(o, s, b)
     WHERE r.order_id = t.o";
 
-pub(super) const INSERT_EVENTS: &str = "
-    INSERT INTO processed_events
-        (event_id, event_type, outcome, reason, line_count, topic, partition, \"offset\", payload_digest,
-         period)
-    SELECT e.id, e.kind, e.outcome, e.reason, e.lines, $1, $2, e.off, e.digest,
-           (SELECT current_history_period())
-    FROM unnest($3::text[], $4::text[], $5::text[], $6::text[], $7::int[], $8::bigint[], $9::bytea[])
-        AS e(id, kind, outcome, reason, lines, off, digest)";
+pub(super) const INSERT_EVENTS: &str = concat!(
+    "INSERT INTO processed_events
+         (event_id, event_type, outcome, reason, line_count, topic, partition, \"offset\",
+          payload_digest, period)
+     SELECT e.id, e.kind, e.outcome, e.reason, e.lines, $1, $2, e.off, e.digest, ",
+    current_period!(),
+    " FROM unnest($3::text[], $4::text[], $5::text[], $6::text[], $7::int[], $8::bigint[],
+                  $9::bytea[]) AS e(id, kind, outcome, reason, lines, off, digest)"
+);
 
 // Existing SKUs change by increment, never by a value computed here, so even a writer that
 // bypassed the locks could not be overwritten. (Not an upsert: PostgreSQL checks the CHECK
@@ -171,11 +185,14 @@ const INSERT_PRODUCTS: &str = "
     INSERT INTO products (sku, current_stock, version, reserved_stock)
     SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bigint[])";
 
-pub(super) const INSERT_MOVEMENTS: &str = "
-    INSERT INTO stock_movements
-        (event_id, sku, delta, stock_after, reserved_delta, reserved_after, period)
-    SELECT *, (SELECT current_history_period())
-    FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::bigint[], $6::bigint[])";
+pub(super) const INSERT_MOVEMENTS: &str = concat!(
+    "INSERT INTO stock_movements
+         (event_id, sku, delta, stock_after, reserved_delta, reserved_after, period)
+     SELECT *, ",
+    current_period!(),
+    " FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::bigint[],
+                  $6::bigint[])"
+);
 
 // Never moves back: a zombie's late batch cannot rewind a partition.
 const RECORD_OFFSET: &str = "
@@ -186,13 +203,15 @@ const RECORD_OFFSET: &str = "
 
 // A redelivered bad message is kept once, whatever period holds it. (The partition's fence
 // serializes the batches of one partition, so no other transaction adds the same position.)
-const INSERT_DEAD_LETTERS: &str = "
-    INSERT INTO dead_letters (topic, partition, \"offset\", key, payload, error, detail, period)
-    SELECT $1, $2, d.off, d.key, d.payload, d.error, d.detail, (SELECT current_history_period())
-    FROM unnest($3::bigint[], $4::bytea[], $5::bytea[], $6::text[], $7::text[])
-        AS d(off, key, payload, error, detail)
-    WHERE NOT EXISTS (SELECT 1 FROM dead_letters x
-                      WHERE x.topic = $1 AND x.partition = $2 AND x.\"offset\" = d.off)";
+const INSERT_DEAD_LETTERS: &str = concat!(
+    "INSERT INTO dead_letters (topic, partition, \"offset\", key, payload, error, detail, period)
+     SELECT $1, $2, d.off, d.key, d.payload, d.error, d.detail, ",
+    current_period!(),
+    " FROM unnest($3::bigint[], $4::bytea[], $5::bytea[], $6::text[], $7::text[])
+         AS d(off, key, payload, error, detail)
+     WHERE NOT EXISTS (SELECT 1 FROM dead_letters x
+                       WHERE x.topic = $1 AND x.partition = $2 AND x.\"offset\" = d.off)"
+);
 
 /// Applies one batch of one partition in one transaction; see the module doc for the steps.
 pub async fn apply_batch(
