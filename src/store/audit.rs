@@ -176,6 +176,22 @@ pub async fn audit(db: &Client, expected: Option<&Expectation>) -> Result<AuditR
             OR reserved_after <> reserved OR reserved < 0 OR reserved > running",
     )
     .await?;
+    // The conditions migration 14 moved here from CHECK constraints of `processed_events`
+    // (a NULL condition passes, as it did there).
+    r.none_of(
+        db,
+        "event rows as recorded",
+        "events whose row breaks the table's rules (id length, type, outcome and reason, line count, position)",
+        "SELECT count(*) FROM processed_events
+         WHERE NOT (length(event_id) BETWEEN 1 AND CASE WHEN event_type = 'expire' THEN 135 ELSE 128 END
+                    AND event_type IN ('restock', 'sale', 'adjustment', 'reserve', 'commit',
+                                       'release', 'expire')
+                    AND outcome IN ('applied', 'rejected')
+                    AND line_count BETWEEN 0 AND 100
+                    AND (outcome = 'applied') = (reason IS NULL)
+                    AND (event_type = 'expire') = (partition IS NULL AND \"offset\" IS NULL))",
+    )
+    .await?;
     r.none_of(
         db,
         "outcomes match effects",
