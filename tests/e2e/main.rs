@@ -480,10 +480,9 @@ async fn bench_runs_every_mode_and_each_passes_verify() {
     }
 }
 
-/// The ledger's foreign keys are gone (they cost most of the server's time per event): the
-/// audit behind `verify` is what catches a ledger row naming an unknown event or product.
-#[tokio::test(flavor = "multi_thread")]
-async fn verify_catches_ledger_rows_without_their_event_or_product() {
+/// A migrated database holding one applied restock of one unit of SKU `S` (event `e`), written
+/// directly: the audit tests below then break it.
+async fn one_restock_applied() -> (support::TestEnv, tokio_postgres::Client) {
     let env = support::TestEnv::new(1).await;
     inventory_consumer::store::migrate::migrate(&env.db.url)
         .await
@@ -499,6 +498,14 @@ async fn verify_catches_ledger_rows_without_their_event_or_product() {
     )
     .await
     .expect("a consistent ledger");
+    (env, db)
+}
+
+/// The ledger's foreign keys are gone (they cost most of the server's time per event): the
+/// audit behind `verify` is what catches a ledger row naming an unknown event or product.
+#[tokio::test(flavor = "multi_thread")]
+async fn verify_catches_ledger_rows_without_their_event_or_product() {
+    let (env, db) = one_restock_applied().await;
     let (ok, report) = env.verify(None);
     assert!(ok, "a consistent ledger passes:\n{report}");
     for stray in [
@@ -518,21 +525,7 @@ async fn verify_catches_ledger_rows_without_their_event_or_product() {
 /// tenth of the row's insert): the audit catches a row that breaks one of their rules.
 #[tokio::test(flavor = "multi_thread")]
 async fn verify_catches_event_rows_that_break_the_rules_the_table_no_longer_checks() {
-    let env = support::TestEnv::new(1).await;
-    inventory_consumer::store::migrate::migrate(&env.db.url)
-        .await
-        .expect("migrating");
-    let db = env.db.client().await;
-    db.batch_execute(
-        "INSERT INTO products (sku, current_stock, version) VALUES ('S', 1, 1);
-         INSERT INTO processed_events (event_id, event_type, outcome, line_count, topic,
-             partition, \"offset\", payload_digest, period)
-         VALUES ('e', 'restock', 'applied', 1, 't', 0, 0, '\\x00', current_history_period());
-         INSERT INTO stock_movements (event_id, sku, delta, stock_after, period)
-             VALUES ('e', 'S', 1, 1, current_history_period());",
-    )
-    .await
-    .expect("a consistent ledger");
+    let (env, db) = one_restock_applied().await;
     let (ok, report) = env.verify(None);
     assert!(ok, "a consistent database passes:\n{report}");
     // Each rule broken on its own, then mended.
@@ -541,7 +534,10 @@ async fn verify_catches_event_rows_that_break_the_rules_the_table_no_longer_chec
         ("outcome = 'maybe'", "outcome = 'applied'"),
         ("reason = 'insufficient_stock'", "reason = NULL"),
         ("line_count = 101", "line_count = 1"),
-        ("partition = NULL, \"offset\" = NULL", "partition = 0, \"offset\" = 0"),
+        (
+            "partition = NULL, \"offset\" = NULL",
+            "partition = 0, \"offset\" = 0",
+        ),
         ("event_type = 'expire'", "event_type = 'restock'"),
     ] {
         db.batch_execute(&format!("UPDATE processed_events SET {broken}"))
