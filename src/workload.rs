@@ -80,7 +80,7 @@ impl Expectation {
 pub struct Oracle {
     book: StockBook,
     orders: OrderBook,
-    digests: HashMap<String, Vec<u8>>,
+    digests: HashMap<String, [u8; 32]>,
     expected: Expectation,
     /// The stream is decided at one instant (when the oracle was made): no reservation
     /// expires while it is read. Exact for generated traffic; a file whose later events touch

@@ -232,10 +232,11 @@ pub async fn apply_batch(
     let orders = batch.order_ids();
     let orders_param = [(&orders as &(dyn ToSql + Sync), Type::TEXT_ARRAY)];
     let no_params: [(&(dyn ToSql + Sync), Type); 0] = [];
-    let mut skus = batch.skus();
     // KEYED_PLANS goes with the transaction's first round trip: this one when the batch has
     // orders, else the next.
-    if !orders.is_empty() {
+    let order_sku_rows = if orders.is_empty() {
+        Vec::new()
+    } else {
         statements
             .prepare(
                 &tx,
@@ -247,8 +248,13 @@ pub async fn apply_batch(
             statements.execute(&tx, KEYED_PLANS, &no_params),
             statements.query(&tx, ORDER_SKUS, &orders_param),
         )?;
-        for row in rows {
-            skus.push(row.try_get::<_, String>(0)?);
+        rows
+    };
+    let mut skus = batch.skus();
+    // Sorted when the batch has orders: their reservations' lines are looked up below.
+    if !orders.is_empty() {
+        for row in &order_sku_rows {
+            skus.push(row.try_get::<_, &str>(0)?);
         }
         skus.sort_unstable();
         skus.dedup();
@@ -339,7 +345,7 @@ pub async fn apply_batch(
     if let Some(sku) = reservations
         .values()
         .flat_map(|r| &r.lines)
-        .find(|l| skus.binary_search(&l.sku).is_err())
+        .find(|l| skus.binary_search(&l.sku.as_str()).is_err())
     {
         // A reservation of one of our orders was written between the read of its SKUs and the
         // locks (its reserve came through another partition): take the locks again.
@@ -705,8 +711,8 @@ pub(super) fn read_stock(rows: &[tokio_postgres::Row]) -> Result<StockBook, Fail
 
 /// Advisory-lock keys of `skus`, ascending and distinct: taking them in this one global order
 /// is what keeps multi-SKU transactions from deadlocking.
-pub(super) fn lock_keys(skus: &[String]) -> Vec<i64> {
-    let mut keys: Vec<i64> = skus.iter().map(|s| lock_key(s)).collect();
+pub(super) fn lock_keys(skus: &[impl AsRef<str>]) -> Vec<i64> {
+    let mut keys: Vec<i64> = skus.iter().map(|s| lock_key(s.as_ref())).collect();
     keys.sort_unstable();
     keys.dedup();
     keys
