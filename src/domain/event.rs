@@ -108,7 +108,7 @@ impl Event {
             &self.occurred_at,
             &self.source,
         );
-        let mut canonical = Sha256::new();
+        let mut hasher = Sha256::new();
         let written = if self.kind.is_order_step() {
             // Order steps add their fields; stock events keep the digest they were recorded with.
             let expiry = self.expiry.as_ref().map(|e| match e {
@@ -117,7 +117,7 @@ impl Event {
             });
             let (id, kind, lines, reason, occurred_at, source) = head;
             serde_json::to_writer(
-                &mut canonical,
+                &mut hasher,
                 &(
                     id,
                     kind,
@@ -130,12 +130,12 @@ impl Event {
                 ),
             )
         } else {
-            serde_json::to_writer(&mut canonical, &head)
+            serde_json::to_writer(&mut hasher, &head)
         };
-        // Writing plain strings and integers to memory cannot fail; were it ever to, the digest
+        // Writing plain strings and integers into a hash cannot fail; were it ever to, the digest
         // of the partial text would still be a digest of this event alone.
         debug_assert!(written.is_ok());
-        canonical.finalize().into()
+        hasher.finalize().into()
     }
 }
 

@@ -529,7 +529,7 @@ async fn verify_catches_event_rows_that_break_the_rules_the_table_no_longer_chec
     let (ok, report) = env.verify(None);
     assert!(ok, "a consistent database passes:\n{report}");
     // Each rule broken on its own, then mended.
-    for (broken, column) in [
+    for (broken, mended) in [
         ("event_type = 'gift'", "event_type = 'restock'"),
         ("outcome = 'maybe'", "outcome = 'applied'"),
         ("reason = 'insufficient_stock'", "reason = NULL"),
@@ -548,7 +548,7 @@ async fn verify_catches_event_rows_that_break_the_rules_the_table_no_longer_chec
             !ok && report.contains("FAIL event rows as recorded"),
             "{broken}:\n{report}"
         );
-        db.batch_execute(&format!("UPDATE processed_events SET {column}"))
+        db.batch_execute(&format!("UPDATE processed_events SET {mended}"))
             .await
             .expect("mending it");
     }
