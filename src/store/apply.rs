@@ -84,13 +84,24 @@ macro_rules! current_period {
     };
 }
 
-// Every period kept, but not those made ahead (empty): the condition prunes their partitions
-// once the subquery has run, which saves an index probe per event and partition.
-const RECORDED: &str = concat!(
-    "SELECT event_id, payload_digest FROM processed_events
-     WHERE event_id = ANY($1::text[]) AND period <= ",
-    current_period!()
-);
+// The recorded ids are read only in the periods that may hold one of the batch's ids: those
+// not counted yet (the current one, one just ended), and the counted ones whose range of ids
+// overlaps the batch's (migration 15). An ended
+// period's rows never change, so its range, taken when it was counted, holds every id it has.
+// Ids that grow with time (a sequence, a timestamp or a UUIDv7 first) then cost one index
+// probe each, in the current period, however many periods are kept; ids in no order cost one
+// probe per period, as before. Periods made ahead have no row in `history_periods` yet, and the
+// partitions of the others are pruned on each turn of the loop. `h.period >= 0` always holds:
+// it is there to give the planner an index condition.
+const RECORDED: &str = "
+    SELECT e.event_id, e.payload_digest
+    FROM history_periods h CROSS JOIN LATERAL (
+        SELECT event_id, payload_digest FROM processed_events p
+        WHERE p.period = h.period AND p.event_id = ANY($1::text[]) OFFSET 0) e
+    WHERE h.period >= 0 AND NOT h.events_gone
+      AND (h.events_counted IS NULL
+           OR (h.events_min_id <= (SELECT max(i) FROM unnest($1::text[]) AS i)
+               AND h.events_max_id >= (SELECT min(i) FROM unnest($1::text[]) AS i)))";
 
 pub(super) const STOCK: &str =
     "SELECT sku, current_stock, reserved_stock FROM products WHERE sku = ANY($1::text[])";
@@ -116,10 +127,13 @@ pub(super) const RESERVATIONS: &str = "
 /// first batches) they scan it whole for every batch, comparing each row with every key of the
 /// batch. Seen in `bench`: the stock read took 31 ms a batch instead of 1. Every statement of
 /// the batch touches a few rows per key, by key: a scan or a hash of a whole table never pays.
+/// And no JIT: a plan left with no path but a disabled one costs more than JIT's threshold,
+/// and compiling it would take a batch 100 ms or more.
 pub(super) const KEYED_PLANS: &str = "
     SELECT set_config('enable_seqscan', 'off', true),
            set_config('enable_hashjoin', 'off', true),
-           set_config('enable_mergejoin', 'off', true)";
+           set_config('enable_mergejoin', 'off', true),
+           set_config('jit', 'off', true)";
 
 // The database's clock decides expiries, never a replica's: read after the locks (`now()` is
 // the transaction's start, which a lock wait can leave seconds behind).

@@ -14,8 +14,8 @@
 //!    retention, recording what they held in `history_periods` (so `verify` still adds up) and,
 //!    for the ledger, carrying each SKU's balance forward into `ledger_openings`. A period of
 //!    replies still queued for the relay is kept until they are published;
-//! 4. counts, once, what the events of each ended period still kept hold, into
-//!    `history_periods` (see [`count_ended`]).
+//! 4. counts, once, what the events of each ended period still kept hold, and the range of
+//!    their ids, into `history_periods` (see [`count_ended`]).
 
 use std::time::Duration;
 
@@ -226,7 +226,8 @@ pub(super) fn next_period(at: &str) -> String {
 /// period per transaction (migration 13). An ended period's rows no longer change: every
 /// transaction of it ended before the clock moved on, and none can start. So the count taken
 /// now is the count its drop records, days later, without scanning the period while the
-/// batches wait. Counting reads the period and locks nothing the batches need.
+/// batches wait, and the range of ids taken with it holds every id of the period for good.
+/// Counting reads the period and locks nothing the batches need.
 async fn count_ended(db: &mut Client, done: &mut Maintenance) -> Result<(), Failure> {
     loop {
         let Some(tx) = exclusive(db).await? else {
@@ -249,19 +250,22 @@ pub(super) const UNCOUNTED: &str = "
     WHERE ended_at IS NOT NULL AND events_counted IS NULL AND NOT events_gone
     ORDER BY period";
 
-/// Counts what period `p`'s events hold into its `*_counted` columns, unless counted already
-/// (then the count is not run): one pass over the events; the replies are few (order steps
-/// only).
+/// Counts what period `p`'s events hold into its `*_counted` columns, with the range of its
+/// event ids (where the batches look for recorded ids, src/store/apply.rs), unless counted
+/// already (then the count is not run): one pass over the events; the replies are few (order
+/// steps only).
 pub(super) fn count_events(p: i32) -> String {
     format!(
         "UPDATE history_periods SET
-             (events_counted, applied_counted, rejected_counted, order_replies_counted) = (
+             (events_counted, applied_counted, rejected_counted, order_replies_counted,
+              events_min_id, events_max_id) = (
                  SELECT count(*) FILTER (WHERE event_type <> 'expire'),
                         count(*) FILTER (WHERE outcome = 'applied' AND event_type <> 'expire'),
                         count(*) FILTER (WHERE outcome = 'rejected'),
                         (SELECT count(*) FROM replies_p{p} r
                          JOIN processed_events_p{p} e USING (event_id)
-                         WHERE e.event_type IN ('reserve', 'commit', 'release', 'expire'))
+                         WHERE e.event_type IN ('reserve', 'commit', 'release', 'expire')),
+                        min(event_id), max(event_id)
                  FROM processed_events_p{p})
          WHERE period = {p} AND events_counted IS NULL"
     )

@@ -187,6 +187,67 @@ async fn an_event_id_stays_a_duplicate_in_later_periods_until_the_horizon_drops_
     assert!(!report.passed(), "a wrong opening balance passed the audit");
 }
 
+/// A counted period's range of event ids says where a batch reads recorded ids: ids at its
+/// ends and between are still duplicates in a later period, ids outside it are new. The audit
+/// catches a range that leaves out an id of its period, which would let that id apply again.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_counted_periods_range_of_ids_says_where_recorded_ids_are_read() {
+    let (db, pool, source) = migrated_store().await;
+    let client = db.client().await;
+    let epoch = store::claim(&pool, &source, "a", &[0])
+        .await
+        .expect("claim")[&0]
+        .epoch;
+    let apply = |offset: i64, ids: &[&str]| {
+        let (pool, source) = (pool.clone(), source.clone());
+        let events: Vec<String> = ids.iter().map(|id| restock(id, 1)).collect();
+        async move {
+            apply_batch(&pool, &source, &batch(offset, &events), Guards::On, epoch)
+                .await
+                .expect("applying a batch")
+        }
+    };
+
+    assert_eq!(apply(0, &["id-b", "id-m", "id-y"]).await.applied, 3);
+    pass_days(&client, 2).await;
+    let m = maintain(&db).await;
+    assert!(m.started && m.counted.contains(&1), "{m:?}");
+    let range = client
+        .query_one(
+            "SELECT events_min_id, events_max_id FROM history_periods WHERE period = 1",
+            &[],
+        )
+        .await
+        .expect("period 1's range");
+    assert_eq!(
+        (range.get::<_, String>(0), range.get::<_, String>(1)),
+        ("id-b".to_owned(), "id-y".to_owned())
+    );
+
+    let again = apply(3, &["id-a", "id-b", "id-m", "id-y", "id-z"]).await;
+    assert_eq!((again.duplicates, again.applied), (3, 2), "{again:?}");
+    assert_audit_passes(&db, "a counted period").await;
+
+    client
+        .execute(
+            "UPDATE history_periods SET events_min_id = 'id-c' WHERE period = 1",
+            &[],
+        )
+        .await
+        .expect("narrowing the range");
+    let report = audit::audit(&client, None).await.expect("auditing");
+    let failed: Vec<_> = report.checks.iter().filter(|c| !c.passed).collect();
+    assert!(
+        failed.len() == 1 && failed[0].name == "period id ranges",
+        "{failed:?}"
+    );
+    assert_eq!(
+        apply(8, &["id-b"]).await.applied,
+        1,
+        "a batch below the narrowed range did not skip period 1"
+    );
+}
+
 /// A new period starts only once every transaction of the current one has ended: it waits for
 /// a batch in flight, and a batch that comes meanwhile waits behind it and lands in the new
 /// period. So no two transactions of different periods ever overlap.
