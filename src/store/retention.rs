@@ -2,7 +2,7 @@
 //!
 //! `processed_events`, `stock_movements`, `dead_letters` and `replies` are partitioned by period
 //! (migration 8 says why a period and not a timestamp). Maintenance, run by every replica every
-//! [`HistorySettings::maintenance_interval`] and by the `maintain` command, does four things,
+//! [`HistorySettings::maintenance_interval`] and by the `maintain` command, does five things,
 //! each in a transaction of its own that only one session at a time may run (a
 //! transaction-level try-lock: a replica that finds it taken skips the step):
 //! 1. creates the partitions of the next [`AHEAD`] periods, so that starting one never waits on
@@ -13,9 +13,11 @@
 //! 3. drops, oldest first, each table's partitions of the periods that ended longer ago than its
 //!    retention, recording what they held in `history_periods` (so `verify` still adds up) and,
 //!    for the ledger, carrying each SKU's balance forward into `ledger_openings`. A period of
-//!    replies still queued for the relay is kept until they are published;
+//!    replies still queued for the relay is kept until they are published. The partitions are
+//!    detached there and their tables dropped last (see [`drop_detached`]);
 //! 4. counts, once, what the events of each ended period still kept hold, and the range of
-//!    their ids, into `history_periods` (see [`count_ended`]).
+//!    their ids, into `history_periods` (see [`count_ended`]);
+//! 5. drops the tables detached.
 
 use std::time::Duration;
 
@@ -70,14 +72,15 @@ pub async fn maintain(db: &mut Client, settings: &HistorySettings) -> Result<Mai
     let mut failed = None;
     // Expired periods are dropped before the ended ones are counted: counting one about to go
     // would read it for nothing (its drop counts it if it was never counted).
-    for step in 0..3 + Table::ALL.len() {
+    for step in 0..4 + Table::ALL.len() {
         let result = match step {
             0 => create_ahead(db, &mut done).await,
             1 => start_period(db, settings, &mut done).await,
             n if n < 2 + Table::ALL.len() => {
                 drop_expired(db, Table::ALL[n - 2], settings, &mut done).await
             }
-            _ => count_ended(db, &mut done).await,
+            n if n == 2 + Table::ALL.len() => count_ended(db, &mut done).await,
+            _ => drop_detached(db).await,
         };
         if let Err(e) = result {
             failed.get_or_insert(e);
@@ -370,7 +373,8 @@ async fn drop_expired(
                 )
                 .await?;
                 tx.batch_execute(&format!(
-                    "DROP TABLE replies_p{p}; DROP TABLE processed_events_p{p};"
+                    "ALTER TABLE replies DETACH PARTITION replies_p{p};
+                     ALTER TABLE processed_events DETACH PARTITION processed_events_p{p};"
                 ))
                 .await?;
                 vec![format!("processed_events_p{p}"), format!("replies_p{p}")]
@@ -394,7 +398,7 @@ async fn drop_expired(
                              + (SELECT coalesce(sum(changes), 0) FROM last),
                          movements_gone = true
                      WHERE period = {p};
-                     DROP TABLE stock_movements_p{p};"
+                     ALTER TABLE stock_movements DETACH PARTITION stock_movements_p{p};"
                 ))
                 .await?;
                 vec![format!("stock_movements_p{p}")]
@@ -406,7 +410,7 @@ async fn drop_expired(
                              (SELECT count(*) FROM dead_letters_p{p}),
                          dead_letters_gone = true
                      WHERE period = {p};
-                     DROP TABLE dead_letters_p{p};"
+                     ALTER TABLE dead_letters DETACH PARTITION dead_letters_p{p};"
                 ))
                 .await?;
                 vec![format!("dead_letters_p{p}")]
@@ -415,6 +419,36 @@ async fn drop_expired(
         tx.commit().await?;
         done.dropped.extend(dropped);
     }
+}
+
+/// History tables detached from their parent (`drop_expired`) and not dropped yet.
+const DETACHED: &str = "
+    SELECT c.relname::text FROM pg_class c
+    WHERE c.relnamespace = current_schema()::regnamespace AND c.relkind = 'r'
+      AND NOT c.relispartition
+      AND c.relname ~ '^(processed_events|replies|stock_movements|dead_letters)_p[0-9]+$'";
+
+/// Drops the history tables `drop_expired` detached (this pass, or one that stopped before
+/// this step): their period is accounted for, and no statement of the batches reads them any
+/// more. Dropping deletes their files, which takes seconds for a large period; done here, it
+/// holds no lock the batches wait on, where dropping a partition locks its parent table.
+async fn drop_detached(db: &mut Client) -> Result<(), Failure> {
+    let Some(tx) = exclusive(db).await? else {
+        return Ok(());
+    };
+    let names: Vec<String> = tx
+        .query(DETACHED, &[])
+        .await?
+        .iter()
+        .map(|row| row.try_get(0))
+        .collect::<Result<_, _>>()?;
+    if names.is_empty() {
+        return Ok(());
+    }
+    tx.batch_execute(&format!("DROP TABLE {}", names.join(", ")))
+        .await?;
+    tx.commit().await?;
+    Ok(())
 }
 
 /// The settings in words, for the start-up log and `maintain`.

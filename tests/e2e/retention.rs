@@ -138,6 +138,15 @@ async fn an_event_id_stays_a_duplicate_in_later_periods_until_the_horizon_drops_
     );
     assert_audit_passes(&db, "events of period 1 dropped").await;
     assert_eq!(
+        db.scalar(
+            "SELECT count(*) FROM pg_class
+             WHERE relname IN ('processed_events_p1', 'replies_p1')"
+        )
+        .await,
+        0,
+        "period 1's detached tables were not dropped"
+    );
+    assert_eq!(
         db.scalar("SELECT events_dropped FROM history_periods WHERE period = 1")
             .await,
         1
@@ -151,7 +160,18 @@ async fn an_event_id_stays_a_duplicate_in_later_periods_until_the_horizon_drops_
     assert_eq!(stock().await, 10);
 
     pass_days(&client, 31).await;
+    // As a pass that stopped after detaching a partition would leave it.
+    client
+        .batch_execute("CREATE TABLE stock_movements_p999 (LIKE stock_movements)")
+        .await
+        .expect("a detached table");
     let m = maintain(&db).await;
+    assert_eq!(
+        db.scalar("SELECT count(*) FROM pg_class WHERE relname = 'stock_movements_p999'")
+            .await,
+        0,
+        "a detached table left behind was not dropped"
+    );
     for gone in [
         "stock_movements_p1",
         "stock_movements_p2",
