@@ -10,10 +10,11 @@
 //!    from here until commit no other replica works on these SKUs, and because every transaction
 //!    takes its locks in the same global order, multi-SKU batches cannot deadlock.
 //! 2. Read the stock of the SKUs and which event ids are already recorded (with their digest),
-//!    in every period still kept. The reads run after the locks are held, so under READ
-//!    COMMITTED they see every effect committed before us on these SKUs, and every event of an
-//!    earlier period. Two batches that record the same event id at once write to the same
-//!    period, whose unique index makes the second fail and be retried (it then finds the id).
+//!    in every period still kept that may hold one of them (`RECORDED`). The reads run after
+//!    the locks are held, so under READ COMMITTED they see every effect committed before us on
+//!    these SKUs, and every event of an earlier period. Two batches that record the same event
+//!    id at once write to the same period, whose unique index makes the second fail and be
+//!    retried (it then finds the id).
 //! 3. [`Batch::plan`] decides every delivery (pure code).
 //! 4. Write: the new `processed_events` rows, the product changes as atomic increments
 //!    (`current_stock = current_stock + delta`, `version = version + changes`; the CHECK on
@@ -86,13 +87,13 @@ macro_rules! current_period {
 
 // The recorded ids are read only in the periods that may hold one of the batch's ids: those
 // not counted yet (the current one, one just ended), and the counted ones whose range of ids
-// overlaps the batch's (migration 15). An ended
-// period's rows never change, so its range, taken when it was counted, holds every id it has.
-// Ids that grow with time (a sequence, a timestamp or a UUIDv7 first) then cost one index
-// probe each, in the current period, however many periods are kept; ids in no order cost one
-// probe per period, as before. Periods made ahead have no row in `history_periods` yet, and the
-// partitions of the others are pruned on each turn of the loop. `h.period >= 0` always holds:
-// it is there to give the planner an index condition.
+// overlaps the batch's (migration 15). An ended period's rows never change, so its range,
+// taken when it was counted, holds every id it has. Ids that grow with time (a sequence, or a
+// timestamp or UUIDv7 first) then cost one index probe each, in the current period, however
+// many periods are kept; ids in no order cost one probe per period, as before. Periods made
+// ahead have no row in `history_periods` yet, and the partitions of the others are pruned on
+// each turn of the loop. `h.period >= 0` always holds: it gives the planner an index
+// condition, where a scan (disabled, KEYED_PLANS) would cost enough to be compiled by JIT.
 const RECORDED: &str = "
     SELECT e.event_id, e.payload_digest
     FROM history_periods h CROSS JOIN LATERAL (

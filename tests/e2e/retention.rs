@@ -12,7 +12,7 @@ use crate::support::{TestDb, TestEnv, terminate_all, wait_until};
 use inventory_consumer::config::HistorySettings;
 use inventory_consumer::domain::{Batch, Delivery};
 use inventory_consumer::store::retention::{self, Maintenance};
-use inventory_consumer::store::{self, Guards, apply_batch, audit, history};
+use inventory_consumer::store::{self, BatchOutcome, Guards, Source, apply_batch, audit, history};
 
 const DAY: u64 = 86_400;
 
@@ -67,6 +67,28 @@ fn batch(first_offset: i64, events: &[String]) -> Batch {
     batch
 }
 
+/// A migrated store with partition 0 claimed by one replica, and the claim's epoch.
+async fn claimed_store() -> (TestDb, store::Pool, Source, i64) {
+    let (db, pool, source) = migrated_store().await;
+    let epoch = store::claim(&pool, &source, "a", &[0])
+        .await
+        .expect("claim")[&0]
+        .epoch;
+    (db, pool, source, epoch)
+}
+
+async fn apply_events(
+    pool: &store::Pool,
+    source: &Source,
+    epoch: i64,
+    offset: i64,
+    events: Vec<String>,
+) -> BatchOutcome {
+    apply_batch(pool, source, &batch(offset, &events), Guards::On, epoch)
+        .await
+        .expect("applying a batch")
+}
+
 fn restock(id: &str, quantity: i64) -> String {
     json!({"event_id": id, "type": "restock", "sku": "S-1", "quantity": quantity}).to_string()
 }
@@ -77,20 +99,10 @@ fn restock(id: &str, quantity: i64) -> String {
 /// events are counted as dropped, and the audit holds at every step.
 #[tokio::test(flavor = "multi_thread")]
 async fn an_event_id_stays_a_duplicate_in_later_periods_until_the_horizon_drops_it() {
-    let (db, pool, source) = migrated_store().await;
+    let (db, pool, source, epoch) = claimed_store().await;
     let client = db.client().await;
-    let epoch = store::claim(&pool, &source, "a", &[0])
-        .await
-        .expect("claim")[&0]
-        .epoch;
-    let apply = |offset: i64, events: Vec<String>| {
-        let (pool, source) = (pool.clone(), source.clone());
-        async move {
-            apply_batch(&pool, &source, &batch(offset, &events), Guards::On, epoch)
-                .await
-                .expect("applying a batch")
-        }
-    };
+    let apply =
+        |offset: i64, events: Vec<String>| apply_events(&pool, &source, epoch, offset, events);
     let stock = || async {
         db.scalar("SELECT current_stock FROM products WHERE sku = 'S-1'")
             .await
@@ -212,20 +224,11 @@ async fn an_event_id_stays_a_duplicate_in_later_periods_until_the_horizon_drops_
 /// catches a range that leaves out an id of its period, which would let that id apply again.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_counted_periods_range_of_ids_says_where_recorded_ids_are_read() {
-    let (db, pool, source) = migrated_store().await;
+    let (db, pool, source, epoch) = claimed_store().await;
     let client = db.client().await;
-    let epoch = store::claim(&pool, &source, "a", &[0])
-        .await
-        .expect("claim")[&0]
-        .epoch;
     let apply = |offset: i64, ids: &[&str]| {
-        let (pool, source) = (pool.clone(), source.clone());
-        let events: Vec<String> = ids.iter().map(|id| restock(id, 1)).collect();
-        async move {
-            apply_batch(&pool, &source, &batch(offset, &events), Guards::On, epoch)
-                .await
-                .expect("applying a batch")
-        }
+        let events = ids.iter().map(|id| restock(id, 1)).collect();
+        apply_events(&pool, &source, epoch, offset, events)
     };
 
     assert_eq!(apply(0, &["id-b", "id-m", "id-y"]).await.applied, 3);
