@@ -10,8 +10,8 @@
 //! - produce-to-commit latency at a fixed rate, from the replicas' latency histograms;
 //! - peak resident memory of one replica working through a large backlog.
 //!
-//! Backlog runs produce everything before the replicas start; their clock runs from the
-//! first committed batch to the last. Every run ends with the audit against the workload's
+//! Every pipeline run lets its replicas share the partitions first; the clock runs from the
+//! start of production to the last commit. Every run ends with the audit against the workload's
 //! oracle; a failed audit fails the command. Figures are measured, targets only reported.
 
 use std::path::PathBuf;
@@ -22,7 +22,7 @@ use anyhow::{Context, bail};
 use clap::Args;
 use tokio::runtime::Runtime;
 
-use crate::cli::produce::send;
+use crate::cli::produce::{deliver, expect};
 use crate::cli::{Cli, EXIT_VERIFY_FAILED, given_or_throwaway_database, log_dir, runtime};
 use crate::config::Settings;
 use crate::domain::{Batch, Delivery, lock_key};
@@ -31,8 +31,9 @@ use crate::embedded::local_kafka::{BrokerKind, LocalKafka};
 use crate::embedded::postgres::{PostgresOptions, ThrowawayPostgres};
 use crate::embedded::replica::{ReplicaProcess, local_env};
 use crate::embedded::wait::wait_until;
+use crate::kafka::producer::EventProducer;
 use crate::store::{self, Guards, Source, apply_batch, audit};
-use crate::workload::{Expectation, Generator, Oracle, WorkloadSpec};
+use crate::workload::{Expectation, Generator, Message, Oracle, WorkloadSpec};
 
 #[derive(Debug, Args)]
 pub struct BenchArgs {
@@ -140,12 +141,15 @@ struct StatementTime {
     rows: i64,
 }
 
-/// CPU seconds (user + system) of the replica processes and of the PostgreSQL server, each
-/// `None` where it cannot be read: used so far (a reading), or per event (two readings apart).
+/// CPU seconds (user + system) of the replica processes, of the PostgreSQL server and, in the
+/// pipeline runs, of bench itself (the harness: the producer, and the embedded broker when it
+/// is the one used), each `None` where it cannot be read or does not apply: used so far (a
+/// reading), or per event (two readings apart).
 #[derive(Debug, Clone, Copy, Default)]
 struct Cpu {
     replicas: Option<f64>,
     server: Option<f64>,
+    harness: Option<f64>,
 }
 
 impl Cpu {
@@ -155,6 +159,7 @@ impl Cpu {
         Cpu {
             replicas: per(self.replicas, later.replicas),
             server: per(self.server, later.server),
+            harness: per(self.harness, later.harness),
         }
     }
 }
@@ -371,6 +376,7 @@ pub fn main(cli: &Cli, args: &BenchArgs) -> anyhow::Result<ExitCode> {
             let cpu = Cpu {
                 replicas: median_of(all.iter().map(|m| m.cpu.replicas)),
                 server: median_of(all.iter().map(|m| m.cpu.server)),
+                harness: median_of(all.iter().map(|m| m.cpu.harness)),
             };
             all.sort_by(|a, b| a.per_second().total_cmp(&b.per_second()));
             let mut median = all.swap_remove(all.len() / 2);
@@ -500,6 +506,7 @@ impl Bench {
         Cpu {
             replicas,
             server: server.and_then(cpu::tree_seconds),
+            harness: cpu::process_seconds(std::process::id() as i32),
         }
     }
 
@@ -508,6 +515,7 @@ impl Bench {
     fn own_cpu_reading(&self) -> Cpu {
         Cpu {
             replicas: cpu::process_seconds(std::process::id() as i32),
+            harness: None,
             ..self.cpu_reading(&[])
         }
     }
@@ -755,12 +763,17 @@ impl Bench {
             },
         ))?;
         let stats = self.rt.block_on(self.statement_stats());
+        // The workload and its expectation are made, and the producer connected, before the
+        // clock starts: they are the harness's work, on the same cores as the pipeline.
+        let messages: Vec<Message> = Generator::new(spec).collect();
+        let expected = expect(&messages);
+        let producer = EventProducer::new(&settings).context("creating the producer")?;
         // The clock starts with production: at full speed for a backlog run (the producer
         // outpaces the pipeline, so the backlog builds up at once), at `rate` otherwise.
         let before = self.cpu_reading(&replicas);
         let producer = {
-            let (settings, spec, rate) = (settings.clone(), spec.clone(), p.rate);
-            std::thread::spawn(move || send(&settings, Generator::new(spec), p.events, rate, false))
+            let (events, rate) = (messages.len() as u64, p.rate);
+            std::thread::spawn(move || deliver(producer, messages.into_iter(), events, rate, false))
         };
         let (seconds, timed) = self.rt.block_on(time_to_settle(&url, p.events as i64))?;
         let cpu = before.per_event(&self.cpu_reading(&replicas), timed);
@@ -782,7 +795,7 @@ impl Bench {
                 bail!("{} exited with {status}; log: {}", r.name, r.log.display());
             }
         }
-        let expected = producer
+        producer
             .join()
             .map_err(|_| anyhow::anyhow!("the producer thread panicked"))??;
         let verified = self.rt.block_on(verify(&url, &expected))?;
@@ -1058,7 +1071,7 @@ fn report(m: &Measured) {
 fn print_table<'a>(results: impl Iterator<Item = &'a Measured>) {
     println!();
     println!(
-        "{:<60} {:>9} {:>8} {:>10} {:>8} {:>8} {:>9} {:>7} {:>7} {:>6}",
+        "{:<60} {:>9} {:>8} {:>10} {:>8} {:>8} {:>9} {:>7} {:>7} {:>8} {:>6}",
         "run",
         "events",
         "seconds",
@@ -1068,6 +1081,7 @@ fn print_table<'a>(results: impl Iterator<Item = &'a Measured>) {
         "RSS MiB",
         "rep µs",
         "pg µs",
+        "bench µs",
         "verify"
     );
     for m in results {
@@ -1075,7 +1089,7 @@ fn print_table<'a>(results: impl Iterator<Item = &'a Measured>) {
             (format!("{:.1}", a * 1e3), format!("{:.1}", b * 1e3))
         });
         println!(
-            "{:<60} {:>9} {:>8.2} {:>10.0} {:>8} {:>8} {:>9} {:>7} {:>7} {:>6}",
+            "{:<60} {:>9} {:>8.2} {:>10.0} {:>8} {:>8} {:>9} {:>7} {:>7} {:>8} {:>6}",
             m.name,
             m.events,
             m.seconds,
@@ -1085,13 +1099,15 @@ fn print_table<'a>(results: impl Iterator<Item = &'a Measured>) {
             m.peak_rss.map_or("-".into(), |b| format!("{:.1}", mib(b))),
             micros(m.cpu.replicas),
             micros(m.cpu.server),
+            micros(m.cpu.harness),
             if m.verified { "PASS" } else { "FAIL" }
         );
     }
     println!(
-        "(rep µs, pg µs: CPU time, user + system, per event over the timed part: of the replica \
-         processes (database only: of bench, driving the batch transaction), of the PostgreSQL \
-         server)"
+        "(rep µs, pg µs, bench µs: CPU time, user + system, per event over the timed part: of the \
+         replica processes (database only: of bench, driving the batch transaction), of the \
+         PostgreSQL server, of bench as the pipeline's harness (its producer, and the embedded \
+         broker when that is the one used), all on the same cores)"
     );
 }
 
