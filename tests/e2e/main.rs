@@ -466,9 +466,11 @@ async fn bench_runs_every_mode_and_each_passes_verify() {
         if run.starts_with("database only") || run.starts_with("steady state") {
             assert_eq!(harness, Some("-"), "{row}");
         } else {
-            let number = |c: Option<&str>| c.and_then(|c| c.parse::<f64>().ok()).unwrap_or(0.0);
-            assert!(number(harness) > 0.0, "harness CPU per event: {row}");
-            assert!(number(columns.next()) > 0.0, "replica CPU per event: {row}");
+            // bench's own share can round to 0 over these few events (/proc counts 10 ms ticks).
+            let number = |c: Option<&str>| c.and_then(|c| c.parse::<f64>().ok());
+            assert!(number(harness).is_some(), "harness CPU per event: {row}");
+            let replicas = number(columns.next()).unwrap_or(0.0);
+            assert!(replicas > 0.0, "replica CPU per event: {row}");
         }
     }
     for ratio in [
