@@ -135,7 +135,15 @@ async fn an_event_id_stays_a_duplicate_in_later_periods_until_the_horizon_drops_
     );
     assert_audit_passes(&db, "two periods").await;
 
-    // Period 1 ended 16 days ago: past the 15-day horizon, inside the ledger's 30 days.
+    // Period 1 ended 16 days ago: past the 15-day horizon, inside the ledger's 30 days. Left
+    // uncounted, as a period that ended before migration 13 is: the drop counts it itself.
+    client
+        .execute(
+            "UPDATE history_periods SET events_counted = NULL WHERE period = 1",
+            &[],
+        )
+        .await
+        .expect("uncounting period 1");
     pass_days(&client, 16).await;
     let m = maintain(&db).await;
     assert_eq!(
