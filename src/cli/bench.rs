@@ -598,9 +598,9 @@ impl Bench {
             // without.)
             let admin = store::connect(&self.admin_url).await?;
             let _ = admin.batch_execute("CHECKPOINT").await;
-            // And from a quiet disk: the throwaway server runs without fsync, so a copy of a
-            // large history (and that checkpoint) leaves gigabytes for the kernel to write
-            // back, which would otherwise happen during the timed run.
+            // And from a quiet disk: a copy of a large history, and the previous run's
+            // database dropped, can leave the kernel gigabytes to write back or discard, which
+            // would otherwise happen during the timed run.
             let settling = Instant::now();
             tokio::task::spawn_blocking(nix::unistd::sync).await?;
             if settling.elapsed() > Duration::from_secs(1) {
