@@ -104,6 +104,15 @@ impl Default for Oracle {
 }
 
 impl Oracle {
+    /// The expectation over messages already made, in the order they are sent.
+    pub fn over<'a>(messages: impl IntoIterator<Item = &'a Message>) -> Expectation {
+        let mut oracle = Oracle::default();
+        for m in messages {
+            oracle.observe(Some(&m.value));
+        }
+        oracle.finish()
+    }
+
     pub fn observe(&mut self, payload: Option<&[u8]>) {
         self.expected.messages += 1;
         let Ok(event) = decode(payload) else {
@@ -543,12 +552,8 @@ mod tests {
 
     #[test]
     fn generates_what_was_asked_and_the_oracle_counts_it() {
-        let mut oracle = Oracle::default();
         let messages: Vec<Message> = Generator::new(spec()).collect();
-        for m in &messages {
-            oracle.observe(Some(&m.value));
-        }
-        let e = oracle.finish();
+        let e = Oracle::over(&messages);
         assert_eq!(e.events, 5_000);
         assert_eq!(e.messages as usize, messages.len());
         assert_eq!(e.events + e.duplicates + e.dead_letters, e.messages);
@@ -565,11 +570,7 @@ mod tests {
         let mut s = spec();
         s.order_share = 0.3;
         let messages: Vec<Message> = Generator::new(s).collect();
-        let mut oracle = Oracle::default();
-        for m in &messages {
-            oracle.observe(Some(&m.value));
-        }
-        let e = oracle.finish();
+        let e = Oracle::over(&messages);
         assert_eq!(
             e.events, 5_000,
             "order steps count towards the events asked for"

@@ -22,7 +22,7 @@ use anyhow::{Context, bail};
 use clap::Args;
 use tokio::runtime::Runtime;
 
-use crate::cli::produce::{deliver, expect};
+use crate::cli::produce::deliver;
 use crate::cli::{Cli, EXIT_VERIFY_FAILED, given_or_throwaway_database, log_dir, runtime};
 use crate::config::Settings;
 use crate::domain::{Batch, Delivery, lock_key};
@@ -766,7 +766,7 @@ impl Bench {
         // The workload and its expectation are made, and the producer connected, before the
         // clock starts: they are the harness's work, on the same cores as the pipeline.
         let messages: Vec<Message> = Generator::new(spec).collect();
-        let expected = expect(&messages);
+        let expected = Oracle::over(&messages);
         let producer = EventProducer::new(&settings).context("creating the producer")?;
         // The clock starts with production: at full speed for a backlog run (the producer
         // outpaces the pipeline, so the backlog builds up at once), at `rate` otherwise.

@@ -165,16 +165,6 @@ pub fn send(
     Ok(oracle.finish())
 }
 
-/// The expectation over `messages`, computed before any is sent (by `bench`, so that the
-/// oracle's work is not timed with the pipeline's).
-pub fn expect<'a>(messages: impl IntoIterator<Item = &'a Message>) -> Expectation {
-    let mut oracle = Oracle::default();
-    for m in messages {
-        oracle.observe(Some(&m.value));
-    }
-    oracle.finish()
-}
-
 /// Sends messages in order through `producer` (at `rate` per second if not 0) and waits until
 /// every one is acknowledged; the number delivered.
 pub fn deliver(
