@@ -491,22 +491,24 @@ impl Bench {
         }
     }
 
-    /// CPU read off the throwaway server and the given replica processes (`None` for a part
-    /// that cannot be read: a server elsewhere, a replica gone).
+    /// CPU read off the throwaway server, the given replica processes and, when there are
+    /// replicas, this process as their harness (`None` for a part that cannot be read: a
+    /// server elsewhere, a replica gone).
     fn cpu_reading(&self, replicas: &[ReplicaProcess]) -> Cpu {
         let server = self.server.as_ref().and_then(|s| s.server_pid());
-        let replicas = (!replicas.is_empty())
-            .then(|| {
-                replicas
-                    .iter()
-                    .map(|r| cpu::process_seconds(r.pid()?.as_raw()))
-                    .sum::<Option<f64>>()
-            })
-            .flatten();
+        let (replicas, harness) = if replicas.is_empty() {
+            (None, None)
+        } else {
+            let replicas = replicas
+                .iter()
+                .map(|r| cpu::process_seconds(r.pid()?.as_raw()))
+                .sum::<Option<f64>>();
+            (replicas, cpu::process_seconds(std::process::id() as i32))
+        };
         Cpu {
             replicas,
             server: server.and_then(cpu::tree_seconds),
-            harness: cpu::process_seconds(std::process::id() as i32),
+            harness,
         }
     }
 
@@ -515,7 +517,6 @@ impl Bench {
     fn own_cpu_reading(&self) -> Cpu {
         Cpu {
             replicas: cpu::process_seconds(std::process::id() as i32),
-            harness: None,
             ..self.cpu_reading(&[])
         }
     }
