@@ -8,8 +8,9 @@
 //!
 //! Events read again that are already recorded change nothing (dedupe). Before it moves
 //! anything, the command reads the window and counts the events whose ids are *not* recorded:
-//! those decide again (older than the dedupe horizon, or lost with a restored database).
-//! `--dry-run` prints the same and moves nothing.
+//! those decide again (older than the dedupe horizon, or lost with a restored database), so
+//! a sale would sell twice. It then refuses to move anything unless `--force` is given, and
+//! names the periods whose ids retention dropped. `--dry-run` prints the same and moves nothing.
 
 use std::collections::{BTreeMap, HashSet};
 use std::process::ExitCode;
@@ -48,6 +49,10 @@ pub struct ReplayArgs {
     /// Print what would move, and how many events would decide again; move nothing.
     #[arg(long)]
     pub dry_run: bool,
+    /// Replay even when some events of the window are no longer recorded (past the dedupe
+    /// horizon, or lost with a restored database): they apply a second time.
+    #[arg(long)]
+    pub force: bool,
     /// Print JSON (one object) instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -90,6 +95,8 @@ struct Replay {
     messages: u64,
     events: u64,
     again: u64,
+    /// The periods whose event ids retention dropped, and that may have held the window's.
+    periods_gone: Vec<replay::GonePeriod>,
     /// The partitions moved back (empty on a dry run): the offsets as the rewind found them.
     rewound: Vec<replay::Rewound>,
 }
@@ -169,17 +176,23 @@ pub fn main(settings: &Settings, args: &ReplayArgs) -> anyhow::Result<ExitCode> 
             return Ok(ExitCode::from(EXIT_CONFIG));
         }
     };
-    read_windows(&consumer, topic, &mut plans, |ids| {
+    let first_timestamp = read_windows(&consumer, topic, &mut plans, |ids| {
         rt.block_on(replay::count_recorded(&db, ids))
             .map_err(anyhow::Error::from)
     })?;
+    let periods_gone = match first_timestamp {
+        Some(since) => rt.block_on(replay::gone_periods(&db, since))?,
+        None => Vec::new(),
+    };
+    let again: u64 = plans.iter().map(|p| p.again).sum();
+    let refused = again > 0 && !args.force && !args.dry_run;
 
     let moving: BTreeMap<i32, i64> = plans
         .iter()
         .filter(|p| p.unchanged.is_none())
         .filter_map(|p| p.target.map(|t| (p.partition, t)))
         .collect();
-    let rewound = if args.dry_run || moving.is_empty() {
+    let rewound = if args.dry_run || refused || moving.is_empty() {
         Vec::new()
     } else {
         rt.block_on(replay::rewind(&mut db, group, topic, &moving))?
@@ -190,14 +203,22 @@ pub fn main(settings: &Settings, args: &ReplayArgs) -> anyhow::Result<ExitCode> 
         dry_run: args.dry_run,
         messages: plans.iter().map(|p| p.messages).sum(),
         events: plans.iter().map(|p| p.events).sum(),
-        again: plans.iter().map(|p| p.again).sum(),
+        again,
         partitions: plans,
+        periods_gone,
         rewound,
     };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         print!("{}", table(&report));
+    }
+    if refused {
+        eprintln!(
+            "replay refused, nothing moved: {again} event(s) of the window are no longer \
+             recorded and would apply a second time; give --force to replay anyway"
+        );
+        return Ok(ExitCode::from(EXIT_CONFIG));
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -247,13 +268,13 @@ fn offsets_for_time(
 
 /// Reads each moving partition's window (target to recorded offset), counting its messages,
 /// its events, and the distinct event ids not recorded (`count_recorded` says how many of a
-/// set are).
+/// set are). Returns the earliest timestamp among the windows' messages (ms), if any.
 fn read_windows(
     consumer: &BaseConsumer,
     topic: &str,
     plans: &mut [PartitionReplay],
     count_recorded: impl Fn(&HashSet<String>) -> anyhow::Result<u64>,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Option<i64>> {
     // Partition -> (index in plans, end of its window).
     let mut open: BTreeMap<i32, (usize, i64)> = BTreeMap::new();
     let mut tpl = TopicPartitionList::new();
@@ -264,8 +285,9 @@ fn read_windows(
         }
     }
     if open.is_empty() {
-        return Ok(());
+        return Ok(None);
     }
+    let mut first_timestamp: Option<i64> = None;
     // Assigned, not subscribed: this reads without joining the group.
     consumer
         .assign(&tpl)
@@ -306,6 +328,9 @@ fn read_windows(
             close(consumer, topic, &mut open, message.partition());
             continue;
         }
+        if let Some(t) = message.timestamp().to_millis() {
+            first_timestamp = Some(first_timestamp.map_or(t, |f| f.min(t)));
+        }
         let plan = &mut plans[i];
         plan.messages += 1;
         if let Ok(event) = decode(message.payload()) {
@@ -321,7 +346,7 @@ fn read_windows(
             plan.again = ids.len() as u64 - count_recorded(ids)?;
         }
     }
-    Ok(())
+    Ok(first_timestamp)
 }
 
 /// A partition's window is read: stop fetching it.
@@ -367,6 +392,12 @@ fn table(r: &Replay) -> String {
         out.push_str(&format!(
             "partition {} rewound from {} to {}: its owner reads it again from there within a few seconds\n",
             w.partition, w.from, w.to
+        ));
+    }
+    for g in &r.periods_gone {
+        out.push_str(&format!(
+            "period {} ({} to {}): its event ids were dropped (past the dedupe horizon); events of the window decided then are forgotten\n",
+            g.period, g.started_at, g.ended_at
         ));
     }
     if r.again > 0 {

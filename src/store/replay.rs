@@ -111,3 +111,39 @@ pub async fn count_recorded(db: &Client, ids: &HashSet<String>) -> Result<u64, F
     }
     Ok(recorded)
 }
+
+/// A period whose recorded event ids were dropped (past the dedupe horizon).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct GonePeriod {
+    pub period: i32,
+    /// RFC 3339, UTC.
+    pub started_at: String,
+    pub ended_at: String,
+}
+
+/// The periods whose event ids are dropped and that ended at or after `since_ms` (ms since
+/// the epoch): a message produced then was decided no earlier, so its id may have been
+/// recorded in one of them, and forgotten with it.
+pub async fn gone_periods(db: &Client, since_ms: i64) -> Result<Vec<GonePeriod>, Failure> {
+    let rows = db
+        .query(
+            &format!(
+                "SELECT period, {}, {} FROM history_periods
+                 WHERE events_gone AND ended_at >= to_timestamp($1::float8 / 1000)
+                 ORDER BY period",
+                super::utc_text("started_at"),
+                super::utc_text("ended_at")
+            ),
+            &[&(since_ms as f64)],
+        )
+        .await?;
+    rows.iter()
+        .map(|r| {
+            Ok(GonePeriod {
+                period: r.try_get(0)?,
+                started_at: r.try_get(1)?,
+                ended_at: r.try_get(2)?,
+            })
+        })
+        .collect()
+}
