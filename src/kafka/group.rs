@@ -36,7 +36,7 @@ use crate::kafka::flow::FlowControl;
 use crate::kafka::membership::{Membership, Revocation};
 use crate::kafka::worker::WorkerContext;
 use crate::kafka::workers::Workers;
-use crate::store::{Claim, claim};
+use crate::store::{Claim, Failure, claim};
 
 /// Bound on claiming partitions during an assignment (the group waits for us). A claim waits
 /// for a previous owner's batch in flight; past this, each worker claims before its first batch.
@@ -139,10 +139,19 @@ impl GroupContext {
         let partitions = partitions_of(tpl);
         let new = self.new_partitions(&partitions);
         let claims = self.claim_partitions(tpl, &new);
-        if self.cooperative {
-            consumer.incremental_assign(tpl)?;
+        let handed = if self.cooperative {
+            consumer.incremental_assign(tpl)
         } else {
-            consumer.assign(tpl)?;
+            consumer.assign(tpl)
+        };
+        if let Err(e) = handed {
+            // Not a step to skip: the group now counts this member as the partitions' owner,
+            // and none is fetched until the next rebalance, which may never come (a stable
+            // group). Stopping the replica hands them on at once; its restart joins afresh.
+            let _ = self.ctx.fatal.send(Failure::Fatal(format!(
+                "librdkafka refused the assignment of partitions {partitions:?}: {e}"
+            )));
+            return Err(e);
         }
         let mut state = self.state();
         let started = state.membership.assign(&partitions);

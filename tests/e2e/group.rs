@@ -40,6 +40,21 @@ enum Protocol {
 
 impl Protocol {
     fn settings(self) -> Vec<(&'static str, &'static str)> {
+        // librdkafka's group debug log in every replica's log, so that a scenario that fails
+        // has the client's own account of each rebalance on record (`membership_report`).
+        let debug = [
+            ("kafka.properties.debug", "cgrp"),
+            (
+                "log.level",
+                "info,inventory_consumer=debug,librdkafka=debug",
+            ),
+        ];
+        let mut settings = self.protocol_settings();
+        settings.extend(debug);
+        settings
+    }
+
+    fn protocol_settings(self) -> Vec<(&'static str, &'static str)> {
         let classic = |strategy| {
             vec![
                 ("kafka.group_protocol", "classic"),
@@ -148,6 +163,18 @@ impl Scenario {
                 .collect();
             for line in &telling[telling.len().saturating_sub(8)..] {
                 report.push_str(&format!("  {}\n", &line[..line.len().min(300)]));
+            }
+            let group_log: Vec<&str> = log
+                .lines()
+                .filter(|l| l.contains("\"librdkafka\""))
+                .collect();
+            report.push_str(&format!(
+                "  librdkafka's group log (debug=cgrp), last {} of {} lines:\n",
+                group_log.len().min(60),
+                group_log.len()
+            ));
+            for line in &group_log[group_log.len().saturating_sub(60)..] {
+                report.push_str(&format!("    {}\n", &line[..line.len().min(400)]));
             }
         }
         report
