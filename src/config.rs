@@ -71,6 +71,10 @@ pub struct DatabaseSettings {
     /// Longest a session may sit inside a transaction doing nothing before the server ends it,
     /// releasing its locks: a replica paused mid-batch blocks the others no longer than this.
     pub idle_in_transaction_timeout_ms: u64,
+    /// Whether `run` accepts a database whose encoding is not UTF-8. Events are UTF-8; such a
+    /// database cannot hold every character, and an event carrying one is dead-lettered as
+    /// `unstorable`. Off: the replica refuses to start on it.
+    pub allow_non_utf8: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -105,6 +109,10 @@ pub struct ProcessingSettings {
 pub struct ReservationSettings {
     /// The expiry of a reserve that gives neither `ttl_seconds` nor `expires_at`.
     pub default_ttl_s: u64,
+    /// The longest a reservation may hold stock: a reserve whose `ttl_seconds` or `expires_at`
+    /// lies further ahead (by the database's clock) is rejected, so that no order holds units
+    /// for ever.
+    pub max_ttl_s: u64,
     /// How often each replica releases the reservations whose expiry has passed.
     pub sweep_interval_ms: u64,
 }
@@ -150,6 +158,10 @@ impl ReservationSettings {
     pub fn default_ttl(&self) -> Duration {
         Duration::from_secs(self.default_ttl_s)
     }
+
+    pub fn max_ttl(&self) -> Duration {
+        Duration::from_secs(self.max_ttl_s)
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -175,6 +187,12 @@ pub struct LogSettings {
 }
 
 const DAY_S: u64 = 86_400;
+const HOUR_MS: u64 = 3_600_000;
+/// PostgreSQL's timeouts are 32-bit counts of milliseconds.
+const POSTGRES_MAX_MS: u64 = i32::MAX as u64;
+/// The longest history kept short of for ever (0): ten years. Longer is a unit mistake
+/// (milliseconds given for seconds) more likely than a wish.
+const MAX_RETENTION_S: u64 = 3_650 * DAY_S;
 /// The drain when nothing bounds it lower.
 const DEFAULT_DRAIN_TIMEOUT_MS: u64 = 10_000;
 /// How far inside the group's windows a derived drain stays (a commit and a leave after it).
@@ -209,6 +227,7 @@ impl Default for Settings {
                 statement_timeout_ms: 30_000,
                 lock_timeout_ms: 10_000,
                 idle_in_transaction_timeout_ms: 10_000,
+                allow_non_utf8: false,
             },
             processing: ProcessingSettings {
                 batch_max_events: 500,
@@ -223,6 +242,7 @@ impl Default for Settings {
             },
             reservations: ReservationSettings {
                 default_ttl_s: 900,
+                max_ttl_s: 7 * DAY_S,
                 sweep_interval_ms: 1_000,
             },
             results: ResultSettings { all_events: false },
@@ -261,29 +281,59 @@ impl ConfigError {
     }
 }
 
-/// Properties the consumer owns; letting them be overridden would break a guarantee.
-const MANAGED_PROPERTIES: &[(&str, &str)] = &[
+/// Properties the consumer owns: the value it sets itself, if any (giving that same value is
+/// harmless and allowed), and why another would break a guarantee. The README's
+/// "Configuration" lists them for users.
+const MANAGED_PROPERTIES: &[(&str, Option<&str>, &str)] = &[
     (
         "enable.auto.commit",
+        Some("false"),
         "offsets are committed only after the database commit that holds their effect",
     ),
     (
         "enable.auto.offset.store",
+        Some("false"),
         "offsets are committed only after the database commit that holds their effect",
     ),
-    ("group.id", "set kafka.group_id"),
-    ("bootstrap.servers", "set kafka.brokers"),
-    ("group.protocol", "set kafka.group_protocol"),
+    (
+        "auto.offset.reset",
+        Some("earliest"),
+        "the database decides where a partition starts; one with nothing recorded starts at \
+         the earliest offset Kafka holds, never past a backlog",
+    ),
+    (
+        "isolation.level",
+        Some("read_committed"),
+        "the events of a transactional producer's aborted transactions must never be applied",
+    ),
+    (
+        "group.instance.id",
+        None,
+        "static membership needs an id unique to each replica, which one setting shared by \
+         every replica of a Deployment cannot give (they would fence each other in a loop); \
+         not supported",
+    ),
+    (
+        "enable.partition.eof",
+        Some("false"),
+        "the consumer never waits for the end of a partition",
+    ),
+    ("group.id", None, "set kafka.group_id"),
+    ("bootstrap.servers", None, "set kafka.brokers"),
+    ("group.protocol", None, "set kafka.group_protocol"),
     (
         "partition.assignment.strategy",
+        None,
         "set kafka.assignment_strategy",
     ),
     (
         "enable.idempotence",
+        Some("true"),
         "replies are published in order and at least once by an idempotent producer",
     ),
     (
         "acks",
+        Some("all"),
         "a reply leaves the outbox only once every in-sync replica has it",
     ),
 ];
@@ -362,13 +412,17 @@ impl Settings {
             }
         }
         let properties = self.kafka_properties();
-        for (name, why) in MANAGED_PROPERTIES {
-            if properties.contains_key(*name) {
-                return Err(ConfigError::key(
-                    &format!("kafka.properties.{name}"),
-                    format!("managed by the consumer: {why}"),
-                ));
+        for (name, ours, why) in MANAGED_PROPERTIES {
+            let Some(given) = properties.get(*name) else {
+                continue;
+            };
+            if ours.is_some_and(|ours| given.trim().eq_ignore_ascii_case(ours)) {
+                continue;
             }
+            return Err(ConfigError::key(
+                &format!("kafka.properties.{name}"),
+                format!("managed by the consumer: {why}"),
+            ));
         }
         if k.group_protocol == GroupProtocol::Consumer {
             for name in CLASSIC_ONLY_PROPERTIES {
@@ -388,15 +442,21 @@ impl Settings {
             ));
         }
         if !db.url.is_empty() {
-            db.url.parse::<tokio_postgres::Config>().map_err(|e| {
-                ConfigError::key("database.url", format!("not a PostgreSQL URL: {e}"))
-            })?;
+            // As connections will use it: libpq's TLS parameters, the root certificates' file.
+            crate::store::tls::check(&db.url).map_err(|e| ConfigError::key("database.url", e))?;
         }
         if !(1..=256).contains(&db.pool_size) {
             return Err(ConfigError::key("database.pool_size", "must be 1..=256"));
         }
+        within(
+            "database.connect_timeout_ms",
+            db.connect_timeout_ms,
+            1,
+            HOUR_MS,
+        )?;
+        // Sent to the server as its own settings, which are 32-bit counts of milliseconds: a
+        // larger value would be refused by every connection, after the replica joined.
         for (key, value) in [
-            ("database.connect_timeout_ms", db.connect_timeout_ms),
             ("database.statement_timeout_ms", db.statement_timeout_ms),
             ("database.lock_timeout_ms", db.lock_timeout_ms),
             (
@@ -404,9 +464,7 @@ impl Settings {
                 db.idle_in_transaction_timeout_ms,
             ),
         ] {
-            if value == 0 {
-                return Err(ConfigError::key(key, "must be > 0"));
-            }
+            within(key, value, 1, POSTGRES_MAX_MS)?;
         }
         let h = &self.history;
         if !(1..=366 * DAY_S).contains(&h.period_s) {
@@ -420,10 +478,13 @@ impl Settings {
             ("history.ledger_retention_s", h.ledger_retention_s),
             ("history.dead_letter_retention_s", h.dead_letter_retention_s),
         ] {
-            if value != 0 && value < h.period_s {
+            if value != 0 && !(h.period_s..=MAX_RETENTION_S).contains(&value) {
                 return Err(ConfigError::key(
                     key,
-                    "must be 0 (keep for ever) or at least history.period_s",
+                    format!(
+                        "must be 0 (keep for ever) or history.period_s..={MAX_RETENTION_S} (ten \
+                         years), got {value}"
+                    ),
                 ));
             }
         }
@@ -493,10 +554,19 @@ impl Settings {
             ));
         }
         let r = &self.reservations;
-        if !(1..=crate::domain::event::MAX_TTL_SECONDS as u64).contains(&r.default_ttl_s) {
+        within(
+            "reservations.max_ttl_s",
+            r.max_ttl_s,
+            1,
+            crate::domain::event::MAX_TTL_SECONDS as u64,
+        )?;
+        if !(1..=r.max_ttl_s).contains(&r.default_ttl_s) {
             return Err(ConfigError::key(
                 "reservations.default_ttl_s",
-                "must be 1..=604800 (a week)",
+                format!(
+                    "must be 1..=reservations.max_ttl_s ({}), got {}",
+                    r.max_ttl_s, r.default_ttl_s
+                ),
             ));
         }
         if !(10..=3_600_000).contains(&r.sweep_interval_ms) {
@@ -505,12 +575,24 @@ impl Settings {
                 "must be 10..=3600000",
             ));
         }
-        if p.commit_interval_ms == 0 || p.retry_backoff_max_ms == 0 || p.retry_deadline_ms == 0 {
-            return Err(ConfigError::key(
-                "processing",
-                "commit_interval_ms, retry_backoff_max_ms and retry_deadline_ms must be > 0",
-            ));
-        }
+        within(
+            "processing.commit_interval_ms",
+            p.commit_interval_ms,
+            1,
+            HOUR_MS,
+        )?;
+        within(
+            "processing.retry_backoff_max_ms",
+            p.retry_backoff_max_ms,
+            1,
+            HOUR_MS,
+        )?;
+        within(
+            "processing.retry_deadline_ms",
+            p.retry_deadline_ms,
+            1,
+            DAY_S * 1_000,
+        )?;
         self.http
             .addr
             .parse::<SocketAddr>()
@@ -586,6 +668,18 @@ impl Settings {
     }
 }
 
+/// `key` must lie in `min..=max`.
+fn within(key: &str, value: u64, min: u64, max: u64) -> Result<(), ConfigError> {
+    if (min..=max).contains(&value) {
+        Ok(())
+    } else {
+        Err(ConfigError::key(
+            key,
+            format!("must be {min}..={max}, got {value}"),
+        ))
+    }
+}
+
 /// `key: problem (source)` for each error figment found, keys as documented (lowercase).
 fn describe_figment_error(e: figment::Error) -> ConfigError {
     let lines: Vec<String> = e
@@ -650,7 +744,7 @@ pub fn parse_key_value(s: &str) -> Result<(String, String), String> {
 /// `user@host:port/dbname` of a database URL or key=value string, for logs and messages:
 /// built from the parsed settings, so no password can slip through, whatever the format.
 pub fn describe_database(url: &str) -> String {
-    let Ok(config) = url.parse::<tokio_postgres::Config>() else {
+    let Ok((config, _)) = crate::store::tls::parse(url) else {
         return "(unparsable database URL)".into();
     };
     let hosts: Vec<String> = config

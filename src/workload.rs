@@ -31,6 +31,8 @@ use crate::domain::{Outcome, StockBook, apply_event, decode};
 pub const EXPIRES_DURING_RUN: TimeDelta = TimeDelta::seconds(60);
 /// The contract's default TTL (`reservations.default_ttl_s`), for reserves that give none.
 const DEFAULT_TTL: TimeDelta = TimeDelta::seconds(900);
+/// `reservations.max_ttl_s`'s default: the runs this oracle checks keep it.
+const MAX_TTL: TimeDelta = TimeDelta::days(7);
 
 /// What a correct consumer must end with; written by `produce`, read by `verify`.
 #[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -98,6 +100,7 @@ impl Default for Oracle {
             clock: Clock {
                 now: Utc::now(),
                 default_ttl: DEFAULT_TTL,
+                max_ttl: MAX_TTL,
             },
         }
     }

@@ -668,6 +668,7 @@ impl Bench {
                     group: "bench".into(),
                     topic: "bench".into(),
                     reservation_ttl: Settings::default().reservations.default_ttl(),
+                    reservation_max_ttl: Settings::default().reservations.max_ttl(),
                     reply_all: false,
                 };
                 let all: Vec<i32> = (0..batches.len() as i32).collect();

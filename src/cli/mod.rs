@@ -13,6 +13,7 @@ pub mod pause;
 pub mod produce;
 pub mod replay;
 pub mod run;
+pub mod settings;
 pub mod status;
 pub mod verify;
 
@@ -60,6 +61,9 @@ pub enum Command {
     Run(run::RunArgs),
     /// Apply pending database migrations and exit.
     Migrate(migrate::MigrateArgs),
+    /// Print the settings `run` would use (validated as `run` validates them, secrets masked)
+    /// and the bounds derived from them, such as the longest a replica takes to stop.
+    Config(settings::ConfigArgs),
     /// One pass of history maintenance (new periods, partitions ahead, retention), as every
     /// replica runs it; for a CronJob, or with replicas stopped.
     Maintain,
@@ -122,6 +126,7 @@ pub fn main(cli: Cli) -> ExitCode {
     let result = match &cli.command {
         Command::Run(args) => with_settings(&cli, BOTH, |s| run::main(s, args)),
         Command::Migrate(args) => with_settings(&cli, DATABASE, |s| migrate::main(&s, args)),
+        Command::Config(args) => with_settings(&cli, BOTH, |s| settings::main(&s, args)),
         Command::Maintain => with_settings(&cli, DATABASE, |s| maintain::main(&s)),
         Command::Broker(args) => broker::main(args),
         Command::Produce(args) => with_settings(&cli, KAFKA, |s| produce::main(&s, args)),

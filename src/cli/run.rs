@@ -79,6 +79,13 @@ const STOP_MARGIN: Duration = Duration::from_secs(6);
 const BACKGROUND_STOP: Duration = Duration::from_secs(1);
 const RUNTIME_SHUTDOWN: Duration = Duration::from_secs(1);
 
+/// The longest a replica takes from a signal to its exit: the drain timeout plus 8 s. A signal
+/// during start-up (connecting, migrating) ends it at once, before it joined anything. The
+/// orchestrator's grace period must be above this (`config` prints it).
+pub fn shutdown_bound(settings: &Settings) -> Duration {
+    settings.drain_timeout() + STOP_MARGIN + BACKGROUND_STOP + RUNTIME_SHUTDOWN
+}
+
 /// Keeps `/readyz` honest about the database while the replica runs, busy or idle.
 async fn watch_database(pool: store::Pool, health: Arc<Health>, stop: CancellationToken) {
     const EVERY: Duration = Duration::from_secs(5);
@@ -139,6 +146,36 @@ async fn run(
     outcome
 }
 
+/// Refuses a database that cannot hold every character of an event, unless told to accept it
+/// (`database.allow_non_utf8`); then such events are dead-lettered as `unstorable`.
+async fn check_encoding(client: &tokio_postgres::Client, allowed: bool) -> anyhow::Result<()> {
+    let encoding: String = client
+        .query_one("SELECT current_setting('server_encoding')", &[])
+        .await
+        .context("reading the database's encoding")?
+        .try_get(0)?;
+    if encoding == "UTF8" {
+        return Ok(());
+    }
+    if allowed {
+        tracing::warn!(
+            encoding = %encoding,
+            "the database's encoding is not UTF-8: events carrying characters it lacks are \
+             dead-lettered as unstorable (database.allow_non_utf8)"
+        );
+        return Ok(());
+    }
+    Err(ConfigError::key(
+        "database.url",
+        format!(
+            "the database's encoding is {encoding}, not UTF8: events are UTF-8 text, and those \
+             with characters {encoding} lacks could not be stored; use a UTF8 database, or set \
+             database.allow_non_utf8 = true to dead-letter such events"
+        ),
+    )
+    .into())
+}
+
 async fn replica(
     settings: Settings,
     args: &RunArgs,
@@ -157,18 +194,30 @@ async fn replica(
     background.push(server);
     tracing::info!(addr = %bound, "HTTP endpoints listening (/livez, /readyz, /metrics)");
     tracing::info!(database = %describe_database(&db.url), brokers = %settings.kafka.brokers, "starting replica");
-    if db.migrate && !args.no_migrate {
-        store::migrate::migrate(&db.url)
+    let prepared = async {
+        // Fail fast, with the database's own words, on a database we cannot reach at all,
+        // before migrating it or joining the group (the pool only reports that it timed out).
+        let client = store::connect(&db.url)
             .await
-            .context("applying migrations")?;
+            .context("connecting to the database")?;
+        check_encoding(&client, db.allow_non_utf8).await?;
+        drop(client);
+        if db.migrate && !args.no_migrate {
+            store::migrate::migrate(&db.url)
+                .await
+                .context("applying migrations")?;
+        }
+        anyhow::Ok(())
+    };
+    // A signal during start-up stops it there: nothing is joined yet, and a migration cut
+    // short is rolled back with its connection.
+    tokio::select! {
+        prepared = prepared => prepared?,
+        _ = shutdown.cancelled() => {
+            tracing::info!("stopped during start-up");
+            return Ok(());
+        }
     }
-    // Fail fast, with the database's own words, on a database we cannot reach at all, before
-    // joining the group (the pool only reports that it timed out).
-    drop(
-        store::connect(&db.url)
-            .await
-            .context("connecting to the database")?,
-    );
     health.database_reachable(true);
     let pool = store::pool(db).await?;
     background.push(tokio::spawn(watch_database(
@@ -224,6 +273,7 @@ async fn replica(
         group: settings.kafka.group_id.clone(),
         topic: settings.kafka.topic.clone(),
         reservation_ttl: settings.reservations.default_ttl(),
+        reservation_max_ttl: settings.reservations.max_ttl(),
         reply_all: settings.results.all_events,
     };
     let (rewinds_tx, rewinds_rx) = mpsc::unbounded_channel();

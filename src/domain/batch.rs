@@ -167,6 +167,16 @@ impl Batch {
         self.recount();
     }
 
+    /// Marks every delivery as a bad message the database cannot store, with its words `why`:
+    /// applied then, the batch dead-letters them. For a batch of one, which alone failed so.
+    pub fn unstorable(mut self, why: &str) -> Batch {
+        for (_, decoded) in &mut self.items {
+            *decoded = Err(InvalidEvent::Unstorable(why.to_owned()));
+        }
+        self.recount();
+        self
+    }
+
     /// Splits the batch in two halves, in offset order: (first, second).
     pub fn halves(mut self) -> (Batch, Batch) {
         let second = self.items.split_off(self.items.len() / 2);
@@ -445,6 +455,7 @@ mod tests {
         let clock = Clock {
             now: chrono::DateTime::UNIX_EPOCH,
             default_ttl: chrono::TimeDelta::seconds(900),
+            max_ttl: chrono::TimeDelta::days(7),
         };
         let plan = b.plan(&recorded, StockBook::new(), OrderBook::new(), clock, false);
 

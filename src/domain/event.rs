@@ -16,8 +16,10 @@ pub const MAX_REASON_CHARS: usize = 256;
 pub const MAX_ORDER_ID_CHARS: usize = 128;
 /// The event ids the service records its expiries under: `expire:<order_id>`.
 pub const EXPIRY_PREFIX: &str = "expire:";
-/// Longest `ttl_seconds` of a reservation: a week.
-pub const MAX_TTL_SECONDS: i64 = 604_800;
+/// The ceiling of `reservations.max_ttl_s` (a year): what a reservation could ever be allowed
+/// to hold. A longer `ttl_seconds` is not even read as a duration; one within it but past the
+/// configured maximum is a business rejection ([`super::orders`]), answered with a reply.
+pub const MAX_TTL_SECONDS: i64 = 31_536_000;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum EventKind {
@@ -212,6 +214,10 @@ pub enum InvalidEvent {
     /// Not produced by [`decode`]: the id was recorded earlier with another digest.
     #[error("event_id `{0}` was already used by an event with a different body")]
     EventIdConflict(String),
+    /// Not produced by [`decode`]: the database refused a value the event carries (e.g. a
+    /// character its encoding lacks); the database's words.
+    #[error("the database cannot store this event: {0}")]
+    Unstorable(String),
 }
 
 impl InvalidEvent {
@@ -241,6 +247,7 @@ impl InvalidEvent {
             InvalidEvent::ReasonTooLong { .. } => "reason_too_long",
             InvalidEvent::NulCharacter(_) => "nul_character",
             InvalidEvent::EventIdConflict(_) => "event_id_conflict",
+            InvalidEvent::Unstorable(_) => "unstorable",
         }
     }
 }
@@ -693,7 +700,7 @@ mod tests {
             (r#"{"event_id":"e","type":"reserve","order_id":"o"}"#.to_owned(), "missing_field"),
             (r#"{"event_id":"e","type":"reserve","order_id":"o","sku":"A","quantity":0}"#.to_owned(), "invalid_quantity"),
             (r#"{"event_id":"e","type":"reserve","order_id":"o","sku":"A","quantity":1,"ttl_seconds":0}"#.to_owned(), "invalid_ttl"),
-            (r#"{"event_id":"e","type":"reserve","order_id":"o","sku":"A","quantity":1,"ttl_seconds":604801}"#.to_owned(), "invalid_ttl"),
+            (r#"{"event_id":"e","type":"reserve","order_id":"o","sku":"A","quantity":1,"ttl_seconds":31536001}"#.to_owned(), "invalid_ttl"),
             (r#"{"event_id":"e","type":"reserve","order_id":"o","sku":"A","quantity":1,"ttl_seconds":1.5}"#.to_owned(), "invalid_ttl"),
             (r#"{"event_id":"e","type":"reserve","order_id":"o","sku":"A","quantity":1,"ttl_seconds":"9"}"#.to_owned(), "wrong_type"),
             (r#"{"event_id":"e","type":"reserve","order_id":"o","sku":"A","quantity":1,"expires_at":"soon"}"#.to_owned(), "invalid_expires_at"),

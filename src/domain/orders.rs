@@ -58,12 +58,14 @@ impl Reservation {
 /// The reservations of the orders in play, by order id. Absent: never reserved.
 pub type OrderBook = HashMap<String, Reservation>;
 
-/// What a step is decided against: the database's clock, and the expiry of a reserve that
-/// gives none (`reservations.default_ttl_s`).
+/// What a step is decided against: the database's clock, the expiry of a reserve that gives
+/// none (`reservations.default_ttl_s`), and the longest a reservation may hold stock
+/// (`reservations.max_ttl_s`).
 #[derive(Debug, Clone, Copy)]
 pub struct Clock {
     pub now: DateTime<Utc>,
     pub default_ttl: TimeDelta,
+    pub max_ttl: TimeDelta,
 }
 
 /// Applies one order step to `stock` and `orders`: on success they hold the new state and the
@@ -113,15 +115,28 @@ pub fn expire(
     .ok()
 }
 
-/// The instant a reserve applied at `clock.now` expires.
-pub fn expiry_of(event: &Event, clock: Clock) -> DateTime<Utc> {
+/// The instant a reserve applied at `clock.now` expires, or why it may not hold stock that
+/// long: further ahead than `clock.max_ttl`. An `expires_at` already past is allowed (the
+/// reservation expires at the next sweep).
+pub fn expiry_of(event: &Event, clock: Clock) -> Result<DateTime<Utc>, RejectReason> {
+    let latest = clock.now + clock.max_ttl;
     match &event.expiry {
-        Some(Expiry::Ttl(seconds)) => clock.now + TimeDelta::seconds(*seconds),
+        Some(Expiry::Ttl(seconds)) => TimeDelta::try_seconds(*seconds)
+            .and_then(|ttl| clock.now.checked_add_signed(ttl))
+            .filter(|at| *at <= latest)
+            .ok_or(RejectReason::TtlTooLong),
         // Validated by decoding; an unreadable instant could only mean "already passed".
-        Some(Expiry::At(at)) => DateTime::parse_from_rfc3339(at)
+        Some(Expiry::At(at)) => Ok(DateTime::parse_from_rfc3339(at)
             .map(|t| t.with_timezone(&Utc))
-            .unwrap_or(clock.now),
-        None => clock.now + clock.default_ttl,
+            .unwrap_or(clock.now))
+        .and_then(|at| {
+            if at <= latest {
+                Ok(at)
+            } else {
+                Err(RejectReason::ExpiryTooFar)
+            }
+        }),
+        None => Ok(clock.now + clock.default_ttl),
     }
 }
 
@@ -135,6 +150,7 @@ fn reserve(
     if orders.contains_key(order_id) {
         return Err(RejectReason::OrderExists);
     }
+    let expires_at = expiry_of(event, clock)?;
     let movements = move_lines(stock, &event.lines, change(0, 1))?;
     orders.insert(
         order_id.to_owned(),
@@ -142,7 +158,7 @@ fn reserve(
             event_id: event.id.clone(),
             lines: event.lines.clone(),
             status: ReservationStatus::Active,
-            expires_at: expiry_of(event, clock),
+            expires_at,
         },
     );
     Ok(movements)
@@ -188,6 +204,7 @@ mod tests {
         Clock {
             now: at(seconds),
             default_ttl: TimeDelta::seconds(900),
+            max_ttl: TimeDelta::days(7),
         }
     }
 
@@ -311,9 +328,53 @@ mod tests {
         let mut r = step(EventKind::Reserve, "r", "o", &[("A", 1)]);
         r.expiry = Some(Expiry::At("2027-01-15T12:00:00+01:00".into()));
         assert_eq!(
-            expiry_of(&r, clock(0)).to_rfc3339(),
-            "2027-01-15T11:00:00+00:00"
+            expiry_of(&r, clock(0)).map(|t| t.to_rfc3339()),
+            Ok("2027-01-15T11:00:00+00:00".to_owned())
         );
+    }
+
+    #[test]
+    fn no_reservation_may_hold_stock_longer_than_the_maximum() {
+        let week = 7 * 86_400;
+        let reserve = |expiry: Expiry| {
+            let mut r = step(EventKind::Reserve, "r", "o", &[("A", 1)]);
+            r.expiry = Some(expiry);
+            r
+        };
+        let mut stock = StockBook::from([("A".to_owned(), Stock::on_hand(5))]);
+        let mut orders = OrderBook::new();
+        for (expiry, outcome) in [
+            (Expiry::Ttl(week + 1), Err(RejectReason::TtlTooLong)),
+            (Expiry::Ttl(i64::MAX), Err(RejectReason::TtlTooLong)),
+            (
+                Expiry::At("9999-12-31T00:00:00Z".into()),
+                Err(RejectReason::ExpiryTooFar),
+            ),
+            // 2027-01-22T08:00:01Z: a second past a week after `clock(0)`.
+            (
+                Expiry::At("2027-01-22T08:00:01Z".into()),
+                Err(RejectReason::ExpiryTooFar),
+            ),
+        ] {
+            let r = reserve(expiry.clone());
+            assert_eq!(
+                apply_order_step(&r, &mut stock, &mut orders, clock(0)).map(|_| ()),
+                outcome,
+                "{expiry:?}"
+            );
+            assert_eq!(stock["A"], Stock::on_hand(5), "a rejection changes nothing");
+            assert!(orders.is_empty());
+        }
+        // Exactly the maximum, and an instant already past, are allowed.
+        for (order, expiry) in [
+            ("o1", Expiry::Ttl(week)),
+            ("o2", Expiry::At("2027-01-22T08:00:00Z".into())),
+            ("o3", Expiry::At("2020-01-01T00:00:00Z".into())),
+        ] {
+            let mut r = reserve(expiry);
+            r.order_id = Some(order.into());
+            assert!(apply_order_step(&r, &mut stock, &mut orders, clock(0)).is_ok());
+        }
     }
 
     /// One step of a random saga.

@@ -24,6 +24,10 @@ pub enum RejectReason {
     /// A commit or release of an order without an active reservation (none, already ended,
     /// or, for a commit, past its expiry).
     NoActiveReservation,
+    /// A reserve whose `ttl_seconds` is longer than `reservations.max_ttl_s`.
+    TtlTooLong,
+    /// A reserve whose `expires_at` lies further ahead than `reservations.max_ttl_s`.
+    ExpiryTooFar,
 }
 
 impl RejectReason {
@@ -34,6 +38,8 @@ impl RejectReason {
             RejectReason::StockOverflow => "stock_overflow",
             RejectReason::OrderExists => "order_exists",
             RejectReason::NoActiveReservation => "no_active_reservation",
+            RejectReason::TtlTooLong => "invalid_ttl",
+            RejectReason::ExpiryTooFar => "invalid_expires_at",
         }
     }
 }

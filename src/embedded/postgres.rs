@@ -20,7 +20,8 @@ pub struct PostgresOptions {
     /// data dies with the test anyway. Benchmarks keep it `true` to measure honest numbers.
     pub durable: bool,
     pub max_connections: u32,
-    /// Serve TLS (as well as plain text) with this certificate.
+    /// Serve TLS with this certificate, and only TLS over TCP (`hostssl`; plain TCP is
+    /// refused), as managed services are set up. Local socket connections stay plain.
     pub tls: Option<ServerTls>,
     /// Load `pg_stat_statements` (time spent per statement), for profiling.
     pub statement_stats: bool,
@@ -169,6 +170,13 @@ impl ThrowawayPostgres {
             self.write_server_file("server.crt", &tls.cert_pem)?;
             self.write_server_file("server.key", &tls.key_pem)?;
             conf.push_str("ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n");
+            std::fs::write(
+                self.data().join("pg_hba.conf"),
+                "local all all trust\n\
+                 hostssl all all 127.0.0.1/32 trust\n\
+                 hostnossl all all 0.0.0.0/0 reject\n",
+            )
+            .context("writing pg_hba.conf")?;
         }
         let path = self.data().join("postgresql.conf");
         let mut existing = std::fs::read_to_string(&path).context("reading postgresql.conf")?;

@@ -4,7 +4,9 @@
 //! and only then records the batch's end as the partition's processed offset.
 //!
 //! Transient failures are retried with capped exponential backoff; the offset does not move.
-//! A batch still failing after `retry_deadline_ms` is fatal. When told to stop (partition
+//! A batch still failing after `retry_deadline_ms` is fatal. A batch the database refuses for
+//! a value one of its messages carries (a data failure) is applied in halves until that message
+//! stands alone; it is then dead-lettered as `unstorable` and the rest applies as usual. When told to stop (partition
 //! revoked, shutdown) the worker finishes the transaction in progress, if any, and exits;
 //! deliveries not yet in a transaction are left to whoever reads the partition next.
 //!
@@ -90,6 +92,8 @@ enum Applied {
     Done,
     /// Nothing done: apply it in halves.
     TooManyLocks,
+    /// Nothing done: the database refused a value one of its messages carries (its words).
+    Unstorable(String),
     /// Fenced, fatal or told to stop.
     Stop,
 }
@@ -144,12 +148,14 @@ impl PartitionWorker {
     }
 
     /// Applies a batch (retrying transient failures), in halves, in order, when it would lock
-    /// too many SKUs at once; `false` when the worker must stop.
+    /// too many SKUs at once or the database refuses a value of one of its messages; that
+    /// message, once alone, is dead-lettered. `false` when the worker must stop.
     async fn apply(&mut self, batch: Batch) -> bool {
-        // Parts still to apply, the next one last.
-        let mut parts = vec![batch];
+        // Parts still to apply, the next one last, each with whether it is a message already
+        // marked unstorable (a dead letter the database refused too cannot be split further).
+        let mut parts = vec![(batch, false)];
         let mut first = true;
-        while let Some(part) = parts.pop() {
+        while let Some((part, marked)) = parts.pop() {
             // A stopped worker finishes the transaction it is in, not the rest of a split
             // batch: the parts done have their offsets recorded.
             if !std::mem::take(&mut first) && self.stop.is_cancelled() {
@@ -159,8 +165,37 @@ impl PartitionWorker {
                 Applied::Done => {}
                 Applied::TooManyLocks => {
                     let (first, second) = part.halves();
-                    parts.push(second);
-                    parts.push(first);
+                    parts.push((second, false));
+                    parts.push((first, false));
+                }
+                Applied::Unstorable(why) if part.len() > 1 => {
+                    metrics::counter!(crate::metrics::BATCH_SPLITS).increment(1);
+                    tracing::debug!(
+                        partition = self.partition,
+                        error = %why,
+                        "batch split: the database refused a value of one of its messages"
+                    );
+                    let (first, second) = part.halves();
+                    parts.push((second, false));
+                    parts.push((first, false));
+                }
+                Applied::Unstorable(why) if !marked => {
+                    tracing::warn!(
+                        partition = self.partition,
+                        offset = part.offsets().map(|(first, _)| first),
+                        error = %why,
+                        "message dead-lettered: the database cannot store it"
+                    );
+                    parts.push((part.unstorable(&why), true));
+                }
+                Applied::Unstorable(why) => {
+                    let _ = self.ctx.fatal.send(Failure::Fatal(format!(
+                        "partition {}: the database refuses even the dead letter of offset {:?}: \
+                         {why}",
+                        self.partition,
+                        part.offsets().map(|(first, _)| first)
+                    )));
+                    return false;
                 }
                 Applied::Stop => return false,
             }
@@ -199,6 +234,7 @@ impl PartitionWorker {
                 );
                 Applied::Stop
             }
+            Err(Some(Failure::Data(why))) => Applied::Unstorable(why),
             Err(Some(behind @ Failure::Behind { .. })) => {
                 // Marked: the poll thread restarts the partition from the recorded offset.
                 tracing::warn!(partition = self.partition, reason = %behind, "partition behind its fetch position");

@@ -44,13 +44,16 @@ use crate::store::retention::{CLOCK_SHARED, clock_key};
 use crate::store::{Failure, Pool};
 
 /// Where a batch comes from: its partition's offsets are recorded under this group and topic.
-/// And what its decisions need beyond the database: the expiry of a reserve that gives none.
+/// And what its decisions need beyond the database: the expiry of a reserve that gives none,
+/// and the longest one allowed.
 #[derive(Debug, Clone)]
 pub struct Source {
     pub group: String,
     pub topic: String,
     /// `reservations.default_ttl_s`.
     pub reservation_ttl: Duration,
+    /// `reservations.max_ttl_s`.
+    pub reservation_max_ttl: Duration,
     /// `results.all_events`: stock events' outcomes are replied too.
     pub reply_all: bool,
 }
@@ -372,6 +375,8 @@ pub async fn apply_batch(
     let clock = Clock {
         now: chrono::DateTime::from_timestamp_millis(now).unwrap_or_default(),
         default_ttl: chrono::TimeDelta::from_std(source.reservation_ttl)
+            .unwrap_or(chrono::TimeDelta::MAX),
+        max_ttl: chrono::TimeDelta::from_std(source.reservation_max_ttl)
             .unwrap_or(chrono::TimeDelta::MAX),
     };
 

@@ -217,7 +217,8 @@ pub async fn audit(db: &Client, expected: Option<&Expectation>) -> Result<AuditR
                 AND ((e.outcome = 'applied' AND coalesce(m.n, 0) <> e.line_count)
                      OR (e.outcome = 'rejected' AND coalesce(m.n, 0) <> 0)))
             OR (e.outcome = 'rejected' AND e.reason NOT IN ('insufficient_stock', 'unknown_sku',
-                'stock_overflow', 'order_exists', 'no_active_reservation'))",
+                'stock_overflow', 'order_exists', 'no_active_reservation', 'invalid_ttl',
+                'invalid_expires_at'))",
     )
     .await?;
     r.none_of(

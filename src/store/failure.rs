@@ -1,7 +1,10 @@
-//! What kind of failure a database error is. A *transient* failure (connection lost, deadlock,
-//! serialization failure, a lock or statement timeout, a server restarting) is retried with
-//! backoff and leaves the offset where it was; a *fatal* one (schema missing, authentication
-//! refused, a bug) stops the process with a non-zero exit so that an operator sees it.
+//! What kind of failure a database error is, by its cause. A *transient* failure (connection
+//! lost, deadlock, serialization failure, a lock or statement timeout, a server restarting) is
+//! retried with backoff and leaves the offset where it was. A *data* failure (SQLSTATE class
+//! 22: a value the database cannot hold, such as a character the server's encoding lacks) was
+//! caused by what a message carries: the worker finds that message and dead-letters it
+//! (`crate::kafka::worker`). A *fatal* one (schema missing, authentication refused, a bug)
+//! stops the process with a non-zero exit so that an operator sees it.
 
 use tokio_postgres::error::SqlState;
 
@@ -11,6 +14,11 @@ pub enum Failure {
     Transient(String),
     #[error("fatal database failure: {0}")]
     Fatal(String),
+    /// The database refused a value of the batch (SQLSTATE class 22, data exception): nothing
+    /// was done. Retrying cannot help; applying the batch without the message that carries
+    /// the value can.
+    #[error("the database cannot store a value of the batch: {0}")]
+    Data(String),
     /// Another replica claimed the partition since this one did (see [`super::ownership`]):
     /// the batch was rolled back, and this replica must stop working on the partition.
     #[error("fenced: {0}")]
@@ -52,6 +60,7 @@ impl From<tokio_postgres::Error> for Failure {
                 Failure::Transient(text)
             }
             Some(code) if is_transient(code) => Failure::Transient(text),
+            Some(code) if code.code().starts_with("22") => Failure::Data(text),
             // Our connection's prepared statements, forgotten meanwhile and prepared again by
             // the retry (`super::statements`).
             Some(_) if super::statements::is_stale_statement(&e) => Failure::Transient(text),
@@ -130,6 +139,15 @@ mod tests {
             SqlState::UNIQUE_VIOLATION,
         ] {
             assert!(is_transient(&code), "{code:?}");
+        }
+        for code in [
+            SqlState::UNTRANSLATABLE_CHARACTER,
+            SqlState::CHARACTER_NOT_IN_REPERTOIRE,
+            SqlState::NUMERIC_VALUE_OUT_OF_RANGE,
+            SqlState::STRING_DATA_RIGHT_TRUNCATION,
+        ] {
+            assert!(code.code().starts_with("22"), "{code:?}: a data exception");
+            assert!(!is_transient(&code), "{code:?}");
         }
         for code in [
             SqlState::UNDEFINED_TABLE,

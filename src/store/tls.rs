@@ -25,15 +25,31 @@ pub struct Target {
 }
 
 pub fn target(url: &str) -> Result<Target, Failure> {
+    let (config, root_cert) =
+        parse(url).map_err(|e| Failure::Fatal(format!("database.url: {e}")))?;
+    let tls = MakeRustlsConnect::new(
+        client_config(root_cert).map_err(|e| Failure::Fatal(format!("database.url: {e}")))?,
+    );
+    Ok(Target { config, tls })
+}
+
+/// Checks `url` as [`target`] will use it (the libpq parameters, the root certificates it
+/// names): the configuration's check at start-up, so that no command joins anything first.
+pub fn check(url: &str) -> Result<(), String> {
+    let (_, root_cert) = parse(url)?;
+    client_config(root_cert).map(drop)
+}
+
+/// The connection settings of `url`, and the root certificates' file it names, if any.
+pub fn parse(url: &str) -> Result<(tokio_postgres::Config, Option<PathBuf>), String> {
     let (url, root_cert) = libpq_only_parameters(url);
     let mut config: tokio_postgres::Config = url
         .parse()
-        .map_err(|e| Failure::Fatal(format!("database.url: {e}")))?;
+        .map_err(|e| format!("not a PostgreSQL URL: {e}"))?;
     if config.get_ssl_mode() == SslMode::Prefer {
         config.ssl_mode(SslMode::Disable);
     }
-    let tls = MakeRustlsConnect::new(client_config(root_cert)?);
-    Ok(Target { config, tls })
+    Ok((config, root_cert))
 }
 
 /// Takes out of a `postgres://` URL what libpq understands and tokio-postgres does not:
@@ -71,21 +87,19 @@ fn libpq_only_parameters(url: &str) -> (String, Option<PathBuf>) {
     (parsed.into(), root_cert)
 }
 
-fn client_config(root_cert: Option<PathBuf>) -> Result<rustls::ClientConfig, Failure> {
+fn client_config(root_cert: Option<PathBuf>) -> Result<rustls::ClientConfig, String> {
     let mut roots = RootCertStore::empty();
     match root_cert {
         Some(file) => {
             let certs = CertificateDer::pem_file_iter(&file)
                 .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
-                .map_err(|e| {
-                    Failure::Fatal(format!("database.url: sslrootcert {}: {e}", file.display()))
-                })?;
+                .map_err(|e| format!("sslrootcert {}: {e}", file.display()))?;
             let (added, _) = roots.add_parsable_certificates(certs);
             if added == 0 {
-                return Err(Failure::Fatal(format!(
-                    "database.url: sslrootcert {} holds no usable certificate",
+                return Err(format!(
+                    "sslrootcert {} holds no usable certificate",
                     file.display()
-                )));
+                ));
             }
         }
         None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
@@ -93,7 +107,7 @@ fn client_config(root_cert: Option<PathBuf>) -> Result<rustls::ClientConfig, Fai
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     Ok(rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .map_err(|e| Failure::Fatal(format!("TLS configuration: {e}")))?
+        .map_err(|e| format!("TLS configuration: {e}"))?
         .with_root_certificates(roots)
         .with_no_client_auth())
 }

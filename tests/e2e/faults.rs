@@ -401,6 +401,7 @@ pub(crate) fn source() -> Source {
         group: "g".into(),
         topic: "t".into(),
         reservation_ttl: Duration::from_secs(900),
+        reservation_max_ttl: Duration::from_secs(7 * 86_400),
         reply_all: false,
     }
 }

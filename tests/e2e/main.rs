@@ -13,6 +13,7 @@ mod recovery;
 mod replay;
 mod reservations;
 mod retention;
+mod settings;
 mod stall;
 mod support;
 mod tls;

@@ -294,7 +294,7 @@ fn decide(payload: Option<&[u8]>) -> Option<(String, Event)> {
     let (ttl, expires_at) = if kind == "reserve" {
         let ttl = match object.get("ttl_seconds") {
             None | Some(serde_json::Value::Null) => None,
-            Some(v) => Some(v.as_i64().filter(|t| (1..=604_800).contains(t))?),
+            Some(v) => Some(v.as_i64().filter(|t| (1..=31_536_000).contains(t))?),
         };
         let at = optional_text("expires_at", usize::MAX)?;
         if let Some(at) = &at {
@@ -332,6 +332,10 @@ fn apply(event: &Event, books: &mut Books) -> Result<(), &'static str> {
                 event.expires_at.is_none(),
                 "the model does not predict expires_at"
             );
+            // `reservations.max_ttl_s`, default a week.
+            if event.ttl.is_some_and(|t| t > 604_800) {
+                return Err("invalid_ttl");
+            }
             move_lines(books, &event.lines, 0, 1, false)?;
             let held = Held {
                 lines: event.lines.clone(),

@@ -1,8 +1,16 @@
-//! PostgreSQL over TLS: `sslmode=require` encrypts and authenticates the server; a server the
-//! configured roots do not vouch for is refused; a URL without `sslmode` stays plain.
+//! PostgreSQL over TLS, as a managed service offers it: a server that accepts only TLS
+//! (`hostssl`), its certificate from a private CA. `sslmode=verify-full` with `sslrootcert`
+//! works through every command users call (`migrate`, `run`, `verify`); the wrong CA, or a
+//! host name the certificate does not name, is refused with an error that says TLS.
+
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::Duration;
 
 use inventory_consumer::embedded::postgres::{PostgresOptions, ThrowawayPostgres};
 use inventory_consumer::store;
+
+use crate::support::{BIN, TestEnv, output_text, private_ca, wait_until};
 
 async fn uses_tls(url: &str) -> Result<bool, store::Failure> {
     let client = store::connect(url).await?;
@@ -15,10 +23,12 @@ async fn uses_tls(url: &str) -> Result<bool, store::Failure> {
     Ok(row.get(0))
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn sslmode_require_verifies_the_server_and_encrypts() {
-    let (ca_pem, server) = crate::support::private_ca();
-    let pg = tokio::task::spawn_blocking(move || {
+/// A TLS-only server with a certificate for 127.0.0.1 and localhost from a private CA; the CA's
+/// certificate is written to `dir/ca.pem`.
+async fn tls_only_server(dir: &Path) -> ThrowawayPostgres {
+    let (ca_pem, server) = private_ca();
+    std::fs::write(dir.join("ca.pem"), ca_pem).expect("writing the CA");
+    tokio::task::spawn_blocking(move || {
         ThrowawayPostgres::start(PostgresOptions {
             tls: Some(server),
             ..PostgresOptions::default()
@@ -26,20 +36,28 @@ async fn sslmode_require_verifies_the_server_and_encrypts() {
     })
     .await
     .expect("joining")
-    .expect("starting PostgreSQL with TLS");
-    let dir = tempfile::tempdir().expect("temp dir");
-    let ca_file = dir.path().join("ca.pem");
-    std::fs::write(&ca_file, ca_pem).expect("writing the CA");
-    let plain = pg.url("postgres");
+    .expect("starting PostgreSQL with TLS")
+}
 
+fn command(args: &[&str], database_url: &str) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .env("DATABASE_URL", database_url)
+        .env("INVENTORY_DATABASE__CONNECT_TIMEOUT_MS", "5000")
+        .output()
+        .expect("running the binary")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sslmode_require_verifies_the_server_and_plain_text_is_refused() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let pg = tls_only_server(dir.path()).await;
+    let plain = pg.url("postgres");
     let verified = format!(
         "{plain}?sslmode=verify-full&sslrootcert={}",
-        ca_file.display()
+        dir.path().join("ca.pem").display()
     );
     assert_eq!(uses_tls(&verified).await, Ok(true));
-    store::migrate::migrate(&verified)
-        .await
-        .expect("migrating over TLS");
 
     // The server's CA is not among the public roots: no silent fallback to trust or plain text.
     let unknown = uses_tls(&format!("{plain}?sslmode=require")).await;
@@ -47,6 +65,89 @@ async fn sslmode_require_verifies_the_server_and_encrypts() {
         matches!(&unknown, Err(e) if e.to_string().to_lowercase().contains("certificate")),
         "an unverifiable server is refused: {unknown:?}"
     );
+    // No sslmode: plain text, which this server refuses.
+    let refused = uses_tls(&plain).await;
+    assert!(
+        matches!(&refused, Err(e) if e.to_string().contains("no encryption")),
+        "{refused:?}"
+    );
+}
 
-    assert_eq!(uses_tls(&plain).await, Ok(false), "no sslmode: plain text");
+#[tokio::test(flavor = "multi_thread")]
+async fn verify_full_works_through_migrate_run_and_verify_and_a_wrong_ca_or_host_is_refused() {
+    let mut env = TestEnv::new(4).await;
+    let pg = tls_only_server(env.dir.path()).await;
+    let ca = env.path("ca.pem");
+    let verified = format!(
+        "{}?sslmode=verify-full&sslrootcert={}",
+        pg.url("postgres"),
+        ca.display()
+    );
+
+    let migrated = command(&["migrate"], &verified);
+    assert!(migrated.status.success(), "{}", output_text(&migrated));
+
+    // A replica and `verify` on the TLS server, as users point them at it (DATABASE_URL).
+    env.db.url = verified.clone();
+    let mut replica = env.replica("r1", &[("database.migrate", "false")]);
+    let expected = env.produce(&["--events", "2000", "--skus", "50", "--seed", "11"]);
+    wait_until(
+        "the replica to apply the workload over TLS",
+        Duration::from_secs(120),
+        || {
+            let verified = env.verify(Some(&expected)).0;
+            async move { verified }
+        },
+    )
+    .await;
+    let probe = store::connect(&verified)
+        .await
+        .expect("connecting over TLS");
+    let encrypted: i64 = probe
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity a JOIN pg_stat_ssl s USING (pid)
+             WHERE a.application_name = 'inventory-consumer' AND s.ssl",
+            &[],
+        )
+        .await
+        .expect("reading pg_stat_ssl")
+        .get(0);
+    assert!(encrypted >= 1, "the replica's connections are encrypted");
+    let (status, stats) = replica.terminate(Duration::from_secs(30));
+    assert!(status.success(), "replica exit: {status}");
+    assert_eq!(stats.applied + stats.rejected, expected.events);
+
+    // Another CA: refused, saying why, by every command.
+    let (other_ca, _) = private_ca();
+    let other = env.path("other-ca.pem");
+    std::fs::write(&other, other_ca).expect("writing the other CA");
+    let wrong_ca = format!(
+        "{}?sslmode=verify-full&sslrootcert={}",
+        pg.url("postgres"),
+        other.display()
+    );
+    // A name the certificate does not hold, at the server's address.
+    let wrong_host = format!(
+        "postgres://postgres@db.example.invalid:{}/postgres?hostaddr=127.0.0.1&sslmode=verify-full&sslrootcert={}",
+        pg.port(),
+        ca.display()
+    );
+    for (url, why) in [
+        (&wrong_ca, "UnknownIssuer"),
+        (&wrong_host, "not valid for name"),
+    ] {
+        for args in [&["migrate"][..], &["verify"][..]] {
+            let out = command(args, url);
+            let text = output_text(&out);
+            assert_eq!(out.status.code(), Some(3), "{args:?} {why}:\n{text}");
+            assert!(
+                text.contains("TLS") && text.contains(why),
+                "{args:?}: the error names TLS and {why}:\n{text}"
+            );
+        }
+        let mut refused = env.replica_with_env(why, &[("DATABASE_URL", url)], &[]);
+        let status = refused.wait_abrupt_exit(Duration::from_secs(30));
+        assert_eq!(status.code(), Some(3), "run with {why}:\n{}", refused.log());
+        assert!(refused.log().contains(why), "{}", refused.log());
+    }
 }
