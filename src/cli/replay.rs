@@ -397,7 +397,9 @@ fn table(r: &Replay) -> String {
     for g in &r.periods_gone {
         out.push_str(&format!(
             "period {} ({} to {}): its event ids were dropped (past the dedupe horizon); events of the window decided then are forgotten\n",
-            g.period, g.started_at, g.ended_at
+            g.period,
+            g.started_at.as_deref().unwrap_or("the beginning"),
+            g.ended_at
         ));
     }
     if r.again > 0 {

@@ -116,8 +116,8 @@ pub async fn count_recorded(db: &Client, ids: &HashSet<String>) -> Result<u64, F
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct GonePeriod {
     pub period: i32,
-    /// RFC 3339, UTC.
-    pub started_at: String,
+    /// RFC 3339, UTC; none for the first period, which has no beginning.
+    pub started_at: Option<String>,
     pub ended_at: String,
 }
 

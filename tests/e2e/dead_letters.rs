@@ -187,3 +187,72 @@ async fn corrected_dead_letters_are_redriven_once() {
     let (ok, report) = env.verify(None);
     assert!(ok, "verify failed:\n{report}");
 }
+
+/// A database whose encoding is not UTF-8 (LATIN1) cannot hold every character an event may
+/// carry. `run` refuses it at start-up (exit 2, naming the encoding) unless told to accept
+/// it; then an event it cannot store (an id with `✓`) is dead-lettered as `unstorable` with its
+/// payload, the events around it in the same partition apply, and the replica never stops
+/// for it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_latin1_database_is_refused_or_dead_letters_only_what_it_cannot_store() {
+    let mut env = TestEnv::new(2).await;
+    let name = format!("latin1_{:08x}", rand::random::<u32>());
+    env.db
+        .client()
+        .await
+        .batch_execute(&format!(
+            "CREATE DATABASE {name} ENCODING 'LATIN1' LC_COLLATE 'C' LC_CTYPE 'C' \
+             TEMPLATE template0"
+        ))
+        .await
+        .expect("creating a LATIN1 database");
+    env.db.url = inventory_consumer::store::with_database(&env.db.url, &name).expect("url");
+
+    let mut refused = env.replica("refused", &[]);
+    let status = refused.wait_abrupt_exit(EXIT);
+    assert_eq!(status.code(), Some(2), "{}", refused.log());
+    assert!(
+        refused.log().contains("LATIN1") && refused.log().contains("database.allow_non_utf8"),
+        "{}",
+        refused.log()
+    );
+    assert_eq!(env.db.settled().await, 0, "refused before migrating");
+
+    let mut replica = env.replica("r1", &[("database.allow_non_utf8", "true")]);
+    // One SKU: one partition, so the event it cannot store shares batches with the others.
+    env.produce_json(
+        &[
+            json!({"event_id": "latin-1", "type": "restock", "sku": "A", "quantity": 10}),
+            json!({"event_id": "ENC-\u{2713}", "type": "restock", "sku": "A", "quantity": 5}),
+            json!({"event_id": "latin-2", "type": "sale", "sku": "A", "quantity": 3}),
+            json!({"event_id": "caf\u{e9}-1", "type": "sale", "sku": "A", "quantity": 1}),
+        ],
+        false,
+    );
+    wait_until("three events and one dead letter", SETTLE, || async {
+        env.db.settled().await == 4
+    })
+    .await;
+    assert!(replica.is_running(), "{}", replica.log());
+    let unstorable = env
+        .db
+        .scalar(
+            "SELECT count(*) FROM dead_letters WHERE error = 'unstorable'
+               AND detail LIKE '%LATIN1%' AND position('\\x454e432de29c93'::bytea IN payload) > 0",
+        )
+        .await;
+    assert_eq!(
+        unstorable, 1,
+        "kept with its payload and the database's words"
+    );
+    assert_eq!(
+        env.db.stock().await.get("A"),
+        Some(&6),
+        "10 - 3 - 1: the events around it applied, once"
+    );
+    let (status, stats) = replica.terminate(EXIT);
+    assert!(status.success(), "replica exit: {status}");
+    assert_eq!((stats.applied, stats.dead_letters), (3, 1), "{stats:?}");
+    let (ok, report) = env.verify(None);
+    assert!(ok, "verify failed:\n{report}");
+}

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use crate::support::{TestEnv, http_get, metric, terminate_all, wait_until};
+use crate::support::{TestEnv, http_get, metric, output_text, terminate_all, wait_until};
 
 const SETTLE: Duration = Duration::from_secs(180);
 const EXIT: Duration = Duration::from_secs(30);
@@ -155,6 +155,42 @@ async fn a_replayed_window_changes_nothing_while_three_replicas_run() {
     .expect("replay --json");
     assert_eq!(predicted["again"], 10, "{predicted}");
     assert_eq!(predicted["partitions"][0]["again"], 10, "{predicted}");
+
+    // Moving it would apply those ten a second time: refused, nothing moved, unless forced.
+    let replay = ["--to-offset", "0", "--partition", "0", "--json"];
+    let refused = env.command("replay", &replay);
+    assert_eq!(refused.status.code(), Some(2), "{}", output_text(&refused));
+    assert!(
+        output_text(&refused).contains("--force"),
+        "{}",
+        output_text(&refused)
+    );
+    assert_eq!(
+        env.db.scalar(marked).await,
+        0,
+        "a refused replay moves nothing"
+    );
+    // A period whose ids retention dropped after the window's messages were produced is
+    // named as one that may have held them (here one marked so, as a drop leaves it).
+    let gone = env
+        .db
+        .scalar(
+            "WITH p AS (UPDATE history_periods SET events_gone = true, ended_at = now()
+                        WHERE period = 0 RETURNING 1)
+             SELECT count(*) FROM p",
+        )
+        .await;
+    assert_eq!(gone, 1);
+    let forced: serde_json::Value =
+        serde_json::from_str(&env.command_ok("replay", &[&replay[..], &["--force"]].concat()))
+            .expect("replay --json");
+    assert_eq!(forced["periods_gone"][0]["period"], 0, "{forced}");
+    assert_eq!(forced["rewound"][0]["partition"], 0, "{forced}");
+    assert_eq!(
+        env.db.scalar(marked).await,
+        1,
+        "forced: partition 0 moved back"
+    );
 }
 
 /// A replica whose claim during the assignment fails starts from Kafka's committed offsets.

@@ -732,3 +732,63 @@ async fn all_events_publishes_stock_outcomes_too() {
     let (ok, report) = env.verify(None);
     assert!(ok, "verify failed:\n{report}");
 }
+
+/// No reservation holds stock for longer than `reservations.max_ttl_s` (here set to a day, as
+/// a user would): a reserve whose `expires_at` lies further ahead (`9999-12-31`), or whose
+/// `ttl_seconds` is longer, is rejected (`invalid_expires_at`, `invalid_ttl`), holds nothing,
+/// and its order gets the rejection as its reply; one within the day is applied.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reservation_past_the_maximum_ttl_is_rejected_with_a_reply() {
+    let env = TestEnv::new(3).await;
+    let mut replica = env.replica("r1", &[("reservations.max_ttl_s", "86400")]);
+    let reserve = |order: &str, expiry: (&str, serde_json::Value)| {
+        let mut event = json!({"event_id": format!("{order}-r"), "type": "reserve",
+                               "order_id": order, "sku": "C", "quantity": 1});
+        event[expiry.0] = expiry.1;
+        (0, order.to_owned(), event)
+    };
+    send_events(
+        &env,
+        &[
+            (
+                0,
+                "C".into(),
+                json!({"event_id": "c-restock", "type": "restock", "sku": "C", "quantity": 5}),
+            ),
+            reserve("far", ("expires_at", json!("9999-12-31T00:00:00Z"))),
+            reserve("long", ("ttl_seconds", json!(86_401))),
+            reserve("day", ("ttl_seconds", json!(86_400))),
+        ],
+    );
+    wait_for_events(&env, 4).await;
+    wait_for_replies(&env, 3).await;
+    assert_eq!(
+        outcomes(&env, "reserve", "rejected", "invalid_expires_at").await,
+        1
+    );
+    assert_eq!(
+        outcomes(&env, "reserve", "rejected", "invalid_ttl").await,
+        1
+    );
+    assert_eq!(outcomes(&env, "reserve", "applied", "").await, 1);
+    assert_eq!(
+        stock_of(&env, "C").await,
+        (5, 1),
+        "only the day's reservation holds"
+    );
+    let replies = replies(&env);
+    for (request, outcome, reason) in [
+        ("far-r", "rejected", Some("invalid_expires_at")),
+        ("long-r", "rejected", Some("invalid_ttl")),
+        ("day-r", "applied", None),
+    ] {
+        assert_eq!(
+            replies.by_request.get(request),
+            Some(&(outcome.to_owned(), reason.map(str::to_owned))),
+            "{request}"
+        );
+    }
+    assert!(replica.terminate(EXIT).0.success());
+    let (ok, report) = env.verify(None);
+    assert!(ok, "verify failed:\n{report}");
+}
