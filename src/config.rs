@@ -75,6 +75,10 @@ pub struct DatabaseSettings {
     /// database cannot hold every character, and an event carrying one is dead-lettered as
     /// `unstorable`. Off: the replica refuses to start on it.
     pub allow_non_utf8: bool,
+    /// The most replicas that run against this database at once (the Deployment's replicas,
+    /// or the autoscaler's maximum): together they take at most half of the server's lock
+    /// table, each its share (`src/store/lock_budget.rs`).
+    pub max_replicas: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -228,6 +232,7 @@ impl Default for Settings {
                 lock_timeout_ms: 10_000,
                 idle_in_transaction_timeout_ms: 10_000,
                 allow_non_utf8: false,
+                max_replicas: 12,
             },
             processing: ProcessingSettings {
                 batch_max_events: 500,
@@ -448,6 +453,7 @@ impl Settings {
         if !(1..=256).contains(&db.pool_size) {
             return Err(ConfigError::key("database.pool_size", "must be 1..=256"));
         }
+        within("database.max_replicas", db.max_replicas, 1, 1_000)?;
         within(
             "database.connect_timeout_ms",
             db.connect_timeout_ms,

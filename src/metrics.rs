@@ -30,6 +30,8 @@ pub const RECORDED_OFFSET: &str = "inventory_partition_recorded_offset";
 pub const END_OFFSET: &str = "inventory_partition_end_offset";
 pub const PAUSED: &str = "inventory_partition_paused";
 pub const REPLAYS: &str = "inventory_partition_replays_total";
+pub const LOCK_HOLDERS: &str = "inventory_lock_budget_transactions";
+pub const LOCKS_PER_BATCH: &str = "inventory_lock_budget_locks_per_batch";
 
 /// Produce-to-commit latency buckets, 1-2-5 steps from 1 ms to 5 min: fine enough for the
 /// benchmark's percentiles (interpolated within a bucket) and for alerting.
@@ -162,6 +164,14 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
     describe_counter!(
         REPLAYS,
         "Partitions this replica claimed again to read from an offset an operator rewound them to (`replay`)."
+    );
+    describe_gauge!(
+        LOCK_HOLDERS,
+        "Transactions of this replica that may hold SKU locks at once: its share of the server's lock table (database.max_replicas)."
+    );
+    describe_gauge!(
+        LOCKS_PER_BATCH,
+        "The most SKU locks one of this replica's transactions takes; a batch over it is applied in parts."
     );
     start_at_zero();
     Ok(handle)

@@ -25,7 +25,8 @@ use tokio::runtime::Runtime;
 use crate::cli::produce::deliver;
 use crate::cli::{Cli, EXIT_VERIFY_FAILED, given_or_throwaway_database, log_dir, runtime};
 use crate::config::Settings;
-use crate::domain::{Batch, Delivery, lock_key};
+use crate::domain::batch::MAX_LOCKS_PER_BATCH;
+use crate::domain::{Batch, Delivery, MAX_LINES_PER_BATCH, lock_key};
 use crate::embedded::cpu;
 use crate::embedded::local_kafka::{BrokerKind, LocalKafka};
 use crate::embedded::postgres::{PostgresOptions, ThrowawayPostgres};
@@ -669,6 +670,7 @@ impl Bench {
                     topic: "bench".into(),
                     reservation_ttl: Settings::default().reservations.default_ttl(),
                     reservation_max_ttl: Settings::default().reservations.max_ttl(),
+                    max_locks: MAX_LOCKS_PER_BATCH,
                     reply_all: false,
                 };
                 let all: Vec<i32> = (0..batches.len() as i32).collect();
@@ -944,7 +946,7 @@ fn cut_into_batches(spec: WorkloadSpec, partitions: i32) -> (Vec<Vec<Batch>>, Ex
         // Keyed by SKU, as the producer keys them: one SKU stays in one partition.
         let key = message.key.clone().unwrap_or_default();
         let p = lock_key(&key).rem_euclid(n as i64) as usize;
-        if open[p].is_full(BATCH) {
+        if open[p].is_full(BATCH, MAX_LINES_PER_BATCH) {
             done[p].push(std::mem::take(&mut open[p]));
         }
         open[p].push(Delivery {

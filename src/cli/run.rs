@@ -176,6 +176,38 @@ async fn check_encoding(client: &tokio_postgres::Client, allowed: bool) -> anyho
     .into())
 }
 
+/// This replica's share of the server's lock table (`src/store/lock_budget.rs`), read at
+/// start-up; a table too small for `database.max_replicas` is a configuration error.
+async fn lock_budget(
+    client: &tokio_postgres::Client,
+    db: &crate::config::DatabaseSettings,
+) -> anyhow::Result<store::lock_budget::LockBudget> {
+    let row = client
+        .query_one(
+            "SELECT current_setting('max_locks_per_transaction')::bigint,
+                    current_setting('max_connections')::bigint,
+                    current_setting('max_prepared_transactions')::bigint",
+            &[],
+        )
+        .await
+        .context("reading the server's lock table size")?;
+    let (locks, connections, prepared): (i64, i64, i64) =
+        (row.try_get(0)?, row.try_get(1)?, row.try_get(2)?);
+    let table = store::lock_budget::table_size(locks as u64, connections as u64, prepared as u64);
+    let budget = store::lock_budget::plan(table, db.max_replicas, db.pool_size)
+        .map_err(|why| ConfigError::key("database.max_replicas", why))?;
+    tracing::info!(
+        lock_table = table,
+        max_replicas = db.max_replicas,
+        holders = budget.holders,
+        locks_per_batch = budget.locks_per_batch,
+        "lock budget: lock-holding transactions at once, and SKU locks each"
+    );
+    metrics::gauge!(crate::metrics::LOCK_HOLDERS).set(budget.holders as f64);
+    metrics::gauge!(crate::metrics::LOCKS_PER_BATCH).set(budget.locks_per_batch as f64);
+    Ok(budget)
+}
+
 async fn replica(
     settings: Settings,
     args: &RunArgs,
@@ -201,23 +233,25 @@ async fn replica(
             .await
             .context("connecting to the database")?;
         check_encoding(&client, db.allow_non_utf8).await?;
+        let budget = lock_budget(&client, db).await?;
         drop(client);
         if db.migrate && !args.no_migrate {
             store::migrate::migrate(&db.url)
                 .await
                 .context("applying migrations")?;
         }
-        anyhow::Ok(())
+        anyhow::Ok(budget)
     };
     // A signal during start-up stops it there: nothing is joined yet, and a migration cut
     // short is rolled back with its connection.
-    tokio::select! {
+    let budget = tokio::select! {
         prepared = prepared => prepared?,
         _ = shutdown.cancelled() => {
             tracing::info!("stopped during start-up");
             return Ok(());
         }
-    }
+    };
+    let lock_holders = Arc::new(tokio::sync::Semaphore::new(budget.holders));
     health.database_reachable(true);
     let pool = store::pool(db).await?;
     background.push(tokio::spawn(watch_database(
@@ -230,6 +264,8 @@ async fn replica(
         pool.clone(),
         settings.kafka.topic.clone(),
         Duration::from_millis(settings.reservations.sweep_interval_ms),
+        lock_holders.clone(),
+        budget.locks_per_batch,
         background.stop.clone(),
     )));
 
@@ -274,6 +310,7 @@ async fn replica(
         topic: settings.kafka.topic.clone(),
         reservation_ttl: settings.reservations.default_ttl(),
         reservation_max_ttl: settings.reservations.max_ttl(),
+        max_locks: budget.locks_per_batch,
         reply_all: settings.results.all_events,
     };
     let (rewinds_tx, rewinds_rx) = mpsc::unbounded_channel();
@@ -288,6 +325,7 @@ async fn replica(
         owner: crate::kafka::client::client_id(),
         pool,
         batch_max_events: settings.processing.batch_max_events,
+        lock_holders,
         linger: Duration::from_millis(settings.processing.batch_linger_ms),
         backoff_max: Duration::from_millis(settings.processing.retry_backoff_max_ms),
         retry_deadline: Duration::from_millis(settings.processing.retry_deadline_ms),

@@ -119,8 +119,8 @@ impl BatchPlan<'_> {
 
 /// Each distinct SKU of a batch holds one advisory lock until commit, and PostgreSQL's shared
 /// lock table holds `max_locks_per_transaction × max_connections` locks in all (6,400 with
-/// defaults). Capping a batch's lines bounds what one transaction can take: 3 replicas with 4
-/// connections each stay within the default table.
+/// defaults). Capping a batch's lines bounds what one transaction can take; a replica's lock
+/// budget may cap it lower (`crate::store::lock_budget`).
 pub const MAX_LINES_PER_BATCH: usize = 500;
 
 /// The most SKU locks one batch transaction takes, as the line cap above promises. A commit or
@@ -136,11 +136,12 @@ pub const MAX_BYTES_PER_BATCH: usize = 512 << 10;
 
 impl Batch {
     /// The batching rule, shared by the worker and the benchmark's database-only run: a batch
-    /// takes no more once it holds `max_events` deliveries, [`MAX_LINES_PER_BATCH`] lines or
+    /// takes no more once it holds `max_events` deliveries, `max_lines` lines (at most
+    /// [`MAX_LINES_PER_BATCH`]: the replica's lock budget may set fewer) or
     /// [`MAX_BYTES_PER_BATCH`] bytes.
-    pub fn is_full(&self, max_events: usize) -> bool {
+    pub fn is_full(&self, max_events: usize, max_lines: usize) -> bool {
         self.len() >= max_events
-            || self.line_count() >= MAX_LINES_PER_BATCH
+            || self.line_count() >= max_lines.min(MAX_LINES_PER_BATCH)
             || self.bytes >= MAX_BYTES_PER_BATCH
     }
 
@@ -538,17 +539,24 @@ mod tests {
     #[test]
     fn a_batch_is_full_at_its_events_lines_or_bytes() {
         let sale = r#"{"event_id":"a","type":"sale","sku":"A","quantity":1}"#;
-        assert!(batch(&[sale, sale]).is_full(2));
-        assert!(!batch(&[sale, sale]).is_full(3));
+        assert!(batch(&[sale, sale]).is_full(2, MAX_LINES_PER_BATCH));
+        assert!(!batch(&[sale, sale]).is_full(3, MAX_LINES_PER_BATCH));
         let mut big = Batch::default();
         big.push(Delivery {
             payload: Some(vec![b' '; MAX_BYTES_PER_BATCH - 10]),
             ..delivery(0, "")
         });
-        assert!(!big.is_full(500));
+        assert!(!big.is_full(500, MAX_LINES_PER_BATCH));
         big.push(delivery(1, sale));
-        assert!(big.is_full(500), "{} bytes", MAX_BYTES_PER_BATCH);
+        assert!(
+            big.is_full(500, MAX_LINES_PER_BATCH),
+            "{} bytes",
+            MAX_BYTES_PER_BATCH
+        );
         big.truncate(1);
-        assert!(!big.is_full(500), "truncate recounts the bytes");
+        assert!(
+            !big.is_full(500, MAX_LINES_PER_BATCH),
+            "truncate recounts the bytes"
+        );
     }
 }

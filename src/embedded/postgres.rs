@@ -20,6 +20,9 @@ pub struct PostgresOptions {
     /// data dies with the test anyway. Benchmarks keep it `true` to measure honest numbers.
     pub durable: bool,
     pub max_connections: u32,
+    /// The lock table is this times `max_connections`. Large by default, so that the tests'
+    /// replicas get every connection's full batches (`src/store/lock_budget.rs`).
+    pub max_locks_per_transaction: u32,
     /// Serve TLS with this certificate, and only TLS over TCP (`hostssl`; plain TCP is
     /// refused), as managed services are set up. Local socket connections stay plain.
     pub tls: Option<ServerTls>,
@@ -41,6 +44,7 @@ impl Default for PostgresOptions {
         PostgresOptions {
             durable: false,
             max_connections: 100,
+            max_locks_per_transaction: 1024,
             tls: None,
             statement_stats: false,
             shared_buffers: "128MB".to_owned(),
@@ -155,9 +159,10 @@ impl ThrowawayPostgres {
 
     fn write_settings(&self, options: PostgresOptions) -> anyhow::Result<()> {
         let mut conf = format!(
-            "\n# throwaway cluster\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{}'\nmax_connections = {}\nmax_locks_per_transaction = 256\nshared_buffers = '{}'\n",
+            "\n# throwaway cluster\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{}'\nmax_connections = {}\nmax_locks_per_transaction = {}\nshared_buffers = '{}'\n",
             self.dir.path().display(),
             options.max_connections,
+            options.max_locks_per_transaction,
             options.shared_buffers
         );
         if !options.durable {

@@ -51,6 +51,9 @@ pub struct WorkerContext {
     pub pool: Pool,
     pub batch_max_events: usize,
     pub linger: Duration,
+    /// Transactions of this replica that may hold SKU locks at once (the lock budget's
+    /// holders, shared with the expiry sweep): [`crate::store::lock_budget`].
+    pub lock_holders: Arc<tokio::sync::Semaphore>,
     pub backoff_max: Duration,
     pub retry_deadline: Duration,
     pub offsets: Arc<OffsetTracker>,
@@ -278,7 +281,7 @@ impl PartitionWorker {
             self.take(&mut batch, d);
         }
         let deadline = Instant::now() + self.ctx.linger;
-        while !batch.is_full(self.ctx.batch_max_events) {
+        while !batch.is_full(self.ctx.batch_max_events, self.ctx.source.max_locks) {
             tokio::select! {
                 biased;
                 _ = self.stop.cancelled() => return None,
@@ -317,8 +320,19 @@ impl PartitionWorker {
         let mut backoff = FIRST_BACKOFF;
         let mut paused = false;
         loop {
+            // One of the replica's lock-holding transactions (its lock budget); waiting for
+            // one ends when the worker is told to stop, like a backoff.
+            let permit = tokio::select! {
+                permit = self.ctx.lock_holders.clone().acquire_owned() => permit,
+                _ = self.stop.cancelled() => {
+                    self.ctx.stats.record_abandoned();
+                    return Err(None);
+                }
+            };
             let attempt = Instant::now();
-            match self.attempt(batch).await {
+            let attempted = self.attempt(batch).await;
+            drop(permit);
+            match attempted {
                 Ok(outcome) => {
                     if paused {
                         tracing::info!(partition = self.partition, "partition resumed");

@@ -34,7 +34,7 @@ use std::time::Duration;
 
 use tokio_postgres::types::{ToSql, Type};
 
-use crate::domain::batch::{BatchPlan, EndedReservation, MAX_LOCKS_PER_BATCH, ProductChange};
+use crate::domain::batch::{BatchPlan, EndedReservation, ProductChange};
 use crate::domain::{
     Batch, Clock, Line, Movement, OrderBook, Reply, Reservation, ReservationStatus, Stock,
     StockBook, lock_key,
@@ -54,6 +54,9 @@ pub struct Source {
     pub reservation_ttl: Duration,
     /// `reservations.max_ttl_s`.
     pub reservation_max_ttl: Duration,
+    /// The most SKU locks one batch transaction takes (the replica's lock budget,
+    /// [`crate::store::lock_budget`]); a batch over it is applied in parts.
+    pub max_locks: usize,
     /// `results.all_events`: stock events' outcomes are replied too.
     pub reply_all: bool,
 }
@@ -277,7 +280,7 @@ pub async fn apply_batch(
         skus.sort_unstable();
         skus.dedup();
     }
-    if skus.len() > MAX_LOCKS_PER_BATCH && batch.len() > 1 {
+    if skus.len() > source.max_locks && batch.len() > 1 {
         return Err(Failure::TooManyLocks { skus: skus.len() });
     }
     let keys = match guards {

@@ -10,15 +10,17 @@
 //! per order, like any event, and its reply queued for the relay in the same transaction.
 
 use std::collections::HashSet;
+use std::sync::Arc;
 use std::time::Duration;
 
 use sha2::{Digest, Sha256};
+use tokio::sync::Semaphore;
 use tokio_postgres::types::{ToSql, Type};
 use tokio_util::sync::CancellationToken;
 
 use crate::domain::batch::{EndedReservation, product_changes};
 use crate::domain::event::EXPIRY_PREFIX;
-use crate::domain::{MAX_LINES_PER_BATCH, Movement, ReservationStatus, expire, expiry_reply};
+use crate::domain::{Movement, ReservationStatus, expire, expiry_reply};
 use crate::store::apply::{
     END_RESERVATIONS, EndedRows, INSERT_EVENTS, INSERT_MOVEMENTS, INSERT_REPLIES, LOCK,
     MovementRows, NOW, ProductRows, QUEUE_REPLIES, RESERVATIONS, ReplyRows, STOCK, UPDATE_PRODUCTS,
@@ -47,7 +49,16 @@ pub fn expiry_event_id(order_id: &str) -> String {
 }
 
 /// Sweeps until `stop`: a failed sweep (database away) is logged and tried again next time.
-pub async fn sweep_until(pool: Pool, topic: String, every: Duration, stop: CancellationToken) {
+/// Each sweep is one of the replica's lock-holding transactions (`holders`, shared with its
+/// batches) and takes at most `max_locks` SKU locks ([`crate::store::lock_budget`]).
+pub async fn sweep_until(
+    pool: Pool,
+    topic: String,
+    every: Duration,
+    holders: Arc<Semaphore>,
+    max_locks: usize,
+    stop: CancellationToken,
+) {
     let mut ticks = tokio::time::interval(every);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -55,7 +66,13 @@ pub async fn sweep_until(pool: Pool, topic: String, every: Duration, stop: Cance
             _ = stop.cancelled() => return,
             _ = ticks.tick() => {}
         }
-        match sweep(&pool, &topic).await {
+        let permit = tokio::select! {
+            _ = stop.cancelled() => return,
+            permit = holders.clone().acquire_owned() => permit,
+        };
+        let swept = sweep(&pool, &topic, max_locks).await;
+        drop(permit);
+        match swept {
             Ok(0) => {}
             Ok(expired) => tracing::info!(expired, "reservations expired"),
             Err(e) => tracing::warn!(error = %e, "expiry sweep failed; trying again"),
@@ -63,15 +80,16 @@ pub async fn sweep_until(pool: Pool, topic: String, every: Duration, stop: Cance
     }
 }
 
-/// One sweep, one transaction; returns how many reservations it expired.
-pub async fn sweep(pool: &Pool, topic: &str) -> Result<usize, Failure> {
+/// One sweep, one transaction, over reservations of at most `max_lines` lines in all (each
+/// line's SKU may take a lock); returns how many reservations it expired.
+pub async fn sweep(pool: &Pool, topic: &str, max_lines: usize) -> Result<usize, Failure> {
     let mut conn = pool.get().await?;
     let tx = conn.transaction().await?;
     let mut due: Vec<String> = Vec::new();
     let mut lines = 0;
     for row in tx.query_typed(DUE, &[(&SWEEP_LIMIT, Type::INT8)]).await? {
         lines += row.try_get::<_, i64>(1)?;
-        if !due.is_empty() && lines > MAX_LINES_PER_BATCH as i64 {
+        if !due.is_empty() && lines > max_lines as i64 {
             break;
         }
         due.push(row.try_get(0)?);

@@ -7,6 +7,7 @@ pub mod dead_letters;
 pub mod expiry;
 pub mod failure;
 pub mod history;
+pub mod lock_budget;
 pub mod migrate;
 pub mod ownership;
 pub mod pauses;

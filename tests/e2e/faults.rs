@@ -402,6 +402,7 @@ pub(crate) fn source() -> Source {
         topic: "t".into(),
         reservation_ttl: Duration::from_secs(900),
         reservation_max_ttl: Duration::from_secs(7 * 86_400),
+        max_locks: inventory_consumer::domain::batch::MAX_LOCKS_PER_BATCH,
         reply_all: false,
     }
 }

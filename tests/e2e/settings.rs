@@ -227,3 +227,64 @@ fn yaml_value<'a>(yaml: &'a str, key: &str) -> Option<&'a str> {
         .find(|(k, _)| *k == key)
         .map(|(_, v)| v.trim())
 }
+
+/// The lock table is read at start-up: a server whose table is too small for
+/// `database.max_replicas` replicas (the default 12) is refused with exit 2 and what to raise;
+/// for one replica the same server serves it, in batches that take no more SKU locks than the
+/// replica's share allows (here one transaction of 20 at a time), and the result is exact.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_small_lock_table_is_refused_or_shared_out_in_smaller_batches() {
+    use inventory_consumer::embedded::postgres::{PostgresOptions, ThrowawayPostgres};
+    const EXIT: std::time::Duration = std::time::Duration::from_secs(30);
+    let mut env = crate::support::TestEnv::new(2).await;
+    // 10 locks a transaction (PostgreSQL's minimum) for 20 connections: a table of 200.
+    let small = tokio::task::spawn_blocking(|| {
+        ThrowawayPostgres::start(PostgresOptions {
+            max_connections: 20,
+            max_locks_per_transaction: 10,
+            ..PostgresOptions::default()
+        })
+    })
+    .await
+    .expect("joining")
+    .expect("starting a server with a small lock table");
+    env.db.url = small.url("postgres");
+
+    let mut refused = env.replica("refused", &[]);
+    let status = refused.wait_abrupt_exit(EXIT);
+    let log = refused.log();
+    assert_eq!(status.code(), Some(2), "{log}");
+    assert!(
+        log.contains("max_locks_per_transaction") && log.contains("database.max_replicas = 12"),
+        "{log}"
+    );
+
+    let mut replica = env.replica("r1", &[("database.max_replicas", "1")]);
+    let expected = env.produce(&["--events", "3000", "--skus", "1000", "--seed", "5"]);
+    env.wait_processed(
+        expected.messages as i64,
+        std::time::Duration::from_secs(120),
+    )
+    .await;
+    let (_, metrics) = crate::support::http_get(&replica.http_addr().await, "/metrics");
+    assert_eq!(
+        crate::support::metric(&metrics, "inventory_lock_budget_locks_per_batch", &[]),
+        20.0
+    );
+    assert_eq!(
+        crate::support::metric(&metrics, "inventory_lock_budget_transactions", &[]),
+        1.0
+    );
+    let (status, _) = replica.terminate(EXIT);
+    assert!(status.success(), "replica exit: {status}");
+    let batches = replica.batches();
+    assert!(batches.len() >= 3000 / 20, "{} batches", batches.len());
+    for b in &batches {
+        assert!(
+            b.last_offset - b.first_offset < 20,
+            "a batch of one-line events takes at most 20: {b:?}"
+        );
+    }
+    let (ok, report) = env.verify(Some(&expected));
+    assert!(ok, "verify failed:\n{report}");
+}

@@ -1,0 +1,137 @@
+//! How many locks a replica may hold at once, so that the replicas together never exhaust
+//! PostgreSQL's shared lock table.
+//!
+//! The table holds `max_locks_per_transaction × (max_connections + max_prepared_transactions)`
+//! locks for the whole server, shared by every session. A batch transaction holds one advisory
+//! lock per SKU (up to [`MAX_LOCKS_PER_BATCH`]) and some relation locks (the history tables'
+//! partitions and their indexes); an expiry sweep likewise. A replica runs up to
+//! `database.pool_size` such transactions at once, and `database.max_replicas` replicas may
+//! run. Past the table's size the server answers "out of shared memory" to every session that
+//! needs one more lock, ours and everyone else's.
+//!
+//! The rule: the replicas together take at most half the table. Each replica's share is half
+//! the table over `database.max_replicas`; it holds locks in at most `holders` transactions at
+//! once (as many as full batches fit its share, at least one, at most its pool), and each
+//! transaction takes at most `locks_per_batch` SKU locks (a batch over it is applied in
+//! parts). A share too small for a useful batch is refused at start-up.
+
+use crate::domain::batch::MAX_LOCKS_PER_BATCH;
+
+/// Locks a batch transaction holds in the shared table besides its SKUs' advisory locks: the
+/// relation locks of the tables, partitions and indexes it touches beyond the 16 each session
+/// keeps outside it ("fast path"), and its transaction ids. Measured (`pg_locks` of a replica
+/// stopped mid-batch, a new database): up to 9 relation locks and 2 others. Each period kept
+/// adds partitions, so this leaves room for a long history.
+pub const OTHER_LOCKS: u64 = 80;
+/// The fewest SKU locks a batch may be allowed: below this the lock table is too small.
+pub const MIN_LOCKS_PER_BATCH: u64 = 20;
+
+/// What one replica may hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct LockBudget {
+    /// Transactions that hold SKU locks at once (batches and expiry sweeps).
+    pub holders: usize,
+    /// SKU locks one of them takes at most.
+    pub locks_per_batch: usize,
+}
+
+impl LockBudget {
+    /// The budget when nothing bounds it below the batch's own cap (tests and tools that
+    /// apply batches without a replica).
+    pub fn unbounded(pool_size: u32) -> Self {
+        LockBudget {
+            holders: pool_size.max(1) as usize,
+            locks_per_batch: MAX_LOCKS_PER_BATCH,
+        }
+    }
+}
+
+/// The server's lock table: `max_locks_per_transaction × (max_connections +
+/// max_prepared_transactions)`.
+pub fn table_size(max_locks_per_transaction: u64, max_connections: u64, max_prepared: u64) -> u64 {
+    max_locks_per_transaction * (max_connections + max_prepared)
+}
+
+/// Each replica's budget when `max_replicas` replicas with `pool_size` connections each share
+/// half of a lock table of `table` locks; `Err` says why none fits.
+pub fn plan(table: u64, max_replicas: u64, pool_size: u32) -> Result<LockBudget, String> {
+    let share = table / 2 / max_replicas.max(1);
+    let full = MAX_LOCKS_PER_BATCH as u64 + OTHER_LOCKS;
+    let holders = (share / full).clamp(1, u64::from(pool_size.max(1)));
+    let per_holder = share / holders;
+    let locks_per_batch = per_holder
+        .saturating_sub(OTHER_LOCKS)
+        .min(MAX_LOCKS_PER_BATCH as u64);
+    if locks_per_batch < MIN_LOCKS_PER_BATCH {
+        let needed = (MIN_LOCKS_PER_BATCH + OTHER_LOCKS) * 2 * max_replicas.max(1);
+        return Err(format!(
+            "the server's lock table holds {table} locks (max_locks_per_transaction × \
+             (max_connections + max_prepared_transactions)); half of it over \
+             database.max_replicas = {max_replicas} leaves each replica {share}, less than one \
+             batch of {MIN_LOCKS_PER_BATCH} SKUs needs ({}): raise the server's \
+             max_locks_per_transaction (a table of {needed} or more), or lower \
+             database.max_replicas",
+            MIN_LOCKS_PER_BATCH + OTHER_LOCKS
+        ));
+    }
+    Ok(LockBudget {
+        holders: holders as usize,
+        locks_per_batch: locks_per_batch as usize,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn postgresqls_defaults_serve_the_autoscalers_twelve_replicas_with_smaller_batches() {
+        // max_locks_per_transaction 64, max_connections 100: 6,400 locks.
+        let table = table_size(64, 100, 0);
+        assert_eq!(
+            plan(table, 12, 4),
+            Ok(LockBudget {
+                holders: 1,
+                locks_per_batch: 186
+            })
+        );
+        assert_eq!(
+            plan(table, 3, 4),
+            Ok(LockBudget {
+                holders: 1,
+                locks_per_batch: 500
+            })
+        );
+    }
+
+    #[test]
+    fn a_large_table_lets_every_connection_hold_a_full_batch() {
+        let table = table_size(1024, 100, 0);
+        assert_eq!(plan(table, 12, 4), Ok(LockBudget::unbounded(4)));
+    }
+
+    #[test]
+    fn a_table_too_small_is_refused_naming_what_to_raise() {
+        let refused = plan(table_size(10, 20, 0), 12, 4).unwrap_err();
+        assert!(refused.contains("max_locks_per_transaction"), "{refused}");
+        assert!(refused.contains("database.max_replicas = 12"), "{refused}");
+    }
+
+    proptest! {
+        /// Whatever the sizes, the replicas together stay within half the table.
+        #[test]
+        fn the_replicas_never_take_more_than_half_the_table(
+            locks in 10u64..4096, connections in 5u64..2000, prepared in 0u64..100,
+            replicas in 1u64..200, pool in 1u32..64,
+        ) {
+            let table = table_size(locks, connections, prepared);
+            if let Ok(b) = plan(table, replicas, pool) {
+                let per_replica = b.holders as u64 * (b.locks_per_batch as u64 + OTHER_LOCKS);
+                prop_assert!(per_replica * replicas <= table / 2);
+                prop_assert!(b.holders >= 1 && b.holders <= pool as usize);
+                prop_assert!(b.locks_per_batch as u64 >= MIN_LOCKS_PER_BATCH);
+            }
+        }
+    }
+}
