@@ -79,6 +79,10 @@ pub struct DatabaseSettings {
     /// or the autoscaler's maximum): together they take at most half of the server's lock
     /// table, each its share (`src/store/lock_budget.rs`).
     pub max_replicas: u64,
+    /// A replica whose database probe has failed this long (unreachable, or its pool
+    /// exhausted) steps out of the consumer group, so that its partitions go to replicas that
+    /// can serve them, and steps back in once the database answers (`src/kafka/standing.rs`).
+    pub step_out_after_ms: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -232,7 +236,8 @@ impl Default for Settings {
                 lock_timeout_ms: 10_000,
                 idle_in_transaction_timeout_ms: 10_000,
                 allow_non_utf8: false,
-                max_replicas: 12,
+                max_replicas: 6,
+                step_out_after_ms: 20_000,
             },
             processing: ProcessingSettings {
                 batch_max_events: 500,
@@ -421,7 +426,7 @@ impl Settings {
             let Some(given) = properties.get(*name) else {
                 continue;
             };
-            if ours.is_some_and(|ours| given.trim().eq_ignore_ascii_case(ours)) {
+            if ours.is_some_and(|ours| same_value(name, given, ours)) {
                 continue;
             }
             return Err(ConfigError::key(
@@ -599,6 +604,17 @@ impl Settings {
             1,
             DAY_S * 1_000,
         )?;
+        // At least two failed probes. (Past `processing.retry_deadline_ms` the replica exits
+        // instead, and waits at start-up without joining: either way it holds nothing.)
+        let probes = (crate::kafka::standing::PROBE_INTERVAL
+            + crate::kafka::standing::PROBE_TIMEOUT)
+            .as_millis() as u64;
+        within(
+            "database.step_out_after_ms",
+            db.step_out_after_ms,
+            probes,
+            HOUR_MS,
+        )?;
         self.http
             .addr
             .parse::<SocketAddr>()
@@ -672,6 +688,20 @@ impl Settings {
             None => Ok(default_ms),
         }
     }
+}
+
+/// Whether librdkafka reads `given` for property `name` as `ours`: its aliases
+/// (`smallest` for `earliest`, `-1` for `all`) and spellings of booleans.
+fn same_value(name: &str, given: &str, ours: &str) -> bool {
+    let given = given.trim().to_ascii_lowercase();
+    let given = match (name, given.as_str()) {
+        ("auto.offset.reset", "smallest" | "beginning") => "earliest",
+        ("acks", "-1") => "all",
+        (_, "1" | "t") if ours == "true" => "true",
+        (_, "0" | "f") if ours == "false" => "false",
+        (_, other) => other,
+    };
+    given == ours
 }
 
 /// `key` must lie in `min..=max`.
@@ -846,6 +876,40 @@ mod tests {
         let mut s = valid();
         s.http.addr = "nowhere".into();
         assert!(error_of(&s).contains("http.addr"));
+    }
+
+    #[test]
+    fn managed_properties_accept_the_consumers_own_value_in_any_spelling() {
+        for (name, given) in [
+            ("auto.offset.reset", "earliest"),
+            ("auto.offset.reset", "smallest"),
+            ("auto.offset.reset", "Beginning"),
+            ("isolation.level", "read_committed"),
+            ("enable.auto.commit", "false"),
+            ("enable.auto.commit", "0"),
+            ("enable.idempotence", "1"),
+            ("acks", "-1"),
+            ("acks", "all"),
+        ] {
+            let mut s = valid();
+            s.kafka.properties.insert(name.into(), Value::from(given));
+            assert!(s.validate(ALL).is_ok(), "{name}={given}");
+        }
+        for (name, given) in [
+            ("auto.offset.reset", "latest"),
+            ("auto.offset.reset", "largest"),
+            ("isolation.level", "read_uncommitted"),
+            ("enable.auto.commit", "true"),
+            ("acks", "1"),
+            ("group.instance.id", "replica-0"),
+        ] {
+            let mut s = valid();
+            s.kafka.properties.insert(name.into(), Value::from(given));
+            assert!(
+                error_of(&s).contains(&format!("kafka.properties.{name}")),
+                "{name}={given}"
+            );
+        }
     }
 
     #[test]

@@ -3,12 +3,13 @@
 //! - `/livez` is 200 while the poll loop keeps turning (a wedged poll thread is a reason to
 //!   restart the process; a slow database is not: it is retried, and shows in `/readyz`).
 //! - `/readyz` is 200 once the replica has joined the group and reached the database, and 503
-//!   from the moment a shutdown starts draining.
+//!   from the moment a shutdown starts draining, and while the database does not answer (the
+//!   body says why; a replica that stepped out of the group for it says so too).
 //! - `/metrics` is the Prometheus text format (see [`crate::metrics`]).
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::Router;
@@ -30,7 +31,10 @@ pub struct Health {
     /// Milliseconds since the epoch of the poll loop's latest turn.
     last_poll_ms: AtomicU64,
     joined: AtomicBool,
-    database: AtomicBool,
+    /// Why the database is not usable now, if it is not.
+    database: Mutex<Option<String>>,
+    /// Why the replica stepped out of the group, while it is out.
+    stepped_out: Mutex<Option<String>>,
     draining: AtomicBool,
 }
 
@@ -40,7 +44,8 @@ impl Health {
             liveness_window,
             last_poll_ms: AtomicU64::new(0),
             joined: AtomicBool::new(false),
-            database: AtomicBool::new(false),
+            database: Mutex::new(Some("not reached yet".to_owned())),
+            stepped_out: Mutex::new(None),
             draining: AtomicBool::new(false),
         }
     }
@@ -58,8 +63,14 @@ impl Health {
         self.joined.load(Relaxed)
     }
 
-    pub fn database_reachable(&self, reachable: bool) {
-        self.database.store(reachable, Relaxed);
+    /// `None`: the database answers; else why it does not.
+    pub fn database_reachable(&self, unreachable: Option<String>) {
+        *lock(&self.database) = unreachable;
+    }
+
+    /// `Some(why)` once the replica stepped out of the group; `None` when it is back in.
+    pub fn stepped_out(&self, why: Option<String>) {
+        *lock(&self.stepped_out) = why;
     }
 
     pub fn draining(&self) {
@@ -72,17 +83,24 @@ impl Health {
     }
 
     /// `Ok` when ready, else why not.
-    pub fn readiness(&self) -> Result<(), &'static str> {
+    pub fn readiness(&self) -> Result<(), String> {
         if self.draining.load(Relaxed) {
-            Err("draining")
-        } else if !self.database.load(Relaxed) {
-            Err("database not reached")
+            Err("draining".into())
+        } else if let Some(why) = lock(&self.stepped_out).clone() {
+            Err(format!("stepped out of the consumer group: {why}"))
+        } else if let Some(why) = lock(&self.database).clone() {
+            Err(format!("database not reached: {why}"))
         } else if !self.joined.load(Relaxed) {
-            Err("not yet in the consumer group")
+            Err("not yet in the consumer group".into())
         } else {
             Ok(())
         }
     }
+}
+
+/// A poisoned lock still holds the last reason written: use it.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 #[derive(Clone)]
@@ -146,13 +164,25 @@ mod tests {
     #[test]
     fn readiness_needs_group_and_database_and_ends_with_the_drain() {
         let h = Health::new(Duration::from_secs(60));
-        assert_eq!(h.readiness(), Err("database not reached"));
-        h.database_reachable(true);
-        assert_eq!(h.readiness(), Err("not yet in the consumer group"));
+        assert_eq!(
+            h.readiness(),
+            Err("database not reached: not reached yet".into())
+        );
+        h.database_reachable(None);
+        assert_eq!(h.readiness(), Err("not yet in the consumer group".into()));
         h.joined();
         assert_eq!(h.readiness(), Ok(()));
+        h.database_reachable(Some("no answer within 5 s".into()));
+        h.stepped_out(Some("the database has not answered for 20 s".into()));
+        assert_eq!(
+            h.readiness(),
+            Err("stepped out of the consumer group: the database has not answered for 20 s".into())
+        );
+        h.stepped_out(None);
+        h.database_reachable(None);
+        assert_eq!(h.readiness(), Ok(()));
         h.draining();
-        assert_eq!(h.readiness(), Err("draining"));
+        assert_eq!(h.readiness(), Err("draining".into()));
     }
 
     #[test]

@@ -30,6 +30,8 @@ pub const RECORDED_OFFSET: &str = "inventory_partition_recorded_offset";
 pub const END_OFFSET: &str = "inventory_partition_end_offset";
 pub const PAUSED: &str = "inventory_partition_paused";
 pub const REPLAYS: &str = "inventory_partition_replays_total";
+pub const STEP_OUTS: &str = "inventory_group_step_outs_total";
+pub const STEPPED_OUT: &str = "inventory_group_stepped_out";
 pub const LOCK_HOLDERS: &str = "inventory_lock_budget_transactions";
 pub const LOCKS_PER_BATCH: &str = "inventory_lock_budget_locks_per_batch";
 
@@ -165,6 +167,14 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
         REPLAYS,
         "Partitions this replica claimed again to read from an offset an operator rewound them to (`replay`)."
     );
+    describe_counter!(
+        STEP_OUTS,
+        "Times this replica left the consumer group because the database did not answer for database.step_out_after_ms."
+    );
+    describe_gauge!(
+        STEPPED_OUT,
+        "1 while this replica is out of the consumer group because the database does not answer."
+    );
     describe_gauge!(
         LOCK_HOLDERS,
         "Transactions of this replica that may hold SKU locks at once: its share of the server's lock table (database.max_replicas)."
@@ -200,8 +210,10 @@ fn start_at_zero() {
         REPLIES,
         BATCH_SPLITS,
         REPLAYS,
+        STEP_OUTS,
     ] {
         metrics::counter!(name).absolute(0);
     }
     metrics::gauge!(ASSIGNED).set(0.0);
+    metrics::gauge!(STEPPED_OUT).set(0.0);
 }

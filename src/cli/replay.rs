@@ -12,7 +12,7 @@
 //! a sale would sell twice. It then refuses to move anything unless `--force` is given, and
 //! names the periods whose ids retention dropped. `--dry-run` prints the same and moves nothing.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
@@ -82,7 +82,8 @@ pub struct PartitionReplay {
     pub messages: u64,
     /// Of those, the events (the rest are bad messages, dead-lettered already).
     pub events: u64,
-    /// Distinct event ids among them that are not recorded: these decide again.
+    /// Distinct event ids among them that are neither recorded nor dead-lettered at their
+    /// offset: these decide again.
     pub again: u64,
 }
 
@@ -176,8 +177,8 @@ pub fn main(settings: &Settings, args: &ReplayArgs) -> anyhow::Result<ExitCode> 
             return Ok(ExitCode::from(EXIT_CONFIG));
         }
     };
-    let first_timestamp = read_windows(&consumer, topic, &mut plans, |ids| {
-        rt.block_on(replay::count_recorded(&db, ids))
+    let first_timestamp = read_windows(&consumer, topic, &mut plans, |partition, events| {
+        rt.block_on(replay::count_again(&db, topic, partition, events))
             .map_err(anyhow::Error::from)
     })?;
     let periods_gone = match first_timestamp {
@@ -267,13 +268,14 @@ fn offsets_for_time(
 }
 
 /// Reads each moving partition's window (target to recorded offset), counting its messages,
-/// its events, and the distinct event ids not recorded (`count_recorded` says how many of a
-/// set are). Returns the earliest timestamp among the windows' messages (ms), if any.
+/// its events, and the distinct event ids that would decide again (`count_again` says how
+/// many of a partition's `(offset, id)` would). Returns the earliest timestamp among the
+/// windows' messages (ms), if any.
 fn read_windows(
     consumer: &BaseConsumer,
     topic: &str,
     plans: &mut [PartitionReplay],
-    count_recorded: impl Fn(&HashSet<String>) -> anyhow::Result<u64>,
+    count_again: impl Fn(i32, &[(i64, String)]) -> anyhow::Result<u64>,
 ) -> anyhow::Result<Option<i64>> {
     // Partition -> (index in plans, end of its window).
     let mut open: BTreeMap<i32, (usize, i64)> = BTreeMap::new();
@@ -292,7 +294,7 @@ fn read_windows(
     consumer
         .assign(&tpl)
         .context("assigning the partitions to read")?;
-    let mut ids: BTreeMap<i32, HashSet<String>> = BTreeMap::new();
+    let mut events: BTreeMap<i32, Vec<(i64, String)>> = BTreeMap::new();
     let mut last_message = Instant::now();
     while !open.is_empty() {
         if last_message.elapsed() > READ_STALL {
@@ -335,15 +337,18 @@ fn read_windows(
         plan.messages += 1;
         if let Ok(event) = decode(message.payload()) {
             plan.events += 1;
-            ids.entry(plan.partition).or_default().insert(event.id);
+            events
+                .entry(plan.partition)
+                .or_default()
+                .push((message.offset(), event.id));
         }
         if message.offset() + 1 >= end {
             close(consumer, topic, &mut open, message.partition());
         }
     }
     for plan in plans.iter_mut() {
-        if let Some(ids) = ids.get(&plan.partition) {
-            plan.again = ids.len() as u64 - count_recorded(ids)?;
+        if let Some(events) = events.get(&plan.partition) {
+            plan.again = count_again(plan.partition, events)?;
         }
     }
     Ok(first_timestamp)

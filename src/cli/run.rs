@@ -19,7 +19,7 @@ use crate::cli::{EXIT_CONFIG, EXIT_RUNTIME, runtime};
 use crate::config::{ConfigError, Settings, describe_database};
 use crate::domain::DeadLetterLimit;
 use crate::http::Health;
-use crate::kafka::consumer::consume;
+use crate::kafka::consumer::{Signals, consume};
 use crate::kafka::offsets::OffsetTracker;
 use crate::kafka::worker::WorkerContext;
 use crate::stats::Stats;
@@ -86,19 +86,62 @@ pub fn shutdown_bound(settings: &Settings) -> Duration {
     settings.drain_timeout() + STOP_MARGIN + BACKGROUND_STOP + RUNTIME_SHUTDOWN
 }
 
-/// Keeps `/readyz` honest about the database while the replica runs, busy or idle.
-async fn watch_database(pool: store::Pool, health: Arc<Health>, stop: CancellationToken) {
-    const EVERY: Duration = Duration::from_secs(5);
+/// The longest wait between two start-up attempts on a database that does not answer.
+const STARTUP_BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+/// Connects, checks the database (encoding, lock table) and migrates it, before the replica
+/// joins the group: a replica that cannot work must not take partitions. A database that
+/// cannot be used yet (unreachable, full, a password rotated ahead of the replica's secret) is
+/// tried again with backoff, for as long as it takes, `/readyz` saying why; what the database
+/// says about the settings (its encoding, its lock table) is refused at once (exit 2).
+async fn prepare_database(
+    settings: &Settings,
+    args: &RunArgs,
+    health: &Health,
+) -> anyhow::Result<store::lock_budget::LockBudget> {
+    let db = &settings.database;
+    let mut backoff = Duration::from_secs(1);
     loop {
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(EVERY) => {}
-        }
-        let reached = match pool.get().await {
-            Ok(conn) => conn.simple_query("SELECT 1").await.is_ok(),
-            Err(_) => false,
+        // Each step but the migrations (which may rightly take long) answers within the
+        // connect timeout, or the attempt fails: a server whose packets are dropped answers
+        // nothing, ever.
+        let bound = Duration::from_millis(db.connect_timeout_ms);
+        let bounded = |step: &'static str| {
+            move |_| anyhow::anyhow!("{step}: no answer within {} ms", bound.as_millis())
         };
-        health.database_reachable(reached);
+        let attempt = async {
+            let client = tokio::time::timeout(bound, store::connect_bounded(db))
+                .await
+                .map_err(bounded("connecting to the database"))?
+                .context("connecting to the database")?;
+            tokio::time::timeout(bound, check_encoding(&client, db.allow_non_utf8))
+                .await
+                .map_err(bounded("reading the database's encoding"))??;
+            if db.migrate && !args.no_migrate {
+                store::migrate::migrate(&db.url)
+                    .await
+                    .context("applying migrations")?;
+            }
+            // After the migrations: the schema's relations count against the budget.
+            tokio::time::timeout(bound, lock_budget(&client, db))
+                .await
+                .map_err(bounded("reading the server's lock table"))?
+        };
+        match attempt.await {
+            Ok(budget) => return Ok(budget),
+            Err(e) if e.downcast_ref::<ConfigError>().is_some() => return Err(e),
+            Err(e) => {
+                let why = format!("{e:#}");
+                tracing::warn!(
+                    error = %why,
+                    retry_in_ms = backoff.as_millis() as u64,
+                    "the database cannot be used yet; not joining the consumer group until it can"
+                );
+                health.database_reachable(Some(why));
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(STARTUP_BACKOFF_MAX);
+            }
+        }
     }
 }
 
@@ -186,18 +229,27 @@ async fn lock_budget(
         .query_one(
             "SELECT current_setting('max_locks_per_transaction')::bigint,
                     current_setting('max_connections')::bigint,
-                    current_setting('max_prepared_transactions')::bigint",
+                    current_setting('max_prepared_transactions')::bigint,
+                    (SELECT count(*) FROM pg_class
+                     WHERE relnamespace = current_schema()::regnamespace
+                       AND relkind IN ('r', 'p', 'i', 'I'))",
             &[],
         )
         .await
         .context("reading the server's lock table size")?;
-    let (locks, connections, prepared): (i64, i64, i64) =
-        (row.try_get(0)?, row.try_get(1)?, row.try_get(2)?);
+    let (locks, connections, prepared, relations): (i64, i64, i64, i64) = (
+        row.try_get(0)?,
+        row.try_get(1)?,
+        row.try_get(2)?,
+        row.try_get(3)?,
+    );
     let table = store::lock_budget::table_size(locks as u64, connections as u64, prepared as u64);
-    let budget = store::lock_budget::plan(table, db.max_replicas, db.pool_size)
+    let other = store::lock_budget::other_locks(relations as u64);
+    let budget = store::lock_budget::plan(table, other, db.max_replicas, db.pool_size)
         .map_err(|why| ConfigError::key("database.max_replicas", why))?;
     tracing::info!(
         lock_table = table,
+        other_locks = other,
         max_replicas = db.max_replicas,
         holders = budget.holders,
         locks_per_batch = budget.locks_per_batch,
@@ -226,37 +278,24 @@ async fn replica(
     background.push(server);
     tracing::info!(addr = %bound, "HTTP endpoints listening (/livez, /readyz, /metrics)");
     tracing::info!(database = %describe_database(&db.url), brokers = %settings.kafka.brokers, "starting replica");
-    let prepared = async {
-        // Fail fast, with the database's own words, on a database we cannot reach at all,
-        // before migrating it or joining the group (the pool only reports that it timed out).
-        let client = store::connect(&db.url)
-            .await
-            .context("connecting to the database")?;
-        check_encoding(&client, db.allow_non_utf8).await?;
-        let budget = lock_budget(&client, db).await?;
-        drop(client);
-        if db.migrate && !args.no_migrate {
-            store::migrate::migrate(&db.url)
-                .await
-                .context("applying migrations")?;
-        }
-        anyhow::Ok(budget)
-    };
     // A signal during start-up stops it there: nothing is joined yet, and a migration cut
     // short is rolled back with its connection.
     let budget = tokio::select! {
-        prepared = prepared => prepared?,
+        prepared = prepare_database(&settings, args, &health) => prepared?,
         _ = shutdown.cancelled() => {
             tracing::info!("stopped during start-up");
             return Ok(());
         }
     };
     let lock_holders = Arc::new(tokio::sync::Semaphore::new(budget.holders));
-    health.database_reachable(true);
+    health.database_reachable(None);
     let pool = store::pool(db).await?;
-    background.push(tokio::spawn(watch_database(
+    let (standing_tx, standing_rx) = mpsc::unbounded_channel();
+    background.push(tokio::spawn(crate::kafka::standing::probe_until(
         pool.clone(),
+        Duration::from_millis(db.step_out_after_ms),
         health.clone(),
+        standing_tx,
         background.stop.clone(),
     )));
 
@@ -353,15 +392,12 @@ async fn replica(
     std::thread::Builder::new()
         .name("kafka-poll".into())
         .spawn(move || {
-            let polled = consume(
-                &settings,
-                ctx,
-                halts_rx,
-                rewinds_rx,
-                health,
-                runtime,
-                poll_shutdown,
-            );
+            let signals = Signals {
+                halts: halts_rx,
+                rewinds: rewinds_rx,
+                standing: standing_rx,
+            };
+            let polled = consume(&settings, ctx, signals, health, runtime, poll_shutdown);
             let _ = polled_tx.send(polled);
         })
         .context("starting the poll thread")?;

@@ -48,18 +48,29 @@ fn masked(settings: &Settings) -> anyhow::Result<Value> {
     if let Some(Value::Object(properties)) = value.pointer_mut("/kafka/properties") {
         properties.clear();
         for (name, v) in settings.kafka_properties() {
-            let secret = ["password", "secret", "key.pem", "private"]
-                .iter()
-                .any(|s| name.contains(s));
+            let secret = [
+                "password",
+                "secret",
+                "key.pem",
+                "private",
+                "oauthbearer.config",
+            ]
+            .iter()
+            .any(|s| name.contains(s));
             properties.insert(name, Value::from(if secret { MASK.to_owned() } else { v }));
         }
     }
     Ok(value)
 }
 
-/// `url` with its password masked: a URL's, or a key=value string's `password=`.
+/// `url` with its password masked. A URL that the `url` crate reads as PostgreSQL does (one
+/// host) is shown whole with its password masked; any other form (several hosts, key=value)
+/// only as `user@host:port/db`, built from the parsed settings, which hold no password.
 fn mask_password(url: &str) -> String {
-    if let Ok(mut parsed) = url::Url::parse(url) {
+    let single_host = url::Url::parse(url)
+        .ok()
+        .filter(|u| u.host_str().is_some() && crate::store::tls::parse(url).is_ok());
+    if let Some(mut parsed) = single_host {
         if parsed.password().is_some() {
             let _ = parsed.set_password(Some(MASK));
         }
@@ -79,13 +90,13 @@ fn mask_password(url: &str) -> String {
         }
         return parsed.into();
     }
-    url.split_whitespace()
-        .map(|part| match part.split_once('=') {
-            Some(("password", _)) => format!("password={MASK}"),
-            _ => part.to_owned(),
-        })
-        .collect::<Vec<_>>()
-        .join(" ")
+    let described = crate::config::describe_database(url);
+    match crate::store::tls::parse(url) {
+        Ok((config, _)) if config.get_password().is_some() => {
+            format!("{described} (password {MASK})")
+        }
+        _ => described,
+    }
 }
 
 /// `a.b = value` lines of a JSON object, in its order.
@@ -115,10 +126,13 @@ mod tests {
             "postgres://app:s3cret@db:5432/x?sslmode=require",
             "postgres://app@db/x?password=s3cret",
             "host=db user=app password=s3cret dbname=x",
+            "host=db user=app password = s3cret dbname=x",
+            "host=db user=app password='s3cret and more' dbname=x",
+            "postgres://app:s3cret@h1:5432,h2:5432/x",
         ] {
             let masked = mask_password(url);
-            assert!(!masked.contains("s3cret"), "{masked}");
-            assert!(masked.contains(MASK), "{masked}");
+            assert!(!masked.contains("s3cret"), "{url}: {masked}");
+            assert!(masked.contains(MASK), "{url}: {masked}");
         }
         assert_eq!(mask_password("postgres://app@db/x"), "postgres://app@db/x");
     }

@@ -4,7 +4,9 @@
 //! It runs on a dedicated OS thread, never on the async runtime: librdkafka runs the rebalance
 //! callbacks inside `poll`, and those block while the revoked partitions drain. It never waits
 //! for a worker otherwise: a partition whose worker falls behind is paused, the others keep
-//! flowing ([`super::flow`]), and every turn of the loop marks the replica live.
+//! flowing ([`super::flow`]), and every turn of the loop marks the replica live. It also
+//! steps the replica out of the group and back in as the database stops and starts answering
+//! ([`super::standing`]).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -20,6 +22,7 @@ use crate::http::Health;
 use crate::kafka::client::consumer_config;
 use crate::kafka::group::GroupContext;
 use crate::kafka::rewinds::Rewind;
+use crate::kafka::standing::Change;
 use crate::kafka::worker::{Halted, WorkerContext};
 
 /// How long one `poll` may block: also how quickly a shutdown request is noticed.
@@ -33,17 +36,28 @@ const RESUME_CHECK: Duration = Duration::from_millis(10);
 /// regardless (the caller bounds the close itself: `run`'s stop margin).
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// What the poll thread listens to besides Kafka.
+pub struct Signals {
+    pub halts: mpsc::UnboundedReceiver<Halted>,
+    pub rewinds: mpsc::UnboundedReceiver<Vec<Rewind>>,
+    pub standing: mpsc::UnboundedReceiver<Change>,
+}
+
 /// Consumes until `shutdown` is cancelled; returns an error only for a fatal Kafka failure.
 /// Blocking: call it on its own thread.
 pub fn consume(
     settings: &Settings,
     ctx: WorkerContext,
-    mut halts: mpsc::UnboundedReceiver<Halted>,
-    mut rewinds: mpsc::UnboundedReceiver<Vec<Rewind>>,
+    signals: Signals,
     health: Arc<Health>,
     runtime: tokio::runtime::Handle,
     shutdown: CancellationToken,
 ) -> Result<(), KafkaError> {
+    let Signals {
+        mut halts,
+        mut rewinds,
+        mut standing,
+    } = signals;
     let group = GroupContext::new(
         ctx,
         health.clone(),
@@ -68,6 +82,7 @@ pub fn consume(
     let mut last_resume_check = Instant::now();
     let mut last_restart_check = Instant::now();
     let mut result = Ok(());
+    let topic = settings.kafka.topic.as_str();
     while !shutdown.is_cancelled() {
         health.polled();
         match consumer.poll(POLL_INTERVAL) {
@@ -89,6 +104,13 @@ pub fn consume(
         }
         while let Ok(halted) = halts.try_recv() {
             consumer.context().halt(&consumer, halted);
+        }
+        while let Ok(change) = standing.try_recv() {
+            if let Err(e) = change_standing(&consumer, &health, topic, change) {
+                tracing::error!(error = %e, "fatal Kafka error");
+                result = Err(e);
+                shutdown.cancel();
+            }
         }
         // Reports pile up while a rewind waits on the database: handle the latest of each
         // partition once per turn.
@@ -133,6 +155,38 @@ pub fn consume(
     drop(consumer);
     tracing::info!("left the consumer group");
     result
+}
+
+/// Leaves the group (its revoke drains and commits as any revoke does, in the polls that
+/// follow) or joins it again. The group hands the partitions to the replicas that can serve
+/// them; a replica out of it keeps probing the database ([`super::standing`]).
+fn change_standing(
+    consumer: &BaseConsumer<GroupContext>,
+    health: &Health,
+    topic: &str,
+    change: Change,
+) -> Result<(), KafkaError> {
+    match change {
+        Change::StepOut { reason } => {
+            metrics::counter!(crate::metrics::STEP_OUTS).increment(1);
+            metrics::gauge!(crate::metrics::STEPPED_OUT).set(1.0);
+            tracing::warn!(
+                reason = %reason,
+                owned = ?consumer.context().owned(),
+                "stepping out of the consumer group: the database does not answer; its \
+                 partitions go to replicas that can serve them"
+            );
+            health.stepped_out(Some(reason));
+            consumer.unsubscribe();
+        }
+        Change::StepIn => {
+            tracing::info!("rejoining the consumer group: the database answers again");
+            consumer.subscribe(&[topic])?;
+            health.stepped_out(None);
+            metrics::gauge!(crate::metrics::STEPPED_OUT).set(0.0);
+        }
+    }
+    Ok(())
 }
 
 /// librdkafka retries everything else itself; these need an operator (or a restart): refused

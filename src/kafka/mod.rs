@@ -16,5 +16,6 @@ pub mod offsets;
 pub mod producer;
 pub mod relay;
 pub mod rewinds;
+pub mod standing;
 pub mod worker;
 pub mod workers;

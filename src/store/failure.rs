@@ -1,8 +1,8 @@
 //! What kind of failure a database error is, by its cause. A *transient* failure (connection
 //! lost, deadlock, serialization failure, a lock or statement timeout, a server restarting) is
 //! retried with backoff and leaves the offset where it was. A *data* failure (SQLSTATE class
-//! 22: a value the database cannot hold, such as a character the server's encoding lacks) was
-//! caused by what a message carries: the worker finds that message and dead-letters it
+//! 22's that values cause: one the database cannot hold, such as a character the server's
+//! encoding lacks) was caused by what a message carries: the worker finds that message and dead-letters it
 //! (`crate::kafka::worker`). A *fatal* one (schema missing, authentication refused, a bug)
 //! stops the process with a non-zero exit so that an operator sees it.
 
@@ -14,7 +14,8 @@ pub enum Failure {
     Transient(String),
     #[error("fatal database failure: {0}")]
     Fatal(String),
-    /// The database refused a value of the batch (SQLSTATE class 22, data exception): nothing
+    /// The database refused a value of the batch (a data exception one message causes, e.g. a
+    /// character the server's encoding lacks: [`is_data`]): nothing
     /// was done. Retrying cannot help; applying the batch without the message that carries
     /// the value can.
     #[error("the database cannot store a value of the batch: {0}")]
@@ -60,7 +61,7 @@ impl From<tokio_postgres::Error> for Failure {
                 Failure::Transient(text)
             }
             Some(code) if is_transient(code) => Failure::Transient(text),
-            Some(code) if code.code().starts_with("22") => Failure::Data(text),
+            Some(code) if is_data(code) => Failure::Data(text),
             // Our connection's prepared statements, forgotten meanwhile and prepared again by
             // the retry (`super::statements`).
             Some(_) if super::statements::is_stale_statement(&e) => Failure::Transient(text),
@@ -78,6 +79,25 @@ impl From<bb8::RunError<tokio_postgres::Error>> for Failure {
             }
         }
     }
+}
+
+/// The data exceptions (SQLSTATE class 22) one message's values cause: a character the
+/// server's encoding lacks, a string or number past what its column holds, text that does not
+/// read as its type. Not the whole class: a division by zero or a bad argument to a function
+/// would be ours, the same for every message, and must stop the replica rather than
+/// dead-letter everything.
+fn is_data(code: &SqlState) -> bool {
+    [
+        SqlState::UNTRANSLATABLE_CHARACTER,
+        SqlState::CHARACTER_NOT_IN_REPERTOIRE,
+        SqlState::STRING_DATA_RIGHT_TRUNCATION,
+        SqlState::STRING_DATA_LENGTH_MISMATCH,
+        SqlState::NUMERIC_VALUE_OUT_OF_RANGE,
+        SqlState::INVALID_TEXT_REPRESENTATION,
+        SqlState::INVALID_DATETIME_FORMAT,
+        SqlState::DATETIME_FIELD_OVERFLOW,
+    ]
+    .contains(code)
 }
 
 fn is_transient(code: &SqlState) -> bool {
@@ -146,8 +166,14 @@ mod tests {
             SqlState::NUMERIC_VALUE_OUT_OF_RANGE,
             SqlState::STRING_DATA_RIGHT_TRUNCATION,
         ] {
-            assert!(code.code().starts_with("22"), "{code:?}: a data exception");
-            assert!(!is_transient(&code), "{code:?}");
+            assert!(is_data(&code) && !is_transient(&code), "{code:?}");
+        }
+        for code in [
+            SqlState::DIVISION_BY_ZERO,
+            SqlState::INVALID_PARAMETER_VALUE,
+            SqlState::UNDEFINED_TABLE,
+        ] {
+            assert!(!is_data(&code), "{code:?}: ours, not the message's");
         }
         for code in [
             SqlState::UNDEFINED_TABLE,

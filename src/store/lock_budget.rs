@@ -13,18 +13,32 @@
 //! the table over `database.max_replicas`; it holds locks in at most `holders` transactions at
 //! once (as many as full batches fit its share, at least one, at most its pool), and each
 //! transaction takes at most `locks_per_batch` SKU locks (a batch over it is applied in
-//! parts). A share too small for a useful batch is refused at start-up.
+//! parts), never fewer than one event may need. A share too small for that is refused at
+//! start-up.
+//!
+//! Besides its SKUs, a transaction holds relation locks on the tables, partitions and indexes
+//! it touches (a generic plan locks every partition of a partitioned table, pruned or not),
+//! and its transaction ids. Measured (`pg_locks` of a replica stopped mid-batch, a new
+//! database): 16 relation locks kept outside the shared table ("fast path"), up to 9 in it,
+//! and 2 others. So the budget counts, as [`other_locks`], every relation of the schema beyond
+//! the fast path's 16: the partitions of a long history are in it.
 
 use crate::domain::batch::MAX_LOCKS_PER_BATCH;
+use crate::domain::event::MAX_LINES;
 
-/// Locks a batch transaction holds in the shared table besides its SKUs' advisory locks: the
-/// relation locks of the tables, partitions and indexes it touches beyond the 16 each session
-/// keeps outside it ("fast path"), and its transaction ids. Measured (`pg_locks` of a replica
-/// stopped mid-batch, a new database): up to 9 relation locks and 2 others. Each period kept
-/// adds partitions, so this leaves room for a long history.
-pub const OTHER_LOCKS: u64 = 80;
-/// The fewest SKU locks a batch may be allowed: below this the lock table is too small.
-pub const MIN_LOCKS_PER_BATCH: u64 = 20;
+/// Relation locks a session keeps outside the shared table.
+const FAST_PATH: u64 = 16;
+/// Transaction ids and the like.
+const TRANSACTION_LOCKS: u64 = 8;
+/// The fewest SKU locks a transaction may be allowed: what one event may take alone (its
+/// lines, and for a commit or release its order's reservation), which is never split.
+pub const MIN_LOCKS_PER_BATCH: u64 = 2 * MAX_LINES as u64;
+
+/// Locks a transaction holds in the shared table besides its SKU locks, for a schema of
+/// `relations` tables, partitions and indexes.
+pub fn other_locks(relations: u64) -> u64 {
+    relations.saturating_sub(FAST_PATH) + TRANSACTION_LOCKS
+}
 
 /// What one replica may hold.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -53,25 +67,30 @@ pub fn table_size(max_locks_per_transaction: u64, max_connections: u64, max_prep
 }
 
 /// Each replica's budget when `max_replicas` replicas with `pool_size` connections each share
-/// half of a lock table of `table` locks; `Err` says why none fits.
-pub fn plan(table: u64, max_replicas: u64, pool_size: u32) -> Result<LockBudget, String> {
+/// half of a lock table of `table` locks, each transaction also holding `other` locks
+/// ([`other_locks`]); `Err` says why none fits.
+pub fn plan(
+    table: u64,
+    other: u64,
+    max_replicas: u64,
+    pool_size: u32,
+) -> Result<LockBudget, String> {
     let share = table / 2 / max_replicas.max(1);
-    let full = MAX_LOCKS_PER_BATCH as u64 + OTHER_LOCKS;
+    let full = MAX_LOCKS_PER_BATCH as u64 + other;
     let holders = (share / full).clamp(1, u64::from(pool_size.max(1)));
     let per_holder = share / holders;
     let locks_per_batch = per_holder
-        .saturating_sub(OTHER_LOCKS)
+        .saturating_sub(other)
         .min(MAX_LOCKS_PER_BATCH as u64);
     if locks_per_batch < MIN_LOCKS_PER_BATCH {
-        let needed = (MIN_LOCKS_PER_BATCH + OTHER_LOCKS) * 2 * max_replicas.max(1);
+        let needed = (MIN_LOCKS_PER_BATCH + other) * 2 * max_replicas.max(1);
         return Err(format!(
             "the server's lock table holds {table} locks (max_locks_per_transaction × \
              (max_connections + max_prepared_transactions)); half of it over \
-             database.max_replicas = {max_replicas} leaves each replica {share}, less than one \
-             batch of {MIN_LOCKS_PER_BATCH} SKUs needs ({}): raise the server's \
-             max_locks_per_transaction (a table of {needed} or more), or lower \
-             database.max_replicas",
-            MIN_LOCKS_PER_BATCH + OTHER_LOCKS
+             database.max_replicas = {max_replicas} leaves each replica {share}, less than \
+             one transaction may need ({MIN_LOCKS_PER_BATCH} SKUs and {other} other locks): \
+             raise the server's max_locks_per_transaction (a table of {needed} or more), or \
+             lower database.max_replicas"
         ));
     }
     Ok(LockBudget {
@@ -85,49 +104,56 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    /// About what a new database's schema holds (tables, partitions, indexes).
+    const OTHER: u64 = 80;
+
     #[test]
-    fn postgresqls_defaults_serve_the_autoscalers_twelve_replicas_with_smaller_batches() {
+    fn postgresqls_defaults_serve_six_replicas_one_transaction_each() {
         // max_locks_per_transaction 64, max_connections 100: 6,400 locks.
         let table = table_size(64, 100, 0);
         assert_eq!(
-            plan(table, 12, 4),
+            plan(table, OTHER, 6, 4),
             Ok(LockBudget {
                 holders: 1,
-                locks_per_batch: 186
+                locks_per_batch: 453
             })
         );
         assert_eq!(
-            plan(table, 3, 4),
+            plan(table, OTHER, 3, 4),
             Ok(LockBudget {
                 holders: 1,
                 locks_per_batch: 500
             })
         );
+        let refused = plan(table, OTHER, 12, 4).unwrap_err();
+        assert!(refused.contains("database.max_replicas = 12"), "{refused}");
+        assert!(refused.contains("max_locks_per_transaction"), "{refused}");
     }
 
     #[test]
     fn a_large_table_lets_every_connection_hold_a_full_batch() {
         let table = table_size(1024, 100, 0);
-        assert_eq!(plan(table, 12, 4), Ok(LockBudget::unbounded(4)));
+        assert_eq!(plan(table, OTHER, 12, 4), Ok(LockBudget::unbounded(4)));
     }
 
     #[test]
-    fn a_table_too_small_is_refused_naming_what_to_raise() {
-        let refused = plan(table_size(10, 20, 0), 12, 4).unwrap_err();
-        assert!(refused.contains("max_locks_per_transaction"), "{refused}");
-        assert!(refused.contains("database.max_replicas = 12"), "{refused}");
+    fn relations_beyond_the_fast_path_count_against_the_share() {
+        assert_eq!(other_locks(10), TRANSACTION_LOCKS);
+        assert_eq!(other_locks(116), 100 + TRANSACTION_LOCKS);
     }
 
     proptest! {
-        /// Whatever the sizes, the replicas together stay within half the table.
+        /// Whatever the sizes, the replicas together stay within half the table, and every
+        /// transaction may take what one event needs.
         #[test]
         fn the_replicas_never_take_more_than_half_the_table(
             locks in 10u64..4096, connections in 5u64..2000, prepared in 0u64..100,
-            replicas in 1u64..200, pool in 1u32..64,
+            relations in 0u64..2000, replicas in 1u64..200, pool in 1u32..64,
         ) {
             let table = table_size(locks, connections, prepared);
-            if let Ok(b) = plan(table, replicas, pool) {
-                let per_replica = b.holders as u64 * (b.locks_per_batch as u64 + OTHER_LOCKS);
+            let other = other_locks(relations);
+            if let Ok(b) = plan(table, other, replicas, pool) {
+                let per_replica = b.holders as u64 * (b.locks_per_batch as u64 + other);
                 prop_assert!(per_replica * replicas <= table / 2);
                 prop_assert!(b.holders >= 1 && b.holders <= pool as usize);
                 prop_assert!(b.locks_per_batch as u64 >= MIN_LOCKS_PER_BATCH);

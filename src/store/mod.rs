@@ -32,6 +32,31 @@ pub type Pool = bb8::Pool<statements::Manager>;
 /// Builds the pool. Connections are made lazily, so this succeeds without a database; the first
 /// checkout reports what is wrong.
 pub async fn pool(settings: &DatabaseSettings) -> Result<Pool, Failure> {
+    let tls::Target { config, tls } = session(settings)?;
+    let manager = statements::Manager(PostgresConnectionManager::new(config, tls));
+    Ok(bb8::Pool::builder()
+        .max_size(settings.pool_size)
+        .connection_timeout(Duration::from_millis(settings.connect_timeout_ms))
+        .build_unchecked(manager))
+}
+
+/// One connection as the pool makes them (every wait bounded), outside the pool: `run`'s
+/// checks at start-up.
+pub async fn connect_bounded(
+    settings: &DatabaseSettings,
+) -> Result<tokio_postgres::Client, Failure> {
+    let tls::Target { config, tls } = session(settings)?;
+    let (client, connection) = config.connect(tls).await?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!(error = %e, "database connection closed");
+        }
+    });
+    Ok(client)
+}
+
+/// The settings of every session of a replica.
+fn session(settings: &DatabaseSettings) -> Result<tls::Target, Failure> {
     let tls::Target { mut config, tls } = tls::target(&settings.url)?;
     config.connect_timeout(Duration::from_millis(settings.connect_timeout_ms));
     if config.get_application_name().is_none() {
@@ -58,11 +83,7 @@ pub async fn pool(settings: &DatabaseSettings) -> Result<Pool, Failure> {
         .keepalives(true)
         .keepalives_idle(Duration::from_secs(30))
         .tcp_user_timeout(Duration::from_millis(settings.statement_timeout_ms + 5_000));
-    let manager = statements::Manager(PostgresConnectionManager::new(config, tls));
-    Ok(bb8::Pool::builder()
-        .max_size(settings.pool_size)
-        .connection_timeout(Duration::from_millis(settings.connect_timeout_ms))
-        .build_unchecked(manager))
+    Ok(tls::Target { config, tls })
 }
 
 /// SQL that renders timestamp `column` as RFC 3339 text in UTC, to the millisecond (the

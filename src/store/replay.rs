@@ -95,8 +95,39 @@ pub async fn rewind(
     Ok(moved)
 }
 
+/// Of the events `(offset, id)` read again from `topic`'s `partition`, how many distinct ids
+/// would decide again: not recorded, and not at an offset already dead-lettered (an event the
+/// database could not store is dead-lettered again there, which changes nothing).
+pub async fn count_again(
+    db: &Client,
+    topic: &str,
+    partition: i32,
+    events: &[(i64, String)],
+) -> Result<u64, Failure> {
+    let offsets: Vec<i64> = events.iter().map(|(offset, _)| *offset).collect();
+    let mut dead: HashSet<i64> = HashSet::new();
+    for chunk in offsets.chunks(10_000) {
+        for row in db
+            .query(
+                "SELECT \"offset\" FROM dead_letters
+                 WHERE topic = $1 AND partition = $2 AND \"offset\" = ANY($3::bigint[])",
+                &[&topic, &partition, &chunk],
+            )
+            .await?
+        {
+            dead.insert(row.try_get(0)?);
+        }
+    }
+    let ids: HashSet<String> = events
+        .iter()
+        .filter(|(offset, _)| !dead.contains(offset))
+        .map(|(_, id)| id.clone())
+        .collect();
+    Ok(ids.len() as u64 - count_recorded(db, &ids).await?)
+}
+
 /// How many of `ids` are recorded in `processed_events` (in any period kept).
-pub async fn count_recorded(db: &Client, ids: &HashSet<String>) -> Result<u64, Failure> {
+async fn count_recorded(db: &Client, ids: &HashSet<String>) -> Result<u64, Failure> {
     let mut recorded = 0;
     let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
     for chunk in ids.chunks(10_000) {

@@ -10,6 +10,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use percent_encoding::percent_decode_str;
 use rustls::RootCertStore;
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
@@ -52,39 +53,61 @@ pub fn parse(url: &str) -> Result<(tokio_postgres::Config, Option<PathBuf>), Str
     Ok((config, root_cert))
 }
 
-/// Takes out of a `postgres://` URL what libpq understands and tokio-postgres does not:
+/// Takes out of a database URL what libpq understands and tokio-postgres does not:
 /// `sslrootcert=FILE`, and the `verify-ca` / `verify-full` modes (both become `require`, which
-/// verifies here anyway). Other URLs are returned unchanged.
+/// verifies here anyway). Both forms: a `postgres://` URL's query (every other parameter kept
+/// byte for byte, as tokio-postgres decodes them; several hosts allowed), or `key=value`
+/// words (unquoted values). Anything else is returned unchanged.
 fn libpq_only_parameters(url: &str) -> (String, Option<PathBuf>) {
-    let Ok(mut parsed) = url::Url::parse(url) else {
-        return (url.to_owned(), None);
-    };
     let mut root_cert = None;
-    let mut changed = false;
-    let pairs: Vec<(String, String)> = parsed
-        .query_pairs()
-        .filter_map(|(k, v)| match (k.as_ref(), v.as_ref()) {
+    let mut take = |key: &str, value: &str| -> Option<Option<String>> {
+        match (key, value) {
             ("sslrootcert", file) => {
                 root_cert = Some(PathBuf::from(file));
-                changed = true;
-                None
+                Some(None)
             }
-            ("sslmode", "verify-ca" | "verify-full") => {
-                changed = true;
-                Some((k.into_owned(), "require".to_owned()))
-            }
-            _ => Some((k.into_owned(), v.into_owned())),
-        })
-        .collect();
-    if !changed {
+            ("sslmode", "verify-ca" | "verify-full") => Some(Some("require".to_owned())),
+            _ => None,
+        }
+    };
+    let rewritten = if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        let Some((base, query)) = url.split_once('?') else {
+            return (url.to_owned(), None);
+        };
+        let decode = |s: &str| percent_decode_str(s).decode_utf8_lossy().into_owned();
+        let kept: Vec<String> = query
+            .split('&')
+            .filter_map(|segment| {
+                let (k, v) = segment.split_once('=').unwrap_or((segment, ""));
+                match take(&decode(k), &decode(v)) {
+                    None => Some(segment.to_owned()),
+                    Some(None) => None,
+                    Some(Some(v)) => Some(format!("{k}={v}")),
+                }
+            })
+            .collect();
+        if kept.is_empty() {
+            base.to_owned()
+        } else {
+            format!("{base}?{}", kept.join("&"))
+        }
+    } else {
+        url.split_whitespace()
+            .filter_map(|word| match word.split_once('=') {
+                Some((k, v)) => match take(k, v) {
+                    None => Some(word.to_owned()),
+                    Some(None) => None,
+                    Some(Some(v)) => Some(format!("{k}={v}")),
+                },
+                None => Some(word.to_owned()),
+            })
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    if root_cert.is_none() && rewritten == url {
         return (url.to_owned(), None);
     }
-    if pairs.is_empty() {
-        parsed.set_query(None);
-    } else {
-        parsed.query_pairs_mut().clear().extend_pairs(pairs);
-    }
-    (parsed.into(), root_cert)
+    (rewritten, root_cert)
 }
 
 fn client_config(root_cert: Option<PathBuf>) -> Result<rustls::ClientConfig, String> {
@@ -139,6 +162,19 @@ mod tests {
         assert_eq!(root, Some(PathBuf::from("/etc/ca.pem")));
         let (url, _) = libpq_only_parameters("postgres://u@db/inv?sslrootcert=ca.pem");
         assert_eq!(url, "postgres://u@db/inv");
+        // Several hosts, and other parameters kept exactly as written.
+        let (url, root) = libpq_only_parameters(
+            "postgres://u:p@h1:5432,h2:5432/inv?options=-c%20search_path%3Dx&sslmode=verify-full&sslrootcert=%2Fetc%2Fca.pem",
+        );
+        assert_eq!(
+            url,
+            "postgres://u:p@h1:5432,h2:5432/inv?options=-c%20search_path%3Dx&sslmode=require"
+        );
+        assert_eq!(root, Some(PathBuf::from("/etc/ca.pem")));
+        let (url, root) =
+            libpq_only_parameters("host=db user=u sslmode=verify-full sslrootcert=/etc/ca.pem");
+        assert_eq!(url, "host=db user=u sslmode=require");
+        assert_eq!(root, Some(PathBuf::from("/etc/ca.pem")));
     }
 
     #[test]

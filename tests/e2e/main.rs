@@ -15,6 +15,7 @@ mod reservations;
 mod retention;
 mod settings;
 mod stall;
+mod standing;
 mod support;
 mod tls;
 

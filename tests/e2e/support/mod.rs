@@ -8,6 +8,8 @@
 //! throwaway cluster from the PostgreSQL binaries on the machine.
 #![allow(dead_code)]
 
+pub mod blackhole;
+
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::path::{Path, PathBuf};

@@ -1,0 +1,190 @@
+//! Whether this replica should be in the consumer group at all: only while it can do the work.
+//!
+//! Kafka sees a replica that reaches the brokers as a healthy member and leaves its partitions
+//! with it, even when the replica cannot reach PostgreSQL (a network policy, a failed proxy,
+//! the server full): those partitions would wait while other replicas sit idle. So the replica
+//! probes the database through its own pool (which also catches a pool exhausted by stuck
+//! statements); once the probe has failed for `database.step_out_after_ms`, the replica steps
+//! out of the group (its partitions drain, their offsets are committed, it leaves) and keeps
+//! probing; the first probe that succeeds brings it back in. This module is the decision,
+//! free of I/O; [`probe_until`] runs the probe and the poll thread carries the changes out
+//! ([`super::consumer`]).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::http::Health;
+use crate::store::Pool;
+
+/// How often the database is probed.
+pub const PROBE_INTERVAL: Duration = Duration::from_secs(2);
+/// A probe that has no answer within this fails: a connection whose packets are dropped
+/// answers nothing, ever, until TCP gives up on it much later.
+pub const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What the poll thread is asked to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// Leave the group (drain and commit first): the database has not answered since
+    /// `reason` began to hold.
+    StepOut { reason: String },
+    /// Join the group again: the database answers.
+    StepIn,
+}
+
+/// The decision: in the group, or out of it, from the probes' results.
+#[derive(Debug)]
+pub struct Standing {
+    bound: Duration,
+    /// Since when the probe has failed, and why it last did.
+    failing: Option<(Instant, String)>,
+    out: bool,
+}
+
+impl Standing {
+    pub fn new(bound: Duration) -> Self {
+        Standing {
+            bound,
+            failing: None,
+            out: false,
+        }
+    }
+
+    /// The result of a probe that started at `started` and ended at `now`: `Err` with why it
+    /// failed. The database has been failing since the first failed probe started. Returns the
+    /// change to carry out.
+    pub fn probed(
+        &mut self,
+        result: Result<(), String>,
+        started: Instant,
+        now: Instant,
+    ) -> Option<Change> {
+        match result {
+            Ok(()) => {
+                self.failing = None;
+                std::mem::take(&mut self.out).then_some(Change::StepIn)
+            }
+            Err(why) => {
+                let since = match &self.failing {
+                    Some((since, _)) => *since,
+                    None => started,
+                };
+                self.failing = Some((since, why.clone()));
+                if self.out || now.duration_since(since) < self.bound {
+                    return None;
+                }
+                self.out = true;
+                Some(Change::StepOut {
+                    reason: format!(
+                        "the database has not answered for {} s: {why}",
+                        now.duration_since(since).as_secs()
+                    ),
+                })
+            }
+        }
+    }
+}
+
+/// One probe: a connection from the pool and a round trip, within [`PROBE_TIMEOUT`].
+async fn probe(pool: &Pool) -> Result<(), String> {
+    let attempt = async {
+        let conn = pool.get().await.map_err(|e| e.to_string())?;
+        conn.simple_query("SELECT 1")
+            .await
+            .map(drop)
+            .map_err(|e| e.to_string())
+    };
+    match tokio::time::timeout(PROBE_TIMEOUT, attempt).await {
+        Ok(result) => result,
+        Err(_) => Err(format!("no answer within {} s", PROBE_TIMEOUT.as_secs())),
+    }
+}
+
+/// Probes every [`PROBE_INTERVAL`] until `stop`, keeping `/readyz` honest about the database
+/// and sending each change of standing to the poll thread.
+pub async fn probe_until(
+    pool: Pool,
+    bound: Duration,
+    health: Arc<Health>,
+    changes: mpsc::UnboundedSender<Change>,
+    stop: CancellationToken,
+) {
+    let mut standing = Standing::new(bound);
+    // A probe that took its whole timeout is followed by the next one at once.
+    let mut ticks = tokio::time::interval(PROBE_INTERVAL);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = ticks.tick() => {}
+        }
+        let started = Instant::now();
+        let result = tokio::select! {
+            _ = stop.cancelled() => return,
+            result = probe(&pool) => result,
+        };
+        health.database_reachable(result.as_ref().err().cloned());
+        if let Some(change) = standing.probed(result, started, Instant::now()) {
+            let _ = changes.send(change);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A probe that starts at `s` seconds and ends 1 s later.
+    fn probe(
+        standing: &mut Standing,
+        t0: Instant,
+        s: u64,
+        result: Result<(), &str>,
+    ) -> Option<Change> {
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        standing.probed(result.map_err(str::to_owned), at(s), at(s + 1))
+    }
+
+    #[test]
+    fn steps_out_once_the_probe_has_failed_for_the_bound_and_in_at_the_first_answer() {
+        let t0 = Instant::now();
+        let mut s = Standing::new(Duration::from_secs(20));
+        assert_eq!(probe(&mut s, t0, 0, Ok(())), None);
+        assert_eq!(probe(&mut s, t0, 2, Err("timeout")), None);
+        assert_eq!(
+            probe(&mut s, t0, 20, Err("timeout")),
+            None,
+            "19 s since the first"
+        );
+        match probe(&mut s, t0, 21, Err("refused")) {
+            Some(Change::StepOut { reason }) => {
+                assert!(
+                    reason.contains("20 s") && reason.contains("refused"),
+                    "{reason}"
+                )
+            }
+            other => panic!("expected a step out, got {other:?}"),
+        }
+        assert_eq!(probe(&mut s, t0, 40, Err("timeout")), None, "once");
+        assert_eq!(probe(&mut s, t0, 42, Ok(())), Some(Change::StepIn));
+        assert_eq!(probe(&mut s, t0, 44, Ok(())), None, "once");
+    }
+
+    #[test]
+    fn a_success_in_between_starts_the_count_again() {
+        let t0 = Instant::now();
+        let mut s = Standing::new(Duration::from_secs(20));
+        assert_eq!(probe(&mut s, t0, 0, Err("x")), None);
+        assert_eq!(probe(&mut s, t0, 15, Ok(())), None);
+        assert_eq!(probe(&mut s, t0, 16, Err("x")), None);
+        assert_eq!(
+            probe(&mut s, t0, 30, Err("x")),
+            None,
+            "15 s since it failed again"
+        );
+        assert!(probe(&mut s, t0, 36, Err("x")).is_some());
+    }
+}
