@@ -35,6 +35,8 @@ pub struct Health {
     database: Mutex<Option<String>>,
     /// Why the replica stepped out of the group, while it is out.
     stepped_out: Mutex<Option<String>>,
+    /// Stepped back in, and no rebalance yet.
+    rejoining: AtomicBool,
     draining: AtomicBool,
 }
 
@@ -46,6 +48,7 @@ impl Health {
             joined: AtomicBool::new(false),
             database: Mutex::new(Some("not reached yet".to_owned())),
             stepped_out: Mutex::new(None),
+            rejoining: AtomicBool::new(false),
             draining: AtomicBool::new(false),
         }
     }
@@ -56,6 +59,7 @@ impl Health {
 
     pub fn joined(&self) {
         self.joined.store(true, Relaxed);
+        self.rejoining.store(false, Relaxed);
     }
 
     /// Whether the replica has joined the group at least once (its first rebalance).
@@ -68,9 +72,15 @@ impl Health {
         *lock(&self.database) = unreachable;
     }
 
-    /// `Some(why)` once the replica stepped out of the group; `None` when it is back in.
+    /// `Some(why)` once the replica stepped out of the group; `None` when it is back in (and
+    /// not ready until its first rebalance).
     pub fn stepped_out(&self, why: Option<String>) {
+        self.rejoining.store(why.is_none(), Relaxed);
         *lock(&self.stepped_out) = why;
+    }
+
+    pub fn is_stepped_out(&self) -> bool {
+        lock(&self.stepped_out).is_some()
     }
 
     pub fn draining(&self) {
@@ -90,7 +100,7 @@ impl Health {
             Err(format!("stepped out of the consumer group: {why}"))
         } else if let Some(why) = lock(&self.database).clone() {
             Err(format!("database not reached: {why}"))
-        } else if !self.joined.load(Relaxed) {
+        } else if !self.joined.load(Relaxed) || self.rejoining.load(Relaxed) {
             Err("not yet in the consumer group".into())
         } else {
             Ok(())
@@ -180,6 +190,12 @@ mod tests {
         );
         h.stepped_out(None);
         h.database_reachable(None);
+        assert_eq!(
+            h.readiness(),
+            Err("not yet in the consumer group".into()),
+            "back in, before its first rebalance"
+        );
+        h.joined();
         assert_eq!(h.readiness(), Ok(()));
         h.draining();
         assert_eq!(h.readiness(), Err("draining".into()));

@@ -86,6 +86,11 @@ pub fn shutdown_bound(settings: &Settings) -> Duration {
     settings.drain_timeout() + STOP_MARGIN + BACKGROUND_STOP + RUNTIME_SHUTDOWN
 }
 
+/// A start-up failure that waiting will not mend.
+#[derive(Debug, thiserror::Error)]
+#[error(transparent)]
+struct Fatal(store::Failure);
+
 /// The longest wait between two start-up attempts on a database that does not answer.
 const STARTUP_BACKOFF_MAX: Duration = Duration::from_secs(30);
 
@@ -103,9 +108,10 @@ async fn prepare_database(
     let mut backoff = Duration::from_secs(1);
     loop {
         // Each step but the migrations (which may rightly take long) answers within the
-        // connect timeout, or the attempt fails: a server whose packets are dropped answers
-        // nothing, ever.
-        let bound = Duration::from_millis(db.connect_timeout_ms);
+        // connect timeout (for each host the URL names, which are tried in turn), or the
+        // attempt fails: a server whose packets are dropped answers nothing, ever.
+        let hosts = store::tls::parse(&db.url).map_or(1, |(c, _)| c.get_hosts().len().max(1));
+        let bound = Duration::from_millis(db.connect_timeout_ms) * (hosts as u32 + 1);
         let bounded = |step: &'static str| {
             move |_| anyhow::anyhow!("{step}: no answer within {} ms", bound.as_millis())
         };
@@ -118,9 +124,17 @@ async fn prepare_database(
                 .await
                 .map_err(bounded("reading the database's encoding"))??;
             if db.migrate && !args.no_migrate {
-                store::migrate::migrate(&db.url)
-                    .await
-                    .context("applying migrations")?;
+                match store::migrate::migrate(&db.url).await {
+                    Ok(_) => {}
+                    Err(e) if e.is_transient() => {
+                        return Err(anyhow::Error::new(e).context("applying migrations"));
+                    }
+                    // A migration that fails (SQL, a schema that diverged) fails the same way
+                    // next time: an operator must look.
+                    Err(e) => {
+                        return Err(anyhow::Error::new(Fatal(e)).context("applying migrations"));
+                    }
+                }
             }
             // After the migrations: the schema's relations count against the budget.
             tokio::time::timeout(bound, lock_budget(&client, db))
@@ -130,6 +144,7 @@ async fn prepare_database(
         match attempt.await {
             Ok(budget) => return Ok(budget),
             Err(e) if e.downcast_ref::<ConfigError>().is_some() => return Err(e),
+            Err(e) if e.downcast_ref::<Fatal>().is_some() => return Err(e),
             Err(e) => {
                 let why = format!("{e:#}");
                 tracing::warn!(
@@ -292,8 +307,9 @@ async fn replica(
     let pool = store::pool(db).await?;
     let (standing_tx, standing_rx) = mpsc::unbounded_channel();
     background.push(tokio::spawn(crate::kafka::standing::probe_until(
+        db.clone(),
         pool.clone(),
-        Duration::from_millis(db.step_out_after_ms),
+        stats.clone(),
         health.clone(),
         standing_tx,
         background.stop.clone(),

@@ -105,12 +105,19 @@ pub fn consume(
         while let Ok(halted) = halts.try_recv() {
             consumer.context().halt(&consumer, halted);
         }
+        // Only the latest change counts (a step out and back in while a drain held this
+        // thread would be a needless leave and rejoin).
+        let mut latest = None;
         while let Ok(change) = standing.try_recv() {
-            if let Err(e) = change_standing(&consumer, &health, topic, change) {
-                tracing::error!(error = %e, "fatal Kafka error");
-                result = Err(e);
-                shutdown.cancel();
-            }
+            latest = Some(change);
+        }
+        let wanted = |c: &Change| matches!(c, Change::StepOut { .. }) != health.is_stepped_out();
+        if let Some(change) = latest.filter(wanted)
+            && let Err(e) = change_standing(&consumer, &health, topic, change)
+        {
+            tracing::error!(error = %e, "fatal Kafka error");
+            result = Err(e);
+            shutdown.cancel();
         }
         // Reports pile up while a rewind waits on the database: handle the latest of each
         // partition once per turn.

@@ -60,20 +60,26 @@ pub fn parse(url: &str) -> Result<(tokio_postgres::Config, Option<PathBuf>), Str
 /// words (unquoted values). Anything else is returned unchanged.
 fn libpq_only_parameters(url: &str) -> (String, Option<PathBuf>) {
     let mut root_cert = None;
+    let mut changed = false;
     let mut take = |key: &str, value: &str| -> Option<Option<String>> {
-        match (key, value) {
+        let taken = match (key, value) {
             ("sslrootcert", file) => {
                 root_cert = Some(PathBuf::from(file));
                 Some(None)
             }
             ("sslmode", "verify-ca" | "verify-full") => Some(Some("require".to_owned())),
             _ => None,
-        }
+        };
+        changed |= taken.is_some();
+        taken
     };
     let rewritten = if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-        let Some((base, query)) = url.split_once('?') else {
+        // The query starts after the credentials (a password may hold a `?`).
+        let after = url.rfind('@').map_or(0, |at| at + 1);
+        let Some(q) = url[after..].find('?').map(|q| after + q) else {
             return (url.to_owned(), None);
         };
+        let (base, query) = (&url[..q], &url[q + 1..]);
         let decode = |s: &str| percent_decode_str(s).decode_utf8_lossy().into_owned();
         let kept: Vec<String> = query
             .split('&')
@@ -104,7 +110,7 @@ fn libpq_only_parameters(url: &str) -> (String, Option<PathBuf>) {
             .collect::<Vec<_>>()
             .join(" ")
     };
-    if root_cert.is_none() && rewritten == url {
+    if !changed {
         return (url.to_owned(), None);
     }
     (rewritten, root_cert)

@@ -88,7 +88,7 @@ async fn a_replica_joins_only_once_its_database_answers() {
 }
 
 /// Three replicas on Apache Kafka under a steady stream; the third one's packets to PostgreSQL
-/// are dropped for 60 s while its Kafka traffic flows. Its partitions go to the other two
+/// are dropped for 90 s while its Kafka traffic flows. Its partitions go to the other two
 /// within the bound plus a rebalance; it says why it is not ready; it rejoins after the
 /// database comes back; every event is decided once and the database equals the model.
 async fn a_replica_cut_from_its_database_hands_its_partitions_over(protocol: &[(&str, &str)]) {
@@ -112,7 +112,7 @@ async fn a_replica_cut_from_its_database_hands_its_partitions_over(protocol: &[(
     .await;
     let producing = env.produce_in_background(&[
         "--events",
-        "90000",
+        "150000",
         "--skus",
         "3000",
         "--duplicates",
@@ -157,11 +157,18 @@ async fn a_replica_cut_from_its_database_hands_its_partitions_over(protocol: &[(
     })
     .await;
 
-    tokio::time::sleep_until((cut_at + Duration::from_secs(60)).into()).await;
+    tokio::time::sleep_until((cut_at + Duration::from_secs(90)).into()).await;
+    let healed_at = chrono::Utc::now();
     relay.heal();
     wait_until("the replica to rejoin", SETTLE, || async {
         !replicas[2].owned().is_empty() && balanced(&replicas, 3)
     })
+    .await;
+    wait_until(
+        "the rejoined replica to apply the stream",
+        SETTLE,
+        || async { replicas[2].batches().iter().any(|b| b.at > healed_at) },
+    )
     .await;
     assert_eq!(readyz(&replicas[2]).await.0, 200);
 
@@ -170,9 +177,16 @@ async fn a_replica_cut_from_its_database_hands_its_partitions_over(protocol: &[(
     env.wait_processed((expected.events + expected.dead_letters) as i64, SETTLE)
         .await;
     let stats = terminate_all(&mut replicas, EXIT);
+    // The cut replica's last commit may have reached the server with its answer held by the
+    // cut: applied, but counted by no replica. So the replicas count at most every event, and
+    // the database holds each exactly once.
+    assert!(
+        stats.applied + stats.rejected <= expected.events,
+        "no event decided twice: {stats:?}"
+    );
     assert_eq!(
-        stats.applied + stats.rejected,
-        expected.events,
+        env.db.scalar("SELECT count(*) FROM processed_events").await,
+        expected.events as i64,
         "each event decided once"
     );
     assert_nothing_applied_twice(&replicas.iter().collect::<Vec<_>>());
