@@ -41,18 +41,11 @@ pub async fn pool(settings: &DatabaseSettings) -> Result<Pool, Failure> {
 }
 
 /// One connection as the pool makes them (every wait bounded), outside the pool: `run`'s
-/// checks at start-up.
+/// checks at start-up, and the database probe's own connection.
 pub async fn connect_bounded(
     settings: &DatabaseSettings,
 ) -> Result<tokio_postgres::Client, Failure> {
-    let tls::Target { config, tls } = session(settings)?;
-    let (client, connection) = config.connect(tls).await?;
-    tokio::spawn(async move {
-        if let Err(e) = connection.await {
-            tracing::debug!(error = %e, "database connection closed");
-        }
-    });
-    Ok(client)
+    open(session(settings)?).await
 }
 
 /// The settings of every session of a replica.
@@ -162,7 +155,12 @@ pub async fn drop_database(admin_url: &str, name: &str) -> Result<(), Failure> {
 
 /// One connection outside any pool, with its driver task spawned.
 pub async fn connect(url: &str) -> Result<tokio_postgres::Client, Failure> {
-    let tls::Target { config, tls } = tls::target(url)?;
+    open(tls::target(url)?).await
+}
+
+/// Connects to `target` and spawns the connection's driver task.
+async fn open(target: tls::Target) -> Result<tokio_postgres::Client, Failure> {
+    let tls::Target { config, tls } = target;
     let (client, connection) = config.connect(tls).await?;
     tokio::spawn(async move {
         if let Err(e) = connection.await {
