@@ -92,11 +92,14 @@ macro_rules! current_period {
 }
 
 // The recorded ids are read only in the periods that may hold one of the batch's ids: those
-// not counted yet (the current one, one just ended), and the counted ones whose range of ids
-// overlaps the batch's (migration 15). An ended period's rows never change, so its range,
-// taken when it was counted, holds every id it has. Ids that grow with time (a sequence, or a
-// timestamp or UUIDv7 first) then cost one index probe each, in the current period, however
-// many periods are kept; ids in no order cost one probe per period, as before. Periods made
+// not counted yet (the current one, one just ended), the counted ones without a range, and the
+// counted ones whose range of ids overlaps the batch's (migration 15). An ended period's rows
+// never change, so its range, taken when it was counted, holds every id it has. A counted
+// period without a range may hold ids: a release before migration 15 counted it without one
+// (maintenance counts it again, with its range), or it is empty (one probe of an empty index).
+// Ids that grow with time (a sequence, or a timestamp or UUIDv7 first) then cost one index
+// probe each, in the current period, however many periods are kept; ids in no order cost one
+// probe per period, as before. Periods made
 // ahead have no row in `history_periods` yet, and the partitions of the others are pruned on
 // each turn of the loop. `h.period >= 0` always holds: it gives the planner an index
 // condition, where a scan (disabled, KEYED_PLANS) would cost enough to be compiled by JIT.
@@ -106,7 +109,7 @@ const RECORDED: &str = "
         SELECT event_id, payload_digest FROM processed_events p
         WHERE p.period = h.period AND p.event_id = ANY($1::text[]) OFFSET 0) e
     WHERE h.period >= 0 AND NOT h.events_gone
-      AND (h.events_counted IS NULL
+      AND (h.events_counted IS NULL OR h.events_min_id IS NULL
            OR (h.events_min_id <= (SELECT max(i) FROM unnest($1::text[]) AS i)
                AND h.events_max_id >= (SELECT min(i) FROM unnest($1::text[]) AS i)))";
 

@@ -247,16 +247,21 @@ async fn count_ended(db: &mut Client, done: &mut Maintenance) -> Result<(), Fail
     }
 }
 
-/// The ended periods whose events are kept and not counted yet, oldest first.
+/// The ended periods whose events are kept and not counted yet, oldest first; and those a
+/// release before migration 15 counted without their range of ids (events but no range), which
+/// are counted again: until then the batches read their recorded ids there as in a period not
+/// counted (src/store/apply.rs), and a range is what spares them that.
 pub(super) const UNCOUNTED: &str = "
     SELECT period FROM history_periods
-    WHERE ended_at IS NOT NULL AND events_counted IS NULL AND NOT events_gone
+    WHERE ended_at IS NOT NULL AND NOT events_gone
+      AND (events_counted IS NULL OR (events_counted > 0 AND events_min_id IS NULL))
     ORDER BY period";
 
 /// Counts what period `p`'s events hold into its `*_counted` columns, with the range of its
 /// event ids (where the batches look for recorded ids, src/store/apply.rs), unless counted
-/// already (then the count is not run): one pass over the events; the replies are few (order
-/// steps only).
+/// already with its range (then the count is not run): one pass over the events; the replies
+/// are few (order steps only). The counts of a period counted again are the same: its rows no
+/// longer change.
 pub(super) fn count_events(p: i32) -> String {
     format!(
         "UPDATE history_periods SET
@@ -270,7 +275,7 @@ pub(super) fn count_events(p: i32) -> String {
                          WHERE e.event_type IN ('reserve', 'commit', 'release', 'expire')),
                         min(event_id), max(event_id)
                  FROM processed_events_p{p})
-         WHERE period = {p} AND events_counted IS NULL"
+         WHERE period = {p} AND (events_counted IS NULL OR events_min_id IS NULL)"
     )
 }
 

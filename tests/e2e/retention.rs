@@ -279,6 +279,80 @@ async fn a_counted_periods_range_of_ids_says_where_recorded_ids_are_read() {
     );
 }
 
+/// A release before migration 15 counts an ended period without its range of ids, and one of
+/// them may run beside migration 15 in a rolling update. Such a period may hold any id: a
+/// batch reads its recorded ids there as in a period not counted yet, and maintenance counts it
+/// again, with its range. (Before that, the batch skipped the period, and an id of it re-sent
+/// applied a second time.) Through the command line: a replica records events, maintenance
+/// counts their period, the range is taken away as that release leaves it, and the same events
+/// sent again are all duplicates.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_counted_period_without_a_range_of_ids_still_recognises_its_events() {
+    let env = TestEnv::new(1).await;
+    let settings = [
+        ("history.period_s", "2"),
+        ("history.dedupe_horizon_s", "3600"),
+        ("history.ledger_retention_s", "3600"),
+        ("history.dead_letter_retention_s", "3600"),
+    ];
+    let events: Vec<serde_json::Value> = (0..20)
+        .map(|i| json!({"event_id": format!("old-{i:02}"), "type": "restock", "sku": "S-1", "quantity": 1}))
+        .collect();
+    let counted_with_range = "SELECT count(*) FROM history_periods h
+         WHERE events_counted IS NOT NULL AND events_min_id IS NOT NULL
+           AND EXISTS (SELECT 1 FROM processed_events e
+                       WHERE e.period = h.period AND e.event_id = 'old-00')";
+
+    let mut first = vec![env.replica("r1", &settings)];
+    env.produce_json(&events, false);
+    env.wait_processed(20, Duration::from_secs(120)).await;
+    wait_until(
+        "the events' period to be counted",
+        Duration::from_secs(60),
+        || async { env.db.scalar(counted_with_range).await == 1 },
+    )
+    .await;
+    terminate_all(&mut first, Duration::from_secs(30));
+    let cleared = env
+        .db
+        .client()
+        .await
+        .execute(
+            "UPDATE history_periods SET events_min_id = NULL, events_max_id = NULL
+             WHERE events_counted IS NOT NULL",
+            &[],
+        )
+        .await
+        .expect("taking the ranges away");
+    assert!(cleared >= 1, "no counted period to take the range from");
+    assert_eq!(env.db.scalar(counted_with_range).await, 0);
+
+    let mut second = vec![env.replica("r2", &settings)];
+    env.produce_json(&events, false);
+    env.wait_processed(20, Duration::from_secs(120)).await;
+    wait_until(
+        "the period to be counted again",
+        Duration::from_secs(60),
+        || async { env.db.scalar(counted_with_range).await == 1 },
+    )
+    .await;
+    let stats = terminate_all(&mut second, Duration::from_secs(30));
+    assert_eq!(
+        (stats.duplicates, stats.applied),
+        (20, 0),
+        "the events sent again were applied again: {stats:?}"
+    );
+    assert_eq!(env.db.stock().await.get("S-1"), Some(&20));
+    assert_eq!(
+        env.db
+            .scalar("SELECT count(*) FROM processed_events WHERE event_id LIKE 'old-%'")
+            .await,
+        20
+    );
+    let (ok, report) = env.verify(None);
+    assert!(ok, "verify failed:\n{report}");
+}
+
 /// A new period starts only once every transaction of the current one has ended: it waits for
 /// a batch in flight, and a batch that comes meanwhile waits behind it and lands in the new
 /// period. So no two transactions of different periods ever overlap.
