@@ -34,6 +34,7 @@ pub const STEP_OUTS: &str = "inventory_group_step_outs_total";
 pub const STEPPED_OUT: &str = "inventory_group_stepped_out";
 pub const LOCK_HOLDERS: &str = "inventory_lock_budget_transactions";
 pub const LOCKS_PER_BATCH: &str = "inventory_lock_budget_locks_per_batch";
+pub const BUILD_INFO: &str = "inventory_build_info";
 
 /// Produce-to-commit latency buckets, 1-2-5 steps from 1 ms to 5 min: fine enough for the
 /// benchmark's percentiles (interpolated within a bucket) and for alerting.
@@ -74,6 +75,16 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
             0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
         ])?
         .install_recorder()?;
+    describe_gauge!(
+        BUILD_INFO,
+        "1, labelled with this build's release (version) and newest migration (schema): what a rolling update has reached."
+    );
+    metrics::gauge!(
+        BUILD_INFO,
+        "version" => env!("CARGO_PKG_VERSION"),
+        "schema" => crate::store::migrate::newest_known().to_string()
+    )
+    .set(1.0);
     describe_counter!(EVENTS, "Events decided, by outcome (applied, rejected).");
     describe_counter!(
         DUPLICATES,

@@ -135,6 +135,24 @@ async fn prepare_database(
                         return Err(anyhow::Error::new(Fatal(e)).context("applying migrations"));
                     }
                 }
+            } else {
+                // Someone else migrates (the migration Job): wait for it, and never run on a
+                // schema a newer release made.
+                let state = tokio::time::timeout(bound, store::migrate::schema_state(&client))
+                    .await
+                    .map_err(bounded("reading the schema's version"))?
+                    .context("reading the schema's version")?;
+                if let Some(refusal) = state.refusal() {
+                    return Err(anyhow::Error::new(Fatal(refusal)));
+                }
+                if let store::migrate::SchemaState::Behind { at, needs } = state {
+                    let at = at.map_or("empty".to_owned(), |v| format!("at migration {v}"));
+                    anyhow::bail!(
+                        "waiting for migrations: the schema is {at}, this release needs \
+                         migration {needs} (applied by `migrate`, e.g. the migration Job; this \
+                         replica runs with database.migrate = false)"
+                    );
+                }
             }
             // After the migrations: the schema's relations count against the budget.
             tokio::time::timeout(bound, lock_budget(&client, db))
@@ -292,7 +310,13 @@ async fn replica(
             .with_context(|| format!("serving HTTP on {addr}"))?;
     background.push(server);
     tracing::info!(addr = %bound, "HTTP endpoints listening (/livez, /readyz, /metrics)");
-    tracing::info!(database = %describe_database(&db.url), brokers = %settings.kafka.brokers, "starting replica");
+    tracing::info!(
+        version = env!("CARGO_PKG_VERSION"),
+        schema = store::migrate::newest_known(),
+        database = %describe_database(&db.url),
+        brokers = %settings.kafka.brokers,
+        "starting replica"
+    );
     // A signal during start-up stops it there: nothing is joined yet, and a migration cut
     // short is rolled back with its connection.
     let budget = tokio::select! {
