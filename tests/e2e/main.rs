@@ -18,6 +18,7 @@ mod stall;
 mod standing;
 mod support;
 mod tls;
+mod upgrade;
 
 use std::time::Duration;
 

@@ -249,6 +249,17 @@ impl TestEnv {
         extra_env: &[(&str, &str)],
         settings: &[(&str, &str)],
     ) -> Replica {
+        self.replica_of(Path::new(BIN), name, extra_env, settings)
+    }
+
+    /// [`TestEnv::replica_with_env`] of another build of the service (the previous release).
+    pub fn replica_of(
+        &self,
+        bin: &Path,
+        name: &str,
+        extra_env: &[(&str, &str)],
+        settings: &[(&str, &str)],
+    ) -> Replica {
         let mut env: Vec<(&str, String)> = local_env(&self.broker.bootstrap, &self.db.url);
         env.extend([
             (
@@ -259,7 +270,7 @@ impl TestEnv {
         ]);
         env.extend(extra_env.iter().map(|(k, v)| (*k, v.to_string())));
         let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-        let process = ReplicaProcess::spawn(Path::new(BIN), name, self.dir.path(), &env, settings)
+        let process = ReplicaProcess::spawn(bin, name, self.dir.path(), &env, settings)
             .expect("starting a replica");
         Replica {
             process,
@@ -305,7 +316,12 @@ impl TestEnv {
 
     /// Runs `inventory-consumer <command> <args>` on this world's database and broker.
     pub fn command(&self, command: &str, args: &[&str]) -> Output {
-        Command::new(BIN)
+        self.command_of(Path::new(BIN), command, args)
+    }
+
+    /// [`TestEnv::command`] of another build of the service (the previous release).
+    pub fn command_of(&self, bin: &Path, command: &str, args: &[&str]) -> Output {
+        Command::new(bin)
             .arg(command)
             .args(args)
             .env("DATABASE_URL", &self.db.url)
@@ -639,6 +655,30 @@ pub fn skip_unless_ci(reason: &str) {
         "CI must run every test, but: {reason}"
     );
     eprintln!("SKIPPED: {reason}");
+}
+
+/// The previous release: the newest section of CHANGELOG.md that names its commit, built from
+/// this repository's history once per machine by `scripts/previous-release` (which `.ci/run`
+/// calls before the tests, so that a cold build is timed on its own). Returns (commit, binary).
+pub fn previous_release() -> (String, PathBuf) {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/previous-release");
+    let out = Command::new("bash")
+        .arg(&script)
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("running scripts/previous-release");
+    assert!(
+        out.status.success(),
+        "scripts/previous-release failed ({})",
+        out.status
+    );
+    let bin = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    let commit = bin
+        .parent()
+        .and_then(Path::file_name)
+        .map(|c| c.to_string_lossy().into_owned())
+        .expect("the binary's directory names its commit");
+    (commit, bin)
 }
 
 /// A `run` process of the test.
