@@ -96,7 +96,8 @@ macro_rules! current_period {
 // counted ones whose range of ids overlaps the batch's (migration 15). An ended period's rows
 // never change, so its range, taken when it was counted, holds every id it has. A counted
 // period without a range may hold ids: a release before migration 15 counted it without one
-// (maintenance counts it again, with its range), or it is empty (one probe of an empty index).
+// (maintenance counts it again, with its range, unless it holds only expiries, which that
+// release counts as no event), or it is empty.
 // Ids that grow with time (a sequence, or a timestamp or UUIDv7 first) then cost one index
 // probe each, in the current period, however many periods are kept; ids in no order cost one
 // probe per period, as before. Periods made

@@ -10,7 +10,7 @@ use serde_json::json;
 use crate::faults::migrated_store;
 use crate::support::{TestDb, TestEnv, terminate_all, wait_until};
 use inventory_consumer::config::HistorySettings;
-use inventory_consumer::domain::{Batch, Delivery};
+use inventory_consumer::domain::{Batch, Delivery, lock_key};
 use inventory_consumer::store::retention::{self, Maintenance};
 use inventory_consumer::store::{self, BatchOutcome, Guards, Source, apply_batch, audit, history};
 
@@ -327,28 +327,47 @@ async fn a_counted_period_without_a_range_of_ids_still_recognises_its_events() {
     assert!(cleared >= 1, "no counted period to take the range from");
     assert_eq!(env.db.scalar(counted_with_range).await, 0);
 
+    // Maintenance takes this lock with a try-lock, each step: held here, every pass skips.
+    let maintenance = env.db.client().await;
+    let key = lock_key("history maintenance");
+    maintenance
+        .execute("SELECT pg_advisory_lock($1)", &[&key])
+        .await
+        .expect("holding maintenance off");
     let mut second = vec![env.replica("r2", &settings)];
     env.produce_json(&events, false);
     env.wait_processed(20, Duration::from_secs(120)).await;
+    let recorded = "SELECT count(*) FROM processed_events WHERE event_id LIKE 'old-%'";
+    assert_eq!(
+        env.db.scalar(recorded).await,
+        20,
+        "the events sent again were applied again"
+    );
+    assert_eq!(
+        env.db.scalar(counted_with_range).await,
+        0,
+        "maintenance ran although held off: the batches' read was not what recognised the events"
+    );
+    maintenance
+        .execute("SELECT pg_advisory_unlock($1)", &[&key])
+        .await
+        .expect("letting maintenance run");
     wait_until(
         "the period to be counted again",
         Duration::from_secs(60),
         || async { env.db.scalar(counted_with_range).await == 1 },
     )
     .await;
+    env.produce_json(&events, false);
+    env.wait_processed(20, Duration::from_secs(120)).await;
     let stats = terminate_all(&mut second, Duration::from_secs(30));
     assert_eq!(
         (stats.duplicates, stats.applied),
-        (20, 0),
+        (40, 0),
         "the events sent again were applied again: {stats:?}"
     );
     assert_eq!(env.db.stock().await.get("S-1"), Some(&20));
-    assert_eq!(
-        env.db
-            .scalar("SELECT count(*) FROM processed_events WHERE event_id LIKE 'old-%'")
-            .await,
-        20
-    );
+    assert_eq!(env.db.scalar(recorded).await, 20);
     let (ok, report) = env.verify(None);
     assert!(ok, "verify failed:\n{report}");
 }
