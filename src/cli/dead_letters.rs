@@ -146,7 +146,9 @@ async fn redrive(
         None => None,
     };
     let mut db = store::connect(&settings.database.url).await?;
-    // Checked before anything is sent, so that a refusal sends nothing.
+    // Checked before anything is sent, so that a refusal sends nothing: a schema a newer
+    // release made, then the dead letters named.
+    store::migrate::refuse_newer(&db).await?;
     let mut found = Vec::with_capacity(ids.len());
     for id in ids {
         match dead_letters::get(&db, *id).await? {

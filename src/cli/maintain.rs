@@ -10,10 +10,8 @@ use crate::store::{self, retention};
 pub fn main(settings: &Settings) -> anyhow::Result<ExitCode> {
     let done = runtime()?.block_on(async {
         let mut db = store::connect(&settings.database.url).await?;
-        // It drops tables: never on a schema a newer release made.
-        if let Some(refusal) = store::migrate::schema_state(&db).await?.refusal() {
-            return Err(refusal);
-        }
+        // Like every command that writes: never on a schema a newer release made.
+        store::migrate::refuse_newer(&db).await?;
         retention::maintain(&mut db, &settings.history).await
     })?;
     println!("history: {}", retention::describe(&settings.history));

@@ -44,6 +44,7 @@ pub fn pause(settings: &Settings, args: &PauseArgs) -> anyhow::Result<ExitCode> 
     }
     runtime()?.block_on(async {
         let mut db = store::connect(&settings.database.url).await?;
+        store::migrate::refuse_newer(&db).await?;
         pauses::pause(
             &mut db,
             group,
@@ -67,6 +68,7 @@ pub fn resume(settings: &Settings, args: &ResumeArgs) -> anyhow::Result<ExitCode
     let chosen = (!args.partitions.is_empty()).then_some(args.partitions.as_slice());
     let (lifted, left) = runtime()?.block_on(async {
         let db = store::connect(&settings.database.url).await?;
+        store::migrate::refuse_newer(&db).await?;
         let lifted = pauses::resume(&db, group, topic, chosen).await?;
         anyhow::Ok((lifted, pauses::list(&db, group, topic).await?))
     })?;

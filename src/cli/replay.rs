@@ -145,6 +145,8 @@ pub fn main(settings: &Settings, args: &ReplayArgs) -> anyhow::Result<ExitCode> 
     let (group, topic) = (&settings.kafka.group_id, &settings.kafka.topic);
     let rt = runtime()?;
     let mut db = rt.block_on(store::connect(&settings.database.url))?;
+    // Before anything is read or moved: never on a schema a newer release made.
+    rt.block_on(store::migrate::refuse_newer(&db))?;
     let recorded: BTreeMap<i32, i64> = rt
         .block_on(store::status::partitions(&db, group, topic))?
         .into_iter()

@@ -138,10 +138,21 @@ async fn prepare_database(
             } else {
                 // Someone else migrates (the migration Job): wait for it, and never run on a
                 // schema a newer release made.
-                let state = tokio::time::timeout(bound, store::migrate::schema_state(&client))
+                let state = match tokio::time::timeout(bound, store::migrate::schema_state(&client))
                     .await
                     .map_err(bounded("reading the schema's version"))?
-                    .context("reading the schema's version")?;
+                {
+                    Ok(state) => state,
+                    Err(e) if e.is_transient() => {
+                        return Err(anyhow::Error::new(e).context("reading the schema's version"));
+                    }
+                    // E.g. a role without SELECT on refinery's history: an operator must look.
+                    Err(e) => {
+                        return Err(
+                            anyhow::Error::new(Fatal(e)).context("reading the schema's version")
+                        );
+                    }
+                };
                 if let Some(refusal) = state.refusal() {
                     return Err(anyhow::Error::new(Fatal(refusal)));
                 }

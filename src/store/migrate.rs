@@ -68,6 +68,14 @@ pub async fn applied_version(client: &Client) -> Result<Option<i32>, Failure> {
         .try_get(0)?)
 }
 
+/// Refuses (fatal) a schema a newer release made: for the commands that write.
+pub async fn refuse_newer(client: &Client) -> Result<(), Failure> {
+    match schema_state(client).await?.refusal() {
+        Some(refusal) => Err(refusal),
+        None => Ok(()),
+    }
+}
+
 /// Compares the database's schema with this build's migrations.
 pub async fn schema_state(client: &Client) -> Result<SchemaState, Failure> {
     let knows = newest_known();
@@ -97,7 +105,7 @@ pub async fn migrate_to(url: &str, to: Option<i32>) -> Result<usize, Failure> {
         .await?;
     // Refused before refinery runs: its own refusal (a migration "missing from the
     // filesystem") does not say what to do.
-    if let Some(refusal) = schema_state(&client).await?.refusal() {
+    if let Err(refusal) = refuse_newer(&client).await {
         let _ = client
             .execute("SELECT pg_advisory_unlock($1)", &[&key])
             .await;
