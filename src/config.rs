@@ -1,4 +1,4 @@
-//! Settings, loaded with figment in the order CONTRACT.md section 5 gives, later layers winning:
+//! Settings, loaded with figment in the order docs/contract.md section 5 gives, later layers winning:
 //! defaults, a TOML file (`--config` or `INVENTORY_CONFIG`), the conventional short forms
 //! (`DATABASE_URL`, `KAFKA_BROKERS`, `PORT`), `INVENTORY_<SECTION>__<KEY>` variables, then
 //! command-line flags. [`Settings::validate`] refuses bad values at start-up, naming the key,
@@ -45,7 +45,7 @@ pub struct KafkaSettings {
     pub brokers: String,
     pub topic: String,
     pub group_id: String,
-    /// Where the replies to order steps are published (CONTRACT.md section 7).
+    /// Where the replies to order steps are published (docs/contract.md section 7).
     pub results_topic: String,
     pub group_protocol: GroupProtocol,
     /// Classic protocol only: `cooperative-sticky` (incremental) or an eager strategy such as
@@ -111,7 +111,7 @@ pub struct ProcessingSettings {
     pub buffer_bytes: usize,
 }
 
-/// Order sagas (CONTRACT.md section 7).
+/// Order sagas (docs/contract.md section 7).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ReservationSettings {
@@ -125,7 +125,7 @@ pub struct ReservationSettings {
     pub sweep_interval_ms: u64,
 }
 
-/// What is published to `kafka.results_topic` (CONTRACT.md section 7).
+/// What is published to `kafka.results_topic` (docs/contract.md section 7).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ResultSettings {
@@ -292,8 +292,8 @@ impl ConfigError {
 }
 
 /// Properties the consumer owns: the value it sets itself, if any (giving that same value is
-/// harmless and allowed), and why another would break a guarantee. The README's
-/// "Configuration" lists them for users.
+/// harmless and allowed), and why another would break a guarantee. docs/configuration.md
+/// lists them for users.
 const MANAGED_PROPERTIES: &[(&str, Option<&str>, &str)] = &[
     (
         "enable.auto.commit",

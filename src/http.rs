@@ -1,4 +1,4 @@
-//! HTTP per replica (CONTRACT.md section 6): `/livez`, `/readyz`, `/metrics`.
+//! HTTP per replica (docs/contract.md section 6): `/livez`, `/readyz`, `/metrics`.
 //!
 //! - `/livez` is 200 while the poll loop keeps turning (a wedged poll thread is a reason to
 //!   restart the process; a slow database is not: it is retried, and shows in `/readyz`).

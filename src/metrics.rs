@@ -1,4 +1,4 @@
-//! Prometheus metrics (CONTRACT.md section 6), recorded with the `metrics` crate and rendered
+//! Prometheus metrics (docs/contract.md section 6), recorded with the `metrics` crate and rendered
 //! by `/metrics`. Names are the contract; each is described once here.
 
 use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};

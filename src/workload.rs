@@ -9,7 +9,7 @@
 //!
 //! Order traffic (`orders` share) keeps that assumption: every generated order has one line
 //! and all its events are keyed by that SKU, so they stay in order with the SKU's stock events
-//! (and one order's events in one partition, as CONTRACT.md section 7 asks of an order id key).
+//! (and one order's events in one partition, as docs/contract.md section 7 asks of an order id key).
 //! Expiry depends on the clock, not on the stream: an expiring order reserves a SKU of its own
 //! (restocked just before) with a 1-second TTL, so when it expires changes no other outcome;
 //! every other order's reservation lasts a day, so its commit is never late.

@@ -74,7 +74,7 @@ pub struct BenchArgs {
     pub history_days: u64,
     /// `shared_buffers` of the throwaway PostgreSQL server (PostgreSQL's default, 128MB,
     /// unless given; ignored with `--database-url`). A server holding a large history is
-    /// given a cache that holds the dedupe horizon's indexes (see the README).
+    /// given a cache that holds the dedupe horizon's indexes (see docs/performance.md).
     #[arg(long, value_name = "SIZE", default_value = "128MB")]
     pub shared_buffers: String,
     /// Only these runs (comma-separated): database, steady, one, three, per-event, unsafe,

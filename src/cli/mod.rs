@@ -1,4 +1,4 @@
-//! The command line (CONTRACT.md section 4): one module per subcommand.
+//! The command line (docs/contract.md section 4): one module per subcommand.
 //!
 //! Exit codes: 0 success, 1 verification failure, 2 usage or configuration error, 3 runtime
 //! failure (so an orchestrator restarts the replica and an operator sees why).

@@ -36,7 +36,7 @@ pub struct ProduceArgs {
     /// numbers, deep nesting, SQL in SKUs, 2 MiB values, no key...) and reused event ids.
     #[arg(long, default_value_t = 0.0)]
     pub invalid: f64,
-    /// Share of events that start an order (CONTRACT.md section 7): a reserve, then its
+    /// Share of events that start an order (docs/contract.md section 7): a reserve, then its
     /// commit (half of them), its release (a quarter), nothing (a tenth, left reserved), or
     /// an expiry (the rest: a reservation of one second on a SKU of its own). Each order's
     /// events are keyed by its one SKU, so that they keep their order with that SKU's events.

@@ -1,5 +1,5 @@
 //! Decoding and validation of one event, `bytes -> Result<Event, InvalidEvent>`, exactly as
-//! CONTRACT.md section 1 states it. Every rejection names a stable reason code (stored in
+//! docs/contract.md section 1 states it. Every rejection names a stable reason code (stored in
 //! `dead_letters.error`) and a human detail, because an operator looking at a dead letter must
 //! be able to tell the producer what to fix without reading this code.
 
@@ -26,7 +26,7 @@ pub enum EventKind {
     Restock,
     Sale,
     Adjustment,
-    /// The steps of an order saga (CONTRACT.md section 7): they name an `order_id`.
+    /// The steps of an order saga (docs/contract.md section 7): they name an `order_id`.
     Reserve,
     Commit,
     Release,
@@ -181,7 +181,7 @@ pub enum InvalidEvent {
     },
     #[error("event_id must be 1..={MAX_EVENT_ID_CHARS} characters, got {chars}")]
     InvalidEventId { chars: usize },
-    /// `expire:<order_id>` names the service's own expiries (CONTRACT.md section 7).
+    /// `expire:<order_id>` names the service's own expiries (docs/contract.md section 7).
     #[error("event_id `{0}` starts with `{EXPIRY_PREFIX}`, which names the service's expiries")]
     ReservedEventId(String),
     #[error("type `{0}` is not one of restock, sale, adjustment, reserve, commit, release")]

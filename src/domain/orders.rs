@@ -1,4 +1,4 @@
-//! The order steps of CONTRACT.md section 7, pure like [`super::rules`]: `reserve`, `commit`,
+//! The order steps of docs/contract.md section 7, pure like [`super::rules`]: `reserve`, `commit`,
 //! `release`, and the expiry of a reservation, over the same [`StockBook`] plus the
 //! [`OrderBook`] of the orders in play.
 //!

@@ -1,4 +1,4 @@
-//! The reply to an order step or an expiry (CONTRACT.md section 7), as published to
+//! The reply to an order step or an expiry (docs/contract.md section 7), as published to
 //! `kafka.results_topic` with the order id as key (and, with `results.all_events`, to a stock
 //! event, keyed by its first SKU, with a null `order_id`):
 //!

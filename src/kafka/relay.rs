@@ -1,4 +1,4 @@
-//! The reply relay (CONTRACT.md section 7): publishes the replies queued in `reply_outbox` to
+//! The reply relay (docs/contract.md section 7): publishes the replies queued in `reply_outbox` to
 //! `kafka.results_topic`, keyed by order id (a stock event's by its first SKU), in queue order,
 //! then deletes their rows.
 //!
@@ -64,7 +64,7 @@ pub fn check_topic(producer: &FutureProducer, topic: &str) {
                 tracing::error!(
                     topic,
                     "the results topic does not exist: replies to order steps stay queued in \
-                     reply_outbox until it is created (README: Replies)"
+                     reply_outbox until it is created (docs/contract.md section 7)"
                 );
             }
         }

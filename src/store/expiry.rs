@@ -1,4 +1,4 @@
-//! Expiry of reservations (CONTRACT.md section 7): every replica sweeps, every
+//! Expiry of reservations (docs/contract.md section 7): every replica sweeps, every
 //! `reservations.sweep_interval_ms`, for active reservations whose expiry has passed by the
 //! database's clock, and releases them as the event `expire:<order_id>` (outcome `expired` of
 //! that order): its ledger rows, the reserved stock given back, the reservation ended.

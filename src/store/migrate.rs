@@ -7,7 +7,7 @@
 //! A release runs only on the schema it was built for: one migrated by a newer release (a
 //! migration this build does not have) is refused before anything is written, whether this
 //! process migrates or not ([`SchemaState`]). The rule that lets the previous release run on
-//! this one's schema during a rolling update is in the README ("Upgrades and migrations").
+//! this one's schema during a rolling update is in docs/operations.md ("Upgrades and migrations").
 
 use tokio_postgres::Client;
 

@@ -1,6 +1,6 @@
 //! Kafka security on the real broker (the embedded one has none): Apache Kafka with a SASL_SSL
 //! listener, TLS from a private CA and SCRAM-SHA-512 users. Replicas connect through
-//! `kafka.properties` exactly as the README documents; refused credentials and untrusted
+//! `kafka.properties` exactly as docs/configuration.md documents; refused credentials and untrusted
 //! certificates end the replica at start-up with a clear error and exit 3, not a silent retry
 //! loop; the password never appears in a log line or in `/metrics`.
 
@@ -51,7 +51,7 @@ async fn secure_cluster() -> Secure {
 
 impl Secure {
     /// A replica on the SASL_SSL listener; the password comes from the environment, as a
-    /// Kubernetes Secret would pass it (README, "Configuration").
+    /// Kubernetes Secret would pass it (docs/configuration.md).
     fn replica(&self, name: &str, user: &str, password: &str, ca: &std::path::Path) -> Replica {
         let ca = ca.display().to_string();
         self.env.replica_with_env(

@@ -1,13 +1,13 @@
 //! The tests' own reference model of the contract, written apart from `src/domain` so that a
 //! bug in the product's rules cannot agree with itself: it reads back every message in the
 //! topic (not what `produce` says it sent), decides each one from the contract's text
-//! (README "Events") with plain `serde_json` values, and folds them into the state a correct
+//! (docs/contract.md section 1) with plain `serde_json` values, and folds them into the state a correct
 //! consumer must end with.
 //!
 //! Events of different partitions may be applied in any interleaving, so the model is exact
 //! only when every SKU that a sale, an adjustment or an order touches lives in one partition
 //! (events keyed by SKU; restocks alone commute): it refuses to answer otherwise rather than
-//! guess. Orders (CONTRACT.md section 7) are decided as if no reservation expired during the
+//! guess. Orders (docs/contract.md section 7) are decided as if no reservation expired during the
 //! stream; afterwards those of at most a minute (`ttl_seconds` <= 60) have expired and the
 //! others are still active. A commit or release of a short one would depend on the clock: the
 //! model refuses that too.

@@ -140,7 +140,7 @@ fn pg_dump(url: &str, to: &Path) {
     );
 }
 
-/// What the README's procedure does, the group stopped: drop the database, create it empty,
+/// What docs/operations.md's procedure ("Backup and restore") does, the group stopped: drop the database, create it empty,
 /// `pg_restore` the dump into it.
 async fn drop_and_restore(db: &TestDb, dump: &Path) {
     let config: tokio_postgres::Config = db.url.parse().expect("the test database's URL");

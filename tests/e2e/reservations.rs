@@ -1,4 +1,4 @@
-//! Order sagas (CONTRACT.md section 7) through real replicas: reservations compete for stock
+//! Order sagas (docs/contract.md section 7) through real replicas: reservations compete for stock
 //! across partitions and replicas, commits and releases settle them, expiries release them on
 //! their own; the audit behind `verify` checks the reserved stock against the reservations and
 //! the ledger.

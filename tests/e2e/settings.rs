@@ -161,7 +161,7 @@ fn the_consumers_own_values_of_managed_properties_are_accepted_from_the_environm
 
 /// The Deployment's grace period covers the longest a replica takes to stop with the
 /// settings the manifests give it: the drain, then leaving the group and the process's own
-/// bounded exit (the README's "drain timeout plus 8 s").
+/// bounded exit (docs/configuration.md: "drain timeout plus 8 s").
 #[test]
 fn the_deployments_grace_period_covers_the_longest_shutdown() {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));

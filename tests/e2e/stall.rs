@@ -331,7 +331,7 @@ async fn a_second_signal_ends_a_stalled_drain_at_once() {
 }
 
 /// Messages of about 1 MB over 64 partitions, one of them stalled by a held lock: the replica's
-/// peak resident memory stays within the bound the README documents, computed here from the
+/// peak resident memory stays within the bound docs/design.md documents, computed here from the
 /// settings, although far more data than that passes through it.
 #[tokio::test(flavor = "multi_thread")]
 async fn memory_stays_bounded_with_1_mib_messages_and_a_stalled_partition() {
@@ -378,7 +378,7 @@ async fn memory_stays_bounded_with_1_mib_messages_and_a_stalled_partition() {
         "{stock:?}"
     );
 
-    // The README's bound: 64 MiB for the process itself, librdkafka's prefetch (4 MiB queued
+    // docs/design.md's bound: 64 MiB for the process itself, librdkafka's prefetch (4 MiB queued
     // plus one fetch response of at most 8 MiB), and per owned partition its queue (its share
     // of the 16 MiB buffer, 256 KiB here, or one message when larger) plus the batch its worker
     // holds (512 KiB plus one message).

@@ -1,4 +1,4 @@
-//! Upgrades as users run them (README, "Upgrades and migrations"): the previous release's
+//! Upgrades as users run them (docs/operations.md, "Upgrades and migrations"): the previous release's
 //! replicas consume while this build migrates, then are replaced one by one; events from
 //! before the upgrade sent again are duplicates. And the way back: a release never runs on a
 //! schema newer than its own, and a replica that leaves migrating to a Job waits for it.
