@@ -293,3 +293,34 @@ async fn a_small_lock_table_is_refused_or_shared_out_in_smaller_batches() {
     let (ok, report) = env.verify(Some(&expected));
     assert!(ok, "verify failed:\n{report}");
 }
+
+/// Every setting `config --json` prints (every key the configuration layer knows, since it
+/// prints the whole loaded settings) has a row in docs/configuration.md's table, named in
+/// backticks as users write it: a setting added without its documentation fails here.
+#[test]
+fn every_setting_is_documented() {
+    let out = invoke(&["config", "--json"], &[], &[]);
+    assert!(out.status.success(), "{}", output_text(&out));
+    let config: serde_json::Value =
+        serde_json::from_slice(&out.stdout).expect("config --json prints JSON");
+    let mut keys = Vec::new();
+    let sections = config["settings"].as_object().expect("settings by section");
+    for (section, fields) in sections {
+        for (key, _) in fields.as_object().expect("a section's fields") {
+            keys.push(format!("{section}.{key}"));
+        }
+    }
+    assert!(keys.len() > 30, "too few settings to check: {keys:?}");
+    let docs = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/configuration.md"),
+    )
+    .expect("reading docs/configuration.md");
+    let missing: Vec<&String> = keys
+        .iter()
+        .filter(|k| !docs.contains(&format!("| `{k}`")))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "settings missing from docs/configuration.md: {missing:?}"
+    );
+}
