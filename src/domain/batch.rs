@@ -109,10 +109,19 @@ pub struct BatchPlan<'a> {
 }
 
 impl BatchPlan<'_> {
-    pub fn count(&self, outcome: &str) -> u64 {
+    /// Events of the batch applied.
+    pub fn applied(&self) -> u64 {
         self.events
             .iter()
-            .filter(|e| e.outcome.as_str() == outcome)
+            .filter(|e| matches!(e.outcome, Outcome::Applied))
+            .count() as u64
+    }
+
+    /// Events of the batch rejected, whatever the reason.
+    pub fn rejected(&self) -> u64 {
+        self.events
+            .iter()
+            .filter(|e| matches!(e.outcome, Outcome::Rejected(_)))
             .count() as u64
     }
 }

@@ -32,6 +32,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
+use tokio_postgres::Row;
 use tokio_postgres::types::{ToSql, Type};
 
 use crate::domain::batch::{BatchPlan, EndedReservation, ProductChange};
@@ -41,6 +42,7 @@ use crate::domain::{
 };
 use crate::store::ownership::{FENCE, check_fence};
 use crate::store::retention::{CLOCK_SHARED, clock_key};
+use crate::store::statements::{Params, Statements};
 use crate::store::{Failure, Pool};
 
 /// Where a batch comes from: its partition's offsets are recorded under this group and topic.
@@ -249,68 +251,144 @@ pub async fn apply_batch(
     let (Some(partition), Some((_, last))) = (batch.partition(), batch.offsets()) else {
         return Ok(BatchOutcome::default());
     };
-    let topic = source.topic.as_str();
     let mut conn = pool.get().await?;
     let statements = conn.statements.clone();
     let tx = conn.transaction().await?;
+    let txn = Txn {
+        tx: &tx,
+        statements: &statements,
+    };
 
     let orders = batch.order_ids();
+    let order_skus = read_order_skus(txn, &orders).await?;
+    let skus = skus_to_lock(batch, &order_skus, !orders.is_empty())?;
+    if skus.len() > source.max_locks && batch.len() > 1 {
+        return Err(Failure::TooManyLocks { skus: skus.len() });
+    }
+    let read = lock_and_read(txn, source, partition, guards, batch, &orders, &skus).await?;
+    check_fence(partition, epoch, read.owner.map(|(epoch, _)| epoch))?;
+    if read.owner.is_some_and(|(_, paused)| paused) {
+        return Err(Failure::Paused(partition));
+    }
+    check_reservations_locked(&read.reservations, &skus)?;
+
+    let clock = clock(source, read.now_ms);
+    let plan = batch.plan(
+        &read.recorded,
+        read.stock,
+        read.reservations,
+        clock,
+        source.reply_all,
+    );
+
+    let rows = WriteRows::of(&plan, source, partition, last + 1);
+    write(txn, &rows.writes()).await?;
+    let outcome = BatchOutcome {
+        applied: plan.applied(),
+        rejected: plan.rejected(),
+        duplicates: plan.duplicates,
+        dead_letters: plan.dead_letters.len() as u64,
+    };
+    tx.commit().await?;
+    Ok(outcome)
+}
+
+/// The transaction and the statements prepared on its connection: what every step sends on.
+#[derive(Clone, Copy)]
+struct Txn<'t> {
+    tx: &'t tokio_postgres::Transaction<'t>,
+    statements: &'t Statements,
+}
+
+/// Before the locks: the SKUs of the reservations of the batch's commits and releases
+/// ([`ORDER_SKUS`]), whose locks they need too. [`KEYED_PLANS`] goes with the transaction's
+/// first round trip: this one when the batch has orders, else the next.
+async fn read_order_skus(txn: Txn<'_>, orders: &[&str]) -> Result<Vec<Row>, Failure> {
+    if orders.is_empty() {
+        return Ok(Vec::new());
+    }
     let orders_param = [(&orders as &(dyn ToSql + Sync), Type::TEXT_ARRAY)];
     let no_params: [(&(dyn ToSql + Sync), Type); 0] = [];
-    // KEYED_PLANS goes with the transaction's first round trip: this one when the batch has
-    // orders, else the next.
-    let order_sku_rows = if orders.is_empty() {
-        Vec::new()
-    } else {
-        statements
-            .prepare(
-                &tx,
-                &[(KEYED_PLANS, &no_params), (ORDER_SKUS, &orders_param)],
-            )
-            .await?;
-        let (_, rows) = tokio::try_join!(
-            biased;
-            statements.execute(&tx, KEYED_PLANS, &no_params),
-            statements.query(&tx, ORDER_SKUS, &orders_param),
-        )?;
-        rows
-    };
+    txn.statements
+        .prepare(
+            txn.tx,
+            &[(KEYED_PLANS, &no_params), (ORDER_SKUS, &orders_param)],
+        )
+        .await?;
+    let (_, rows) = tokio::try_join!(
+        biased;
+        txn.statements.execute(txn.tx, KEYED_PLANS, &no_params),
+        txn.statements.query(txn.tx, ORDER_SKUS, &orders_param),
+    )?;
+    Ok(rows)
+}
+
+/// The SKUs the batch locks: its events' and its orders' reservations' (`order_skus`), sorted
+/// and distinct when there are orders (their reservations' lines are looked up in it).
+fn skus_to_lock<'b>(
+    batch: &'b Batch,
+    order_skus: &'b [Row],
+    has_orders: bool,
+) -> Result<Vec<&'b str>, Failure> {
     let mut skus = batch.skus();
-    // Sorted when the batch has orders: their reservations' lines are looked up below.
-    if !orders.is_empty() {
-        for row in &order_sku_rows {
+    if has_orders {
+        for row in order_skus {
             skus.push(row.try_get::<_, &str>(0)?);
         }
         skus.sort_unstable();
         skus.dedup();
     }
-    if skus.len() > source.max_locks && batch.len() > 1 {
-        return Err(Failure::TooManyLocks { skus: skus.len() });
-    }
-    let keys = match guards {
-        Guards::On => lock_keys(&skus),
-        Guards::Off => Vec::new(),
+    Ok(skus)
+}
+
+/// What the batch reads once its locks are held.
+struct Read {
+    /// The partition's claim: the epoch its owner holds and whether it is paused (none: never
+    /// claimed).
+    owner: Option<(i64, bool)>,
+    /// The batch's event ids already recorded, with their payload digests.
+    recorded: HashMap<String, Vec<u8>>,
+    stock: StockBook,
+    reservations: OrderBook,
+    /// The database's clock in Unix milliseconds (read only when the batch has orders).
+    now_ms: i64,
+}
+
+/// Steps 0 to 2 of the module doc in one round trip: the clock, the fence, the locks and the
+/// reads are sent before any answer is awaited. The server runs them in order, so the reads
+/// start once every lock is held. `biased`: polled in order, so a failure is reported by the
+/// statement that failed, not by a later one that found the transaction already aborted.
+async fn lock_and_read(
+    txn: Txn<'_>,
+    source: &Source,
+    partition: i32,
+    guards: Guards,
+    batch: &Batch,
+    orders: &[&str],
+    skus: &[&str],
+) -> Result<Read, Failure> {
+    let guarded = guards == Guards::On;
+    let keys = if guarded { lock_keys(skus) } else { Vec::new() };
+    let ids = if guarded {
+        batch.event_ids()
+    } else {
+        Vec::new()
     };
-    let ids = match guards {
-        Guards::On => batch.event_ids(),
-        Guards::Off => Vec::new(),
-    };
-    let ids_param = [(&ids as &(dyn ToSql + Sync), Type::TEXT_ARRAY)];
-    let skus_param = [(&skus as &(dyn ToSql + Sync), Type::TEXT_ARRAY)];
-    let keys_param = [(&keys as &(dyn ToSql + Sync), Type::INT8_ARRAY)];
+    let no_params: [(&(dyn ToSql + Sync), Type); 0] = [];
+    let clock_param = [(&clock_key() as &(dyn ToSql + Sync), Type::INT8)];
     let fence_params: [(&(dyn ToSql + Sync), Type); 3] = [
         (&source.group, Type::TEXT),
-        (&topic, Type::TEXT),
+        (&source.topic, Type::TEXT),
         (&partition, Type::INT4),
     ];
-    let clock_param = [(&clock_key() as &(dyn ToSql + Sync), Type::INT8)];
-    // The clock, the fence, the locks and the reads are sent before any answer is awaited (one
-    // round trip). The server runs them in order, so the reads start once every lock is held.
-    // `biased`: polled in order, so a failure is reported by the statement that failed, not by
-    // a later one that found the transaction already aborted.
+    let keys_param = [(&keys as &(dyn ToSql + Sync), Type::INT8_ARRAY)];
+    let ids_param = [(&ids as &(dyn ToSql + Sync), Type::TEXT_ARRAY)];
+    let skus_param = [(&skus as &(dyn ToSql + Sync), Type::TEXT_ARRAY)];
+    let orders_param = [(&orders as &(dyn ToSql + Sync), Type::TEXT_ARRAY)];
+    let (tx, statements) = (txn.tx, txn.statements);
     statements
         .prepare(
-            &tx,
+            tx,
             &[
                 (KEYED_PLANS, &no_params),
                 (CLOCK_SHARED, &clock_param),
@@ -325,206 +403,215 @@ pub async fn apply_batch(
         .await?;
     let waiting = std::time::Instant::now();
     let lock = async {
-        let locked =
-            unless_empty(keys.is_empty(), statements.execute(&tx, LOCK, &keys_param)).await;
+        let locked = unless_empty(keys.is_empty(), statements.execute(tx, LOCK, &keys_param)).await;
         metrics::histogram!(crate::metrics::LOCK_WAIT_SECONDS)
             .record(waiting.elapsed().as_secs_f64());
         locked
     };
-    let (_, _, owner, _, recorded_rows, stock_rows, reservation_rows, now) = tokio::try_join!(
+    let has_orders = !orders.is_empty();
+    let (_, _, owner, _, recorded, stock, reservations, now_ms) = tokio::try_join!(
         biased;
-        unless_empty(
-            !orders.is_empty(),
-            statements.execute(&tx, KEYED_PLANS, &no_params)
-        ),
-        unless_empty(
-            guards == Guards::Off,
-            statements.execute(&tx, CLOCK_SHARED, &clock_param)
-        ),
-        statements.query_opt(&tx, FENCE, &fence_params),
+        unless_empty(!has_orders, statements.execute(tx, KEYED_PLANS, &no_params)),
+        unless_empty(!guarded, statements.execute(tx, CLOCK_SHARED, &clock_param)),
+        statements.query_opt(tx, FENCE, &fence_params),
         lock,
-        unless_empty(ids.is_empty(), statements.query(&tx, RECORDED, &ids_param)),
-        statements.query(&tx, STOCK, &skus_param),
-        unless_empty(orders.is_empty(), statements.query(&tx, RESERVATIONS, &orders_param)),
-        unless_empty(orders.is_empty(), async {
-            statements.query_one(&tx, NOW, &no_params).await?.try_get::<_, i64>(0)
+        unless_empty(ids.is_empty(), statements.query(tx, RECORDED, &ids_param)),
+        statements.query(tx, STOCK, &skus_param),
+        unless_empty(!has_orders, statements.query(tx, RESERVATIONS, &orders_param)),
+        unless_empty(!has_orders, async {
+            statements.query_one(tx, NOW, &no_params).await?.try_get::<_, i64>(0)
         }),
     )?;
-    check_fence(
-        partition,
-        epoch,
-        owner
-            .as_ref()
-            .map(|row| row.try_get::<_, i64>(0))
+    Ok(Read {
+        owner: owner
+            .map(|row| Ok::<_, tokio_postgres::Error>((row.try_get(0)?, row.try_get(1)?)))
             .transpose()?,
-    )?;
-    if owner.map(|row| row.try_get::<_, bool>(1)).transpose()? == Some(true) {
-        return Err(Failure::Paused(partition));
-    }
-    let mut recorded = HashMap::with_capacity(recorded_rows.len());
-    for row in recorded_rows {
-        recorded.insert(row.try_get::<_, String>(0)?, row.try_get::<_, Vec<u8>>(1)?);
-    }
-    let stock = read_stock(&stock_rows)?;
-    let reservations = read_reservations(&reservation_rows)?;
-    if let Some(sku) = reservations
+        recorded: recorded
+            .iter()
+            .map(|row| Ok((row.try_get(0)?, row.try_get(1)?)))
+            .collect::<Result<_, tokio_postgres::Error>>()?,
+        stock: read_stock(&stock)?,
+        reservations: read_reservations(&reservations)?,
+        now_ms,
+    })
+}
+
+/// A reservation of one of the batch's orders written between the read of its SKUs and the
+/// locks (its reserve came through another partition) has lines whose locks the batch does not
+/// hold: the batch is tried again, and takes them.
+fn check_reservations_locked(reservations: &OrderBook, skus: &[&str]) -> Result<(), Failure> {
+    match reservations
         .values()
         .flat_map(|r| &r.lines)
         .find(|l| skus.binary_search(&l.sku.as_str()).is_err())
     {
-        // A reservation of one of our orders was written between the read of its SKUs and the
-        // locks (its reserve came through another partition): take the locks again.
-        return Err(Failure::Transient(format!(
+        Some(line) => Err(Failure::Transient(format!(
             "a reservation changed during the batch (SKU {})",
-            sku.sku
-        )));
+            line.sku
+        ))),
+        None => Ok(()),
     }
-    let clock = Clock {
-        now: chrono::DateTime::from_timestamp_millis(now).unwrap_or_default(),
+}
+
+/// What the plan's decisions need beyond the database: the database's clock and the expiries
+/// a reserve may have.
+fn clock(source: &Source, now_ms: i64) -> Clock {
+    Clock {
+        now: chrono::DateTime::from_timestamp_millis(now_ms).unwrap_or_default(),
         default_ttl: chrono::TimeDelta::from_std(source.reservation_ttl)
             .unwrap_or(chrono::TimeDelta::MAX),
         max_ttl: chrono::TimeDelta::from_std(source.reservation_max_ttl)
             .unwrap_or(chrono::TimeDelta::MAX),
-    };
+    }
+}
 
-    let plan = batch.plan(&recorded, stock, reservations, clock, source.reply_all);
+/// One write of the batch transaction, as data: its statement and parameters, whether it runs
+/// (nothing to write: no round trip), and how many rows it must change where that is known.
+struct Write<'a> {
+    sql: &'static str,
+    params: Vec<(&'a (dyn ToSql + Sync), Type)>,
+    runs: bool,
+    changes: Option<usize>,
+}
 
-    // The writes are independent of each other's answers: all are sent before any is awaited
-    // (one round trip). PostgreSQL runs them in the order sent, so products exist before the
-    // ledger rows that name them; if one fails, the rest fail and nothing commits.
-    let events = EventRows::of(&plan);
-    let updated = ProductRows::of(plan.products.iter().filter(|p| !p.created));
-    let created = ProductRows::of(plan.products.iter().filter(|p| p.created));
-    let movements = MovementRows::of(plan.movements.iter().map(|(id, m)| (*id, m)));
-    let made = ReservationRows::of(&plan);
-    let ended = EndedRows::of(&plan.ended);
-    let replies = ReplyRows::of(&plan.replies);
-    let dead = DeadLetterRows::of(&plan);
-    let next_offset = last + 1;
-    let event_params: [(&(dyn ToSql + Sync), Type); 9] = [
-        (&topic, Type::TEXT),
-        (&partition, Type::INT4),
-        (&events.ids, Type::TEXT_ARRAY),
-        (&events.kinds, Type::TEXT_ARRAY),
-        (&events.outcomes, Type::TEXT_ARRAY),
-        (&events.reasons, Type::TEXT_ARRAY),
-        (&events.lines, Type::INT4_ARRAY),
-        (&events.offsets, Type::INT8_ARRAY),
-        (&events.digests, Type::BYTEA_ARRAY),
-    ];
-    let (updated_params, created_params) = (updated.params(), created.params());
-    let movement_params = movements.params();
-    let reservation_params: [(&(dyn ToSql + Sync), Type); 3] = [
-        (&made.orders, Type::TEXT_ARRAY),
-        (&made.events, Type::TEXT_ARRAY),
-        (&made.expires_ms, Type::INT8_ARRAY),
-    ];
-    let line_params: [(&(dyn ToSql + Sync), Type); 4] = [
-        (&made.line_orders, Type::TEXT_ARRAY),
-        (&made.line_numbers, Type::INT4_ARRAY),
-        (&made.line_skus, Type::TEXT_ARRAY),
-        (&made.line_quantities, Type::INT8_ARRAY),
-    ];
-    let ended_params = ended.params();
-    let reply_params = replies.params();
-    let queue_param = [(&plan.queued as &(dyn ToSql + Sync), Type::TEXT_ARRAY)];
-    let dead_letter_params: [(&(dyn ToSql + Sync), Type); 7] = [
-        (&topic, Type::TEXT),
-        (&partition, Type::INT4),
-        (&dead.offsets, Type::INT8_ARRAY),
-        (&dead.keys, Type::BYTEA_ARRAY),
-        (&dead.payloads, Type::BYTEA_ARRAY),
-        (&dead.errors, Type::TEXT_ARRAY),
-        (&dead.details, Type::TEXT_ARRAY),
-    ];
-    let offset_params: [(&(dyn ToSql + Sync), Type); 4] = [
-        (&source.group, Type::TEXT),
-        (&topic, Type::TEXT),
-        (&partition, Type::INT4),
-        (&next_offset, Type::INT8),
-    ];
-    statements
-        .prepare(
-            &tx,
-            &[
-                (INSERT_EVENTS, &event_params),
-                (UPDATE_PRODUCTS, &updated_params),
-                (INSERT_PRODUCTS, &created_params),
-                (INSERT_MOVEMENTS, &movement_params),
-                (INSERT_RESERVATIONS, &reservation_params),
-                (INSERT_RESERVATION_LINES, &line_params),
-                (END_RESERVATIONS, &ended_params),
-                (INSERT_REPLIES, &reply_params),
-                (QUEUE_REPLIES, &queue_param),
-                (INSERT_DEAD_LETTERS, &dead_letter_params),
-                (RECORD_OFFSET, &offset_params),
-            ],
-        )
-        .await?;
-    let written = tokio::try_join!(
-        biased;
-        unless_empty(
-            events.ids.is_empty(),
-            statements.execute(&tx, INSERT_EVENTS, &event_params)
-        ),
-        unless_empty(
-            updated.skus.is_empty(),
-            statements.execute(&tx, UPDATE_PRODUCTS, &updated_params)
-        ),
-        unless_empty(
-            created.skus.is_empty(),
-            statements.execute(&tx, INSERT_PRODUCTS, &created_params)
-        ),
-        unless_empty(
-            movements.is_empty(),
-            statements.execute(&tx, INSERT_MOVEMENTS, &movement_params)
-        ),
-        unless_empty(
-            made.orders.is_empty(),
-            statements.execute(&tx, INSERT_RESERVATIONS, &reservation_params)
-        ),
-        unless_empty(
-            made.line_orders.is_empty(),
-            statements.execute(&tx, INSERT_RESERVATION_LINES, &line_params)
-        ),
-        unless_empty(
-            ended.orders.is_empty(),
-            statements.execute(&tx, END_RESERVATIONS, &ended_params)
-        ),
-        unless_empty(
-            replies.event_ids.is_empty(),
-            statements.execute(&tx, INSERT_REPLIES, &reply_params)
-        ),
-        unless_empty(
-            plan.queued.is_empty(),
-            statements.execute(&tx, QUEUE_REPLIES, &queue_param)
-        ),
-        unless_empty(
-            dead.offsets.is_empty(),
-            statements.execute(&tx, INSERT_DEAD_LETTERS, &dead_letter_params)
-        ),
-        statements.execute(&tx, RECORD_OFFSET, &offset_params),
-    );
-    let (_, updated_rows, created_rows, _, _, _, _, _, _, _, _) = written?;
-    for (rows, expected) in [
-        (updated_rows, updated.skus.len()),
-        (created_rows, created.skus.len()),
-    ] {
-        if rows != expected as u64 {
-            // We read these rows under their locks a moment ago: someone deletes products.
+impl<'a> Write<'a> {
+    fn new(sql: &'static str, params: &[(&'a (dyn ToSql + Sync), Type)], runs: bool) -> Self {
+        Write {
+            sql,
+            params: params.to_vec(),
+            runs,
+            changes: None,
+        }
+    }
+
+    /// The write must change exactly `rows` rows.
+    fn changing(self, rows: usize) -> Self {
+        Write {
+            changes: Some(rows),
+            ..self
+        }
+    }
+}
+
+/// Step 4: sends every write before any answer is awaited (one round trip). The writes are
+/// independent of each other's answers, and PostgreSQL runs them in the order sent, so
+/// products exist before the ledger rows that name them; if one fails, the rest fail and
+/// nothing commits. `try_join_all` polls in order: the statement that failed is the one
+/// reported.
+async fn write(txn: Txn<'_>, writes: &[Write<'_>]) -> Result<(), Failure> {
+    let prepare: Vec<(&'static str, &Params<'_>)> = writes
+        .iter()
+        .map(|w| (w.sql, w.params.as_slice()))
+        .collect();
+    txn.statements.prepare(txn.tx, &prepare).await?;
+    let sent = writes
+        .iter()
+        .map(|w| unless_empty(!w.runs, txn.statements.execute(txn.tx, w.sql, &w.params)));
+    let changed = futures_util::future::try_join_all(sent).await?;
+    for (w, rows) in writes.iter().zip(changed) {
+        if let Some(expected) = w.changes
+            && rows != expected as u64
+        {
+            // These rows were read under their locks a moment ago: someone deletes products.
             return Err(Failure::Fatal(format!(
                 "expected to change {expected} products, changed {rows}: products are being modified outside this service"
             )));
         }
     }
-    let outcome = BatchOutcome {
-        applied: plan.count("applied"),
-        rejected: plan.count("rejected"),
-        duplicates: plan.duplicates,
-        dead_letters: plan.dead_letters.len() as u64,
-    };
-    tx.commit().await?;
-    Ok(outcome)
+    Ok(())
+}
+
+/// Everything the plan writes, by table, as the arrays the statements take.
+struct WriteRows<'a> {
+    source: &'a Source,
+    partition: i32,
+    next_offset: i64,
+    events: EventRows<'a>,
+    updated: ProductRows<'a>,
+    created: ProductRows<'a>,
+    movements: MovementRows<'a>,
+    made: ReservationRows<'a>,
+    ended: EndedRows<'a>,
+    replies: ReplyRows<'a>,
+    queued: &'a [&'a str],
+    dead: DeadLetterRows<'a>,
+}
+
+impl<'a> WriteRows<'a> {
+    fn of(plan: &'a BatchPlan<'a>, source: &'a Source, partition: i32, next_offset: i64) -> Self {
+        WriteRows {
+            source,
+            partition,
+            next_offset,
+            events: EventRows::of(plan),
+            updated: ProductRows::of(plan.products.iter().filter(|p| !p.created)),
+            created: ProductRows::of(plan.products.iter().filter(|p| p.created)),
+            movements: MovementRows::of(plan.movements.iter().map(|(id, m)| (*id, m))),
+            made: ReservationRows::of(plan),
+            ended: EndedRows::of(&plan.ended),
+            replies: ReplyRows::of(&plan.replies),
+            queued: &plan.queued,
+            dead: DeadLetterRows::of(plan),
+        }
+    }
+
+    /// The writes, in the order they run.
+    fn writes(&self) -> Vec<Write<'_>> {
+        let (topic, partition) = (&self.source.topic, &self.partition);
+        let (updated, created, made) = (&self.updated, &self.created, &self.made);
+        vec![
+            Write::new(
+                INSERT_EVENTS,
+                &self.events.params(topic, partition),
+                !self.events.ids.is_empty(),
+            ),
+            Write::new(UPDATE_PRODUCTS, &updated.params(), !updated.skus.is_empty())
+                .changing(updated.skus.len()),
+            Write::new(INSERT_PRODUCTS, &created.params(), !created.skus.is_empty())
+                .changing(created.skus.len()),
+            Write::new(
+                INSERT_MOVEMENTS,
+                &self.movements.params(),
+                !self.movements.is_empty(),
+            ),
+            Write::new(INSERT_RESERVATIONS, &made.params(), !made.orders.is_empty()),
+            Write::new(
+                INSERT_RESERVATION_LINES,
+                &made.line_params(),
+                !made.line_orders.is_empty(),
+            ),
+            Write::new(
+                END_RESERVATIONS,
+                &self.ended.params(),
+                !self.ended.orders.is_empty(),
+            ),
+            Write::new(
+                INSERT_REPLIES,
+                &self.replies.params(),
+                !self.replies.event_ids.is_empty(),
+            ),
+            Write::new(
+                QUEUE_REPLIES,
+                &[(&self.queued, Type::TEXT_ARRAY)],
+                !self.queued.is_empty(),
+            ),
+            Write::new(
+                INSERT_DEAD_LETTERS,
+                &self.dead.params(topic, partition),
+                !self.dead.offsets.is_empty(),
+            ),
+            Write::new(
+                RECORD_OFFSET,
+                &[
+                    (&self.source.group, Type::TEXT),
+                    (topic, Type::TEXT),
+                    (partition, Type::INT4),
+                    (&self.next_offset, Type::INT8),
+                ],
+                true,
+            ),
+        ]
+    }
 }
 
 /// Runs `statement` unless there is nothing to do (then its default, and no round trip).
@@ -562,6 +649,25 @@ impl<'a> EventRows<'a> {
             offsets: e.iter().map(|e| e.offset).collect(),
             digests: e.iter().map(|e| e.digest.as_slice()).collect(),
         }
+    }
+
+    /// For [`INSERT_EVENTS`], with the partition the events came from.
+    fn params<'s>(
+        &'s self,
+        topic: &'s String,
+        partition: &'s i32,
+    ) -> [(&'s (dyn ToSql + Sync), Type); 9] {
+        [
+            (topic, Type::TEXT),
+            (partition, Type::INT4),
+            (&self.ids, Type::TEXT_ARRAY),
+            (&self.kinds, Type::TEXT_ARRAY),
+            (&self.outcomes, Type::TEXT_ARRAY),
+            (&self.reasons, Type::TEXT_ARRAY),
+            (&self.lines, Type::INT4_ARRAY),
+            (&self.offsets, Type::INT8_ARRAY),
+            (&self.digests, Type::BYTEA_ARRAY),
+        ]
     }
 }
 
@@ -669,6 +775,25 @@ impl<'a> ReservationRows<'a> {
             line_skus: lines().map(|(_, _, l)| l.sku.as_str()).collect(),
             line_quantities: lines().map(|(_, _, l)| l.quantity).collect(),
         }
+    }
+
+    /// For [`INSERT_RESERVATIONS`].
+    fn params(&self) -> [(&(dyn ToSql + Sync), Type); 3] {
+        [
+            (&self.orders, Type::TEXT_ARRAY),
+            (&self.events, Type::TEXT_ARRAY),
+            (&self.expires_ms, Type::INT8_ARRAY),
+        ]
+    }
+
+    /// For [`INSERT_RESERVATION_LINES`].
+    fn line_params(&self) -> [(&(dyn ToSql + Sync), Type); 4] {
+        [
+            (&self.line_orders, Type::TEXT_ARRAY),
+            (&self.line_numbers, Type::INT4_ARRAY),
+            (&self.line_skus, Type::TEXT_ARRAY),
+            (&self.line_quantities, Type::INT8_ARRAY),
+        ]
     }
 }
 
@@ -793,5 +918,22 @@ impl<'a> DeadLetterRows<'a> {
             errors: d.iter().map(|d| d.error).collect(),
             details: d.iter().map(|d| d.detail.as_str()).collect(),
         }
+    }
+
+    /// For [`INSERT_DEAD_LETTERS`], with the partition the messages came from.
+    fn params<'s>(
+        &'s self,
+        topic: &'s String,
+        partition: &'s i32,
+    ) -> [(&'s (dyn ToSql + Sync), Type); 7] {
+        [
+            (topic, Type::TEXT),
+            (partition, Type::INT4),
+            (&self.offsets, Type::INT8_ARRAY),
+            (&self.keys, Type::BYTEA_ARRAY),
+            (&self.payloads, Type::BYTEA_ARRAY),
+            (&self.errors, Type::TEXT_ARRAY),
+            (&self.details, Type::TEXT_ARRAY),
+        ]
     }
 }
