@@ -411,7 +411,8 @@ async fn lock_and_read(
     let has_orders = !orders.is_empty();
     let (_, _, owner, _, recorded, stock, reservations, now_ms) = tokio::try_join!(
         biased;
-        unless_empty(!has_orders, statements.execute(tx, KEYED_PLANS, &no_params)),
+        // Sent in the first round trip already when the batch has orders (`read_order_skus`).
+        unless_empty(has_orders, statements.execute(tx, KEYED_PLANS, &no_params)),
         unless_empty(!guarded, statements.execute(tx, CLOCK_SHARED, &clock_param)),
         statements.query_opt(tx, FENCE, &fence_params),
         lock,
