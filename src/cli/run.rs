@@ -120,7 +120,7 @@ async fn prepare_database(
                 .await
                 .map_err(bounded("connecting to the database"))?
                 .context("connecting to the database")?;
-            tokio::time::timeout(bound, check_encoding(&client, db.allow_non_utf8))
+            tokio::time::timeout(bound, store::encoding::check(&client, db.allow_non_utf8))
                 .await
                 .map_err(bounded("reading the database's encoding"))??;
             if db.migrate && !args.no_migrate {
@@ -166,7 +166,7 @@ async fn prepare_database(
                 }
             }
             // After the migrations: the schema's relations count against the budget.
-            tokio::time::timeout(bound, lock_budget(&client, db))
+            tokio::time::timeout(bound, store::lock_budget::measure(&client, db))
                 .await
                 .map_err(bounded("reading the server's lock table"))?
         };
@@ -231,77 +231,6 @@ async fn run(
     let outcome = replica(settings, args, shutdown, stats, metrics, &mut background).await;
     background.stop().await;
     outcome
-}
-
-/// Refuses a database that cannot hold every character of an event, unless told to accept it
-/// (`database.allow_non_utf8`); then such events are dead-lettered as `unstorable`.
-async fn check_encoding(client: &tokio_postgres::Client, allowed: bool) -> anyhow::Result<()> {
-    let encoding: String = client
-        .query_one("SELECT current_setting('server_encoding')", &[])
-        .await
-        .context("reading the database's encoding")?
-        .try_get(0)?;
-    if encoding == "UTF8" {
-        return Ok(());
-    }
-    if allowed {
-        tracing::warn!(
-            encoding = %encoding,
-            "the database's encoding is not UTF-8: events carrying characters it lacks are \
-             dead-lettered as unstorable (database.allow_non_utf8)"
-        );
-        return Ok(());
-    }
-    Err(ConfigError::key(
-        "database.url",
-        format!(
-            "the database's encoding is {encoding}, not UTF8: events are UTF-8 text, and those \
-             with characters {encoding} lacks could not be stored; use a UTF8 database, or set \
-             database.allow_non_utf8 = true to dead-letter such events"
-        ),
-    )
-    .into())
-}
-
-/// This replica's share of the server's lock table (`src/store/lock_budget.rs`), read at
-/// start-up; a table too small for `database.max_replicas` is a configuration error.
-async fn lock_budget(
-    client: &tokio_postgres::Client,
-    db: &crate::config::DatabaseSettings,
-) -> anyhow::Result<store::lock_budget::LockBudget> {
-    let row = client
-        .query_one(
-            "SELECT current_setting('max_locks_per_transaction')::bigint,
-                    current_setting('max_connections')::bigint,
-                    current_setting('max_prepared_transactions')::bigint,
-                    (SELECT count(*) FROM pg_class
-                     WHERE relnamespace = current_schema()::regnamespace
-                       AND relkind IN ('r', 'p', 'i', 'I'))",
-            &[],
-        )
-        .await
-        .context("reading the server's lock table size")?;
-    let (locks, connections, prepared, relations): (i64, i64, i64, i64) = (
-        row.try_get(0)?,
-        row.try_get(1)?,
-        row.try_get(2)?,
-        row.try_get(3)?,
-    );
-    let table = store::lock_budget::table_size(locks as u64, connections as u64, prepared as u64);
-    let other = store::lock_budget::other_locks(relations as u64);
-    let budget = store::lock_budget::plan(table, other, db.max_replicas, db.pool_size)
-        .map_err(|why| ConfigError::key("database.max_replicas", why))?;
-    tracing::info!(
-        lock_table = table,
-        other_locks = other,
-        max_replicas = db.max_replicas,
-        holders = budget.holders,
-        locks_per_batch = budget.locks_per_batch,
-        "lock budget: lock-holding transactions at once, and SKU locks each"
-    );
-    metrics::gauge!(crate::metrics::LOCK_HOLDERS).set(budget.holders as f64);
-    metrics::gauge!(crate::metrics::LOCKS_PER_BATCH).set(budget.locks_per_batch as f64);
-    Ok(budget)
 }
 
 async fn replica(

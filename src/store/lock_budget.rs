@@ -23,6 +23,9 @@
 //! and 2 others. So the budget counts, as [`other_locks`], every relation of the schema beyond
 //! the fast path's 16: the partitions of a long history are in it.
 
+use anyhow::Context;
+
+use crate::config::ConfigError;
 use crate::domain::batch::MAX_LOCKS_PER_BATCH;
 use crate::domain::event::MAX_LINES;
 
@@ -102,6 +105,47 @@ pub fn plan(
         holders: holders as usize,
         locks_per_batch: locks_per_batch as usize,
     })
+}
+
+/// This replica's share of the server's lock table, read at start-up (`run`); a table too
+/// small for `database.max_replicas` is a configuration error.
+pub async fn measure(
+    client: &tokio_postgres::Client,
+    db: &crate::config::DatabaseSettings,
+) -> anyhow::Result<LockBudget> {
+    let row = client
+        .query_one(
+            "SELECT current_setting('max_locks_per_transaction')::bigint,
+                    current_setting('max_connections')::bigint,
+                    current_setting('max_prepared_transactions')::bigint,
+                    (SELECT count(*) FROM pg_class
+                     WHERE relnamespace = current_schema()::regnamespace
+                       AND relkind IN ('r', 'p', 'i', 'I'))",
+            &[],
+        )
+        .await
+        .context("reading the server's lock table size")?;
+    let (locks, connections, prepared, relations): (i64, i64, i64, i64) = (
+        row.try_get(0)?,
+        row.try_get(1)?,
+        row.try_get(2)?,
+        row.try_get(3)?,
+    );
+    let table = table_size(locks as u64, connections as u64, prepared as u64);
+    let other = other_locks(relations as u64);
+    let budget = plan(table, other, db.max_replicas, db.pool_size)
+        .map_err(|why| ConfigError::key("database.max_replicas", why))?;
+    tracing::info!(
+        lock_table = table,
+        other_locks = other,
+        max_replicas = db.max_replicas,
+        holders = budget.holders,
+        locks_per_batch = budget.locks_per_batch,
+        "lock budget: lock-holding transactions at once, and SKU locks each"
+    );
+    metrics::gauge!(crate::metrics::LOCK_HOLDERS).set(budget.holders as f64);
+    metrics::gauge!(crate::metrics::LOCKS_PER_BATCH).set(budget.locks_per_batch as f64);
+    Ok(budget)
 }
 
 #[cfg(test)]

@@ -4,6 +4,7 @@
 pub mod apply;
 pub mod audit;
 pub mod dead_letters;
+pub mod encoding;
 pub mod expiry;
 pub mod failure;
 pub mod history;
