@@ -91,6 +91,17 @@ pub fn shutdown_bound(settings: &Settings) -> Duration {
 #[error(transparent)]
 struct Fatal(store::Failure);
 
+impl Fatal {
+    /// `e` while doing `what`: retried at start-up if transient, else fatal.
+    fn unless_transient(e: store::Failure, what: &'static str) -> anyhow::Error {
+        if e.is_transient() {
+            anyhow::Error::new(e).context(what)
+        } else {
+            anyhow::Error::new(Fatal(e)).context(what)
+        }
+    }
+}
+
 /// The longest wait between two start-up attempts on a database that does not answer.
 const STARTUP_BACKOFF_MAX: Duration = Duration::from_secs(30);
 
@@ -124,35 +135,20 @@ async fn prepare_database(
                 .await
                 .map_err(bounded("reading the database's encoding"))??;
             if db.migrate && !args.no_migrate {
-                match store::migrate::migrate(&db.url).await {
-                    Ok(_) => {}
-                    Err(e) if e.is_transient() => {
-                        return Err(anyhow::Error::new(e).context("applying migrations"));
-                    }
-                    // A migration that fails (SQL, a schema that diverged) fails the same way
-                    // next time: an operator must look.
-                    Err(e) => {
-                        return Err(anyhow::Error::new(Fatal(e)).context("applying migrations"));
-                    }
-                }
+                // A migration that fails (SQL, a schema that diverged) fails the same way next
+                // time: an operator must look.
+                store::migrate::migrate(&db.url)
+                    .await
+                    .map_err(|e| Fatal::unless_transient(e, "applying migrations"))?;
             } else {
                 // Someone else migrates (the migration Job): wait for it, and never run on a
                 // schema a newer release made.
-                let state = match tokio::time::timeout(bound, store::migrate::schema_state(&client))
+                // A failure other than a transient one (e.g. a role without SELECT on
+                // refinery's history) is for an operator.
+                let state = tokio::time::timeout(bound, store::migrate::schema_state(&client))
                     .await
                     .map_err(bounded("reading the schema's version"))?
-                {
-                    Ok(state) => state,
-                    Err(e) if e.is_transient() => {
-                        return Err(anyhow::Error::new(e).context("reading the schema's version"));
-                    }
-                    // E.g. a role without SELECT on refinery's history: an operator must look.
-                    Err(e) => {
-                        return Err(
-                            anyhow::Error::new(Fatal(e)).context("reading the schema's version")
-                        );
-                    }
-                };
+                    .map_err(|e| Fatal::unless_transient(e, "reading the schema's version"))?;
                 if let Some(refusal) = state.refusal() {
                     return Err(anyhow::Error::new(Fatal(refusal)));
                 }
