@@ -273,11 +273,26 @@ impl Default for Settings {
     }
 }
 
-/// Which settings a command cannot do without: `produce` needs no database, `verify` no Kafka.
+/// Which settings a command cannot do without: `verify` needs no Kafka, `inventory-dev produce` no database.
 #[derive(Debug, Clone, Copy)]
 pub struct Needs {
     pub kafka: bool,
     pub database: bool,
+}
+
+impl Needs {
+    pub const KAFKA: Needs = Needs {
+        kafka: true,
+        database: false,
+    };
+    pub const DATABASE: Needs = Needs {
+        kafka: false,
+        database: true,
+    };
+    pub const BOTH: Needs = Needs {
+        kafka: true,
+        database: true,
+    };
 }
 
 /// A configuration problem, naming the key. Exit code 2.

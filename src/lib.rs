@@ -8,16 +8,19 @@
 //! - [`kafka`] is the consumer: a poll thread owning the librdkafka handle and its rebalance
 //!   callbacks, one [`kafka::worker`] task per assigned partition, and the offsets they hand back,
 //!   committed only after the database commit that holds their effect.
-//! - [`embedded`] runs what development and tests need locally: librdkafka's mock cluster and
-//!   a throwaway PostgreSQL.
 //! - [`http`] serves the probes and [`metrics`] per replica.
+//! - [`expectation`] is the outcome `verify --expected` compares the database with.
 //! - [`cli`] holds one module per subcommand; `main.rs` only parses and hands off.
+//!
+//! The development tools (the embedded brokers and PostgreSQL, the workload generator and its
+//! oracle, `produce`, `demo`, `bench`) are the workspace's other crate, `devtools/`
+//! (`inventory-dev`): the service's binary and image carry none of them.
 #![deny(clippy::unwrap_used, clippy::expect_used)]
 
 pub mod cli;
 pub mod config;
 pub mod domain;
-pub mod embedded;
+pub mod expectation;
 pub mod http;
 pub mod kafka;
 pub mod metrics;
@@ -25,4 +28,3 @@ pub mod signals;
 pub mod stats;
 pub mod store;
 pub mod telemetry;
-pub mod workload;

@@ -3,14 +3,10 @@
 //! Exit codes: 0 success, 1 verification failure, 2 usage or configuration error, 3 runtime
 //! failure (so an orchestrator restarts the replica and an operator sees why).
 
-pub mod bench;
-pub mod broker;
 pub mod dead_letters;
-pub mod demo;
 pub mod maintain;
 pub mod migrate;
 pub mod pause;
-pub mod produce;
 pub mod replay;
 pub mod run;
 pub mod settings;
@@ -20,7 +16,6 @@ pub mod verify;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 use crate::config::{ConfigError, Needs, Settings, parse_key_value};
@@ -36,6 +31,16 @@ pub const EXIT_RUNTIME: u8 = 3;
     about = "Applies inventory events from Kafka to PostgreSQL, exactly once in effect, with any number of replicas."
 )]
 pub struct Cli {
+    #[command(flatten)]
+    pub global: GlobalArgs,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The options every command takes: where the settings come from and the most common ones.
+/// `inventory-dev` takes the same.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct GlobalArgs {
     /// TOML configuration file (also INVENTORY_CONFIG).
     #[arg(long, global = true, value_name = "PATH")]
     pub config: Option<PathBuf>,
@@ -51,8 +56,6 @@ pub struct Cli {
     /// Any setting, e.g. `--set processing.batch_max_events=100`; wins over every other layer.
     #[arg(long = "set", global = true, value_name = "KEY=VALUE", value_parser = parse_key_value)]
     pub overrides: Vec<(String, String)>,
-    #[command(subcommand)]
-    pub command: Command,
 }
 
 #[derive(Debug, Subcommand)]
@@ -67,16 +70,8 @@ pub enum Command {
     /// One pass of history maintenance (new periods, partitions ahead, retention), as every
     /// replica runs it; for a CronJob, or with replicas stopped.
     Maintain,
-    /// Run an embedded Kafka-protocol broker (librdkafka's mock cluster) for development and tests.
-    Broker(broker::BrokerArgs),
-    /// Produce a generated workload or a JSON-lines file, and write the expected outcome.
-    Produce(produce::ProduceArgs),
     /// Audit the database; exit 0 only if every invariant (and the expectation, if given) holds.
     Verify(verify::VerifyArgs),
-    /// The whole system on embedded defaults: broker, PostgreSQL, replicas, workload, verify.
-    Demo(demo::DemoArgs),
-    /// Measure throughput, latency and memory against the database's own limit, in one run.
-    Bench(bench::BenchArgs),
     /// List, show and redrive (publish again) the dead letters.
     DeadLetters(dead_letters::DeadLettersArgs),
     /// The group at a glance: owners, epochs, recorded, committed and end offsets, lag, pauses.
@@ -90,7 +85,7 @@ pub enum Command {
     Replay(replay::ReplayArgs),
 }
 
-impl Cli {
+impl GlobalArgs {
     /// Loads the settings with the command-line layer on top.
     pub fn settings(&self, needs: Needs) -> Result<Settings, ConfigError> {
         let mut overrides = Vec::new();
@@ -108,40 +103,32 @@ impl Cli {
     }
 }
 
-const KAFKA: Needs = Needs {
-    kafka: true,
-    database: false,
-};
-const DATABASE: Needs = Needs {
-    kafka: false,
-    database: true,
-};
-const BOTH: Needs = Needs {
-    kafka: true,
-    database: true,
-};
+const DATABASE: Needs = Needs::DATABASE;
+const BOTH: Needs = Needs::BOTH;
 
 /// Runs the parsed command line.
 pub fn main(cli: Cli) -> ExitCode {
+    let global = &cli.global;
     let result = match &cli.command {
-        Command::Run(args) => with_settings(&cli, BOTH, |s| run::main(s, args)),
-        Command::Migrate(args) => with_settings(&cli, DATABASE, |s| migrate::main(&s, args)),
-        Command::Config(args) => with_settings(&cli, BOTH, |s| settings::main(&s, args)),
-        Command::Maintain => with_settings(&cli, DATABASE, |s| maintain::main(&s)),
-        Command::Broker(args) => broker::main(args),
-        Command::Produce(args) => with_settings(&cli, KAFKA, |s| produce::main(&s, args)),
-        Command::Verify(args) => with_settings(&cli, DATABASE, |s| verify::main(&s, args)),
-        Command::Demo(args) => demo::main(&cli, args),
-        Command::Bench(args) => bench::main(&cli, args),
+        Command::Run(args) => with_settings(global, BOTH, |s| run::main(s, args)),
+        Command::Migrate(args) => with_settings(global, DATABASE, |s| migrate::main(&s, args)),
+        Command::Config(args) => with_settings(global, BOTH, |s| settings::main(&s, args)),
+        Command::Maintain => with_settings(global, DATABASE, |s| maintain::main(&s)),
+        Command::Verify(args) => with_settings(global, DATABASE, |s| verify::main(&s, args)),
         Command::DeadLetters(args) => {
             let needs = if args.command.sends() { BOTH } else { DATABASE };
-            with_settings(&cli, needs, |s| dead_letters::main(&s, args))
+            with_settings(global, needs, |s| dead_letters::main(&s, args))
         }
-        Command::Status(args) => with_settings(&cli, BOTH, |s| status::main(&s, args)),
-        Command::Pause(args) => with_settings(&cli, DATABASE, |s| pause::pause(&s, args)),
-        Command::Resume(args) => with_settings(&cli, DATABASE, |s| pause::resume(&s, args)),
-        Command::Replay(args) => with_settings(&cli, BOTH, |s| replay::main(&s, args)),
+        Command::Status(args) => with_settings(global, BOTH, |s| status::main(&s, args)),
+        Command::Pause(args) => with_settings(global, DATABASE, |s| pause::pause(&s, args)),
+        Command::Resume(args) => with_settings(global, DATABASE, |s| pause::resume(&s, args)),
+        Command::Replay(args) => with_settings(global, BOTH, |s| replay::main(&s, args)),
     };
+    exit_code(result)
+}
+
+/// A command's exit code; an error is printed, with its causes, and exits 3.
+pub fn exit_code(result: anyhow::Result<ExitCode>) -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
@@ -152,8 +139,8 @@ pub fn main(cli: Cli) -> ExitCode {
 }
 
 /// Loads and validates the settings (exit 2 if they are wrong), starts logging, runs `f`.
-fn with_settings(
-    cli: &Cli,
+pub fn with_settings(
+    cli: &GlobalArgs,
     needs: Needs,
     f: impl FnOnce(Settings) -> anyhow::Result<ExitCode>,
 ) -> anyhow::Result<ExitCode> {
@@ -174,44 +161,4 @@ pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?)
-}
-
-/// The demo's and the benchmark's PostgreSQL: `--database-url` (or `DATABASE_URL`), else a
-/// throwaway local cluster started with `options` (kept running while the handle lives).
-/// `say` tells the user which.
-pub fn given_or_throwaway_database(
-    cli: &Cli,
-    options: crate::embedded::postgres::PostgresOptions,
-    say: impl Fn(&str),
-) -> anyhow::Result<(Option<crate::embedded::postgres::ThrowawayPostgres>, String)> {
-    let given = cli
-        .database_url
-        .clone()
-        .or_else(|| std::env::var("DATABASE_URL").ok());
-    Ok(match given {
-        Some(url) => {
-            say(&format!(
-                "PostgreSQL: using {}",
-                crate::config::describe_database(&url)
-            ));
-            (None, url)
-        }
-        None => {
-            say("PostgreSQL: starting a throwaway local cluster");
-            let server = crate::embedded::postgres::ThrowawayPostgres::start(options)?;
-            let url = server.url("postgres");
-            (Some(server), url)
-        }
-    })
-}
-
-/// `--logs DIR`, else a new directory `<temp>/<prefix>-<pid>`; created.
-pub fn log_dir(given: Option<&PathBuf>, prefix: &str) -> anyhow::Result<PathBuf> {
-    let dir = match given {
-        Some(dir) => dir.clone(),
-        None => std::env::temp_dir().join(format!("{prefix}-{}", std::process::id())),
-    };
-    std::fs::create_dir_all(&dir)
-        .with_context(|| format!("creating the log directory {}", dir.display()))?;
-    Ok(dir)
 }

@@ -30,7 +30,9 @@ pub struct RunArgs {
     /// Do not apply migrations at start-up (when a separate job applies them).
     #[arg(long)]
     pub no_migrate: bool,
-    /// Benchmark only: skip advisory locks and the duplicate lookup (unsafe baseline).
+    /// Benchmark only: skip advisory locks and the duplicate lookup (unsafe baseline). Only in
+    /// builds with the `benchmark-baseline` feature, which `inventory-dev` turns on.
+    #[cfg(feature = "benchmark-baseline")]
     #[arg(long, hide = true)]
     pub unguarded_benchmark_baseline: bool,
 }
@@ -346,14 +348,7 @@ async fn replica(
         retry_deadline: Duration::from_millis(settings.processing.retry_deadline_ms),
         offsets: Arc::new(OffsetTracker::default()),
         stats,
-        guards: if args.unguarded_benchmark_baseline {
-            tracing::warn!(
-                "UNSAFE: advisory locks and duplicate detection are off (benchmark baseline)"
-            );
-            store::Guards::Off
-        } else {
-            store::Guards::On
-        },
+        guards: guards(args),
         fatal: fatal_tx,
         dead_letter_limit: DeadLetterLimit::new(
             settings.processing.dead_letter_max_share,
@@ -413,4 +408,17 @@ async fn replica(
             Ok(())
         }
     }
+}
+
+/// Always [`store::Guards::On`], except in a benchmark build asked for its unsafe baseline.
+fn guards(args: &RunArgs) -> store::Guards {
+    #[cfg(feature = "benchmark-baseline")]
+    if args.unguarded_benchmark_baseline {
+        tracing::warn!(
+            "UNSAFE: advisory locks and duplicate detection are off (benchmark baseline)"
+        );
+        return store::Guards::Off;
+    }
+    let _ = args;
+    store::Guards::On
 }

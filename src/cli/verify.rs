@@ -8,12 +8,12 @@ use clap::Args;
 
 use crate::cli::{EXIT_VERIFY_FAILED, runtime};
 use crate::config::Settings;
+use crate::expectation::Expectation;
 use crate::store::{self, audit};
-use crate::workload::Expectation;
 
 #[derive(Debug, Args)]
 pub struct VerifyArgs {
-    /// Expectation written by `produce --expected-out`: also compare stock and counts with it.
+    /// Expectation written by `inventory-dev produce --expected-out`: also compare stock and counts with it.
     #[arg(long, value_name = "PATH")]
     pub expected: Option<PathBuf>,
 }

@@ -2,7 +2,7 @@
 //! handling ([`group`], deciding through [`membership`]), the delivery path and its flow
 //! control ([`intake`], [`flow`]), the partition workers ([`workers`], [`worker`]), the
 //! per-partition offsets and their commits ([`offsets`], [`commits`]), the relay of replies to
-//! order steps ([`relay`]), operators' rewinds ([`rewinds`]), and a producer for `produce`.
+//! order steps ([`relay`]) and operators' rewinds ([`rewinds`]).
 
 pub mod client;
 pub mod commits;
@@ -13,7 +13,6 @@ pub mod horizon;
 pub mod intake;
 pub mod membership;
 pub mod offsets;
-pub mod producer;
 pub mod relay;
 pub mod rewinds;
 pub mod standing;

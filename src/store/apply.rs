@@ -64,11 +64,13 @@ pub struct Source {
 }
 
 /// Whether a batch takes its advisory locks (the period clock's and the SKUs') and checks for
-/// recorded event ids. Always `On` in
-/// service; `Off` exists only for the benchmark's unsafe baseline, to measure what they cost.
+/// recorded event ids. Always `On` in service; `Off` exists only for the benchmark's unsafe
+/// baseline, to measure what they cost, in builds with the `benchmark-baseline` feature
+/// (`inventory-dev`'s), never in the service's own.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Guards {
     On,
+    #[cfg(feature = "benchmark-baseline")]
     Off,
 }
 

@@ -1,5 +1,5 @@
 //! The audit behind `verify`: invariants that must hold in any database this service wrote,
-//! and, given the oracle a `produce` run wrote, equality with what should have happened.
+//! and, given the oracle an `inventory-dev produce` run wrote, equality with what should have happened.
 //!
 //! History that retention dropped (src/store/retention.rs) is accounted for: the ledger's
 //! sums start from `ledger_openings`, the counts add what `history_periods` says the dropped
@@ -9,8 +9,8 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use tokio_postgres::Client;
 
+use crate::expectation::Expectation;
 use crate::store::Failure;
-use crate::workload::Expectation;
 
 /// The single number a counting query returns.
 async fn count(db: &Client, sql: &str) -> Result<i64, Failure> {

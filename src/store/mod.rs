@@ -7,7 +7,6 @@ pub mod dead_letters;
 pub mod encoding;
 pub mod expiry;
 pub mod failure;
-pub mod history;
 pub mod lock_budget;
 pub mod migrate;
 pub mod ownership;

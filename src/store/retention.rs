@@ -217,7 +217,7 @@ async fn start_period(
 }
 
 /// The statement that ends the current period at `at` (an SQL expression) and starts the next.
-pub(super) fn next_period(at: &str) -> String {
+pub fn next_period(at: &str) -> String {
     format!(
         "WITH t AS (SELECT {at} AS at, current_history_period() AS p),
               ended AS (UPDATE history_periods SET ended_at = t.at FROM t WHERE period = t.p)
@@ -251,7 +251,7 @@ async fn count_ended(db: &mut Client, done: &mut Maintenance) -> Result<(), Fail
 /// release before migration 15 counted without their range of ids (events but no range), which
 /// are counted again: until then the batches read their recorded ids there as in a period not
 /// counted (src/store/apply.rs), and a range is what spares them that.
-pub(super) const UNCOUNTED: &str = "
+pub const UNCOUNTED: &str = "
     SELECT period FROM history_periods
     WHERE ended_at IS NOT NULL AND NOT events_gone
       AND (events_counted IS NULL OR (events_counted > 0 AND events_min_id IS NULL))
@@ -262,7 +262,7 @@ pub(super) const UNCOUNTED: &str = "
 /// already with its range (then the count is not run): one pass over the events; the replies
 /// are few (order steps only). The counts of a period counted again are the same: its rows no
 /// longer change.
-pub(super) fn count_events(p: i32) -> String {
+pub fn count_events(p: i32) -> String {
     format!(
         "UPDATE history_periods SET
              (events_counted, applied_counted, rejected_counted, order_replies_counted,

@@ -16,9 +16,9 @@ use crate::support::{
 };
 use inventory_consumer::config::Settings;
 use inventory_consumer::domain::{Batch, Delivery};
-use inventory_consumer::embedded::apache::ApacheKafka;
 use inventory_consumer::stats::StatsSnapshot;
 use inventory_consumer::store::{self, Claim, Failure, Guards, Source, apply_batch};
+use inventory_devtools::embedded::apache::ApacheKafka;
 
 const SETTLE: Duration = Duration::from_secs(240);
 const EXIT: Duration = Duration::from_secs(30);

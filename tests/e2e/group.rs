@@ -17,9 +17,9 @@ use crate::support::{
     wait_until,
 };
 use inventory_consumer::domain::lock_key;
-use inventory_consumer::embedded::wait;
 use inventory_consumer::stats::StatsSnapshot;
-use inventory_consumer::workload::Generator;
+use inventory_devtools::embedded::wait;
+use inventory_devtools::workload::Generator;
 
 const SETTLE: Duration = Duration::from_secs(240);
 const EXIT: Duration = Duration::from_secs(30);

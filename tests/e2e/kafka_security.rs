@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use inventory_consumer::embedded::apache::{ClusterOptions, SaslSsl};
+use inventory_devtools::embedded::apache::{ClusterOptions, SaslSsl};
 
 use crate::support::{Replica, TestEnv, http_get, private_ca, wait_until};
 

@@ -230,6 +230,7 @@ async fn procfile_runs_a_group_with_honcho() {
         // honcho is Python: without this its output reaches the file only in blocks.
         .env("PYTHONUNBUFFERED", "1")
         .env("INVENTORY_BIN", crate::support::BIN)
+        .env("INVENTORY_DEV_BIN", crate::support::dev_bin())
         .env("DATABASE_URL", &db.url)
         .env("INVENTORY_LOG__FORMAT", "json")
         .env("INVENTORY_KAFKA__GROUP_PROTOCOL", "consumer")

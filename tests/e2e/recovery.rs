@@ -5,7 +5,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use inventory_consumer::embedded::postgres::client_program;
+use inventory_devtools::embedded::postgres::client_program;
 
 use crate::support::{TestDb, TestEnv, connect, terminate_all, wait_until};
 

@@ -105,7 +105,7 @@ fn published(env: &TestEnv) -> i64 {
 
 /// Waits until every reply recorded so far (at least `count`) has left the outbox.
 async fn wait_for_replies(env: &TestEnv, count: i64) {
-    let published = inventory_consumer::embedded::wait::wait_until(
+    let published = inventory_devtools::embedded::wait::wait_until(
         &format!("{count} replies published"),
         SETTLE,
         || async {

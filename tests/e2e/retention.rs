@@ -12,7 +12,8 @@ use crate::support::{TestDb, TestEnv, terminate_all, wait_until};
 use inventory_consumer::config::HistorySettings;
 use inventory_consumer::domain::{Batch, Delivery, lock_key};
 use inventory_consumer::store::retention::{self, Maintenance};
-use inventory_consumer::store::{self, BatchOutcome, Guards, Source, apply_batch, audit, history};
+use inventory_consumer::store::{self, BatchOutcome, Guards, Source, apply_batch, audit};
+use inventory_devtools::history;
 
 const DAY: u64 = 86_400;
 

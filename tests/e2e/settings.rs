@@ -234,7 +234,7 @@ fn yaml_value<'a>(yaml: &'a str, key: &str) -> Option<&'a str> {
 /// replica's share allows (one transaction at a time, fewer than 500 SKUs), exactly.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_small_lock_table_is_refused_or_shared_out_in_smaller_batches() {
-    use inventory_consumer::embedded::postgres::{PostgresOptions, ThrowawayPostgres};
+    use inventory_devtools::embedded::postgres::{PostgresOptions, ThrowawayPostgres};
     const EXIT: std::time::Duration = std::time::Duration::from_secs(30);
     let mut env = crate::support::TestEnv::new(2).await;
     // 40 locks a transaction for 20 connections: a table of 800, a share of 400 for one

@@ -7,8 +7,8 @@ use std::path::Path;
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use inventory_consumer::embedded::postgres::{PostgresOptions, ThrowawayPostgres};
 use inventory_consumer::store;
+use inventory_devtools::embedded::postgres::{PostgresOptions, ThrowawayPostgres};
 
 use crate::support::{BIN, TestEnv, http_get, output_text, private_ca, wait_until};
 

@@ -16,16 +16,16 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 
 use chrono::{DateTime, Utc};
-use inventory_consumer::embedded::replica::{
-    LogSummary, ReplicaProcess, local_env, partition_list,
+use inventory_devtools::embedded::replica::{
+    LogSummary, ReplicaProcess, Service, local_env, partition_list,
 };
-use inventory_consumer::embedded::{topic, wait};
+use inventory_devtools::embedded::{topic, wait};
 use std::time::Duration;
 
-use inventory_consumer::embedded::apache;
-use inventory_consumer::embedded::postgres::{PostgresOptions, ServerTls, ThrowawayPostgres};
+use inventory_consumer::expectation::Expectation;
 use inventory_consumer::stats::StatsSnapshot;
-use inventory_consumer::workload::Expectation;
+use inventory_devtools::embedded::apache;
+use inventory_devtools::embedded::postgres::{PostgresOptions, ServerTls, ThrowawayPostgres};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use rdkafka::ClientConfig;
@@ -33,7 +33,21 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{Offset, TopicPartitionList};
 use tempfile::TempDir;
 
+/// The service's binary, as users run it.
 pub const BIN: &str = env!("CARGO_BIN_EXE_inventory-consumer");
+
+/// `inventory-dev` (the workspace's development tools: `broker`, `produce`), built beside
+/// [`BIN`] by `cargo nextest run --workspace`, the README's test command.
+pub fn dev_bin() -> PathBuf {
+    let dev = Path::new(BIN).with_file_name("inventory-dev");
+    assert!(
+        dev.exists(),
+        "{} is missing: the tests run from the workspace (`cargo nextest run --workspace`), \
+         which builds it",
+        dev.display()
+    );
+    dev
+}
 pub const TOPIC: &str = "inventory-events";
 /// Where replies go (`kafka.results_topic`'s default).
 pub const RESULTS_TOPIC: &str = "inventory-results";
@@ -270,8 +284,9 @@ impl TestEnv {
         ]);
         env.extend(extra_env.iter().map(|(k, v)| (*k, v.to_string())));
         let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-        let process = ReplicaProcess::spawn(bin, name, self.dir.path(), &env, settings)
-            .expect("starting a replica");
+        let process =
+            ReplicaProcess::spawn(&Service::binary(bin), name, self.dir.path(), &env, settings)
+                .expect("starting a replica");
         Replica {
             process,
             killed_at: None,
@@ -286,7 +301,7 @@ impl TestEnv {
     /// Starts `produce` with `args` as a background process (use `--rate` to make it last).
     pub fn produce_in_background(&self, args: &[&str]) -> BackgroundProduce {
         let expected = self.path(&format!("expected-{:08x}.json", rand::random::<u32>()));
-        let child = Command::new(BIN)
+        let child = Command::new(dev_bin())
             .arg("produce")
             .args(args)
             .arg("--quiet")
@@ -378,7 +393,7 @@ impl TestEnv {
     }
 }
 
-pub use inventory_consumer::embedded::topic::TopicMessage;
+pub use inventory_devtools::embedded::topic::TopicMessage;
 
 /// A command's standard output and error, for assertions and their messages.
 pub fn output_text(out: &Output) -> String {
@@ -456,7 +471,7 @@ impl BackgroundProduce {
     }
 }
 
-/// The broker of a test: the embedded one (a `broker` process of the real binary), or Apache
+/// The broker of a test: the embedded one (an `inventory-dev broker` process), or Apache
 /// Kafka.
 pub struct Broker {
     pub bootstrap: String,
@@ -471,7 +486,7 @@ enum Server {
 impl Broker {
     pub async fn start(dir: &Path, partitions: i32, brokers: i32) -> Broker {
         let file = dir.join("bootstrap");
-        let child = Command::new(BIN)
+        let child = Command::new(dev_bin())
             .arg("broker")
             .arg("--partitions")
             .arg(partitions.to_string())
@@ -541,7 +556,7 @@ impl Broker {
         }
     }
 
-    /// Sends a fault command to the broker (see `src/embedded/faults.rs`).
+    /// Sends a fault command to the broker (see `devtools/src/embedded/faults.rs`).
     pub fn inject(&mut self, command: &str) {
         use std::io::Write;
         let Server::Mock(child) = &mut self.server else {
@@ -630,21 +645,7 @@ pub fn private_ca() -> (String, ServerTls) {
 
 /// Runs `kafka/install.sh` unless the broker is installed; one test process at a time (flock).
 pub fn install_apache() {
-    if apache::is_installed() {
-        return;
-    }
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("kafka/install.sh");
-    let lock = std::env::temp_dir().join("inventory-consumer-kafka-install.lock");
-    let status = Command::new("flock")
-        .arg(&lock)
-        .arg(&script)
-        .status()
-        .expect("running kafka/install.sh");
-    assert!(
-        status.success() && apache::is_installed(),
-        "installing Apache Kafka with kafka/install.sh failed ({status}); it needs Maven and \
-         Java 17 or newer"
-    );
+    apache::install().unwrap_or_else(|e| panic!("{e:#}"));
 }
 
 /// A test that cannot run here says so and passes, except in CI (`CI` set), where every lane

@@ -1,4 +1,4 @@
-//! A producer for `produce` (and the demo): sends messages in order, counts deliveries, and
+//! The producer of `produce`, the demo and the benchmark: sends messages in order, counts deliveries, and
 //! reports failure if any message was not acknowledged, because an oracle computed over
 //! messages that never arrived would be wrong.
 
@@ -10,8 +10,8 @@ use rdkafka::ClientContext;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 
-use crate::config::Settings;
-use crate::kafka::client::producer_config;
+use inventory_consumer::config::Settings;
+use inventory_consumer::kafka::client::producer_config;
 
 #[derive(Default)]
 pub struct DeliveryReport {

@@ -14,17 +14,17 @@
 //! (restocked just before) with a 1-second TTL, so when it expires changes no other outcome;
 //! every other order's reservation lasts a day, so its commit is never late.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{HashMap, VecDeque};
 
 use chrono::{TimeDelta, Utc};
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rand_distr::{Distribution, Zipf};
-use serde::{Deserialize, Serialize};
 
-use crate::domain::orders::{Clock, OrderBook, apply_order_step, expire};
-use crate::domain::{Outcome, StockBook, apply_event, decode};
+use inventory_consumer::domain::orders::{Clock, OrderBook, apply_order_step, expire};
+use inventory_consumer::domain::{Outcome, StockBook, apply_event, decode};
+pub use inventory_consumer::expectation::Expectation;
 
 /// A reservation whose expiry is at most this far from its reserve is expected to have expired
 /// by the time the run is verified; a longer one to be still active (verify within its life).
@@ -33,49 +33,6 @@ pub const EXPIRES_DURING_RUN: TimeDelta = TimeDelta::seconds(60);
 const DEFAULT_TTL: TimeDelta = TimeDelta::seconds(900);
 /// `reservations.max_ttl_s`'s default: the runs this oracle checks keep it.
 const MAX_TTL: TimeDelta = TimeDelta::days(7);
-
-/// What a correct consumer must end with; written by `produce`, read by `verify`.
-#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Expectation {
-    /// Final stock of every SKU that was ever restocked.
-    pub stock: BTreeMap<String, i64>,
-    /// Final reserved stock of the SKUs that have some (absent: none).
-    #[serde(default)]
-    pub reserved: BTreeMap<String, i64>,
-    /// Reservations by final status (`active`, `committed`, `released`, `expired`).
-    #[serde(default)]
-    pub reservations: BTreeMap<String, u64>,
-    /// Distinct replies: one per distinct order step, one per expiry.
-    #[serde(default)]
-    pub replies: u64,
-    /// Distinct valid events: rows expected in `processed_events`.
-    pub events: u64,
-    pub applied: u64,
-    pub rejected: u64,
-    pub dead_letters: u64,
-    /// Messages that repeat an already-sent event (same id, same body).
-    pub duplicates: u64,
-    pub messages: u64,
-}
-
-impl Expectation {
-    /// This expectation on top of `base` (disjoint SKUs and events, as a history's are).
-    pub fn on_top_of(mut self, base: Expectation) -> Expectation {
-        self.stock.extend(base.stock);
-        self.reserved.extend(base.reserved);
-        for (status, n) in base.reservations {
-            *self.reservations.entry(status).or_default() += n;
-        }
-        self.events += base.events;
-        self.applied += base.applied;
-        self.rejected += base.rejected;
-        self.dead_letters += base.dead_letters;
-        self.duplicates += base.duplicates;
-        self.messages += base.messages;
-        self.replies += base.replies;
-        self
-    }
-}
 
 /// Folds messages, in per-SKU order, into the [`Expectation`].
 #[derive(Debug)]
@@ -292,7 +249,7 @@ impl Generator {
         let (sku, ttl, restock) = if fate == OrderFate::Expire {
             // Its own SKU, restocked first: its expiry cannot change another outcome. Named
             // after the run's prefix (hashed: any prefix makes a valid, short SKU).
-            let run = crate::domain::lock_key(&self.spec.id_prefix) as u64;
+            let run = inventory_consumer::domain::lock_key(&self.spec.id_prefix) as u64;
             let sku = format!("EXP-{run:016x}-{:08}", self.next_event);
             let id = self.next_id();
             let restock = keyed(

@@ -11,9 +11,9 @@ use anyhow::Context;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-use crate::config::Settings;
-use crate::kafka::producer::EventProducer;
+use crate::producer::EventProducer;
 use crate::workload::{Expectation, Generator, Message, Oracle, WorkloadSpec};
+use inventory_consumer::config::Settings;
 
 #[derive(Debug, Args)]
 pub struct ProduceArgs {

@@ -15,15 +15,16 @@ use anyhow::Context;
 use clap::Args;
 
 use crate::cli::produce::send;
-use crate::cli::{Cli, EXIT_VERIFY_FAILED, given_or_throwaway_database, log_dir, runtime};
-use crate::config::Settings;
+use crate::cli::{given_or_throwaway_database, log_dir};
 use crate::embedded::local_kafka::{BrokerKind, LocalKafka};
 use crate::embedded::postgres::PostgresOptions;
-use crate::embedded::replica::{LogSummary, ReplicaProcess, local_env};
+use crate::embedded::replica::{LogSummary, ReplicaProcess, Service, local_env};
 use crate::embedded::topic::read_whole_topic;
-use crate::stats::StatsSnapshot;
-use crate::store::{self, audit};
 use crate::workload::{Generator, WorkloadSpec};
+use inventory_consumer::cli::{EXIT_VERIFY_FAILED, GlobalArgs, runtime};
+use inventory_consumer::config::Settings;
+use inventory_consumer::stats::StatsSnapshot;
+use inventory_consumer::store::{self, audit};
 
 #[derive(Debug, Args)]
 pub struct DemoArgs {
@@ -76,8 +77,8 @@ const CHANGES: [(f64, Change); 4] = [
     (0.70, Change::Join),
 ];
 
-pub fn main(cli: &Cli, args: &DemoArgs) -> anyhow::Result<ExitCode> {
-    crate::telemetry::init(None, "warn");
+pub fn main(cli: &GlobalArgs, args: &DemoArgs) -> anyhow::Result<ExitCode> {
+    inventory_consumer::telemetry::init(None, "warn");
     let logs = log_dir(args.logs.as_ref(), "inventory-demo")?;
     let (_server, database_url) =
         given_or_throwaway_database(cli, PostgresOptions::default(), step)?;
@@ -95,7 +96,7 @@ pub fn main(cli: &Cli, args: &DemoArgs) -> anyhow::Result<ExitCode> {
     let rt = runtime()?;
     rt.block_on(store::migrate::migrate(&database_url))?;
 
-    let exe = std::env::current_exe().context("locating this executable")?;
+    let service = Service::built_in()?;
     let mut env = local_env(broker.bootstrap_servers(), &database_url);
     env.extend([
         ("INVENTORY_KAFKA__GROUP_PROTOCOL", args.protocol.clone()),
@@ -113,7 +114,7 @@ pub fn main(cli: &Cli, args: &DemoArgs) -> anyhow::Result<ExitCode> {
         env.push(("INVENTORY_PROCESSING__DRAIN_TIMEOUT_MS", "4000".into()));
     }
     let mut group = Group {
-        exe,
+        service,
         logs: logs.clone(),
         env,
         overrides: cli.overrides.clone(),
@@ -308,7 +309,7 @@ fn step(text: &str) {
 
 /// The replica processes of the demo, started and stopped as the scenario says.
 struct Group {
-    exe: PathBuf,
+    service: Service,
     logs: PathBuf,
     env: Vec<(&'static str, String)>,
     overrides: Vec<(String, String)>,
@@ -325,7 +326,11 @@ impl Group {
             .map(|(k, v)| (k.as_str(), v.as_str()))
             .collect();
         self.replicas.push(ReplicaProcess::spawn(
-            &self.exe, &name, &self.logs, &env, &overrides,
+            &self.service,
+            &name,
+            &self.logs,
+            &env,
+            &overrides,
         )?);
         Ok(())
     }

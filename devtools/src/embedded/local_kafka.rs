@@ -49,7 +49,7 @@ impl LocalKafka {
                     .build()?
                     .block_on(async {
                         // The replies' topic too: Apache Kafka creates none on use here.
-                        let settings = crate::config::Settings::default();
+                        let settings = inventory_consumer::config::Settings::default();
                         for topic in [&settings.kafka.topic, &settings.kafka.results_topic] {
                             cluster.create_topic(topic, partitions, 1).await?;
                         }

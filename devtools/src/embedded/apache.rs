@@ -27,7 +27,7 @@ const OFFSETS_PARTITIONS: i32 = 6;
 
 /// The Kafka version of `kafka/pom.xml`.
 pub fn version() -> &'static str {
-    const POM: &str = include_str!("../../kafka/pom.xml");
+    const POM: &str = include_str!("../../../kafka/pom.xml");
     POM.split_once("<kafka.version>")
         .and_then(|(_, rest)| rest.split_once("</kafka.version>"))
         .map_or("unknown", |(v, _)| v.trim())
@@ -46,6 +46,28 @@ pub fn home() -> PathBuf {
 /// Whether `kafka/install.sh` has completed in [`home`].
 pub fn is_installed() -> bool {
     home().join("installed").is_file()
+}
+
+/// Runs `kafka/install.sh` unless the broker is installed already, one process at a time
+/// across the machine (tests start in parallel): the first installs, the others wait and find
+/// it done.
+pub fn install() -> Result<()> {
+    if is_installed() {
+        return Ok(());
+    }
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../kafka/install.sh");
+    let lock = std::env::temp_dir().join("inventory-consumer-kafka-install.lock");
+    let status = Command::new("flock")
+        .arg(&lock)
+        .arg(&script)
+        .status()
+        .context("running kafka/install.sh")?;
+    ensure!(
+        status.success() && is_installed(),
+        "installing Apache Kafka with kafka/install.sh failed ({status}); it needs Maven and \
+         Java 17 or newer"
+    );
+    Ok(())
 }
 
 /// How a cluster is laid out and tuned. The defaults suit tests: quick group formation and

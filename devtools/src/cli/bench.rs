@@ -23,18 +23,19 @@ use clap::Args;
 use tokio::runtime::Runtime;
 
 use crate::cli::produce::deliver;
-use crate::cli::{Cli, EXIT_VERIFY_FAILED, given_or_throwaway_database, log_dir, runtime};
-use crate::config::Settings;
-use crate::domain::batch::MAX_LOCKS_PER_BATCH;
-use crate::domain::{Batch, Delivery, MAX_LINES_PER_BATCH, lock_key};
+use crate::cli::{given_or_throwaway_database, log_dir};
 use crate::embedded::cpu;
 use crate::embedded::local_kafka::{BrokerKind, LocalKafka};
 use crate::embedded::postgres::{PostgresOptions, ThrowawayPostgres};
-use crate::embedded::replica::{ReplicaProcess, local_env};
+use crate::embedded::replica::{ReplicaProcess, Service, local_env};
 use crate::embedded::wait::wait_until;
-use crate::kafka::producer::EventProducer;
-use crate::store::{self, Guards, Source, apply_batch, audit};
+use crate::producer::EventProducer;
 use crate::workload::{Expectation, Generator, Message, Oracle, WorkloadSpec};
+use inventory_consumer::cli::{EXIT_VERIFY_FAILED, GlobalArgs, runtime};
+use inventory_consumer::config::Settings;
+use inventory_consumer::domain::batch::MAX_LOCKS_PER_BATCH;
+use inventory_consumer::domain::{Batch, Delivery, MAX_LINES_PER_BATCH, lock_key};
+use inventory_consumer::store::{self, Guards, Source, apply_batch, audit};
 
 #[derive(Debug, Args)]
 pub struct BenchArgs {
@@ -181,7 +182,7 @@ struct Bench {
     /// Where each run's database is created.
     admin_url: String,
     server: Option<ThrowawayPostgres>,
-    exe: PathBuf,
+    service: Service,
     logs: PathBuf,
     runs: u32,
     skus: u64,
@@ -197,8 +198,8 @@ struct History {
     template: Option<String>,
 }
 
-pub fn main(cli: &Cli, args: &BenchArgs) -> anyhow::Result<ExitCode> {
-    crate::telemetry::init(None, "warn");
+pub fn main(cli: &GlobalArgs, args: &BenchArgs) -> anyhow::Result<ExitCode> {
+    inventory_consumer::telemetry::init(None, "warn");
     let logs = log_dir(args.logs.as_ref(), "inventory-bench")?;
     // Durable (fsync on), for honest numbers; each run gets a fresh database on it.
     let durable = PostgresOptions {
@@ -220,7 +221,7 @@ pub fn main(cli: &Cli, args: &BenchArgs) -> anyhow::Result<ExitCode> {
         rt: runtime()?,
         admin_url,
         server,
-        exe: std::env::current_exe().context("locating this executable")?,
+        service: Service::built_in()?,
         logs,
         runs: 0,
         skus: args.skus,
@@ -526,7 +527,7 @@ impl Bench {
     fn history_template(&mut self) -> anyhow::Result<(String, Expectation)> {
         let history = self.history.as_mut().context("no history asked for")?;
         let rows = history.rows as i64;
-        let expected = store::history::expectation(rows);
+        let expected = crate::history::expectation(rows);
         if let Some(name) = &history.template {
             return Ok((name.clone(), expected));
         }
@@ -543,7 +544,7 @@ impl Bench {
                 .context("creating the history's database")?;
             store::migrate::migrate(&url).await?;
             let db = store::connect(&url).await?;
-            store::history::fill(
+            crate::history::fill(
                 &db,
                 rows,
                 days,
@@ -843,7 +844,7 @@ impl Bench {
             Guards::Off => &["--unguarded-benchmark-baseline"],
         };
         ReplicaProcess::spawn_with_flags(
-            &self.exe,
+            &self.service,
             name,
             &self.logs,
             &env,
@@ -1017,7 +1018,7 @@ fn latency_percentiles(replicas: &[ReplicaProcess]) -> Option<(f64, f64)> {
         let lines = text.lines().map(|l| Ok(l.to_owned()));
         let scrape = prometheus_parse::Scrape::parse(lines).ok()?;
         for sample in scrape.samples {
-            if sample.metric != crate::metrics::LATENCY_SECONDS {
+            if sample.metric != inventory_consumer::metrics::LATENCY_SECONDS {
                 continue;
             }
             if let prometheus_parse::Value::Histogram(buckets) = sample.value {

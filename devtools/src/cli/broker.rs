@@ -43,10 +43,10 @@ pub struct BrokerArgs {
 }
 
 pub fn main(args: &BrokerArgs) -> anyhow::Result<ExitCode> {
-    crate::telemetry::init(None, "info");
+    inventory_consumer::telemetry::init(None, "info");
     if args.partitions < 1 {
         eprintln!("invalid configuration: --partitions: must be at least 1");
-        return Ok(ExitCode::from(crate::cli::EXIT_CONFIG));
+        return Ok(ExitCode::from(inventory_consumer::cli::EXIT_CONFIG));
     }
     let mut signals = Signals::new([SIGTERM, SIGINT])?;
     let broker = EmbeddedBroker::start(&BrokerOptions {

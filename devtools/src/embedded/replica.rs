@@ -1,6 +1,7 @@
 //! A replica as a separate OS process (`inventory-consumer run`), as the demo, the benchmark and
 //! the tests run them: its own log file, its counters read from its stdout when it exits.
 
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -9,7 +10,7 @@ use anyhow::Context;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
-use crate::stats::StatsSnapshot;
+use inventory_consumer::stats::StatsSnapshot;
 
 /// What a replica's log says it did; unlike its exit counters, available after a SIGKILL.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -33,6 +34,39 @@ pub fn local_env(bootstrap: &str, database_url: &str) -> Vec<(&'static str, Stri
     ]
 }
 
+/// The program that runs the service: its own binary, or this one (`inventory-dev consumer`).
+#[derive(Debug, Clone)]
+pub struct Service {
+    program: PathBuf,
+    prefix: Vec<OsString>,
+}
+
+impl Service {
+    /// The service's binary (`inventory-consumer`), or any release of it.
+    pub fn binary(path: &Path) -> Service {
+        Service {
+            program: path.to_owned(),
+            prefix: Vec::new(),
+        }
+    }
+
+    /// The service built into this `inventory-dev`, which the demo and the benchmark run: the
+    /// very service they were built with, never a stale binary beside them.
+    pub fn built_in() -> anyhow::Result<Service> {
+        Ok(Service {
+            program: std::env::current_exe().context("locating this executable")?,
+            prefix: vec!["consumer".into()],
+        })
+    }
+
+    /// `<service> <args>`: a command of the service, to be given its arguments.
+    pub fn command(&self) -> Command {
+        let mut cmd = Command::new(&self.program);
+        cmd.args(&self.prefix);
+        cmd
+    }
+}
+
 pub struct ReplicaProcess {
     pub name: String,
     child: Option<Child>,
@@ -41,21 +75,21 @@ pub struct ReplicaProcess {
 }
 
 impl ReplicaProcess {
-    /// Starts `exe run` with the environment `env` (on top of a clean one that keeps only
+    /// Starts `<service> run` with the environment `env` (on top of a clean one that keeps only
     /// PATH) and `--set` overrides `settings`; output goes to `<dir>/<name>.log` and `.out`.
     pub fn spawn(
-        exe: &Path,
+        service: &Service,
         name: &str,
         dir: &Path,
         env: &[(&str, &str)],
         settings: &[(&str, &str)],
     ) -> anyhow::Result<Self> {
-        Self::spawn_with_flags(exe, name, dir, env, settings, &[])
+        Self::spawn_with_flags(service, name, dir, env, settings, &[])
     }
 
     /// [`ReplicaProcess::spawn`] with extra flags for `run`.
     pub fn spawn_with_flags(
-        exe: &Path,
+        service: &Service,
         name: &str,
         dir: &Path,
         env: &[(&str, &str)],
@@ -64,7 +98,7 @@ impl ReplicaProcess {
     ) -> anyhow::Result<Self> {
         let log = dir.join(format!("{name}.log"));
         let out = dir.join(format!("{name}.out"));
-        let mut cmd = Command::new(exe);
+        let mut cmd = service.command();
         cmd.arg("run")
             .args(flags)
             .env_clear()

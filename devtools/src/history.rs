@@ -12,8 +12,8 @@
 
 use tokio_postgres::Client;
 
-use crate::store::Failure;
 use crate::workload::Expectation;
+use inventory_consumer::store::Failure;
 
 /// Rows per statement: one transaction each, so that progress shows and nothing holds a
 /// snapshot for the whole fill.
@@ -118,9 +118,14 @@ pub async fn fill(
         db.batch_execute("SELECT create_history_partitions(current_history_period() + 1)")
             .await?;
         // Counted, as maintenance did soon after each period ended.
-        for row in db.query(super::retention::UNCOUNTED, &[]).await? {
-            db.batch_execute(&super::retention::count_events(row.try_get(0)?))
-                .await?;
+        for row in db
+            .query(inventory_consumer::store::retention::UNCOUNTED, &[])
+            .await?
+        {
+            db.batch_execute(&inventory_consumer::store::retention::count_events(
+                row.try_get(0)?,
+            ))
+            .await?;
         }
     }
     db.batch_execute("ANALYZE processed_events, stock_movements, dead_letters, products")
@@ -133,7 +138,7 @@ pub async fn fill(
 async fn next_period(db: &Client, at: &str) -> Result<(), Failure> {
     db.batch_execute(&format!(
         "{}; SELECT create_history_partitions(current_history_period());",
-        super::retention::next_period(at)
+        inventory_consumer::store::retention::next_period(at)
     ))
     .await?;
     Ok(())
