@@ -11,7 +11,6 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 
 use inventory_consumer::config::Settings;
-use inventory_consumer::kafka::client::producer_config;
 
 #[derive(Default)]
 pub struct DeliveryReport {
@@ -48,7 +47,10 @@ pub struct EventProducer {
 impl EventProducer {
     pub fn new(settings: &Settings) -> Result<Self, KafkaError> {
         Ok(EventProducer {
-            producer: producer_config(settings).create_with_context(DeliveryReport::default())?,
+            producer: settings
+                .kafka
+                .producer_config()
+                .create_with_context(DeliveryReport::default())?,
             topic: settings.kafka.topic.clone(),
         })
     }

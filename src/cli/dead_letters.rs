@@ -17,7 +17,6 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 
 use crate::cli::{EXIT_CONFIG, runtime};
 use crate::config::Settings;
-use crate::kafka::client::producer_config;
 use crate::store;
 use crate::store::dead_letters::{self, DeadLetter, Filter};
 
@@ -187,7 +186,9 @@ async fn redrive(
         }
         return Ok(ExitCode::SUCCESS);
     }
-    let producer: FutureProducer = producer_config(settings)
+    let producer: FutureProducer = settings
+        .kafka
+        .producer_config()
         // Bounds the wait for each acknowledgement, which a transaction spends idle.
         .set(
             "message.timeout.ms",

@@ -26,7 +26,7 @@ use serde::Serialize;
 use crate::cli::{EXIT_CONFIG, runtime};
 use crate::config::Settings;
 use crate::domain::event::decode;
-use crate::kafka::client::{consumer_config, watermarks};
+use crate::kafka::client::watermarks;
 use crate::store::{self, replay};
 
 const KAFKA_TIMEOUT: Duration = Duration::from_secs(10);
@@ -153,7 +153,9 @@ pub fn main(settings: &Settings, args: &ReplayArgs) -> anyhow::Result<ExitCode> 
         .filter_map(|r| Some((r.partition, r.next_offset?)))
         .collect();
 
-    let consumer: BaseConsumer = consumer_config(settings)
+    let consumer: BaseConsumer = settings
+        .kafka
+        .consumer_config()
         .set("enable.partition.eof", "true")
         .create()
         .context("creating a Kafka client")?;

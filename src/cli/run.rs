@@ -291,7 +291,7 @@ async fn replica(
     // replica like a fatal failure, with exit 2.
     let mut horizon = tokio::spawn({
         let (config, topic) = (
-            crate::kafka::client::producer_config(&settings),
+            settings.kafka.producer_config(),
             settings.kafka.topic.clone(),
         );
         let horizon_s = settings.history.dedupe_horizon_s;
@@ -339,7 +339,7 @@ async fn replica(
     )));
     let ctx = WorkerContext {
         source,
-        owner: crate::kafka::client::client_id(),
+        owner: crate::config::kafka::client_id(),
         pool,
         batch_max_events: settings.processing.batch_max_events,
         lock_holders,

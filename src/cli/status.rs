@@ -15,7 +15,7 @@ use serde::Serialize;
 
 use crate::cli::runtime;
 use crate::config::Settings;
-use crate::kafka::client::{consumer_config, watermarks};
+use crate::kafka::client::watermarks;
 use crate::store::pauses::{Pause, WHOLE_TOPIC};
 use crate::store::{self, pauses, status::PartitionRecord};
 
@@ -91,7 +91,9 @@ type KafkaView = BTreeMap<i32, (i64, i64, Option<i64>)>;
 fn kafka_view(settings: &Settings) -> anyhow::Result<KafkaView> {
     let topic = &settings.kafka.topic;
     // Not subscribed: it reads offsets for the group without joining it.
-    let consumer: BaseConsumer = consumer_config(settings)
+    let consumer: BaseConsumer = settings
+        .kafka
+        .consumer_config()
         .create()
         .context("creating a Kafka client")?;
     let marks = watermarks(&consumer, topic, KAFKA_TIMEOUT)?;

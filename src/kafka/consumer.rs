@@ -19,7 +19,6 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Settings;
 use crate::http::Health;
-use crate::kafka::client::consumer_config;
 use crate::kafka::group::GroupContext;
 use crate::kafka::rewinds::Rewind;
 use crate::kafka::standing::Change;
@@ -67,8 +66,10 @@ pub fn consume(
         settings.processing.buffer_bytes,
         shutdown.clone(),
     );
-    let consumer: BaseConsumer<GroupContext> =
-        consumer_config(settings).create_with_context(group)?;
+    let consumer: BaseConsumer<GroupContext> = settings
+        .kafka
+        .consumer_config()
+        .create_with_context(group)?;
     consumer.subscribe(&[&settings.kafka.topic])?;
     tracing::info!(
         topic = %settings.kafka.topic,

@@ -74,7 +74,7 @@ pub fn check_topic(producer: &FutureProducer, topic: &str) {
 
 /// The relay's producer settings: the service's producer, gapless (see the module doc).
 pub fn producer_config(settings: &crate::config::Settings) -> ClientConfig {
-    let mut config = crate::kafka::client::producer_config(settings);
+    let mut config = settings.kafka.producer_config();
     config
         .set("enable.gapless.guarantee", "true")
         .set("message.timeout.ms", ACK_TIMEOUT.as_millis().to_string());

@@ -19,15 +19,10 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::DatabaseSettings;
+use crate::config::database::{PROBE_INTERVAL, PROBE_TIMEOUT};
 use crate::http::Health;
 use crate::stats::Stats;
 use crate::store::Pool;
-
-/// How often the database is probed.
-pub const PROBE_INTERVAL: Duration = Duration::from_secs(2);
-/// A probe that has no answer within this fails: a connection whose packets are dropped
-/// answers nothing, ever, until TCP gives up on it much later.
-pub const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What the poll thread is asked to do.
 #[derive(Debug, Clone, PartialEq, Eq)]
