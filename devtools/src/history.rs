@@ -36,40 +36,13 @@ pub async fn fill(
     mut progress: impl FnMut(i64),
 ) -> Result<(), Failure> {
     let by_period = period_s.is_some();
-    // Rows per period: the history's events spread evenly over its days.
-    let per_period = period_s.map_or(i64::MAX, |s| {
-        let periods = ((days * 86_400) as u64).div_ceil(s.max(1)).max(1) as i64;
-        (events + periods - 1) / periods
-    });
-    // Each history SKU's stock and version: its number of movements.
-    db.execute(
-        "INSERT INTO products (sku, current_stock, version)
-         SELECT 'H-' || s, n, n
-         FROM (SELECT s, ($1::bigint - s + $2 - 1) / $2 AS n
-               FROM generate_series(0, least($1::bigint, $2) - 1) AS s) c",
-        &[&events, &HISTORY_SKUS],
-    )
-    .await?;
+    let per_period = rows_per_period(events, days, period_s);
+    insert_products(db, events).await?;
     let span = format!("{days} days");
     if by_period {
-        // The current period (and the one before, empty) began when the history did.
-        db.execute(
-            "UPDATE history_periods SET
-                 started_at = CASE WHEN period = current_history_period()
-                                   THEN now() - $1::text::interval ELSE started_at END,
-                 ended_at = CASE WHEN period = current_history_period() - 1
-                                 THEN now() - $1::text::interval ELSE ended_at END
-             WHERE period >= current_history_period() - 1",
-            &[&span],
-        )
-        .await?;
+        begin_history(db, &span).await?;
     }
-    // Named explicitly: the `period` columns have no default (migration 8).
-    let (period_column, period) = if by_period {
-        (", period", ", (SELECT current_history_period())")
-    } else {
-        ("", "")
-    };
+    let chunks = Chunks::new(db, events, &span, by_period);
     let mut from: i64 = 0;
     while from < events {
         let period_end = (from / per_period + 1).saturating_mul(per_period);
@@ -81,6 +54,110 @@ pub async fn fill(
             )
             .await?;
         }
+        chunks.insert(from, to).await?;
+        from = to + 1;
+        progress(from);
+    }
+    if by_period {
+        end_history(db).await?;
+    }
+    db.batch_execute("ANALYZE processed_events, stock_movements, dead_letters, products")
+        .await?;
+    Ok(())
+}
+
+/// Rows per period: the history's events spread evenly over its days (no periods: all rows).
+fn rows_per_period(events: i64, days: i64, period_s: Option<u64>) -> i64 {
+    period_s.map_or(i64::MAX, |s| {
+        let periods = ((days * 86_400) as u64).div_ceil(s.max(1)).max(1) as i64;
+        (events + periods - 1) / periods
+    })
+}
+
+/// The history's SKUs, each with its stock and version: its number of movements.
+async fn insert_products(db: &Client, events: i64) -> Result<(), Failure> {
+    db.execute(
+        "INSERT INTO products (sku, current_stock, version)
+         SELECT 'H-' || s, n, n
+         FROM (SELECT s, ($1::bigint - s + $2 - 1) / $2 AS n
+               FROM generate_series(0, least($1::bigint, $2) - 1) AS s) c",
+        &[&events, &HISTORY_SKUS],
+    )
+    .await?;
+    Ok(())
+}
+
+/// Dates the current period (and the one before, empty) back to when the history began,
+/// `span` ago.
+async fn begin_history(db: &Client, span: &str) -> Result<(), Failure> {
+    db.execute(
+        "UPDATE history_periods SET
+                 started_at = CASE WHEN period = current_history_period()
+                                   THEN now() - $1::text::interval ELSE started_at END,
+                 ended_at = CASE WHEN period = current_history_period() - 1
+                                 THEN now() - $1::text::interval ELSE ended_at END
+             WHERE period >= current_history_period() - 1",
+        &[&span],
+    )
+    .await?;
+    Ok(())
+}
+
+/// Ends the history's last period now, ready for the next, and counts the ended periods'
+/// events, as maintenance did soon after each period ended.
+async fn end_history(db: &Client) -> Result<(), Failure> {
+    next_period(db, "clock_timestamp()").await?;
+    db.batch_execute("SELECT create_history_partitions(current_history_period() + 1)")
+        .await?;
+    for row in db
+        .query(inventory_consumer::store::retention::UNCOUNTED, &[])
+        .await?
+    {
+        db.batch_execute(&inventory_consumer::store::retention::count_events(
+            row.try_get(0)?,
+        ))
+        .await?;
+    }
+    Ok(())
+}
+
+/// Writes the history's rows, a chunk at a time: what every chunk's statements share.
+struct Chunks<'a> {
+    db: &'a Client,
+    events: i64,
+    /// The history's length, as an SQL interval (`30 days`).
+    span: &'a str,
+    /// The `period` column and its value, or nothing: the columns are named explicitly, as
+    /// they have no default (migration 8), and migration 7 knows no periods.
+    period_column: &'static str,
+    period: &'static str,
+}
+
+impl<'a> Chunks<'a> {
+    fn new(db: &'a Client, events: i64, span: &'a str, by_period: bool) -> Self {
+        let (period_column, period) = if by_period {
+            (", period", ", (SELECT current_history_period())")
+        } else {
+            ("", "")
+        };
+        Chunks {
+            db,
+            events,
+            span,
+            period_column,
+            period,
+        }
+    }
+
+    /// Events `from` to `to` (inclusive): their processed rows, ledger rows and dead letters.
+    async fn insert(&self, from: i64, to: i64) -> Result<(), Failure> {
+        let Chunks {
+            db,
+            events,
+            span,
+            period_column,
+            period,
+        } = *self;
         db.execute(
             &format!(
                 "INSERT INTO processed_events (event_id, event_type, outcome, line_count, topic,
@@ -110,27 +187,8 @@ pub async fn fill(
             &[&from, &to, &DEAD_LETTER_EVERY, &span, &events],
         )
         .await?;
-        from = to + 1;
-        progress(from);
+        Ok(())
     }
-    if by_period {
-        next_period(db, "clock_timestamp()").await?;
-        db.batch_execute("SELECT create_history_partitions(current_history_period() + 1)")
-            .await?;
-        // Counted, as maintenance did soon after each period ended.
-        for row in db
-            .query(inventory_consumer::store::retention::UNCOUNTED, &[])
-            .await?
-        {
-            db.batch_execute(&inventory_consumer::store::retention::count_events(
-                row.try_get(0)?,
-            ))
-            .await?;
-        }
-    }
-    db.batch_execute("ANALYZE processed_events, stock_movements, dead_letters, products")
-        .await?;
-    Ok(())
 }
 
 /// Ends the current period at `at` (an SQL expression) and starts the next, with its

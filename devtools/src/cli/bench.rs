@@ -14,6 +14,7 @@
 //! start of production to the last commit. Every run ends with the audit against the workload's
 //! oracle; a failed audit fails the command. Figures are measured, targets only reported.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -200,51 +201,62 @@ struct History {
 
 pub fn main(cli: &GlobalArgs, args: &BenchArgs) -> anyhow::Result<ExitCode> {
     inventory_consumer::telemetry::init(None, "warn");
-    let logs = log_dir(args.logs.as_ref(), "inventory-bench")?;
-    // Durable (fsync on), for honest numbers; each run gets a fresh database on it.
-    let durable = PostgresOptions {
-        durable: true,
-        statement_stats: true,
-        shared_buffers: args.shared_buffers.clone(),
-        ..PostgresOptions::default()
-    };
-    anyhow::ensure!(
-        !args.shared_buffers.is_empty()
-            && args
-                .shared_buffers
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric()),
-        "--shared-buffers takes a size such as 128MB or 4GB"
-    );
-    let (server, admin_url) = given_or_throwaway_database(cli, durable, step)?;
-    let mut bench = Bench {
-        rt: runtime()?,
-        admin_url,
-        server,
-        service: Service::built_in()?,
-        logs,
-        runs: 0,
-        skus: args.skus,
-        history: (args.history > 0).then_some(History {
-            rows: args.history,
-            days: args.history_days,
-            template: None,
-        }),
-    };
+    let mut bench = Bench::start(cli, args)?;
+    let runs = pipeline_runs(args);
+    check_embedded_retention(args, &runs)?;
+    let results = medians(measure_rounds(&mut bench, args, &runs)?);
 
-    let batched = Pipeline {
-        replicas: 1,
-        batch: BATCH,
-        guards: Guards::On,
-        hot_share: 0.0,
-        events: args.events,
-        partitions: args.partitions,
-        rate: 0,
-        broker: BrokerKind::Embedded,
-    };
-    let wanted = |key: &str| args.only.is_empty() || args.only.iter().any(|k| k == key);
+    print_table(results.iter().map(|(_, m)| m));
+    for (_, m) in results
+        .iter()
+        .filter(|(k, _)| matches!(*k, "database" | "steady" | "three"))
+    {
+        print_profile(m);
+    }
+    print_ratios(&results);
+    bench.drop_history();
+    let results: Vec<Measured> = results.into_iter().map(|(_, m)| m).collect();
+    if results.iter().all(|r| r.verified) {
+        println!("verify: PASS in every run");
+        Ok(ExitCode::SUCCESS)
+    } else {
+        println!("verify: FAIL (logs in {})", bench.logs.display());
+        Ok(ExitCode::from(EXIT_VERIFY_FAILED))
+    }
+}
+
+impl BenchArgs {
+    /// Whether `--only` asks for the run `key` (no `--only`: every run).
+    fn wants(&self, key: &str) -> bool {
+        self.only.is_empty() || self.only.iter().any(|k| k == key)
+    }
+}
+
+/// A pipeline run: its key (for `--only`), its name in the report, and what it runs.
+type Run = (&'static str, String, Pipeline);
+
+impl Pipeline {
+    /// The reference run: one replica with every guarantee, batches of the default size, the
+    /// uniform workload, on the embedded broker.
+    fn batched(args: &BenchArgs) -> Pipeline {
+        Pipeline {
+            replicas: 1,
+            batch: BATCH,
+            guards: Guards::On,
+            hot_share: 0.0,
+            events: args.events,
+            partitions: args.partitions,
+            rate: 0,
+            broker: BrokerKind::Embedded,
+        }
+    }
+}
+
+/// Every pipeline run, each a variation of the reference run (the Apache Kafka ones with
+/// `--apache` only).
+fn pipeline_runs(args: &BenchArgs) -> Vec<Run> {
+    let batched = Pipeline::batched(args);
     let rate = args.latency_rate;
-    let on_apache = format!("on {}", LocalKafka::describe(BrokerKind::Apache));
     let mut runs = vec![
         ("one", "pipeline, 1 replica".to_owned(), batched),
         (
@@ -307,26 +319,38 @@ pub fn main(cli: &GlobalArgs, args: &BenchArgs) -> anyhow::Result<ExitCode> {
         ),
     ];
     if args.apache {
-        let apache = Pipeline {
-            broker: BrokerKind::Apache,
-            ..batched
-        };
-        runs.push(("one-apache", format!("1 replica {on_apache}"), apache));
-        runs.push((
+        runs.extend(apache_runs(batched));
+    }
+    runs
+}
+
+/// The 1- and 3-replica pipelines again, on Apache Kafka.
+fn apache_runs(batched: Pipeline) -> [Run; 2] {
+    let on_apache = format!("on {}", LocalKafka::describe(BrokerKind::Apache));
+    let apache = Pipeline {
+        broker: BrokerKind::Apache,
+        ..batched
+    };
+    [
+        ("one-apache", format!("1 replica {on_apache}"), apache),
+        (
             "three-apache",
             format!("3 replicas {on_apache}"),
             Pipeline {
                 replicas: 3,
                 ..apache
             },
-        ));
-    }
-    // The embedded broker deletes a partition's oldest messages past about 5 MiB, read or not:
-    // a backlog larger than that would lose messages before a replica reads them (the replica
-    // logs the offset reset and the audit fails). Refused up front, with what to do instead.
-    for (key, _, p) in &runs {
+        ),
+    ]
+}
+
+/// The embedded broker deletes a partition's oldest messages past about 5 MiB, read or not:
+/// a backlog larger than that would lose messages before a replica reads them (the replica
+/// logs the offset reset and the audit fails). Refused up front, with what to do instead.
+fn check_embedded_retention(args: &BenchArgs, runs: &[Run]) -> anyhow::Result<()> {
+    for (key, _, p) in runs {
         let per_partition = p.events * MESSAGE_BYTES / p.partitions.max(1) as u64;
-        if wanted(key) && p.broker == BrokerKind::Embedded && per_partition > EMBEDDED_KEEPS {
+        if args.wants(key) && p.broker == BrokerKind::Embedded && per_partition > EMBEDDED_KEEPS {
             anyhow::bail!(
                 "run `{key}`: {} events over {} partitions is about {} MiB a partition, more \
                  than the embedded broker keeps (about 5 MiB): messages would be deleted before \
@@ -338,22 +362,31 @@ pub fn main(cli: &GlobalArgs, args: &BenchArgs) -> anyhow::Result<ExitCode> {
             );
         }
     }
-    // Rounds interleave the runs, so that a noisy moment of a shared machine does not land on
-    // one run only; each run's median round is reported. Latency and memory run once.
-    let mut rounds: Vec<(&str, Vec<Measured>)> = Vec::new();
+    Ok(())
+}
+
+/// Every wanted run, `--repeat` rounds of them: each run's measurements by its key. Rounds
+/// interleave the runs, so that a noisy moment of a shared machine does not land on one run
+/// only. Latency and memory run once.
+fn measure_rounds(
+    bench: &mut Bench,
+    args: &BenchArgs,
+    runs: &[Run],
+) -> anyhow::Result<Vec<(&'static str, Vec<Measured>)>> {
+    let mut rounds: Vec<(&'static str, Vec<Measured>)> = Vec::new();
     let mut record =
         |key: &'static str, m: Measured| match rounds.iter_mut().find(|(k, _)| *k == key) {
             Some((_, all)) => all.push(m),
             None => rounds.push((key, vec![m])),
         };
     for round in 0..args.repeat.max(1) {
-        if wanted("database") {
+        if args.wants("database") {
             record(
                 "database",
                 bench.database_only(args.events, args.partitions, false)?,
             );
         }
-        if wanted("steady") && bench.history.is_some() {
+        if args.wants("steady") && bench.history.is_some() {
             record(
                 "steady",
                 bench.database_only(args.events, args.partitions, true)?,
@@ -366,12 +399,18 @@ pub fn main(cli: &GlobalArgs, args: &BenchArgs) -> anyhow::Result<ExitCode> {
         }
         for (key, name, pipeline) in order {
             let once = matches!(*key, "latency" | "memory");
-            if wanted(key) && pipeline.events > 0 && (round == 0 || !once) {
+            if args.wants(key) && pipeline.events > 0 && (round == 0 || !once) {
                 record(key, bench.pipeline(name, *pipeline)?);
             }
         }
     }
-    let results: Vec<(&str, Measured)> = rounds
+    Ok(rounds)
+}
+
+/// Each run's median round (by rate), with the median CPU of its rounds, verified only if
+/// every round was.
+fn medians(rounds: Vec<(&'static str, Vec<Measured>)>) -> Vec<(&'static str, Measured)> {
+    rounds
         .into_iter()
         .map(|(key, mut all)| {
             let verified = all.iter().all(|m| m.verified);
@@ -386,15 +425,11 @@ pub fn main(cli: &GlobalArgs, args: &BenchArgs) -> anyhow::Result<ExitCode> {
             median.cpu = cpu;
             (key, median)
         })
-        .collect();
+        .collect()
+}
 
-    print_table(results.iter().map(|(_, m)| m));
-    for (_, m) in results
-        .iter()
-        .filter(|(k, _)| matches!(*k, "database" | "steady" | "three"))
-    {
-        print_profile(m);
-    }
+/// The runs compared, against their targets where they have one.
+fn print_ratios(results: &[(&str, Measured)]) {
     let get = |key: &str| results.iter().find(|(k, _)| *k == key).map(|(_, m)| m);
     let ratio = |a: &str, b: &str| Some(get(a)?.per_second() / get(b)?.per_second());
     println!();
@@ -465,18 +500,44 @@ pub fn main(cli: &GlobalArgs, args: &BenchArgs) -> anyhow::Result<ExitCode> {
             mib(rss) <= 64.0,
         );
     }
-    bench.drop_history();
-    let results: Vec<Measured> = results.into_iter().map(|(_, m)| m).collect();
-    if results.iter().all(|r| r.verified) {
-        println!("verify: PASS in every run");
-        Ok(ExitCode::SUCCESS)
-    } else {
-        println!("verify: FAIL (logs in {})", bench.logs.display());
-        Ok(ExitCode::from(EXIT_VERIFY_FAILED))
-    }
 }
 
 impl Bench {
+    /// The database server (a fresh database per run on it) and what every run shares.
+    fn start(cli: &GlobalArgs, args: &BenchArgs) -> anyhow::Result<Bench> {
+        let logs = log_dir(args.logs.as_ref(), "inventory-bench")?;
+        // Durable (fsync on), for honest numbers; each run gets a fresh database on it.
+        let durable = PostgresOptions {
+            durable: true,
+            statement_stats: true,
+            shared_buffers: args.shared_buffers.clone(),
+            ..PostgresOptions::default()
+        };
+        anyhow::ensure!(
+            !args.shared_buffers.is_empty()
+                && args
+                    .shared_buffers
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric()),
+            "--shared-buffers takes a size such as 128MB or 4GB"
+        );
+        let (server, admin_url) = given_or_throwaway_database(cli, durable, step)?;
+        Ok(Bench {
+            rt: runtime()?,
+            admin_url,
+            server,
+            service: Service::built_in()?,
+            logs,
+            runs: 0,
+            skus: args.skus,
+            history: (args.history > 0).then_some(History {
+                rows: args.history,
+                days: args.history_days,
+                template: None,
+            }),
+        })
+    }
+
     fn spec(&mut self, events: u64, hot_share: f64) -> WorkloadSpec {
         WorkloadSpec {
             events,
@@ -661,61 +722,15 @@ impl Bench {
                 Some(base) => expected.on_top_of(base.clone()),
                 None => expected,
             };
-            let (seconds, cpu, verified, profile) = self.rt.block_on(async {
-                let mut settings = Settings::default().database;
-                settings.url = url.clone();
-                settings.pool_size = connections;
-                let pool = store::pool(&settings).await?;
-                let source = Source {
-                    group: "bench".into(),
-                    topic: "bench".into(),
-                    reservation_ttl: Settings::default().reservations.default_ttl(),
-                    reservation_max_ttl: Settings::default().reservations.max_ttl(),
-                    max_locks: MAX_LOCKS_PER_BATCH,
-                    reply_all: false,
-                };
-                let all: Vec<i32> = (0..batches.len() as i32).collect();
-                let claims = store::claim(&pool, &source, "bench", &all).await?;
-                let stats = self.statement_stats().await;
-                // The steady state has retention working (see `retention_during_run`).
-                let stop = tokio_util::sync::CancellationToken::new();
-                let upkeep = history
-                    .then(|| tokio::spawn(retention_during_run(url.clone(), stop.clone())));
-                let before = self.own_cpu_reading();
-                let started = Instant::now();
-                let mut tasks = tokio::task::JoinSet::new();
-                for (partition, batches) in batches.into_iter().enumerate() {
-                    let (pool, source) = (pool.clone(), source.clone());
-                    let epoch = claims
-                        .get(&(partition as i32))
-                        .map(|c| c.epoch)
-                        .context("a partition left unclaimed")?;
-                    tasks.spawn(async move {
-                        // Each batch freed once applied, as a replica does.
-                        for batch in batches {
-                            apply_batch(&pool, &source, &batch, Guards::On, epoch).await?;
-                        }
-                        anyhow::Ok(())
-                    });
-                }
-                while let Some(done) = tasks.join_next().await {
-                    done??;
-                }
-                let seconds = started.elapsed().as_secs_f64();
-                let cpu = before.per_event(&self.own_cpu_reading(), events as f64);
-                stop.cancel();
-                if let Some(upkeep) = upkeep {
-                    let (started, dropped) = upkeep.await??;
-                    step(&format!(
-                        "  retention during the run: {started} periods started, {dropped} partitions dropped"
-                    ));
-                }
-                let profile = match &stats {
-                    Some(admin) => statement_profile(admin, &url).await.unwrap_or_default(),
-                    None => Vec::new(),
-                };
-                anyhow::Ok((seconds, cpu, verify(&url, &expected).await?, profile))
-            })?;
+            let run = DirectRun {
+                url: &url,
+                connections,
+                events,
+                batches,
+                expected: &expected,
+                retention: history,
+            };
+            let (seconds, cpu, verified, profile) = self.rt.block_on(self.apply_directly(run))?;
             self.drop_database(&url);
             let m = Measured {
                 name: format!("{label} ({connections} connections)"),
@@ -736,6 +751,52 @@ impl Bench {
             }
         }
         best.context("no database-only run")
+    }
+
+    /// One database-only run: its batches applied through a pool of its connections, timed,
+    /// then the audit. Returns the seconds, the CPU per event, whether the audit passed and
+    /// where the server's time went.
+    async fn apply_directly(
+        &self,
+        run: DirectRun<'_>,
+    ) -> anyhow::Result<(f64, Cpu, bool, Vec<StatementTime>)> {
+        let DirectRun {
+            url,
+            connections,
+            events,
+            batches,
+            expected,
+            retention,
+        } = run;
+        let mut settings = Settings::default().database;
+        settings.url = url.to_owned();
+        settings.pool_size = connections;
+        let pool = store::pool(&settings).await?;
+        let source = direct_source();
+        let all: Vec<i32> = (0..batches.len() as i32).collect();
+        let claims = store::claim(&pool, &source, "bench", &all).await?;
+        let stats = self.statement_stats().await;
+        // The steady state has retention working (see `retention_during_run`).
+        let stop = tokio_util::sync::CancellationToken::new();
+        let upkeep =
+            retention.then(|| tokio::spawn(retention_during_run(url.to_owned(), stop.clone())));
+        let before = self.own_cpu_reading();
+        let started = Instant::now();
+        apply_in_partitions(&pool, &source, &claims, batches).await?;
+        let seconds = started.elapsed().as_secs_f64();
+        let cpu = before.per_event(&self.own_cpu_reading(), events as f64);
+        stop.cancel();
+        if let Some(upkeep) = upkeep {
+            let (started, dropped) = upkeep.await??;
+            step(&format!(
+                "  retention during the run: {started} periods started, {dropped} partitions dropped"
+            ));
+        }
+        let profile = match &stats {
+            Some(admin) => statement_profile(admin, url).await.unwrap_or_default(),
+            None => Vec::new(),
+        };
+        Ok((seconds, cpu, verify(url, expected).await?, profile))
     }
 
     fn pipeline(&mut self, name: &str, p: Pipeline) -> anyhow::Result<Measured> {
@@ -855,6 +916,59 @@ impl Bench {
             flags,
         )
     }
+}
+
+/// One database-only run, as `Bench::apply_directly` takes it.
+struct DirectRun<'a> {
+    url: &'a str,
+    connections: u32,
+    events: u64,
+    /// Each partition's batches, in order.
+    batches: Vec<Vec<Batch>>,
+    expected: &'a Expectation,
+    /// With retention working beside the batches (the steady state).
+    retention: bool,
+}
+
+/// What the database-only runs apply as: a replica's source with the default settings.
+fn direct_source() -> Source {
+    Source {
+        group: "bench".into(),
+        topic: "bench".into(),
+        reservation_ttl: Settings::default().reservations.default_ttl(),
+        reservation_max_ttl: Settings::default().reservations.max_ttl(),
+        max_locks: MAX_LOCKS_PER_BATCH,
+        reply_all: false,
+    }
+}
+
+/// Every partition's batches applied through `pool`, all partitions at once, each applying
+/// its batches in order with the epoch of its claim, as the replicas' workers do.
+async fn apply_in_partitions(
+    pool: &store::Pool,
+    source: &Source,
+    claims: &HashMap<i32, store::Claim>,
+    batches: Vec<Vec<Batch>>,
+) -> anyhow::Result<()> {
+    let mut tasks = tokio::task::JoinSet::new();
+    for (partition, batches) in batches.into_iter().enumerate() {
+        let (pool, source) = (pool.clone(), source.clone());
+        let epoch = claims
+            .get(&(partition as i32))
+            .map(|c| c.epoch)
+            .context("a partition left unclaimed")?;
+        tasks.spawn(async move {
+            // Each batch freed once applied, as a replica does.
+            for batch in batches {
+                apply_batch(&pool, &source, &batch, Guards::On, epoch).await?;
+            }
+            anyhow::Ok(())
+        });
+    }
+    while let Some(done) = tasks.join_next().await {
+        done??;
+    }
+    Ok(())
 }
 
 /// A connection to the server's maintenance database with `pg_stat_statements` ready and its

@@ -7,12 +7,15 @@
 //! the workload's oracle and prints a summary.
 
 use std::collections::BTreeSet;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Args;
+use tokio::runtime::Runtime;
+use tokio_postgres::Client;
 
 use crate::cli::produce::send;
 use crate::cli::{given_or_throwaway_database, log_dir};
@@ -20,10 +23,11 @@ use crate::embedded::local_kafka::{BrokerKind, LocalKafka};
 use crate::embedded::postgres::PostgresOptions;
 use crate::embedded::replica::{LogSummary, ReplicaProcess, Service, local_env};
 use crate::embedded::topic::read_whole_topic;
-use crate::workload::{Generator, WorkloadSpec};
+use crate::workload::{Expectation, Generator, WorkloadSpec};
 use inventory_consumer::cli::{EXIT_VERIFY_FAILED, GlobalArgs, runtime};
 use inventory_consumer::config::Settings;
 use inventory_consumer::stats::StatsSnapshot;
+use inventory_consumer::store::audit::AuditReport;
 use inventory_consumer::store::{self, audit};
 
 #[derive(Debug, Args)]
@@ -95,9 +99,74 @@ pub fn main(cli: &GlobalArgs, args: &DemoArgs) -> anyhow::Result<ExitCode> {
     settings.database.url = database_url.clone();
     let rt = runtime()?;
     rt.block_on(store::migrate::migrate(&database_url))?;
+    let mut group = start_group(cli, args, &logs, broker.bootstrap_servers(), &database_url)?;
 
+    let spec = workload(args);
+    step(&format!(
+        "producing {} events over {} SKUs at {} msg/s (10% start an order; 5% re-sent duplicates, 1% malformed)",
+        spec.events, spec.skus, args.rate
+    ));
+    let results_topic = settings.kafka.results_topic.clone();
+    let started = Instant::now();
+    let estimate = (spec.events as f64 * 1.06) as u64;
+    let rate = args.rate;
+    let producer =
+        std::thread::spawn(move || send(&settings, Generator::new(spec), estimate, rate, false));
+
+    let changes: Vec<(f64, Change)> = if args.calm {
+        Vec::new()
+    } else {
+        CHANGES.to_vec()
+    };
+    let db = rt.block_on(store::connect(&database_url))?;
+    let (settled, target, expected) = settle(&rt, &db, &mut group, producer, estimate, changes)?;
+    let elapsed = started.elapsed();
+    step(&format!(
+        "{settled} of {target} messages settled in {:.1}s",
+        elapsed.as_secs_f64()
+    ));
+    let replied = wait_for_replies(&rt, &db, &expected)?;
+
+    let total = group.stop_all()?;
+    let logged = group.log_summary();
+    let report = audit_run(
+        &rt,
+        &database_url,
+        &db,
+        &expected,
+        broker.bootstrap_servers(),
+        &results_topic,
+        replied,
+    )?;
+    Summary {
+        expected: &expected,
+        elapsed,
+        rate: args.rate,
+        replicas: group.replicas.len(),
+        total,
+        logged,
+        report: &report,
+    }
+    .print();
+    if report.passed() && settled >= target {
+        println!("verdict: PASS");
+        Ok(ExitCode::SUCCESS)
+    } else {
+        println!("verdict: FAIL (logs in {})", logs.display());
+        Ok(ExitCode::from(EXIT_VERIFY_FAILED))
+    }
+}
+
+/// The replicas at the start, one consumer group on the demo's broker and database.
+fn start_group(
+    cli: &GlobalArgs,
+    args: &DemoArgs,
+    logs: &Path,
+    bootstrap: &str,
+    database_url: &str,
+) -> anyhow::Result<Group> {
     let service = Service::built_in()?;
-    let mut env = local_env(broker.bootstrap_servers(), &database_url);
+    let mut env = local_env(bootstrap, database_url);
     env.extend([
         ("INVENTORY_KAFKA__GROUP_PROTOCOL", args.protocol.clone()),
         (
@@ -115,7 +184,7 @@ pub fn main(cli: &GlobalArgs, args: &DemoArgs) -> anyhow::Result<ExitCode> {
     }
     let mut group = Group {
         service,
-        logs: logs.clone(),
+        logs: logs.to_path_buf(),
         env,
         overrides: cli.overrides.clone(),
         replicas: Vec::new(),
@@ -128,8 +197,12 @@ pub fn main(cli: &GlobalArgs, args: &DemoArgs) -> anyhow::Result<ExitCode> {
         args.replicas,
         logs.display()
     ));
+    Ok(group)
+}
 
-    let spec = WorkloadSpec {
+/// A new workload each run: skewed, with orders, re-sent duplicates and malformed messages.
+fn workload(args: &DemoArgs) -> WorkloadSpec {
+    WorkloadSpec {
         events: args.events,
         skus: args.skus,
         skew: 0.8,
@@ -139,32 +212,28 @@ pub fn main(cli: &GlobalArgs, args: &DemoArgs) -> anyhow::Result<ExitCode> {
         order_share: 0.1,
         seed: rand::random(),
         id_prefix: format!("demo{:08x}", rand::random::<u32>()),
-    };
-    step(&format!(
-        "producing {} events over {} SKUs at {} msg/s (10% start an order; 5% re-sent duplicates, 1% malformed)",
-        spec.events, spec.skus, args.rate
-    ));
-    let results_topic = settings.kafka.results_topic.clone();
-    let started = Instant::now();
-    let estimate = (spec.events as f64 * 1.06) as u64;
-    let rate = args.rate;
-    let mut producer = Some(std::thread::spawn(move || {
-        send(&settings, Generator::new(spec), estimate, rate, false)
-    }));
+    }
+}
 
+/// Waits until every message the producer sent has settled, or the timeout passed, making the
+/// group's `changes` on the way; returns the messages settled, how many there are to settle and
+/// what the producer's oracle expects.
+fn settle(
+    rt: &Runtime,
+    db: &Client,
+    group: &mut Group,
+    producer: JoinHandle<anyhow::Result<Expectation>>,
+    estimate: u64,
+    mut changes: Vec<(f64, Change)>,
+) -> anyhow::Result<(i64, i64, Expectation)> {
+    let mut producer = Some(producer);
     // Changes are paced by progress: each happens once its share of the workload settled.
     let approx_total = estimate as f64;
-    let mut changes: Vec<(f64, Change)> = if args.calm {
-        Vec::new()
-    } else {
-        CHANGES.to_vec()
-    };
-    let db = rt.block_on(store::connect(&database_url))?;
     let mut target = i64::MAX;
     let mut expected = None;
     let deadline = Instant::now() + SETTLE_TIMEOUT;
     let settled = loop {
-        let done = rt.block_on(audit::settled(&db))?;
+        let done = rt.block_on(audit::settled(db))?;
         while let Some(&(share, change)) = changes.first() {
             if (done as f64) < share * approx_total {
                 break;
@@ -185,17 +254,18 @@ pub fn main(cli: &GlobalArgs, args: &DemoArgs) -> anyhow::Result<ExitCode> {
         std::thread::sleep(Duration::from_millis(200));
     };
     let expected = expected.context("the producer did not finish")?;
-    let elapsed = started.elapsed();
-    step(&format!(
-        "{settled} of {target} messages settled in {:.1}s",
-        elapsed.as_secs_f64()
-    ));
-    // Expiries follow the clock, not the topic; replies leave the outbox after their effect.
+    Ok((settled, target, expected))
+}
+
+/// Waits for the reservations `expected` says expire and for the outbox to drain: expiries
+/// follow the clock, not the topic; replies leave the outbox after their effect. Whether both
+/// happened before the timeout.
+fn wait_for_replies(rt: &Runtime, db: &Client, expected: &Expectation) -> anyhow::Result<bool> {
     let expiring = expected.reservations.get("expired").copied().unwrap_or(0) as i64;
     let deadline = Instant::now() + REPLY_TIMEOUT;
     let replied = loop {
-        let expired = rt.block_on(audit::expired(&db))?;
-        let queued = rt.block_on(audit::queued_replies(&db))?;
+        let expired = rt.block_on(audit::expired(db))?;
+        let queued = rt.block_on(audit::queued_replies(db))?;
         if (expired >= expiring && queued == 0) || Instant::now() > deadline {
             step(&format!(
                 "{expired} of {expiring} reservations expired, {queued} replies left to publish"
@@ -204,69 +274,96 @@ pub fn main(cli: &GlobalArgs, args: &DemoArgs) -> anyhow::Result<ExitCode> {
         }
         std::thread::sleep(Duration::from_millis(200));
     };
+    Ok(replied)
+}
 
-    let total = group.stop_all()?;
-    let logged = group.log_summary();
+/// The audit against the producer's oracle, on a connection of its own, and whether every
+/// recorded reply reached the results topic (and, by `replied`, left the outbox in time).
+fn audit_run(
+    rt: &Runtime,
+    database_url: &str,
+    db: &Client,
+    expected: &Expectation,
+    bootstrap: &str,
+    results_topic: &str,
+    replied: bool,
+) -> anyhow::Result<AuditReport> {
     let mut report = rt.block_on(async {
-        let db = store::connect(&database_url).await?;
-        audit::audit(&db, Some(&expected)).await
+        let db = store::connect(database_url).await?;
+        audit::audit(&db, Some(expected)).await
     })?;
     let (name, passed, detail) = replies_published(
-        &rt.block_on(audit::reply_ids(&db))?,
-        broker.bootstrap_servers(),
-        &results_topic,
+        &rt.block_on(audit::reply_ids(db))?,
+        bootstrap,
+        results_topic,
     )?;
     report.check(name, passed && replied, detail);
-    println!();
-    println!("summary");
-    println!(
-        "  settled           {} messages in {:.1}s: {:.0} messages/s (produced at {}), {} replica processes",
-        expected.messages,
-        elapsed.as_secs_f64(),
-        expected.messages as f64 / elapsed.as_secs_f64(),
-        if args.rate == 0 {
-            "full speed".to_owned()
-        } else {
-            format!("{} msg/s", args.rate)
-        },
-        group.replicas.len()
-    );
-    println!(
-        "  outcomes          {} applied, {} rejected (by replicas that exited gracefully)",
-        total.applied, total.rejected
-    );
-    println!(
-        "  duplicates        {} skipped according to the replicas' logs, {} injected by the producer",
-        logged.duplicates, expected.duplicates
-    );
-    println!("  dead letters      {}", expected.dead_letters);
-    println!(
-        "  orders            {} reservations by status {:?}, {} replies",
-        expected.reservations.values().sum::<u64>(),
-        expected.reservations,
-        expected.replies
-    );
-    println!(
-        "  rebalances        {} assignments, {} revocations, {} losses over {} replicas",
-        logged.assignments,
-        logged.revocations,
-        logged.losses,
-        group.replicas.len()
-    );
-    for check in &report.checks {
+    Ok(report)
+}
+
+/// What the run did, as the summary tells it.
+struct Summary<'a> {
+    expected: &'a Expectation,
+    elapsed: Duration,
+    /// The producer's rate (0: full speed).
+    rate: u64,
+    replicas: usize,
+    /// The counters of the replicas that exited gracefully.
+    total: StatsSnapshot,
+    logged: LogSummary,
+    report: &'a AuditReport,
+}
+
+impl Summary<'_> {
+    fn print(&self) {
+        let Summary {
+            expected,
+            elapsed,
+            total,
+            logged,
+            ..
+        } = self;
+        println!();
+        println!("summary");
         println!(
-            "  {} {}: {}",
-            if check.passed { "PASS" } else { "FAIL" },
-            check.name,
-            check.detail
+            "  settled           {} messages in {:.1}s: {:.0} messages/s (produced at {}), {} replica processes",
+            expected.messages,
+            elapsed.as_secs_f64(),
+            expected.messages as f64 / elapsed.as_secs_f64(),
+            if self.rate == 0 {
+                "full speed".to_owned()
+            } else {
+                format!("{} msg/s", self.rate)
+            },
+            self.replicas
         );
-    }
-    if report.passed() && settled >= target {
-        println!("verdict: PASS");
-        Ok(ExitCode::SUCCESS)
-    } else {
-        println!("verdict: FAIL (logs in {})", logs.display());
-        Ok(ExitCode::from(EXIT_VERIFY_FAILED))
+        println!(
+            "  outcomes          {} applied, {} rejected (by replicas that exited gracefully)",
+            total.applied, total.rejected
+        );
+        println!(
+            "  duplicates        {} skipped according to the replicas' logs, {} injected by the producer",
+            logged.duplicates, expected.duplicates
+        );
+        println!("  dead letters      {}", expected.dead_letters);
+        println!(
+            "  orders            {} reservations by status {:?}, {} replies",
+            expected.reservations.values().sum::<u64>(),
+            expected.reservations,
+            expected.replies
+        );
+        println!(
+            "  rebalances        {} assignments, {} revocations, {} losses over {} replicas",
+            logged.assignments, logged.revocations, logged.losses, self.replicas
+        );
+        for check in &self.report.checks {
+            println!(
+                "  {} {}: {}",
+                if check.passed { "PASS" } else { "FAIL" },
+                check.name,
+                check.detail
+            );
+        }
     }
 }
 

@@ -388,13 +388,40 @@ fn java(heap_mib: u32) -> Command {
 }
 
 fn write_config(node: &Node, voters: &str, options: &ClusterOptions) -> Result<()> {
+    let mut props = server_properties(node, voters, options);
+    if let Some(tls) = &options.sasl_ssl {
+        props.extend(sasl_ssl_properties(node, tls)?);
+    }
+    let text: String = props.iter().map(|(k, v)| format!("{k}={v}\n")).collect();
+    std::fs::write(node.dir.join("server.properties"), text)?;
+    std::fs::write(
+        node.dir.join("log4j2.properties"),
+        "rootLogger.level = INFO\n\
+         rootLogger.appenderRef.out.ref = out\n\
+         appender.out.type = Console\n\
+         appender.out.name = out\n\
+         appender.out.layout.type = PatternLayout\n\
+         appender.out.layout.pattern = [%d] %p %m (%c)%n\n\
+         logger.state.name = state.change.logger\n\
+         logger.state.level = WARN\n",
+    )?;
+    Ok(())
+}
+
+/// The node's `server.properties` without the SASL_SSL listener's: a combined broker and
+/// controller of a KRaft cluster, replicated as far as its size allows.
+fn server_properties(
+    node: &Node,
+    voters: &str,
+    options: &ClusterOptions,
+) -> Vec<(&'static str, String)> {
     let replication = options.nodes.min(3);
     let min_isr = if replication >= 3 { 2 } else { 1 };
     let mut listeners = format!("PLAINTEXT://127.0.0.1:{}", node.port);
     if let Some(port) = node.secure_port {
         listeners.push_str(&format!(",SASL_SSL://127.0.0.1:{port}"));
     }
-    let mut props = vec![
+    vec![
         ("process.roles", "broker,controller".to_owned()),
         ("node.id", node.id.to_string()),
         ("controller.quorum.voters", voters.to_owned()),
@@ -447,35 +474,23 @@ fn write_config(node: &Node, voters: &str, options: &ClusterOptions) -> Result<(
                 .min(5_000)
                 .to_string(),
         ),
-    ];
-    if let Some(tls) = &options.sasl_ssl {
-        // One PEM file with the key and the certificate: Kafka's PEM keystore.
-        let keystore = node.dir.join("server-keystore.pem");
-        std::fs::write(&keystore, format!("{}\n{}", tls.key_pem, tls.cert_pem))?;
-        props.extend([
-            ("sasl.enabled.mechanisms", "SCRAM-SHA-512".to_owned()),
-            (
-                "listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config",
-                "org.apache.kafka.common.security.scram.ScramLoginModule required;".to_owned(),
-            ),
-            ("ssl.keystore.type", "PEM".to_owned()),
-            ("ssl.keystore.location", keystore.display().to_string()),
-        ]);
-    }
-    let text: String = props.iter().map(|(k, v)| format!("{k}={v}\n")).collect();
-    std::fs::write(node.dir.join("server.properties"), text)?;
-    std::fs::write(
-        node.dir.join("log4j2.properties"),
-        "rootLogger.level = INFO\n\
-         rootLogger.appenderRef.out.ref = out\n\
-         appender.out.type = Console\n\
-         appender.out.name = out\n\
-         appender.out.layout.type = PatternLayout\n\
-         appender.out.layout.pattern = [%d] %p %m (%c)%n\n\
-         logger.state.name = state.change.logger\n\
-         logger.state.level = WARN\n",
-    )?;
-    Ok(())
+    ]
+}
+
+/// The SASL_SSL listener's properties, with its keystore written beside the node's config.
+fn sasl_ssl_properties(node: &Node, tls: &SaslSsl) -> Result<Vec<(&'static str, String)>> {
+    // One PEM file with the key and the certificate: Kafka's PEM keystore.
+    let keystore = node.dir.join("server-keystore.pem");
+    std::fs::write(&keystore, format!("{}\n{}", tls.key_pem, tls.cert_pem))?;
+    Ok(vec![
+        ("sasl.enabled.mechanisms", "SCRAM-SHA-512".to_owned()),
+        (
+            "listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config",
+            "org.apache.kafka.common.security.scram.ScramLoginModule required;".to_owned(),
+        ),
+        ("ssl.keystore.type", "PEM".to_owned()),
+        ("ssl.keystore.location", keystore.display().to_string()),
+    ])
 }
 
 #[cfg(test)]
