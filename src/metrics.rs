@@ -60,6 +60,207 @@ pub fn spawn_upkeep(
     })
 }
 
+/// What kind of series a metric is.
+#[derive(Clone, Copy)]
+enum Kind {
+    Counter,
+    Gauge,
+    Histogram,
+}
+
+/// Every metric but `BUILD_INFO`: its kind, its unit if any, and the help `/metrics` shows
+/// (docs/contract.md lists them for users).
+const DESCRIPTIONS: &[(&str, Kind, Option<Unit>, &str)] = &[
+    (
+        EVENTS,
+        Kind::Counter,
+        None,
+        "Events decided, by outcome (applied, rejected).",
+    ),
+    (
+        DUPLICATES,
+        Kind::Counter,
+        None,
+        "Deliveries of events already recorded, skipped.",
+    ),
+    (
+        DEAD_LETTERS,
+        Kind::Counter,
+        None,
+        "Bad messages written to dead_letters.",
+    ),
+    (
+        BATCH_SIZE,
+        Kind::Histogram,
+        None,
+        "Deliveries per applied batch.",
+    ),
+    (
+        APPLY_SECONDS,
+        Kind::Histogram,
+        Some(Unit::Seconds),
+        "Time to apply and commit one batch.",
+    ),
+    (
+        LOCK_WAIT_SECONDS,
+        Kind::Histogram,
+        Some(Unit::Seconds),
+        "Time to take a batch's advisory locks.",
+    ),
+    (
+        LATENCY_SECONDS,
+        Kind::Histogram,
+        Some(Unit::Seconds),
+        "From the producer's timestamp of an event to the commit of its batch.",
+    ),
+    (
+        RETRIES,
+        Kind::Counter,
+        None,
+        "Batches retried after a transient failure.",
+    ),
+    (
+        COMMITTED_OFFSET,
+        Kind::Gauge,
+        None,
+        "Next offset committed to Kafka, per partition.",
+    ),
+    (
+        LAG,
+        Kind::Gauge,
+        None,
+        "Messages behind the high watermark, per partition (from librdkafka statistics).",
+    ),
+    (
+        REBALANCES,
+        Kind::Counter,
+        None,
+        "Rebalance events, by kind (assign, revoke, lost).",
+    ),
+    (ASSIGNED, Kind::Gauge, None, "Partitions this replica owns."),
+    (
+        MEMBERSHIP_PHASE,
+        Kind::Gauge,
+        None,
+        "1 for the replica's membership phase now (consuming, draining, stopped), 0 for the others.",
+    ),
+    (
+        OFFSET_RESETS,
+        Kind::Counter,
+        None,
+        "Times the client jumped over messages it could no longer fetch (retention, out of range).",
+    ),
+    (
+        HALTED,
+        Kind::Counter,
+        None,
+        "Partitions halted at their dead-letter limit (a producer sending mostly bad messages).",
+    ),
+    (
+        FLOW_PAUSES,
+        Kind::Counter,
+        None,
+        "Times a partition stopped fetching because its worker's backlog was full (a slow or stalled partition).",
+    ),
+    (
+        FENCED,
+        Kind::Counter,
+        None,
+        "Batches rolled back because another replica claimed the partition since (a zombie).",
+    ),
+    (
+        REWOUND,
+        Kind::Counter,
+        None,
+        "Deliveries the client handed over again within one ownership of a partition, dropped.",
+    ),
+    (
+        REPLIES,
+        Kind::Counter,
+        None,
+        "Replies to order steps published to the results topic (at least once).",
+    ),
+    (
+        RELAY_LAG,
+        Kind::Gauge,
+        Some(Unit::Seconds),
+        "Age of the oldest reply still queued for the results topic, as this replica's relay last saw it.",
+    ),
+    (
+        EXPIRED,
+        Kind::Counter,
+        None,
+        "Reservations released by the service because their expiry passed.",
+    ),
+    (
+        BATCH_SPLITS,
+        Kind::Counter,
+        None,
+        "Batches split in two because their commits and releases would lock too many SKUs at once.",
+    ),
+    (
+        RECORDED_OFFSET,
+        Kind::Gauge,
+        None,
+        "Next offset of each partition as recorded in the database by this replica's last batch (where a new owner resumes).",
+    ),
+    (
+        END_OFFSET,
+        Kind::Gauge,
+        None,
+        "End offset (high watermark) of each owned partition, as the client last saw it; minus the recorded offset, the lag of the database.",
+    ),
+    (
+        PAUSED,
+        Kind::Gauge,
+        None,
+        "1 while this replica's worker of the partition waits because an operator paused it (`pause`).",
+    ),
+    (
+        REPLAYS,
+        Kind::Counter,
+        None,
+        "Partitions this replica claimed again to read from an offset an operator rewound them to (`replay`).",
+    ),
+    (
+        STEP_OUTS,
+        Kind::Counter,
+        None,
+        "Times this replica left the consumer group because the database did not answer for database.step_out_after_ms.",
+    ),
+    (
+        STEPPED_OUT,
+        Kind::Gauge,
+        None,
+        "1 while this replica is out of the consumer group because the database does not answer.",
+    ),
+    (
+        LOCK_HOLDERS,
+        Kind::Gauge,
+        None,
+        "Transactions of this replica that may hold SKU locks at once: its share of the server's lock table (database.max_replicas).",
+    ),
+    (
+        LOCKS_PER_BATCH,
+        Kind::Gauge,
+        None,
+        "The most SKU locks one of this replica's transactions takes; a batch over it is applied in parts.",
+    ),
+];
+
+fn describe_all() {
+    for &(name, kind, unit, help) in DESCRIPTIONS {
+        match (kind, unit) {
+            (Kind::Counter, None) => describe_counter!(name, help),
+            (Kind::Counter, Some(unit)) => describe_counter!(name, unit, help),
+            (Kind::Gauge, None) => describe_gauge!(name, help),
+            (Kind::Gauge, Some(unit)) => describe_gauge!(name, unit, help),
+            (Kind::Histogram, None) => describe_histogram!(name, help),
+            (Kind::Histogram, Some(unit)) => describe_histogram!(name, unit, help),
+        }
+    }
+}
+
 /// Installs the global recorder; call once per process, before anything records.
 pub fn install() -> anyhow::Result<PrometheusHandle> {
     let handle = PrometheusBuilder::new()
@@ -85,115 +286,7 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
         "schema" => crate::store::migrate::newest_known().to_string()
     )
     .set(1.0);
-    describe_counter!(EVENTS, "Events decided, by outcome (applied, rejected).");
-    describe_counter!(
-        DUPLICATES,
-        "Deliveries of events already recorded, skipped."
-    );
-    describe_counter!(DEAD_LETTERS, "Bad messages written to dead_letters.");
-    describe_histogram!(BATCH_SIZE, "Deliveries per applied batch.");
-    describe_histogram!(
-        APPLY_SECONDS,
-        Unit::Seconds,
-        "Time to apply and commit one batch."
-    );
-    describe_histogram!(
-        LOCK_WAIT_SECONDS,
-        Unit::Seconds,
-        "Time to take a batch's advisory locks."
-    );
-    describe_histogram!(
-        LATENCY_SECONDS,
-        Unit::Seconds,
-        "From the producer's timestamp of an event to the commit of its batch."
-    );
-    describe_counter!(RETRIES, "Batches retried after a transient failure.");
-    describe_gauge!(
-        COMMITTED_OFFSET,
-        "Next offset committed to Kafka, per partition."
-    );
-    describe_gauge!(
-        LAG,
-        "Messages behind the high watermark, per partition (from librdkafka statistics)."
-    );
-    describe_counter!(
-        REBALANCES,
-        "Rebalance events, by kind (assign, revoke, lost)."
-    );
-    describe_gauge!(ASSIGNED, "Partitions this replica owns.");
-    describe_gauge!(
-        MEMBERSHIP_PHASE,
-        "1 for the replica's membership phase now (consuming, draining, stopped), 0 for the others."
-    );
-    describe_counter!(
-        OFFSET_RESETS,
-        "Times the client jumped over messages it could no longer fetch (retention, out of range)."
-    );
-    describe_counter!(
-        HALTED,
-        "Partitions halted at their dead-letter limit (a producer sending mostly bad messages)."
-    );
-    describe_counter!(
-        FLOW_PAUSES,
-        "Times a partition stopped fetching because its worker's backlog was full (a slow or stalled partition)."
-    );
-    describe_counter!(
-        FENCED,
-        "Batches rolled back because another replica claimed the partition since (a zombie)."
-    );
-    describe_counter!(
-        REWOUND,
-        "Deliveries the client handed over again within one ownership of a partition, dropped."
-    );
-    describe_counter!(
-        REPLIES,
-        "Replies to order steps published to the results topic (at least once)."
-    );
-    describe_gauge!(
-        RELAY_LAG,
-        Unit::Seconds,
-        "Age of the oldest reply still queued for the results topic, as this replica's relay last saw it."
-    );
-    describe_counter!(
-        EXPIRED,
-        "Reservations released by the service because their expiry passed."
-    );
-    describe_counter!(
-        BATCH_SPLITS,
-        "Batches split in two because their commits and releases would lock too many SKUs at once."
-    );
-    describe_gauge!(
-        RECORDED_OFFSET,
-        "Next offset of each partition as recorded in the database by this replica's last batch (where a new owner resumes)."
-    );
-    describe_gauge!(
-        END_OFFSET,
-        "End offset (high watermark) of each owned partition, as the client last saw it; minus the recorded offset, the lag of the database."
-    );
-    describe_gauge!(
-        PAUSED,
-        "1 while this replica's worker of the partition waits because an operator paused it (`pause`)."
-    );
-    describe_counter!(
-        REPLAYS,
-        "Partitions this replica claimed again to read from an offset an operator rewound them to (`replay`)."
-    );
-    describe_counter!(
-        STEP_OUTS,
-        "Times this replica left the consumer group because the database did not answer for database.step_out_after_ms."
-    );
-    describe_gauge!(
-        STEPPED_OUT,
-        "1 while this replica is out of the consumer group because the database does not answer."
-    );
-    describe_gauge!(
-        LOCK_HOLDERS,
-        "Transactions of this replica that may hold SKU locks at once: its share of the server's lock table (database.max_replicas)."
-    );
-    describe_gauge!(
-        LOCKS_PER_BATCH,
-        "The most SKU locks one of this replica's transactions takes; a batch over it is applied in parts."
-    );
+    describe_all();
     start_at_zero();
     Ok(handle)
 }

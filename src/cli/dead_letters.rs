@@ -148,41 +148,16 @@ async fn redrive(
     // Checked before anything is sent, so that a refusal sends nothing: a schema a newer
     // release made, then the dead letters named.
     store::migrate::refuse_newer(&db).await?;
-    let mut found = Vec::with_capacity(ids.len());
-    for id in ids {
-        match dead_letters::get(&db, *id).await? {
-            Some(d) => found.push(d),
-            None => {
-                eprintln!("no dead letter with id {id}: nothing sent");
-                return Ok(ExitCode::from(EXIT_CONFIG));
-            }
-        }
-    }
-    let done: Vec<&DeadLetter> = found.iter().filter(|d| d.redriven.is_some()).collect();
-    if !again && !done.is_empty() {
-        for d in &done {
-            if let Some((at, to)) = &d.redriven {
-                eprintln!("dead letter {} was already redriven at {at} to {to}", d.id);
-            }
-        }
+    let Some(found) = find_all(&db, ids).await? else {
+        return Ok(ExitCode::from(EXIT_CONFIG));
+    };
+    if !again && already_redriven(&found) {
         eprintln!("nothing sent: pass --again to send them once more");
         return Ok(ExitCode::from(EXIT_CONFIG));
     }
     if dry_run {
         for d in &found {
-            let bytes = replacement.as_deref().or(d.payload.as_deref());
-            println!(
-                "would send dead letter {} to {}/{}: {} bytes{}",
-                d.id,
-                d.topic,
-                d.partition,
-                bytes.map_or(0, <[u8]>::len),
-                if replacement.is_some() {
-                    " (replaced payload)"
-                } else {
-                    ""
-                }
-            );
+            print_would_send(d, replacement.as_deref());
         }
         return Ok(ExitCode::SUCCESS);
     }
@@ -198,55 +173,113 @@ async fn redrive(
         .context("creating the producer")?;
     let mut skipped = 0;
     for d in &found {
-        // One transaction per message: each mark commits right after its send, so a failure
-        // later on leaves every message sent so far marked.
-        let tx = db.transaction().await?;
-        tx.batch_execute("SET LOCAL idle_in_transaction_session_timeout = '60s'")
-            .await?;
-        let Some(current) = dead_letters::lock(&tx, &[d.id]).await?.pop() else {
-            eprintln!(
-                "dead letter {} is gone (retention dropped it): not sent",
-                d.id
-            );
+        if !send_one(&mut db, &producer, d, replacement.as_deref(), again).await? {
             skipped += 1;
-            continue;
-        };
-        if current.redriven.is_some() && !again {
-            eprintln!(
-                "dead letter {} was redriven meanwhile by someone else: not sent",
-                d.id
-            );
-            skipped += 1;
-            continue;
         }
-        // Back where it was read: its partition keeps it in order with its key's other events.
-        let mut record = FutureRecord::<[u8], [u8]>::to(&d.topic).partition(d.partition);
-        // A message kept without a payload is sent without one.
-        if let Some(bytes) = replacement.as_deref().or(d.payload.as_deref()) {
-            record = record.payload(bytes);
-        }
-        if let Some(key) = d.key.as_deref() {
-            record = record.key(key);
-        }
-        let delivered = producer
-            .send(record, DELIVERY_TIMEOUT)
-            .await
-            .map_err(|(e, _)| anyhow::anyhow!("sending dead letter {}: {e}", d.id))?;
-        let to = format!("{}/{}@{}", d.topic, delivered.partition, delivered.offset);
-        dead_letters::mark_redriven(&tx, d.id, &to).await?;
-        tx.commit().await.with_context(|| {
-            format!(
-                "dead letter {} was sent to {to} but could not be marked",
-                d.id
-            )
-        })?;
-        println!("redrove dead letter {} ({}) to {to}", d.id, position(d));
     }
     Ok(if skipped == 0 {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(EXIT_CONFIG)
     })
+}
+
+/// Every dead letter named, or `None` (said on stderr) if one of them does not exist.
+async fn find_all(
+    db: &tokio_postgres::Client,
+    ids: &[i64],
+) -> anyhow::Result<Option<Vec<DeadLetter>>> {
+    let mut found = Vec::with_capacity(ids.len());
+    for id in ids {
+        match dead_letters::get(db, *id).await? {
+            Some(d) => found.push(d),
+            None => {
+                eprintln!("no dead letter with id {id}: nothing sent");
+                return Ok(None);
+            }
+        }
+    }
+    Ok(Some(found))
+}
+
+/// Whether some of them were redriven before; says which, and where to.
+fn already_redriven(found: &[DeadLetter]) -> bool {
+    let mut any = false;
+    for d in found {
+        if let Some((at, to)) = &d.redriven {
+            eprintln!("dead letter {} was already redriven at {at} to {to}", d.id);
+            any = true;
+        }
+    }
+    any
+}
+
+fn print_would_send(d: &DeadLetter, replacement: Option<&[u8]>) {
+    let bytes = replacement.or(d.payload.as_deref());
+    println!(
+        "would send dead letter {} to {}/{}: {} bytes{}",
+        d.id,
+        d.topic,
+        d.partition,
+        bytes.map_or(0, <[u8]>::len),
+        if replacement.is_some() {
+            " (replaced payload)"
+        } else {
+            ""
+        }
+    );
+}
+
+/// Sends one dead letter back where it was read and marks it, in one transaction: the mark
+/// commits right after the send, so a failure later on leaves every message sent so far
+/// marked. `false`: not sent (gone, or redriven meanwhile by someone else).
+async fn send_one(
+    db: &mut tokio_postgres::Client,
+    producer: &FutureProducer,
+    d: &DeadLetter,
+    replacement: Option<&[u8]>,
+    again: bool,
+) -> anyhow::Result<bool> {
+    let tx = db.transaction().await?;
+    tx.batch_execute("SET LOCAL idle_in_transaction_session_timeout = '60s'")
+        .await?;
+    let Some(current) = dead_letters::lock(&tx, &[d.id]).await?.pop() else {
+        eprintln!(
+            "dead letter {} is gone (retention dropped it): not sent",
+            d.id
+        );
+        return Ok(false);
+    };
+    if current.redriven.is_some() && !again {
+        eprintln!(
+            "dead letter {} was redriven meanwhile by someone else: not sent",
+            d.id
+        );
+        return Ok(false);
+    }
+    // Back where it was read: its partition keeps it in order with its key's other events.
+    let mut record = FutureRecord::<[u8], [u8]>::to(&d.topic).partition(d.partition);
+    // A message kept without a payload is sent without one.
+    if let Some(bytes) = replacement.or(d.payload.as_deref()) {
+        record = record.payload(bytes);
+    }
+    if let Some(key) = d.key.as_deref() {
+        record = record.key(key);
+    }
+    let delivered = producer
+        .send(record, DELIVERY_TIMEOUT)
+        .await
+        .map_err(|(e, _)| anyhow::anyhow!("sending dead letter {}: {e}", d.id))?;
+    let to = format!("{}/{}@{}", d.topic, delivered.partition, delivered.offset);
+    dead_letters::mark_redriven(&tx, d.id, &to).await?;
+    tx.commit().await.with_context(|| {
+        format!(
+            "dead letter {} was sent to {to} but could not be marked",
+            d.id
+        )
+    })?;
+    println!("redrove dead letter {} ({}) to {to}", d.id, position(d));
+    Ok(true)
 }
 
 fn position(d: &DeadLetter) -> String {

@@ -23,7 +23,7 @@ use crate::kafka::consumer::{Signals, consume};
 use crate::kafka::offsets::OffsetTracker;
 use crate::kafka::worker::WorkerContext;
 use crate::stats::Stats;
-use crate::store;
+use crate::store::{self, Failure};
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
@@ -240,18 +240,11 @@ async fn replica(
     background: &mut Background,
 ) -> anyhow::Result<()> {
     let health = Arc::new(Health::new(settings.liveness_window()));
-    let db = &settings.database;
-    let addr: SocketAddr = settings.http.addr.parse().context("http.addr")?;
-    let (bound, server) =
-        crate::http::serve(addr, health.clone(), metrics, background.stop.clone())
-            .await
-            .with_context(|| format!("serving HTTP on {addr}"))?;
-    background.push(server);
-    tracing::info!(addr = %bound, "HTTP endpoints listening (/livez, /readyz, /metrics)");
+    serve_http(&settings, &health, metrics, background).await?;
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
         schema = store::migrate::newest_known(),
-        database = %describe_database(&db.url),
+        database = %describe_database(&settings.database.url),
         brokers = %settings.kafka.brokers,
         "starting replica"
     );
@@ -266,70 +259,22 @@ async fn replica(
     };
     let lock_holders = Arc::new(tokio::sync::Semaphore::new(budget.holders));
     health.database_reachable(None);
-    let pool = store::pool(db).await?;
+    let pool = store::pool(&settings.database).await?;
     let (standing_tx, standing_rx) = mpsc::unbounded_channel();
     background.push(tokio::spawn(crate::kafka::standing::probe_until(
-        db.clone(),
+        settings.database.clone(),
         pool.clone(),
         stats.clone(),
         health.clone(),
         standing_tx,
         background.stop.clone(),
     )));
+    let horizon = check_horizon(&settings);
+    start_upkeep(&settings, &pool, (&lock_holders, &budget), background)?;
 
-    background.push(tokio::spawn(store::expiry::sweep_until(
-        pool.clone(),
-        settings.kafka.topic.clone(),
-        Duration::from_millis(settings.reservations.sweep_interval_ms),
-        lock_holders.clone(),
-        budget.locks_per_batch,
-        background.stop.clone(),
-    )));
-
-    // Beside the start-up, not before it: a broker that cannot answer (the embedded one knows
-    // no DescribeConfigs) takes the whole request timeout to say so. A refusal stops the
-    // replica like a fatal failure, with exit 2.
-    let mut horizon = tokio::spawn({
-        let (config, topic) = (
-            settings.kafka.producer_config(),
-            settings.kafka.topic.clone(),
-        );
-        let horizon_s = settings.history.dedupe_horizon_s;
-        async move { crate::kafka::horizon::verify(&config, &topic, horizon_s).await }
-    });
-    // Its first pass runs now: a new period starts on time even after a long stop.
-    tracing::info!(history = %store::retention::describe(&settings.history), "history retention");
-    background.push(tokio::spawn(store::retention::maintain_until(
-        pool.clone(),
-        settings.history.clone(),
-        background.stop.clone(),
-    )));
-
-    let relay_config = crate::kafka::relay::producer_config(&settings);
-    let replies: rdkafka::producer::FutureProducer = relay_config
-        .create()
-        .context("creating the reply producer")?;
-    // On a thread of its own: a replica stopped at once does not wait for its answer.
-    let (probe, topic) = (replies.clone(), settings.kafka.results_topic.clone());
-    std::thread::spawn(move || crate::kafka::relay::check_topic(&probe, &topic));
-    background.push(tokio::spawn(crate::kafka::relay::relay_until(
-        pool.clone(),
-        relay_config,
-        replies,
-        settings.kafka.results_topic.clone(),
-        background.stop.clone(),
-    )));
-
-    let (fatal_tx, mut fatal_rx) = mpsc::unbounded_channel();
+    let (fatal_tx, fatal_rx) = mpsc::unbounded_channel();
     let (halts_tx, halts_rx) = mpsc::unbounded_channel();
-    let source = store::Source {
-        group: settings.kafka.group_id.clone(),
-        topic: settings.kafka.topic.clone(),
-        reservation_ttl: settings.reservations.default_ttl(),
-        reservation_max_ttl: settings.reservations.max_ttl(),
-        max_locks: budget.locks_per_batch,
-        reply_all: settings.results.all_events,
-    };
+    let source = source(&settings, &budget);
     let (rewinds_tx, rewinds_rx) = mpsc::unbounded_channel();
     background.push(tokio::spawn(crate::kafka::rewinds::watch_until(
         pool.clone(),
@@ -356,56 +301,174 @@ async fn replica(
         ),
         halts: halts_tx,
     };
-    let runtime = tokio::runtime::Handle::current();
     let stop_limit = settings.drain_timeout() + STOP_MARGIN;
-    let poll_shutdown = shutdown.clone();
+    let signals = Signals {
+        halts: halts_rx,
+        rewinds: rewinds_rx,
+        standing: standing_rx,
+    };
+    let polled_rx = start_polling(settings, ctx, signals, health, shutdown.clone())?;
+    let stopping = Stopping {
+        shutdown,
+        fatal_rx,
+        horizon,
+        polled_rx,
+        stop_limit,
+    };
+    stopping.wait().await
+}
+
+/// `/livez`, `/readyz` and `/metrics`, from before the start-up on.
+async fn serve_http(
+    settings: &Settings,
+    health: &Arc<Health>,
+    metrics: PrometheusHandle,
+    background: &mut Background,
+) -> anyhow::Result<()> {
+    let addr: SocketAddr = settings.http.addr.parse().context("http.addr")?;
+    let (bound, server) =
+        crate::http::serve(addr, health.clone(), metrics, background.stop.clone())
+            .await
+            .with_context(|| format!("serving HTTP on {addr}"))?;
+    background.push(server);
+    tracing::info!(addr = %bound, "HTTP endpoints listening (/livez, /readyz, /metrics)");
+    Ok(())
+}
+
+/// Beside the start-up, not before it: a broker that cannot answer (the embedded one knows no
+/// DescribeConfigs) takes the whole request timeout to say so. A refusal stops the replica
+/// like a fatal failure, with exit 2.
+fn check_horizon(settings: &Settings) -> JoinHandle<Result<bool, ConfigError>> {
+    let (config, topic) = (
+        settings.kafka.producer_config(),
+        settings.kafka.topic.clone(),
+    );
+    let horizon_s = settings.history.dedupe_horizon_s;
+    tokio::spawn(async move { crate::kafka::horizon::verify(&config, &topic, horizon_s).await })
+}
+
+/// The work beside the batches: the expiry of reservations (one of the lock-holding
+/// transactions, within the lock budget), history maintenance (its first pass now: a new
+/// period starts on time even after a long stop) and the relay of replies.
+fn start_upkeep(
+    settings: &Settings,
+    pool: &store::Pool,
+    (lock_holders, budget): (
+        &Arc<tokio::sync::Semaphore>,
+        &store::lock_budget::LockBudget,
+    ),
+    background: &mut Background,
+) -> anyhow::Result<()> {
+    background.push(tokio::spawn(store::expiry::sweep_until(
+        pool.clone(),
+        settings.kafka.topic.clone(),
+        Duration::from_millis(settings.reservations.sweep_interval_ms),
+        lock_holders.clone(),
+        budget.locks_per_batch,
+        background.stop.clone(),
+    )));
+    tracing::info!(history = %store::retention::describe(&settings.history), "history retention");
+    background.push(tokio::spawn(store::retention::maintain_until(
+        pool.clone(),
+        settings.history.clone(),
+        background.stop.clone(),
+    )));
+    let relay_config = crate::kafka::relay::producer_config(settings);
+    let replies: rdkafka::producer::FutureProducer = relay_config
+        .create()
+        .context("creating the reply producer")?;
+    // On a thread of its own: a replica stopped at once does not wait for its answer.
+    let (probe, topic) = (replies.clone(), settings.kafka.results_topic.clone());
+    std::thread::spawn(move || crate::kafka::relay::check_topic(&probe, &topic));
+    background.push(tokio::spawn(crate::kafka::relay::relay_until(
+        pool.clone(),
+        relay_config,
+        replies,
+        settings.kafka.results_topic.clone(),
+        background.stop.clone(),
+    )));
+    Ok(())
+}
+
+/// Where this replica's batches come from and the rules they keep.
+fn source(settings: &Settings, budget: &store::lock_budget::LockBudget) -> store::Source {
+    store::Source {
+        group: settings.kafka.group_id.clone(),
+        topic: settings.kafka.topic.clone(),
+        reservation_ttl: settings.reservations.default_ttl(),
+        reservation_max_ttl: settings.reservations.max_ttl(),
+        max_locks: budget.locks_per_batch,
+        reply_all: settings.results.all_events,
+    }
+}
+
+/// The consumer on a thread of its own (see [`consume`]); its outcome arrives on the channel.
+fn start_polling(
+    settings: Settings,
+    ctx: WorkerContext,
+    signals: Signals,
+    health: Arc<Health>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<oneshot::Receiver<Result<(), rdkafka::error::KafkaError>>> {
+    let runtime = tokio::runtime::Handle::current();
     let (polled_tx, polled_rx) = oneshot::channel();
     std::thread::Builder::new()
         .name("kafka-poll".into())
         .spawn(move || {
-            let signals = Signals {
-                halts: halts_rx,
-                rewinds: rewinds_rx,
-                standing: standing_rx,
-            };
-            let polled = consume(&settings, ctx, signals, health, runtime, poll_shutdown);
+            let polled = consume(&settings, ctx, signals, health, runtime, shutdown);
             let _ = polled_tx.send(polled);
         })
         .context("starting the poll thread")?;
+    Ok(polled_rx)
+}
 
-    let (fatal, refused) = tokio::select! {
-        _ = shutdown.cancelled() => (None, None),
-        f = fatal_rx.recv() => (f, None),
-        Ok(Err(refused)) = &mut horizon => (None, Some(refused)),
-    };
-    if fatal.is_some() || refused.is_some() {
-        shutdown.cancel();
-    }
-    // Bounded: a librdkafka close that hangs (a group stuck in a rebalance) must not keep a
-    // replica from exiting.
-    let polled = match tokio::time::timeout(stop_limit, polled_rx).await {
-        Ok(Ok(polled)) => Some(polled),
-        Ok(Err(_)) => anyhow::bail!("the poll thread panicked"),
-        Err(_) => {
-            tracing::warn!(
-                limit_ms = stop_limit.as_millis() as u64,
-                "the consumer did not finish leaving the group in time; exiting without it \
-                 (applied work and its offsets are in the database)"
-            );
-            None
+/// What ends a running replica: a signal, a fatal failure, or the horizon check's refusal.
+struct Stopping {
+    shutdown: CancellationToken,
+    fatal_rx: mpsc::UnboundedReceiver<Failure>,
+    horizon: JoinHandle<Result<bool, ConfigError>>,
+    polled_rx: oneshot::Receiver<Result<(), rdkafka::error::KafkaError>>,
+    stop_limit: Duration,
+}
+
+impl Stopping {
+    /// Waits for the first of them, stops the consumer, and says how the replica ended.
+    async fn wait(mut self) -> anyhow::Result<()> {
+        let (fatal, refused) = tokio::select! {
+            _ = self.shutdown.cancelled() => (None, None),
+            f = self.fatal_rx.recv() => (f, None),
+            Ok(Err(refused)) = &mut self.horizon => (None, Some(refused)),
+        };
+        if fatal.is_some() || refused.is_some() {
+            self.shutdown.cancel();
         }
-    };
-    if let Some(refused) = refused {
-        return Err(refused.into());
-    }
-    // A worker may have failed fatally while draining: that must not end in exit 0.
-    let fatal = fatal.or_else(|| fatal_rx.try_recv().ok());
-    match (fatal, polled) {
-        (Some(f), _) => Err(f.into()),
-        (None, Some(Err(e))) => Err(anyhow::Error::new(e).context("consuming")),
-        (None, _) => {
-            tracing::info!("replica stopped");
-            Ok(())
+        // Bounded: a librdkafka close that hangs (a group stuck in a rebalance) must not keep
+        // a replica from exiting.
+        let stop_limit = self.stop_limit;
+        let polled = match tokio::time::timeout(stop_limit, self.polled_rx).await {
+            Ok(Ok(polled)) => Some(polled),
+            Ok(Err(_)) => anyhow::bail!("the poll thread panicked"),
+            Err(_) => {
+                tracing::warn!(
+                    limit_ms = stop_limit.as_millis() as u64,
+                    "the consumer did not finish leaving the group in time; exiting without it \
+                     (applied work and its offsets are in the database)"
+                );
+                None
+            }
+        };
+        if let Some(refused) = refused {
+            return Err(refused.into());
+        }
+        // A worker may have failed fatally while draining: that must not end in exit 0.
+        let fatal = fatal.or_else(|| self.fatal_rx.try_recv().ok());
+        match (fatal, polled) {
+            (Some(f), _) => Err(f.into()),
+            (None, Some(Err(e))) => Err(anyhow::Error::new(e).context("consuming")),
+            (None, _) => {
+                tracing::info!("replica stopped");
+                Ok(())
+            }
         }
     }
 }

@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use super::EventKind;
 use super::event::{Event, InvalidEvent, decode};
 use super::lock_key::lock_key;
-use super::orders::{Clock, OrderBook, ReservationStatus, apply_order_step};
+use super::orders::{Clock, OrderBook, Reservation, ReservationStatus, apply_order_step};
 use super::replies::{Reply, reply_to};
 use super::rules::{Movement, Outcome, StockBook, apply_event};
 
@@ -331,34 +331,18 @@ impl Batch {
             } else {
                 apply_event(event, &mut stock)
             };
+            let reservation = order.and_then(|o| orders.get(o).map(|r| (o, r)));
             let outcome = match applied {
                 Ok(movements) => {
-                    for m in movements {
-                        plan.movements.push((&event.id, m));
-                    }
-                    if let Some(r) = order.and_then(|o| orders.get(o).map(|r| (o, r))) {
-                        match event.kind {
-                            EventKind::Reserve => plan.reservations.push(NewReservation {
-                                order_id: r.0.to_owned(),
-                                event_id: event.id.clone(),
-                                expires_at: r.1.expires_at,
-                                lines: r.1.lines.clone(),
-                            }),
-                            _ => plan.ended.push(EndedReservation {
-                                order_id: r.0.to_owned(),
-                                status: r.1.status,
-                                by: event.id.clone(),
-                            }),
-                        }
-                    }
+                    plan.record_effects(event, movements, reservation);
                     Outcome::Applied
                 }
                 Err(reason) => Outcome::Rejected(reason),
             };
             let line_count = match event.kind {
-                EventKind::Commit | EventKind::Release => order
-                    .and_then(|o| orders.get(o))
-                    .map_or(0, |r| r.lines.len()),
+                EventKind::Commit | EventKind::Release => {
+                    reservation.map_or(0, |r| r.1.lines.len())
+                }
                 _ => event.lines.len(),
             } as i32;
             if reply_all || event.kind.is_order_step() {
@@ -377,6 +361,37 @@ impl Batch {
         }
         plan.products = product_changes(plan.movements.iter().map(|(_, m)| m), &existing);
         plan
+    }
+}
+
+impl<'a> BatchPlan<'a> {
+    /// An applied event's movements, and the reservation it made or ended (`order`: its order
+    /// and the reservation as it stands after the event).
+    fn record_effects(
+        &mut self,
+        event: &'a Event,
+        movements: Vec<Movement>,
+        order: Option<(&str, &Reservation)>,
+    ) {
+        for m in movements {
+            self.movements.push((&event.id, m));
+        }
+        let Some((order_id, r)) = order else {
+            return;
+        };
+        match event.kind {
+            EventKind::Reserve => self.reservations.push(NewReservation {
+                order_id: order_id.to_owned(),
+                event_id: event.id.clone(),
+                expires_at: r.expires_at,
+                lines: r.lines.clone(),
+            }),
+            _ => self.ended.push(EndedReservation {
+                order_id: order_id.to_owned(),
+                status: r.status,
+                by: event.id.clone(),
+            }),
+        }
     }
 }
 
@@ -444,6 +459,10 @@ mod tests {
     }
 
     #[test]
+    #[allow(
+        clippy::too_many_lines,
+        reason = "one batch, each of its deliveries checked in turn"
+    )]
     fn decides_each_delivery_in_offset_order() {
         let b = batch(&[
             r#"{"event_id":"r1","type":"restock","sku":"A","quantity":2}"#,

@@ -47,16 +47,11 @@ pub struct Signals {
 pub fn consume(
     settings: &Settings,
     ctx: WorkerContext,
-    signals: Signals,
+    mut signals: Signals,
     health: Arc<Health>,
     runtime: tokio::runtime::Handle,
     shutdown: CancellationToken,
 ) -> Result<(), KafkaError> {
-    let Signals {
-        mut halts,
-        mut rewinds,
-        mut standing,
-    } = signals;
     let group = GroupContext::new(
         ctx,
         health.clone(),
@@ -77,81 +72,137 @@ pub fn consume(
         protocol = ?settings.kafka.group_protocol,
         "subscribed"
     );
-
-    let commit_interval = Duration::from_millis(settings.processing.commit_interval_ms);
-    let mut last_commit = Instant::now();
-    let mut last_resume_check = Instant::now();
-    let mut last_restart_check = Instant::now();
+    let mut every = Chores::new(Duration::from_millis(
+        settings.processing.commit_interval_ms,
+    ));
     let mut result = Ok(());
     let topic = settings.kafka.topic.as_str();
     while !shutdown.is_cancelled() {
         health.polled();
-        match consumer.poll(POLL_INTERVAL) {
-            Some(Ok(message)) => consumer.context().dispatch(&consumer, &message),
-            Some(Err(e)) if e.rdkafka_error_code() == Some(RDKafkaErrorCode::AutoOffsetReset) => {
-                // The partition's next message is gone (retention deleted it before it was
-                // processed, or an offset is out of range): librdkafka jumps as
-                // `auto.offset.reset` says. Messages were skipped; say so loudly.
-                metrics::counter!(crate::metrics::OFFSET_RESETS).increment(1);
-                tracing::error!(error = %e, "offset reset: messages of a partition were skipped");
-            }
-            Some(Err(e)) if is_fatal(&e, health.has_joined()) => {
-                tracing::error!(error = %e, "fatal Kafka error");
-                result = Err(e);
-                break;
-            }
-            Some(Err(e)) => tracing::warn!(error = %e, "Kafka error; librdkafka retries"),
-            None => {}
+        if let Err(e) = poll_once(&consumer, &health) {
+            result = Err(e);
+            break;
         }
-        while let Ok(halted) = halts.try_recv() {
+        while let Ok(halted) = signals.halts.try_recv() {
             consumer.context().halt(&consumer, halted);
         }
-        // Only the latest change counts (a step out and back in while a drain held this
-        // thread would be a needless leave and rejoin).
-        let mut latest = None;
-        while let Ok(change) = standing.try_recv() {
-            latest = Some(change);
-        }
-        let wanted = |c: &Change| matches!(c, Change::StepOut { .. }) != health.is_stepped_out();
-        if let Some(change) = latest.filter(wanted)
-            && let Err(e) = change_standing(&consumer, &health, topic, change)
-        {
+        if let Err(e) = follow_standing(&consumer, &health, topic, &mut signals.standing) {
             tracing::error!(error = %e, "fatal Kafka error");
             result = Err(e);
             shutdown.cancel();
         }
-        // Reports pile up while a rewind waits on the database: handle the latest of each
-        // partition once per turn.
-        let mut rewound = BTreeMap::new();
-        while let Ok(reports) = rewinds.try_recv() {
-            for r in reports {
-                let epoch = rewound.entry(r.partition).or_insert(r.epoch);
-                *epoch = (*epoch).max(r.epoch);
-            }
+        rewind_reported(&consumer, &mut signals.rewinds);
+        every.run_due(&consumer);
+    }
+    // Shutdown: give every partition up as a revoke would (drain, commit), then leave the group.
+    shutdown.cancel();
+    leave(consumer);
+    result
+}
+
+/// One poll: a message goes to its partition's worker, an error is logged; `Err` only for a
+/// fatal one.
+fn poll_once(consumer: &BaseConsumer<GroupContext>, health: &Health) -> Result<(), KafkaError> {
+    match consumer.poll(POLL_INTERVAL) {
+        Some(Ok(message)) => consumer.context().dispatch(consumer, &message),
+        Some(Err(e)) if e.rdkafka_error_code() == Some(RDKafkaErrorCode::AutoOffsetReset) => {
+            // The partition's next message is gone (retention deleted it before it was
+            // processed, or an offset is out of range): librdkafka jumps as
+            // `auto.offset.reset` says. Messages were skipped; say so loudly.
+            metrics::counter!(crate::metrics::OFFSET_RESETS).increment(1);
+            tracing::error!(error = %e, "offset reset: messages of a partition were skipped");
         }
-        if !rewound.is_empty() {
-            let rewound: Vec<Rewind> = rewound
-                .into_iter()
-                .map(|(partition, epoch)| Rewind { partition, epoch })
-                .collect();
-            consumer.context().rewind(&consumer, &rewound);
+        Some(Err(e)) if is_fatal(&e, health.has_joined()) => {
+            tracing::error!(error = %e, "fatal Kafka error");
+            return Err(e);
         }
-        if last_restart_check.elapsed() >= crate::kafka::rewinds::CHECK_INTERVAL {
-            consumer.context().restart_unstarted(&consumer);
-            last_restart_check = Instant::now();
+        Some(Err(e)) => tracing::warn!(error = %e, "Kafka error; librdkafka retries"),
+        None => {}
+    }
+    Ok(())
+}
+
+/// Steps out of the group or back in as the database probe says. Only the latest change
+/// counts (a step out and back in while a drain held this thread would be a needless leave
+/// and rejoin).
+fn follow_standing(
+    consumer: &BaseConsumer<GroupContext>,
+    health: &Health,
+    topic: &str,
+    standing: &mut mpsc::UnboundedReceiver<Change>,
+) -> Result<(), KafkaError> {
+    let mut latest = None;
+    while let Ok(change) = standing.try_recv() {
+        latest = Some(change);
+    }
+    let wanted = |c: &Change| matches!(c, Change::StepOut { .. }) != health.is_stepped_out();
+    match latest.filter(wanted) {
+        Some(change) => change_standing(consumer, health, topic, change),
+        None => Ok(()),
+    }
+}
+
+/// Reports pile up while a rewind waits on the database: handles the latest of each
+/// partition once per turn.
+fn rewind_reported(
+    consumer: &BaseConsumer<GroupContext>,
+    rewinds: &mut mpsc::UnboundedReceiver<Vec<Rewind>>,
+) {
+    let mut rewound = BTreeMap::new();
+    while let Ok(reports) = rewinds.try_recv() {
+        for r in reports {
+            let epoch = rewound.entry(r.partition).or_insert(r.epoch);
+            *epoch = (*epoch).max(r.epoch);
         }
-        if last_resume_check.elapsed() >= RESUME_CHECK {
-            consumer.context().resume_ready(&consumer);
-            last_resume_check = Instant::now();
-        }
-        if last_commit.elapsed() >= commit_interval {
-            consumer.context().commit_processed(&consumer);
-            last_commit = Instant::now();
+    }
+    if !rewound.is_empty() {
+        let rewound: Vec<Rewind> = rewound
+            .into_iter()
+            .map(|(partition, epoch)| Rewind { partition, epoch })
+            .collect();
+        consumer.context().rewind(consumer, &rewound);
+    }
+}
+
+/// The poll thread's periodic work, each at its own pace.
+struct Chores {
+    commit_interval: Duration,
+    last_commit: Instant,
+    last_resume_check: Instant,
+    last_restart_check: Instant,
+}
+
+impl Chores {
+    fn new(commit_interval: Duration) -> Self {
+        let now = Instant::now();
+        Chores {
+            commit_interval,
+            last_commit: now,
+            last_resume_check: now,
+            last_restart_check: now,
         }
     }
 
-    // Shutdown: give every partition up as a revoke would (drain, commit), then leave the group.
-    shutdown.cancel();
+    /// Restarts partitions a rewind left without a worker, resumes partitions whose queue has
+    /// room, commits the offsets the database holds.
+    fn run_due(&mut self, consumer: &BaseConsumer<GroupContext>) {
+        if self.last_restart_check.elapsed() >= crate::kafka::rewinds::CHECK_INTERVAL {
+            consumer.context().restart_unstarted(consumer);
+            self.last_restart_check = Instant::now();
+        }
+        if self.last_resume_check.elapsed() >= RESUME_CHECK {
+            consumer.context().resume_ready(consumer);
+            self.last_resume_check = Instant::now();
+        }
+        if self.last_commit.elapsed() >= self.commit_interval {
+            consumer.context().commit_processed(consumer);
+            self.last_commit = Instant::now();
+        }
+    }
+}
+
+/// Gives every partition up as a revoke would (drain, commit), then leaves the group.
+fn leave(consumer: BaseConsumer<GroupContext>) {
     consumer.context().shutdown(&consumer);
     consumer.unsubscribe();
     // Serve the unsubscribe's own rebalance before dropping: a rebalance event left unpolled
@@ -162,7 +213,6 @@ pub fn consume(
     }
     drop(consumer);
     tracing::info!("left the consumer group");
-    result
 }
 
 /// Leaves the group (its revoke drains and commits as any revoke does, in the polls that

@@ -334,52 +334,14 @@ impl PartitionWorker {
             drop(permit);
             match attempted {
                 Ok(outcome) => {
-                    if paused {
-                        tracing::info!(partition = self.partition, "partition resumed");
-                    }
-                    let partition = self.partition.to_string();
-                    metrics::gauge!(crate::metrics::PAUSED, "partition" => partition.clone())
-                        .set(0.0);
-                    record_latency(batch);
-                    metrics::histogram!(crate::metrics::APPLY_SECONDS)
-                        .record(attempt.elapsed().as_secs_f64());
-                    metrics::histogram!(crate::metrics::BATCH_SIZE).record(batch.len() as f64);
-                    self.ctx.stats.record_batch(&outcome);
-                    // The effect is committed: now, and only now, the offset may advance.
-                    self.ctx.offsets.processed(self.partition, last + 1);
-                    metrics::gauge!(crate::metrics::RECORDED_OFFSET, "partition" => partition)
-                        .set((last + 1) as f64);
-                    tracing::debug!(
-                        partition = self.partition,
-                        first_offset = first,
-                        last_offset = last,
-                        applied = outcome.applied,
-                        rejected = outcome.rejected,
-                        duplicates = outcome.duplicates,
-                        dead_letters = outcome.dead_letters,
-                        "batch committed"
-                    );
+                    self.committed(batch, (first, last), &outcome, attempt.elapsed(), paused);
                     return Ok(());
                 }
                 Err(Failure::Paused(_)) => {
                     // An operator's pause: no deadline. The partition's queue fills and flow
                     // control stops fetching it; a revoke or shutdown ends the wait.
-                    if !paused {
-                        paused = true;
-                        metrics::gauge!(crate::metrics::PAUSED, "partition" => self.partition.to_string()).set(1.0);
-                        tracing::info!(
-                            partition = self.partition,
-                            first_offset = first,
-                            "partition paused by an operator: waiting for resume"
-                        );
-                    }
-                    tokio::select! {
-                        _ = self.stop.cancelled() => {
-                            metrics::gauge!(crate::metrics::PAUSED, "partition" => self.partition.to_string()).set(0.0);
-                            self.ctx.stats.record_abandoned();
-                            return Err(None);
-                        }
-                        _ = sleep(PAUSE_CHECK) => {}
+                    if !self.wait_while_paused(&mut paused, first).await {
+                        return Err(None);
                     }
                     // The time paused does not count towards the retry deadline.
                     started = Instant::now();
@@ -410,6 +372,63 @@ impl PartitionWorker {
                 }
                 Err(other) => return Err(Some(other)),
             }
+        }
+    }
+
+    /// A batch committed: its counters and metrics, and the offset after it, which may now
+    /// advance (its effect is in the database).
+    fn committed(
+        &self,
+        batch: &Batch,
+        (first, last): (i64, i64),
+        outcome: &BatchOutcome,
+        took: Duration,
+        was_paused: bool,
+    ) {
+        if was_paused {
+            tracing::info!(partition = self.partition, "partition resumed");
+        }
+        let partition = self.partition.to_string();
+        metrics::gauge!(crate::metrics::PAUSED, "partition" => partition.clone()).set(0.0);
+        record_latency(batch);
+        metrics::histogram!(crate::metrics::APPLY_SECONDS).record(took.as_secs_f64());
+        metrics::histogram!(crate::metrics::BATCH_SIZE).record(batch.len() as f64);
+        self.ctx.stats.record_batch(outcome);
+        self.ctx.offsets.processed(self.partition, last + 1);
+        metrics::gauge!(crate::metrics::RECORDED_OFFSET, "partition" => partition)
+            .set((last + 1) as f64);
+        tracing::debug!(
+            partition = self.partition,
+            first_offset = first,
+            last_offset = last,
+            applied = outcome.applied,
+            rejected = outcome.rejected,
+            duplicates = outcome.duplicates,
+            dead_letters = outcome.dead_letters,
+            "batch committed"
+        );
+    }
+
+    /// Waits a while for an operator's resume (says so once, when the pause is first met);
+    /// `false` when the worker was told to stop meanwhile (the batch is abandoned).
+    async fn wait_while_paused(&mut self, paused: &mut bool, first: i64) -> bool {
+        let partition = self.partition.to_string();
+        if !*paused {
+            *paused = true;
+            metrics::gauge!(crate::metrics::PAUSED, "partition" => partition.clone()).set(1.0);
+            tracing::info!(
+                partition = self.partition,
+                first_offset = first,
+                "partition paused by an operator: waiting for resume"
+            );
+        }
+        tokio::select! {
+            _ = self.stop.cancelled() => {
+                metrics::gauge!(crate::metrics::PAUSED, "partition" => partition).set(0.0);
+                self.ctx.stats.record_abandoned();
+                false
+            }
+            _ = sleep(PAUSE_CHECK) => true,
         }
     }
 

@@ -15,17 +15,23 @@ use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 use tokio::sync::Semaphore;
+use tokio_postgres::Transaction;
 use tokio_postgres::types::{ToSql, Type};
 use tokio_util::sync::CancellationToken;
 
 use crate::domain::batch::{EndedReservation, product_changes};
 use crate::domain::event::EXPIRY_PREFIX;
-use crate::domain::{Movement, ReservationStatus, expire, expiry_reply};
-use crate::store::apply::{
-    END_RESERVATIONS, EndedRows, INSERT_EVENTS, INSERT_MOVEMENTS, INSERT_REPLIES, LOCK,
-    MovementRows, NOW, ProductRows, QUEUE_REPLIES, RESERVATIONS, ReplyRows, STOCK, UPDATE_PRODUCTS,
-    lock_keys, read_reservations, read_stock, unless_empty,
+use crate::domain::{
+    Movement, OrderBook, Reply, ReservationStatus, StockBook, expire, expiry_reply,
 };
+use crate::store::apply::rows::{
+    EndedRows, MovementRows, ProductRows, ReplyRows, lock_keys, read_reservations, read_stock,
+};
+use crate::store::apply::sql::{
+    END_RESERVATIONS, INSERT_EVENTS, INSERT_MOVEMENTS, INSERT_REPLIES, LOCK, NOW, QUEUE_REPLIES,
+    RESERVATIONS, STOCK, UPDATE_PRODUCTS,
+};
+use crate::store::apply::unless_empty;
 use crate::store::retention::{CLOCK_SHARED, clock_key};
 use crate::store::{Failure, Pool};
 
@@ -85,6 +91,24 @@ pub async fn sweep_until(
 pub async fn sweep(pool: &Pool, topic: &str, max_lines: usize) -> Result<usize, Failure> {
     let mut conn = pool.get().await?;
     let tx = conn.transaction().await?;
+    let due = due_orders(&tx, max_lines).await?;
+    if due.is_empty() {
+        return Ok(0);
+    }
+    let mut read = lock_and_read(&tx, &due).await?;
+    let expiries = decide(&due, &mut read);
+    if expiries.expired.is_empty() {
+        return Ok(0);
+    }
+    write(&tx, topic, &expiries, &read.existing).await?;
+    tx.commit().await?;
+    metrics::counter!(crate::metrics::EXPIRED).increment(expiries.expired.len() as u64);
+    Ok(expiries.expired.len())
+}
+
+/// The due reservations, oldest expiry first, as many as `max_lines` lines allow (at least
+/// one, however wide).
+async fn due_orders(tx: &Transaction<'_>, max_lines: usize) -> Result<Vec<String>, Failure> {
     let mut due: Vec<String> = Vec::new();
     let mut lines = 0;
     for row in tx.query_typed(DUE, &[(&SWEEP_LIMIT, Type::INT8)]).await? {
@@ -94,9 +118,21 @@ pub async fn sweep(pool: &Pool, topic: &str, max_lines: usize) -> Result<usize, 
         }
         due.push(row.try_get(0)?);
     }
-    if due.is_empty() {
-        return Ok(0);
-    }
+    Ok(due)
+}
+
+/// What a sweep reads under its locks.
+struct Read {
+    stock: StockBook,
+    /// The SKUs that have a product row (all of a reservation's do).
+    existing: HashSet<String>,
+    orders: OrderBook,
+    now: chrono::DateTime<chrono::Utc>,
+}
+
+/// The period clock first, as in every batch (src/store/apply.rs), then the SKUs' advisory
+/// locks in their global order, then the stock and the reservations under them.
+async fn lock_and_read(tx: &Transaction<'_>, due: &[String]) -> Result<Read, Failure> {
     let orders_param = [(&due as &(dyn ToSql + Sync), Type::TEXT_ARRAY)];
     let skus: Vec<String> = tx
         .query_typed(DUE_SKUS, &orders_param)
@@ -108,7 +144,6 @@ pub async fn sweep(pool: &Pool, topic: &str, max_lines: usize) -> Result<usize, 
     let keys_param = [(&keys as &(dyn ToSql + Sync), Type::INT8_ARRAY)];
     let skus_param = [(&skus as &(dyn ToSql + Sync), Type::TEXT_ARRAY)];
     let clock_param = [(&clock_key() as &(dyn ToSql + Sync), Type::INT8)];
-    // The period clock first, as in every batch (src/store/apply.rs).
     let (_, _, stock_rows, reservation_rows, now) = tokio::try_join!(
         biased;
         tx.execute_typed(CLOCK_SHARED, &clock_param),
@@ -117,48 +152,65 @@ pub async fn sweep(pool: &Pool, topic: &str, max_lines: usize) -> Result<usize, 
         tx.query_typed(RESERVATIONS, &orders_param),
         async { tx.query_typed_one(NOW, &[]).await?.try_get::<_, i64>(0) },
     )?;
-    let mut stock = read_stock(&stock_rows)?;
-    let existing: HashSet<String> = stock.keys().cloned().collect();
-    let mut orders = read_reservations(&reservation_rows)?;
-    let now = chrono::DateTime::from_timestamp_millis(now).unwrap_or_default();
+    let stock = read_stock(&stock_rows)?;
+    Ok(Read {
+        existing: stock.keys().cloned().collect(),
+        stock,
+        orders: read_reservations(&reservation_rows)?,
+        now: chrono::DateTime::from_timestamp_millis(now).unwrap_or_default(),
+    })
+}
 
-    // (order, its expiry's event id, movements)
-    let mut expired: Vec<(&str, String, Vec<Movement>)> = Vec::new();
-    let mut replies = Vec::new();
-    for order_id in &due {
-        // Skips what was ended meanwhile, or is not due after all under the locks.
-        if let Some(movements) = expire(order_id, &mut stock, &mut orders, now) {
+/// The expiries a sweep makes, and their replies.
+struct Expiries<'a> {
+    /// (order, its expiry's event id, movements)
+    expired: Vec<(&'a str, String, Vec<Movement>)>,
+    replies: Vec<Reply>,
+}
+
+/// Expires each due reservation still active and due under the locks (another replica, a
+/// commit or a release may have ended it meanwhile): pure, on what was read.
+fn decide<'a>(due: &'a [String], read: &mut Read) -> Expiries<'a> {
+    let mut expiries = Expiries {
+        expired: Vec::new(),
+        replies: Vec::new(),
+    };
+    for order_id in due {
+        if let Some(movements) = expire(order_id, &mut read.stock, &mut read.orders, read.now) {
             let id = expiry_event_id(order_id);
-            if let Some(reservation) = orders.get(order_id.as_str()) {
-                replies.push(expiry_reply(&id, order_id, reservation));
+            if let Some(reservation) = read.orders.get(order_id.as_str()) {
+                expiries
+                    .replies
+                    .push(expiry_reply(&id, order_id, reservation));
             }
-            expired.push((order_id, id, movements));
+            expiries.expired.push((order_id, id, movements));
         }
     }
-    if expired.is_empty() {
-        return Ok(0);
-    }
+    expiries
+}
+
+/// The expiries' rows: each recorded as an event `expire:<order_id>`, the stock given back,
+/// the ledger, the reservations ended, their replies queued for the relay.
+async fn write(
+    tx: &Transaction<'_>,
+    topic: &str,
+    expiries: &Expiries<'_>,
+    existing: &HashSet<String>,
+) -> Result<(), Failure> {
+    let expired = &expiries.expired;
     let ids: Vec<&str> = expired.iter().map(|(_, id, _)| id.as_str()).collect();
-    let kinds = vec!["expire"; ids.len()];
-    let outcomes = vec!["applied"; ids.len()];
-    let reasons: Vec<Option<&str>> = vec![None; ids.len()];
-    let lines: Vec<i32> = expired.iter().map(|(_, _, m)| m.len() as i32).collect();
-    let offsets: Vec<Option<i64>> = vec![None; ids.len()];
-    let digests: Vec<Vec<u8>> = ids
-        .iter()
-        .map(|id| Sha256::digest(id.as_bytes()).to_vec())
-        .collect();
+    let events = ExpiryEventRows::of(expired);
     let partition: Option<i32> = None;
     let event_params: [(&(dyn ToSql + Sync), Type); 9] = [
         (&topic, Type::TEXT),
         (&partition, Type::INT4),
         (&ids, Type::TEXT_ARRAY),
-        (&kinds, Type::TEXT_ARRAY),
-        (&outcomes, Type::TEXT_ARRAY),
-        (&reasons, Type::TEXT_ARRAY),
-        (&lines, Type::INT4_ARRAY),
-        (&offsets, Type::INT8_ARRAY),
-        (&digests, Type::BYTEA_ARRAY),
+        (&events.kinds, Type::TEXT_ARRAY),
+        (&events.outcomes, Type::TEXT_ARRAY),
+        (&events.reasons, Type::TEXT_ARRAY),
+        (&events.lines, Type::INT4_ARRAY),
+        (&events.offsets, Type::INT8_ARRAY),
+        (&events.digests, Type::BYTEA_ARRAY),
     ];
     let movements = MovementRows::of(
         expired
@@ -167,7 +219,7 @@ pub async fn sweep(pool: &Pool, topic: &str, max_lines: usize) -> Result<usize, 
     );
     let movement_params = movements.params();
     // Every SKU of a reservation exists: these are updates, never inserts.
-    let changes = product_changes(expired.iter().flat_map(|(_, _, ms)| ms), &existing);
+    let changes = product_changes(expired.iter().flat_map(|(_, _, ms)| ms), existing);
     let products = ProductRows::of(changes.iter());
     let product_params = products.params();
     let ended: Vec<EndedReservation> = expired
@@ -180,7 +232,8 @@ pub async fn sweep(pool: &Pool, topic: &str, max_lines: usize) -> Result<usize, 
         .collect();
     let ended_rows = EndedRows::of(&ended);
     let ended_params = ended_rows.params();
-    let reply_rows = ReplyRows::of(&replies);
+    let replies = &expiries.replies;
+    let reply_rows = ReplyRows::of(replies);
     let reply_params = reply_rows.params();
     let queue_param = [(
         &reply_rows.event_ids as &(dyn ToSql + Sync),
@@ -198,7 +251,34 @@ pub async fn sweep(pool: &Pool, topic: &str, max_lines: usize) -> Result<usize, 
             tx.execute_typed(QUEUE_REPLIES, &queue_param)
         ),
     )?;
-    tx.commit().await?;
-    metrics::counter!(crate::metrics::EXPIRED).increment(expired.len() as u64);
-    Ok(expired.len())
+    Ok(())
+}
+
+/// The expiries' columns of `processed_events` but their ids: kind `expire`, outcome
+/// `applied`, no reason, their lines, no offset (no message carried them), the id's digest as
+/// the body's (an expiry has no body).
+struct ExpiryEventRows {
+    kinds: Vec<&'static str>,
+    outcomes: Vec<&'static str>,
+    reasons: Vec<Option<&'static str>>,
+    lines: Vec<i32>,
+    offsets: Vec<Option<i64>>,
+    digests: Vec<Vec<u8>>,
+}
+
+impl ExpiryEventRows {
+    fn of(expired: &[(&str, String, Vec<Movement>)]) -> Self {
+        let n = expired.len();
+        ExpiryEventRows {
+            kinds: vec!["expire"; n],
+            outcomes: vec!["applied"; n],
+            reasons: vec![None; n],
+            lines: expired.iter().map(|(_, _, m)| m.len() as i32).collect(),
+            offsets: vec![None; n],
+            digests: expired
+                .iter()
+                .map(|(_, id, _)| Sha256::digest(id.as_bytes()).to_vec())
+                .collect(),
+        }
+    }
 }

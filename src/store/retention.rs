@@ -21,8 +21,8 @@
 
 use std::time::Duration;
 
-use tokio_postgres::Client;
 use tokio_postgres::types::Type;
+use tokio_postgres::{Client, Transaction};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::HistorySettings;
@@ -308,6 +308,8 @@ impl Table {
     }
 }
 
+/// Detaches, oldest first, each period of `table` past its retention (the tables are dropped
+/// later: [`DETACHED`]), carrying what the audit needs forward; one transaction a period.
 async fn drop_expired(
     db: &mut Client,
     table: Table,
@@ -340,95 +342,115 @@ async fn drop_expired(
         let p: i32 = row.try_get(0)?;
         let uncounted: bool = row.try_get(1)?;
         let dropped = match table {
-            Table::Events => {
-                // Counted soon after the period ended (`count_ended`); if that has not
-                // happened yet, now, before any table lock. Only then: even when it updates
-                // no row, the count's statement is costed as a scan of the whole period, and
-                // PostgreSQL's JIT compiled it for 0.4 s of a core (50 million events here).
-                if uncounted {
-                    tx.batch_execute(&count_events(p)).await?;
-                }
-                // Both parents, in the order the writers lock them (events, then replies), so
-                // that dropping cannot deadlock with a batch; and from here no batch can queue
-                // a reply of this period again before the check below.
-                tx.batch_execute("LOCK TABLE processed_events, replies IN ACCESS EXCLUSIVE MODE")
-                    .await?;
-                // Replies still to publish keep their period (the relay may be down).
-                let queued: bool = tx
-                    .query_one(
-                        &format!(
-                            "SELECT EXISTS (SELECT 1 FROM reply_outbox o
-                                            JOIN replies_p{p} r USING (event_id))"
-                        ),
-                        &[],
-                    )
-                    .await?
-                    .try_get(0)?;
-                if queued {
-                    tracing::warn!(
-                        period = p,
-                        "replies of an expired period are still queued for the relay; kept until published"
-                    );
-                    return Ok(());
-                }
-                tx.execute(
-                    "UPDATE history_periods SET
-                         events_dropped = events_dropped + events_counted,
-                         applied_dropped = applied_dropped + applied_counted,
-                         rejected_dropped = rejected_dropped + rejected_counted,
-                         order_replies_dropped = order_replies_dropped + order_replies_counted,
-                         events_gone = true
-                     WHERE period = $1",
-                    &[&p],
-                )
-                .await?;
-                tx.batch_execute(&format!(
-                    "ALTER TABLE replies DETACH PARTITION replies_p{p};
-                     ALTER TABLE processed_events DETACH PARTITION processed_events_p{p};"
-                ))
-                .await?;
-                vec![format!("processed_events_p{p}"), format!("replies_p{p}")]
-            }
-            Table::Ledger => {
-                // Periods drop oldest first, so each SKU's last movement here is its balance
-                // at the end of the period, and the openings hold everything before. One pass:
-                // the period's count is the sum of the SKUs' counts.
-                tx.batch_execute(&format!(
-                    "WITH last AS (
-                         SELECT DISTINCT ON (sku) sku, stock_after, reserved_after,
-                                count(*) OVER (PARTITION BY sku) AS changes
-                         FROM stock_movements_p{p} ORDER BY sku, id DESC),
-                     carried AS (
-                         INSERT INTO ledger_openings AS o (sku, stock, reserved, changes)
-                         SELECT sku, stock_after, reserved_after, changes FROM last
-                         ON CONFLICT (sku) DO UPDATE SET stock = EXCLUDED.stock,
-                             reserved = EXCLUDED.reserved, changes = o.changes + EXCLUDED.changes)
-                     UPDATE history_periods SET
-                         movements_dropped = movements_dropped
-                             + (SELECT coalesce(sum(changes), 0) FROM last),
-                         movements_gone = true
-                     WHERE period = {p};
-                     ALTER TABLE stock_movements DETACH PARTITION stock_movements_p{p};"
-                ))
-                .await?;
-                vec![format!("stock_movements_p{p}")]
-            }
-            Table::DeadLetters => {
-                tx.batch_execute(&format!(
-                    "UPDATE history_periods SET
-                         dead_letters_dropped = dead_letters_dropped +
-                             (SELECT count(*) FROM dead_letters_p{p}),
-                         dead_letters_gone = true
-                     WHERE period = {p};
-                     ALTER TABLE dead_letters DETACH PARTITION dead_letters_p{p};"
-                ))
-                .await?;
-                vec![format!("dead_letters_p{p}")]
-            }
+            Table::Events => match detach_events(&tx, p, uncounted).await? {
+                Some(dropped) => dropped,
+                // Kept for now; the transaction rolls back.
+                None => return Ok(()),
+            },
+            Table::Ledger => detach_ledger(&tx, p).await?,
+            Table::DeadLetters => detach_dead_letters(&tx, p).await?,
         };
         tx.commit().await?;
         done.dropped.extend(dropped);
     }
+}
+
+/// Period `p` of `processed_events` and `replies`, its counts carried into `history_periods`;
+/// `None` while replies of it are still queued for the relay (the relay may be down).
+async fn detach_events(
+    tx: &Transaction<'_>,
+    p: i32,
+    uncounted: bool,
+) -> Result<Option<Vec<String>>, Failure> {
+    // Counted soon after the period ended (`count_ended`); if that has not happened yet, now,
+    // before any table lock. Only then: even when it updates no row, the count's statement is
+    // costed as a scan of the whole period, and PostgreSQL's JIT compiled it for 0.4 s of a
+    // core (50 million events here).
+    if uncounted {
+        tx.batch_execute(&count_events(p)).await?;
+    }
+    // Both parents, in the order the writers lock them (events, then replies), so that
+    // dropping cannot deadlock with a batch; and from here no batch can queue a reply of this
+    // period again before the check below.
+    tx.batch_execute("LOCK TABLE processed_events, replies IN ACCESS EXCLUSIVE MODE")
+        .await?;
+    let queued: bool = tx
+        .query_one(
+            &format!(
+                "SELECT EXISTS (SELECT 1 FROM reply_outbox o
+                                JOIN replies_p{p} r USING (event_id))"
+            ),
+            &[],
+        )
+        .await?
+        .try_get(0)?;
+    if queued {
+        tracing::warn!(
+            period = p,
+            "replies of an expired period are still queued for the relay; kept until published"
+        );
+        return Ok(None);
+    }
+    tx.execute(
+        "UPDATE history_periods SET
+             events_dropped = events_dropped + events_counted,
+             applied_dropped = applied_dropped + applied_counted,
+             rejected_dropped = rejected_dropped + rejected_counted,
+             order_replies_dropped = order_replies_dropped + order_replies_counted,
+             events_gone = true
+         WHERE period = $1",
+        &[&p],
+    )
+    .await?;
+    tx.batch_execute(&format!(
+        "ALTER TABLE replies DETACH PARTITION replies_p{p};
+         ALTER TABLE processed_events DETACH PARTITION processed_events_p{p};"
+    ))
+    .await?;
+    Ok(Some(vec![
+        format!("processed_events_p{p}"),
+        format!("replies_p{p}"),
+    ]))
+}
+
+/// Period `p` of the ledger, each SKU's balance at its end carried into `ledger_openings`.
+async fn detach_ledger(tx: &Transaction<'_>, p: i32) -> Result<Vec<String>, Failure> {
+    // Periods drop oldest first, so each SKU's last movement here is its balance at the end of
+    // the period, and the openings hold everything before. One pass: the period's count is the
+    // sum of the SKUs' counts.
+    tx.batch_execute(&format!(
+        "WITH last AS (
+             SELECT DISTINCT ON (sku) sku, stock_after, reserved_after,
+                    count(*) OVER (PARTITION BY sku) AS changes
+             FROM stock_movements_p{p} ORDER BY sku, id DESC),
+         carried AS (
+             INSERT INTO ledger_openings AS o (sku, stock, reserved, changes)
+             SELECT sku, stock_after, reserved_after, changes FROM last
+             ON CONFLICT (sku) DO UPDATE SET stock = EXCLUDED.stock,
+                 reserved = EXCLUDED.reserved, changes = o.changes + EXCLUDED.changes)
+         UPDATE history_periods SET
+             movements_dropped = movements_dropped
+                 + (SELECT coalesce(sum(changes), 0) FROM last),
+             movements_gone = true
+         WHERE period = {p};
+         ALTER TABLE stock_movements DETACH PARTITION stock_movements_p{p};"
+    ))
+    .await?;
+    Ok(vec![format!("stock_movements_p{p}")])
+}
+
+/// Period `p` of `dead_letters`, its count carried into `history_periods`.
+async fn detach_dead_letters(tx: &Transaction<'_>, p: i32) -> Result<Vec<String>, Failure> {
+    tx.batch_execute(&format!(
+        "UPDATE history_periods SET
+             dead_letters_dropped = dead_letters_dropped +
+                 (SELECT count(*) FROM dead_letters_p{p}),
+             dead_letters_gone = true
+         WHERE period = {p};
+         ALTER TABLE dead_letters DETACH PARTITION dead_letters_p{p};"
+    ))
+    .await?;
+    Ok(vec![format!("dead_letters_p{p}")])
 }
 
 /// History tables detached from their parent (`drop_expired`) and not dropped yet.
