@@ -515,6 +515,10 @@ mod tests {
     }
 
     #[test]
+    #[allow(
+        clippy::too_many_lines,
+        reason = "a table of cases, one after the other"
+    )]
     fn names_a_precise_reason_for_every_violation() {
         let long_id = "x".repeat(129);
         let long_sku = "S".repeat(65);

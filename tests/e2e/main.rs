@@ -1,6 +1,10 @@
 //! End-to-end tests: the real binary as separate processes, a broker (Apache Kafka for the
 //! group scenarios and broker failures, the embedded one elsewhere), a real PostgreSQL, and the
 //! database checked against an oracle of what was produced.
+#![allow(
+    clippy::too_many_lines,
+    reason = "a scenario reads top to bottom as the story it checks, and the reference model as the contract it follows"
+)]
 
 mod dead_letters;
 mod faults;
