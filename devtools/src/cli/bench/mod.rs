@@ -1,0 +1,359 @@
+//! `bench`: what the guarantees cost, measured in one run. It starts the embedded broker and a
+//! PostgreSQL (a fresh database per run on `--database-url`, else a throwaway durable local
+//! cluster) and measures, on the same uniform workload:
+//!
+//! - the database-only limit: the replicas' batch transaction driven directly, no Kafka;
+//! - the pipeline with every guarantee, 1 and 3 replicas (separate processes);
+//! - the pipeline in per-event mode (batches of one event);
+//! - the unsafe baseline: no advisory locks, no duplicate lookup;
+//! - a hot-SKU workload (half the events on one SKU);
+//! - produce-to-commit latency at a fixed rate, from the replicas' latency histograms;
+//! - peak resident memory of one replica working through a large backlog.
+//!
+//! Every pipeline run lets its replicas share the partitions first; the clock runs from the
+//! start of production to the last commit. Every run ends with the audit against the workload's
+//! oracle; a failed audit fails the command. Figures are measured, targets only reported.
+
+mod database;
+mod pipeline;
+mod report;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::Args;
+use tokio::runtime::Runtime;
+
+use crate::cli::{given_or_throwaway_database, log_dir};
+use crate::embedded::postgres::{PostgresOptions, ThrowawayPostgres};
+use crate::embedded::replica::Service;
+use crate::workload::{Expectation, WorkloadSpec};
+use inventory_consumer::cli::{EXIT_VERIFY_FAILED, GlobalArgs, runtime};
+use inventory_consumer::config::Settings;
+use inventory_consumer::store::{self, audit};
+use pipeline::{Run, check_embedded_retention, pipeline_runs};
+use report::{Measured, medians, print_profile, print_ratios, print_table, statement_stats};
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Events of each throughput run (the per-event run takes a twentieth).
+    #[arg(long, default_value_t = 200_000)]
+    pub events: u64,
+    /// SKU population of the uniform workload.
+    #[arg(long, default_value_t = 10_000)]
+    pub skus: u64,
+    /// Partitions of the topic in the throughput runs.
+    #[arg(long, default_value_t = 12)]
+    pub partitions: i32,
+    /// Backlog of the memory run (one replica); 0 skips the run.
+    #[arg(long, default_value_t = 1_000_000)]
+    pub backlog: u64,
+    /// Events per second of the latency run (3 replicas, produced while they run); 0 skips it.
+    #[arg(long, default_value_t = 5_000)]
+    pub latency_rate: u64,
+    /// How long the latency run produces.
+    #[arg(long, default_value_t = 20)]
+    pub latency_seconds: u64,
+    /// Rounds of the throughput runs; each run reports its median round.
+    #[arg(long, default_value_t = 1)]
+    pub repeat: u32,
+    /// Also run the 1- and 3-replica pipelines on Apache Kafka (installed by
+    /// `kafka/install.sh`), reported beside the embedded broker's (runs `one-apache`,
+    /// `three-apache`).
+    #[arg(long)]
+    pub apache: bool,
+    /// History rows (processed events, each with a ledger row; a dead letter per hundred)
+    /// already in the tables of the steady-state run: the database-only run again on top of
+    /// them, generated in SQL once per bench. 0 skips the run.
+    #[arg(long, default_value_t = 0)]
+    pub history: u64,
+    /// Days the history spans.
+    #[arg(long, default_value_t = 30)]
+    pub history_days: u64,
+    /// `shared_buffers` of the throwaway PostgreSQL server (PostgreSQL's default, 128MB,
+    /// unless given; ignored with `--database-url`). A server holding a large history is
+    /// given a cache that holds the dedupe horizon's indexes (see docs/performance.md).
+    #[arg(long, value_name = "SIZE", default_value = "128MB")]
+    pub shared_buffers: String,
+    /// Only these runs (comma-separated): database, steady, one, three, per-event, unsafe,
+    /// hot, latency, memory, one-apache, three-apache. Default: all.
+    #[arg(long, value_delimiter = ',')]
+    pub only: Vec<String>,
+    /// Where the replicas' logs go (default: a new directory under the system temp dir).
+    #[arg(long, value_name = "DIR")]
+    pub logs: Option<PathBuf>,
+}
+
+/// Deliveries per transaction in the batched runs: the default `processing.batch_max_events`.
+const BATCH: usize = 500;
+
+struct Bench {
+    rt: Runtime,
+    /// Where each run's database is created.
+    admin_url: String,
+    server: Option<ThrowawayPostgres>,
+    service: Service,
+    logs: PathBuf,
+    runs: u32,
+    skus: u64,
+    /// The database holding the steady-state run's history, filled on first use and copied
+    /// for each of its runs.
+    history: Option<History>,
+}
+
+struct History {
+    rows: u64,
+    days: u64,
+    /// Its database, once filled.
+    template: Option<String>,
+}
+
+pub fn main(cli: &GlobalArgs, args: &BenchArgs) -> anyhow::Result<ExitCode> {
+    inventory_consumer::telemetry::init(None, "warn");
+    let mut bench = Bench::start(cli, args)?;
+    let runs = pipeline_runs(args);
+    check_embedded_retention(args, &runs)?;
+    let results = medians(measure_rounds(&mut bench, args, &runs)?);
+
+    print_table(results.iter().map(|(_, m)| m));
+    for (_, m) in results
+        .iter()
+        .filter(|(k, _)| matches!(*k, "database" | "steady" | "three"))
+    {
+        print_profile(m);
+    }
+    print_ratios(&results);
+    bench.drop_history();
+    let results: Vec<Measured> = results.into_iter().map(|(_, m)| m).collect();
+    if results.iter().all(|r| r.verified) {
+        println!("verify: PASS in every run");
+        Ok(ExitCode::SUCCESS)
+    } else {
+        println!("verify: FAIL (logs in {})", bench.logs.display());
+        Ok(ExitCode::from(EXIT_VERIFY_FAILED))
+    }
+}
+
+impl BenchArgs {
+    /// Whether `--only` asks for the run `key` (no `--only`: every run).
+    fn wants(&self, key: &str) -> bool {
+        self.only.is_empty() || self.only.iter().any(|k| k == key)
+    }
+}
+
+/// Every wanted run, `--repeat` rounds of them: each run's measurements by its key. Rounds
+/// interleave the runs, so that a noisy moment of a shared machine does not land on one run
+/// only. Latency and memory run once.
+fn measure_rounds(
+    bench: &mut Bench,
+    args: &BenchArgs,
+    runs: &[Run],
+) -> anyhow::Result<Vec<(&'static str, Vec<Measured>)>> {
+    let mut rounds: Vec<(&'static str, Vec<Measured>)> = Vec::new();
+    let mut record =
+        |key: &'static str, m: Measured| match rounds.iter_mut().find(|(k, _)| *k == key) {
+            Some((_, all)) => all.push(m),
+            None => rounds.push((key, vec![m])),
+        };
+    for round in 0..args.repeat.max(1) {
+        if args.wants("database") {
+            record(
+                "database",
+                bench.database_only(args.events, args.partitions, false)?,
+            );
+        }
+        if args.wants("steady") && bench.history.is_some() {
+            record(
+                "steady",
+                bench.database_only(args.events, args.partitions, true)?,
+            );
+        }
+        // Odd rounds go backwards, so that no run always follows the same one.
+        let mut order: Vec<_> = runs.iter().collect();
+        if round % 2 == 1 {
+            order.reverse();
+        }
+        for (key, name, pipeline) in order {
+            let once = matches!(*key, "latency" | "memory");
+            if args.wants(key) && pipeline.events > 0 && (round == 0 || !once) {
+                record(key, bench.pipeline(name, *pipeline)?);
+            }
+        }
+    }
+    Ok(rounds)
+}
+
+impl Bench {
+    /// The database server (a fresh database per run on it) and what every run shares.
+    fn start(cli: &GlobalArgs, args: &BenchArgs) -> anyhow::Result<Bench> {
+        let logs = log_dir(args.logs.as_ref(), "inventory-bench")?;
+        // Durable (fsync on), for honest numbers; each run gets a fresh database on it.
+        let durable = PostgresOptions {
+            durable: true,
+            statement_stats: true,
+            shared_buffers: args.shared_buffers.clone(),
+            ..PostgresOptions::default()
+        };
+        anyhow::ensure!(
+            !args.shared_buffers.is_empty()
+                && args
+                    .shared_buffers
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric()),
+            "--shared-buffers takes a size such as 128MB or 4GB"
+        );
+        let (server, admin_url) = given_or_throwaway_database(cli, durable, step)?;
+        Ok(Bench {
+            rt: runtime()?,
+            admin_url,
+            server,
+            service: Service::built_in()?,
+            logs,
+            runs: 0,
+            skus: args.skus,
+            history: (args.history > 0).then_some(History {
+                rows: args.history,
+                days: args.history_days,
+                template: None,
+            }),
+        })
+    }
+
+    fn spec(&mut self, events: u64, hot_share: f64) -> WorkloadSpec {
+        WorkloadSpec {
+            events,
+            skus: self.skus,
+            skew: 0.0,
+            hot_share,
+            // Every run sees the same kind of workload, one the unsafe baseline can apply
+            // correctly too (duplicates are what it cannot handle).
+            duplicate_share: 0.0,
+            invalid_share: 0.0,
+            order_share: 0.0,
+            seed: 2026 + u64::from(self.runs),
+            id_prefix: format!("bench{}", self.runs),
+        }
+    }
+
+    /// The history's database, filled on first use: its name and what it holds.
+    fn history_template(&mut self) -> anyhow::Result<(String, Expectation)> {
+        let history = self.history.as_mut().context("no history asked for")?;
+        let rows = history.rows as i64;
+        let expected = crate::history::expectation(rows);
+        if let Some(name) = &history.template {
+            return Ok((name.clone(), expected));
+        }
+        let name = format!("inventory_bench_{}_history", std::process::id());
+        step(&format!(
+            "steady state: generating a history of {rows} events over {} days in SQL",
+            history.days
+        ));
+        let days = history.days as i64;
+        let started = Instant::now();
+        self.rt.block_on(async {
+            let url = store::create_database(&self.admin_url, &name)
+                .await
+                .context("creating the history's database")?;
+            store::migrate::migrate(&url).await?;
+            let db = store::connect(&url).await?;
+            crate::history::fill(
+                &db,
+                rows,
+                days,
+                Some(Settings::default().history.period_s),
+                |done| {
+                    if done % 10_000_000 == 0 || done == rows {
+                        step(&format!(
+                            "  {done} events of history ({:.0}s)",
+                            started.elapsed().as_secs_f64()
+                        ));
+                    }
+                },
+            )
+            .await?;
+            anyhow::Ok(())
+        })?;
+        history.template = Some(name.clone());
+        Ok((name, expected))
+    }
+
+    fn drop_history(&mut self) {
+        if let Some(name) = self.history.as_mut().and_then(|h| h.template.take()) {
+            let _ = self
+                .rt
+                .block_on(store::drop_database(&self.admin_url, &name));
+        }
+    }
+
+    /// The server's statement counters, reset, for a run's profile: only on bench's own
+    /// server (resetting them is nobody else's business).
+    async fn statement_stats(&self) -> Option<tokio_postgres::Client> {
+        self.server.as_ref()?;
+        statement_stats(&self.admin_url).await
+    }
+
+    /// A new, migrated database for the next run: empty, or a copy of `template`.
+    fn fresh_database(&mut self) -> anyhow::Result<String> {
+        self.fresh_database_from(None)
+    }
+
+    fn fresh_database_from(&mut self, template: Option<&str>) -> anyhow::Result<String> {
+        self.runs += 1;
+        let name = format!("inventory_bench_{}_{}", std::process::id(), self.runs);
+        self.rt.block_on(async {
+            let url = match template {
+                None => store::create_database(&self.admin_url, &name).await,
+                Some(template) => {
+                    store::create_database_from(&self.admin_url, &name, template).await
+                }
+            }
+            .context("creating the run's database")?;
+            // Start every run from clean buffers: the previous run's dirty pages are not
+            // written back on this run's time. (Needs superuser or pg_checkpoint; skipped
+            // without.)
+            let admin = store::connect(&self.admin_url).await?;
+            let _ = admin.batch_execute("CHECKPOINT").await;
+            // And from a quiet disk: a copy of a large history, and the previous run's
+            // database dropped, can leave the kernel gigabytes to write back or discard, which
+            // would otherwise happen during the timed run.
+            let settling = Instant::now();
+            tokio::task::spawn_blocking(nix::unistd::sync).await?;
+            if settling.elapsed() > Duration::from_secs(1) {
+                step(&format!(
+                    "  waited {:.0}s for the disk to write back the copy",
+                    settling.elapsed().as_secs_f64()
+                ));
+            }
+            store::migrate::migrate(&url).await?;
+            anyhow::Ok(url)
+        })
+    }
+
+    fn drop_database(&self, url: &str) {
+        let Some(name) = url::Url::parse(url)
+            .ok()
+            .map(|u| u.path().trim_start_matches('/').to_owned())
+        else {
+            return;
+        };
+        let _ = self
+            .rt
+            .block_on(store::drop_database(&self.admin_url, &name));
+    }
+}
+
+/// The audit against the oracle; failed checks are printed.
+async fn verify(url: &str, expected: &Expectation) -> anyhow::Result<bool> {
+    let db = store::connect(url).await?;
+    let report = audit::audit(&db, Some(expected)).await?;
+    for check in report.checks.iter().filter(|c| !c.passed) {
+        step(&format!("  FAIL {}: {}", check.name, check.detail));
+    }
+    Ok(report.passed())
+}
+
+fn step(text: &str) {
+    eprintln!("bench: {text}");
+}

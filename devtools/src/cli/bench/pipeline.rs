@@ -1,0 +1,404 @@
+//! The pipeline runs: which there are, starting their broker and replicas, producing the
+//! workload, and timing it to the last commit, with the latency read off the replicas.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+
+use super::report::{Measured, report, statement_profile};
+use super::{BATCH, Bench, BenchArgs, step, verify};
+use crate::cli::produce::deliver;
+use crate::embedded::local_kafka::{BrokerKind, LocalKafka};
+use crate::embedded::replica::{ReplicaProcess, local_env};
+use crate::embedded::wait::wait_until;
+use crate::producer::EventProducer;
+use crate::workload::{Generator, Message, Oracle};
+use inventory_consumer::config::Settings;
+use inventory_consumer::store::{self, Guards};
+
+/// Partitions of the memory run: the mock broker keeps about 5 MiB per partition, and a
+/// backlog must not outgrow that before it is read.
+const BACKLOG_PARTITIONS: i32 = 64;
+/// What the embedded broker keeps of a partition (about 5 MiB, librdkafka's mock), with a
+/// margin, and about the size of one of the workload's messages.
+const EMBEDDED_KEEPS: u64 = 4 << 20;
+const MESSAGE_BYTES: u64 = 160;
+/// Events of the hot-SKU run at most (see there).
+const HOT_EVENTS: u64 = 60_000;
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(900);
+const STOP_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// One pipeline run.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Pipeline {
+    replicas: usize,
+    batch: usize,
+    guards: Guards,
+    hot_share: f64,
+    pub(super) events: u64,
+    partitions: i32,
+    /// Events per second produced while the replicas run; 0: as fast as possible (a backlog).
+    rate: u64,
+    broker: BrokerKind,
+}
+
+/// A pipeline run: its key (for `--only`), its name in the report, and what it runs.
+pub(super) type Run = (&'static str, String, Pipeline);
+
+impl Pipeline {
+    /// The reference run: one replica with every guarantee, batches of the default size, the
+    /// uniform workload, on the embedded broker.
+    fn batched(args: &BenchArgs) -> Pipeline {
+        Pipeline {
+            replicas: 1,
+            batch: BATCH,
+            guards: Guards::On,
+            hot_share: 0.0,
+            events: args.events,
+            partitions: args.partitions,
+            rate: 0,
+            broker: BrokerKind::Embedded,
+        }
+    }
+}
+
+/// Every pipeline run, each a variation of the reference run (the Apache Kafka ones with
+/// `--apache` only).
+pub(super) fn pipeline_runs(args: &BenchArgs) -> Vec<Run> {
+    let batched = Pipeline::batched(args);
+    let rate = args.latency_rate;
+    let mut runs = vec![
+        ("one", "pipeline, 1 replica".to_owned(), batched),
+        (
+            "three",
+            "pipeline, 3 replicas".to_owned(),
+            Pipeline {
+                replicas: 3,
+                ..batched
+            },
+        ),
+        (
+            "per-event",
+            "per-event mode (batch of 1), 1 replica".to_owned(),
+            Pipeline {
+                batch: 1,
+                events: (args.events / 20).max(1_000),
+                ..batched
+            },
+        ),
+        (
+            "unsafe",
+            "unsafe: no locks, no dedupe, 1 replica".to_owned(),
+            Pipeline {
+                guards: Guards::Off,
+                ..batched
+            },
+        ),
+        (
+            "hot",
+            "hot SKU (50% of events), 1 replica".to_owned(),
+            Pipeline {
+                hot_share: 0.5,
+                // Half the events in one partition: kept within what the embedded broker
+                // retains per partition (about 5 MiB) until it is read.
+                events: args.events.min(HOT_EVENTS),
+                ..batched
+            },
+        ),
+        (
+            "latency",
+            format!("latency at {rate} events/s, 3 replicas"),
+            Pipeline {
+                replicas: 3,
+                events: rate * args.latency_seconds,
+                rate,
+                ..batched
+            },
+        ),
+        (
+            "memory",
+            format!(
+                "memory: {} backlog, 1 replica, {BACKLOG_PARTITIONS} partitions",
+                args.backlog
+            ),
+            Pipeline {
+                events: args.backlog,
+                partitions: BACKLOG_PARTITIONS,
+                ..batched
+            },
+        ),
+    ];
+    if args.apache {
+        runs.extend(apache_runs(batched));
+    }
+    runs
+}
+
+/// The 1- and 3-replica pipelines again, on Apache Kafka.
+fn apache_runs(batched: Pipeline) -> [Run; 2] {
+    let on_apache = format!("on {}", LocalKafka::describe(BrokerKind::Apache));
+    let apache = Pipeline {
+        broker: BrokerKind::Apache,
+        ..batched
+    };
+    [
+        ("one-apache", format!("1 replica {on_apache}"), apache),
+        (
+            "three-apache",
+            format!("3 replicas {on_apache}"),
+            Pipeline {
+                replicas: 3,
+                ..apache
+            },
+        ),
+    ]
+}
+
+/// The embedded broker deletes a partition's oldest messages past about 5 MiB, read or not:
+/// a backlog larger than that would lose messages before a replica reads them (the replica
+/// logs the offset reset and the audit fails). Refused up front, with what to do instead.
+pub(super) fn check_embedded_retention(args: &BenchArgs, runs: &[Run]) -> anyhow::Result<()> {
+    for (key, _, p) in runs {
+        let per_partition = p.events * MESSAGE_BYTES / p.partitions.max(1) as u64;
+        if args.wants(key) && p.broker == BrokerKind::Embedded && per_partition > EMBEDDED_KEEPS {
+            anyhow::bail!(
+                "run `{key}`: {} events over {} partitions is about {} MiB a partition, more \
+                 than the embedded broker keeps (about 5 MiB): messages would be deleted before \
+                 they are read. Use more --partitions, fewer --events, or Apache Kafka \
+                 (--apache --only one-apache,three-apache)",
+                p.events,
+                p.partitions,
+                per_partition >> 20
+            );
+        }
+    }
+    Ok(())
+}
+
+impl Bench {
+    pub(super) fn pipeline(&mut self, name: &str, p: Pipeline) -> anyhow::Result<Measured> {
+        let url = self.fresh_database()?;
+        let spec = self.spec(p.events, p.hot_share);
+        step(&format!("{name}: {} events", p.events));
+        let broker = LocalKafka::start(p.broker, p.partitions)?;
+        let mut settings = Settings::default();
+        settings.kafka.brokers = broker.bootstrap_servers().to_owned();
+        settings.database.url = url.clone();
+
+        let mut replicas = (0..p.replicas)
+            .map(|i| self.start_replica(&format!("run{}-r{}", self.runs, i + 1), &settings, p))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        // The group settles on the empty topic first: every partition owned, every replica with
+        // its share. Joining is not what is measured (and latency counts from production).
+        let shared = || {
+            let owned: Vec<usize> = replicas.iter().map(|r| r.owned().len()).collect();
+            owned.iter().sum::<usize>() == p.partitions as usize
+                && owned
+                    .iter()
+                    .all(|&n| n > 0 || p.replicas > p.partitions as usize)
+        };
+        self.rt.block_on(wait_until(
+            "the replicas to share every partition",
+            Duration::from_secs(60),
+            || {
+                let done = shared();
+                async move { done }
+            },
+        ))?;
+        let stats = self.rt.block_on(self.statement_stats());
+        // The workload and its expectation are made, and the producer connected, before the
+        // clock starts: they are the harness's work, on the same cores as the pipeline.
+        let messages: Vec<Message> = Generator::new(spec).collect();
+        let expected = Oracle::over(&messages);
+        let producer = EventProducer::new(&settings).context("creating the producer")?;
+        // The clock starts with production: at full speed for a backlog run (the producer
+        // outpaces the pipeline, so the backlog builds up at once), at `rate` otherwise.
+        let before = self.cpu_reading(&replicas);
+        let producer = {
+            let (events, rate) = (messages.len() as u64, p.rate);
+            std::thread::spawn(move || deliver(producer, messages.into_iter(), events, rate, false))
+        };
+        let (seconds, timed) = self.rt.block_on(time_to_settle(&url, p.events as i64))?;
+        let cpu = before.per_event(&self.cpu_reading(&replicas), timed);
+        // In a backlog run latency is mostly time spent waiting in the backlog: not reported.
+        let latency = (p.rate > 0)
+            .then(|| latency_percentiles(&replicas))
+            .flatten();
+        let profile = match &stats {
+            Some(admin) => self
+                .rt
+                .block_on(statement_profile(admin, &url))
+                .unwrap_or_default(),
+            None => Vec::new(),
+        };
+        let peak_rss = replicas.iter().filter_map(|r| r.peak_rss_bytes()).max();
+        for r in &mut replicas {
+            let (status, _) = r.terminate(STOP_TIMEOUT)?;
+            if !status.success() {
+                bail!("{} exited with {status}; log: {}", r.name, r.log.display());
+            }
+        }
+        producer
+            .join()
+            .map_err(|_| anyhow::anyhow!("the producer thread panicked"))??;
+        let verified = self.rt.block_on(verify(&url, &expected))?;
+        drop(broker);
+        self.drop_database(&url);
+        let m = Measured {
+            name: name.to_owned(),
+            events: p.events,
+            seconds,
+            latency,
+            peak_rss,
+            cpu,
+            verified,
+            profile,
+        };
+        report(&m);
+        Ok(m)
+    }
+
+    fn start_replica(
+        &self,
+        name: &str,
+        settings: &Settings,
+        p: Pipeline,
+    ) -> anyhow::Result<ReplicaProcess> {
+        let mut env = local_env(&settings.kafka.brokers, &settings.database.url);
+        env.extend([
+            ("INVENTORY_KAFKA__GROUP_PROTOCOL", "consumer".to_owned()),
+            // The embedded broker answers a fetch with no data waiting only after the full
+            // fetch.wait.max.ms (500 ms by default), even when data arrives meanwhile (Kafka
+            // answers at once): shortened so that latency measures the pipeline, not the mock.
+            (
+                "INVENTORY_KAFKA__PROPERTIES__FETCH_WAIT_MAX_MS",
+                "20".to_owned(),
+            ),
+        ]);
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let batch = p.batch.to_string();
+        let flags: &[&str] = match p.guards {
+            Guards::On => &[],
+            Guards::Off => &["--unguarded-benchmark-baseline"],
+        };
+        ReplicaProcess::spawn_with_flags(
+            &self.service,
+            name,
+            &self.logs,
+            &env,
+            &[
+                ("processing.batch_max_events", batch.as_str()),
+                ("database.migrate", "false"),
+            ],
+            flags,
+        )
+    }
+}
+
+/// Seconds from now to the batch that completes `messages`, watching the partitions' recorded
+/// offsets (offsets of a fresh topic start at 0, so they sum to the messages done), scaled to
+/// the whole run from the part done after the first observation; and how many messages that
+/// part held.
+async fn time_to_settle(url: &str, messages: i64) -> anyhow::Result<(f64, f64)> {
+    let db = store::connect(url).await?;
+    let deadline = Instant::now() + SETTLE_TIMEOUT;
+    let mut first = None;
+    loop {
+        let done: i64 = db
+            .query_one(
+                "SELECT coalesce(sum(next_offset), 0)::bigint FROM partition_offsets",
+                &[],
+            )
+            .await?
+            .try_get(0)?;
+        let now = Instant::now();
+        let (start, done_then) = *first.get_or_insert((now, done));
+        if done_then * 10 > messages * 9 {
+            bail!(
+                "{done_then} of {messages} messages settled before the clock started: too few \
+                 to time (raise --events)"
+            );
+        }
+        if done >= messages {
+            let seconds = now.duration_since(start).as_secs_f64();
+            // Scale to the whole run: the share done before the first look is not timed.
+            let timed = (messages - done_then).max(1) as f64;
+            return Ok((seconds * messages as f64 / timed, timed));
+        }
+        if now > deadline {
+            bail!("only {done} of {messages} messages settled within {SETTLE_TIMEOUT:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// p50 and p99 of the replicas' produce-to-commit histograms, added up: linear within a
+/// bucket, as Prometheus' `histogram_quantile` does.
+fn latency_percentiles(replicas: &[ReplicaProcess]) -> Option<(f64, f64)> {
+    let mut cumulative: Vec<(f64, f64)> = Vec::new();
+    for r in replicas {
+        let text = ureq::get(format!("http://{}/metrics", r.http_addr()?))
+            .call()
+            .ok()?
+            .body_mut()
+            .read_to_string()
+            .ok()?;
+        let lines = text.lines().map(|l| Ok(l.to_owned()));
+        let scrape = prometheus_parse::Scrape::parse(lines).ok()?;
+        for sample in scrape.samples {
+            if sample.metric != inventory_consumer::metrics::LATENCY_SECONDS {
+                continue;
+            }
+            if let prometheus_parse::Value::Histogram(buckets) = sample.value {
+                for b in buckets {
+                    match cumulative.iter_mut().find(|(le, _)| *le == b.less_than) {
+                        Some((_, count)) => *count += b.count,
+                        None => cumulative.push((b.less_than, b.count)),
+                    }
+                }
+            }
+        }
+    }
+    cumulative.sort_by(|a, b| a.0.total_cmp(&b.0));
+    Some((quantile(&cumulative, 0.5)?, quantile(&cumulative, 0.99)?))
+}
+
+fn quantile(cumulative: &[(f64, f64)], q: f64) -> Option<f64> {
+    let total = cumulative.last()?.1;
+    if total <= 0.0 {
+        return None;
+    }
+    let rank = q * total;
+    let mut lower = (0.0, 0.0);
+    for &(le, count) in cumulative {
+        if count >= rank {
+            if le.is_infinite() {
+                return Some(lower.0);
+            }
+            let share = (rank - lower.1) / (count - lower.1).max(f64::EPSILON);
+            return Some(lower.0 + (le - lower.0) * share);
+        }
+        lower = (le, count);
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantiles_interpolate_within_buckets() {
+        let buckets = [
+            (0.01, 50.0),
+            (0.1, 90.0),
+            (1.0, 100.0),
+            (f64::INFINITY, 100.0),
+        ];
+        assert_eq!(quantile(&buckets, 0.5), Some(0.01));
+        let p99 = quantile(&buckets, 0.99).unwrap_or_default();
+        assert!((p99 - 0.91).abs() < 1e-9, "{p99}");
+        assert_eq!(quantile(&[], 0.5), None);
+        assert_eq!(quantile(&[(1.0, 0.0)], 0.5), None);
+    }
+}

@@ -1,0 +1,339 @@
+//! What the runs measured and how it is reported: the CPU accounting, each run's median
+//! round, the table, the ratios against their targets and where the server's time went.
+
+use super::{Bench, step};
+use crate::embedded::cpu;
+use crate::embedded::replica::ReplicaProcess;
+use inventory_consumer::store;
+
+/// What a run measured.
+#[derive(Debug, Clone)]
+pub(super) struct Measured {
+    pub(super) name: String,
+    pub(super) events: u64,
+    pub(super) seconds: f64,
+    /// Produce-to-commit latency percentiles (p50, p99), in seconds.
+    pub(super) latency: Option<(f64, f64)>,
+    pub(super) peak_rss: Option<u64>,
+    /// CPU seconds per event over the timed part (user + system): of the replica processes,
+    /// and of the PostgreSQL server when it is the throwaway one.
+    pub(super) cpu: Cpu,
+    pub(super) verified: bool,
+    /// Where the server's time went, by statement (database-only runs on a server with
+    /// `pg_stat_statements`).
+    pub(super) profile: Vec<StatementTime>,
+}
+
+/// One statement's share of the server's time in a run.
+#[derive(Debug, Clone)]
+pub(super) struct StatementTime {
+    query: String,
+    calls: i64,
+    /// Execution plus planning time, in milliseconds.
+    total_ms: f64,
+    rows: i64,
+}
+
+/// CPU seconds (user + system) of the replica processes, of the PostgreSQL server and, in the
+/// pipeline runs, of bench itself (the harness: the producer, and the embedded broker when it
+/// is the one used), each `None` where it cannot be read or does not apply: used so far (a
+/// reading), or per event (two readings apart).
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct Cpu {
+    replicas: Option<f64>,
+    server: Option<f64>,
+    harness: Option<f64>,
+}
+
+impl Cpu {
+    /// Per event, from this reading to a `later` one `events` apart.
+    pub(super) fn per_event(&self, later: &Cpu, events: f64) -> Cpu {
+        let per = |a: Option<f64>, b: Option<f64>| Some((b? - a?) / events.max(1.0));
+        Cpu {
+            replicas: per(self.replicas, later.replicas),
+            server: per(self.server, later.server),
+            harness: per(self.harness, later.harness),
+        }
+    }
+}
+
+impl Measured {
+    pub(super) fn per_second(&self) -> f64 {
+        self.events as f64 / self.seconds.max(f64::EPSILON)
+    }
+
+    /// CPU seconds per event of the whole pipeline, when both parts are known.
+    fn cpu_per_event(&self) -> Option<f64> {
+        Some(self.cpu.replicas? + self.cpu.server?)
+    }
+}
+
+/// Each run's median round (by rate), with the median CPU of its rounds, verified only if
+/// every round was.
+pub(super) fn medians(rounds: Vec<(&'static str, Vec<Measured>)>) -> Vec<(&'static str, Measured)> {
+    rounds
+        .into_iter()
+        .map(|(key, mut all)| {
+            let verified = all.iter().all(|m| m.verified);
+            let cpu = Cpu {
+                replicas: median_of(all.iter().map(|m| m.cpu.replicas)),
+                server: median_of(all.iter().map(|m| m.cpu.server)),
+                harness: median_of(all.iter().map(|m| m.cpu.harness)),
+            };
+            all.sort_by(|a, b| a.per_second().total_cmp(&b.per_second()));
+            let mut median = all.swap_remove(all.len() / 2);
+            median.verified = verified;
+            median.cpu = cpu;
+            (key, median)
+        })
+        .collect()
+}
+
+/// The runs compared, against their targets where they have one.
+pub(super) fn print_ratios(results: &[(&str, Measured)]) {
+    let get = |key: &str| results.iter().find(|(k, _)| *k == key).map(|(_, m)| m);
+    let ratio = |a: &str, b: &str| Some(get(a)?.per_second() / get(b)?.per_second());
+    println!();
+    println!("ratios (targets are reported, not asserted)");
+    let targets = [
+        (
+            "steady state (history) / database only",
+            ratio("steady", "database"),
+            ">= 0.8",
+            0.8,
+        ),
+        (
+            "3 replicas / database only",
+            ratio("three", "database"),
+            ">= 0.5",
+            0.5,
+        ),
+        (
+            "1 replica / per-event mode",
+            ratio("one", "per-event"),
+            ">= 20",
+            20.0,
+        ),
+        (
+            "guarded / unsafe (1 replica)",
+            ratio("one", "unsafe"),
+            ">= 0.95",
+            0.95,
+        ),
+        (
+            "hot SKU / uniform (1 replica)",
+            ratio("hot", "one"),
+            ">= 0.5",
+            0.5,
+        ),
+    ];
+    for (name, value, wanted, at_least) in targets {
+        if let Some(value) = value {
+            target(name, value, wanted, value >= at_least);
+        }
+    }
+    // The same comparison by CPU time per event: the machine is CPU-bound, so rates follow the
+    // inverse of it, and it is far steadier than a rate on a shared machine.
+    let cpu_ratio = |a: &str, b: &str| Some(get(b)?.cpu_per_event()? / get(a)?.cpu_per_event()?);
+    if let Some(value) = cpu_ratio("one", "unsafe") {
+        println!(
+            "  {:<40} {value:>8.2}   (by CPU time per event)",
+            "guarded / unsafe (1 replica)"
+        );
+    }
+    for (apache, embedded, name) in [
+        ("one-apache", "one", "Apache Kafka / embedded (1 replica)"),
+        (
+            "three-apache",
+            "three",
+            "Apache Kafka / embedded (3 replicas)",
+        ),
+    ] {
+        if let Some(value) = ratio(apache, embedded) {
+            println!("  {name:<40} {value:>8.2}");
+        }
+    }
+    if let Some(rss) = get("memory").and_then(|m| m.peak_rss) {
+        target(
+            "peak RSS of the memory run, MiB",
+            mib(rss),
+            "<= 64",
+            mib(rss) <= 64.0,
+        );
+    }
+}
+
+impl Bench {
+    /// CPU read off the throwaway server, the given replica processes and, when there are
+    /// replicas, this process as their harness (`None` for a part that cannot be read: a
+    /// server elsewhere, a replica gone).
+    pub(super) fn cpu_reading(&self, replicas: &[ReplicaProcess]) -> Cpu {
+        let server = self.server.as_ref().and_then(|s| s.server_pid());
+        let (replicas, harness) = if replicas.is_empty() {
+            (None, None)
+        } else {
+            let replicas = replicas
+                .iter()
+                .map(|r| cpu::process_seconds(r.pid()?.as_raw()))
+                .sum::<Option<f64>>();
+            (replicas, cpu::process_seconds(std::process::id() as i32))
+        };
+        Cpu {
+            replicas,
+            server: server.and_then(cpu::tree_seconds),
+            harness,
+        }
+    }
+
+    /// The server's CPU and, in the replicas' place, this process's own: in the database-only
+    /// runs it drives the batch transaction itself (planning, encoding, the driver).
+    pub(super) fn own_cpu_reading(&self) -> Cpu {
+        Cpu {
+            replicas: cpu::process_seconds(std::process::id() as i32),
+            ..self.cpu_reading(&[])
+        }
+    }
+}
+
+/// A connection to the server's maintenance database with `pg_stat_statements` ready and its
+/// counters reset, or `None` where it is not loaded (a given server, usually).
+pub(super) async fn statement_stats(admin_url: &str) -> Option<tokio_postgres::Client> {
+    let admin = store::connect(admin_url).await.ok()?;
+    admin
+        .batch_execute(
+            "CREATE EXTENSION IF NOT EXISTS pg_stat_statements;
+             SELECT pg_stat_statements_reset();",
+        )
+        .await
+        .ok()?;
+    Some(admin)
+}
+
+/// The statements of the database of `url` by the server's time spent on them, most first.
+pub(super) async fn statement_profile(
+    admin: &tokio_postgres::Client,
+    url: &str,
+) -> anyhow::Result<Vec<StatementTime>> {
+    let name = url::Url::parse(url)?
+        .path()
+        .trim_start_matches('/')
+        .to_owned();
+    let rows = admin
+        .query(
+            "SELECT left(regexp_replace(query, '\\s+', ' ', 'g'), 90), calls,
+                    total_exec_time + total_plan_time, rows
+             FROM pg_stat_statements s JOIN pg_database d ON d.oid = s.dbid
+             WHERE d.datname = $1
+             ORDER BY 3 DESC LIMIT 12",
+            &[&name],
+        )
+        .await?;
+    rows.iter()
+        .map(|r| {
+            Ok(StatementTime {
+                query: r.try_get(0)?,
+                calls: r.try_get(1)?,
+                total_ms: r.try_get(2)?,
+                rows: r.try_get(3)?,
+            })
+        })
+        .collect()
+}
+
+/// Where the server's time went in a run, per event.
+pub(super) fn print_profile(m: &Measured) {
+    if m.profile.is_empty() {
+        return;
+    }
+    let total: f64 = m.profile.iter().map(|s| s.total_ms).sum();
+    println!();
+    println!(
+        "server time by statement, {} (pg_stat_statements; µs per event, share of the top 12)",
+        m.name
+    );
+    for s in &m.profile {
+        println!(
+            "  {:>7.2} µs {:>5.1}% {:>8} calls {:>9} rows  {}",
+            s.total_ms * 1e3 / m.events.max(1) as f64,
+            100.0 * s.total_ms / total.max(f64::EPSILON),
+            s.calls,
+            s.rows,
+            s.query
+        );
+    }
+}
+
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0)
+}
+
+pub(super) fn report(m: &Measured) {
+    step(&format!(
+        "  {:.0} events/s ({} events in {:.2}s), verify {}",
+        m.per_second(),
+        m.events,
+        m.seconds,
+        if m.verified { "PASS" } else { "FAIL" }
+    ));
+}
+
+pub(super) fn print_table<'a>(results: impl Iterator<Item = &'a Measured>) {
+    println!();
+    println!(
+        "{:<60} {:>9} {:>8} {:>10} {:>8} {:>8} {:>9} {:>7} {:>7} {:>8} {:>6}",
+        "run",
+        "events",
+        "seconds",
+        "events/s",
+        "p50 ms",
+        "p99 ms",
+        "RSS MiB",
+        "rep µs",
+        "pg µs",
+        "bench µs",
+        "verify"
+    );
+    for m in results {
+        let (p50, p99) = m.latency.map_or(("-".into(), "-".into()), |(a, b)| {
+            (format!("{:.1}", a * 1e3), format!("{:.1}", b * 1e3))
+        });
+        println!(
+            "{:<60} {:>9} {:>8.2} {:>10.0} {:>8} {:>8} {:>9} {:>7} {:>7} {:>8} {:>6}",
+            m.name,
+            m.events,
+            m.seconds,
+            m.per_second(),
+            p50,
+            p99,
+            m.peak_rss.map_or("-".into(), |b| format!("{:.1}", mib(b))),
+            micros(m.cpu.replicas),
+            micros(m.cpu.server),
+            micros(m.cpu.harness),
+            if m.verified { "PASS" } else { "FAIL" }
+        );
+    }
+    println!(
+        "(rep µs, pg µs, bench µs: CPU time, user + system, per event over the timed part: of the \
+         replica processes (database only: of bench, driving the batch transaction), of the \
+         PostgreSQL server, of bench as the pipeline's harness (its producer, and the embedded \
+         broker when that is the one used), all on the same cores)"
+    );
+}
+
+fn micros(seconds: Option<f64>) -> String {
+    seconds.map_or("-".into(), |s| format!("{:.1}", s * 1e6))
+}
+
+/// The median of the values that are known.
+fn median_of(values: impl Iterator<Item = Option<f64>>) -> Option<f64> {
+    let mut known: Vec<f64> = values.flatten().collect();
+    known.sort_by(f64::total_cmp);
+    known.get(known.len() / 2).copied()
+}
+
+fn target(name: &str, value: f64, wanted: &str, met: bool) {
+    println!(
+        "  {name:<40} {value:>8.2}   target {wanted:<8} {}",
+        if met { "met" } else { "MISSED" }
+    );
+}
