@@ -1,13 +1,9 @@
 //! `dead-letters`: what an operator does once a producer's mistake is understood.
 
-use std::time::Duration;
-
 use serde_json::json;
 
+use crate::support::{EXIT, SETTLE};
 use crate::support::{TOPIC, TestEnv, output_text, wait_until, watermarks};
-
-const SETTLE: Duration = Duration::from_secs(120);
-const EXIT: Duration = Duration::from_secs(30);
 
 /// Two sales dead-lettered for a malformed quantity, and a message that is not JSON: `list`
 /// and `show` tell them apart; the two sales redriven with corrected payloads apply once; a

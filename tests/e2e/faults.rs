@@ -11,17 +11,14 @@ use serde_json::json;
 
 use crate::oracle::{Truth, assert_database_matches, truth_of};
 use crate::support::{
-    BackgroundProduce, GROUP, Replica, TOPIC, TestDb, TestEnv, assert_nothing_applied_twice,
-    http_get, metric, terminate_all, wait_until,
+    BackgroundProduce, GROUP, Replica, TOPIC, TestEnv, assert_nothing_applied_twice, http_get,
+    metric, terminate_all, wait_until,
 };
-use inventory_consumer::config::Settings;
+use crate::support::{EXIT, SETTLE_GROUP, migrated_store};
 use inventory_consumer::domain::{Batch, Delivery};
 use inventory_consumer::stats::StatsSnapshot;
-use inventory_consumer::store::{self, Claim, Failure, Guards, Source, apply_batch};
+use inventory_consumer::store::{self, Claim, Failure, Guards, apply_batch};
 use inventory_devtools::embedded::apache::ApacheKafka;
-
-const SETTLE: Duration = Duration::from_secs(240);
-const EXIT: Duration = Duration::from_secs(30);
 
 /// More than 10,000 bad messages of every kind (invalid UTF-8 and JSON, wrong types, missing
 /// fields, out-of-range and overflowing quantities, too many lines, over-long and non-ASCII
@@ -47,8 +44,11 @@ async fn hostile_input_is_dead_lettered_and_valid_events_are_unaffected() {
         "20000",
     ]);
     assert!(expected.dead_letters >= 10_000, "{expected:?}");
-    env.wait_processed((expected.events + expected.dead_letters) as i64, SETTLE)
-        .await;
+    env.wait_processed(
+        (expected.events + expected.dead_letters) as i64,
+        SETTLE_GROUP,
+    )
+    .await;
     let total = terminate_all(&mut replicas, EXIT);
     // The tests' own model of what the topic holds, apart from `produce`'s oracle.
     crate::oracle::assert_database_matches(&env.db, &crate::oracle::truth_of(&env)).await;
@@ -124,7 +124,7 @@ async fn database_faults_are_retried_without_loss_or_double_effect() {
     let mut replicas: Vec<Replica> = (1..=3)
         .map(|i| env.replica(&format!("r{i}"), &settings))
         .collect();
-    wait_until("the group to form", SETTLE, || async {
+    wait_until("the group to form", SETTLE_GROUP, || async {
         replicas.iter().all(|r| !r.owned().is_empty())
     })
     .await;
@@ -142,7 +142,7 @@ async fn database_faults_are_retried_without_loss_or_double_effect() {
         "--rate",
         "4000",
     ]);
-    wait_until("5,000 messages to settle", SETTLE, || async {
+    wait_until("5,000 messages to settle", SETTLE_GROUP, || async {
         env.db.settled().await >= 5_000
     })
     .await;
@@ -172,8 +172,11 @@ async fn database_faults_are_retried_without_loss_or_double_effect() {
     let restarted = env.db.restart_server();
 
     let expected = producer.finish();
-    env.wait_processed((expected.events + expected.dead_letters) as i64, SETTLE)
-        .await;
+    env.wait_processed(
+        (expected.events + expected.dead_letters) as i64,
+        SETTLE_GROUP,
+    )
+    .await;
     let total = terminate_all(&mut replicas, EXIT);
     assert_nothing_applied_twice(&replicas.iter().collect::<Vec<_>>());
     // The tests' own model of what the topic holds, apart from `produce`'s oracle.
@@ -211,7 +214,7 @@ async fn database_faults_are_retried_without_loss_or_double_effect() {
 async fn a_database_gone_for_good_is_fatal_after_the_retry_deadline() {
     let mut env = TestEnv::new(3).await;
     let mut replica = env.replica("r1", &[("processing.retry_deadline_ms", "3000")]);
-    wait_until("the replica to own partitions", SETTLE, || async {
+    wait_until("the replica to own partitions", SETTLE_GROUP, || async {
         !replica.owned().is_empty()
     })
     .await;
@@ -222,7 +225,7 @@ async fn a_database_gone_for_good_is_fatal_after_the_retry_deadline() {
         return;
     }
     env.produce(&["--events", "50", "--skus", "5", "--seed", "5"]);
-    wait_until("the batch to be declared fatal", SETTLE, || async {
+    wait_until("the batch to be declared fatal", SETTLE_GROUP, || async {
         replica.log().contains("still failing after")
     })
     .await;
@@ -264,7 +267,7 @@ async fn a_partition_of_mostly_bad_messages_halts_at_its_dead_letter_limit() {
         ("processing.dead_letter_max_share", "0.5"),
     ];
     let mut halting = env.replica("halting", &limit);
-    wait_until("all 3 partitions to halt", SETTLE, || async {
+    wait_until("all 3 partitions to halt", SETTLE_GROUP, || async {
         halting.log_summary().batches > 0
             && halting.log().matches("dead-letter limit exceeded").count() == 3
     })
@@ -290,7 +293,7 @@ async fn a_partition_of_mostly_bad_messages_halts_at_its_dead_letter_limit() {
 
     // The operator lifts the limit (the bad messages are known now) and restarts.
     let mut lifted = env.replica("lifted", &[("processing.dead_letter_max_share", "1")]);
-    wait_until("everything to settle", SETTLE, || async {
+    wait_until("everything to settle", SETTLE_GROUP, || async {
         env.db.settled().await >= (expected.events + expected.dead_letters) as i64
     })
     .await;
@@ -316,7 +319,7 @@ async fn broker_faults_are_ridden_out_without_loss_or_double_effect() {
     let mut env = TestEnv::with_brokers(12, 3).await;
     env.broker.inject("coordinator inventory-consumer-group 3");
     let mut replicas = [env.replica("r1", &[]), env.replica("r2", &[])];
-    wait_until("the group to form", SETTLE, || async {
+    wait_until("the group to form", SETTLE_GROUP, || async {
         replicas.iter().all(|r| !r.owned().is_empty())
     })
     .await;
@@ -332,7 +335,7 @@ async fn broker_faults_are_ridden_out_without_loss_or_double_effect() {
         "--rate",
         "2500",
     ]);
-    wait_until("5,000 messages to settle", SETTLE, || async {
+    wait_until("5,000 messages to settle", SETTLE_GROUP, || async {
         env.db.settled().await >= 5_000
     })
     .await;
@@ -366,7 +369,8 @@ async fn broker_faults_are_ridden_out_without_loss_or_double_effect() {
     inject(&mut env, "up 3");
 
     let expected = producer.finish();
-    env.wait_processed(expected.events as i64, SETTLE).await;
+    env.wait_processed(expected.events as i64, SETTLE_GROUP)
+        .await;
     let total = terminate_all(&mut replicas, EXIT);
     assert_nothing_applied_twice(&replicas.iter().collect::<Vec<_>>());
     // The tests' own model of what the topic holds, apart from `produce`'s oracle.
@@ -383,28 +387,6 @@ async fn broker_faults_are_ridden_out_without_loss_or_double_effect() {
         total.duplicates,
         expected.duplicates
     );
-}
-
-/// A migrated test database, a pool on it, and where batches say they come from.
-pub(crate) async fn migrated_store() -> (TestDb, store::Pool, Source) {
-    let db = TestDb::new().await;
-    store::migrate::migrate(&db.url).await.expect("migrations");
-    let mut settings = Settings::default().database;
-    settings.url = db.url.clone();
-    let pool = store::pool(&settings).await.expect("pool");
-    (db, pool, source())
-}
-
-/// The source of the store-level tests' batches.
-pub(crate) fn source() -> Source {
-    Source {
-        group: "g".into(),
-        topic: "t".into(),
-        reservation_ttl: Duration::from_secs(900),
-        reservation_max_ttl: Duration::from_secs(7 * 86_400),
-        max_locks: inventory_consumer::domain::batch::MAX_LOCKS_PER_BATCH,
-        reply_all: false,
-    }
 }
 
 /// The fence itself, against a real PostgreSQL: a batch carrying an older epoch than the
@@ -488,7 +470,7 @@ async fn the_fence_refuses_a_stale_owner_and_a_claim_waits_for_the_batch_in_flig
 /// Two replicas (KIP-848) in a formed group on `env`.
 async fn two_replicas_in_a_group(env: &TestEnv) -> Vec<Replica> {
     let replicas = vec![env.replica("r1", &[]), env.replica("r2", &[])];
-    wait_until("the group to form", SETTLE, || async {
+    wait_until("the group to form", SETTLE_GROUP, || async {
         replicas.iter().all(|r| !r.owned().is_empty())
     })
     .await;
@@ -504,7 +486,8 @@ async fn assert_rode_it_out(
     producer: BackgroundProduce,
 ) -> (Truth, StatsSnapshot) {
     let expected = producer.finish();
-    env.wait_processed(expected.events as i64, SETTLE).await;
+    env.wait_processed(expected.events as i64, SETTLE_GROUP)
+        .await;
     for r in &replicas {
         assert!(r.is_running(), "{} rode the faults out", r.name());
     }
@@ -543,7 +526,7 @@ async fn apache_broker_killed_and_restarted_loses_nothing() {
     let mut env = TestEnv::on_apache(12, 1).await;
     let replicas = two_replicas_in_a_group(&env).await;
     let producer = stream(&env, 40_000, 77);
-    wait_until("10,000 messages to settle", SETTLE, || async {
+    wait_until("10,000 messages to settle", SETTLE_GROUP, || async {
         env.db.settled().await >= 10_000
     })
     .await;
@@ -585,7 +568,7 @@ async fn apache_cluster_survives_a_leader_and_the_coordinator_killed() {
     let replicas = two_replicas_in_a_group(&env).await;
     let producer = stream(&env, 48_000, 78);
     let mut progress = 8_000;
-    wait_until("8,000 messages to settle", SETTLE, || async {
+    wait_until("8,000 messages to settle", SETTLE_GROUP, || async {
         env.db.settled().await >= progress
     })
     .await;
@@ -609,7 +592,7 @@ async fn apache_cluster_survives_a_leader_and_the_coordinator_killed() {
         // The fault took effect: the survivors elect a new holder.
         wait_until(
             &format!("the {role} to move off node {victim}"),
-            SETTLE,
+            SETTLE_GROUP,
             || {
                 let moved = holder(env.broker.apache(), role).is_ok_and(|n| n != victim);
                 async move { moved }
@@ -617,7 +600,7 @@ async fn apache_cluster_survives_a_leader_and_the_coordinator_killed() {
         )
         .await;
         progress += 8_000;
-        wait_until("progress without the node", SETTLE, || async {
+        wait_until("progress without the node", SETTLE_GROUP, || async {
             env.db.settled().await >= progress
         })
         .await;

@@ -16,13 +16,12 @@ use crate::support::{
     BackgroundProduce, Replica, TestEnv, assert_exclusive_ownership, assert_nothing_applied_twice,
     wait_until,
 };
+use crate::support::{EXIT, SETTLE_GROUP};
 use inventory_consumer::domain::lock_key;
 use inventory_consumer::stats::StatsSnapshot;
 use inventory_devtools::embedded::wait;
 use inventory_devtools::workload::Generator;
 
-const SETTLE: Duration = Duration::from_secs(240);
-const EXIT: Duration = Duration::from_secs(30);
 const EVENTS: i64 = 60_000;
 const SKUS: u64 = 6_000;
 
@@ -125,7 +124,7 @@ impl Scenario {
     /// Waits until every running replica owns partitions and together they own all 12, and
     /// records how long that took from `since`.
     async fn wait_balanced(&mut self, since: Instant) {
-        let balanced = wait::wait_until("the group to balance", SETTLE, || async {
+        let balanced = wait::wait_until("the group to balance", SETTLE_GROUP, || async {
             let owned: Vec<Vec<i32>> = self
                 .running
                 .iter()
@@ -183,7 +182,7 @@ impl Scenario {
     async fn wait_settled(&self, at_least: i64) {
         wait_until(
             &format!("{at_least} messages to settle"),
-            SETTLE,
+            SETTLE_GROUP,
             || async { self.env.db.settled().await >= at_least },
         )
         .await;
@@ -234,7 +233,7 @@ impl Scenario {
     async fn finish(&mut self, producer: BackgroundProduce) -> Truth {
         let expected = producer.finish();
         self.env
-            .wait_processed(expected.events as i64, SETTLE)
+            .wait_processed(expected.events as i64, SETTLE_GROUP)
             .await;
         for i in self.running.clone() {
             self.stop(i);
@@ -389,16 +388,20 @@ async fn zombie(protocol: Protocol) {
         )
         .await
         .expect("taking every SKU's lock");
-    wait_until("both replicas to wait on the locks", SETTLE, || async {
-        s.env
-            .db
-            .scalar(
-                "SELECT count(*) FROM pg_stat_activity
+    wait_until(
+        "both replicas to wait on the locks",
+        SETTLE_GROUP,
+        || async {
+            s.env
+                .db
+                .scalar(
+                    "SELECT count(*) FROM pg_stat_activity
                  WHERE wait_event = 'advisory' AND datname = current_database()",
-            )
-            .await
-            >= 8
-    })
+                )
+                .await
+                >= 8
+        },
+    )
     .await;
     s.replicas[zombie].pause();
     s.frozen_member = true;
@@ -409,7 +412,7 @@ async fn zombie(protocol: Protocol) {
         .expect("releasing the locks");
     wait_until(
         "the other replica to take every partition",
-        SETTLE,
+        SETTLE_GROUP,
         || async { s.replicas[other].owned().len() == 12 },
     )
     .await;

@@ -8,9 +8,9 @@ use std::time::Duration;
 
 use inventory_devtools::embedded::apache::{ClusterOptions, SaslSsl};
 
+use crate::support::SETTLE;
 use crate::support::{Replica, TestEnv, http_get, private_ca, wait_until};
 
-const SETTLE: Duration = Duration::from_secs(120);
 /// A replica that cannot authenticate must give up well within this.
 const GIVE_UP: Duration = Duration::from_secs(60);
 const USER: &str = "inventory";

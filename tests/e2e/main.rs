@@ -24,13 +24,9 @@ mod support;
 mod tls;
 mod upgrade;
 
-use std::time::Duration;
-
+use crate::support::{EXIT, SETTLE};
 use serde_json::json;
 use support::{TestEnv, wait_until};
-
-const SETTLE: Duration = Duration::from_secs(120);
-const EXIT: Duration = Duration::from_secs(30);
 
 /// One replica, a workload of 20,000 events over 1,000 SKUs with 5% re-sent duplicates and
 /// 1% malformed messages: the database ends equal to the oracle, and the duplicates the

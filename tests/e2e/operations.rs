@@ -5,10 +5,8 @@ use std::time::Duration;
 use inventory_consumer::domain::lock_key;
 use serde_json::json;
 
+use crate::support::{EXIT, SETTLE};
 use crate::support::{TestEnv, http_get, metric, terminate_all, wait_until};
-
-const SETTLE: Duration = Duration::from_secs(120);
-const EXIT: Duration = Duration::from_secs(30);
 
 /// Metrics move as events are processed and as the group rebalances; both replicas become
 /// ready and stay live.

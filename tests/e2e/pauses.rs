@@ -1,11 +1,7 @@
 //! `pause` and `resume`: a maintenance window on one partition, across replicas.
 
-use std::time::Duration;
-
+use crate::support::{EXIT, SETTLE};
 use crate::support::{Replica, TOPIC, TestEnv, output_text, wait_until, watermarks};
-
-const SETTLE: Duration = Duration::from_secs(120);
-const EXIT: Duration = Duration::from_secs(30);
 
 /// Partition 0 paused before a workload is sent: its owner applies the other partitions and
 /// not it; the owner leaves gracefully (the waiting batch does not hold up the drain) and the

@@ -3,14 +3,11 @@
 
 use std::path::Path;
 use std::process::Command;
-use std::time::Duration;
 
 use inventory_devtools::embedded::postgres::client_program;
 
+use crate::support::{EXIT, SETTLE_SLOW};
 use crate::support::{TestDb, TestEnv, connect, terminate_all, wait_until};
-
-const SETTLE: Duration = Duration::from_secs(180);
-const EXIT: Duration = Duration::from_secs(30);
 
 /// On Apache Kafka: a `pg_dump` taken while two replicas apply a workload, at least 20,000
 /// more events applied after it, the database dropped and restored from the dump, half the
@@ -36,16 +33,18 @@ async fn a_restored_backup_resumes_from_its_own_offsets() {
         "--seed",
         "21",
     ]);
-    wait_until("a few thousand events to be applied", SETTLE, || async {
-        env.db.settled().await >= 4_000
-    })
+    wait_until(
+        "a few thousand events to be applied",
+        SETTLE_SLOW,
+        || async { env.db.settled().await >= 4_000 },
+    )
     .await;
     let dump = env.path("mid-stream.dump");
     pg_dump(&env.db.url, &dump);
 
     let expected = producing.finish();
     let total = (expected.events + expected.dead_letters) as i64;
-    env.wait_processed(total, SETTLE).await;
+    env.wait_processed(total, SETTLE_SLOW).await;
     terminate_all(&mut first, EXIT);
 
     drop_and_restore(&env.db, &dump).await;
@@ -97,16 +96,20 @@ async fn a_restored_backup_resumes_from_its_own_offsets() {
     );
 
     let mut second = vec![env.replica("r3", &[]), env.replica("r4", &[])];
-    wait_until("the restored database to catch up", SETTLE, || async {
+    wait_until("the restored database to catch up", SETTLE_SLOW, || async {
         env.db.settled().await == total
     })
     .await;
-    wait_until("the recorded offsets to reach the end", SETTLE, || async {
-        env.db
-            .scalar("SELECT sum(next_offset)::bigint FROM partition_offsets")
-            .await
-            == expected.messages as i64
-    })
+    wait_until(
+        "the recorded offsets to reach the end",
+        SETTLE_SLOW,
+        || async {
+            env.db
+                .scalar("SELECT sum(next_offset)::bigint FROM partition_offsets")
+                .await
+                == expected.messages as i64
+        },
+    )
     .await;
     let stats = terminate_all(&mut second, EXIT);
     assert_eq!(

@@ -1,12 +1,8 @@
 //! `replay`: a window of the topic read again while replicas run; and a partition whose fetch
 //! starts ahead of the database is read again from where the database stands.
 
-use std::time::Duration;
-
+use crate::support::{EXIT, SETTLE_SLOW};
 use crate::support::{TestEnv, http_get, metric, output_text, terminate_all, wait_until};
-
-const SETTLE: Duration = Duration::from_secs(180);
-const EXIT: Duration = Duration::from_secs(30);
 
 /// On Apache Kafka, three replicas apply a workload; mid-stream, `replay --to-time` rewinds
 /// every partition to the first message produced after a moment already applied.
@@ -26,7 +22,7 @@ async fn a_replayed_window_changes_nothing_while_three_replicas_run() {
     ];
     wait_until(
         "the three replicas to share the partitions",
-        SETTLE,
+        SETTLE_SLOW,
         || async {
             replicas.iter().all(|r| !r.owned().is_empty())
                 && replicas.iter().map(|r| r.owned().len()).sum::<usize>() == 6
@@ -47,12 +43,12 @@ async fn a_replayed_window_changes_nothing_while_three_replicas_run() {
         "--seed",
         "31",
     ]);
-    wait_until("2,000 events to be applied", SETTLE, || async {
+    wait_until("2,000 events to be applied", SETTLE_SLOW, || async {
         env.db.settled().await >= 2_000
     })
     .await;
     let from = chrono::Utc::now().timestamp_millis().to_string();
-    wait_until("5,000 events to be applied", SETTLE, || async {
+    wait_until("5,000 events to be applied", SETTLE_SLOW, || async {
         env.db.settled().await >= 5_000
     })
     .await;
@@ -88,10 +84,11 @@ async fn a_replayed_window_changes_nothing_while_three_replicas_run() {
     assert!(window >= 1_000, "a window of {window} messages: {done}");
 
     let expected = producing.finish();
-    env.wait_processed(expected.events as i64, SETTLE).await;
+    env.wait_processed(expected.events as i64, SETTLE_SLOW)
+        .await;
     wait_until(
         "the recorded offsets to reach the end again",
-        SETTLE,
+        SETTLE_SLOW,
         || async {
             env.db
                 .scalar("SELECT sum(next_offset)::bigint FROM partition_offsets")
@@ -203,8 +200,8 @@ async fn a_replica_that_starts_ahead_of_the_database_reads_the_gap_again() {
     let env = TestEnv::new(2).await;
     let mut first = env.replica("first", &[]);
     let before = env.produce(&["--events", "1000", "--skus", "50", "--seed", "5"]);
-    env.wait_processed(before.events as i64, SETTLE).await;
-    wait_until("Kafka's commits to reach the end", SETTLE, || async {
+    env.wait_processed(before.events as i64, SETTLE_SLOW).await;
+    wait_until("Kafka's commits to reach the end", SETTLE_SLOW, || async {
         env.lag() == 0
     })
     .await;
@@ -228,7 +225,7 @@ async fn a_replica_that_starts_ahead_of_the_database_reads_the_gap_again() {
     let mut second = env.replica("second", &[]);
     wait_until(
         "the claim during the assignment to time out",
-        SETTLE,
+        SETTLE_SLOW,
         || async { second.log().contains("claiming the partitions timed out") },
     )
     .await;
@@ -236,14 +233,18 @@ async fn a_replica_that_starts_ahead_of_the_database_reads_the_gap_again() {
 
     // New messages make the first batches, at Kafka's committed offsets.
     let after = env.produce(&["--events", "200", "--skus", "50", "--seed", "6"]);
-    env.wait_processed((before.events + after.events) as i64, SETTLE)
+    env.wait_processed((before.events + after.events) as i64, SETTLE_SLOW)
         .await;
-    wait_until("the recorded offsets to reach the end", SETTLE, || async {
-        env.db
-            .scalar("SELECT sum(next_offset)::bigint FROM partition_offsets")
-            .await
-            == (before.messages + after.messages) as i64
-    })
+    wait_until(
+        "the recorded offsets to reach the end",
+        SETTLE_SLOW,
+        || async {
+            env.db
+                .scalar("SELECT sum(next_offset)::bigint FROM partition_offsets")
+                .await
+                == (before.messages + after.messages) as i64
+        },
+    )
     .await;
     let (status, stats) = second.terminate(EXIT);
     assert!(status.success());

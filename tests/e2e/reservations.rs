@@ -9,13 +9,12 @@ use std::time::Duration;
 use serde_json::json;
 
 use crate::oracle::{assert_database_matches, truth_of};
+use crate::support::{EXIT, SETTLE};
 use crate::support::{
     RESULTS_TOPIC, Replica, TestEnv, http_get, metric, read_whole_topic, send, terminate_all,
     wait_until, watermarks,
 };
 
-const SETTLE: Duration = Duration::from_secs(120);
-const EXIT: Duration = Duration::from_secs(30);
 const PARTITIONS: i32 = 12;
 
 /// Sends events, each to the partition of its index (keyed by its order, or SKU).

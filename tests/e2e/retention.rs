@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use crate::faults::migrated_store;
+use crate::support::migrated_store;
 use crate::support::{TestDb, TestEnv, terminate_all, wait_until};
 use inventory_consumer::config::HistorySettings;
 use inventory_consumer::domain::{Batch, Delivery, lock_key};
@@ -545,7 +545,7 @@ async fn migrating_a_filled_database_keeps_every_row_and_every_invariant() {
     let mut db_settings = inventory_consumer::config::Settings::default().database;
     db_settings.url = db.url.clone();
     let pool = store::pool(&db_settings).await.expect("pool");
-    let source = crate::faults::source();
+    let source = crate::support::source();
     let epoch = store::claim(&pool, &source, "a", &[0])
         .await
         .expect("claim")[&0]

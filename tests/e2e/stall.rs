@@ -11,13 +11,12 @@ use nix::sys::signal::Signal;
 use serde_json::json;
 
 use crate::oracle::{assert_database_matches, truth_of};
+use crate::support::{EXIT, SETTLE};
 use crate::support::{
     Replica, TestEnv, assert_nothing_applied_twice, http_get, metric, send, terminate_all,
     wait_until,
 };
 
-const SETTLE: Duration = Duration::from_secs(120);
-const EXIT: Duration = Duration::from_secs(30);
 const PARTITIONS: i32 = 12;
 const SKUS: usize = 600;
 /// Events per SKU: a restock of 100, then sales of 1.

@@ -8,12 +8,11 @@ use std::net::{SocketAddr, ToSocketAddrs};
 use std::time::{Duration, Instant};
 
 use crate::support::blackhole::Blackhole;
+use crate::support::{EXIT, SETTLE_SLOW};
 use crate::support::{
     Replica, TestEnv, assert_nothing_applied_twice, http_get, metric, terminate_all, wait_until,
 };
 
-const SETTLE: Duration = Duration::from_secs(180);
-const EXIT: Duration = Duration::from_secs(30);
 /// The bound the tests give: `database.step_out_after_ms`.
 const BOUND: Duration = Duration::from_secs(10);
 
@@ -49,7 +48,7 @@ async fn a_replica_joins_only_once_its_database_answers() {
     let expected = env.produce(&["--events", "2000", "--skus", "100", "--seed", "3"]);
     wait_until(
         "the replica to say it cannot use the database",
-        SETTLE,
+        SETTLE_SLOW,
         || async {
             let (status, body) = readyz(&replica).await;
             status == 503
@@ -64,7 +63,7 @@ async fn a_replica_joins_only_once_its_database_answers() {
     let mut quitter = env.replica_with_env("quitter", &[("DATABASE_URL", &url)], &[]);
     wait_until(
         "the second replica to wait for the database",
-        SETTLE,
+        SETTLE_SLOW,
         || async { quitter.log().contains("not joining the consumer group") },
     )
     .await;
@@ -78,7 +77,8 @@ async fn a_replica_joins_only_once_its_database_answers() {
     );
 
     relay.heal();
-    env.wait_processed(expected.messages as i64, SETTLE).await;
+    env.wait_processed(expected.messages as i64, SETTLE_SLOW)
+        .await;
     assert_eq!(readyz(&replica).await.0, 200);
     let (status, stats) = replica.terminate(EXIT);
     assert!(status.success(), "replica exit: {status}");
@@ -106,9 +106,11 @@ async fn a_replica_cut_from_its_database_hands_its_partitions_over(protocol: &[(
         let owned: Vec<usize> = replicas.iter().map(|r| r.owned().len()).collect();
         owned.iter().filter(|&&n| n > 0).count() == members && owned.iter().sum::<usize>() == 12
     };
-    wait_until("three replicas to share the partitions", SETTLE, || async {
-        balanced(&replicas, 3)
-    })
+    wait_until(
+        "three replicas to share the partitions",
+        SETTLE_SLOW,
+        || async { balanced(&replicas, 3) },
+    )
     .await;
     let producing = env.produce_in_background(&[
         "--events",
@@ -122,7 +124,7 @@ async fn a_replica_cut_from_its_database_hands_its_partitions_over(protocol: &[(
         "--seed",
         "37",
     ]);
-    wait_until("some events applied", SETTLE, || async {
+    wait_until("some events applied", SETTLE_SLOW, || async {
         env.db.settled().await >= 3_000
     })
     .await;
@@ -152,7 +154,7 @@ async fn a_replica_cut_from_its_database_hands_its_partitions_over(protocol: &[(
     );
     // The others go on with the whole stream meanwhile.
     let during = env.db.settled().await;
-    wait_until("the others to apply more", SETTLE, || async {
+    wait_until("the others to apply more", SETTLE_SLOW, || async {
         env.db.settled().await > during + 5_000
     })
     .await;
@@ -160,13 +162,13 @@ async fn a_replica_cut_from_its_database_hands_its_partitions_over(protocol: &[(
     tokio::time::sleep_until((cut_at + Duration::from_secs(90)).into()).await;
     let healed_at = chrono::Utc::now();
     relay.heal();
-    wait_until("the replica to rejoin", SETTLE, || async {
+    wait_until("the replica to rejoin", SETTLE_SLOW, || async {
         !replicas[2].owned().is_empty() && balanced(&replicas, 3)
     })
     .await;
     wait_until(
         "the rejoined replica to apply the stream",
-        SETTLE,
+        SETTLE_SLOW,
         || async { replicas[2].batches().iter().any(|b| b.at > healed_at) },
     )
     .await;
@@ -174,8 +176,11 @@ async fn a_replica_cut_from_its_database_hands_its_partitions_over(protocol: &[(
 
     let expected = producing.finish();
     // Re-sent duplicates leave no row: events and dead letters do.
-    env.wait_processed((expected.events + expected.dead_letters) as i64, SETTLE)
-        .await;
+    env.wait_processed(
+        (expected.events + expected.dead_letters) as i64,
+        SETTLE_SLOW,
+    )
+    .await;
     let stats = terminate_all(&mut replicas, EXIT);
     // The cut replica's last commit may have reached the server with its answer held by the
     // cut: applied, but counted by no replica. So the replicas count at most every event, and

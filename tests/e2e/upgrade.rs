@@ -7,14 +7,13 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use crate::oracle::{assert_database_matches, truth_of};
+use crate::support::{EXIT, SETTLE_GROUP};
 use crate::support::{
     Replica, TestDb, TestEnv, assert_nothing_applied_twice, output_text, previous_release,
     read_whole_topic, send, wait_until, watermarks,
 };
 use inventory_consumer::stats::StatsSnapshot;
 
-const SETTLE: Duration = Duration::from_secs(240);
-const EXIT: Duration = Duration::from_secs(30);
 const EVENTS: i64 = 40_000;
 /// One event in this many of those produced before the upgrade is sent again after it.
 const RESEND_EVERY: usize = 10;
@@ -82,11 +81,15 @@ async fn a_release_runs_only_on_its_own_schema() {
     let bin = Path::new(crate::support::BIN);
 
     let mut waiting = env.replica("waiting", &[("database.migrate", "false")]);
-    wait_until("the replica to wait for migrations", SETTLE, || async {
-        waiting
-            .log()
-            .contains("waiting for migrations: the schema is empty")
-    })
+    wait_until(
+        "the replica to wait for migrations",
+        SETTLE_GROUP,
+        || async {
+            waiting
+                .log()
+                .contains("waiting for migrations: the schema is empty")
+        },
+    )
     .await;
     let addr = waiting.http_addr().await;
     let (code, body) = crate::support::http_get(&addr, "/readyz");
@@ -96,7 +99,8 @@ async fn a_release_runs_only_on_its_own_schema() {
     let migrated = env.command_ok("migrate", &[]);
     assert!(migrated.contains("schema is up to date"), "{migrated}");
     let expected = env.produce(&["--events", "500", "--skus", "20", "--seed", "5"]);
-    env.wait_processed(expected.events as i64, SETTLE).await;
+    env.wait_processed(expected.events as i64, SETTLE_GROUP)
+        .await;
     let (status, stats) = waiting.terminate(EXIT);
     assert!(status.success(), "{status}");
     assert_eq!(stats.applied + stats.rejected, expected.events, "{stats:?}");
@@ -173,9 +177,11 @@ async fn a_rolling_update_from_the_previous_release_decides_every_event_once() {
         "--rate",
         "2000",
     ]);
-    wait_until("the old replicas to apply a quarter", SETTLE, || async {
-        env.db.settled().await >= EVENTS / 4
-    })
+    wait_until(
+        "the old replicas to apply a quarter",
+        SETTLE_GROUP,
+        || async { env.db.settled().await >= EVENTS / 4 },
+    )
     .await;
 
     // The upgrade: the new schema first, while the old replicas consume.
@@ -197,9 +203,11 @@ async fn a_rolling_update_from_the_previous_release_decides_every_event_once() {
         let started = Instant::now();
         new.push(env.replica(&format!("new{}", i + 1), &new_settings));
         let joined = new.last().expect("just started");
-        wait_until("the new replica to own partitions", SETTLE, || async {
-            !joined.owned().is_empty()
-        })
+        wait_until(
+            "the new replica to own partitions",
+            SETTLE_GROUP,
+            || async { !joined.owned().is_empty() },
+        )
         .await;
         let (status, stats) = replica.terminate(EXIT);
         assert!(status.success(), "{} exited with {status}", replica.name());
@@ -212,7 +220,8 @@ async fn a_rolling_update_from_the_previous_release_decides_every_event_once() {
         );
     }
     let expected = producer.finish();
-    env.wait_processed(expected.events as i64, SETTLE).await;
+    env.wait_processed(expected.events as i64, SETTLE_GROUP)
+        .await;
 
     // A share of the events from before the upgrade, sent again to their partitions.
     let (messages, _) = read_whole_topic(&env.broker.bootstrap, "inventory-events");
@@ -256,9 +265,11 @@ async fn a_rolling_update_from_the_previous_release_decides_every_event_once() {
         "no event sent again lies in a counted period"
     );
     send(&env.broker.bootstrap, again.clone());
-    wait_until("the events sent again to be consumed", SETTLE, || async {
-        env.lag() == 0
-    })
+    wait_until(
+        "the events sent again to be consumed",
+        SETTLE_GROUP,
+        || async { env.lag() == 0 },
+    )
     .await;
 
     let mut new_exits = StatsSnapshot::default();
@@ -308,7 +319,7 @@ async fn a_rolling_update_from_the_previous_release_decides_every_event_once() {
 
 /// Waits until every replica owns partitions and together they own all 6.
 async fn wait_balanced(replicas: &[&Replica]) {
-    wait_until("the group to balance", SETTLE, || async {
+    wait_until("the group to balance", SETTLE_GROUP, || async {
         let owned: Vec<Vec<i32>> = replicas.iter().map(|r| r.owned()).collect();
         owned.iter().all(|o| !o.is_empty()) && owned.iter().map(Vec::len).sum::<usize>() == 6
     })
