@@ -8,7 +8,8 @@
 //! - [`kafka`] is the consumer: a poll thread owning the librdkafka handle and its rebalance
 //!   callbacks, one [`kafka::worker`] task per assigned partition, and the offsets they hand back,
 //!   committed only after the database commit that holds their effect.
-//! - [`http`] serves the probes and [`metrics`] per replica.
+//! - [`http`] serves the probes and [`metrics`] per replica; [`logs`] names the log events
+//!   others rely on.
 //! - [`expectation`] is the outcome `verify --expected` compares the database with.
 //! - [`cli`] holds one module per subcommand; `main.rs` only parses and hands off.
 //!
@@ -23,6 +24,7 @@ pub mod domain;
 pub mod expectation;
 pub mod http;
 pub mod kafka;
+pub mod logs;
 pub mod metrics;
 pub mod signals;
 pub mod stats;

@@ -18,7 +18,11 @@ pub fn on_termination(shutdown: CancellationToken) -> std::io::Result<()> {
                     eprintln!("second termination signal: exiting without draining");
                     exit_now(130);
                 }
-                tracing::info!(signal, "termination requested; draining");
+                tracing::info!(
+                    event = crate::logs::SHUTDOWN_REQUESTED,
+                    signal,
+                    "termination requested; draining"
+                );
                 shutdown.cancel();
             }
         })?;

@@ -175,6 +175,7 @@ async fn prepare_database(
             Err(e) => {
                 let why = format!("{e:#}");
                 tracing::warn!(
+                    event = crate::logs::DATABASE_UNAVAILABLE,
                     error = %why,
                     retry_in_ms = backoff.as_millis() as u64,
                     "the database cannot be used yet; not joining the consumer group until it can"
@@ -242,6 +243,7 @@ async fn replica(
     let health = Arc::new(Health::new(settings.liveness_window()));
     serve_http(&settings, &health, metrics, background).await?;
     tracing::info!(
+        event = crate::logs::REPLICA_STARTING,
         version = env!("CARGO_PKG_VERSION"),
         schema = store::migrate::newest_known(),
         database = %describe_database(&settings.database.url),
@@ -331,7 +333,11 @@ async fn serve_http(
             .await
             .with_context(|| format!("serving HTTP on {addr}"))?;
     background.push(server);
-    tracing::info!(addr = %bound, "HTTP endpoints listening (/livez, /readyz, /metrics)");
+    tracing::info!(
+        event = crate::logs::HTTP_LISTENING,
+        addr = %bound,
+        "HTTP endpoints listening (/livez, /readyz, /metrics)"
+    );
     Ok(())
 }
 
@@ -466,7 +472,7 @@ impl Stopping {
             (Some(f), _) => Err(f.into()),
             (None, Some(Err(e))) => Err(anyhow::Error::new(e).context("consuming")),
             (None, _) => {
-                tracing::info!("replica stopped");
+                tracing::info!(event = crate::logs::REPLICA_STOPPED, "replica stopped");
                 Ok(())
             }
         }

@@ -87,7 +87,7 @@ pub fn consume(
             consumer.context().halt(&consumer, halted);
         }
         if let Err(e) = follow_standing(&consumer, &health, topic, &mut signals.standing) {
-            tracing::error!(error = %e, "fatal Kafka error");
+            tracing::error!(event = crate::logs::KAFKA_FATAL, error = %e, "fatal Kafka error");
             result = Err(e);
             shutdown.cancel();
         }
@@ -113,7 +113,7 @@ fn poll_once(consumer: &BaseConsumer<GroupContext>, health: &Health) -> Result<(
             tracing::error!(error = %e, "offset reset: messages of a partition were skipped");
         }
         Some(Err(e)) if is_fatal(&e, health.has_joined()) => {
-            tracing::error!(error = %e, "fatal Kafka error");
+            tracing::error!(event = crate::logs::KAFKA_FATAL, error = %e, "fatal Kafka error");
             return Err(e);
         }
         Some(Err(e)) => tracing::warn!(error = %e, "Kafka error; librdkafka retries"),

@@ -163,8 +163,9 @@ impl GroupContext {
         state.flow.share_among(owned);
         metrics::gauge!(crate::metrics::ASSIGNED).set(owned as f64);
         tracing::info!(
-            assigned = ?started,
-            owned = ?state.membership.owned(),
+            event = crate::logs::PARTITIONS_ASSIGNED,
+            partitions = %crate::logs::list(&started),
+            owned = %crate::logs::list(state.membership.owned().iter()),
             "partitions assigned"
         );
         Ok(())
@@ -247,10 +248,22 @@ impl GroupContext {
         metrics::gauge!(crate::metrics::ASSIGNED).set(owned as f64);
         if commit {
             self.ctx.stats.record_revoked(partitions.len());
-            tracing::info!(revoked = ?partitions, owned = ?state.membership.owned(), drained, "partitions revoked");
+            tracing::info!(
+                event = crate::logs::PARTITIONS_REVOKED,
+                partitions = %crate::logs::list(&partitions),
+                owned = %crate::logs::list(state.membership.owned().iter()),
+                drained,
+                "partitions revoked"
+            );
         } else {
             self.ctx.stats.record_lost(partitions.len());
-            tracing::warn!(lost = ?partitions, owned = ?state.membership.owned(), drained, "partitions lost; their offsets are not committed");
+            tracing::warn!(
+                event = crate::logs::PARTITIONS_LOST,
+                partitions = %crate::logs::list(&partitions),
+                owned = %crate::logs::list(state.membership.owned().iter()),
+                drained,
+                "partitions lost; their offsets are not committed"
+            );
         }
     }
 
@@ -316,6 +329,7 @@ impl GroupContext {
             }
             Err(_) => {
                 tracing::warn!(
+                    event = crate::logs::CLAIM_TIMED_OUT,
                     "claiming the partitions timed out; starting from Kafka's committed offsets, workers claim before their first batch"
                 );
                 HashMap::new()

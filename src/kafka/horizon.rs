@@ -90,6 +90,7 @@ pub async fn verify(
         Ok(readable) => {
             check(horizon_s, topic, readable)?;
             tracing::info!(
+                event = crate::logs::HORIZON_COVERED,
                 topic,
                 horizon_s,
                 ?readable,

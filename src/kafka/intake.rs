@@ -94,7 +94,12 @@ impl GroupContext {
             match resumed {
                 Ok(()) => {
                     self.state().flow.resumed(partition);
-                    tracing::debug!(partition, offset, "partition resumed");
+                    tracing::debug!(
+                        event = crate::logs::FETCH_RESUMED,
+                        partition,
+                        offset,
+                        "partition resumed"
+                    );
                 }
                 Err(e) => {
                     tracing::warn!(partition, offset, error = %e, "cannot resume the partition yet")

@@ -240,7 +240,12 @@ impl PartitionWorker {
             Err(Some(Failure::Data(why))) => Applied::Unstorable(why),
             Err(Some(behind @ Failure::Behind { .. })) => {
                 // Marked: the poll thread restarts the partition from the recorded offset.
-                tracing::warn!(partition = self.partition, reason = %behind, "partition behind its fetch position");
+                tracing::warn!(
+                    event = crate::logs::PARTITION_BEHIND,
+                    partition = self.partition,
+                    reason = %behind,
+                    "partition behind its fetch position"
+                );
                 Applied::Stop
             }
             Err(Some(fatal)) => {
@@ -349,6 +354,7 @@ impl PartitionWorker {
                 Err(Failure::Transient(why)) if started.elapsed() < self.ctx.retry_deadline => {
                     self.ctx.stats.record_retry();
                     tracing::warn!(
+                        event = crate::logs::BATCH_RETRY,
                         partition = self.partition,
                         first_offset = first,
                         retry_in_ms = backoff.as_millis() as u64,
@@ -386,7 +392,11 @@ impl PartitionWorker {
         was_paused: bool,
     ) {
         if was_paused {
-            tracing::info!(partition = self.partition, "partition resumed");
+            tracing::info!(
+                event = crate::logs::PAUSE_LIFTED,
+                partition = self.partition,
+                "partition resumed"
+            );
         }
         let partition = self.partition.to_string();
         metrics::gauge!(crate::metrics::PAUSED, "partition" => partition.clone()).set(0.0);
@@ -398,6 +408,7 @@ impl PartitionWorker {
         metrics::gauge!(crate::metrics::RECORDED_OFFSET, "partition" => partition)
             .set((last + 1) as f64);
         tracing::debug!(
+            event = crate::logs::BATCH_COMMITTED,
             partition = self.partition,
             first_offset = first,
             last_offset = last,
@@ -417,6 +428,7 @@ impl PartitionWorker {
             *paused = true;
             metrics::gauge!(crate::metrics::PAUSED, "partition" => partition.clone()).set(1.0);
             tracing::info!(
+                event = crate::logs::PAUSE_MET,
                 partition = self.partition,
                 first_offset = first,
                 "partition paused by an operator: waiting for resume"

@@ -155,7 +155,7 @@ impl Scenario {
             let telling: Vec<&str> = log
                 .lines()
                 .filter(|l| {
-                    l.contains("\"partitions ")
+                    l.contains("\"partitions_")
                         || l.contains("\"level\":\"WARN\"")
                         || l.contains("\"level\":\"ERROR\"")
                 })

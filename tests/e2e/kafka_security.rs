@@ -148,7 +148,7 @@ async fn refused_credentials_and_untrusted_certificates_fail_at_start_up() {
         let reason = log
             .lines()
             .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .find(|e| e["message"] == "fatal Kafka error")
+            .find(|e| e["event"] == "kafka_fatal")
             .and_then(|e| e["error"].as_str().map(str::to_owned))
             .unwrap_or_else(|| panic!("{name}: no `fatal Kafka error` record; log:\n{log}"));
         let expected = if *name == "untrusted-ca" {

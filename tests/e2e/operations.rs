@@ -248,13 +248,9 @@ async fn procfile_runs_a_group_with_honcho() {
             .filter_map(|l| l.split_once("| ").map(|(_, json)| json.to_owned()))
             .find_map(|json| serde_json::from_str::<serde_json::Value>(&json).ok())
             .map(|e| {
-                e["owned"]
-                    .as_str()
-                    .unwrap_or("")
-                    .trim_matches(|c| c == '[' || c == ']')
-                    .split(',')
-                    .filter(|p| !p.trim().is_empty())
-                    .count()
+                // A JSON array in a string field (docs/contract.md, "Log events").
+                serde_json::from_str::<Vec<i32>>(e["owned"].as_str().unwrap_or("[]"))
+                    .map_or(0, |owned| owned.len())
             })
             .unwrap_or(0)
     };

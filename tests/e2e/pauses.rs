@@ -87,12 +87,8 @@ async fn a_paused_partition_stays_paused_on_its_new_owner() {
 
 /// Whether `replica` logged that a batch of partition 0 waits for a resume.
 fn met_pause(replica: &Replica) -> bool {
-    replica.log().lines().any(|line| {
-        serde_json::from_str::<serde_json::Value>(line).is_ok_and(|v| {
-            v["message"]
-                .as_str()
-                .is_some_and(|m| m.starts_with("partition paused by an operator"))
-                && v["partition"] == 0
-        })
-    })
+    replica
+        .events("pause_met")
+        .iter()
+        .any(|e| e["partition"] == 0)
 }

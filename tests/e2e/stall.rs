@@ -157,7 +157,7 @@ fn resumed_partitions(replica: &Replica) -> std::collections::BTreeSet<i32> {
         .log()
         .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|e| e["message"] == "partition resumed")
+        .filter(|e| e["event"] == "fetch_resumed")
         .filter_map(|e| e["partition"].as_i64().map(|p| p as i32))
         .collect()
 }
@@ -166,7 +166,7 @@ fn resumed_partitions(replica: &Replica) -> std::collections::BTreeSet<i32> {
 fn revokes(replicas: &[Replica]) -> usize {
     replicas
         .iter()
-        .map(|r| r.log().matches("\"partitions revoked\"").count())
+        .map(|r| r.events("partitions_revoked").len())
         .sum()
 }
 
@@ -304,7 +304,7 @@ async fn a_second_signal_ends_a_stalled_drain_at_once() {
 
     let _ = nix::sys::signal::kill(replica.pid(), Signal::SIGTERM);
     wait_until("the drain to begin", SETTLE, || async {
-        replica.log().contains("termination requested; draining")
+        replica.has_event("shutdown_requested")
     })
     .await;
     let second = Instant::now();

@@ -53,7 +53,7 @@ async fn a_replica_joins_only_once_its_database_answers() {
             let (status, body) = readyz(&replica).await;
             status == 503
                 && body.contains("database not reached")
-                && replica.log().contains("not joining the consumer group")
+                && replica.has_event("database_unavailable")
         },
     )
     .await;
@@ -64,7 +64,7 @@ async fn a_replica_joins_only_once_its_database_answers() {
     wait_until(
         "the second replica to wait for the database",
         SETTLE_SLOW,
-        || async { quitter.log().contains("not joining the consumer group") },
+        || async { quitter.has_event("database_unavailable") },
     )
     .await;
     let asked = Instant::now();

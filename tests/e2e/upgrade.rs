@@ -85,9 +85,11 @@ async fn a_release_runs_only_on_its_own_schema() {
         "the replica to wait for migrations",
         SETTLE_GROUP,
         || async {
-            waiting
-                .log()
-                .contains("waiting for migrations: the schema is empty")
+            waiting.events("database_unavailable").iter().any(|e| {
+                e["error"]
+                    .as_str()
+                    .is_some_and(|why| why.contains("waiting for migrations: the schema is empty"))
+            })
         },
     )
     .await;

@@ -10,6 +10,7 @@ use anyhow::Context;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
+use inventory_consumer::logs;
 use inventory_consumer::stats::StatsSnapshot;
 
 /// What a replica's log says it did; unlike its exit counters, available after a SIGKILL.
@@ -127,22 +128,34 @@ impl ReplicaProcess {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    /// Tallies the replica's JSON log (it must run with `log.format = json`; batch lines are
-    /// logged at debug level for `inventory_consumer`).
+    /// Every entry of its JSON log (it must run with `log.format = json`).
+    pub fn log_entries(&self) -> Vec<serde_json::Value> {
+        self.log_text()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    /// The entries of the named log event (`inventory_consumer::logs`), oldest first.
+    pub fn events(&self, name: &str) -> Vec<serde_json::Value> {
+        let mut entries = self.log_entries();
+        entries.retain(|e| e["event"] == name);
+        entries
+    }
+
+    /// Tallies the replica's JSON log (batch events are logged at debug level for
+    /// `inventory_consumer`).
     pub fn log_summary(&self) -> LogSummary {
         let mut summary = LogSummary::default();
-        for line in self.log_text().lines() {
-            let Ok(entry) = serde_json::from_str::<serde_json::Value>(line) else {
-                continue;
-            };
-            match entry["message"].as_str().unwrap_or_default() {
-                "batch committed" => {
+        for entry in self.log_entries() {
+            match entry["event"].as_str().unwrap_or_default() {
+                logs::BATCH_COMMITTED => {
                     summary.batches += 1;
                     summary.duplicates += entry["duplicates"].as_u64().unwrap_or(0);
                 }
-                "partitions assigned" => summary.assignments += 1,
-                "partitions revoked" => summary.revocations += 1,
-                m if m.starts_with("partitions lost") => summary.losses += 1,
+                logs::PARTITIONS_ASSIGNED => summary.assignments += 1,
+                logs::PARTITIONS_REVOKED => summary.revocations += 1,
+                logs::PARTITIONS_LOST => summary.losses += 1,
                 _ => {}
             }
         }
@@ -213,23 +226,17 @@ impl ReplicaProcess {
         Some(kib * 1024)
     }
 
-    /// The address of its HTTP endpoints, from its start-up log line (JSON logs).
+    /// The address of its HTTP endpoints, from its start-up log event.
     pub fn http_addr(&self) -> Option<String> {
-        self.log_text().lines().find_map(|line| {
-            let entry: serde_json::Value = serde_json::from_str(line).ok()?;
-            entry["message"]
-                .as_str()?
-                .starts_with("HTTP endpoints listening")
-                .then(|| entry["addr"].as_str().map(str::to_owned))?
-        })
+        let listening = self.events(logs::HTTP_LISTENING);
+        listening.first()?["addr"].as_str().map(str::to_owned)
     }
 
-    /// The partitions it owns according to its latest assign/revoke log line (JSON logs).
+    /// The partitions it owns according to its latest assign, revoke or loss.
     pub fn owned(&self) -> Vec<i32> {
-        self.log_text()
-            .lines()
+        self.log_entries()
+            .iter()
             .rev()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
             .find_map(|e| e["owned"].as_str().map(partition_list))
             .unwrap_or_default()
     }
@@ -239,12 +246,9 @@ impl ReplicaProcess {
     }
 }
 
-/// `[0, 3, 7]`, as the replica logs partition lists.
+/// A list of partitions as the replica logs it: a JSON array (`[0,3,7]`).
 pub fn partition_list(text: &str) -> Vec<i32> {
-    text.trim_matches(|c| c == '[' || c == ']')
-        .split(',')
-        .filter_map(|p| p.trim().parse().ok())
-        .collect()
+    serde_json::from_str(text).unwrap_or_default()
 }
 
 impl Drop for ReplicaProcess {

@@ -92,10 +92,7 @@ impl Replica {
     }
 
     fn log_entries(&self) -> Vec<serde_json::Value> {
-        self.log()
-            .lines()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect()
+        self.process.log_entries()
     }
 
     /// Ownership intervals from the replica's assign/revoke/lost log lines; an interval still
@@ -104,17 +101,20 @@ impl Replica {
         let mut open: BTreeMap<i32, DateTime<Utc>> = BTreeMap::new();
         let mut done = Vec::new();
         for e in self.log_entries() {
-            let (Some(message), Some(at)) = (e["message"].as_str(), timestamp(&e)) else {
+            let (Some(event), Some(at)) = (e["event"].as_str(), timestamp(&e)) else {
                 continue;
             };
-            let field = match message {
-                "partitions assigned" => "assigned",
-                "partitions revoked" => "revoked",
-                "partitions lost; their offsets are not committed" => "lost",
-                _ => continue,
-            };
-            for p in partition_list(e[field].as_str().unwrap_or("")) {
-                if field == "assigned" {
+            if ![
+                "partitions_assigned",
+                "partitions_revoked",
+                "partitions_lost",
+            ]
+            .contains(&event)
+            {
+                continue;
+            }
+            for p in partition_list(e["partitions"].as_str().unwrap_or("")) {
+                if event == "partitions_assigned" {
                     open.insert(p, at);
                 } else if let Some(from) = open.remove(&p) {
                     done.push(self.interval(p, from, Some(at)));
@@ -157,6 +157,16 @@ impl Replica {
         addr
     }
 
+    /// The entries of the named log event (docs/contract.md, "Log events"), oldest first.
+    pub fn events(&self, name: &str) -> Vec<serde_json::Value> {
+        self.process.events(name)
+    }
+
+    /// Whether the replica has logged the named event.
+    pub fn has_event(&self, name: &str) -> bool {
+        !self.events(name).is_empty()
+    }
+
     /// What the replica's log says it did (batches, duplicates, rebalances).
     pub fn log_summary(&self) -> LogSummary {
         self.process.log_summary()
@@ -166,7 +176,7 @@ impl Replica {
     pub fn batches(&self) -> Vec<BatchRecord> {
         self.log_entries()
             .iter()
-            .filter(|e| e["message"] == "batch committed")
+            .filter(|e| e["event"] == "batch_committed")
             .filter_map(|e| {
                 Some(BatchRecord {
                     replica: self.name().to_owned(),
@@ -313,7 +323,7 @@ impl Drop for Replica {
             let tail: Vec<&str> = log
                 .lines()
                 .rev()
-                .filter(|l| !l.contains("batch committed"))
+                .filter(|l| !l.contains("\"batch_committed\""))
                 .take(20)
                 .collect();
             eprintln!(
