@@ -6,6 +6,7 @@
     reason = "a scenario reads top to bottom as the story it checks, and the reference model as the contract it follows"
 )]
 
+mod batch;
 mod dead_letters;
 mod faults;
 mod group;

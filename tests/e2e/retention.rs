@@ -7,10 +7,10 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use crate::support::migrated_store;
 use crate::support::{TestDb, TestEnv, terminate_all, wait_until};
+use crate::support::{batch, migrated_store};
 use inventory_consumer::config::HistorySettings;
-use inventory_consumer::domain::{Batch, Delivery, lock_key};
+use inventory_consumer::domain::lock_key;
 use inventory_consumer::store::retention::{self, Maintenance};
 use inventory_consumer::store::{self, BatchOutcome, Guards, Source, apply_batch, audit};
 use inventory_devtools::history;
@@ -52,20 +52,6 @@ async fn assert_audit_passes(db: &TestDb, what: &str) {
     let failed: Vec<_> = report.checks.iter().filter(|c| !c.passed).collect();
     assert!(failed.is_empty(), "{what}: {failed:?}");
     assert!(report.checks.len() >= 10, "{what}: too few checks ran");
-}
-
-fn batch(first_offset: i64, events: &[String]) -> Batch {
-    let mut batch = Batch::default();
-    for (i, event) in events.iter().enumerate() {
-        batch.push(Delivery {
-            partition: 0,
-            offset: first_offset + i as i64,
-            key: None,
-            payload: Some(event.clone().into_bytes()),
-            timestamp_ms: None,
-        });
-    }
-    batch
 }
 
 /// A migrated store with partition 0 claimed by one replica, and the claim's epoch.
@@ -728,11 +714,7 @@ async fn a_dedupe_horizon_shorter_than_the_topics_retention_is_refused() {
     wait_until(
         "the default replica to find the horizon covers the retention",
         Duration::from_secs(60),
-        || async {
-            default
-                .log()
-                .contains("dedupe horizon covers the topic's retention")
-        },
+        || async { default.has_event("horizon_covered") },
     )
     .await;
 }

@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use inventory_consumer::config::Settings;
+use inventory_consumer::domain::{Batch, Delivery};
 use inventory_consumer::store::{self, Source};
 use inventory_devtools::embedded::postgres::{PostgresOptions, ServerTls, ThrowawayPostgres};
 
@@ -192,4 +193,19 @@ pub fn private_ca() -> (String, ServerTls) {
         key_pem: key.serialize_pem(),
     };
     (ca.pem(), server)
+}
+
+/// A batch of partition 0 holding `events` (JSON texts) at offsets from `first_offset` on.
+pub fn batch(first_offset: i64, events: &[String]) -> Batch {
+    let mut batch = Batch::default();
+    for (i, event) in events.iter().enumerate() {
+        batch.push(Delivery {
+            partition: 0,
+            offset: first_offset + i as i64,
+            key: None,
+            payload: Some(event.clone().into_bytes()),
+            timestamp_ms: None,
+        });
+    }
+    batch
 }

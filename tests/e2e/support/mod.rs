@@ -13,7 +13,7 @@ mod db;
 mod kafka;
 mod replica;
 
-pub use db::{TestDb, connect, migrated_store, private_ca, source};
+pub use db::{TestDb, batch, connect, migrated_store, private_ca, source};
 pub use kafka::{BackgroundProduce, Broker, read_whole_topic, send, watermarks};
 pub use replica::{
     Replica, assert_exclusive_ownership, assert_nothing_applied_twice, http_get, metric,
