@@ -1,11 +1,15 @@
-//! The batch transaction driven directly (no Kafka) against a real PostgreSQL, where what it
-//! sends the server matters beyond its effect.
+//! The batch transaction driven directly (no Kafka) against a real PostgreSQL: the fence, and
+//! what it sends the server beyond its effect.
 
 use serde_json::json;
 
-use crate::support::{batch, connect, source};
+use std::collections::HashMap;
+use std::time::Duration;
+
+use crate::support::{batch, connect, migrated_store, source, wait_until};
 use inventory_consumer::config::Settings;
-use inventory_consumer::store::{self, Guards, apply_batch};
+use inventory_consumer::domain::{Batch, Delivery};
+use inventory_consumer::store::{self, Claim, Failure, Guards, apply_batch};
 use inventory_devtools::embedded::postgres::{PostgresOptions, ThrowawayPostgres};
 
 /// Every batch transaction first plans by key (`KEYED_PLANS` in src/store/apply/sql.rs), once,
@@ -91,5 +95,83 @@ async fn every_batch_transaction_plans_by_key_exactly_once() {
         calls,
         batches.len() as i64,
         "one KEYED_PLANS per batch transaction"
+    );
+}
+
+/// The fence itself, against a real PostgreSQL: a batch carrying an older epoch than the
+/// partition's latest claim rolls back and changes nothing, the current owner's commits; and a
+/// claim waits for a batch transaction in flight on the partition.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_fence_refuses_a_stale_owner_and_a_claim_waits_for_the_batch_in_flight() {
+    let (db, pool, source) = migrated_store().await;
+    let epoch_of = |claims: HashMap<i32, Claim>| claims[&0].epoch;
+    let stale = epoch_of(
+        store::claim(&pool, &source, "a", &[0])
+            .await
+            .expect("claim"),
+    );
+    let current = epoch_of(
+        store::claim(&pool, &source, "b", &[0])
+            .await
+            .expect("claim"),
+    );
+    assert!(current > stale);
+
+    let mut batch = Batch::default();
+    batch.push(Delivery {
+        partition: 0,
+        offset: 0,
+        key: None,
+        payload: Some(br#"{"event_id":"e1","type":"restock","sku":"S-1","quantity":5}"#.to_vec()),
+        timestamp_ms: None,
+    });
+    let refused = apply_batch(&pool, &source, &batch, Guards::On, stale).await;
+    assert!(matches!(refused, Err(Failure::Fenced(_))), "{refused:?}");
+    assert_eq!(db.scalar("SELECT count(*) FROM processed_events").await, 0);
+    assert_eq!(db.scalar("SELECT count(*) FROM products").await, 0);
+    apply_batch(&pool, &source, &batch, Guards::On, current)
+        .await
+        .expect("the current owner applies");
+    assert_eq!(db.scalar("SELECT count(*) FROM processed_events").await, 1);
+
+    // A batch in flight holds the partition's row; a claim waits for it to end.
+    let mut in_flight = db.client().await;
+    let tx = in_flight.transaction().await.expect("begin");
+    tx.query(
+        "SELECT epoch FROM partition_owners WHERE partition = 0 FOR UPDATE",
+        &[],
+    )
+    .await
+    .expect("the batch's fence");
+    let claim = tokio::spawn({
+        let (pool, source) = (pool.clone(), source.clone());
+        async move { store::claim(&pool, &source, "c", &[0]).await }
+    });
+    // Observed, not slept on: the claim's session waits for the row lock the batch holds.
+    wait_until(
+        "the claim to wait on the batch's row lock",
+        Duration::from_secs(30),
+        || async {
+            db.scalar(
+                "SELECT count(*) FROM pg_stat_activity
+                 WHERE wait_event_type = 'Lock' AND query LIKE '%partition_owners%'
+                   AND datname = current_database()",
+            )
+            .await
+                == 1
+        },
+    )
+    .await;
+    assert!(
+        !claim.is_finished(),
+        "the claim did not wait for the batch in flight"
+    );
+    tx.commit().await.expect("commit");
+    let claimed = claim.await.expect("join").expect("claim");
+    assert_eq!(claimed[&0].epoch, current + 1);
+    assert_eq!(
+        claimed[&0].next_offset,
+        Some(1),
+        "resumes after the batch it waited for"
     );
 }

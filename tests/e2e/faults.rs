@@ -4,7 +4,6 @@
 //! oracle and prints what was injected and what the replicas counted. (The zombie, a replica
 //! frozen past its session, is a group scenario in `group.rs`.)
 
-use std::collections::HashMap;
 use std::time::Duration;
 
 use serde_json::json;
@@ -14,10 +13,8 @@ use crate::support::{
     BackgroundProduce, GROUP, Replica, TOPIC, TestEnv, assert_nothing_applied_twice, http_get,
     metric, terminate_all, wait_until,
 };
-use crate::support::{EXIT, SETTLE_GROUP, migrated_store};
-use inventory_consumer::domain::{Batch, Delivery};
+use crate::support::{EXIT, SETTLE_GROUP};
 use inventory_consumer::stats::StatsSnapshot;
-use inventory_consumer::store::{self, Claim, Failure, Guards, apply_batch};
 use inventory_devtools::embedded::apache::ApacheKafka;
 
 /// More than 10,000 bad messages of every kind (invalid UTF-8 and JSON, wrong types, missing
@@ -386,84 +383,6 @@ async fn broker_faults_are_ridden_out_without_loss_or_double_effect() {
         total.retries,
         total.duplicates,
         expected.duplicates
-    );
-}
-
-/// The fence itself, against a real PostgreSQL: a batch carrying an older epoch than the
-/// partition's latest claim rolls back and changes nothing, the current owner's commits; and a
-/// claim waits for a batch transaction in flight on the partition.
-#[tokio::test(flavor = "multi_thread")]
-async fn the_fence_refuses_a_stale_owner_and_a_claim_waits_for_the_batch_in_flight() {
-    let (db, pool, source) = migrated_store().await;
-    let epoch_of = |claims: HashMap<i32, Claim>| claims[&0].epoch;
-    let stale = epoch_of(
-        store::claim(&pool, &source, "a", &[0])
-            .await
-            .expect("claim"),
-    );
-    let current = epoch_of(
-        store::claim(&pool, &source, "b", &[0])
-            .await
-            .expect("claim"),
-    );
-    assert!(current > stale);
-
-    let mut batch = Batch::default();
-    batch.push(Delivery {
-        partition: 0,
-        offset: 0,
-        key: None,
-        payload: Some(br#"{"event_id":"e1","type":"restock","sku":"S-1","quantity":5}"#.to_vec()),
-        timestamp_ms: None,
-    });
-    let refused = apply_batch(&pool, &source, &batch, Guards::On, stale).await;
-    assert!(matches!(refused, Err(Failure::Fenced(_))), "{refused:?}");
-    assert_eq!(db.scalar("SELECT count(*) FROM processed_events").await, 0);
-    assert_eq!(db.scalar("SELECT count(*) FROM products").await, 0);
-    apply_batch(&pool, &source, &batch, Guards::On, current)
-        .await
-        .expect("the current owner applies");
-    assert_eq!(db.scalar("SELECT count(*) FROM processed_events").await, 1);
-
-    // A batch in flight holds the partition's row; a claim waits for it to end.
-    let mut in_flight = db.client().await;
-    let tx = in_flight.transaction().await.expect("begin");
-    tx.query(
-        "SELECT epoch FROM partition_owners WHERE partition = 0 FOR UPDATE",
-        &[],
-    )
-    .await
-    .expect("the batch's fence");
-    let claim = tokio::spawn({
-        let (pool, source) = (pool.clone(), source.clone());
-        async move { store::claim(&pool, &source, "c", &[0]).await }
-    });
-    // Observed, not slept on: the claim's session waits for the row lock the batch holds.
-    wait_until(
-        "the claim to wait on the batch's row lock",
-        Duration::from_secs(30),
-        || async {
-            db.scalar(
-                "SELECT count(*) FROM pg_stat_activity
-                 WHERE wait_event_type = 'Lock' AND query LIKE '%partition_owners%'
-                   AND datname = current_database()",
-            )
-            .await
-                == 1
-        },
-    )
-    .await;
-    assert!(
-        !claim.is_finished(),
-        "the claim did not wait for the batch in flight"
-    );
-    tx.commit().await.expect("commit");
-    let claimed = claim.await.expect("join").expect("claim");
-    assert_eq!(claimed[&0].epoch, current + 1);
-    assert_eq!(
-        claimed[&0].next_offset,
-        Some(1),
-        "resumes after the batch it waited for"
     );
 }
 

@@ -16,6 +16,7 @@ mod oracle;
 mod pauses;
 mod recovery;
 mod replay;
+mod replies;
 mod reservations;
 mod retention;
 mod settings;

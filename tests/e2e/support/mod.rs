@@ -11,6 +11,7 @@
 pub mod blackhole;
 mod db;
 mod kafka;
+pub mod orders;
 mod replica;
 
 pub use db::{TestDb, batch, connect, migrated_store, private_ca, source};
