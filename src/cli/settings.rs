@@ -47,7 +47,7 @@ fn masked(settings: &Settings) -> anyhow::Result<Value> {
     }
     if let Some(Value::Object(properties)) = value.pointer_mut("/kafka/properties") {
         properties.clear();
-        for (name, v) in settings.kafka_properties() {
+        for (name, v) in settings.kafka.flat_properties() {
             let secret = [
                 "password",
                 "secret",

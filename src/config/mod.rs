@@ -186,11 +186,6 @@ impl Settings {
         Ok(())
     }
 
-    /// `kafka.properties` flattened to librdkafka's dotted names.
-    pub fn kafka_properties(&self) -> std::collections::BTreeMap<String, String> {
-        self.kafka.flat_properties()
-    }
-
     /// Whether rebalances are incremental: KIP-848, or a cooperative classic strategy.
     pub fn incremental_rebalancing(&self) -> bool {
         self.kafka.group_protocol == GroupProtocol::Consumer

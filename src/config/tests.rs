@@ -164,7 +164,7 @@ fn properties_flatten_from_nested_and_underscored_names() {
     s.kafka
         .properties
         .insert("fetch_queue_backoff_ms".into(), Value::from(0));
-    let p = s.kafka_properties();
+    let p = s.kafka.flat_properties();
     assert_eq!(p["sasl.mechanism"], "PLAIN");
     assert_eq!(p["fetch.queue.backoff.ms"], "0");
 }
@@ -193,8 +193,8 @@ fn layers_apply_in_the_documented_order() {
         assert_eq!(s.kafka.topic, "from-env");
         assert_eq!(s.database.url, "postgres://u:pw@short/db");
         assert_eq!(s.processing.batch_max_events, 9);
-        assert_eq!(s.kafka_properties()["sasl.mechanism"], "PLAIN");
-        assert_eq!(s.kafka_properties()["fetch.queue.backoff.ms"], "0");
+        assert_eq!(s.kafka.flat_properties()["sasl.mechanism"], "PLAIN");
+        assert_eq!(s.kafka.flat_properties()["fetch.queue.backoff.ms"], "0");
 
         jail.set_env("INVENTORY_PROCESSING__BATCH_MAX_EVENTS", "lots");
         let err = Settings::load(Some(Path::new("c.toml")), &[], ALL).unwrap_err();
