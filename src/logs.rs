@@ -77,9 +77,34 @@ pub fn list<'a>(partitions: impl IntoIterator<Item = &'a i32>) -> String {
     serde_json::to_string(&all).unwrap_or_default()
 }
 
+/// An error with its causes, `: `-separated (as anyhow's `{:#}` prints one): the `error`
+/// field of a log line, where the error's own message names only what failed.
+pub fn chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(c) = cause {
+        text.push_str(": ");
+        text.push_str(&c.to_string());
+        cause = c.source();
+    }
+    text
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_chain_says_each_cause_once() {
+        use crate::store::Failure;
+        let inner = Failure::transient("connection reset");
+        let outer = Failure::fatal_from("batch at offset 7 still failing after 30s", inner);
+        assert_eq!(
+            chain(&outer),
+            "fatal database failure: batch at offset 7 still failing after 30s: \
+             transient database failure: connection reset"
+        );
+    }
 
     #[test]
     fn lists_are_json_arrays() {

@@ -38,7 +38,7 @@ pub fn main(settings: &Settings, args: &VerifyArgs) -> anyhow::Result<ExitCode> 
         loop {
             match audit::audit(&db, expected.as_ref()).await {
                 Err(e) if e.is_transient() && tries < 3 => {
-                    eprintln!("verify: {e}; auditing again");
+                    eprintln!("verify: {}; auditing again", crate::logs::chain(&e));
                     tries += 1;
                     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
                 }

@@ -148,9 +148,10 @@ impl GroupContext {
             // Not a step to skip: the group now counts this member as the partitions' owner,
             // and none is fetched until the next rebalance, which may never come (a stable
             // group). Stopping the replica hands them on at once; its restart joins afresh.
-            let _ = self.ctx.fatal.send(Failure::Fatal(format!(
-                "librdkafka refused the assignment of partitions {partitions:?}: {e}"
-            )));
+            let _ = self.ctx.fatal.send(Failure::fatal_from(
+                format!("librdkafka refused the assignment of partitions {partitions:?}"),
+                e.clone(),
+            ));
             return Err(e);
         }
         let mut state = self.state();
@@ -324,7 +325,7 @@ impl GroupContext {
                 claims
             }
             Ok(Err(e)) => {
-                tracing::warn!(error = %e, "cannot claim the partitions now; starting from Kafka's committed offsets, workers claim before their first batch");
+                tracing::warn!(error = %crate::logs::chain(&e), "cannot claim the partitions now; starting from Kafka's committed offsets, workers claim before their first batch");
                 HashMap::new()
             }
             Err(_) => {

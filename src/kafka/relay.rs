@@ -95,7 +95,7 @@ pub async fn relay_until(
             Ok(n) if n as i64 == ROUND => Duration::ZERO,
             Ok(_) => IDLE,
             Err(e) => {
-                tracing::warn!(error = %e, "reply relay round failed; trying again");
+                tracing::warn!(error = %crate::logs::chain(&e), "reply relay round failed; trying again");
                 if let Some((_, why)) = producer.client().fatal_error() {
                     tracing::warn!(error = %why, "the reply producer failed for good; replacing it");
                     match config.create() {
@@ -161,15 +161,15 @@ pub async fn relay_round(
         let record = FutureRecord::to(topic).key(key).payload(payload);
         let delivery = producer
             .send_result(record)
-            .map_err(|(e, _)| Failure::Transient(format!("queueing a reply: {e}")))?;
+            .map_err(|(e, _)| Failure::transient_from("queueing a reply", e))?;
         deliveries.push(delivery);
     }
     let acked = tokio::time::timeout(ACK_TIMEOUT, async {
         for delivery in deliveries {
             match delivery.await {
                 Ok(Ok(_)) => {}
-                Ok(Err((e, _))) => return Err(format!("{e}")),
-                Err(_) => return Err("the producer dropped a reply".into()),
+                Ok(Err((e, _))) => return Err(Failure::transient_from("publishing replies", e)),
+                Err(_) => return Err(Failure::transient("the producer dropped a reply")),
             }
         }
         Ok(())
@@ -177,9 +177,9 @@ pub async fn relay_round(
     .await;
     match acked {
         Ok(Ok(())) => {}
-        Ok(Err(e)) => return Err(Failure::Transient(format!("publishing replies: {e}"))),
+        Ok(Err(failure)) => return Err(failure),
         Err(_) => {
-            return Err(Failure::Transient(format!(
+            return Err(Failure::transient(format!(
                 "replies not acknowledged within {ACK_TIMEOUT:?}"
             )));
         }

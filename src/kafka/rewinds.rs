@@ -59,7 +59,9 @@ pub async fn watch_until(
                     return;
                 }
             }
-            Err(e) => tracing::debug!(error = %e, "cannot look for rewound partitions now"),
+            Err(e) => {
+                tracing::debug!(error = %crate::logs::chain(&e), "cannot look for rewound partitions now")
+            }
         }
     }
 }
@@ -134,7 +136,7 @@ impl GroupContext {
         let claims = match claimed {
             Ok(Ok(claims)) => claims,
             Ok(Err(e)) => {
-                tracing::warn!(partitions = ?restart, error = %e, "cannot claim the rewound partitions now; they wait, without a worker, for the next try");
+                tracing::warn!(partitions = ?restart, error = %crate::logs::chain(&e), "cannot claim the rewound partitions now; they wait, without a worker, for the next try");
                 return;
             }
             Err(_) => {

@@ -145,7 +145,7 @@ impl Prober {
             Some(client) if !client.is_closed() => client,
             _ => crate::store::connect_bounded(&self.settings)
                 .await
-                .map_err(|e| e.to_string())?,
+                .map_err(|e| crate::logs::chain(&e))?,
         };
         client
             .simple_query("SELECT 1")

@@ -192,12 +192,14 @@ impl PartitionWorker {
                     parts.push((part.unstorable(&why), true));
                 }
                 Applied::Unstorable(why) => {
-                    let _ = self.ctx.fatal.send(Failure::Fatal(format!(
-                        "partition {}: the database refuses even the dead letter of offset {:?}: \
-                         {why}",
-                        self.partition,
-                        part.offsets().map(|(first, _)| first)
-                    )));
+                    let _ = self.ctx.fatal.send(Failure::fatal_from(
+                        format!(
+                            "partition {}: the database refuses even the dead letter of offset {:?}",
+                            self.partition,
+                            part.offsets().map(|(first, _)| first)
+                        ),
+                        why,
+                    ));
                     return false;
                 }
                 Applied::Stop => return false,
@@ -237,7 +239,7 @@ impl PartitionWorker {
                 );
                 Applied::Stop
             }
-            Err(Some(Failure::Data(why))) => Applied::Unstorable(why),
+            Err(Some(Failure::Data(why))) => Applied::Unstorable(crate::logs::chain(&why)),
             Err(Some(behind @ Failure::Behind { .. })) => {
                 // Marked: the poll thread restarts the partition from the recorded offset.
                 tracing::warn!(
@@ -358,7 +360,7 @@ impl PartitionWorker {
                         partition = self.partition,
                         first_offset = first,
                         retry_in_ms = backoff.as_millis() as u64,
-                        error = %why,
+                        error = %crate::logs::chain(&why),
                         "batch failed, will retry"
                     );
                     tokio::select! {
@@ -371,10 +373,13 @@ impl PartitionWorker {
                     backoff = (backoff * 2).min(self.ctx.backoff_max);
                 }
                 Err(Failure::Transient(why)) => {
-                    return Err(Some(Failure::Fatal(format!(
-                        "partition {}: batch at offset {first} still failing after {:?}: {why}",
-                        self.partition, self.ctx.retry_deadline
-                    ))));
+                    return Err(Some(Failure::fatal_from(
+                        format!(
+                            "partition {}: batch at offset {first} still failing after {:?}",
+                            self.partition, self.ctx.retry_deadline
+                        ),
+                        why,
+                    )));
                 }
                 Err(other) => return Err(Some(other)),
             }
@@ -457,7 +462,7 @@ impl PartitionWorker {
                 )
                 .await?;
                 let claimed = claims.get(&self.partition).ok_or_else(|| {
-                    Failure::Fatal(format!(
+                    Failure::fatal(format!(
                         "claiming partition {} returned no row",
                         self.partition
                     ))

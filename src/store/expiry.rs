@@ -81,7 +81,9 @@ pub async fn sweep_until(
         match swept {
             Ok(0) => {}
             Ok(expired) => tracing::info!(expired, "reservations expired"),
-            Err(e) => tracing::warn!(error = %e, "expiry sweep failed; trying again"),
+            Err(e) => {
+                tracing::warn!(error = %crate::logs::chain(&e), "expiry sweep failed; trying again")
+            }
         }
     }
 }

@@ -1,25 +1,36 @@
-//! What kind of failure a database error is, by its cause. A *transient* failure (connection
-//! lost, deadlock, serialization failure, a lock or statement timeout, a server restarting) is
+//! What kind of failure an error is, by its cause. A *transient* failure (connection lost,
+//! deadlock, serialization failure, a lock or statement timeout, a server restarting) is
 //! retried with backoff and leaves the offset where it was. A *data* failure (SQLSTATE class
 //! 22's that values cause: one the database cannot hold, such as a character the server's
-//! encoding lacks) was caused by what a message carries: the worker finds that message and dead-letters it
-//! (`crate::kafka::worker`). A *fatal* one (schema missing, authentication refused, a bug)
-//! stops the process with a non-zero exit so that an operator sees it.
+//! encoding lacks) was caused by what a message carries: the worker finds that message and
+//! dead-letters it (`crate::kafka::worker`). A *fatal* one (schema missing, authentication
+//! refused, a bug) stops the process with a non-zero exit so that an operator sees it.
+//!
+//! The database's error is classified by [`From<tokio_postgres::Error>`] and kept whole as the
+//! failure's `source()` ([`Cause`]): nothing the driver said is lost to a `format!`, and a
+//! failure that ends the retries carries the last transient one as its cause.
+
+use std::error::Error;
+use std::fmt;
+use std::sync::Arc;
 
 use tokio_postgres::error::SqlState;
 
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+/// A failure and what can be done about it. The first three carry their [`Cause`] as
+/// `source()`, and their own message names only the class, so a chain printed whole
+/// (`{:#}` of anyhow, [`crate::logs::chain`]) says each thing once.
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum Failure {
-    #[error("transient database failure: {0}")]
-    Transient(String),
-    #[error("fatal database failure: {0}")]
-    Fatal(String),
+    #[error("transient database failure")]
+    Transient(#[source] Cause),
+    #[error("fatal database failure")]
+    Fatal(#[source] Cause),
     /// The database refused a value of the batch (a data exception one message causes, e.g. a
     /// character the server's encoding lacks: [`is_data`]): nothing
     /// was done. Retrying cannot help; applying the batch without the message that carries
     /// the value can.
-    #[error("the database cannot store a value of the batch: {0}")]
-    Data(String),
+    #[error("the database cannot store a value of the batch")]
+    Data(#[source] Cause),
     /// Another replica claimed the partition since this one did (see [`super::ownership`]):
     /// the batch was rolled back, and this replica must stop working on the partition.
     #[error("fenced: {0}")]
@@ -47,26 +58,134 @@ pub enum Failure {
 }
 
 impl Failure {
+    /// Retry with backoff: `what` happened, and nothing else explains it.
+    pub fn transient(what: impl Into<String>) -> Self {
+        Failure::Transient(Cause::new(what, None))
+    }
+
+    /// Stop the replica: `what` happened.
+    pub fn fatal(what: impl Into<String>) -> Self {
+        Failure::Fatal(Cause::new(what, None))
+    }
+
+    /// Retry with backoff: `what` happened because of `error`, which is kept.
+    pub fn transient_from(what: impl Into<String>, error: impl Into<Cause>) -> Self {
+        Failure::Transient(Cause::new(what, Some(error.into())))
+    }
+
+    /// Stop the replica: `what` happened because of `error`, which is kept.
+    pub fn fatal_from(what: impl Into<String>, error: impl Into<Cause>) -> Self {
+        Failure::Fatal(Cause::new(what, Some(error.into())))
+    }
+
     pub fn is_transient(&self) -> bool {
         matches!(self, Failure::Transient(_))
     }
 }
 
+/// Why a failure happened: the driver's or the Kafka client's error, kept whole with its own
+/// `source()` chain, or our own account of it. An `Arc`, so that a failure clones cheaply.
+#[derive(Clone)]
+pub struct Cause(Arc<dyn Error + Send + Sync>);
+
+impl Cause {
+    /// `what`, caused by `source` if given.
+    fn new(what: impl Into<String>, source: Option<Cause>) -> Self {
+        Cause(Arc::new(Context {
+            what: what.into(),
+            source,
+        }))
+    }
+}
+
+impl fmt::Debug for Cause {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.0, f)
+    }
+}
+
+impl fmt::Display for Cause {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.0, f)
+    }
+}
+
+impl Error for Cause {
+    fn source(&self) -> Option<&(dyn Error + 'static)> {
+        self.0.source()
+    }
+}
+
+impl From<tokio_postgres::Error> for Cause {
+    fn from(e: tokio_postgres::Error) -> Self {
+        Cause(Arc::new(DbError(e)))
+    }
+}
+
+impl From<rdkafka::error::KafkaError> for Cause {
+    fn from(e: rdkafka::error::KafkaError) -> Self {
+        Cause(Arc::new(e))
+    }
+}
+
+impl From<Failure> for Cause {
+    fn from(e: Failure) -> Self {
+        Cause(Arc::new(e))
+    }
+}
+
+impl From<String> for Cause {
+    fn from(what: String) -> Self {
+        Cause::new(what, None)
+    }
+}
+
+/// Our words for a failure, and the error behind them if there is one.
+#[derive(Debug)]
+struct Context {
+    what: String,
+    source: Option<Cause>,
+}
+
+impl fmt::Display for Context {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.what)
+    }
+}
+
+impl Error for Context {
+    fn source(&self) -> Option<&(dyn Error + 'static)> {
+        self.source.as_ref().map(|c| c as &(dyn Error + 'static))
+    }
+}
+
+/// The driver's error, shown as [`describe`] shows it (the database's message, SQLSTATE and
+/// detail, which the driver's own `Display` leaves out). Its `Display` already says what the
+/// driver's causes say, so it reports no `source()`: a chain printed whole says it once.
+#[derive(Debug)]
+struct DbError(tokio_postgres::Error);
+
+impl fmt::Display for DbError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&describe(&self.0))
+    }
+}
+
+impl Error for DbError {}
+
 impl From<tokio_postgres::Error> for Failure {
     fn from(e: tokio_postgres::Error) -> Self {
-        let text = describe(&e);
-        match e.code() {
-            None => {
-                // No SQLSTATE: the connection broke or could not be made (I/O, closed, timeout).
-                Failure::Transient(text)
-            }
-            Some(code) if is_transient(code) => Failure::Transient(text),
-            Some(code) if is_data(code) => Failure::Data(text),
+        let class = match e.code() {
+            // No SQLSTATE: the connection broke or could not be made (I/O, closed, timeout).
+            None => Failure::Transient,
+            Some(code) if is_transient(code) => Failure::Transient,
+            Some(code) if is_data(code) => Failure::Data,
             // Our connection's prepared statements, forgotten meanwhile and prepared again by
             // the retry (`super::statements`).
-            Some(_) if super::statements::is_stale_statement(&e) => Failure::Transient(text),
-            Some(_) => Failure::Fatal(text),
-        }
+            Some(_) if super::statements::is_stale_statement(&e) => Failure::Transient,
+            Some(_) => Failure::Fatal,
+        };
+        class(Cause::from(e))
     }
 }
 
@@ -75,7 +194,7 @@ impl From<bb8::RunError<tokio_postgres::Error>> for Failure {
         match e {
             bb8::RunError::User(e) => e.into(),
             bb8::RunError::TimedOut => {
-                Failure::Transient("timed out waiting for a database connection".into())
+                Failure::transient("timed out waiting for a database connection")
             }
         }
     }

@@ -31,7 +31,7 @@ impl SchemaState {
         let SchemaState::Ahead { at, knows } = self else {
             return None;
         };
-        Some(Failure::Fatal(format!(
+        Some(Failure::fatal(format!(
             "the database's schema is at migration {at}, which this release ({}) does not have \
              (its newest is {knows}): a newer release migrated it. Run that release or a newer \
              one; a release never runs on a schema newer than its own (see CHANGELOG.md)",
@@ -123,7 +123,7 @@ pub async fn migrate_to(url: &str, to: Option<i32>) -> Result<usize, Failure> {
     let _ = client
         .execute("SELECT pg_advisory_unlock($1)", &[&key])
         .await;
-    let report = report.map_err(|e| Failure::Fatal(format!("migration failed: {e}")))?;
+    let report = report.map_err(|e| Failure::fatal_from("migration failed", e.to_string()))?;
     for m in report.applied_migrations() {
         tracing::info!(migration = %m, "applied migration");
     }

@@ -88,9 +88,10 @@ pub(crate) fn utc_text(column: &str) -> String {
 /// `url` (a `postgres://` URL) naming database `name` instead.
 pub fn with_database(url: &str, name: &str) -> Result<String, Failure> {
     let mut parsed = url::Url::parse(url).map_err(|e| {
-        Failure::Fatal(format!(
-            "not a postgres:// URL ({e}): a database cannot be named in it"
-        ))
+        Failure::fatal_from(
+            "not a postgres:// URL: a database cannot be named in it",
+            e.to_string(),
+        )
     })?;
     parsed.set_path(&format!("/{name}"));
     Ok(parsed.into())
@@ -177,8 +178,8 @@ mod tests {
     #[test]
     fn with_database_replaces_only_the_name() {
         assert_eq!(
-            with_database("postgres://u:p@db:5432/admin?sslmode=require", "run_1"),
-            Ok("postgres://u:p@db:5432/run_1?sslmode=require".to_owned())
+            with_database("postgres://u:p@db:5432/admin?sslmode=require", "run_1").ok(),
+            Some("postgres://u:p@db:5432/run_1?sslmode=require".to_owned())
         );
         assert!(with_database("host=db user=u", "x").is_err());
     }

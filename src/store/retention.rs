@@ -116,7 +116,9 @@ pub async fn maintain_until(pool: Pool, settings: HistorySettings, stop: Cancell
                 "history maintained"
             ),
             Ok(_) => {}
-            Err(e) => tracing::warn!(error = %e, "history maintenance failed; trying again"),
+            Err(e) => {
+                tracing::warn!(error = %crate::logs::chain(&e), "history maintenance failed; trying again")
+            }
         }
     }
 }

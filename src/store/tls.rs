@@ -26,10 +26,9 @@ pub struct Target {
 }
 
 pub fn target(url: &str) -> Result<Target, Failure> {
-    let (config, root_cert) =
-        parse(url).map_err(|e| Failure::Fatal(format!("database.url: {e}")))?;
+    let (config, root_cert) = parse(url).map_err(|e| Failure::fatal_from("database.url", e))?;
     let tls = MakeRustlsConnect::new(
-        client_config(root_cert).map_err(|e| Failure::Fatal(format!("database.url: {e}")))?,
+        client_config(root_cert).map_err(|e| Failure::fatal_from("database.url", e))?,
     );
     Ok(Target { config, tls })
 }
@@ -201,7 +200,7 @@ mod tests {
         );
         let missing = target("postgres://u@db/inv?sslmode=require&sslrootcert=/nonexistent.pem");
         assert!(
-            matches!(missing, Err(Failure::Fatal(ref m)) if m.contains("/nonexistent.pem")),
+            matches!(missing, Err(ref f @ Failure::Fatal(_)) if crate::logs::chain(f).contains("/nonexistent.pem")),
             "a missing root certificate is a clear start-up error"
         );
     }

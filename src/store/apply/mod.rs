@@ -290,7 +290,7 @@ fn check_reservations_locked(reservations: &OrderBook, skus: &[&str]) -> Result<
         .flat_map(|r| &r.lines)
         .find(|l| skus.binary_search(&l.sku.as_str()).is_err())
     {
-        Some(line) => Err(Failure::Transient(format!(
+        Some(line) => Err(Failure::transient(format!(
             "a reservation changed during the batch (SKU {})",
             line.sku
         ))),
@@ -358,7 +358,7 @@ async fn write(txn: Txn<'_>, writes: &[Write<'_>]) -> Result<(), Failure> {
             && rows != expected as u64
         {
             // These rows were read under their locks a moment ago: someone deletes products.
-            return Err(Failure::Fatal(format!(
+            return Err(Failure::fatal(format!(
                 "expected to change {expected} products, changed {rows}: products are being modified outside this service"
             )));
         }

@@ -369,7 +369,7 @@ pub(in crate::store) fn read_reservations(
             "committed" => ReservationStatus::Committed,
             "released" => ReservationStatus::Released,
             "expired" => ReservationStatus::Expired,
-            other => return Err(Failure::Fatal(format!("reservation status `{other}`"))),
+            other => return Err(Failure::fatal(format!("reservation status `{other}`"))),
         };
         let reservation = orders.entry(order_id).or_insert_with(|| Reservation {
             event_id: String::new(),
