@@ -14,6 +14,7 @@ mod kafka_security;
 mod operations;
 mod oracle;
 mod pauses;
+mod periods;
 mod recovery;
 mod replay;
 mod replies;

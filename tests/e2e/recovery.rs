@@ -100,17 +100,9 @@ async fn a_restored_backup_resumes_from_its_own_offsets() {
         env.db.settled().await == total
     })
     .await;
-    wait_until(
-        "the recorded offsets to reach the end",
-        SETTLE_SLOW,
-        || async {
-            env.db
-                .scalar("SELECT sum(next_offset)::bigint FROM partition_offsets")
-                .await
-                == expected.messages as i64
-        },
-    )
-    .await;
+    env.db
+        .wait_offsets_recorded(expected.messages as i64, SETTLE_SLOW)
+        .await;
     let stats = terminate_all(&mut second, EXIT);
     assert_eq!(
         (stats.applied + stats.rejected) as i64,

@@ -86,17 +86,9 @@ async fn a_replayed_window_changes_nothing_while_three_replicas_run() {
     let expected = producing.finish();
     env.wait_processed(expected.events as i64, SETTLE_SLOW)
         .await;
-    wait_until(
-        "the recorded offsets to reach the end again",
-        SETTLE_SLOW,
-        || async {
-            env.db
-                .scalar("SELECT sum(next_offset)::bigint FROM partition_offsets")
-                .await
-                == expected.messages as i64
-        },
-    )
-    .await;
+    env.db
+        .wait_offsets_recorded(expected.messages as i64, SETTLE_SLOW)
+        .await;
     assert_eq!(env.db.scalar(marked).await, 0, "every rewind claimed");
     let mut replays = 0.0;
     for r in &replicas {
@@ -235,17 +227,9 @@ async fn a_replica_that_starts_ahead_of_the_database_reads_the_gap_again() {
     let after = env.produce(&["--events", "200", "--skus", "50", "--seed", "6"]);
     env.wait_processed((before.events + after.events) as i64, SETTLE_SLOW)
         .await;
-    wait_until(
-        "the recorded offsets to reach the end",
-        SETTLE_SLOW,
-        || async {
-            env.db
-                .scalar("SELECT sum(next_offset)::bigint FROM partition_offsets")
-                .await
-                == (before.messages + after.messages) as i64
-        },
-    )
-    .await;
+    env.db
+        .wait_offsets_recorded((before.messages + after.messages) as i64, SETTLE_SLOW)
+        .await;
     let (status, stats) = second.terminate(EXIT);
     assert!(status.success());
     assert!(second.has_event("partition_behind"), "the gap was found");

@@ -9,6 +9,8 @@ use inventory_consumer::domain::{Batch, Delivery};
 use inventory_consumer::store::{self, Source};
 use inventory_devtools::embedded::postgres::{PostgresOptions, ServerTls, ThrowawayPostgres};
 
+use super::wait_until;
+
 /// A fresh database for one test.
 pub struct TestDb {
     pub url: String,
@@ -118,6 +120,22 @@ impl TestDb {
         inventory_consumer::store::audit::settled(&client)
             .await
             .expect("counting settled messages")
+    }
+
+    /// Waits until the offsets recorded beside the effects (`partition_offsets`, each
+    /// partition's next offset to read) add up to `messages`: every message of the topic read
+    /// and its batch committed, whatever Kafka's own commits say.
+    pub async fn wait_offsets_recorded(&self, messages: i64, timeout: Duration) {
+        wait_until(
+            &format!("the recorded offsets to reach the end ({messages} messages)"),
+            timeout,
+            || async {
+                self.scalar("SELECT sum(next_offset)::bigint FROM partition_offsets")
+                    .await
+                    == messages
+            },
+        )
+        .await;
     }
 }
 

@@ -10,6 +10,7 @@
 
 pub mod blackhole;
 mod db;
+pub mod history;
 mod kafka;
 pub mod orders;
 mod replica;
