@@ -63,6 +63,9 @@ pub enum Pause {
     Full { resume_at: i64 },
     /// Halted at its dead-letter limit: paused until the partition is given up.
     Halted,
+    /// Its worker is being replaced (a rewind): paused until the new one is started and says
+    /// where to fetch from ([`FlowControl::refetch_from`]), or the partition is given up.
+    Restarting,
 }
 
 /// What to do with one delivery.
@@ -146,6 +149,12 @@ impl FlowControl {
             .collect()
     }
 
+    /// Holds a partition whose worker is being replaced: no deliveries until
+    /// [`Self::refetch_from`] or [`Self::forget`].
+    pub fn hold_for_restart(&mut self, partition: i32) {
+        self.paused.insert(partition, Pause::Restarting);
+    }
+
     /// The partition must fetch from `offset` (an operator rewound it): paused until the seek on
     /// resume, so that nothing fetched from the old position reaches its new worker.
     pub fn refetch_from(&mut self, partition: i32, offset: i64) {
@@ -201,7 +210,12 @@ mod tests {
     #[test]
     fn a_refetch_skips_deliveries_until_the_seek_to_its_offset() {
         let mut flow = FlowControl::new(1_000);
-        flow.halt(0);
+        flow.hold_for_restart(0);
+        assert_eq!(flow.admit(0, 100, 10, 0), Admission::Skip, "no worker yet");
+        assert!(
+            flow.resumable(|_| 0).is_empty(),
+            "not before its new start is known"
+        );
         flow.refetch_from(0, 7);
         assert_eq!(
             flow.admit(0, 120, 10, 0),

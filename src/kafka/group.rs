@@ -1,6 +1,7 @@
 //! Group membership: which partitions this replica owns, and what happens when that changes.
-//! The decisions are made by the pure state machine in [`super::membership`]; this module
-//! carries them out (workers, waiting, committing) from librdkafka's callbacks.
+//! The state and its invariants are [`super::partitions`] (with the pure phase machine of
+//! [`super::membership`] inside); this module translates librdkafka's callbacks into calls on
+//! it and does the I/O around them (claims, waiting for workers, commits, metrics, logs).
 //!
 //! librdkafka calls the rebalance callbacks on the thread that polls, which is a dedicated OS
 //! thread (see [`super::consumer`]), so blocking here to drain cannot starve the async runtime
@@ -21,7 +22,7 @@
 //! The workers themselves are started and joined by [`super::workers`]; deliveries reach them
 //! through [`super::intake`], and offsets reach Kafka through [`super::commits`].
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -33,7 +34,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::http::Health;
 use crate::kafka::flow::FlowControl;
-use crate::kafka::membership::{Membership, Revocation};
+use crate::kafka::membership::Membership;
+use crate::kafka::partitions::{GivingUp, Partitions};
 use crate::kafka::worker::WorkerContext;
 use crate::kafka::workers::Workers;
 use crate::store::{Claim, Failure, claim};
@@ -42,18 +44,9 @@ use crate::store::{Claim, Failure, claim};
 /// for a previous owner's batch in flight; past this, each worker claims before its first batch.
 pub(super) const CLAIM_TIMEOUT: Duration = Duration::from_secs(5);
 
-pub(super) struct State {
-    pub(super) membership: Membership,
-    pub(super) workers: Workers,
-    /// Which partitions are paused in librdkafka, and why.
-    pub(super) flow: FlowControl,
-    /// Owned partitions left without a worker by a restart ([`super::rewinds`]) that could not
-    /// claim them yet.
-    pub(super) unstarted: BTreeSet<i32>,
-}
-
 pub struct GroupContext {
-    state: Mutex<State>,
+    /// Locked briefly by the poll thread, and by librdkafka's statistics callback (`owned`).
+    partitions: Mutex<Partitions>,
     pub(super) ctx: WorkerContext,
     health: Arc<Health>,
     /// Incremental (un)assignment: KIP-848 or a cooperative classic strategy. Known from the
@@ -102,15 +95,14 @@ impl GroupContext {
         buffer_bytes: usize,
         shutdown: CancellationToken,
     ) -> Self {
-        let membership = Membership::new(drain_timeout);
-        publish(&membership);
+        let partitions = Partitions::new(
+            Membership::new(drain_timeout),
+            Workers::new(ctx.clone(), runtime.clone(), shutdown),
+            FlowControl::new(buffer_bytes),
+        );
+        publish(&partitions);
         GroupContext {
-            state: Mutex::new(State {
-                membership,
-                workers: Workers::new(ctx.clone(), runtime.clone(), shutdown),
-                flow: FlowControl::new(buffer_bytes),
-                unstarted: BTreeSet::new(),
-            }),
+            partitions: Mutex::new(partitions),
             ctx,
             health,
             cooperative,
@@ -119,15 +111,15 @@ impl GroupContext {
         }
     }
 
-    pub(super) fn state(&self) -> std::sync::MutexGuard<'_, State> {
-        match self.state.lock() {
+    pub(super) fn partitions(&self) -> std::sync::MutexGuard<'_, Partitions> {
+        match self.partitions.lock() {
             Ok(g) => g,
             Err(poisoned) => poisoned.into_inner(),
         }
     }
 
     pub fn owned(&self) -> Vec<i32> {
-        self.state().membership.owned()
+        self.partitions().owned()
     }
 
     /// New partitions: claim them, tell librdkafka where each starts, start their workers.
@@ -137,7 +129,7 @@ impl GroupContext {
         tpl: &mut TopicPartitionList,
     ) -> KafkaResult<()> {
         let partitions = partitions_of(tpl);
-        let new = self.new_partitions(&partitions);
+        let new = self.partitions().new_among(&partitions);
         let claims = self.claim_partitions(tpl, &new);
         let handed = if self.cooperative {
             consumer.incremental_assign(tpl)
@@ -154,19 +146,16 @@ impl GroupContext {
             ));
             return Err(e);
         }
-        let mut state = self.state();
-        let started = state.membership.assign(&partitions);
-        for &partition in &started {
-            state.workers.start(partition, claims.get(&partition));
-        }
+        let (started, owned) = {
+            let mut state = self.partitions();
+            (state.assign(&partitions, &claims), state.owned())
+        };
         self.ctx.stats.record_assigned(started.len());
-        let owned = state.membership.owned().len();
-        state.flow.share_among(owned);
-        metrics::gauge!(crate::metrics::ASSIGNED).set(owned as f64);
+        metrics::gauge!(crate::metrics::ASSIGNED).set(owned.len() as f64);
         tracing::info!(
             event = crate::logs::PARTITIONS_ASSIGNED,
             partitions = %crate::logs::list(&started),
-            owned = %crate::logs::list(state.membership.owned().iter()),
+            owned = %crate::logs::list(&owned),
             "partitions assigned"
         );
         Ok(())
@@ -174,11 +163,10 @@ impl GroupContext {
 
     /// Partitions moving to another member: drain, commit, hand back.
     fn revoke(&self, consumer: &BaseConsumer<Self>, tpl: &TopicPartitionList) -> KafkaResult<()> {
-        let revocation = self
-            .state()
-            .membership
+        let giving_up = self
+            .partitions()
             .revoke(&partitions_of(tpl), Instant::now());
-        self.give_up(consumer, revocation);
+        self.give_up(consumer, giving_up);
         self.unassign(consumer, tpl)
     }
 
@@ -189,40 +177,35 @@ impl GroupContext {
         tpl: &TopicPartitionList,
         everything: bool,
     ) -> KafkaResult<()> {
-        let revocation = {
-            let mut state = self.state();
-            let partitions = if everything {
-                state.membership.owned()
-            } else {
-                partitions_of(tpl)
-            };
-            state.membership.lose(&partitions, Instant::now())
-        };
-        self.give_up(consumer, revocation);
+        let listed = partitions_of(tpl);
+        let giving_up = self
+            .partitions()
+            .lose((!everything).then_some(&listed[..]), Instant::now());
+        self.give_up(consumer, giving_up);
         self.unassign(consumer, tpl)
     }
 
     /// Shutdown: every partition is given up as a revoke would (drain, commit).
     pub fn shutdown(&self, consumer: &BaseConsumer<Self>) {
         self.health.draining();
-        let revocation = self.state().membership.shutdown(Instant::now());
-        self.give_up(consumer, revocation);
+        let giving_up = self.partitions().shutdown(Instant::now());
+        self.give_up(consumer, giving_up);
     }
 
     /// Carries out a revocation on the poll thread: stop the partitions' workers, wait for
     /// them until the deadline, then commit what they processed, unless the partitions were
     /// lost. The membership shows `draining` meanwhile (`inventory_membership_phase`).
-    fn give_up(&self, consumer: &BaseConsumer<Self>, revocation: Revocation) {
-        let Revocation {
-            partitions,
-            deadline,
-            commit,
-        } = revocation;
-        let stopping = {
-            let mut state = self.state();
-            publish(&state.membership);
-            state.workers.stop(&partitions)
-        };
+    fn give_up(&self, consumer: &BaseConsumer<Self>, giving_up: GivingUp) {
+        let GivingUp {
+            revocation,
+            stopping,
+        } = giving_up;
+        let (partitions, deadline, commit) = (
+            revocation.partitions,
+            revocation.deadline,
+            revocation.commit,
+        );
+        publish(&self.partitions());
         let drained = stopping.join(&self.runtime, deadline);
         // No longer this replica's to report (its offsets stay: they only grow).
         for p in &partitions {
@@ -240,19 +223,23 @@ impl GroupContext {
                 self.ctx.offsets.remove(p);
             }
         }
-        self.unpause(consumer, &partitions);
-        let mut state = self.state();
-        state.membership.drained();
-        publish(&state.membership);
-        let owned = state.membership.owned().len();
-        state.flow.share_among(owned);
-        metrics::gauge!(crate::metrics::ASSIGNED).set(owned as f64);
+        let (paused, owned) = {
+            let mut state = self.partitions();
+            let paused = state.given_up(&partitions);
+            publish(&state);
+            (paused, state.owned())
+        };
+        // Resumed in librdkafka, so that a later assignment of them fetches.
+        if !paused.is_empty() {
+            let _ = consumer.resume(&self.list(&paused));
+        }
+        metrics::gauge!(crate::metrics::ASSIGNED).set(owned.len() as f64);
         if commit {
             self.ctx.stats.record_revoked(partitions.len());
             tracing::info!(
                 event = crate::logs::PARTITIONS_REVOKED,
                 partitions = %crate::logs::list(&partitions),
-                owned = %crate::logs::list(state.membership.owned().iter()),
+                owned = %crate::logs::list(&owned),
                 drained,
                 "partitions revoked"
             );
@@ -261,27 +248,11 @@ impl GroupContext {
             tracing::warn!(
                 event = crate::logs::PARTITIONS_LOST,
                 partitions = %crate::logs::list(&partitions),
-                owned = %crate::logs::list(state.membership.owned().iter()),
+                owned = %crate::logs::list(&owned),
                 drained,
                 "partitions lost; their offsets are not committed"
             );
         }
-    }
-
-    /// The partitions of an assignment that are new to this replica: claiming one it already
-    /// works on would fence its own worker. None on the way out (librdkafka turns the assign
-    /// into an unassign during close): nothing to claim or resume.
-    fn new_partitions(&self, partitions: &[i32]) -> Vec<i32> {
-        let state = self.state();
-        if !state.membership.takes_assignments() {
-            return Vec::new();
-        }
-        let owned = state.membership.owned();
-        partitions
-            .iter()
-            .copied()
-            .filter(|p| !owned.contains(p))
-            .collect()
     }
 
     /// Claims the newly assigned partitions and sets each one's start to the offset recorded
@@ -349,8 +320,8 @@ impl GroupContext {
 }
 
 /// Shows the membership's phase as `inventory_membership_phase{phase}`: 1 for the current one.
-fn publish(membership: &Membership) {
-    let now = membership.phase().name();
+fn publish(partitions: &Partitions) {
+    let now = partitions.phase().name();
     for phase in crate::kafka::membership::PHASES {
         metrics::gauge!(crate::metrics::MEMBERSHIP_PHASE, "phase" => phase).set(if phase == now {
             1.0

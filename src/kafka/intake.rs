@@ -9,8 +9,8 @@ use rdkafka::message::BorrowedMessage;
 use rdkafka::{Message, Offset, TopicPartitionList};
 
 use crate::domain::Delivery;
-use crate::kafka::flow::{Admission, footprint};
 use crate::kafka::group::GroupContext;
+use crate::kafka::partitions::Dispatched;
 use crate::kafka::worker::Halted;
 
 /// Bound on seeking a partition before resuming it: the seek is served by librdkafka's own
@@ -22,17 +22,6 @@ impl GroupContext {
     /// worker's backlog is full is paused instead ([`crate::kafka::flow`]).
     pub fn dispatch(&self, consumer: &BaseConsumer<Self>, message: &BorrowedMessage<'_>) {
         let partition = message.partition();
-        let mut state = self.state();
-        if !state.membership.accepts(partition) {
-            tracing::debug!(
-                partition,
-                "delivery for a partition not owned or draining; ignored"
-            );
-            return;
-        }
-        let Some(backlog) = state.workers.backlog(partition) else {
-            return;
-        };
         let delivery = Delivery {
             partition,
             offset: message.offset(),
@@ -40,36 +29,24 @@ impl GroupContext {
             payload: message.payload().map(<[u8]>::to_vec),
             timestamp_ms: message.timestamp().to_millis(),
         };
-        let bytes = footprint(&delivery);
-        match state
-            .flow
-            .admit(partition, delivery.offset, bytes, backlog.bytes())
-        {
-            Admission::Deliver => {
-                // Counted before it is sent: the worker may take it (and uncount it) at once.
-                backlog.added(bytes);
-                if !state.workers.send(delivery) {
-                    backlog.taken(bytes);
-                    // The worker stopped (fatal failure, fenced, halted); the message stays
-                    // uncommitted for the partition's next reader.
-                    tracing::debug!(partition, "worker gone; delivery left for the next reader");
-                }
+        let dispatched = self.partitions().deliver(delivery);
+        match dispatched {
+            Dispatched::Sent | Dispatched::Skipped => {}
+            Dispatched::NotOurs => tracing::debug!(
+                partition,
+                "delivery for a partition not owned or draining; ignored"
+            ),
+            Dispatched::WorkerGone => {
+                tracing::debug!(partition, "worker gone; delivery left for the next reader");
             }
-            Admission::PauseAt(offset) => {
-                drop(state);
+            Dispatched::PauseAt { offset, backlog } => {
                 metrics::counter!(crate::metrics::FLOW_PAUSES).increment(1);
-                tracing::debug!(
-                    partition,
-                    offset,
-                    backlog = backlog.bytes(),
-                    "backlog full; partition paused"
-                );
+                tracing::debug!(partition, offset, backlog, "backlog full; partition paused");
                 if let Err(e) = consumer.pause(&self.one(partition)) {
                     // Still correct: its deliveries are skipped until the seek on resume.
                     tracing::warn!(partition, error = %e, "cannot pause the partition");
                 }
             }
-            Admission::Skip => {}
         }
     }
 
@@ -77,12 +54,7 @@ impl GroupContext {
     /// sought first to its first undelivered offset. A partition whose seek fails stays paused
     /// and is tried again on the next turn.
     pub fn resume_ready(&self, consumer: &BaseConsumer<Self>) {
-        let ready = {
-            let state = self.state();
-            state
-                .flow
-                .resumable(|p| state.workers.backlog(p).map_or(0, |b| b.bytes()))
-        };
+        let ready = self.partitions().resumable();
         for (partition, offset) in ready {
             let sought = consumer.seek(
                 &self.ctx.source.topic,
@@ -93,7 +65,7 @@ impl GroupContext {
             let resumed = sought.and_then(|()| consumer.resume(&self.one(partition)));
             match resumed {
                 Ok(()) => {
-                    self.state().flow.resumed(partition);
+                    self.partitions().resumed(partition);
                     tracing::debug!(
                         event = crate::logs::FETCH_RESUMED,
                         partition,
@@ -125,26 +97,12 @@ impl GroupContext {
     /// assigned to this replica: its lag shows, and nobody else picks the bad messages up.
     pub fn halt(&self, consumer: &BaseConsumer<Self>, halted: Halted) {
         let partition = halted.partition;
-        {
-            let mut state = self.state();
-            // Only if the worker that halted still holds the partition (not a later ownership).
-            if state.workers.ownership(partition) != Some(halted.ownership) {
-                return;
-            }
-            state.flow.halt(partition);
+        if !self.partitions().halt(partition, halted.ownership) {
+            return;
         }
         match consumer.pause(&self.one(partition)) {
             Ok(()) => tracing::warn!(partition, "partition paused"),
             Err(e) => tracing::warn!(partition, error = %e, "cannot pause the halted partition"),
-        }
-    }
-
-    /// Resumes fetching of paused partitions among `partitions` as they are given up, so that a
-    /// later assignment starts unpaused.
-    pub(super) fn unpause(&self, consumer: &BaseConsumer<Self>, partitions: &[i32]) {
-        let paused = self.state().flow.forget(partitions);
-        if !paused.is_empty() {
-            let _ = consumer.resume(&self.list(&paused));
         }
     }
 }

@@ -13,6 +13,7 @@ pub mod horizon;
 pub mod intake;
 pub mod membership;
 pub mod offsets;
+pub mod partitions;
 pub mod relay;
 pub mod rewinds;
 pub mod standing;

@@ -19,7 +19,8 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::kafka::group::{CLAIM_TIMEOUT, GroupContext, State};
+use crate::kafka::group::{CLAIM_TIMEOUT, GroupContext};
+use crate::kafka::partitions::Restarted;
 use crate::store::ownership::{self, acknowledge_rewinds, reclaim};
 use crate::store::{Pool, Source};
 
@@ -72,7 +73,7 @@ impl GroupContext {
     /// starts and fetching restarts at the offset. On the poll thread. Whatever fails is tried
     /// again at the next report: the mark stays until the restart is acknowledged.
     pub fn rewind(&self, consumer: &BaseConsumer<Self>, rewound: &[Rewind]) {
-        let (restart, restarted) = self.rewinds_to_handle(rewound);
+        let (restart, restarted) = self.partitions().rewinds(rewound);
         if !restarted.is_empty() {
             // Restarted already, but the acknowledgement was lost: send it again.
             self.acknowledge(&restarted);
@@ -83,17 +84,7 @@ impl GroupContext {
     /// Tries again to restart the partitions left without a worker by a restart that failed
     /// (their rewind mark may be gone meanwhile: a claim clears it). On the poll thread.
     pub fn restart_unstarted(&self, consumer: &BaseConsumer<Self>) {
-        let partitions: Vec<i32> = {
-            let mut state = self.state();
-            let State {
-                membership,
-                unstarted,
-                ..
-            } = &mut *state;
-            // Given up meanwhile: no longer this replica's to restart.
-            unstarted.retain(|&p| membership.accepts(p));
-            unstarted.iter().copied().collect()
-        };
+        let partitions = self.partitions().unstarted();
         self.restart(consumer, &partitions);
     }
 
@@ -105,25 +96,19 @@ impl GroupContext {
             return;
         }
         // The old workers stop first: none may record anything, or claim its partition before
-        // its first batch, after the claim below.
-        let stopping = self.state().workers.stop(restart);
+        // its first batch, after the claim below. Nothing is fetched until each partition is
+        // sought to its new start (flow control's resume), so nothing fetched from the old
+        // position reaches the new worker.
+        let stopping = self.partitions().stop_for_restart(restart);
         if !stopping.join(&self.runtime, Instant::now() + self.drain_timeout) {
             tracing::warn!(partitions = ?restart, "a rewound partition's worker did not stop in time; abandoned");
         }
-        // No fetching until each partition is sought to its new start (flow control's
-        // resume): nothing fetched from the old position reaches the new worker. Marked
-        // halted meanwhile, so that giving the partition up resumes it in librdkafka.
         if let Err(e) = consumer.pause(&self.list(restart)) {
             // Still correct: flow control skips the partition's deliveries until the seek.
             tracing::warn!(error = %e, "cannot pause the rewound partitions");
         }
-        {
-            let mut state = self.state();
-            for &p in restart {
-                self.ctx.offsets.remove(p);
-                state.flow.halt(p);
-                state.unstarted.insert(p);
-            }
+        for &p in restart {
+            self.ctx.offsets.remove(p);
         }
         // The timer is made inside the runtime: this thread is not one of its workers.
         let claimed = self.runtime.block_on(async {
@@ -145,31 +130,26 @@ impl GroupContext {
             }
         };
         let mut started = Vec::with_capacity(claims.len());
-        let mut state = self.state();
         for &p in restart {
-            state.unstarted.remove(&p);
             let Some(claim) = claims.get(&p) else {
-                // Another replica claimed it since: one of us is about to lose it. No worker
-                // here, so this replica cannot take it back from the database's owner.
+                self.partitions().left_to_another(p);
                 tracing::warn!(
                     partition = p,
                     "a rewound partition was claimed by another replica since; left to it"
                 );
                 continue;
             };
-            match claim.next_offset {
-                Some(next) => {
-                    state.flow.refetch_from(p, next);
+            match self.partitions().restarted(p, claim) {
+                // Sought there and resumed by flow control.
+                Some(Restarted::From(next)) => {
                     metrics::gauge!(crate::metrics::RECORDED_OFFSET, "partition" => p.to_string())
                         .set(next as f64);
                 }
-                // Nothing recorded (the offsets were deleted meanwhile): Kafka's position holds.
-                None => {
-                    state.flow.forget(&[p]);
+                Some(Restarted::AsBefore) => {
                     let _ = consumer.resume(&self.list(&[p]));
                 }
+                None => continue,
             }
-            state.workers.start(p, Some(claim));
             started.push((p, claim.epoch));
             tracing::info!(
                 partition = p,
@@ -178,32 +158,8 @@ impl GroupContext {
                 "partition rewound: reading it again from the offset recorded"
             );
         }
-        drop(state);
         metrics::counter!(crate::metrics::REPLAYS).increment(started.len() as u64);
         self.acknowledge(&started);
-    }
-
-    /// Of the `rewound` partitions this replica owns: those to restart, and those restarted
-    /// already (with their epoch) whose mark is still set.
-    fn rewinds_to_handle(&self, rewound: &[Rewind]) -> (Vec<i32>, Vec<(i32, i64)>) {
-        let state = self.state();
-        let (mut restart, mut restarted) = (Vec::new(), Vec::new());
-        if !state.membership.takes_assignments() {
-            return (restart, restarted);
-        }
-        for r in rewound {
-            // Not one that is draining or given up.
-            if !state.membership.accepts(r.partition) {
-                continue;
-            }
-            match state.workers.epoch(r.partition) {
-                Some(mine) if mine == r.epoch => restarted.push((r.partition, mine)),
-                // Claimed since (a report that raced the claim): nothing to do.
-                Some(mine) if mine > r.epoch => {}
-                _ => restart.push(r.partition),
-            }
-        }
-        (restart, restarted)
     }
 
     fn acknowledge(&self, restarted: &[(i32, i64)]) {
