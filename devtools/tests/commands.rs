@@ -119,12 +119,15 @@ async fn bench_refuses_a_backlog_the_embedded_broker_cannot_keep() {
 
 /// `bench` on a small scale: every run (database only, 1 and 3 replicas on both brokers,
 /// per-event, unsafe, hot SKU, latency, memory) completes and passes its audit, and the report
-/// has every row and ratio. Speed is not asserted here: the numbers are for `bench` at full
-/// size.
+/// (`--json`) has every run and ratio. Speed is not asserted here: the numbers are for `bench`
+/// at full size.
 #[tokio::test(flavor = "multi_thread")]
 async fn bench_runs_every_mode_and_each_passes_verify() {
     install_apache();
     let db = database().await;
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let json = dir.path().join("bench.json");
+    let json_arg = json.clone();
     let out = tokio::task::spawn_blocking(move || {
         let out = std::process::Command::new(DEV_BIN)
             .args([
@@ -143,6 +146,8 @@ async fn bench_runs_every_mode_and_each_passes_verify() {
                 "20000",
                 "--apache",
             ])
+            .arg("--json")
+            .arg(&json_arg)
             .arg("--database-url")
             .arg(&db.url)
             .output()
@@ -156,50 +161,96 @@ async fn bench_runs_every_mode_and_each_passes_verify() {
     let report = format!("{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "bench failed:\n{report}");
     assert!(stdout.contains("verify: PASS in every run"), "{report}");
-    for run in [
-        "database only",
-        "steady state, 20000 events of history",
-        "pipeline, 1 replica",
-        "pipeline, 3 replicas",
-        "per-event mode",
-        "unsafe: no locks, no dedupe",
-        "hot SKU",
-        "latency at 500 events/s",
-        "memory: 8000 backlog",
-        "1 replica on Apache Kafka 4.",
-        "3 replicas on Apache Kafka 4.",
+    let text = std::fs::read_to_string(&json)
+        .unwrap_or_else(|e| panic!("reading bench's --json ({e}):\n{report}"));
+    let figures: serde_json::Value =
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("bench's --json ({e}):\n{text}"));
+    assert_eq!(figures["verified"].as_bool(), Some(true), "{text}");
+    every_run_measured(&figures["runs"], &text);
+    every_ratio_reported(&figures["ratios"], &text);
+}
+
+/// `bench --json`'s runs (small scale, as above): every one verified, with its figures.
+fn every_run_measured(runs: &serde_json::Value, text: &str) {
+    let runs = runs.as_array().map(Vec::as_slice).unwrap_or_default();
+    // Every run, by its `--only` key, with the events the flags above give it.
+    for (key, events) in [
+        ("database", 10_000_u64),
+        ("steady", 10_000),
+        ("one", 10_000),
+        ("three", 10_000),
+        ("per-event", 1_000),
+        ("unsafe", 10_000),
+        ("hot", 10_000),
+        ("latency", 1_000),
+        ("memory", 8_000),
+        ("one-apache", 10_000),
+        ("three-apache", 10_000),
     ] {
-        let row = stdout
-            .lines()
-            .find(|l| l.starts_with(run))
-            .unwrap_or_else(|| panic!("no row for {run}:\n{report}"));
-        assert!(row.ends_with("PASS"), "{row}");
+        let run = runs
+            .iter()
+            .find(|r| r["key"].as_str() == Some(key))
+            .unwrap_or_else(|| panic!("no run {key}:\n{text}"));
+        assert_eq!(run["verified"].as_bool(), Some(true), "{run}");
+        assert_eq!(run["events"].as_u64(), Some(events), "{run}");
+        assert!(
+            run["events_per_second"].as_f64().is_some_and(|r| r > 0.0),
+            "{run}"
+        );
         // CPU per event: the replicas' is read off their processes, bench's own (the
         // harness) in the pipeline runs; the server's only when it is the bench's own
         // throwaway one (here it is given).
-        let mut columns = row.split_whitespace().rev().skip(1);
-        let harness = columns.next();
-        assert_eq!(columns.next(), Some("-"), "{row}");
-        if run.starts_with("database only") || run.starts_with("steady state") {
-            assert_eq!(harness, Some("-"), "{row}");
+        let cpu = &run["cpu_seconds_per_event"];
+        assert!(cpu["server"].is_null(), "server CPU per event: {run}");
+        if matches!(key, "database" | "steady") {
+            assert!(cpu["harness"].is_null(), "harness CPU per event: {run}");
         } else {
-            // bench's own share can round to 0 over these few events (/proc counts 10 ms ticks).
-            let number = |c: Option<&str>| c.and_then(|c| c.parse::<f64>().ok());
-            assert!(number(harness).is_some(), "harness CPU per event: {row}");
-            let replicas = number(columns.next()).unwrap_or(0.0);
-            assert!(replicas > 0.0, "replica CPU per event: {row}");
+            // bench's own share can be 0 over these few events (/proc counts 10 ms ticks).
+            assert!(
+                cpu["harness"].as_f64().is_some(),
+                "harness CPU per event: {run}"
+            );
+            assert!(
+                cpu["replicas"].as_f64().is_some_and(|s| s > 0.0),
+                "replica CPU per event: {run}"
+            );
+        }
+        match key {
+            "latency" => assert!(
+                run["latency_p50_ms"].as_f64().is_some()
+                    && run["latency_p99_ms"].as_f64().is_some(),
+                "latency percentiles: {run}"
+            ),
+            "memory" => assert!(
+                run["peak_rss_bytes"].as_u64().is_some_and(|b| b > 0),
+                "peak RSS: {run}"
+            ),
+            _ => {}
         }
     }
-    for ratio in [
-        "steady state (history) / database only",
-        "3 replicas / database only",
-        "1 replica / per-event mode",
-        "guarded / unsafe",
-        "hot SKU / uniform",
-        "peak RSS",
-        "Apache Kafka / embedded (1 replica)",
-        "Apache Kafka / embedded (3 replicas)",
+}
+
+/// `bench --json`'s ratios: every one, by its name and what it compares, with a verdict where
+/// it has a target. Not "guarded / unsafe" by CPU time, which needs the server's CPU: the
+/// server here is given, not bench's own.
+fn every_ratio_reported(ratios: &serde_json::Value, text: &str) {
+    let ratios = ratios.as_array().map(Vec::as_slice).unwrap_or_default();
+    for (name, by, targeted) in [
+        ("steady state (history) / database only", Some("rate"), true),
+        ("3 replicas / database only", Some("rate"), true),
+        ("1 replica / per-event mode", Some("rate"), true),
+        ("guarded / unsafe (1 replica)", Some("rate"), true),
+        ("hot SKU / uniform (1 replica)", Some("rate"), true),
+        ("Apache Kafka / embedded (1 replica)", Some("rate"), false),
+        ("Apache Kafka / embedded (3 replicas)", Some("rate"), false),
+        ("peak RSS of the memory run, MiB", None, true),
     ] {
-        assert!(stdout.contains(ratio), "no {ratio} ratio:\n{report}");
+        let ratio = ratios
+            .iter()
+            .find(|r| r["name"].as_str() == Some(name) && r["by"].as_str() == by)
+            .unwrap_or_else(|| panic!("no ratio {name} by {by:?}:\n{text}"));
+        assert!(ratio["value"].as_f64().is_some(), "{ratio}");
+        assert_eq!(ratio["target"].is_object(), targeted, "{ratio}");
+        assert_eq!(ratio["met"].is_boolean(), targeted, "{ratio}");
     }
 }

@@ -12,7 +12,9 @@
 //!
 //! Every pipeline run lets its replicas share the partitions first; the clock runs from the
 //! start of production to the last commit. Every run ends with the audit against the workload's
-//! oracle; a failed audit fails the command. Figures are measured, targets only reported.
+//! oracle; a failed audit fails the command. Figures are measured, targets only reported. The
+//! report is a table for people on stdout and, with `--json PATH`, the same figures for
+//! machines.
 
 mod database;
 mod pipeline;
@@ -34,7 +36,9 @@ use inventory_consumer::cli::{EXIT_VERIFY_FAILED, GlobalArgs, runtime};
 use inventory_consumer::config::Settings;
 use inventory_consumer::store::{self, audit};
 use pipeline::{Run, check_embedded_retention, pipeline_runs};
-use report::{Measured, medians, print_profile, print_ratios, print_table, statement_stats};
+use report::{
+    Measured, medians, print_profile, print_ratios, print_table, statement_stats, write_json,
+};
 
 #[derive(Debug, Args)]
 pub struct BenchArgs {
@@ -84,6 +88,10 @@ pub struct BenchArgs {
     /// Where the replicas' logs go (default: a new directory under the system temp dir).
     #[arg(long, value_name = "DIR")]
     pub logs: Option<PathBuf>,
+    /// Also write every run's figures and every ratio to PATH as JSON, for machines (schema in
+    /// docs/performance.md); the report on stdout is the same either way.
+    #[arg(long, value_name = "PATH")]
+    pub json: Option<PathBuf>,
 }
 
 /// Deliveries per transaction in the batched runs: the default `processing.batch_max_events`.
@@ -124,10 +132,14 @@ pub fn main(cli: &GlobalArgs, args: &BenchArgs) -> anyhow::Result<ExitCode> {
     {
         print_profile(m);
     }
-    print_ratios(&results);
+    let ratios = report::ratios(&results);
+    print_ratios(&ratios);
     bench.drop_history();
-    let results: Vec<Measured> = results.into_iter().map(|(_, m)| m).collect();
-    if results.iter().all(|r| r.verified) {
+    let verified = results.iter().all(|(_, m)| m.verified);
+    if let Some(path) = &args.json {
+        write_json(path, &results, &ratios, verified)?;
+    }
+    if verified {
         println!("verify: PASS in every run");
         Ok(ExitCode::SUCCESS)
     } else {

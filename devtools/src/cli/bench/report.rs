@@ -1,5 +1,13 @@
 //! What the runs measured and how it is reported: the CPU accounting, each run's median
-//! round, the table, the ratios against their targets and where the server's time went.
+//! round, the table, the ratios against their targets, where the server's time went, and the
+//! same figures and ratios as JSON for machines (`--json`). The table and the JSON are both
+//! made from the runs' `Measured` values and the one list of `Ratio`s, so they cannot differ.
+
+use std::fmt;
+use std::path::Path;
+
+use anyhow::Context;
+use serde::Serialize;
 
 use super::{Bench, step};
 use crate::embedded::cpu;
@@ -38,7 +46,7 @@ pub(super) struct StatementTime {
 /// pipeline runs, of bench itself (the harness: the producer, and the embedded broker when it
 /// is the one used), each `None` where it cannot be read or does not apply: used so far (a
 /// reading), or per event (two readings apart).
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy, Default, Serialize)]
 pub(super) struct Cpu {
     replicas: Option<f64>,
     server: Option<f64>,
@@ -89,78 +97,223 @@ pub(super) fn medians(rounds: Vec<(&'static str, Vec<Measured>)>) -> Vec<(&'stat
         .collect()
 }
 
-/// The runs compared, against their targets where they have one.
-pub(super) fn print_ratios(results: &[(&str, Measured)]) {
+/// One line of the report's ratios: two runs compared, or (the memory run's peak RSS) a figure
+/// held to a target.
+#[derive(Debug, Serialize)]
+pub(super) struct Ratio {
+    name: &'static str,
+    /// What of the two runs is compared; `None` for a figure that is not a ratio.
+    by: Option<Basis>,
+    value: f64,
+    target: Option<Target>,
+    /// Whether `value` meets `target` (`None` without one). Targets are reported, not
+    /// asserted.
+    met: Option<bool>,
+}
+
+/// What a ratio compares.
+#[derive(Debug, Clone, Copy, Serialize)]
+#[serde(rename_all = "snake_case")]
+enum Basis {
+    /// Events per second.
+    Rate,
+    /// CPU time per event, the second run's over the first's: as with rates, above 1 means the
+    /// first run does better.
+    CpuTime,
+}
+
+/// The value a ratio is held to: `{"at_least": 0.8}` or `{"at_most": 64.0}` in the JSON.
+#[derive(Debug, Clone, Copy, Serialize)]
+#[serde(rename_all = "snake_case")]
+enum Target {
+    AtLeast(f64),
+    AtMost(f64),
+}
+
+impl Target {
+    fn met_by(self, value: f64) -> bool {
+        match self {
+            Target::AtLeast(bound) => value >= bound,
+            Target::AtMost(bound) => value <= bound,
+        }
+    }
+}
+
+/// `>= 0.8`, padded as a string is (the report's column).
+impl fmt::Display for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let text = match self {
+            Target::AtLeast(bound) => format!(">= {bound}"),
+            Target::AtMost(bound) => format!("<= {bound}"),
+        };
+        f.pad(&text)
+    }
+}
+
+impl Ratio {
+    fn new(name: &'static str, by: Option<Basis>, value: f64, target: Option<Target>) -> Ratio {
+        Ratio {
+            name,
+            by,
+            value,
+            target,
+            met: target.map(|t| t.met_by(value)),
+        }
+    }
+}
+
+/// The runs compared, against their targets where they have one: those whose runs were
+/// measured, in the order they are printed.
+pub(super) fn ratios(results: &[(&str, Measured)]) -> Vec<Ratio> {
     let get = |key: &str| results.iter().find(|(k, _)| *k == key).map(|(_, m)| m);
-    let ratio = |a: &str, b: &str| Some(get(a)?.per_second() / get(b)?.per_second());
-    println!();
-    println!("ratios (targets are reported, not asserted)");
-    let targets = [
+    let rate = |a: &str, b: &str| Some(get(a)?.per_second() / get(b)?.per_second());
+    // The same comparison by CPU time per event: the machine is CPU-bound, so rates follow the
+    // inverse of it, and it is far steadier than a rate on a shared machine.
+    let cpu_time = |a: &str, b: &str| Some(get(b)?.cpu_per_event()? / get(a)?.cpu_per_event()?);
+    let at_least = |bound: f64| Some(Target::AtLeast(bound));
+    let (by_rate, by_cpu_time) = (Some(Basis::Rate), Some(Basis::CpuTime));
+    let peak_rss = get("memory").and_then(|m| m.peak_rss).map(mib);
+    let all = [
         (
             "steady state (history) / database only",
-            ratio("steady", "database"),
-            ">= 0.8",
-            0.8,
+            by_rate,
+            rate("steady", "database"),
+            at_least(0.8),
         ),
         (
             "3 replicas / database only",
-            ratio("three", "database"),
-            ">= 0.5",
-            0.5,
+            by_rate,
+            rate("three", "database"),
+            at_least(0.5),
         ),
         (
             "1 replica / per-event mode",
-            ratio("one", "per-event"),
-            ">= 20",
-            20.0,
+            by_rate,
+            rate("one", "per-event"),
+            at_least(20.0),
         ),
         (
             "guarded / unsafe (1 replica)",
-            ratio("one", "unsafe"),
-            ">= 0.95",
-            0.95,
+            by_rate,
+            rate("one", "unsafe"),
+            at_least(0.95),
         ),
         (
             "hot SKU / uniform (1 replica)",
-            ratio("hot", "one"),
-            ">= 0.5",
-            0.5,
+            by_rate,
+            rate("hot", "one"),
+            at_least(0.5),
+        ),
+        (
+            "guarded / unsafe (1 replica)",
+            by_cpu_time,
+            cpu_time("one", "unsafe"),
+            None,
+        ),
+        (
+            "Apache Kafka / embedded (1 replica)",
+            by_rate,
+            rate("one-apache", "one"),
+            None,
+        ),
+        (
+            "Apache Kafka / embedded (3 replicas)",
+            by_rate,
+            rate("three-apache", "three"),
+            None,
+        ),
+        (
+            "peak RSS of the memory run, MiB",
+            None,
+            peak_rss,
+            Some(Target::AtMost(64.0)),
         ),
     ];
-    for (name, value, wanted, at_least) in targets {
-        if let Some(value) = value {
-            target(name, value, wanted, value >= at_least);
+    all.into_iter()
+        .filter_map(|(name, by, value, target)| Some(Ratio::new(name, by, value?, target)))
+        .collect()
+}
+
+/// The ratios, as the report prints them.
+pub(super) fn print_ratios(ratios: &[Ratio]) {
+    println!();
+    println!("ratios (targets are reported, not asserted)");
+    for r in ratios {
+        let (name, value) = (r.name, r.value);
+        match (r.target, r.met, r.by) {
+            (Some(target), Some(met), _) => println!(
+                "  {name:<40} {value:>8.2}   target {target:<8} {}",
+                if met { "met" } else { "MISSED" }
+            ),
+            (_, _, Some(Basis::CpuTime)) => {
+                println!("  {name:<40} {value:>8.2}   (by CPU time per event)");
+            }
+            _ => println!("  {name:<40} {value:>8.2}"),
         }
     }
-    // The same comparison by CPU time per event: the machine is CPU-bound, so rates follow the
-    // inverse of it, and it is far steadier than a rate on a shared machine.
-    let cpu_ratio = |a: &str, b: &str| Some(get(b)?.cpu_per_event()? / get(a)?.cpu_per_event()?);
-    if let Some(value) = cpu_ratio("one", "unsafe") {
-        println!(
-            "  {:<40} {value:>8.2}   (by CPU time per event)",
-            "guarded / unsafe (1 replica)"
-        );
-    }
-    for (apache, embedded, name) in [
-        ("one-apache", "one", "Apache Kafka / embedded (1 replica)"),
-        (
-            "three-apache",
-            "three",
-            "Apache Kafka / embedded (3 replicas)",
-        ),
-    ] {
-        if let Some(value) = ratio(apache, embedded) {
-            println!("  {name:<40} {value:>8.2}");
+}
+
+/// What `bench --json` writes: every run's figures and every ratio, the ones the table and the
+/// ratios print (the schema is in docs/performance.md, "Results for machines").
+#[derive(Debug, Serialize)]
+struct JsonReport<'a> {
+    /// Whether every run passed its audit.
+    verified: bool,
+    runs: Vec<RunFigures<'a>>,
+    ratios: &'a [Ratio],
+}
+
+/// One run's row of the table.
+#[derive(Debug, Serialize)]
+struct RunFigures<'a> {
+    /// Its name for `--only`.
+    key: &'a str,
+    name: &'a str,
+    events: u64,
+    seconds: f64,
+    events_per_second: f64,
+    latency_p50_ms: Option<f64>,
+    latency_p99_ms: Option<f64>,
+    peak_rss_bytes: Option<u64>,
+    cpu_seconds_per_event: Cpu,
+    verified: bool,
+}
+
+impl<'a> RunFigures<'a> {
+    fn of(key: &'a str, m: &'a Measured) -> RunFigures<'a> {
+        RunFigures {
+            key,
+            name: &m.name,
+            events: m.events,
+            seconds: m.seconds,
+            events_per_second: m.per_second(),
+            latency_p50_ms: m.latency.map(|(p50, _)| p50 * 1e3),
+            latency_p99_ms: m.latency.map(|(_, p99)| p99 * 1e3),
+            peak_rss_bytes: m.peak_rss,
+            cpu_seconds_per_event: m.cpu,
+            verified: m.verified,
         }
     }
-    if let Some(rss) = get("memory").and_then(|m| m.peak_rss) {
-        target(
-            "peak RSS of the memory run, MiB",
-            mib(rss),
-            "<= 64",
-            mib(rss) <= 64.0,
-        );
-    }
+}
+
+/// The runs' figures and the ratios, as JSON, to `path`.
+pub(super) fn write_json(
+    path: &Path,
+    results: &[(&str, Measured)],
+    ratios: &[Ratio],
+    verified: bool,
+) -> anyhow::Result<()> {
+    let report = JsonReport {
+        verified,
+        runs: results
+            .iter()
+            .map(|(key, m)| RunFigures::of(key, m))
+            .collect(),
+        ratios,
+    };
+    let text = serde_json::to_string_pretty(&report).context("encoding the report as JSON")?;
+    std::fs::write(path, text + "\n")
+        .with_context(|| format!("writing the report to {}", path.display()))
 }
 
 impl Bench {
@@ -329,11 +482,4 @@ fn median_of(values: impl Iterator<Item = Option<f64>>) -> Option<f64> {
     let mut known: Vec<f64> = values.flatten().collect();
     known.sort_by(f64::total_cmp);
     known.get(known.len() / 2).copied()
-}
-
-fn target(name: &str, value: f64, wanted: &str, met: bool) {
-    println!(
-        "  {name:<40} {value:>8.2}   target {wanted:<8} {}",
-        if met { "met" } else { "MISSED" }
-    );
 }
