@@ -36,11 +36,12 @@ pub const LOCK_HOLDERS: &str = "inventory_lock_budget_transactions";
 pub const LOCKS_PER_BATCH: &str = "inventory_lock_budget_locks_per_batch";
 pub const BUILD_INFO: &str = "inventory_build_info";
 
-/// Produce-to-commit latency buckets, 1-2-5 steps from 1 ms to 5 min: fine enough for the
-/// benchmark's percentiles (interpolated within a bucket) and for alerting.
-pub const LATENCY_BUCKETS: [f64; 17] = [
-    0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0,
-    300.0,
+/// Produce-to-commit latency buckets from 1 ms to 5 min: a millisecond apart up to 5 ms and no
+/// more than half again apart up to a second, so that a percentile (interpolated within its
+/// bucket) tells 2 ms from 5 and 20 from 30; coarse beyond, where only alerting looks.
+pub const LATENCY_BUCKETS: [f64; 26] = [
+    0.001, 0.002, 0.003, 0.004, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15,
+    0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 300.0,
 ];
 
 /// Histogram samples wait in the recorder until drained: by a scrape, or by this periodic upkeep

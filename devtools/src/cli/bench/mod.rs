@@ -55,6 +55,8 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 1_000_000)]
     pub backlog: u64,
     /// Events per second of the latency run (3 replicas, produced while they run); 0 skips it.
+    /// A second latency run (`latency-half`) produces at half the rate the 3-replica run
+    /// measured in this bench, and runs only after it.
     #[arg(long, default_value_t = 5_000)]
     pub latency_rate: u64,
     /// How long the latency run produces.
@@ -82,7 +84,8 @@ pub struct BenchArgs {
     #[arg(long, value_name = "SIZE", default_value = "128MB")]
     pub shared_buffers: String,
     /// Only these runs (comma-separated): database, steady, one, three, per-event, unsafe,
-    /// hot, latency, memory, one-apache, three-apache. Default: all.
+    /// hot, latency, latency-half, memory, one-apache, three-apache, latency-apache. Default:
+    /// all.
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
     /// Where the replicas' logs go (default: a new directory under the system temp dir).
@@ -92,6 +95,10 @@ pub struct BenchArgs {
     /// docs/performance.md); the report on stdout is the same either way.
     #[arg(long, value_name = "PATH")]
     pub json: Option<PathBuf>,
+    /// A setting for every replica of the pipeline runs (`run --set KEY=VALUE`), e.g.
+    /// `processing.batch_linger_ms=20`, to compare settings within one build. Repeatable.
+    #[arg(long = "replica-set", value_name = "KEY=VALUE")]
+    pub replica_settings: Vec<String>,
 }
 
 /// Deliveries per transaction in the batched runs: the default `processing.batch_max_events`.
@@ -106,6 +113,8 @@ struct Bench {
     logs: PathBuf,
     runs: u32,
     skus: u64,
+    /// `--replica-set`: settings every pipeline replica runs with.
+    replica_settings: Vec<(String, String)>,
     /// The database holding the steady-state run's history, filled on first use and copied
     /// for each of its runs.
     history: Option<History>,
@@ -158,26 +167,19 @@ impl BenchArgs {
 /// Every wanted run, `--repeat` rounds of them: each run's measurements by its key. Rounds
 /// interleave the runs, so that a noisy moment of a shared machine does not land on one run
 /// only. Latency and memory run once.
-fn measure_rounds(
-    bench: &mut Bench,
-    args: &BenchArgs,
-    runs: &[Run],
-) -> anyhow::Result<Vec<(&'static str, Vec<Measured>)>> {
-    let mut rounds: Vec<(&'static str, Vec<Measured>)> = Vec::new();
-    let mut record =
-        |key: &'static str, m: Measured| match rounds.iter_mut().find(|(k, _)| *k == key) {
-            Some((_, all)) => all.push(m),
-            None => rounds.push((key, vec![m])),
-        };
+fn measure_rounds(bench: &mut Bench, args: &BenchArgs, runs: &[Run]) -> anyhow::Result<Rounds> {
+    let mut rounds: Rounds = Vec::new();
     for round in 0..args.repeat.max(1) {
         if args.wants("database") {
             record(
+                &mut rounds,
                 "database",
                 bench.database_only(args.events, args.partitions, false)?,
             );
         }
         if args.wants("steady") && bench.history.is_some() {
             record(
+                &mut rounds,
                 "steady",
                 bench.database_only(args.events, args.partitions, true)?,
             );
@@ -188,13 +190,48 @@ fn measure_rounds(
             order.reverse();
         }
         for (key, name, pipeline) in order {
-            let once = matches!(*key, "latency" | "memory");
-            if args.wants(key) && pipeline.events > 0 && (round == 0 || !once) {
-                record(key, bench.pipeline(name, *pipeline)?);
+            let once = matches!(
+                *key,
+                "latency" | "latency-half" | "latency-apache" | "memory"
+            );
+            if !args.wants(key) || (round > 0 && once) {
+                continue;
+            }
+            let (name, pipeline) = if *key == "latency-half" {
+                let three = rounds.iter().find(|(k, _)| *k == "three");
+                let Some(rate) = three.and_then(|(_, m)| m.first()).map(half_rate) else {
+                    println!("latency-half: skipped, it needs the 3-replica run (`three`) first");
+                    continue;
+                };
+                (
+                    format!("latency at {rate} events/s (half of 3 replicas), 3 replicas"),
+                    pipeline.at_rate(rate, args.latency_seconds),
+                )
+            } else {
+                (name.clone(), *pipeline)
+            };
+            if pipeline.events > 0 {
+                let m = bench.pipeline(&name, pipeline)?;
+                record(&mut rounds, key, m);
             }
         }
     }
     Ok(rounds)
+}
+
+/// Each run's measurements, by its key, in the order first measured.
+type Rounds = Vec<(&'static str, Vec<Measured>)>;
+
+fn record(rounds: &mut Rounds, key: &'static str, m: Measured) {
+    match rounds.iter_mut().find(|(k, _)| *k == key) {
+        Some((_, all)) => all.push(m),
+        None => rounds.push((key, vec![m])),
+    }
+}
+
+/// Half the rate a run measured, rounded down to a hundred events per second.
+fn half_rate(m: &Measured) -> u64 {
+    ((m.per_second() / 2.0) as u64 / 100 * 100).max(100)
 }
 
 impl Bench {
@@ -216,6 +253,14 @@ impl Bench {
                     .all(|c| c.is_ascii_alphanumeric()),
             "--shared-buffers takes a size such as 128MB or 4GB"
         );
+        let replica_settings = args
+            .replica_settings
+            .iter()
+            .map(|s| match s.split_once('=') {
+                Some((key, value)) => Ok((key.to_owned(), value.to_owned())),
+                None => anyhow::bail!("--replica-set takes KEY=VALUE, not `{s}`"),
+            })
+            .collect::<anyhow::Result<_>>()?;
         let (server, admin_url) = given_or_throwaway_database(cli, durable, step)?;
         Ok(Bench {
             rt: runtime()?,
@@ -225,6 +270,7 @@ impl Bench {
             logs,
             runs: 0,
             skus: args.skus,
+            replica_settings,
             history: (args.history > 0).then_some(History {
                 rows: args.history,
                 days: args.history_days,

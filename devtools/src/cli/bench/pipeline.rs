@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 
-use super::report::{Measured, report, statement_profile};
+use super::report::{Latency, Measured, report, statement_profile};
 use super::{BATCH, Bench, BenchArgs, step, verify};
 use crate::cli::produce::deliver;
 use crate::embedded::local_kafka::{BrokerKind, LocalKafka};
@@ -46,6 +46,15 @@ pub(super) struct Pipeline {
 pub(super) type Run = (&'static str, String, Pipeline);
 
 impl Pipeline {
+    /// This run (3 replicas) producing `rate` events per second for `seconds`.
+    pub(super) fn at_rate(self, rate: u64, seconds: u64) -> Pipeline {
+        Pipeline {
+            events: rate * seconds,
+            rate,
+            ..self
+        }
+    }
+
     /// The reference run: one replica with every guarantee, batches of the default size, the
     /// uniform workload, on the embedded broker.
     fn batched(args: &BenchArgs) -> Pipeline {
@@ -110,8 +119,16 @@ pub(super) fn pipeline_runs(args: &BenchArgs) -> Vec<Run> {
             format!("latency at {rate} events/s, 3 replicas"),
             Pipeline {
                 replicas: 3,
-                events: rate * args.latency_seconds,
-                rate,
+                ..batched
+            }
+            .at_rate(rate, args.latency_seconds),
+        ),
+        (
+            // Its rate is set when it runs: half of what `three` measured.
+            "latency-half",
+            String::new(),
+            Pipeline {
+                replicas: 3,
                 ..batched
             },
         ),
@@ -129,13 +146,15 @@ pub(super) fn pipeline_runs(args: &BenchArgs) -> Vec<Run> {
         ),
     ];
     if args.apache {
-        runs.extend(apache_runs(batched));
+        runs.extend(apache_runs(batched, args));
     }
     runs
 }
 
-/// The 1- and 3-replica pipelines again, on Apache Kafka.
-fn apache_runs(batched: Pipeline) -> [Run; 2] {
+/// The 1- and 3-replica pipelines again, on Apache Kafka, and the latency run: the embedded
+/// broker's fetch waits out its whole `fetch.wait.max.ms` when no data is there (see
+/// [`Bench::start_replica`]), Kafka's answers as data arrives.
+fn apache_runs(batched: Pipeline, args: &BenchArgs) -> [Run; 3] {
     let on_apache = format!("on {}", LocalKafka::describe(BrokerKind::Apache));
     let apache = Pipeline {
         broker: BrokerKind::Apache,
@@ -150,6 +169,18 @@ fn apache_runs(batched: Pipeline) -> [Run; 2] {
                 replicas: 3,
                 ..apache
             },
+        ),
+        (
+            "latency-apache",
+            format!(
+                "latency at {} events/s, 3 replicas {on_apache}",
+                args.latency_rate
+            ),
+            Pipeline {
+                replicas: 3,
+                ..apache
+            }
+            .at_rate(args.latency_rate, args.latency_seconds),
         ),
     ]
 }
@@ -281,17 +312,16 @@ impl Bench {
             Guards::On => &[],
             Guards::Off => &["--unguarded-benchmark-baseline"],
         };
-        ReplicaProcess::spawn_with_flags(
-            &self.service,
-            name,
-            &self.logs,
-            &env,
-            &[
-                ("processing.batch_max_events", batch.as_str()),
-                ("database.migrate", "false"),
-            ],
-            flags,
-        )
+        let mut settings = vec![
+            ("processing.batch_max_events", batch.as_str()),
+            ("database.migrate", "false"),
+        ];
+        settings.extend(
+            self.replica_settings
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str())),
+        );
+        ReplicaProcess::spawn_with_flags(&self.service, name, &self.logs, &env, &settings, flags)
     }
 }
 
@@ -332,9 +362,9 @@ async fn time_to_settle(url: &str, messages: i64) -> anyhow::Result<(f64, f64)> 
     }
 }
 
-/// p50 and p99 of the replicas' produce-to-commit histograms, added up: linear within a
-/// bucket, as Prometheus' `histogram_quantile` does.
-fn latency_percentiles(replicas: &[ReplicaProcess]) -> Option<(f64, f64)> {
+/// p50, p99 and p99.9 of the replicas' produce-to-commit histograms, added up: linear within
+/// a bucket, as Prometheus' `histogram_quantile` does.
+fn latency_percentiles(replicas: &[ReplicaProcess]) -> Option<Latency> {
     let mut cumulative: Vec<(f64, f64)> = Vec::new();
     for r in replicas {
         let text = ureq::get(format!("http://{}/metrics", r.http_addr()?))
@@ -360,7 +390,11 @@ fn latency_percentiles(replicas: &[ReplicaProcess]) -> Option<(f64, f64)> {
         }
     }
     cumulative.sort_by(|a, b| a.0.total_cmp(&b.0));
-    Some((quantile(&cumulative, 0.5)?, quantile(&cumulative, 0.99)?))
+    Some(Latency {
+        p50: quantile(&cumulative, 0.5)?,
+        p99: quantile(&cumulative, 0.99)?,
+        p999: quantile(&cumulative, 0.999)?,
+    })
 }
 
 fn quantile(cumulative: &[(f64, f64)], q: f64) -> Option<f64> {

@@ -20,8 +20,8 @@ pub(super) struct Measured {
     pub(super) name: String,
     pub(super) events: u64,
     pub(super) seconds: f64,
-    /// Produce-to-commit latency percentiles (p50, p99), in seconds.
-    pub(super) latency: Option<(f64, f64)>,
+    /// Produce-to-commit latency percentiles.
+    pub(super) latency: Option<Latency>,
     pub(super) peak_rss: Option<u64>,
     /// CPU seconds per event over the timed part (user + system): of the replica processes,
     /// and of the PostgreSQL server when it is the throwaway one.
@@ -30,6 +30,14 @@ pub(super) struct Measured {
     /// Where the server's time went, by statement (database-only runs on a server with
     /// `pg_stat_statements`).
     pub(super) profile: Vec<StatementTime>,
+}
+
+/// Produce-to-commit latency percentiles, in seconds, from the replicas' histograms.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Latency {
+    pub(super) p50: f64,
+    pub(super) p99: f64,
+    pub(super) p999: f64,
 }
 
 /// One statement's share of the server's time in a run.
@@ -274,6 +282,7 @@ struct RunFigures<'a> {
     events_per_second: f64,
     latency_p50_ms: Option<f64>,
     latency_p99_ms: Option<f64>,
+    latency_p999_ms: Option<f64>,
     peak_rss_bytes: Option<u64>,
     cpu_seconds_per_event: Cpu,
     verified: bool,
@@ -287,8 +296,9 @@ impl<'a> RunFigures<'a> {
             events: m.events,
             seconds: m.seconds,
             events_per_second: m.per_second(),
-            latency_p50_ms: m.latency.map(|(p50, _)| p50 * 1e3),
-            latency_p99_ms: m.latency.map(|(_, p99)| p99 * 1e3),
+            latency_p50_ms: m.latency.map(|l| l.p50 * 1e3),
+            latency_p99_ms: m.latency.map(|l| l.p99 * 1e3),
+            latency_p999_ms: m.latency.map(|l| l.p999 * 1e3),
             peak_rss_bytes: m.peak_rss,
             cpu_seconds_per_event: m.cpu,
             verified: m.verified,
@@ -433,13 +443,14 @@ pub(super) fn report(m: &Measured) {
 pub(super) fn print_table<'a>(results: impl Iterator<Item = &'a Measured>) {
     println!();
     println!(
-        "{:<60} {:>9} {:>8} {:>10} {:>8} {:>8} {:>9} {:>7} {:>7} {:>8} {:>6}",
+        "{:<60} {:>9} {:>8} {:>10} {:>8} {:>8} {:>8} {:>9} {:>7} {:>7} {:>8} {:>6}",
         "run",
         "events",
         "seconds",
         "events/s",
         "p50 ms",
         "p99 ms",
+        "p99.9 ms",
         "RSS MiB",
         "rep µs",
         "pg µs",
@@ -447,17 +458,20 @@ pub(super) fn print_table<'a>(results: impl Iterator<Item = &'a Measured>) {
         "verify"
     );
     for m in results {
-        let (p50, p99) = m.latency.map_or(("-".into(), "-".into()), |(a, b)| {
-            (format!("{:.1}", a * 1e3), format!("{:.1}", b * 1e3))
-        });
+        let ms = |pick: fn(&Latency) -> f64| {
+            m.latency
+                .as_ref()
+                .map_or("-".into(), |l| format!("{:.1}", pick(l) * 1e3))
+        };
         println!(
-            "{:<60} {:>9} {:>8.2} {:>10.0} {:>8} {:>8} {:>9} {:>7} {:>7} {:>8} {:>6}",
+            "{:<60} {:>9} {:>8.2} {:>10.0} {:>8} {:>8} {:>8} {:>9} {:>7} {:>7} {:>8} {:>6}",
             m.name,
             m.events,
             m.seconds,
             m.per_second(),
-            p50,
-            p99,
+            ms(|l| l.p50),
+            ms(|l| l.p99),
+            ms(|l| l.p999),
             m.peak_rss.map_or("-".into(), |b| format!("{:.1}", mib(b))),
             micros(m.cpu.replicas),
             micros(m.cpu.server),
