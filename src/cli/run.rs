@@ -232,6 +232,17 @@ async fn run(
     outcome
 }
 
+fn log_start(settings: &Settings) {
+    tracing::info!(
+        event = crate::logs::REPLICA_STARTING,
+        version = env!("CARGO_PKG_VERSION"),
+        schema = store::migrate::newest_known(),
+        database = %describe_database(&settings.database.url),
+        brokers = %settings.kafka.brokers,
+        "starting replica"
+    );
+}
+
 async fn replica(
     settings: Settings,
     args: &RunArgs,
@@ -242,14 +253,7 @@ async fn replica(
 ) -> anyhow::Result<()> {
     let health = Arc::new(Health::new(settings.liveness_window()));
     serve_http(&settings, &health, metrics, background).await?;
-    tracing::info!(
-        event = crate::logs::REPLICA_STARTING,
-        version = env!("CARGO_PKG_VERSION"),
-        schema = store::migrate::newest_known(),
-        database = %describe_database(&settings.database.url),
-        brokers = %settings.kafka.brokers,
-        "starting replica"
-    );
+    log_start(&settings);
     // A signal during start-up stops it there: nothing is joined yet, and a migration cut
     // short is rolled back with its connection.
     let budget = tokio::select! {
@@ -272,7 +276,14 @@ async fn replica(
         background.stop.clone(),
     )));
     let horizon = check_horizon(&settings);
-    start_upkeep(&settings, &pool, (&lock_holders, &budget), background)?;
+    let replies_queued = Arc::new(tokio::sync::Notify::new());
+    start_upkeep(
+        &settings,
+        &pool,
+        (&lock_holders, &budget),
+        &replies_queued,
+        background,
+    )?;
 
     let (fatal_tx, fatal_rx) = mpsc::unbounded_channel();
     let (halts_tx, halts_rx) = mpsc::unbounded_channel();
@@ -302,6 +313,7 @@ async fn replica(
             settings.processing.dead_letter_window,
         ),
         halts: halts_tx,
+        replies_queued,
     };
     let stop_limit = settings.drain_timeout() + STOP_MARGIN;
     let signals = Signals {
@@ -363,6 +375,7 @@ fn start_upkeep(
         &Arc<tokio::sync::Semaphore>,
         &store::lock_budget::LockBudget,
     ),
+    replies_queued: &Arc<tokio::sync::Notify>,
     background: &mut Background,
 ) -> anyhow::Result<()> {
     background.push(tokio::spawn(store::expiry::sweep_until(
@@ -371,6 +384,7 @@ fn start_upkeep(
         Duration::from_millis(settings.reservations.sweep_interval_ms),
         lock_holders.clone(),
         budget.locks_per_batch,
+        replies_queued.clone(),
         background.stop.clone(),
     )));
     tracing::info!(history = %store::retention::describe(&settings.history), "history retention");
@@ -391,6 +405,7 @@ fn start_upkeep(
         relay_config,
         replies,
         settings.kafka.results_topic.clone(),
+        replies_queued.clone(),
         background.stop.clone(),
     )));
     Ok(())

@@ -19,6 +19,12 @@
 //!   fails and the next publishes all of them again, in order.
 //! - **Bounded.** While Kafka is reachable the queue drains; how far behind it is shows as
 //!   `inventory_reply_relay_lag_seconds` (the age of the oldest queued reply).
+//! - **Prompt.** A batch or an expiry sweep that queued replies wakes its own replica's relay
+//!   as it commits ([`Wake`]): a round starts at once, and another after each round that
+//!   published something (replies queued meanwhile). A relay that finds another replica's in
+//!   a round tries again within [`BUSY`] until it has had the round itself, so the replies its
+//!   replica queued never wait for a timer. Otherwise a relay looks every [`IDLE`], for the
+//!   replies a replica that died left queued.
 
 use std::time::Duration;
 
@@ -34,9 +40,26 @@ use crate::store::{Failure, Pool};
 const ROUND: i64 = 500;
 /// How long a round waits for the broker's acknowledgements.
 const ACK_TIMEOUT: Duration = Duration::from_secs(10);
-/// Pause between rounds when the queue is empty, and after a failure.
+/// Pause between rounds when the queue is empty and nothing woke the relay.
 const IDLE: Duration = Duration::from_millis(100);
+/// Pause before trying again when another replica's relay holds the round.
+const BUSY: Duration = Duration::from_millis(5);
 const AFTER_FAILURE: Duration = Duration::from_secs(1);
+
+/// Rings the relay of this replica: replies were queued and committed. A ring while a round
+/// runs is kept, and starts the next round at once.
+pub type Wake = std::sync::Arc<tokio::sync::Notify>;
+
+/// How a round went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Round {
+    /// This many replies were published (and their rows deleted).
+    Published(usize),
+    /// Nothing was queued.
+    Empty,
+    /// Another replica's relay holds the round.
+    Busy,
+}
 
 const QUEUED: &str = "
     SELECT o.id, coalesce(r.reply_key, r.order_id), r.payload,
@@ -88,12 +111,15 @@ pub async fn relay_until(
     config: ClientConfig,
     mut producer: FutureProducer,
     topic: String,
+    wake: Wake,
     stop: CancellationToken,
 ) {
     loop {
         let pause = match relay_round(&pool, &producer, &topic).await {
-            Ok(n) if n as i64 == ROUND => Duration::ZERO,
-            Ok(_) => IDLE,
+            // More may have been queued meanwhile.
+            Ok(Round::Published(_)) => Duration::ZERO,
+            Ok(Round::Empty) => IDLE,
+            Ok(Round::Busy) => BUSY,
             Err(e) => {
                 tracing::warn!(error = %crate::logs::chain(&e), "reply relay round failed; trying again");
                 if let Some((_, why)) = producer.client().fatal_error() {
@@ -110,20 +136,28 @@ pub async fn relay_until(
                 AFTER_FAILURE
             }
         };
+        if pause.is_zero() {
+            if stop.is_cancelled() {
+                return;
+            }
+            continue;
+        }
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(pause) => {}
+            // Not while busy: the replica's replies may be behind the other relay's round.
+            _ = wake.notified(), if pause != BUSY => {}
         }
     }
 }
 
 /// One round: publishes up to [`ROUND`] queued replies, unless another replica's relay holds
-/// the round; returns how many it published.
+/// the round.
 pub async fn relay_round(
     pool: &Pool,
     producer: &FutureProducer,
     topic: &str,
-) -> Result<usize, Failure> {
+) -> Result<Round, Failure> {
     let mut conn = pool.get().await?;
     let tx = conn.transaction().await?;
     // No SKU contains a space, so this key is outside the SKU lock space.
@@ -136,7 +170,7 @@ pub async fn relay_round(
         .await?
         .try_get(0)?;
     if !ours {
-        return Ok(0);
+        return Ok(Round::Busy);
     }
     // The transaction waits for the broker's acknowledgements: whatever the pool's idle
     // timeout, the server must not end it before ACK_TIMEOUT (rows published but not deleted
@@ -150,7 +184,7 @@ pub async fn relay_round(
     };
     metrics::gauge!(crate::metrics::RELAY_LAG).set(lag);
     if rows.is_empty() {
-        return Ok(0);
+        return Ok(Round::Empty);
     }
     let mut ids = Vec::with_capacity(rows.len());
     let mut deliveries = Vec::with_capacity(rows.len());
@@ -188,5 +222,5 @@ pub async fn relay_round(
     tx.execute_typed(PUBLISHED, &ids_param).await?;
     tx.commit().await?;
     metrics::counter!(crate::metrics::REPLIES).increment(ids.len() as u64);
-    Ok(ids.len())
+    Ok(Round::Published(ids.len()))
 }

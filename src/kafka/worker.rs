@@ -1,7 +1,12 @@
 //! One partition's worker: an async task that takes the partition's deliveries in offset order,
-//! groups them into batches (the rule of [`crate::domain::Batch::is_full`], or
-//! `batch_linger_ms`, whichever comes first), applies each batch in one transaction,
-//! and only then records the batch's end as the partition's processed offset.
+//! groups them into batches, applies each batch in one transaction, and only then records the
+//! batch's end as the partition's processed offset.
+//!
+//! Batching costs no wait: a batch is what is waiting when the worker is free (the deliveries
+//! that arrived while its last transaction ran), up to the rule of
+//! [`crate::domain::Batch::is_full`]. An idle worker applies a lone delivery at once; under load
+//! the batches grow by themselves, as a group commit's do. `batch_linger_ms`, 0 by default, lets
+//! a partial batch wait that long for more.
 //!
 //! Transient failures are retried with capped exponential backoff; the offset does not move.
 //! A batch still failing after `retry_deadline_ms` is fatal. A batch the database refuses for
@@ -65,6 +70,9 @@ pub struct WorkerContext {
     pub dead_letter_limit: DeadLetterLimit,
     /// Where a worker reports that it halted its partition (the poll thread pauses it).
     pub halts: mpsc::UnboundedSender<Halted>,
+    /// Rung when a batch queued replies: the relay publishes them at once
+    /// ([`crate::kafka::relay::Wake`]).
+    pub replies_queued: Arc<tokio::sync::Notify>,
 }
 
 /// A partition halted at its dead-letter limit, during which of this replica's ownerships of it.
@@ -289,6 +297,19 @@ impl PartitionWorker {
         }
         let deadline = Instant::now() + self.ctx.linger;
         while !batch.is_full(self.ctx.batch_max_events, self.ctx.source.max_locks) {
+            // What waits already (it arrived while the last transaction ran) joins at once.
+            match self.deliveries.try_recv() {
+                Ok(d) => {
+                    self.take(&mut batch, d);
+                    continue;
+                }
+                Err(mpsc::error::TryRecvError::Disconnected) => break,
+                Err(mpsc::error::TryRecvError::Empty) => {}
+            }
+            // Nothing more waits: apply now, unless a linger was set and has time left.
+            if Instant::now() >= deadline {
+                break;
+            }
             tokio::select! {
                 biased;
                 _ = self.stop.cancelled() => return None,
@@ -402,6 +423,9 @@ impl PartitionWorker {
                 partition = self.partition,
                 "partition resumed"
             );
+        }
+        if outcome.replies > 0 {
+            self.ctx.replies_queued.notify_one();
         }
         let partition = self.partition.to_string();
         metrics::gauge!(crate::metrics::PAUSED, "partition" => partition.clone()).set(0.0);

@@ -63,6 +63,7 @@ pub async fn sweep_until(
     every: Duration,
     holders: Arc<Semaphore>,
     max_locks: usize,
+    replies_queued: Arc<tokio::sync::Notify>,
     stop: CancellationToken,
 ) {
     let mut ticks = tokio::time::interval(every);
@@ -80,7 +81,11 @@ pub async fn sweep_until(
         drop(permit);
         match swept {
             Ok(0) => {}
-            Ok(expired) => tracing::info!(expired, "reservations expired"),
+            Ok(expired) => {
+                // Each expiry queued its reply.
+                replies_queued.notify_one();
+                tracing::info!(expired, "reservations expired");
+            }
             Err(e) => {
                 tracing::warn!(error = %crate::logs::chain(&e), "expiry sweep failed; trying again")
             }

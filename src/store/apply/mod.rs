@@ -82,6 +82,8 @@ pub struct BatchOutcome {
     pub rejected: u64,
     pub duplicates: u64,
     pub dead_letters: u64,
+    /// Replies queued in the outbox, for the relay to publish.
+    pub replies: u64,
 }
 
 /// Applies one batch of one partition in one transaction; see the module doc for the steps.
@@ -132,6 +134,7 @@ pub async fn apply_batch(
         rejected: plan.rejected(),
         duplicates: plan.duplicates,
         dead_letters: plan.dead_letters.len() as u64,
+        replies: plan.replies.len() as u64,
     };
     tx.commit().await?;
     Ok(outcome)
