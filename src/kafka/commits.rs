@@ -1,21 +1,17 @@
-//! Offsets to Kafka, only what the workers recorded as processed, which is what the database
-//! holds: periodically while consuming, without waiting for the broker (the database holds the
-//! truth, and a commit that fails is made again by the next), and synchronously for partitions
-//! given up, which the protocol requires before they go to their next owner.
+//! Offsets to Kafka, synchronously, and only what the workers recorded as processed, which is
+//! what the database holds: periodically while consuming, and for partitions given up.
 
 use rdkafka::Offset;
 use rdkafka::TopicPartitionList;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
-use rdkafka::error::KafkaResult;
 
 use crate::kafka::group::GroupContext;
 
 impl GroupContext {
-    /// Sends every processed offset not yet committed, asynchronously: the poll thread goes on
-    /// delivering while the broker answers. The answer comes back through
-    /// [`Self::committed`] on a later poll; until then the offsets count as uncommitted and
-    /// may be sent again, which is harmless. A refused commit (as during a rebalance) is made
-    /// again next time.
+    /// Commits every processed offset not yet committed. Synchronously: only the broker's
+    /// answer says an offset is committed, and rust-rdkafka reports no result for a manual
+    /// asynchronous commit (librdkafka posts one only to an `offset_commit_cb`, which the event
+    /// API it uses does not set). A refused commit (as during a rebalance) is retried next time.
     pub fn commit_processed(&self, consumer: &BaseConsumer<Self>) {
         let pending = self.ctx.offsets.uncommitted();
         if pending.is_empty() {
@@ -25,17 +21,8 @@ impl GroupContext {
         for (p, next) in pending {
             let _ = tpl.add_partition_offset(&self.ctx.source.topic, p, Offset::Offset(next));
         }
-        if let Err(e) = consumer.commit(&tpl, CommitMode::Async) {
-            tracing::warn!(error = %e, "offset commit not sent; will retry");
-        }
-    }
-
-    /// The broker's answer to an asynchronous commit (librdkafka's offset-commit event, served
-    /// by the poll). Its offsets are those of the request; a partition given up meanwhile is
-    /// no longer tracked, and its offset is ignored.
-    pub(super) fn committed(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
-        match result {
-            Ok(()) => self.mark_committed(offsets),
+        match consumer.commit(&tpl, CommitMode::Sync) {
+            Ok(()) => self.mark_committed(&tpl),
             Err(e) => tracing::warn!(error = %e, "offset commit failed; will retry"),
         }
     }

@@ -355,10 +355,6 @@ impl ClientContext for GroupContext {
 }
 
 impl ConsumerContext for GroupContext {
-    fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
-        self.committed(result, offsets);
-    }
-
     /// The whole rebalance path, on the poll thread. Replaces rust-rdkafka's default so that
     /// an assignment can start where the database says the partition stands.
     fn rebalance(
