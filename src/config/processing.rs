@@ -14,6 +14,8 @@ const MAX_BUFFER_BYTES: usize = 4 << 30;
 #[serde(deny_unknown_fields)]
 pub struct ProcessingSettings {
     pub batch_max_events: usize,
+    /// How long a partial batch may wait for more deliveries once its worker is free. 0: none;
+    /// a batch is what waits when the worker is free (more under load, by itself).
     pub batch_linger_ms: u64,
     /// How long a revoke or a shutdown waits for in-flight batches before giving up on them.
     /// Unset: [`Settings::drain_timeout`] derives it from the group's timeouts.
@@ -40,7 +42,7 @@ impl Default for ProcessingSettings {
     fn default() -> Self {
         ProcessingSettings {
             batch_max_events: 500,
-            batch_linger_ms: 20,
+            batch_linger_ms: 0,
             drain_timeout_ms: None,
             dead_letter_max_share: 0.5,
             dead_letter_window: 1_000,

@@ -1,5 +1,6 @@
 //! Kafka: client configuration, the consumer's poll thread ([`consumer`]) with its rebalance
-//! handling ([`group`], deciding through [`membership`]), the delivery path and its flow
+//! handling ([`group`], on the group's state [`partitions`], which decides through
+//! [`membership`]), the delivery path and its flow
 //! control ([`intake`], [`flow`]), the partition workers ([`workers`], [`worker`]), the
 //! per-partition offsets and their commits ([`offsets`], [`commits`]), the relay of replies to
 //! order steps ([`relay`]) and operators' rewinds ([`rewinds`]).

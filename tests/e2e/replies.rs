@@ -3,11 +3,13 @@
 //! outcomes too when `results.all_events` asks for them.
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use serde_json::json;
 
 use crate::support::orders::{
-    PARTITIONS, published, replies, send_events, three_replicas, wait_for_events, wait_for_replies,
+    PARTITIONS, Replies, published, replies, send_events, three_replicas, wait_for_events,
+    wait_for_replies,
 };
 use crate::support::{
     EXIT, RESULTS_TOPIC, SETTLE, TestEnv, read_whole_topic, terminate_all, wait_until,
@@ -180,4 +182,164 @@ async fn all_events_publishes_stock_outcomes_too() {
     );
     let (ok, report) = env.verify(None);
     assert!(ok, "verify failed:\n{report}");
+}
+
+/// An order's replies arrive in the order of its steps, across expiries and a replica killed
+/// mid-stream: 240 orders over 12 partitions and 3 replicas (sweeping every 200 ms), half of
+/// them reserved for a second, each committed or released after its expiry or before it, while
+/// one replica is SIGKILLed. Read back from the results topic, every order's replies (first
+/// occurrences) must be a history its reservation could have had: an expiry, commit or
+/// release applied only while it was active, a commit or release rejected for want of an
+/// active reservation only while it was not. The oracle is that state machine, not the
+/// outbox's order the relay follows.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_orders_replies_arrive_in_order_across_expiries_and_a_replica_crash() {
+    let env = TestEnv::new(PARTITIONS).await;
+    let sweep = [("reservations.sweep_interval_ms", "200")];
+    let mut replicas: Vec<_> = ["r1", "r2", "r3"]
+        .iter()
+        .map(|name| env.replica(name, &sweep))
+        .collect();
+    let skus = ["E0", "E1", "E2", "E3"];
+    let restocks: Vec<(i32, String, serde_json::Value)> = skus
+        .iter()
+        .enumerate()
+        .map(|(i, sku)| {
+            let event = json!({"event_id": format!("{sku}-restock"), "type": "restock",
+                               "sku": sku, "quantity": 10_000});
+            (i as i32, (*sku).to_owned(), event)
+        })
+        .collect();
+    send_events(&env, &restocks);
+    wait_for_events(&env, 4).await;
+
+    let orders = 240;
+    let step = |i: i32, kind: &str, suffix: &str| {
+        let order = format!("exp-{i:04}");
+        let event = match kind {
+            "reserve" => json!({"event_id": format!("{order}-{suffix}"), "type": "reserve",
+                "order_id": order, "lines": [{"sku": skus[i as usize % skus.len()], "quantity": 1}],
+                "ttl_seconds": if i % 2 == 0 { 1 } else { 3600 }}),
+            _ => json!({"event_id": format!("{order}-{suffix}"), "type": kind, "order_id": order}),
+        };
+        (i % PARTITIONS, order, event)
+    };
+    let reserves: Vec<_> = (0..orders).map(|i| step(i, "reserve", "r")).collect();
+    // A third of the orders are ended at once, before any expiry; the rest after it.
+    let ending = |i: i32| {
+        if i % 4 == 3 {
+            step(i, "release", "x")
+        } else {
+            step(i, "commit", "c")
+        }
+    };
+    let (early, late): (Vec<i32>, Vec<i32>) = (0..orders).partition(|i| i % 3 == 0);
+    send_events(&env, &reserves);
+    send_events(&env, &early.iter().map(|&i| ending(i)).collect::<Vec<_>>());
+    wait_until("some order steps to be decided", SETTLE, || async {
+        env.db.scalar("SELECT count(*) FROM processed_events").await >= 100
+    })
+    .await;
+    replicas[1].kill();
+    // Past the one-second reservations' expiry: some are swept first, some found expired by
+    // the commit or release that comes for them.
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let late: Vec<_> = late.iter().map(|&i| ending(i)).collect();
+    let (before_sweep, after_sweep) = late.split_at(late.len() / 2);
+    send_events(&env, before_sweep);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    send_events(&env, after_sweep);
+    let steps = 2 * orders as i64;
+    let expired = wait_for_every_step(&env, 4 + steps).await;
+    wait_for_replies(&env, steps + expired).await;
+    terminate_all(&mut replicas[..1], EXIT);
+    terminate_all(&mut replicas[2..], EXIT);
+
+    let Replies {
+        by_request,
+        by_order,
+    } = replies(&env);
+    assert_eq!(by_order.len(), orders as usize, "every order has replies");
+    let mut expired_then_refused = 0;
+    for (order, ids) in &by_order {
+        let history: Vec<(&str, &str, Option<&str>)> = ids
+            .iter()
+            .map(|id| {
+                let (outcome, reason) = &by_request[id];
+                (step_kind(id), outcome.as_str(), reason.as_deref())
+            })
+            .collect();
+        if let Err(why) = follows_a_reservation(&history) {
+            panic!("{order}: replies {ids:?} ({history:?}) out of order: {why}");
+        }
+        expired_then_refused += usize::from(
+            history
+                .windows(2)
+                .any(|w| w[0].0 == "expire" && w[1].2 == Some("no_active_reservation")),
+        );
+    }
+    assert!(
+        expired_then_refused > 0,
+        "no order had its expiry's reply before a refused commit or release"
+    );
+    let (ok, report) = env.verify(None);
+    assert!(ok, "verify failed:\n{report}");
+}
+
+/// Waits until the `events` sent are decided, which ends every reservation (each order's last
+/// step is its commit or release); returns how many expired.
+async fn wait_for_every_step(env: &TestEnv, events: i64) -> i64 {
+    wait_until("every order step decided", SETTLE, || async {
+        env.db
+            .scalar("SELECT count(*) FROM processed_events WHERE event_type <> 'expire'")
+            .await
+            >= events
+            && env
+                .db
+                .scalar("SELECT count(*) FROM reservations WHERE status = 'active'")
+                .await
+                == 0
+    })
+    .await;
+    env.db
+        .scalar("SELECT count(*) FROM processed_events WHERE event_type = 'expire'")
+        .await
+}
+
+/// What an order step is, by its event id.
+fn step_kind(id: &str) -> &'static str {
+    if id.starts_with("expire:") {
+        "expire"
+    } else if id.ends_with("-r") {
+        "reserve"
+    } else if id.ends_with("-c") {
+        "commit"
+    } else {
+        "release"
+    }
+}
+
+/// Whether replies (kind, outcome, reason), in the order read, are a history a reservation can
+/// have: it is active from an applied reserve until an applied expiry, commit or release.
+fn follows_a_reservation(history: &[(&str, &str, Option<&str>)]) -> Result<(), String> {
+    let mut active = false;
+    for (n, &(kind, outcome, reason)) in history.iter().enumerate() {
+        match (kind, outcome) {
+            ("reserve", "applied") if active => return Err(format!("#{n}: reserved twice")),
+            ("reserve", "applied") => active = true,
+            ("expire" | "commit" | "release", "applied") if !active => {
+                return Err(format!("#{n}: {kind} applied with no active reservation"));
+            }
+            ("expire" | "commit" | "release", "applied") => active = false,
+            ("commit" | "release", "rejected")
+                if active && reason == Some("no_active_reservation") =>
+            {
+                return Err(format!(
+                    "#{n}: {kind} refused while the reservation was active"
+                ));
+            }
+            _ => {}
+        }
+    }
+    Ok(())
 }

@@ -249,12 +249,16 @@ impl Bench {
             let (events, rate) = (messages.len() as u64, p.rate);
             std::thread::spawn(move || deliver(producer, messages.into_iter(), events, rate, false))
         };
+        let warm = (p.rate > 0).then(|| Histograms::after_warmup(&replicas, p));
         let (seconds, timed) = self.rt.block_on(time_to_settle(&url, p.events as i64))?;
         let cpu = before.per_event(&self.cpu_reading(&replicas), timed);
         // In a backlog run latency is mostly time spent waiting in the backlog: not reported.
-        let latency = (p.rate > 0)
-            .then(|| latency_percentiles(&replicas))
-            .flatten();
+        let latency = match warm.map(std::thread::JoinHandle::join) {
+            Some(Ok((Some(warm), addrs))) => {
+                Histograms::read(&addrs).and_then(|end| end.since(&warm).latency())
+            }
+            _ => None,
+        };
         let profile = match &stats {
             Some(admin) => self
                 .rt
@@ -362,39 +366,104 @@ async fn time_to_settle(url: &str, messages: i64) -> anyhow::Result<(f64, f64)> 
     }
 }
 
-/// p50, p99 and p99.9 of the replicas' produce-to-commit histograms, added up: linear within
-/// a bucket, as Prometheus' `histogram_quantile` does.
-fn latency_percentiles(replicas: &[ReplicaProcess]) -> Option<Latency> {
-    let mut cumulative: Vec<(f64, f64)> = Vec::new();
-    for r in replicas {
-        let text = ureq::get(format!("http://{}/metrics", r.http_addr()?))
-            .call()
-            .ok()?
-            .body_mut()
-            .read_to_string()
-            .ok()?;
-        let lines = text.lines().map(|l| Ok(l.to_owned()));
-        let scrape = prometheus_parse::Scrape::parse(lines).ok()?;
-        for sample in scrape.samples {
-            if sample.metric != inventory_consumer::metrics::LATENCY_SECONDS {
-                continue;
-            }
-            if let prometheus_parse::Value::Histogram(buckets) = sample.value {
-                for b in buckets {
-                    match cumulative.iter_mut().find(|(le, _)| *le == b.less_than) {
-                        Some((_, count)) => *count += b.count,
-                        None => cumulative.push((b.less_than, b.count)),
+/// The replicas' histograms of the metrics a latency run reports, read at one moment.
+#[derive(Debug, Default)]
+struct Histograms {
+    latency: Cumulative,
+    batch_size: Cumulative,
+    apply: Cumulative,
+}
+
+/// A histogram's cumulative counts by upper bound, added up over the replicas.
+type Cumulative = Vec<(f64, f64)>;
+
+impl Histograms {
+    /// A reading taken a fifth into a rate run, on a thread of its own, and the addresses read:
+    /// latency is read over the run's steady part, without the producer's and the consumers'
+    /// first fetches (at most a few hundred ms).
+    fn after_warmup(
+        replicas: &[ReplicaProcess],
+        p: Pipeline,
+    ) -> std::thread::JoinHandle<(Option<Histograms>, Vec<String>)> {
+        let addrs: Vec<String> = replicas.iter().filter_map(|r| r.http_addr()).collect();
+        let warmup = Duration::from_secs_f64(p.events as f64 / p.rate.max(1) as f64 / 5.0);
+        std::thread::spawn(move || {
+            std::thread::sleep(warmup);
+            (Histograms::read(&addrs), addrs)
+        })
+    }
+
+    /// Reads the replicas listening at `addrs` (their `/metrics`).
+    fn read(addrs: &[String]) -> Option<Histograms> {
+        use inventory_consumer::metrics::{APPLY_SECONDS, BATCH_SIZE, LATENCY_SECONDS};
+        let mut all = Histograms::default();
+        for addr in addrs {
+            let text = ureq::get(format!("http://{addr}/metrics"))
+                .call()
+                .ok()?
+                .body_mut()
+                .read_to_string()
+                .ok()?;
+            let lines = text.lines().map(|l| Ok(l.to_owned()));
+            let scrape = prometheus_parse::Scrape::parse(lines).ok()?;
+            for sample in scrape.samples {
+                let into = match sample.metric.as_str() {
+                    m if m == LATENCY_SECONDS => &mut all.latency,
+                    m if m == BATCH_SIZE => &mut all.batch_size,
+                    m if m == APPLY_SECONDS => &mut all.apply,
+                    _ => continue,
+                };
+                if let prometheus_parse::Value::Histogram(buckets) = sample.value {
+                    for b in buckets {
+                        match into.iter_mut().find(|(le, _)| *le == b.less_than) {
+                            Some((_, count)) => *count += b.count,
+                            None => into.push((b.less_than, b.count)),
+                        }
                     }
                 }
             }
         }
+        for h in [&mut all.latency, &mut all.batch_size, &mut all.apply] {
+            h.sort_by(|a, b| a.0.total_cmp(&b.0));
+        }
+        Some(all)
     }
-    cumulative.sort_by(|a, b| a.0.total_cmp(&b.0));
-    Some(Latency {
-        p50: quantile(&cumulative, 0.5)?,
-        p99: quantile(&cumulative, 0.99)?,
-        p999: quantile(&cumulative, 0.999)?,
-    })
+
+    /// What was recorded after `earlier`, a reading of the same replicas.
+    fn since(&self, earlier: &Histograms) -> Histograms {
+        let minus = |now: &Cumulative, then: &Cumulative| -> Cumulative {
+            now.iter()
+                .map(|&(le, count)| {
+                    let before = then.iter().find(|(l, _)| *l == le).map_or(0.0, |b| b.1);
+                    (le, count - before)
+                })
+                .collect()
+        };
+        Histograms {
+            latency: minus(&self.latency, &earlier.latency),
+            batch_size: minus(&self.batch_size, &earlier.batch_size),
+            apply: minus(&self.apply, &earlier.apply),
+        }
+    }
+
+    /// p50, p99 and p99.9 of produce-to-commit latency, linear within a bucket as Prometheus'
+    /// `histogram_quantile` is. Also says where a batch's time goes: its size and its
+    /// transaction's duration, at their medians.
+    fn latency(&self) -> Option<Latency> {
+        if let (Some(size), Some(apply)) =
+            (quantile(&self.batch_size, 0.5), quantile(&self.apply, 0.5))
+        {
+            step(&format!(
+                "batches: median size {size:.0}, median transaction {:.1} ms",
+                apply * 1e3
+            ));
+        }
+        Some(Latency {
+            p50: quantile(&self.latency, 0.5)?,
+            p99: quantile(&self.latency, 0.99)?,
+            p999: quantile(&self.latency, 0.999)?,
+        })
+    }
 }
 
 fn quantile(cumulative: &[(f64, f64)], q: f64) -> Option<f64> {
