@@ -8,8 +8,8 @@ use std::time::Duration;
 use serde_json::json;
 
 use crate::support::orders::{
-    PARTITIONS, Replies, published, replies, send_events, three_replicas, wait_for_events,
-    wait_for_replies,
+    PARTITIONS, Replies, published, replies, restock_each, send_events, three_replicas,
+    wait_for_events, wait_for_replies,
 };
 use crate::support::{
     EXIT, RESULTS_TOPIC, SETTLE, TestEnv, read_whole_topic, terminate_all, wait_until,
@@ -23,19 +23,9 @@ use crate::support::{
 #[tokio::test(flavor = "multi_thread")]
 async fn replies_survive_a_replica_killed_mid_stream() {
     let env = TestEnv::new(PARTITIONS).await;
-    let mut replicas = three_replicas(&env);
+    let mut replicas = three_replicas(&env, &[]);
     let skus = ["K0", "K1", "K2", "K3"];
-    let restocks: Vec<(i32, String, serde_json::Value)> = skus
-        .iter()
-        .enumerate()
-        .map(|(i, sku)| {
-            let event = json!({"event_id": format!("{sku}-restock"), "type": "restock",
-                               "sku": sku, "quantity": 150});
-            (i as i32, (*sku).to_owned(), event)
-        })
-        .collect();
-    send_events(&env, &restocks);
-    wait_for_events(&env, 4).await;
+    restock_each(&env, &skus, 150).await;
 
     let mut steps = Vec::new();
     for i in 0..600 {
@@ -195,23 +185,9 @@ async fn all_events_publishes_stock_outcomes_too() {
 #[tokio::test(flavor = "multi_thread")]
 async fn an_orders_replies_arrive_in_order_across_expiries_and_a_replica_crash() {
     let env = TestEnv::new(PARTITIONS).await;
-    let sweep = [("reservations.sweep_interval_ms", "200")];
-    let mut replicas: Vec<_> = ["r1", "r2", "r3"]
-        .iter()
-        .map(|name| env.replica(name, &sweep))
-        .collect();
+    let mut replicas = three_replicas(&env, &[("reservations.sweep_interval_ms", "200")]);
     let skus = ["E0", "E1", "E2", "E3"];
-    let restocks: Vec<(i32, String, serde_json::Value)> = skus
-        .iter()
-        .enumerate()
-        .map(|(i, sku)| {
-            let event = json!({"event_id": format!("{sku}-restock"), "type": "restock",
-                               "sku": sku, "quantity": 10_000});
-            (i as i32, (*sku).to_owned(), event)
-        })
-        .collect();
-    send_events(&env, &restocks);
-    wait_for_events(&env, 4).await;
+    restock_each(&env, &skus, 10_000).await;
 
     let orders = 240;
     let step = |i: i32, kind: &str, suffix: &str| {

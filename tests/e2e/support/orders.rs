@@ -115,9 +115,25 @@ pub async fn wait_for_replies(env: &TestEnv, count: i64) {
     }
 }
 
-pub fn three_replicas(env: &TestEnv) -> Vec<Replica> {
+pub fn three_replicas(env: &TestEnv, settings: &[(&str, &str)]) -> Vec<Replica> {
     ["r1", "r2", "r3"]
         .iter()
-        .map(|name| env.replica(name, &[]))
+        .map(|name| env.replica(name, settings))
         .collect()
+}
+
+/// Restocks each of `skus` with `quantity` (the i-th through partition i) and waits until all
+/// are decided.
+pub async fn restock_each(env: &TestEnv, skus: &[&str], quantity: i64) {
+    let restocks: Vec<(i32, String, serde_json::Value)> = skus
+        .iter()
+        .enumerate()
+        .map(|(i, sku)| {
+            let event = serde_json::json!({"event_id": format!("{sku}-restock"),
+                "type": "restock", "sku": sku, "quantity": quantity});
+            (i as i32, (*sku).to_owned(), event)
+        })
+        .collect();
+    send_events(env, &restocks);
+    wait_for_events(env, skus.len() as i64).await;
 }
