@@ -34,7 +34,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::http::Health;
 use crate::kafka::flow::FlowControl;
-use crate::kafka::membership::Membership;
+use crate::kafka::membership::{Membership, Revocation};
 use crate::kafka::partitions::{GivingUp, Partitions};
 use crate::kafka::worker::WorkerContext;
 use crate::kafka::workers::Workers;
@@ -197,14 +197,14 @@ impl GroupContext {
     /// lost. The membership shows `draining` meanwhile (`inventory_membership_phase`).
     fn give_up(&self, consumer: &BaseConsumer<Self>, giving_up: GivingUp) {
         let GivingUp {
-            revocation,
+            revocation:
+                Revocation {
+                    partitions,
+                    deadline,
+                    commit,
+                },
             stopping,
         } = giving_up;
-        let (partitions, deadline, commit) = (
-            revocation.partitions,
-            revocation.deadline,
-            revocation.commit,
-        );
         publish(&self.partitions());
         let drained = stopping.join(&self.runtime, deadline);
         // No longer this replica's to report (its offsets stay: they only grow).
