@@ -55,6 +55,8 @@ pub struct GroupContext {
     cooperative: bool,
     pub(super) runtime: tokio::runtime::Handle,
     pub(super) drain_timeout: Duration,
+    /// When the periodic commit waiting for its answer was sent (poll thread only).
+    commit_in_flight: Mutex<Option<Instant>>,
 }
 
 /// What librdkafka asks of the rebalance callback.
@@ -108,6 +110,14 @@ impl GroupContext {
             cooperative,
             runtime,
             drain_timeout,
+            commit_in_flight: Mutex::new(None),
+        }
+    }
+
+    pub(super) fn commit_in_flight(&self) -> std::sync::MutexGuard<'_, Option<Instant>> {
+        match self.commit_in_flight.lock() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
         }
     }
 
@@ -355,6 +365,12 @@ impl ClientContext for GroupContext {
 }
 
 impl ConsumerContext for GroupContext {
+    /// The answer to a periodic commit, which [`GroupContext::commit_processed`] asked to come
+    /// back to the queue the poll serves.
+    fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
+        self.committed(result, offsets);
+    }
+
     /// The whole rebalance path, on the poll thread. Replaces rust-rdkafka's default so that
     /// an assignment can start where the database says the partition stands.
     fn rebalance(

@@ -1,6 +1,7 @@
 //! Per-partition offsets, in Kafka's meaning: the *next* offset to read. A worker records an
 //! offset only after the transaction holding everything before it has committed; the poll
-//! thread commits what was recorded, synchronously (periodically, on revoke and on shutdown).
+//! thread commits what was recorded: periodically without waiting for the broker, and
+//! synchronously on revoke and on shutdown.
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
@@ -64,12 +65,16 @@ impl OffsetTracker {
         })
     }
 
-    pub fn committed(&self, partition: i32, next: i64) {
-        self.with(|p| {
-            if let Some(o) = p.get_mut(&partition) {
+    /// Records Kafka's confirmation; false for a partition no longer tracked (given up while
+    /// the commit was on its way).
+    pub fn committed(&self, partition: i32, next: i64) -> bool {
+        self.with(|p| match p.get_mut(&partition) {
+            Some(o) => {
                 o.committed = Some(o.committed.map_or(next, |n| n.max(next)));
+                true
             }
-        });
+            None => false,
+        })
     }
 }
 
@@ -87,7 +92,8 @@ mod tests {
         t.processed(0, 7); // never moves back
         t.processed(5, 3); // not assigned: ignored
         assert_eq!(t.uncommitted(), [(0, 10)]);
-        t.committed(0, 10);
+        assert!(t.committed(0, 10));
+        assert!(!t.committed(7, 1), "not tracked");
         assert!(t.uncommitted().is_empty());
         t.processed(1, 4);
         assert_eq!(t.remove(1), Some(4));
