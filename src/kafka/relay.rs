@@ -95,12 +95,23 @@ pub fn check_topic(producer: &FutureProducer, topic: &str) {
     }
 }
 
-/// The relay's producer settings: the service's producer, gapless (see the module doc).
+/// The relay's producer settings: the service's producer, gapless (see the module doc), and
+/// without linger unless `kafka.properties` sets one: a round waits for its acknowledgements
+/// anyway, and replies queued while a request is on its way still go out together in the next.
 pub fn producer_config(settings: &crate::config::Settings) -> ClientConfig {
     let mut config = settings.kafka.producer_config();
     config
         .set("enable.gapless.guarantee", "true")
         .set("message.timeout.ms", ACK_TIMEOUT.as_millis().to_string());
+    let lingers = ["linger.ms", "queue.buffering.max.ms"];
+    if !settings
+        .kafka
+        .flat_properties()
+        .keys()
+        .any(|k| lingers.contains(&k.as_str()))
+    {
+        config.set("linger.ms", "0");
+    }
     config
 }
 
@@ -174,9 +185,14 @@ pub async fn relay_round(
     }
     // The transaction waits for the broker's acknowledgements: whatever the pool's idle
     // timeout, the server must not end it before ACK_TIMEOUT (rows published but not deleted
-    // would be published again on every round).
-    tx.batch_execute("SET LOCAL idle_in_transaction_session_timeout = '30s'")
-        .await?;
+    // would be published again on every round). Its commit does not wait for the disk: a
+    // delete lost in a server crash is a tail of the queue in order, published again in
+    // order, as after a relay that dies before its delete.
+    tx.batch_execute(
+        "SET LOCAL idle_in_transaction_session_timeout = '30s'; \
+         SET LOCAL synchronous_commit = off",
+    )
+    .await?;
     let rows = tx.query_typed(QUEUED, &[(&ROUND, Type::INT8)]).await?;
     let lag = match rows.first() {
         Some(row) => row.try_get::<_, f64>(3)?,
