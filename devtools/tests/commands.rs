@@ -118,7 +118,8 @@ async fn bench_refuses_a_backlog_the_embedded_broker_cannot_keep() {
 }
 
 /// `bench` on a small scale: every run (database only, 1 and 3 replicas on both brokers,
-/// per-event, unsafe, hot SKU, latency, memory) completes and passes its audit, and the report
+/// per-event, unsafe, hot SKU, latency, the order service's saga on both brokers, memory)
+/// completes and passes its audit, and the report
 /// (`--json`) has every run and ratio. Speed is not asserted here: the numbers are for `bench`
 /// at full size.
 #[tokio::test(flavor = "multi_thread")]
@@ -142,6 +143,8 @@ async fn bench_runs_every_mode_and_each_passes_verify() {
                 "500",
                 "--latency-seconds",
                 "2",
+                "--saga-rate",
+                "500",
                 "--history",
                 "20000",
                 "--apache",
@@ -183,6 +186,9 @@ fn every_run_measured(runs: &serde_json::Value, text: &str) {
         ("unsafe", 10_000),
         ("hot", 10_000),
         ("latency", 1_000),
+        // Requests: each order's reserve and its commit.
+        ("saga", 1_000),
+        ("saga-apache", 1_000),
         ("memory", 8_000),
         ("one-apache", 10_000),
         ("three-apache", 10_000),
@@ -216,7 +222,7 @@ fn every_run_measured(runs: &serde_json::Value, text: &str) {
             );
         }
         match key {
-            "latency" => assert!(
+            "latency" | "saga" | "saga-apache" => assert!(
                 run["latency_p50_ms"].as_f64().is_some()
                     && run["latency_p99_ms"].as_f64().is_some(),
                 "latency percentiles: {run}"

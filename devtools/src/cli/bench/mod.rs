@@ -8,6 +8,7 @@
 //! - the unsafe baseline: no advisory locks, no duplicate lookup;
 //! - a hot-SKU workload (half the events on one SKU);
 //! - produce-to-commit latency at a fixed rate, from the replicas' latency histograms;
+//! - an order service's request-to-reply latency at a fixed rate, on its own clock (`saga`);
 //! - peak resident memory of one replica working through a large backlog.
 //!
 //! Every pipeline run lets its replicas share the partitions first; the clock runs from the
@@ -19,6 +20,7 @@
 mod database;
 mod pipeline;
 mod report;
+mod saga;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -59,9 +61,13 @@ pub struct BenchArgs {
     /// measured in this bench, and runs only after it.
     #[arg(long, default_value_t = 5_000)]
     pub latency_rate: u64,
-    /// How long the latency run produces.
+    /// How long the latency and saga runs produce.
     #[arg(long, default_value_t = 20)]
     pub latency_seconds: u64,
+    /// Requests per second of the saga run (3 replicas): an order service's client reserves
+    /// at half this rate and commits each order when its reserve's reply arrives. 0 skips it.
+    #[arg(long, default_value_t = 2_000)]
+    pub saga_rate: u64,
     /// Rounds of the throughput runs; each run reports its median round.
     #[arg(long, default_value_t = 1)]
     pub repeat: u32,
@@ -84,8 +90,8 @@ pub struct BenchArgs {
     #[arg(long, value_name = "SIZE", default_value = "128MB")]
     pub shared_buffers: String,
     /// Only these runs (comma-separated): database, steady, one, three, per-event, unsafe,
-    /// hot, latency, latency-half, memory, one-apache, three-apache, latency-apache. Default:
-    /// all.
+    /// hot, latency, latency-half, saga, memory, one-apache, three-apache, latency-apache,
+    /// saga-apache. Default: all.
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
     /// Where the replicas' logs go (default: a new directory under the system temp dir).
@@ -95,6 +101,12 @@ pub struct BenchArgs {
     /// docs/performance.md); the report on stdout is the same either way.
     #[arg(long, value_name = "PATH")]
     pub json: Option<PathBuf>,
+    /// Runs the pipelines' replicas with this build of the service (an `inventory-consumer`
+    /// binary, e.g. an earlier commit's) instead of the one built into this `inventory-dev`: to
+    /// compare two builds back to back with one harness. The database-only runs measure this
+    /// build's batch transaction either way, and the unsafe baseline needs this build.
+    #[arg(long, value_name = "PATH")]
+    pub service: Option<PathBuf>,
     /// A setting for every replica of the pipeline runs (`run --set KEY=VALUE`), e.g.
     /// `processing.batch_linger_ms=20`, to compare settings within one build. Repeatable.
     #[arg(long = "replica-set", value_name = "KEY=VALUE")]
@@ -137,7 +149,7 @@ pub fn main(cli: &GlobalArgs, args: &BenchArgs) -> anyhow::Result<ExitCode> {
     print_table(results.iter().map(|(_, m)| m));
     for (_, m) in results
         .iter()
-        .filter(|(k, _)| matches!(*k, "database" | "steady" | "three"))
+        .filter(|(k, _)| matches!(*k, "database" | "steady" | "three" | "saga" | "saga-apache"))
     {
         print_profile(m);
     }
@@ -192,7 +204,7 @@ fn measure_rounds(bench: &mut Bench, args: &BenchArgs, runs: &[Run]) -> anyhow::
         for (key, name, pipeline) in order {
             let once = matches!(
                 *key,
-                "latency" | "latency-half" | "latency-apache" | "memory"
+                "latency" | "latency-half" | "latency-apache" | "saga" | "saga-apache" | "memory"
             );
             if !args.wants(key) || (round > 0 && once) {
                 continue;
@@ -266,7 +278,10 @@ impl Bench {
             rt: runtime()?,
             admin_url,
             server,
-            service: Service::built_in()?,
+            service: match &args.service {
+                Some(path) => Service::binary(path),
+                None => Service::built_in()?,
+            },
             logs,
             runs: 0,
             skus: args.skus,

@@ -25,21 +25,29 @@ const EMBEDDED_KEEPS: u64 = 4 << 20;
 const MESSAGE_BYTES: u64 = 160;
 /// Events of the hot-SKU run at most (see there).
 const HOT_EVENTS: u64 = 60_000;
+/// `fetch.wait.max.ms` of consumers of the embedded broker. It answers a fetch with no data
+/// waiting only after the full wait (500 ms by default), even when data arrives meanwhile
+/// (Kafka answers at once): shortened so that latency measures the pipeline, not the mock.
+/// Consumers of Apache Kafka keep the default, as users run them.
+pub(super) const EMBEDDED_FETCH_WAIT_MS: &str = "20";
 const SETTLE_TIMEOUT: Duration = Duration::from_secs(900);
 const STOP_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// One pipeline run.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Pipeline {
-    replicas: usize,
+    pub(super) replicas: usize,
     batch: usize,
     guards: Guards,
     hot_share: f64,
+    /// Events (requests, in a saga run) produced.
     pub(super) events: u64,
-    partitions: i32,
+    pub(super) partitions: i32,
     /// Events per second produced while the replicas run; 0: as fast as possible (a backlog).
-    rate: u64,
-    broker: BrokerKind,
+    pub(super) rate: u64,
+    pub(super) broker: BrokerKind,
+    /// Orders placed by a client instead of the workload (see `super::saga`).
+    saga: bool,
 }
 
 /// A pipeline run: its key (for `--only`), its name in the report, and what it runs.
@@ -67,6 +75,7 @@ impl Pipeline {
             partitions: args.partitions,
             rate: 0,
             broker: BrokerKind::Embedded,
+            saga: false,
         }
     }
 }
@@ -133,6 +142,14 @@ pub(super) fn pipeline_runs(args: &BenchArgs) -> Vec<Run> {
             },
         ),
         (
+            "saga",
+            format!(
+                "saga at {} requests/s (reserve, then commit), 3 replicas",
+                args.saga_rate
+            ),
+            saga(batched, args),
+        ),
+        (
             "memory",
             format!(
                 "memory: {} backlog, 1 replica, {BACKLOG_PARTITIONS} partitions",
@@ -154,7 +171,7 @@ pub(super) fn pipeline_runs(args: &BenchArgs) -> Vec<Run> {
 /// The 1- and 3-replica pipelines again, on Apache Kafka, and the latency run: the embedded
 /// broker's fetch waits out its whole `fetch.wait.max.ms` when no data is there (see
 /// [`Bench::start_replica`]), Kafka's answers as data arrives.
-fn apache_runs(batched: Pipeline, args: &BenchArgs) -> [Run; 3] {
+fn apache_runs(batched: Pipeline, args: &BenchArgs) -> [Run; 4] {
     let on_apache = format!("on {}", LocalKafka::describe(BrokerKind::Apache));
     let apache = Pipeline {
         broker: BrokerKind::Apache,
@@ -182,7 +199,28 @@ fn apache_runs(batched: Pipeline, args: &BenchArgs) -> [Run; 3] {
             }
             .at_rate(args.latency_rate, args.latency_seconds),
         ),
+        (
+            "saga-apache",
+            format!(
+                "saga at {} requests/s, 3 replicas {on_apache}",
+                args.saga_rate
+            ),
+            Pipeline {
+                broker: BrokerKind::Apache,
+                ..saga(batched, args)
+            },
+        ),
     ]
+}
+
+/// The saga run: 3 replicas answering an order service's requests at `--saga-rate`.
+fn saga(batched: Pipeline, args: &BenchArgs) -> Pipeline {
+    Pipeline {
+        replicas: 3,
+        saga: true,
+        ..batched
+    }
+    .at_rate(args.saga_rate, args.latency_seconds)
 }
 
 /// The embedded broker deletes a partition's oldest messages past about 5 MiB, read or not:
@@ -208,6 +246,9 @@ pub(super) fn check_embedded_retention(args: &BenchArgs, runs: &[Run]) -> anyhow
 
 impl Bench {
     pub(super) fn pipeline(&mut self, name: &str, p: Pipeline) -> anyhow::Result<Measured> {
+        if p.saga {
+            return self.saga(name, p);
+        }
         let url = self.fresh_database()?;
         let spec = self.spec(p.events, p.hot_share);
         step(&format!("{name}: {} events", p.events));
@@ -216,26 +257,7 @@ impl Bench {
         settings.kafka.brokers = broker.bootstrap_servers().to_owned();
         settings.database.url = url.clone();
 
-        let mut replicas = (0..p.replicas)
-            .map(|i| self.start_replica(&format!("run{}-r{}", self.runs, i + 1), &settings, p))
-            .collect::<anyhow::Result<Vec<_>>>()?;
-        // The group settles on the empty topic first: every partition owned, every replica with
-        // its share. Joining is not what is measured (and latency counts from production).
-        let shared = || {
-            let owned: Vec<usize> = replicas.iter().map(|r| r.owned().len()).collect();
-            owned.iter().sum::<usize>() == p.partitions as usize
-                && owned
-                    .iter()
-                    .all(|&n| n > 0 || p.replicas > p.partitions as usize)
-        };
-        self.rt.block_on(wait_until(
-            "the replicas to share every partition",
-            Duration::from_secs(60),
-            || {
-                let done = shared();
-                async move { done }
-            },
-        ))?;
+        let mut replicas = self.start_group(&settings, p)?;
         let stats = self.rt.block_on(self.statement_stats());
         // The workload and its expectation are made, and the producer connected, before the
         // clock starts: they are the harness's work, on the same cores as the pipeline.
@@ -293,6 +315,35 @@ impl Bench {
         Ok(m)
     }
 
+    /// The run's replicas, once they share the partitions: every partition owned, every
+    /// replica with its share. Joining is not what is measured (and latency counts from
+    /// production).
+    pub(super) fn start_group(
+        &self,
+        settings: &Settings,
+        p: Pipeline,
+    ) -> anyhow::Result<Vec<ReplicaProcess>> {
+        let replicas = (0..p.replicas)
+            .map(|i| self.start_replica(&format!("run{}-r{}", self.runs, i + 1), settings, p))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let shared = || {
+            let owned: Vec<usize> = replicas.iter().map(|r| r.owned().len()).collect();
+            owned.iter().sum::<usize>() == p.partitions as usize
+                && owned
+                    .iter()
+                    .all(|&n| n > 0 || p.replicas > p.partitions as usize)
+        };
+        self.rt.block_on(wait_until(
+            "the replicas to share every partition",
+            Duration::from_secs(60),
+            || {
+                let done = shared();
+                async move { done }
+            },
+        ))?;
+        Ok(replicas)
+    }
+
     fn start_replica(
         &self,
         name: &str,
@@ -300,16 +351,13 @@ impl Bench {
         p: Pipeline,
     ) -> anyhow::Result<ReplicaProcess> {
         let mut env = local_env(&settings.kafka.brokers, &settings.database.url);
-        env.extend([
-            ("INVENTORY_KAFKA__GROUP_PROTOCOL", "consumer".to_owned()),
-            // The embedded broker answers a fetch with no data waiting only after the full
-            // fetch.wait.max.ms (500 ms by default), even when data arrives meanwhile (Kafka
-            // answers at once): shortened so that latency measures the pipeline, not the mock.
-            (
+        env.push(("INVENTORY_KAFKA__GROUP_PROTOCOL", "consumer".to_owned()));
+        if p.broker == BrokerKind::Embedded {
+            env.push((
                 "INVENTORY_KAFKA__PROPERTIES__FETCH_WAIT_MAX_MS",
-                "20".to_owned(),
-            ),
-        ]);
+                EMBEDDED_FETCH_WAIT_MS.to_owned(),
+            ));
+        }
         let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
         let batch = p.batch.to_string();
         let flags: &[&str] = match p.guards {
@@ -368,7 +416,7 @@ async fn time_to_settle(url: &str, messages: i64) -> anyhow::Result<(f64, f64)> 
 
 /// The replicas' histograms of the metrics a latency run reports, read at one moment.
 #[derive(Debug, Default)]
-struct Histograms {
+pub(super) struct Histograms {
     latency: Cumulative,
     batch_size: Cumulative,
     apply: Cumulative,
@@ -381,7 +429,7 @@ impl Histograms {
     /// A reading taken a fifth into a rate run, on a thread of its own, and the addresses read:
     /// latency is read over the run's steady part, without the producer's and the consumers'
     /// first fetches (at most a few hundred ms).
-    fn after_warmup(
+    pub(super) fn after_warmup(
         replicas: &[ReplicaProcess],
         p: Pipeline,
     ) -> std::thread::JoinHandle<(Option<Histograms>, Vec<String>)> {
@@ -394,7 +442,7 @@ impl Histograms {
     }
 
     /// Reads the replicas listening at `addrs` (their `/metrics`).
-    fn read(addrs: &[String]) -> Option<Histograms> {
+    pub(super) fn read(addrs: &[String]) -> Option<Histograms> {
         use inventory_consumer::metrics::{APPLY_SECONDS, BATCH_SIZE, LATENCY_SECONDS};
         let mut all = Histograms::default();
         for addr in addrs {
@@ -430,7 +478,7 @@ impl Histograms {
     }
 
     /// What was recorded after `earlier`, a reading of the same replicas.
-    fn since(&self, earlier: &Histograms) -> Histograms {
+    pub(super) fn since(&self, earlier: &Histograms) -> Histograms {
         let minus = |now: &Cumulative, then: &Cumulative| -> Cumulative {
             now.iter()
                 .map(|&(le, count)| {
@@ -449,13 +497,16 @@ impl Histograms {
     /// p50, p99 and p99.9 of produce-to-commit latency, linear within a bucket as Prometheus'
     /// `histogram_quantile` is. Also says where a batch's time goes: its size and its
     /// transaction's duration, at their medians.
-    fn latency(&self) -> Option<Latency> {
-        if let (Some(size), Some(apply)) =
-            (quantile(&self.batch_size, 0.5), quantile(&self.apply, 0.5))
-        {
+    pub(super) fn latency(&self) -> Option<Latency> {
+        if let (Some(size), Some(apply), Some(apply_p99)) = (
+            quantile(&self.batch_size, 0.5),
+            quantile(&self.apply, 0.5),
+            quantile(&self.apply, 0.99),
+        ) {
             step(&format!(
-                "batches: median size {size:.0}, median transaction {:.1} ms",
-                apply * 1e3
+                "batches: median size {size:.0}, transaction p50 {:.1} ms, p99 {:.1} ms",
+                apply * 1e3,
+                apply_p99 * 1e3
             ));
         }
         Some(Latency {
