@@ -22,9 +22,10 @@
 //! - **Prompt.** A batch or an expiry sweep that queued replies wakes its own replica's relay
 //!   as it commits ([`Wake`]): a round starts at once, and another after each round that
 //!   published something (replies queued meanwhile). A relay that finds another replica's in
-//!   a round tries again within [`BUSY`] until it has had the round itself, so the replies its
-//!   replica queued never wait for a timer. Otherwise a relay looks every [`IDLE`], for the
-//!   replies a replica that died left queued.
+//!   a round tries again within [`BUSY`] until it has had the round itself or the queue is
+//!   empty, so the replies its replica queued never wait for a timer. Otherwise a relay looks
+//!   every [`IDLE`], for the replies a replica that died left queued. Looking costs one
+//!   statement: a round takes its transaction and the lock only when something is queued.
 
 use std::time::Duration;
 
@@ -67,6 +68,16 @@ const QUEUED: &str = "
     FROM reply_outbox o JOIN replies r ON r.event_id = o.event_id
     ORDER BY o.id
     LIMIT $1";
+
+/// The round's lock, and the settings of its transaction (see `relay_round`).
+const TAKE_ROUND: &str = "
+    SELECT pg_try_advisory_xact_lock($1),
+           set_config('idle_in_transaction_session_timeout', '30s', true),
+           set_config('synchronous_commit', 'off', true)";
+
+/// Whether anything is queued: the queue's first row by its index (the table churns, and a
+/// scan of it would wade through rows deleted but not yet vacuumed).
+const OLDEST: &str = "SELECT id FROM reply_outbox ORDER BY id LIMIT 1";
 
 const PUBLISHED: &str = "DELETE FROM reply_outbox WHERE id = ANY($1::bigint[])";
 
@@ -163,37 +174,41 @@ pub async fn relay_until(
 }
 
 /// One round: publishes up to [`ROUND`] queued replies, unless another replica's relay holds
-/// the round.
+/// the round. An empty queue is seen in one statement, outside a transaction and without the
+/// lock: most wakes find that another relay already published what they were woken for.
 pub async fn relay_round(
     pool: &Pool,
     producer: &FutureProducer,
     topic: &str,
 ) -> Result<Round, Failure> {
     let mut conn = pool.get().await?;
+    // Prepared once per connection, as the batch's statements are: a round's are parsed and
+    // planned once, not on every look.
+    let statements = conn.statements.clone();
+    let client: &tokio_postgres::Client = &conn;
+    if statements.query_opt(client, OLDEST, &[]).await?.is_none() {
+        metrics::gauge!(crate::metrics::RELAY_LAG).set(0.0);
+        return Ok(Round::Empty);
+    }
     let tx = conn.transaction().await?;
     // No SKU contains a space, so this key is outside the SKU lock space.
     let key = lock_key("reply relay");
-    let ours: bool = tx
-        .query_typed_one(
-            "SELECT pg_try_advisory_xact_lock($1)",
-            &[(&key, Type::INT8)],
-        )
+    // The transaction waits for the broker's acknowledgements: whatever the pool's idle
+    // timeout, the server must not end it before ACK_TIMEOUT (rows published but not deleted
+    // would be published again on every round). Its commit does not wait for the disk: a
+    // delete lost in a server crash is a tail of the queue in order, published again in
+    // order, as after a relay that dies before its delete. Set with the lock, in one statement
+    // (they end with the transaction either way).
+    let ours: bool = statements
+        .query_one(&tx, TAKE_ROUND, &[(&key, Type::INT8)])
         .await?
         .try_get(0)?;
     if !ours {
         return Ok(Round::Busy);
     }
-    // The transaction waits for the broker's acknowledgements: whatever the pool's idle
-    // timeout, the server must not end it before ACK_TIMEOUT (rows published but not deleted
-    // would be published again on every round). Its commit does not wait for the disk: a
-    // delete lost in a server crash is a tail of the queue in order, published again in
-    // order, as after a relay that dies before its delete.
-    tx.batch_execute(
-        "SET LOCAL idle_in_transaction_session_timeout = '30s'; \
-         SET LOCAL synchronous_commit = off",
-    )
-    .await?;
-    let rows = tx.query_typed(QUEUED, &[(&ROUND, Type::INT8)]).await?;
+    let rows = statements
+        .query(&tx, QUEUED, &[(&ROUND, Type::INT8)])
+        .await?;
     let lag = match rows.first() {
         Some(row) => row.try_get::<_, f64>(3)?,
         None => 0.0,
@@ -235,7 +250,7 @@ pub async fn relay_round(
         }
     }
     let ids_param = [(&ids as &(dyn ToSql + Sync), Type::INT8_ARRAY)];
-    tx.execute_typed(PUBLISHED, &ids_param).await?;
+    statements.execute(&tx, PUBLISHED, &ids_param).await?;
     tx.commit().await?;
     metrics::counter!(crate::metrics::REPLIES).increment(ids.len() as u64);
     Ok(Round::Published(ids.len()))
