@@ -2,6 +2,12 @@
 //! holds. While consuming they are sent without waiting for the broker: the database holds the
 //! truth, and a commit that fails is made again by the next. Partitions given up are committed
 //! synchronously, as the protocol needs before they go to their next owner.
+//!
+//! Kafka's committed offset may lag the database's for a while, and in one case move back: a
+//! periodic commit that librdkafka retries (a timeout, a lost connection) can reach the
+//! coordinator after a revoke's synchronous commit of a later offset. Nothing depends on it:
+//! a new owner starts from the offset its claim reads in the database, and only when the claim
+//! fails from Kafka's, where what it reads again is skipped as duplicates.
 
 use std::time::{Duration, Instant};
 

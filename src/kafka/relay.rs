@@ -182,11 +182,10 @@ pub async fn relay_round(
     topic: &str,
 ) -> Result<Round, Failure> {
     let mut conn = pool.get().await?;
-    // Prepared once per connection, as the batch's statements are: a round's are parsed and
-    // planned once, not on every look.
-    let statements = conn.statements.clone();
-    let client: &tokio_postgres::Client = &conn;
-    if statements.query_opt(client, OLDEST, &[]).await?.is_none() {
+    // Planned on every round, from the tables' statistics of the moment (the pool plans
+    // generically): a plan kept with the connection would be the one made when the queue and
+    // `replies` were small.
+    if conn.query_typed_opt(OLDEST, &[]).await?.is_none() {
         metrics::gauge!(crate::metrics::RELAY_LAG).set(0.0);
         return Ok(Round::Empty);
     }
@@ -199,16 +198,14 @@ pub async fn relay_round(
     // delete lost in a server crash is a tail of the queue in order, published again in
     // order, as after a relay that dies before its delete. Set with the lock, in one statement
     // (they end with the transaction either way).
-    let ours: bool = statements
-        .query_one(&tx, TAKE_ROUND, &[(&key, Type::INT8)])
+    let ours: bool = tx
+        .query_typed_one(TAKE_ROUND, &[(&key, Type::INT8)])
         .await?
         .try_get(0)?;
     if !ours {
         return Ok(Round::Busy);
     }
-    let rows = statements
-        .query(&tx, QUEUED, &[(&ROUND, Type::INT8)])
-        .await?;
+    let rows = tx.query_typed(QUEUED, &[(&ROUND, Type::INT8)]).await?;
     let lag = match rows.first() {
         Some(row) => row.try_get::<_, f64>(3)?,
         None => 0.0,
@@ -250,7 +247,7 @@ pub async fn relay_round(
         }
     }
     let ids_param = [(&ids as &(dyn ToSql + Sync), Type::INT8_ARRAY)];
-    statements.execute(&tx, PUBLISHED, &ids_param).await?;
+    tx.execute_typed(PUBLISHED, &ids_param).await?;
     tx.commit().await?;
     metrics::counter!(crate::metrics::REPLIES).increment(ids.len() as u64);
     Ok(Round::Published(ids.len()))

@@ -273,6 +273,11 @@ impl Bench {
                 None => anyhow::bail!("--replica-set takes KEY=VALUE, not `{s}`"),
             })
             .collect::<anyhow::Result<_>>()?;
+        anyhow::ensure!(
+            args.service.is_none() || !args.wants("unsafe"),
+            "the unsafe run needs this build's replicas (their switch exists only in \
+             `inventory-dev`): leave it out with --only when --service is given"
+        );
         let (server, admin_url) = given_or_throwaway_database(cli, durable, step)?;
         Ok(Bench {
             rt: runtime()?,

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
 use rdkafka::message::Message as _;
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
@@ -256,19 +257,17 @@ impl Client {
             let (waiting, placed, producer) = (waiting.clone(), placed.clone(), producer.clone());
             std::thread::spawn(move || self.read_replies(&waiting, &placed, &producer))
         };
-        let mut sent = Vec::with_capacity(orders.count as usize * 2);
-        for i in 0..orders.count {
-            let due = start + Duration::from_secs_f64(i as f64 / orders.per_second as f64);
-            std::thread::sleep(due.saturating_duration_since(Instant::now()));
-            let (id, reserve) = orders.reserve(i);
-            lock(&waiting).insert(id, Instant::now());
-            producer.send(reserve.key.as_deref().map(str::as_bytes), &reserve.value)?;
-            sent.push(reserve);
+        let placing = place(orders, &producer, &waiting, start);
+        if placing.is_err() {
+            // Nothing more will be answered: let the reader stop at once.
+            lock(&waiting).clear();
         }
         placed.store(true, Ordering::Release);
         let replies = reader
             .join()
-            .map_err(|_| anyhow::anyhow!("the reply reader panicked"))??;
+            .map_err(|_| anyhow::anyhow!("the reply reader panicked"))?;
+        let mut sent = placing?;
+        let replies = replies?;
         let warm = start + start.elapsed() / 5;
         let mut latencies: Vec<Duration> = replies
             .latencies
@@ -317,7 +316,14 @@ impl Client {
             let Some(message) = self.consumer.poll(Duration::from_millis(100)) else {
                 continue;
             };
-            let message = message.context("reading the results topic")?;
+            let message = match message {
+                Ok(message) => message,
+                Err(e @ KafkaError::MessageConsumptionFatal(_)) => {
+                    return Err(e).context("reading the results topic");
+                }
+                // librdkafka goes on by itself (a broker away, a lost connection).
+                Err(_) => continue,
+            };
             let now = Instant::now();
             let reply: serde_json::Value =
                 serde_json::from_slice(message.payload().unwrap_or_default())
@@ -340,6 +346,25 @@ impl Client {
             }
         }
     }
+}
+
+/// Sends the reserves, paced from `start`: each recorded as waiting before it is sent.
+fn place(
+    orders: &Orders,
+    producer: &EventProducer,
+    waiting: &Waiting,
+    start: Instant,
+) -> anyhow::Result<Vec<Message>> {
+    let mut sent = Vec::with_capacity(orders.count as usize * 2);
+    for i in 0..orders.count {
+        let due = start + Duration::from_secs_f64(i as f64 / orders.per_second as f64);
+        std::thread::sleep(due.saturating_duration_since(Instant::now()));
+        let (id, reserve) = orders.reserve(i);
+        lock(waiting).insert(id, Instant::now());
+        producer.send(reserve.key.as_deref().map(str::as_bytes), &reserve.value)?;
+        sent.push(reserve);
+    }
+    Ok(sent)
 }
 
 struct Replies {
