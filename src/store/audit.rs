@@ -208,7 +208,7 @@ async fn check_events(db: &Client, r: &mut AuditReport) -> Result<(), Failure> {
     )
     .await?;
     // The batches look for recorded ids in a counted period only where its range of ids says
-    // they may be (src/store/apply.rs): a range that left out an id would let it apply again.
+    // they may be (src/store/apply/mod.rs): a range that left out an id would let it apply again.
     // A period without a range is read by every batch, whatever it holds.
     r.none_of(
         db,

@@ -137,7 +137,7 @@ struct Read {
     now: chrono::DateTime<chrono::Utc>,
 }
 
-/// The period clock first, as in every batch (src/store/apply.rs), then the SKUs' advisory
+/// The period clock first, as in every batch (src/store/apply/mod.rs), then the SKUs' advisory
 /// locks in their global order, then the stock and the reservations under them.
 async fn lock_and_read(tx: &Transaction<'_>, due: &[String]) -> Result<Read, Failure> {
     let orders_param = [(&due as &(dyn ToSql + Sync), Type::TEXT_ARRAY)];

@@ -252,7 +252,7 @@ async fn count_ended(db: &mut Client, done: &mut Maintenance) -> Result<(), Fail
 /// The ended periods whose events are kept and not counted yet, oldest first; and those a
 /// release before migration 15 counted without their range of ids (events but no range), which
 /// are counted again: until then the batches read their recorded ids there as in a period not
-/// counted (src/store/apply.rs), and a range is what spares them that.
+/// counted (src/store/apply/mod.rs), and a range is what spares them that.
 pub const UNCOUNTED: &str = "
     SELECT period FROM history_periods
     WHERE ended_at IS NOT NULL AND NOT events_gone
@@ -260,7 +260,7 @@ pub const UNCOUNTED: &str = "
     ORDER BY period";
 
 /// Counts what period `p`'s events hold into its `*_counted` columns, with the range of its
-/// event ids (where the batches look for recorded ids, src/store/apply.rs), unless counted
+/// event ids (where the batches look for recorded ids, src/store/apply/mod.rs), unless counted
 /// already with its range (then the count is not run): one pass over the events; the replies
 /// are few (order steps only). The counts of a period counted again are the same: its rows no
 /// longer change.
