@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 
-use super::report::{Latency, Measured, report, statement_profile};
+use super::report::{Latency, Measured, StatementTime, report, statement_profile};
 use super::{BATCH, Bench, BenchArgs, step, verify};
 use crate::cli::produce::deliver;
 use crate::embedded::local_kafka::{BrokerKind, LocalKafka};
@@ -249,15 +249,14 @@ impl Bench {
         if p.saga {
             return self.saga(name, p);
         }
-        let url = self.fresh_database()?;
-        let spec = self.spec(p.events, p.hot_share);
         step(&format!("{name}: {} events", p.events));
-        let broker = LocalKafka::start(p.broker, p.partitions)?;
-        let mut settings = Settings::default();
-        settings.kafka.brokers = broker.bootstrap_servers().to_owned();
-        settings.database.url = url.clone();
-
-        let mut replicas = self.start_group(&settings, p)?;
+        let RunSetup {
+            url,
+            broker,
+            settings,
+            mut replicas,
+        } = self.set_up(p)?;
+        let spec = self.spec(p.events, p.hot_share);
         let stats = self.rt.block_on(self.statement_stats());
         // The workload and its expectation are made, and the producer connected, before the
         // clock starts: they are the harness's work, on the same cores as the pipeline.
@@ -281,20 +280,9 @@ impl Bench {
             }
             _ => None,
         };
-        let profile = match &stats {
-            Some(admin) => self
-                .rt
-                .block_on(statement_profile(admin, &url))
-                .unwrap_or_default(),
-            None => Vec::new(),
-        };
+        let profile = self.profile(stats.as_ref(), &url);
         let peak_rss = replicas.iter().filter_map(|r| r.peak_rss_bytes()).max();
-        for r in &mut replicas {
-            let (status, _) = r.terminate(STOP_TIMEOUT)?;
-            if !status.success() {
-                bail!("{} exited with {status}; log: {}", r.name, r.log.display());
-            }
-        }
+        stop_all(&mut replicas)?;
         producer
             .join()
             .map_err(|_| anyhow::anyhow!("the producer thread panicked"))??;
@@ -313,6 +301,36 @@ impl Bench {
         };
         report(&m);
         Ok(m)
+    }
+
+    /// A run's fresh database, its broker, the settings that name both, and its replicas once
+    /// they share the partitions.
+    pub(super) fn set_up(&mut self, p: Pipeline) -> anyhow::Result<RunSetup> {
+        let url = self.fresh_database()?;
+        let broker = LocalKafka::start(p.broker, p.partitions)?;
+        let mut settings = Settings::default();
+        settings.kafka.brokers = broker.bootstrap_servers().to_owned();
+        settings.database.url = url.clone();
+        let replicas = self.start_group(&settings, p)?;
+        Ok(RunSetup {
+            url,
+            broker,
+            settings,
+            replicas,
+        })
+    }
+
+    /// The run's server time by statement, when `stats` (bench's own server) is there.
+    pub(super) fn profile(
+        &self,
+        stats: Option<&tokio_postgres::Client>,
+        url: &str,
+    ) -> Vec<StatementTime> {
+        stats.map_or_else(Vec::new, |admin| {
+            self.rt
+                .block_on(statement_profile(admin, url))
+                .unwrap_or_default()
+        })
     }
 
     /// The run's replicas, once they share the partitions: every partition owned, every
@@ -375,6 +393,25 @@ impl Bench {
         );
         ReplicaProcess::spawn_with_flags(&self.service, name, &self.logs, &env, &settings, flags)
     }
+}
+
+/// What [`Bench::set_up`] makes for a run.
+pub(super) struct RunSetup {
+    pub(super) url: String,
+    pub(super) broker: LocalKafka,
+    pub(super) settings: Settings,
+    pub(super) replicas: Vec<ReplicaProcess>,
+}
+
+/// Stops the run's replicas (SIGTERM); each must exit 0.
+pub(super) fn stop_all(replicas: &mut [ReplicaProcess]) -> anyhow::Result<()> {
+    for r in replicas {
+        let (status, _) = r.terminate(STOP_TIMEOUT)?;
+        if !status.success() {
+            bail!("{} exited with {status}; log: {}", r.name, r.log.display());
+        }
+    }
+    Ok(())
 }
 
 /// Seconds from now to the batch that completes `messages`, watching the partitions' recorded

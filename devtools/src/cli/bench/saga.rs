@@ -15,10 +15,10 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::Message as _;
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
-use super::pipeline::{EMBEDDED_FETCH_WAIT_MS, Histograms, Pipeline};
-use super::report::{Latency, Measured, report, statement_profile};
+use super::pipeline::{EMBEDDED_FETCH_WAIT_MS, Histograms, Pipeline, RunSetup, stop_all};
+use super::report::{Latency, Measured, report};
 use super::{Bench, step, verify};
-use crate::embedded::local_kafka::{BrokerKind, LocalKafka};
+use crate::embedded::local_kafka::BrokerKind;
 use crate::embedded::wait::wait_until;
 use crate::producer::EventProducer;
 use crate::workload::{Message, Oracle};
@@ -35,13 +35,13 @@ impl Bench {
     /// `p.rate` requests per second (half of them reserves, paced; half commits, each sent on
     /// its reserve's reply) for `p.events` requests, against `p.replicas` replicas.
     pub(super) fn saga(&mut self, name: &str, p: Pipeline) -> anyhow::Result<Measured> {
-        let url = self.fresh_database()?;
         step(&format!("{name}: {} requests", p.events));
-        let broker = LocalKafka::start(p.broker, p.partitions)?;
-        let mut settings = Settings::default();
-        settings.kafka.brokers = broker.bootstrap_servers().to_owned();
-        settings.database.url = url.clone();
-        let mut replicas = self.start_group(&settings, p)?;
+        let RunSetup {
+            url,
+            broker,
+            settings,
+            mut replicas,
+        } = self.set_up(p)?;
 
         let producer = Arc::new(EventProducer::new(&settings).context("creating the producer")?);
         let restocks = self.restock(&url, &producer)?;
@@ -60,24 +60,13 @@ impl Bench {
         if let Ok((Some(warm), addrs)) = warm.join() {
             report_commit_latency(&warm, &addrs);
         }
-        let profile = match &stats {
-            Some(admin) => self
-                .rt
-                .block_on(statement_profile(admin, &url))
-                .unwrap_or_default(),
-            None => Vec::new(),
-        };
+        let profile = self.profile(stats.as_ref(), &url);
         Arc::into_inner(producer)
             .context("the producer is still shared")?
             .finish(STOP_TIMEOUT)
             .map_err(|e| anyhow::anyhow!("the order service's requests: {e}"))?;
 
-        for r in &mut replicas {
-            let (status, _) = r.terminate(STOP_TIMEOUT)?;
-            if !status.success() {
-                bail!("{} exited with {status}; log: {}", r.name, r.log.display());
-            }
-        }
+        stop_all(&mut replicas)?;
         let expected = Oracle::over(restocks.iter().chain(&outcome.sent));
         let verified = self.rt.block_on(verify(&url, &expected))? && outcome.rejected == 0;
         if outcome.rejected > 0 {
