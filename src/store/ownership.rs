@@ -38,15 +38,12 @@ const LOAD_OFFSETS: &str = "
     WHERE consumer_group = $1 AND topic = $2 AND partition = ANY($3::int[])";
 
 /// The first statement of every batch transaction: holds the partition's row until commit, so
-/// no claim can slip in between this check and the commit.
-// And whether the partition (or the whole topic) is paused, read under the same lock.
+/// no claim can slip in between this check and the commit. (Whether the partition is paused is
+/// the next statement's question, [`crate::store::pauses::PAUSED`].)
 pub(crate) const FENCE: &str = "
-    SELECT epoch,
-           EXISTS (SELECT 1 FROM partition_pauses p
-                   WHERE p.consumer_group = $1 AND p.topic = $2 AND p.partition IN ($3, -1))
-    FROM partition_owners
+    SELECT epoch FROM partition_owners
     WHERE consumer_group = $1 AND topic = $2 AND partition = $3
-    FOR UPDATE OF partition_owners";
+    FOR UPDATE";
 
 /// A claimed partition: the epoch its batches must carry, and where processing stands (the
 /// offset recorded with its last batch; absent if this group never processed it).

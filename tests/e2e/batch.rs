@@ -175,3 +175,79 @@ async fn the_fence_refuses_a_stale_owner_and_a_claim_waits_for_the_batch_in_flig
         "resumes after the batch it waited for"
     );
 }
+
+/// `pause` returns only once no batch of the partition is in flight, and none commits after:
+/// also a batch whose fence was already waiting when the pause took the partition's row. The
+/// order is forced with a third session holding the row: the pause queues for it first, then
+/// the batch, so the batch's fence starts before the pause commits and gets the row after.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_batch_that_waited_behind_a_pause_sees_it() {
+    let (db, pool, source) = migrated_store().await;
+    let epoch = store::claim(&pool, &source, "a", &[0])
+        .await
+        .expect("claim")[&0]
+        .epoch;
+    let waiting = |sessions: i64| {
+        let db = &db;
+        async move {
+            db.scalar(
+                "SELECT count(*) FROM pg_stat_activity
+                 WHERE wait_event_type = 'Lock' AND query LIKE '%partition_owners%'
+                   AND datname = current_database()",
+            )
+            .await
+                == sessions
+        }
+    };
+
+    let mut holder = db.client().await;
+    let held = holder.transaction().await.expect("begin");
+    held.query(
+        "SELECT 1 FROM partition_owners WHERE partition = 0 FOR UPDATE",
+        &[],
+    )
+    .await
+    .expect("holding the partition's row");
+    let pause = tokio::spawn({
+        let mut client = db.client().await;
+        let source = source.clone();
+        async move {
+            store::pauses::pause(
+                &mut client,
+                &source.group,
+                &source.topic,
+                &[0],
+                "test",
+                None,
+            )
+            .await
+        }
+    });
+    wait_until(
+        "the pause to wait for the row",
+        Duration::from_secs(30),
+        || waiting(1),
+    )
+    .await;
+    let events =
+        [json!({"event_id": "e1", "type": "restock", "sku": "S-1", "quantity": 5}).to_string()];
+    let applying = tokio::spawn({
+        let (pool, source) = (pool.clone(), source.clone());
+        async move { apply_batch(&pool, &source, &batch(0, &events), Guards::On, epoch).await }
+    });
+    wait_until(
+        "the batch's fence to wait behind the pause",
+        Duration::from_secs(30),
+        || waiting(2),
+    )
+    .await;
+
+    held.commit().await.expect("releasing the row");
+    pause.await.expect("join").expect("the pause");
+    let applied = applying.await.expect("join");
+    assert!(
+        matches!(applied, Err(Failure::Paused(0))),
+        "a batch committed after its partition's pause returned: {applied:?}"
+    );
+    assert_eq!(db.scalar("SELECT count(*) FROM processed_events").await, 0);
+}

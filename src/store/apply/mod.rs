@@ -5,7 +5,7 @@
 //!    and no new period starts until it ends. Then lock the partition's row in
 //!    `partition_owners` and check the epoch this owner claimed ([`super::ownership`]): a
 //!    replica that lost the partition aborts here; and so does a batch of a paused partition
-//!    ([`super::pauses`]).
+//!    ([`super::pauses`], read by the next statement: it sees a pause that the fence waited for).
 //! 1. `pg_advisory_xact_lock` on every SKU of the batch, keys ascending ([`Batch::lock_keys`]):
 //!    from here until commit no other replica works on these SKUs, and because every transaction
 //!    takes its locks in the same global order, multi-SKU batches cannot deadlock.
@@ -40,6 +40,7 @@ use tokio_postgres::types::{ToSql, Type};
 
 use crate::domain::{Batch, Clock, OrderBook, StockBook};
 use crate::store::ownership::{FENCE, check_fence};
+use crate::store::pauses::PAUSED;
 use crate::store::retention::{CLOCK_SHARED, clock_key};
 use crate::store::statements::{Params, Statements};
 use crate::store::{Failure, Pool};
@@ -112,8 +113,8 @@ pub async fn apply_batch(
         return Err(Failure::TooManyLocks { skus: skus.len() });
     }
     let read = lock_and_read(txn, source, partition, guards, batch, &orders, &skus).await?;
-    check_fence(partition, epoch, read.owner.map(|(epoch, _)| epoch))?;
-    if read.owner.is_some_and(|(_, paused)| paused) {
+    check_fence(partition, epoch, read.owner)?;
+    if read.paused {
         return Err(Failure::Paused(partition));
     }
     check_reservations_locked(&read.reservations, &skus)?;
@@ -190,9 +191,10 @@ fn skus_to_lock<'b>(
 
 /// What the batch reads once its locks are held.
 struct Read {
-    /// The partition's claim: the epoch its owner holds and whether it is paused (none: never
-    /// claimed).
-    owner: Option<(i64, bool)>,
+    /// The epoch the partition's owner holds (none: never claimed).
+    owner: Option<i64>,
+    /// Whether the partition or its topic is paused, read once the fence is held.
+    paused: bool,
     /// The batch's event ids already recorded, with their payload digests.
     recorded: HashMap<String, Vec<u8>>,
     stock: StockBook,
@@ -240,6 +242,7 @@ async fn lock_and_read(
                 (KEYED_PLANS, &no_params),
                 (CLOCK_SHARED, &clock_param),
                 (FENCE, &fence_params),
+                (PAUSED, &fence_params),
                 (LOCK, &keys_param),
                 (RECORDED, &ids_param),
                 (STOCK, &skus_param),
@@ -256,12 +259,13 @@ async fn lock_and_read(
         locked
     };
     let has_orders = !orders.is_empty();
-    let (_, _, owner, _, recorded, stock, reservations, now_ms) = tokio::try_join!(
+    let (_, _, owner, paused, _, recorded, stock, reservations, now_ms) = tokio::try_join!(
         biased;
         // Sent in the first round trip already when the batch has orders (`read_order_skus`).
         unless_empty(has_orders, statements.execute(tx, KEYED_PLANS, &no_params)),
         unless_empty(!guarded, statements.execute(tx, CLOCK_SHARED, &clock_param)),
         statements.query_opt(tx, FENCE, &fence_params),
+        async { statements.query_one(tx, PAUSED, &fence_params).await?.try_get::<_, bool>(0) },
         lock,
         unless_empty(ids.is_empty(), statements.query(tx, RECORDED, &ids_param)),
         statements.query(tx, STOCK, &skus_param),
@@ -271,9 +275,8 @@ async fn lock_and_read(
         }),
     )?;
     Ok(Read {
-        owner: owner
-            .map(|row| Ok::<_, tokio_postgres::Error>((row.try_get(0)?, row.try_get(1)?)))
-            .transpose()?,
+        owner: owner.map(|row| row.try_get(0)).transpose()?,
+        paused,
         recorded: recorded
             .iter()
             .map(|row| Ok((row.try_get(0)?, row.try_get(1)?)))
