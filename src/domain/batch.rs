@@ -2,6 +2,10 @@
 //! holds. The store takes the locks and reads [`Batch::lock_keys`], [`Batch::event_ids`] and
 //! [`Batch::skus`] ask for, calls [`Batch::plan`], and writes the plan; every decision
 //! (dead letter, duplicate, conflict, applied, rejected) is made here, in offset order.
+//!
+//! One transaction may also carry the batches of several partitions ([`Parts`]): they are
+//! decided one after the other, each seeing what the ones before it did, exactly as their own
+//! transactions run back to back would.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
@@ -51,6 +55,7 @@ pub struct DeadLetter<'a> {
 #[derive(Debug)]
 pub struct PlannedEvent<'a> {
     pub event: &'a Event,
+    pub partition: i32,
     pub offset: i64,
     pub outcome: Outcome,
     pub digest: [u8; 32],
@@ -88,6 +93,17 @@ pub struct ProductChange {
     pub created: bool,
 }
 
+/// What a partition's batch did, for counters and logs.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct BatchOutcome {
+    pub applied: u64,
+    pub rejected: u64,
+    pub duplicates: u64,
+    pub dead_letters: u64,
+    /// Replies queued in the outbox, for the relay to publish.
+    pub replies: u64,
+}
+
 #[derive(Debug, Default)]
 pub struct BatchPlan<'a> {
     pub events: Vec<PlannedEvent<'a>>,
@@ -96,8 +112,8 @@ pub struct BatchPlan<'a> {
     /// Sorted by SKU.
     pub products: Vec<ProductChange>,
     pub dead_letters: Vec<DeadLetter<'a>>,
-    /// Deliveries of an event that was already recorded with the same digest.
-    pub duplicates: u64,
+    /// What each partition's deliveries came to.
+    pub outcomes: BTreeMap<i32, BatchOutcome>,
     /// Reservations made, in order; then those ended (possibly the same, later in the batch).
     pub reservations: Vec<NewReservation>,
     pub ended: Vec<EndedReservation>,
@@ -109,20 +125,9 @@ pub struct BatchPlan<'a> {
 }
 
 impl BatchPlan<'_> {
-    /// Events of the batch applied.
-    pub fn applied(&self) -> u64 {
-        self.events
-            .iter()
-            .filter(|e| matches!(e.outcome, Outcome::Applied))
-            .count() as u64
-    }
-
-    /// Events of the batch rejected, whatever the reason.
-    pub fn rejected(&self) -> u64 {
-        self.events
-            .iter()
-            .filter(|e| matches!(e.outcome, Outcome::Rejected(_)))
-            .count() as u64
+    /// What the deliveries of `partition` came to.
+    pub fn outcome(&self, partition: i32) -> BatchOutcome {
+        self.outcomes.get(&partition).copied().unwrap_or_default()
     }
 }
 
@@ -238,13 +243,64 @@ impl Batch {
         Some((self.items.first()?.0.offset, self.items.last()?.0.offset))
     }
 
-    fn events(&self) -> impl Iterator<Item = &Event> {
-        self.items.iter().filter_map(|(_, e)| e.as_ref().ok())
-    }
-
     /// Advisory-lock keys of every SKU the batch names, ascending and distinct: taking them in
     /// this one global order is what keeps multi-SKU transactions from deadlocking.
     pub fn lock_keys(&self) -> Vec<i64> {
+        Parts(std::slice::from_ref(&self)).lock_keys()
+    }
+
+    /// The event ids of the batch, distinct (borrowed: a batch of 500 makes no copies).
+    pub fn event_ids(&self) -> Vec<&str> {
+        Parts(std::slice::from_ref(&self)).event_ids()
+    }
+
+    /// The orders the batch's commits, releases and reserves name, distinct.
+    pub fn order_ids(&self) -> Vec<&str> {
+        Parts(std::slice::from_ref(&self)).order_ids()
+    }
+
+    /// The SKUs the batch's lines name, distinct.
+    pub fn skus(&self) -> Vec<&str> {
+        Parts(std::slice::from_ref(&self)).skus()
+    }
+
+    /// [`Parts::plan`] of this batch alone.
+    pub fn plan<'a>(
+        &'a self,
+        recorded: &HashMap<String, Vec<u8>>,
+        stock: StockBook,
+        orders: OrderBook,
+        clock: Clock,
+        reply_all: bool,
+    ) -> BatchPlan<'a> {
+        Parts(std::slice::from_ref(&self)).plan(recorded, stock, orders, clock, reply_all)
+    }
+}
+
+/// The batches of one transaction, each of another partition, in the order they are decided.
+#[derive(Debug, Clone, Copy)]
+pub struct Parts<'s, 'a>(pub &'s [&'a Batch]);
+
+impl<'a> Parts<'_, 'a> {
+    fn items(self) -> impl Iterator<Item = &'a (Delivery, Result<Event, InvalidEvent>)> {
+        self.0.iter().flat_map(|b| b.items.iter())
+    }
+
+    fn events(self) -> impl Iterator<Item = &'a Event> {
+        self.items().filter_map(|(_, e)| e.as_ref().ok())
+    }
+
+    /// Deliveries of every part.
+    pub fn len(self) -> usize {
+        self.0.iter().map(|b| b.len()).sum()
+    }
+
+    pub fn is_empty(self) -> bool {
+        self.len() == 0
+    }
+
+    /// Advisory-lock keys of every SKU the parts name, ascending and distinct.
+    pub fn lock_keys(self) -> Vec<i64> {
         let mut keys: Vec<i64> = self
             .events()
             .flat_map(|e| e.lines.iter().map(|l| lock_key(&l.sku)))
@@ -254,14 +310,14 @@ impl Batch {
         keys
     }
 
-    /// The event ids of the batch, distinct (borrowed: a batch of 500 makes no copies).
-    pub fn event_ids(&self) -> Vec<&str> {
+    /// The event ids of the parts, distinct.
+    pub fn event_ids(self) -> Vec<&'a str> {
         let ids: HashSet<&str> = self.events().map(|e| e.id.as_str()).collect();
         ids.into_iter().collect()
     }
 
-    /// The orders the batch's commits, releases and reserves name, distinct.
-    pub fn order_ids(&self) -> Vec<&str> {
+    /// The orders the parts' commits, releases and reserves name, distinct.
+    pub fn order_ids(self) -> Vec<&'a str> {
         let orders: HashSet<&str> = self
             .events()
             .filter_map(|e| e.order_id.as_deref())
@@ -269,8 +325,8 @@ impl Batch {
         orders.into_iter().collect()
     }
 
-    /// The SKUs the batch's lines name, distinct.
-    pub fn skus(&self) -> Vec<&str> {
+    /// The SKUs the parts' lines name, distinct.
+    pub fn skus(self) -> Vec<&'a str> {
         let skus: HashSet<&str> = self
             .events()
             .flat_map(|e| e.lines.iter().map(|l| l.sku.as_str()))
@@ -278,14 +334,14 @@ impl Batch {
         skus.into_iter().collect()
     }
 
-    /// Decides every delivery in offset order. `recorded` maps event ids already in
-    /// `processed_events` to their digest; `stock` holds the current stock of the batch's SKUs
-    /// and of its orders' reservations (absent: never restocked); `orders` the reservations of
-    /// the orders it names (absent: none); `clock` the database's time; `reply_all`, whether
-    /// stock events get a reply too (`results.all_events`). Must be called with the batch's
-    /// locks held.
-    pub fn plan<'a>(
-        &'a self,
+    /// Decides every delivery, part after part and each part in offset order. `recorded` maps
+    /// event ids already in `processed_events` to their digest; `stock` holds the current
+    /// stock of the parts' SKUs and of their orders' reservations (absent: never restocked);
+    /// `orders` the reservations of the orders they name (absent: none); `clock` the
+    /// database's time; `reply_all`, whether stock events get a reply too
+    /// (`results.all_events`). Must be called with the parts' locks held.
+    pub fn plan(
+        self,
         recorded: &HashMap<String, Vec<u8>>,
         mut stock: StockBook,
         mut orders: OrderBook,
@@ -294,12 +350,15 @@ impl Batch {
     ) -> BatchPlan<'a> {
         let mut plan = BatchPlan::default();
         let existing: HashSet<String> = stock.keys().cloned().collect();
-        // Ids decided earlier in this batch count as recorded for the deliveries after them.
+        // Ids decided earlier in this transaction count as recorded for the deliveries after
+        // them, in this partition and the next ones alike.
         let mut seen: HashMap<&str, [u8; 32]> = HashMap::new();
-        for (delivery, decoded) in &self.items {
+        for (delivery, decoded) in self.items() {
+            let tally = plan.outcomes.entry(delivery.partition).or_default();
             let event = match decoded {
                 Ok(event) => event,
                 Err(invalid) => {
+                    tally.dead_letters += 1;
                     plan.dead_letters.push(dead_letter(delivery, invalid));
                     continue;
                 }
@@ -311,7 +370,7 @@ impl Batch {
                 .or_else(|| recorded.get(&event.id).map(Vec::as_slice));
             match earlier {
                 Some(d) if d == digest => {
-                    plan.duplicates += 1;
+                    tally.duplicates += 1;
                     // Its recorded reply, if it got one, is published again.
                     if reply_all || event.kind.is_order_step() {
                         plan.queued.push(&event.id);
@@ -319,6 +378,7 @@ impl Batch {
                     continue;
                 }
                 Some(_) => {
+                    tally.dead_letters += 1;
                     let conflict = InvalidEvent::EventIdConflict(event.id.clone());
                     plan.dead_letters.push(dead_letter(delivery, &conflict));
                     continue;
@@ -345,7 +405,13 @@ impl Batch {
                 }
                 _ => event.lines.len(),
             } as i32;
+            let tally = plan.outcomes.entry(delivery.partition).or_default();
+            match outcome {
+                Outcome::Applied => tally.applied += 1,
+                Outcome::Rejected(_) => tally.rejected += 1,
+            }
             if reply_all || event.kind.is_order_step() {
+                tally.replies += 1;
                 let reservation = order.and_then(|o| orders.get(o));
                 plan.replies.push(reply_to(event, outcome, reservation));
                 plan.queued.push(&event.id);
@@ -353,6 +419,7 @@ impl Batch {
             seen.insert(&event.id, digest);
             plan.events.push(PlannedEvent {
                 event,
+                partition: delivery.partition,
                 offset: delivery.offset,
                 outcome,
                 digest,
@@ -507,7 +574,17 @@ mod tests {
                 ("s4", 108, Outcome::Applied),
             ]
         );
-        assert_eq!(plan.duplicates, 2, "s1 again, and old");
+        assert_eq!(
+            plan.outcome(3),
+            BatchOutcome {
+                applied: 3,
+                rejected: 2,
+                duplicates: 2,
+                dead_letters: 2,
+                replies: 0,
+            },
+            "s1 again, and old: duplicates"
+        );
         assert!(plan.replies.is_empty() && plan.queued.is_empty());
         let all = b.plan(&recorded, StockBook::new(), OrderBook::new(), clock, true);
         let replied: Vec<(&str, &str)> = all

@@ -10,7 +10,9 @@ pub mod orders;
 pub mod replies;
 pub mod rules;
 
-pub use batch::{Batch, BatchPlan, DeadLetter, Delivery, MAX_LINES_PER_BATCH, PlannedEvent};
+pub use batch::{
+    Batch, BatchOutcome, BatchPlan, DeadLetter, Delivery, MAX_LINES_PER_BATCH, Parts, PlannedEvent,
+};
 pub use dead_letter_limit::{DeadLetterLimit, LimitExceeded};
 pub use event::{Event, EventKind, Expiry, InvalidEvent, Line, decode};
 pub use lock_key::lock_key;

@@ -207,10 +207,11 @@ async fn write(
     let expired = &expiries.expired;
     let ids: Vec<&str> = expired.iter().map(|(_, id, _)| id.as_str()).collect();
     let events = ExpiryEventRows::of(expired);
-    let partition: Option<i32> = None;
+    // An expiry comes from no partition.
+    let partitions: Vec<Option<i32>> = vec![None; ids.len()];
     let event_params: [(&(dyn ToSql + Sync), Type); 9] = [
         (&topic, Type::TEXT),
-        (&partition, Type::INT4),
+        (&partitions, Type::INT4_ARRAY),
         (&ids, Type::TEXT_ARRAY),
         (&events.kinds, Type::TEXT_ARRAY),
         (&events.outcomes, Type::TEXT_ARRAY),

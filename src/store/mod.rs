@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use bb8_postgres::PostgresConnectionManager;
 
-pub use apply::{BatchOutcome, Guards, Source, apply_batch};
+pub use apply::{BatchOutcome, Guards, Part, Source, apply_batch, apply_parts};
 pub use failure::Failure;
 pub use ownership::{Claim, claim};
 

@@ -37,12 +37,14 @@ const LOAD_OFFSETS: &str = "
     SELECT partition, next_offset FROM partition_offsets
     WHERE consumer_group = $1 AND topic = $2 AND partition = ANY($3::int[])";
 
-/// The first statement of every batch transaction: holds the partition's row until commit, so
-/// no claim can slip in between this check and the commit. (Whether the partition is paused is
-/// the next statement's question, [`crate::store::pauses::PAUSED`].)
+/// The first statement of every batch transaction: holds its partitions' rows until commit
+/// (in partition order, as claims and pauses take them), so no claim can slip in between this
+/// check and the commit. (Whether a partition is paused is the next statement's question,
+/// [`crate::store::pauses::PAUSED`].)
 pub(crate) const FENCE: &str = "
-    SELECT epoch FROM partition_owners
-    WHERE consumer_group = $1 AND topic = $2 AND partition = $3
+    SELECT partition, epoch FROM partition_owners
+    WHERE consumer_group = $1 AND topic = $2 AND partition = ANY($3::int[])
+    ORDER BY partition
     FOR UPDATE";
 
 /// A claimed partition: the epoch its batches must carry, and where processing stands (the

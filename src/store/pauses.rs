@@ -8,14 +8,14 @@ use tokio_postgres::types::Type;
 
 use crate::store::{Failure, utc_text};
 
-/// Whether a partition (`$3`) or its whole topic is paused: sent right after the batch's
+/// Which of some partitions (`$3`) are paused, [`WHOLE_TOPIC`] for all: sent right after the batch's
 /// [`FENCE`](crate::store::ownership::FENCE), as a statement of its own. Under READ COMMITTED a
 /// statement reads what was committed when it started; the fence may start before a pause
 /// commits and get the row only after (it waited for the pause's lock), so a pause read in the
 /// fence's own statement would be missed, and the batch would commit after `pause` returned.
 pub(crate) const PAUSED: &str = "
-    SELECT EXISTS (SELECT 1 FROM partition_pauses
-                   WHERE consumer_group = $1 AND topic = $2 AND partition IN ($3, -1))";
+    SELECT partition FROM partition_pauses
+    WHERE consumer_group = $1 AND topic = $2 AND (partition = ANY($3::int[]) OR partition = -1)";
 
 /// The whole topic, in `partition_pauses.partition`.
 pub const WHOLE_TOPIC: i32 = -1;

@@ -9,7 +9,7 @@ use std::time::Duration;
 use crate::support::{batch, connect, migrated_store, source, wait_until};
 use inventory_consumer::config::Settings;
 use inventory_consumer::domain::{Batch, Delivery};
-use inventory_consumer::store::{self, Claim, Failure, Guards, apply_batch};
+use inventory_consumer::store::{self, Claim, Failure, Guards, Part, apply_batch};
 use inventory_devtools::embedded::postgres::{PostgresOptions, ThrowawayPostgres};
 
 /// Every batch transaction first plans by key (`KEYED_PLANS` in src/store/apply/sql.rs), once,
@@ -250,4 +250,213 @@ async fn a_batch_that_waited_behind_a_pause_sees_it() {
         "a batch committed after its partition's pause returned: {applied:?}"
     );
     assert_eq!(db.scalar("SELECT count(*) FROM processed_events").await, 0);
+}
+
+/// Three partitions' batches in one transaction (`apply_parts`) do exactly what their own
+/// transactions back to back do: a reserve in one part and its commit in the next, an event id
+/// recorded by one part and sent again (a duplicate) or changed (a conflict) in a later one, a
+/// dead letter, each partition's offset. Every table is compared with a second database fed the
+/// same batches one transaction each; the rows' transaction ids show one transaction, not three.
+#[tokio::test(flavor = "multi_thread")]
+async fn parts_of_several_partitions_apply_in_one_transaction_as_back_to_back_batches() {
+    let restock = |id: &str, sku: &str, n: i64| {
+        json!({"event_id": id, "type": "restock", "sku": sku, "quantity": n}).to_string()
+    };
+    let sale = |id: &str, sku: &str, n: i64| {
+        json!({"event_id": id, "type": "sale", "sku": sku, "quantity": n}).to_string()
+    };
+    let reserve = json!({"event_id": "o1", "type": "reserve", "order_id": "order-1",
+                         "lines": [{"sku": "A", "quantity": 3}]})
+    .to_string();
+    let commit = json!({"event_id": "o2", "type": "commit", "order_id": "order-1"}).to_string();
+    let parts = [
+        partition_batch(
+            0,
+            0,
+            &[
+                restock("r1", "A", 10),
+                reserve,
+                sale("s1", "B", 1),
+                "garbage".into(),
+            ],
+        ),
+        partition_batch(
+            1,
+            5,
+            &[
+                commit,
+                restock("r1", "A", 10),
+                sale("s2", "A", 20),
+                restock("r2", "B", 4),
+                sale("s3", "B", 1),
+            ],
+        ),
+        partition_batch(2, 9, &[restock("r2", "B", 5), sale("s4", "A", 1)]),
+    ];
+
+    let (combined_db, combined_pool, source) = migrated_store().await;
+    let epochs = store::claim(&combined_pool, &source, "a", &[0, 1, 2])
+        .await
+        .expect("claim");
+    let combined: Vec<Part<'_>> = parts
+        .iter()
+        .enumerate()
+        .map(|(p, batch)| Part {
+            batch,
+            epoch: epochs[&(p as i32)].epoch,
+        })
+        .collect();
+    let outcomes = store::apply_parts(&combined_pool, &source, &combined, Guards::On)
+        .await
+        .expect("the combined transaction");
+
+    let (serial_db, serial_pool, _) = migrated_store().await;
+    let epochs = store::claim(&serial_pool, &source, "a", &[0, 1, 2])
+        .await
+        .expect("claim");
+    let mut serial = Vec::new();
+    for (p, batch) in parts.iter().enumerate() {
+        let epoch = epochs[&(p as i32)].epoch;
+        serial.push(
+            apply_batch(&serial_pool, &source, batch, Guards::On, epoch)
+                .await
+                .expect("a batch of its own"),
+        );
+    }
+
+    assert_eq!(outcomes, serial, "each part's outcome");
+    assert_eq!(
+        (outcomes[1].duplicates, outcomes[2].dead_letters),
+        (1, 1),
+        "r1 again in partition 1 is a duplicate, r2 changed in partition 2 a conflict: {outcomes:?}"
+    );
+    let (combined_rows, serial_rows) =
+        (table_rows(&combined_db).await, table_rows(&serial_db).await);
+    assert!(
+        combined_rows.iter().all(|(_, rows)| !rows.is_empty()),
+        "{combined_rows:?}"
+    );
+    assert_eq!(combined_rows, serial_rows);
+    let transactions = "SELECT count(DISTINCT xmin::text) FROM processed_events";
+    assert_eq!(combined_db.scalar(transactions).await, 1);
+    assert_eq!(serial_db.scalar(transactions).await, 3);
+}
+
+/// A combined transaction is all or nothing: one part of a partition claimed again since, or
+/// paused, and nothing of any part is written.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_fenced_or_paused_part_fails_the_whole_combined_transaction() {
+    let (db, pool, source) = migrated_store().await;
+    let first = store::claim(&pool, &source, "a", &[0, 1])
+        .await
+        .expect("claim");
+    let again = store::claim(&pool, &source, "b", &[1])
+        .await
+        .expect("claim");
+    let event = |id: &str| {
+        json!({"event_id": id, "type": "restock", "sku": "A", "quantity": 1}).to_string()
+    };
+    let parts = [
+        partition_batch(0, 0, &[event("e0")]),
+        partition_batch(1, 0, &[event("e1")]),
+    ];
+    let with_epochs = |e0: i64, e1: i64| {
+        vec![
+            Part {
+                batch: &parts[0],
+                epoch: e0,
+            },
+            Part {
+                batch: &parts[1],
+                epoch: e1,
+            },
+        ]
+    };
+    let written = "SELECT (SELECT count(*) FROM processed_events)
+                          + (SELECT count(*) FROM partition_offsets)";
+
+    let stale = with_epochs(first[&0].epoch, first[&1].epoch);
+    let refused = store::apply_parts(&pool, &source, &stale, Guards::On).await;
+    assert!(matches!(refused, Err(Failure::Fenced(_))), "{refused:?}");
+    assert_eq!(db.scalar(written).await, 0);
+
+    let current = with_epochs(first[&0].epoch, again[&1].epoch);
+    let mut admin = db.client().await;
+    store::pauses::pause(&mut admin, &source.group, &source.topic, &[1], "test", None)
+        .await
+        .expect("pause");
+    let refused = store::apply_parts(&pool, &source, &current, Guards::On).await;
+    assert!(matches!(refused, Err(Failure::Paused(1))), "{refused:?}");
+    assert_eq!(db.scalar(written).await, 0);
+
+    store::pauses::resume(&admin, &source.group, &source.topic, None)
+        .await
+        .expect("resume");
+    store::apply_parts(&pool, &source, &current, Guards::On)
+        .await
+        .expect("both parts once nothing stands in the way");
+    assert_eq!(db.scalar(written).await, 4);
+}
+
+/// A batch of `partition` holding `events` at offsets from `first_offset` on.
+fn partition_batch(partition: i32, first_offset: i64, events: &[String]) -> Batch {
+    let mut batch = Batch::default();
+    for (i, event) in events.iter().enumerate() {
+        batch.push(Delivery {
+            partition,
+            offset: first_offset + i as i64,
+            key: None,
+            payload: Some(event.clone().into_bytes()),
+            timestamp_ms: None,
+        });
+    }
+    batch
+}
+
+/// What the batches wrote, table by table, each row as text, in a fixed order (the ledger and
+/// the reply queue in the order written).
+async fn table_rows(db: &crate::support::TestDb) -> Vec<(&'static str, Vec<String>)> {
+    let client = db.client().await;
+    let queries = [
+        (
+            "products",
+            "SELECT row(sku, current_stock, reserved_stock, version)::text FROM products ORDER BY sku",
+        ),
+        (
+            "processed_events",
+            "SELECT row(event_id, event_type, outcome, reason, line_count, partition, \"offset\",
+                        payload_digest)::text
+             FROM processed_events ORDER BY event_id",
+        ),
+        (
+            "stock_movements",
+            "SELECT row(event_id, sku, delta, stock_after, reserved_delta, reserved_after)::text
+             FROM stock_movements ORDER BY id",
+        ),
+        (
+            "dead_letters",
+            "SELECT row(partition, \"offset\", error)::text FROM dead_letters
+             ORDER BY partition, \"offset\"",
+        ),
+        (
+            "reservations",
+            "SELECT row(order_id, event_id, status, ended_by)::text FROM reservations ORDER BY order_id",
+        ),
+        (
+            "reply_outbox",
+            // Less the expiry, which the database's clock decides.
+            "SELECT row(o.event_id, r.payload::jsonb - 'expires_at')::text FROM reply_outbox o
+             JOIN replies r USING (event_id) ORDER BY o.id",
+        ),
+        (
+            "partition_offsets",
+            "SELECT row(partition, next_offset)::text FROM partition_offsets ORDER BY partition",
+        ),
+    ];
+    let mut tables = Vec::new();
+    for (table, sql) in queries {
+        let rows = client.query(sql, &[]).await.expect(table);
+        tables.push((table, rows.iter().map(|r| r.get::<_, String>(0)).collect()));
+    }
+    tables
 }

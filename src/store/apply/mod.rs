@@ -1,4 +1,6 @@
-//! The batch transaction: everything one batch of one partition does, atomically.
+//! The batch transaction: everything one batch of one partition does, atomically; or the
+//! batches of several partitions, one after the other in one transaction ([`apply_parts`]),
+//! each part fenced and offset-recorded as its own transaction would be.
 //!
 //! 0. Plan by key for this transaction ([`KEYED_PLANS`]). Take the period clock's shared lock
 //!    ([`super::retention`]), so that the batch writes its history into the current period
@@ -38,9 +40,9 @@ use std::time::Duration;
 use tokio_postgres::Row;
 use tokio_postgres::types::{ToSql, Type};
 
-use crate::domain::{Batch, Clock, OrderBook, StockBook};
+use crate::domain::{Batch, Clock, OrderBook, Parts, StockBook};
 use crate::store::ownership::{FENCE, check_fence};
-use crate::store::pauses::PAUSED;
+use crate::store::pauses::{PAUSED, WHOLE_TOPIC};
 use crate::store::retention::{CLOCK_SHARED, clock_key};
 use crate::store::statements::{Params, Statements};
 use crate::store::{Failure, Pool};
@@ -76,15 +78,13 @@ pub enum Guards {
     Off,
 }
 
-/// What a committed batch did, for counters and logs.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct BatchOutcome {
-    pub applied: u64,
-    pub rejected: u64,
-    pub duplicates: u64,
-    pub dead_letters: u64,
-    /// Replies queued in the outbox, for the relay to publish.
-    pub replies: u64,
+pub use crate::domain::BatchOutcome;
+
+/// One partition's batch in a transaction, and the epoch its owner claimed the partition at.
+#[derive(Debug, Clone, Copy)]
+pub struct Part<'b> {
+    pub batch: &'b Batch,
+    pub epoch: i64,
 }
 
 /// Applies one batch of one partition in one transaction; see the module doc for the steps.
@@ -95,9 +95,37 @@ pub async fn apply_batch(
     guards: Guards,
     epoch: i64,
 ) -> Result<BatchOutcome, Failure> {
-    let (Some(partition), Some((_, last))) = (batch.partition(), batch.offsets()) else {
+    if batch.is_empty() {
         return Ok(BatchOutcome::default());
-    };
+    }
+    let outcomes = apply_parts(pool, source, &[Part { batch, epoch }], guards).await?;
+    Ok(outcomes.first().copied().unwrap_or_default())
+}
+
+/// Applies the batches of several partitions in one transaction, decided one after the other
+/// in the order given, as their own transactions run back to back would be: all or nothing
+/// (a part fenced or paused fails the whole). Returns what each part did, in order.
+pub async fn apply_parts(
+    pool: &Pool,
+    source: &Source,
+    parts: &[Part<'_>],
+    guards: Guards,
+) -> Result<Vec<BatchOutcome>, Failure> {
+    let mut next_offsets = Vec::with_capacity(parts.len());
+    for part in parts {
+        let (Some(partition), Some((_, last))) = (part.batch.partition(), part.batch.offsets())
+        else {
+            return Err(Failure::fatal("a transaction's part without deliveries"));
+        };
+        if next_offsets.iter().any(|(p, _)| *p == partition) {
+            return Err(Failure::fatal(format!(
+                "two parts of one transaction from partition {partition}"
+            )));
+        }
+        next_offsets.push((partition, last + 1));
+    }
+    let batches: Vec<&Batch> = parts.iter().map(|p| p.batch).collect();
+    let batches = Parts(&batches);
     let mut conn = pool.get().await?;
     let statements = conn.statements.clone();
     let tx = conn.transaction().await?;
@@ -106,21 +134,24 @@ pub async fn apply_batch(
         statements: &statements,
     };
 
-    let orders = batch.order_ids();
+    let orders = batches.order_ids();
     let order_skus = read_order_skus(txn, &orders).await?;
-    let skus = skus_to_lock(batch, &order_skus, !orders.is_empty())?;
-    if skus.len() > source.max_locks && batch.len() > 1 {
+    let skus = skus_to_lock(batches, &order_skus, !orders.is_empty())?;
+    if skus.len() > source.max_locks && batches.len() > 1 {
         return Err(Failure::TooManyLocks { skus: skus.len() });
     }
-    let read = lock_and_read(txn, source, partition, guards, batch, &orders, &skus).await?;
-    check_fence(partition, epoch, read.owner)?;
-    if read.paused {
-        return Err(Failure::Paused(partition));
+    let partitions: Vec<i32> = next_offsets.iter().map(|(p, _)| *p).collect();
+    let read = lock_and_read(txn, source, &partitions, guards, batches, &orders, &skus).await?;
+    for (part, partition) in parts.iter().zip(&partitions) {
+        check_fence(*partition, part.epoch, read.owners.get(partition).copied())?;
+        if read.paused.contains(partition) || read.paused.contains(&WHOLE_TOPIC) {
+            return Err(Failure::Paused(*partition));
+        }
     }
     check_reservations_locked(&read.reservations, &skus)?;
 
     let clock = clock(source, read.now_ms);
-    let plan = batch.plan(
+    let plan = batches.plan(
         &read.recorded,
         read.stock,
         read.reservations,
@@ -128,17 +159,11 @@ pub async fn apply_batch(
         source.reply_all,
     );
 
-    let rows = WriteRows::of(&plan, source, partition, last + 1);
+    let rows = WriteRows::of(&plan, source, next_offsets);
     write(txn, &rows.writes()).await?;
-    let outcome = BatchOutcome {
-        applied: plan.applied(),
-        rejected: plan.rejected(),
-        duplicates: plan.duplicates,
-        dead_letters: plan.dead_letters.len() as u64,
-        replies: plan.replies.len() as u64,
-    };
+    let outcomes = partitions.iter().map(|p| plan.outcome(*p)).collect();
     tx.commit().await?;
-    Ok(outcome)
+    Ok(outcomes)
 }
 
 /// The transaction and the statements prepared on its connection: what every step sends on.
@@ -174,11 +199,11 @@ async fn read_order_skus(txn: Txn<'_>, orders: &[&str]) -> Result<Vec<Row>, Fail
 /// The SKUs the batch locks: its events' and its orders' reservations' (`order_skus`), sorted
 /// and distinct when there are orders (their reservations' lines are looked up in it).
 fn skus_to_lock<'b>(
-    batch: &'b Batch,
+    batches: Parts<'_, 'b>,
     order_skus: &'b [Row],
     has_orders: bool,
 ) -> Result<Vec<&'b str>, Failure> {
-    let mut skus = batch.skus();
+    let mut skus = batches.skus();
     if has_orders {
         for row in order_skus {
             skus.push(row.try_get::<_, &str>(0)?);
@@ -191,10 +216,10 @@ fn skus_to_lock<'b>(
 
 /// What the batch reads once its locks are held.
 struct Read {
-    /// The epoch the partition's owner holds (none: never claimed).
-    owner: Option<i64>,
-    /// Whether the partition or its topic is paused, read once the fence is held.
-    paused: bool,
+    /// The epoch each partition's owner holds (absent: never claimed).
+    owners: HashMap<i32, i64>,
+    /// Which of the partitions are paused ([`WHOLE_TOPIC`]: all), read once the fence is held.
+    paused: Vec<i32>,
     /// The batch's event ids already recorded, with their payload digests.
     recorded: HashMap<String, Vec<u8>>,
     stock: StockBook,
@@ -210,16 +235,16 @@ struct Read {
 async fn lock_and_read(
     txn: Txn<'_>,
     source: &Source,
-    partition: i32,
+    partitions: &[i32],
     guards: Guards,
-    batch: &Batch,
+    batches: Parts<'_, '_>,
     orders: &[&str],
     skus: &[&str],
 ) -> Result<Read, Failure> {
     let guarded = guards == Guards::On;
     let keys = if guarded { lock_keys(skus) } else { Vec::new() };
     let ids = if guarded {
-        batch.event_ids()
+        batches.event_ids()
     } else {
         Vec::new()
     };
@@ -228,7 +253,7 @@ async fn lock_and_read(
     let fence_params: [(&(dyn ToSql + Sync), Type); 3] = [
         (&source.group, Type::TEXT),
         (&source.topic, Type::TEXT),
-        (&partition, Type::INT4),
+        (&partitions, Type::INT4_ARRAY),
     ];
     let keys_param = [(&keys as &(dyn ToSql + Sync), Type::INT8_ARRAY)];
     let ids_param = [(&ids as &(dyn ToSql + Sync), Type::TEXT_ARRAY)];
@@ -259,13 +284,13 @@ async fn lock_and_read(
         locked
     };
     let has_orders = !orders.is_empty();
-    let (_, _, owner, paused, _, recorded, stock, reservations, now_ms) = tokio::try_join!(
+    let (_, _, owners, paused, _, recorded, stock, reservations, now_ms) = tokio::try_join!(
         biased;
         // Sent in the first round trip already when the batch has orders (`read_order_skus`).
         unless_empty(has_orders, statements.execute(tx, KEYED_PLANS, &no_params)),
         unless_empty(!guarded, statements.execute(tx, CLOCK_SHARED, &clock_param)),
-        statements.query_opt(tx, FENCE, &fence_params),
-        async { statements.query_one(tx, PAUSED, &fence_params).await?.try_get::<_, bool>(0) },
+        statements.query(tx, FENCE, &fence_params),
+        statements.query(tx, PAUSED, &fence_params),
         lock,
         unless_empty(ids.is_empty(), statements.query(tx, RECORDED, &ids_param)),
         statements.query(tx, STOCK, &skus_param),
@@ -275,8 +300,14 @@ async fn lock_and_read(
         }),
     )?;
     Ok(Read {
-        owner: owner.map(|row| row.try_get(0)).transpose()?,
-        paused,
+        owners: owners
+            .iter()
+            .map(|row| Ok((row.try_get(0)?, row.try_get(1)?)))
+            .collect::<Result<_, tokio_postgres::Error>>()?,
+        paused: paused
+            .iter()
+            .map(|row| row.try_get(0))
+            .collect::<Result<_, _>>()?,
         recorded: recorded
             .iter()
             .map(|row| Ok((row.try_get(0)?, row.try_get(1)?)))

@@ -18,8 +18,9 @@ use crate::store::Failure;
 /// Everything the plan writes, by table, as the arrays the statements take.
 pub(super) struct WriteRows<'a> {
     source: &'a Source,
-    partition: i32,
-    next_offset: i64,
+    /// Each part's partition and the offset after its batch, in partition order.
+    partitions: Vec<i32>,
+    next_offsets: Vec<i64>,
     events: EventRows<'a>,
     updated: ProductRows<'a>,
     created: ProductRows<'a>,
@@ -32,16 +33,17 @@ pub(super) struct WriteRows<'a> {
 }
 
 impl<'a> WriteRows<'a> {
+    /// `next_offsets`: each part's partition and the offset after its batch.
     pub(super) fn of(
         plan: &'a BatchPlan<'a>,
         source: &'a Source,
-        partition: i32,
-        next_offset: i64,
+        mut next_offsets: Vec<(i32, i64)>,
     ) -> Self {
+        next_offsets.sort_unstable();
         WriteRows {
             source,
-            partition,
-            next_offset,
+            partitions: next_offsets.iter().map(|(p, _)| *p).collect(),
+            next_offsets: next_offsets.iter().map(|(_, n)| *n).collect(),
             events: EventRows::of(plan),
             updated: ProductRows::of(plan.products.iter().filter(|p| !p.created)),
             created: ProductRows::of(plan.products.iter().filter(|p| p.created)),
@@ -56,12 +58,12 @@ impl<'a> WriteRows<'a> {
 
     /// The writes, in the order they run.
     pub(super) fn writes(&self) -> Vec<Write<'_>> {
-        let (topic, partition) = (&self.source.topic, &self.partition);
+        let topic = &self.source.topic;
         let (updated, created, made) = (&self.updated, &self.created, &self.made);
         vec![
             Write::new(
                 INSERT_EVENTS,
-                &self.events.params(topic, partition),
+                &self.events.params(topic),
                 !self.events.ids.is_empty(),
             ),
             Write::new(UPDATE_PRODUCTS, &updated.params(), !updated.skus.is_empty())
@@ -96,7 +98,7 @@ impl<'a> WriteRows<'a> {
             ),
             Write::new(
                 INSERT_DEAD_LETTERS,
-                &self.dead.params(topic, partition),
+                &self.dead.params(topic),
                 !self.dead.offsets.is_empty(),
             ),
             Write::new(
@@ -104,8 +106,8 @@ impl<'a> WriteRows<'a> {
                 &[
                     (&self.source.group, Type::TEXT),
                     (topic, Type::TEXT),
-                    (partition, Type::INT4),
-                    (&self.next_offset, Type::INT8),
+                    (&self.partitions, Type::INT4_ARRAY),
+                    (&self.next_offsets, Type::INT8_ARRAY),
                 ],
                 true,
             ),
@@ -115,6 +117,7 @@ impl<'a> WriteRows<'a> {
 
 /// The columns of the plan's `processed_events` rows.
 struct EventRows<'a> {
+    partitions: Vec<i32>,
     ids: Vec<&'a str>,
     kinds: Vec<&'a str>,
     outcomes: Vec<&'a str>,
@@ -128,6 +131,7 @@ impl<'a> EventRows<'a> {
     fn of(plan: &'a BatchPlan<'a>) -> Self {
         let e = &plan.events;
         EventRows {
+            partitions: e.iter().map(|e| e.partition).collect(),
             ids: e.iter().map(|e| e.event.id.as_str()).collect(),
             kinds: e.iter().map(|e| e.event.kind.as_str()).collect(),
             outcomes: e.iter().map(|e| e.outcome.as_str()).collect(),
@@ -138,15 +142,11 @@ impl<'a> EventRows<'a> {
         }
     }
 
-    /// For [`INSERT_EVENTS`], with the partition the events came from.
-    fn params<'s>(
-        &'s self,
-        topic: &'s String,
-        partition: &'s i32,
-    ) -> [(&'s (dyn ToSql + Sync), Type); 9] {
+    /// For [`INSERT_EVENTS`].
+    fn params<'s>(&'s self, topic: &'s String) -> [(&'s (dyn ToSql + Sync), Type); 9] {
         [
             (topic, Type::TEXT),
-            (partition, Type::INT4),
+            (&self.partitions, Type::INT4_ARRAY),
             (&self.ids, Type::TEXT_ARRAY),
             (&self.kinds, Type::TEXT_ARRAY),
             (&self.outcomes, Type::TEXT_ARRAY),
@@ -390,6 +390,7 @@ pub(in crate::store) fn read_reservations(
 
 /// The plan's dead letters.
 struct DeadLetterRows<'a> {
+    partitions: Vec<i32>,
     offsets: Vec<i64>,
     keys: Vec<Option<&'a [u8]>>,
     payloads: Vec<Option<&'a [u8]>>,
@@ -401,6 +402,7 @@ impl<'a> DeadLetterRows<'a> {
     fn of(plan: &'a BatchPlan<'a>) -> Self {
         let d = &plan.dead_letters;
         DeadLetterRows {
+            partitions: d.iter().map(|d| d.delivery.partition).collect(),
             offsets: d.iter().map(|d| d.delivery.offset).collect(),
             keys: d.iter().map(|d| d.delivery.key.as_deref()).collect(),
             payloads: d.iter().map(|d| d.delivery.payload.as_deref()).collect(),
@@ -409,15 +411,11 @@ impl<'a> DeadLetterRows<'a> {
         }
     }
 
-    /// For [`INSERT_DEAD_LETTERS`], with the partition the messages came from.
-    fn params<'s>(
-        &'s self,
-        topic: &'s String,
-        partition: &'s i32,
-    ) -> [(&'s (dyn ToSql + Sync), Type); 7] {
+    /// For [`INSERT_DEAD_LETTERS`].
+    fn params<'s>(&'s self, topic: &'s String) -> [(&'s (dyn ToSql + Sync), Type); 7] {
         [
             (topic, Type::TEXT),
-            (partition, Type::INT4),
+            (&self.partitions, Type::INT4_ARRAY),
             (&self.offsets, Type::INT8_ARRAY),
             (&self.keys, Type::BYTEA_ARRAY),
             (&self.payloads, Type::BYTEA_ARRAY),

@@ -112,10 +112,10 @@ pub(in crate::store) const INSERT_EVENTS: &str = concat!(
     "INSERT INTO processed_events
          (event_id, event_type, outcome, reason, line_count, topic, partition, \"offset\",
           payload_digest, period)
-     SELECT e.id, e.kind, e.outcome, e.reason, e.lines, $1, $2, e.off, e.digest, ",
+     SELECT e.id, e.kind, e.outcome, e.reason, e.lines, $1, e.part, e.off, e.digest, ",
     current_period!(),
-    " FROM unnest($3::text[], $4::text[], $5::text[], $6::text[], $7::int[], $8::bigint[],
-                  $9::bytea[]) AS e(id, kind, outcome, reason, lines, off, digest)"
+    " FROM unnest($2::int[], $3::text[], $4::text[], $5::text[], $6::text[], $7::int[],
+                  $8::bigint[], $9::bytea[]) AS e(part, id, kind, outcome, reason, lines, off, digest)"
 );
 
 // Existing SKUs change by increment, never by a value computed here, so even a writer that
@@ -144,10 +144,11 @@ pub(in crate::store) const INSERT_MOVEMENTS: &str = concat!(
                   $6::bigint[])"
 );
 
-// Never moves back: a zombie's late batch cannot rewind a partition.
+// Never moves back: a zombie's late batch cannot rewind a partition. In partition order, as
+// the fence took the partitions' rows.
 pub(in crate::store) const RECORD_OFFSET: &str = "
     INSERT INTO partition_offsets AS o (consumer_group, topic, partition, next_offset)
-    VALUES ($1, $2, $3, $4)
+    SELECT $1, $2, p, n FROM unnest($3::int[], $4::bigint[]) AS t(p, n) ORDER BY p
     ON CONFLICT (consumer_group, topic, partition) DO UPDATE
         SET next_offset = greatest(o.next_offset, EXCLUDED.next_offset), updated_at = now()";
 
@@ -155,10 +156,10 @@ pub(in crate::store) const RECORD_OFFSET: &str = "
 // serializes the batches of one partition, so no other transaction adds the same position.)
 pub(in crate::store) const INSERT_DEAD_LETTERS: &str = concat!(
     "INSERT INTO dead_letters (topic, partition, \"offset\", key, payload, error, detail, period)
-     SELECT $1, $2, d.off, d.key, d.payload, d.error, d.detail, ",
+     SELECT $1, d.part, d.off, d.key, d.payload, d.error, d.detail, ",
     current_period!(),
-    " FROM unnest($3::bigint[], $4::bytea[], $5::bytea[], $6::text[], $7::text[])
-         AS d(off, key, payload, error, detail)
+    " FROM unnest($2::int[], $3::bigint[], $4::bytea[], $5::bytea[], $6::text[], $7::text[])
+         AS d(part, off, key, payload, error, detail)
      WHERE NOT EXISTS (SELECT 1 FROM dead_letters x
-                       WHERE x.topic = $1 AND x.partition = $2 AND x.\"offset\" = d.off)"
+                       WHERE x.topic = $1 AND x.partition = d.part AND x.\"offset\" = d.off)"
 );
