@@ -34,6 +34,8 @@ pub const STEP_OUTS: &str = "inventory_group_step_outs_total";
 pub const STEPPED_OUT: &str = "inventory_group_stepped_out";
 pub const LOCK_HOLDERS: &str = "inventory_lock_budget_transactions";
 pub const LOCKS_PER_BATCH: &str = "inventory_lock_budget_locks_per_batch";
+pub const TRANSACTION_PARTITIONS: &str = "inventory_transaction_partitions";
+pub const COMBINED_FALLBACKS: &str = "inventory_combined_fallbacks_total";
 pub const BUILD_INFO: &str = "inventory_build_info";
 
 /// Produce-to-commit latency buckets from 1 ms to 5 min: a millisecond apart up to 5 ms and no
@@ -247,6 +249,18 @@ const DESCRIPTIONS: &[(&str, Kind, Option<Unit>, &str)] = &[
         None,
         "The most SKU locks one of this replica's transactions takes; a batch over it is applied in parts.",
     ),
+    (
+        TRANSACTION_PARTITIONS,
+        Kind::Histogram,
+        None,
+        "Partitions whose batches one combined transaction applied (processing.combine_partitions).",
+    ),
+    (
+        COMBINED_FALLBACKS,
+        Kind::Counter,
+        None,
+        "Combined transactions that failed and changed nothing; their partitions' batches were applied alone.",
+    ),
 ];
 
 fn describe_all() {
@@ -268,6 +282,10 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
         .set_buckets_for_metric(
             metrics_exporter_prometheus::Matcher::Full(BATCH_SIZE.into()),
             &[1.0, 10.0, 50.0, 100.0, 250.0, 500.0, 1000.0],
+        )?
+        .set_buckets_for_metric(
+            metrics_exporter_prometheus::Matcher::Full(TRANSACTION_PARTITIONS.into()),
+            &[1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 32.0, 64.0],
         )?
         .set_buckets_for_metric(
             metrics_exporter_prometheus::Matcher::Full(LATENCY_SECONDS.into()),
@@ -316,6 +334,7 @@ fn start_at_zero() {
         BATCH_SPLITS,
         REPLAYS,
         STEP_OUTS,
+        COMBINED_FALLBACKS,
     ] {
         metrics::counter!(name).absolute(0);
     }

@@ -19,6 +19,7 @@ use crate::cli::{EXIT_CONFIG, EXIT_RUNTIME, runtime};
 use crate::config::{ConfigError, Settings, describe_database};
 use crate::domain::DeadLetterLimit;
 use crate::http::Health;
+use crate::kafka::combiner::{Applier, Caps, Combiner};
 use crate::kafka::consumer::{Signals, consume};
 use crate::kafka::offsets::OffsetTracker;
 use crate::kafka::worker::WorkerContext;
@@ -295,6 +296,7 @@ async fn replica(
         rewinds_tx,
         background.stop.clone(),
     )));
+    let combiner = start_combiner(&settings, (&pool, &source), args, &lock_holders, background);
     let ctx = WorkerContext {
         source,
         owner: crate::config::kafka::client_id(),
@@ -314,6 +316,7 @@ async fn replica(
         ),
         halts: halts_tx,
         replies_queued,
+        combiner,
     };
     let stop_limit = settings.drain_timeout() + STOP_MARGIN;
     let signals = Signals {
@@ -409,6 +412,35 @@ fn start_upkeep(
         background.stop.clone(),
     )));
     Ok(())
+}
+
+/// The combiner of this replica's transactions, when `processing.combine_partitions` is on
+/// (and batches hold more than one event). It runs until the workers have ended.
+fn start_combiner(
+    settings: &Settings,
+    (pool, source): (&store::Pool, &store::Source),
+    args: &RunArgs,
+    lock_holders: &Arc<tokio::sync::Semaphore>,
+    background: &mut Background,
+) -> Option<Combiner> {
+    let processing = &settings.processing;
+    if !processing.combine_partitions || processing.batch_max_events < 2 {
+        return None;
+    }
+    let combiner = Combiner::default();
+    let applier = Applier {
+        pool: pool.clone(),
+        source: source.clone(),
+        guards: guards(args),
+        caps: Caps::of(processing.batch_max_events, source.max_locks),
+        lock_timeout: Duration::from_millis(settings.database.lock_timeout_ms),
+    };
+    background.push(tokio::spawn(combiner.clone().run(
+        applier,
+        lock_holders.clone(),
+        background.stop.clone(),
+    )));
+    Some(combiner)
 }
 
 /// Where this replica's batches come from and the rules they keep.

@@ -17,6 +17,9 @@ pub struct ProcessingSettings {
     /// How long a partial batch may wait for more deliveries once its worker is free. 0: none;
     /// a batch is what waits when the worker is free (more under load, by itself).
     pub batch_linger_ms: u64,
+    /// Apply the small batches of this replica's partitions that wait at the same time in one
+    /// transaction (`crate::kafka::combiner`): fewer transactions at low and medium rates.
+    pub combine_partitions: bool,
     /// How long a revoke or a shutdown waits for in-flight batches before giving up on them.
     /// Unset: [`Settings::drain_timeout`] derives it from the group's timeouts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -43,6 +46,7 @@ impl Default for ProcessingSettings {
         ProcessingSettings {
             batch_max_events: 500,
             batch_linger_ms: 0,
+            combine_partitions: false,
             drain_timeout_ms: None,
             dead_letter_max_share: 0.5,
             dead_letter_window: 1_000,

@@ -224,6 +224,11 @@ impl Batch {
         self.items.iter().map(|(_, decoded)| decoded.is_err())
     }
 
+    /// Bytes of the deliveries' keys and payloads.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
     /// Lines of the valid events: each may take an advisory lock, so batches are capped by it.
     pub fn line_count(&self) -> usize {
         self.lines

@@ -1,11 +1,13 @@
 //! Kafka: client configuration, the consumer's poll thread ([`consumer`]) with its rebalance
 //! handling ([`group`], on the group's state [`partitions`], which decides through
 //! [`membership`]), the delivery path and its flow
-//! control ([`intake`], [`flow`]), the partition workers ([`workers`], [`worker`]), the
+//! control ([`intake`], [`flow`]), the partition workers ([`workers`], [`worker`]) and the
+//! transactions they may share ([`combiner`]), the
 //! per-partition offsets and their commits ([`offsets`], [`commits`]), the relay of replies to
 //! order steps ([`relay`]) and operators' rewinds ([`rewinds`]).
 
 pub mod client;
+pub mod combiner;
 pub mod commits;
 pub mod consumer;
 pub mod flow;

@@ -8,6 +8,10 @@
 //! the batches grow by themselves, as a group commit's do. `batch_linger_ms`, 0 by default, lets
 //! a partial batch wait that long for more.
 //!
+//! With `processing.combine_partitions` a whole batch first goes to the replica's combiner
+//! ([`crate::kafka::combiner`]), which may apply it in one transaction with other partitions'
+//! batches; what it does not apply comes back, and goes on alone as below.
+//!
 //! Transient failures are retried with capped exponential backoff; the offset does not move.
 //! A batch still failing after `retry_deadline_ms` is fatal. A batch the database refuses for
 //! a value one of its messages carries (a data failure) is applied in halves until that message
@@ -28,6 +32,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::domain::{Batch, DeadLetterLimit, Delivery, LimitExceeded};
+use crate::kafka::combiner::{Combiner, Verdict};
 use crate::kafka::flow::{Backlog, footprint};
 use crate::kafka::offsets::OffsetTracker;
 use crate::stats::Stats;
@@ -73,6 +78,8 @@ pub struct WorkerContext {
     /// Rung when a batch queued replies: the relay publishes them at once
     /// ([`crate::kafka::relay::Wake`]).
     pub replies_queued: Arc<tokio::sync::Notify>,
+    /// Where batches go first when `processing.combine_partitions` is on.
+    pub combiner: Option<Combiner>,
 }
 
 /// A partition halted at its dead-letter limit, during which of this replica's ownerships of it.
@@ -107,6 +114,15 @@ enum Applied {
     Unstorable(String),
     /// Fenced, fatal or told to stop.
     Stop,
+}
+
+/// How a batch handed to the combiner went.
+enum Combined {
+    Done,
+    /// Not applied: apply it alone.
+    Alone(Batch),
+    /// Told to stop before a transaction took it.
+    Stopped,
 }
 
 /// Admits offsets that move forward only: the first one, then only beyond the last admitted.
@@ -166,12 +182,20 @@ impl PartitionWorker {
         // marked unstorable (a dead letter the database refused too cannot be split further).
         let mut parts = vec![(batch, false)];
         let mut first = true;
+        let mut combinable = true;
         while let Some((part, marked)) = parts.pop() {
             // A stopped worker finishes the transaction it is in, not the rest of a split
             // batch: the parts done have their offsets recorded.
             if !std::mem::take(&mut first) && self.stop.is_cancelled() {
                 return false;
             }
+            // Only a whole batch goes to the combiner: the parts of a split one go on alone.
+            let part = match self.combined(part, !combinable).await {
+                Combined::Done => continue,
+                Combined::Stopped => return false,
+                Combined::Alone(part) => part,
+            };
+            combinable = false;
             match self.apply_part(&part).await {
                 Applied::Done => {}
                 Applied::TooManyLocks => {
@@ -362,7 +386,8 @@ impl PartitionWorker {
             drop(permit);
             match attempted {
                 Ok(outcome) => {
-                    self.committed(batch, (first, last), &outcome, attempt.elapsed(), paused);
+                    let took = attempt.elapsed();
+                    self.committed(batch, (first, last), &outcome, (took, 1), paused);
                     return Ok(());
                 }
                 Err(Failure::Paused(_)) => {
@@ -414,7 +439,7 @@ impl PartitionWorker {
         batch: &Batch,
         (first, last): (i64, i64),
         outcome: &BatchOutcome,
-        took: Duration,
+        (took, partitions): (Duration, usize),
         was_paused: bool,
     ) {
         if was_paused {
@@ -445,8 +470,58 @@ impl PartitionWorker {
             rejected = outcome.rejected,
             duplicates = outcome.duplicates,
             dead_letters = outcome.dead_letters,
+            transaction_partitions = partitions,
             "batch committed"
         );
+    }
+
+    /// Hands a whole batch (not `alone`) to the replica's combiner, if it has one and the
+    /// partition is claimed (a claim still to make is made on the path alone), and waits for
+    /// its verdict. Told to stop meanwhile, it takes the batch back if no transaction took it
+    /// yet, else waits for that transaction, as for one of its own.
+    async fn combined(&mut self, batch: Batch, alone: bool) -> Combined {
+        let (Some(combiner), Some(epoch), Some((first, last))) =
+            (&self.ctx.combiner, self.epoch, batch.offsets())
+        else {
+            return Combined::Alone(batch);
+        };
+        if alone {
+            return Combined::Alone(batch);
+        }
+        let mut ticket = combiner.submit(self.partition, epoch, batch);
+        let verdict = tokio::select! {
+            biased;
+            verdict = ticket.verdict() => verdict,
+            _ = self.stop.cancelled() => match ticket.withdraw() {
+                Some(_) => {
+                    self.ctx.stats.record_abandoned();
+                    return Combined::Stopped;
+                }
+                None => ticket.verdict().await,
+            },
+        };
+        match verdict {
+            Some((
+                batch,
+                Verdict::Committed {
+                    outcome,
+                    took,
+                    partitions,
+                },
+            )) => {
+                self.committed(&batch, (first, last), &outcome, (took, partitions), false);
+                Combined::Done
+            }
+            Some((batch, Verdict::Alone)) => Combined::Alone(batch),
+            None => {
+                // The batch is gone with the combiner: going on would skip its offsets.
+                let _ = self.ctx.fatal.send(Failure::fatal(format!(
+                    "partition {}: the combiner stopped with the batch at offset {first}",
+                    self.partition
+                )));
+                Combined::Stopped
+            }
+        }
     }
 
     /// Waits a while for an operator's resume (says so once, when the pause is first met);

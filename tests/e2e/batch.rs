@@ -306,7 +306,7 @@ async fn parts_of_several_partitions_apply_in_one_transaction_as_back_to_back_ba
             epoch: epochs[&(p as i32)].epoch,
         })
         .collect();
-    let outcomes = store::apply_parts(&combined_pool, &source, &combined, Guards::On)
+    let outcomes = store::apply_parts(&combined_pool, &source, &combined, Guards::On, None)
         .await
         .expect("the combined transaction");
 
@@ -376,7 +376,7 @@ async fn a_fenced_or_paused_part_fails_the_whole_combined_transaction() {
                           + (SELECT count(*) FROM partition_offsets)";
 
     let stale = with_epochs(first[&0].epoch, first[&1].epoch);
-    let refused = store::apply_parts(&pool, &source, &stale, Guards::On).await;
+    let refused = store::apply_parts(&pool, &source, &stale, Guards::On, None).await;
     assert!(matches!(refused, Err(Failure::Fenced(_))), "{refused:?}");
     assert_eq!(db.scalar(written).await, 0);
 
@@ -385,14 +385,14 @@ async fn a_fenced_or_paused_part_fails_the_whole_combined_transaction() {
     store::pauses::pause(&mut admin, &source.group, &source.topic, &[1], "test", None)
         .await
         .expect("pause");
-    let refused = store::apply_parts(&pool, &source, &current, Guards::On).await;
+    let refused = store::apply_parts(&pool, &source, &current, Guards::On, None).await;
     assert!(matches!(refused, Err(Failure::Paused(1))), "{refused:?}");
     assert_eq!(db.scalar(written).await, 0);
 
     store::pauses::resume(&admin, &source.group, &source.topic, None)
         .await
         .expect("resume");
-    store::apply_parts(&pool, &source, &current, Guards::On)
+    store::apply_parts(&pool, &source, &current, Guards::On, None)
         .await
         .expect("both parts once nothing stands in the way");
     assert_eq!(db.scalar(written).await, 4);
@@ -459,4 +459,64 @@ async fn table_rows(db: &crate::support::TestDb) -> Vec<(&'static str, Vec<Strin
         tables.push((table, rows.iter().map(|r| r.get::<_, String>(0)).collect()));
     }
     tables
+}
+
+/// A combined transaction waits for a lock held elsewhere at most its bound (`lock_wait`), not
+/// `database.lock_timeout_ms` (10 s here), and then changes nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_combined_transaction_gives_up_a_held_lock_at_its_bound() {
+    let (db, pool, source) = migrated_store().await;
+    let epochs = store::claim(&pool, &source, "a", &[0, 1])
+        .await
+        .expect("claim");
+    let event = |id: &str, sku: &str| {
+        json!({"event_id": id, "type": "restock", "sku": sku, "quantity": 1}).to_string()
+    };
+    let parts = [
+        partition_batch(0, 0, &[event("e0", "A")]),
+        partition_batch(1, 0, &[event("e1", "B")]),
+    ];
+    let combined: Vec<Part<'_>> = parts
+        .iter()
+        .enumerate()
+        .map(|(p, batch)| Part {
+            batch,
+            epoch: epochs[&(p as i32)].epoch,
+        })
+        .collect();
+    let holder = db.client().await;
+    holder
+        .execute(
+            "SELECT pg_advisory_lock($1)",
+            &[&inventory_consumer::domain::lock_key("B")],
+        )
+        .await
+        .expect("holding B's lock");
+
+    let started = std::time::Instant::now();
+    let bound = Duration::from_millis(200);
+    let refused = store::apply_parts(&pool, &source, &combined, Guards::On, Some(bound)).await;
+    let waited = started.elapsed();
+    assert!(
+        matches!(refused, Err(Failure::Transient(_)))
+            && format!("{refused:?}").contains("lock timeout"),
+        "{refused:?}"
+    );
+    assert!(
+        waited >= bound && waited < Duration::from_secs(5),
+        "gave up after {waited:?}, not at about {bound:?}"
+    );
+    assert_eq!(db.scalar("SELECT count(*) FROM processed_events").await, 0);
+
+    holder
+        .execute(
+            "SELECT pg_advisory_unlock($1)",
+            &[&inventory_consumer::domain::lock_key("B")],
+        )
+        .await
+        .expect("releasing B's lock");
+    store::apply_parts(&pool, &source, &combined, Guards::On, Some(bound))
+        .await
+        .expect("applied once the lock is free");
+    assert_eq!(db.scalar("SELECT count(*) FROM processed_events").await, 2);
 }

@@ -47,7 +47,7 @@ use crate::store::retention::{CLOCK_SHARED, clock_key};
 use crate::store::statements::{Params, Statements};
 use crate::store::{Failure, Pool};
 use rows::{WriteRows, lock_keys, read_reservations, read_stock};
-use sql::{KEYED_PLANS, LOCK, NOW, ORDER_SKUS, RECORDED, RESERVATIONS, STOCK};
+use sql::{KEYED_PLANS, KEYED_PLANS_BOUNDED, LOCK, NOW, ORDER_SKUS, RECORDED, RESERVATIONS, STOCK};
 
 /// Where a batch comes from: its partition's offsets are recorded under this group and topic.
 /// And what its decisions need beyond the database: the expiry of a reserve that gives none,
@@ -98,18 +98,20 @@ pub async fn apply_batch(
     if batch.is_empty() {
         return Ok(BatchOutcome::default());
     }
-    let outcomes = apply_parts(pool, source, &[Part { batch, epoch }], guards).await?;
+    let outcomes = apply_parts(pool, source, &[Part { batch, epoch }], guards, None).await?;
     Ok(outcomes.first().copied().unwrap_or_default())
 }
 
 /// Applies the batches of several partitions in one transaction, decided one after the other
 /// in the order given, as their own transactions run back to back would be: all or nothing
 /// (a part fenced or paused fails the whole). Returns what each part did, in order.
+/// `lock_wait`: the longest any lock may be waited for (else `database.lock_timeout_ms`).
 pub async fn apply_parts(
     pool: &Pool,
     source: &Source,
     parts: &[Part<'_>],
     guards: Guards,
+    lock_wait: Option<Duration>,
 ) -> Result<Vec<BatchOutcome>, Failure> {
     let mut next_offsets = Vec::with_capacity(parts.len());
     for part in parts {
@@ -129,9 +131,15 @@ pub async fn apply_parts(
     let mut conn = pool.get().await?;
     let statements = conn.statements.clone();
     let tx = conn.transaction().await?;
+    let lock_timeout = lock_wait.map(|wait| format!("{}ms", wait.as_millis().max(1)));
+    let bounded = [(&lock_timeout as &(dyn ToSql + Sync), Type::TEXT)];
     let txn = Txn {
         tx: &tx,
         statements: &statements,
+        keyed_plans: match lock_timeout {
+            Some(_) => (KEYED_PLANS_BOUNDED, &bounded),
+            None => (KEYED_PLANS, &[]),
+        },
     };
 
     let orders = batches.order_ids();
@@ -171,6 +179,8 @@ pub async fn apply_parts(
 struct Txn<'t> {
     tx: &'t tokio_postgres::Transaction<'t>,
     statements: &'t Statements,
+    /// The transaction's first statement ([`KEYED_PLANS`] or [`KEYED_PLANS_BOUNDED`]).
+    keyed_plans: (&'static str, &'t Params<'t>),
 }
 
 /// Before the locks: the SKUs of the reservations of the batch's commits and releases
@@ -181,16 +191,16 @@ async fn read_order_skus(txn: Txn<'_>, orders: &[&str]) -> Result<Vec<Row>, Fail
         return Ok(Vec::new());
     }
     let orders_param = [(&orders as &(dyn ToSql + Sync), Type::TEXT_ARRAY)];
-    let no_params: [(&(dyn ToSql + Sync), Type); 0] = [];
+    let (keyed_plans, keyed_params) = txn.keyed_plans;
     txn.statements
         .prepare(
             txn.tx,
-            &[(KEYED_PLANS, &no_params), (ORDER_SKUS, &orders_param)],
+            &[(keyed_plans, keyed_params), (ORDER_SKUS, &orders_param)],
         )
         .await?;
     let (_, rows) = tokio::try_join!(
         biased;
-        txn.statements.execute(txn.tx, KEYED_PLANS, &no_params),
+        txn.statements.execute(txn.tx, keyed_plans, keyed_params),
         txn.statements.query(txn.tx, ORDER_SKUS, &orders_param),
     )?;
     Ok(rows)
@@ -260,11 +270,12 @@ async fn lock_and_read(
     let skus_param = [(&skus as &(dyn ToSql + Sync), Type::TEXT_ARRAY)];
     let orders_param = [(&orders as &(dyn ToSql + Sync), Type::TEXT_ARRAY)];
     let (tx, statements) = (txn.tx, txn.statements);
+    let (keyed_plans, keyed_params) = txn.keyed_plans;
     statements
         .prepare(
             tx,
             &[
-                (KEYED_PLANS, &no_params),
+                (keyed_plans, keyed_params),
                 (CLOCK_SHARED, &clock_param),
                 (FENCE, &fence_params),
                 (PAUSED, &fence_params),
@@ -287,7 +298,7 @@ async fn lock_and_read(
     let (_, _, owners, paused, _, recorded, stock, reservations, now_ms) = tokio::try_join!(
         biased;
         // Sent in the first round trip already when the batch has orders (`read_order_skus`).
-        unless_empty(has_orders, statements.execute(tx, KEYED_PLANS, &no_params)),
+        unless_empty(has_orders, statements.execute(tx, keyed_plans, keyed_params)),
         unless_empty(!guarded, statements.execute(tx, CLOCK_SHARED, &clock_param)),
         statements.query(tx, FENCE, &fence_params),
         statements.query(tx, PAUSED, &fence_params),

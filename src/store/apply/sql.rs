@@ -70,6 +70,15 @@ pub(in crate::store) const KEYED_PLANS: &str = "
            set_config('enable_mergejoin', 'off', true),
            set_config('jit', 'off', true)";
 
+/// [`KEYED_PLANS`] for a transaction of several partitions' batches, which waits at most `$1`
+/// (a PostgreSQL interval, e.g. `200ms`) for any lock (`crate::kafka::combiner`).
+pub(in crate::store) const KEYED_PLANS_BOUNDED: &str = "
+    SELECT set_config('enable_seqscan', 'off', true),
+           set_config('enable_hashjoin', 'off', true),
+           set_config('enable_mergejoin', 'off', true),
+           set_config('jit', 'off', true),
+           set_config('lock_timeout', $1, true)";
+
 // The database's clock decides expiries, never a replica's: read after the locks (`now()` is
 // the transaction's start, which a lock wait can leave seconds behind).
 pub(in crate::store) const NOW: &str =

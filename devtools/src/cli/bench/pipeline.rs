@@ -457,6 +457,8 @@ pub(super) struct Histograms {
     latency: Cumulative,
     batch_size: Cumulative,
     apply: Cumulative,
+    /// Partitions per combined transaction (`processing.combine_partitions`; empty when off).
+    partitions: Cumulative,
 }
 
 /// A histogram's cumulative counts by upper bound, added up over the replicas.
@@ -480,7 +482,9 @@ impl Histograms {
 
     /// Reads the replicas listening at `addrs` (their `/metrics`).
     pub(super) fn read(addrs: &[String]) -> Option<Histograms> {
-        use inventory_consumer::metrics::{APPLY_SECONDS, BATCH_SIZE, LATENCY_SECONDS};
+        use inventory_consumer::metrics::{
+            APPLY_SECONDS, BATCH_SIZE, LATENCY_SECONDS, TRANSACTION_PARTITIONS,
+        };
         let mut all = Histograms::default();
         for addr in addrs {
             let text = ureq::get(format!("http://{addr}/metrics"))
@@ -496,6 +500,7 @@ impl Histograms {
                     m if m == LATENCY_SECONDS => &mut all.latency,
                     m if m == BATCH_SIZE => &mut all.batch_size,
                     m if m == APPLY_SECONDS => &mut all.apply,
+                    m if m == TRANSACTION_PARTITIONS => &mut all.partitions,
                     _ => continue,
                 };
                 if let prometheus_parse::Value::Histogram(buckets) = sample.value {
@@ -508,7 +513,12 @@ impl Histograms {
                 }
             }
         }
-        for h in [&mut all.latency, &mut all.batch_size, &mut all.apply] {
+        for h in [
+            &mut all.latency,
+            &mut all.batch_size,
+            &mut all.apply,
+            &mut all.partitions,
+        ] {
             h.sort_by(|a, b| a.0.total_cmp(&b.0));
         }
         Some(all)
@@ -528,6 +538,7 @@ impl Histograms {
             latency: minus(&self.latency, &earlier.latency),
             batch_size: minus(&self.batch_size, &earlier.batch_size),
             apply: minus(&self.apply, &earlier.apply),
+            partitions: minus(&self.partitions, &earlier.partitions),
         }
     }
 
@@ -544,6 +555,14 @@ impl Histograms {
                 "batches: median size {size:.0}, transaction p50 {:.1} ms, p99 {:.1} ms",
                 apply * 1e3,
                 apply_p99 * 1e3
+            ));
+        }
+        if let (Some(p50), Some(p99)) = (
+            quantile(&self.partitions, 0.5),
+            quantile(&self.partitions, 0.99),
+        ) {
+            step(&format!(
+                "combined transactions: partitions p50 {p50:.1}, p99 {p99:.1}"
             ));
         }
         Some(Latency {
