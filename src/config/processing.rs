@@ -46,7 +46,7 @@ impl Default for ProcessingSettings {
         ProcessingSettings {
             batch_max_events: 500,
             batch_linger_ms: 0,
-            combine_partitions: false,
+            combine_partitions: true,
             drain_timeout_ms: None,
             dead_letter_max_share: 0.5,
             dead_letter_window: 1_000,

@@ -35,9 +35,9 @@ enum Protocol {
     /// KIP-848 (`group.protocol=consumer`): the broker's own assignor; the session (6 s) is set
     /// on the broker.
     Consumer,
-    /// `Cooperative`, each replica applying its partitions' waiting batches together
-    /// (`processing.combine_partitions`).
-    CooperativeCombined,
+    /// `Cooperative`, each batch in a transaction of its own (`processing.combine_partitions`
+    /// off; the others combine a replica's waiting batches).
+    CooperativeAlone,
 }
 
 impl Protocol {
@@ -68,9 +68,9 @@ impl Protocol {
         };
         match self {
             Protocol::Cooperative => classic("cooperative-sticky"),
-            Protocol::CooperativeCombined => {
+            Protocol::CooperativeAlone => {
                 let mut settings = classic("cooperative-sticky");
-                settings.push(("processing.combine_partitions", "true"));
+                settings.push(("processing.combine_partitions", "false"));
                 settings
             }
             Protocol::Eager => classic("range"),
@@ -251,13 +251,14 @@ impl Scenario {
             assert_exclusive_ownership(&replicas);
         }
         assert_nothing_applied_twice(&replicas);
-        if matches!(self.protocol, Protocol::CooperativeCombined) {
-            let combined = replicas
-                .iter()
-                .flat_map(|r| r.events("batch_committed"))
-                .filter(|e| e["transaction_partitions"].as_u64().is_some_and(|n| n > 1))
-                .count();
-            assert!(combined > 0, "no batch shared a transaction with another");
+        let combined = replicas
+            .iter()
+            .flat_map(|r| r.events("batch_committed"))
+            .filter(|e| e["transaction_partitions"].as_u64().is_some_and(|n| n > 1))
+            .count();
+        match self.protocol {
+            Protocol::CooperativeAlone => assert_eq!(combined, 0),
+            _ => assert!(combined > 0, "no batch shared a transaction with another"),
         }
         let truth = truth_of(&self.env);
         assert_database_matches(&self.env.db, &truth).await;
@@ -524,16 +525,16 @@ async fn apache_consumer_protocol_zombie_is_fenced() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn apache_cooperative_combined_scale_out_and_in_redelivers_nothing() {
-    scale_out_and_in(Protocol::CooperativeCombined).await;
+async fn apache_cooperative_alone_scale_out_and_in_redelivers_nothing() {
+    scale_out_and_in(Protocol::CooperativeAlone).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn apache_cooperative_combined_crash_loses_nothing() {
-    crash_and_replace(Protocol::CooperativeCombined).await;
+async fn apache_cooperative_alone_crash_loses_nothing() {
+    crash_and_replace(Protocol::CooperativeAlone).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn apache_cooperative_combined_zombie_is_fenced() {
-    zombie(Protocol::CooperativeCombined).await;
+async fn apache_cooperative_alone_zombie_is_fenced() {
+    zombie(Protocol::CooperativeAlone).await;
 }
