@@ -475,8 +475,9 @@ impl PartitionWorker {
         );
     }
 
-    /// Hands a whole batch (not `alone`) to the replica's combiner, if it has one and the
-    /// partition is claimed (a claim still to make is made on the path alone), and waits for
+    /// Hands a whole batch (not `alone`), short of full, to the replica's combiner, if it has
+    /// one and the partition is claimed (a claim still to make is made on the path alone), and
+    /// waits for
     /// its verdict. Told to stop meanwhile, it takes the batch back if no transaction took it
     /// yet, else waits for that transaction, as for one of its own.
     async fn combined(&mut self, batch: Batch, alone: bool) -> Combined {
@@ -485,7 +486,8 @@ impl PartitionWorker {
         else {
             return Combined::Alone(batch);
         };
-        if alone {
+        // A full batch fills a transaction by itself: nothing to share it with.
+        if alone || batch.is_full(self.ctx.batch_max_events, self.ctx.source.max_locks) {
             return Combined::Alone(batch);
         }
         let mut ticket = combiner.submit(self.partition, epoch, batch);
