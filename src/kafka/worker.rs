@@ -182,20 +182,19 @@ impl PartitionWorker {
         // marked unstorable (a dead letter the database refused too cannot be split further).
         let mut parts = vec![(batch, false)];
         let mut first = true;
-        let mut combinable = true;
         while let Some((part, marked)) = parts.pop() {
+            let whole = std::mem::take(&mut first);
             // A stopped worker finishes the transaction it is in, not the rest of a split
             // batch: the parts done have their offsets recorded.
-            if !std::mem::take(&mut first) && self.stop.is_cancelled() {
+            if !whole && self.stop.is_cancelled() {
                 return false;
             }
             // Only a whole batch goes to the combiner: the parts of a split one go on alone.
-            let part = match self.combined(part, !combinable).await {
+            let part = match self.combined(part, !whole).await {
                 Combined::Done => continue,
                 Combined::Stopped => return false,
                 Combined::Alone(part) => part,
             };
-            combinable = false;
             match self.apply_part(&part).await {
                 Applied::Done => {}
                 Applied::TooManyLocks => {

@@ -6,7 +6,7 @@ use serde_json::json;
 use std::collections::HashMap;
 use std::time::Duration;
 
-use crate::support::{batch, connect, migrated_store, source, wait_until};
+use crate::support::{TestDb, batch, connect, migrated_store, partition_batch, source, wait_until};
 use inventory_consumer::config::Settings;
 use inventory_consumer::domain::{Batch, Delivery};
 use inventory_consumer::store::{self, Claim, Failure, Guards, Part, apply_batch};
@@ -151,15 +151,7 @@ async fn the_fence_refuses_a_stale_owner_and_a_claim_waits_for_the_batch_in_flig
     wait_until(
         "the claim to wait on the batch's row lock",
         Duration::from_secs(30),
-        || async {
-            db.scalar(
-                "SELECT count(*) FROM pg_stat_activity
-                 WHERE wait_event_type = 'Lock' AND query LIKE '%partition_owners%'
-                   AND datname = current_database()",
-            )
-            .await
-                == 1
-        },
+        || async { waiting_on_owner_rows(&db).await == 1 },
     )
     .await;
     assert!(
@@ -189,15 +181,7 @@ async fn a_batch_that_waited_behind_a_pause_sees_it() {
         .epoch;
     let waiting = |sessions: i64| {
         let db = &db;
-        async move {
-            db.scalar(
-                "SELECT count(*) FROM pg_stat_activity
-                 WHERE wait_event_type = 'Lock' AND query LIKE '%partition_owners%'
-                   AND datname = current_database()",
-            )
-            .await
-                == sessions
-        }
+        async move { waiting_on_owner_rows(db).await == sessions }
     };
 
     let mut holder = db.client().await;
@@ -298,14 +282,7 @@ async fn parts_of_several_partitions_apply_in_one_transaction_as_back_to_back_ba
     let epochs = store::claim(&combined_pool, &source, "a", &[0, 1, 2])
         .await
         .expect("claim");
-    let combined: Vec<Part<'_>> = parts
-        .iter()
-        .enumerate()
-        .map(|(p, batch)| Part {
-            batch,
-            epoch: epochs[&(p as i32)].epoch,
-        })
-        .collect();
+    let combined = claimed_parts(&parts, &epochs);
     let outcomes = store::apply_parts(&combined_pool, &source, &combined, Guards::On, None)
         .await
         .expect("the combined transaction");
@@ -398,24 +375,30 @@ async fn a_fenced_or_paused_part_fails_the_whole_combined_transaction() {
     assert_eq!(db.scalar(written).await, 4);
 }
 
-/// A batch of `partition` holding `events` at offsets from `first_offset` on.
-fn partition_batch(partition: i32, first_offset: i64, events: &[String]) -> Batch {
-    let mut batch = Batch::default();
-    for (i, event) in events.iter().enumerate() {
-        batch.push(Delivery {
-            partition,
-            offset: first_offset + i as i64,
-            key: None,
-            payload: Some(event.clone().into_bytes()),
-            timestamp_ms: None,
-        });
-    }
-    batch
+/// Sessions of the test's database waiting for a lock on a `partition_owners` row.
+async fn waiting_on_owner_rows(db: &TestDb) -> i64 {
+    db.scalar(
+        "SELECT count(*) FROM pg_stat_activity
+         WHERE wait_event_type = 'Lock' AND query LIKE '%partition_owners%'
+           AND datname = current_database()",
+    )
+    .await
+}
+
+/// Each batch as a part, with the epoch its partition was claimed at.
+fn claimed_parts<'b>(batches: &'b [Batch], claims: &HashMap<i32, Claim>) -> Vec<Part<'b>> {
+    batches
+        .iter()
+        .map(|batch| Part {
+            batch,
+            epoch: batch.partition().map_or(0, |p| claims[&p].epoch),
+        })
+        .collect()
 }
 
 /// What the batches wrote, table by table, each row as text, in a fixed order (the ledger and
 /// the reply queue in the order written).
-async fn table_rows(db: &crate::support::TestDb) -> Vec<(&'static str, Vec<String>)> {
+async fn table_rows(db: &TestDb) -> Vec<(&'static str, Vec<String>)> {
     let client = db.client().await;
     let queries = [
         (
@@ -476,14 +459,7 @@ async fn a_combined_transaction_gives_up_a_held_lock_at_its_bound() {
         partition_batch(0, 0, &[event("e0", "A")]),
         partition_batch(1, 0, &[event("e1", "B")]),
     ];
-    let combined: Vec<Part<'_>> = parts
-        .iter()
-        .enumerate()
-        .map(|(p, batch)| Part {
-            batch,
-            epoch: epochs[&(p as i32)].epoch,
-        })
-        .collect();
+    let combined = claimed_parts(&parts, &epochs);
     let holder = db.client().await;
     holder
         .execute(

@@ -215,10 +215,15 @@ pub fn private_ca() -> (String, ServerTls) {
 
 /// A batch of partition 0 holding `events` (JSON texts) at offsets from `first_offset` on.
 pub fn batch(first_offset: i64, events: &[String]) -> Batch {
+    partition_batch(0, first_offset, events)
+}
+
+/// A batch of `partition` holding `events` (JSON texts) at offsets from `first_offset` on.
+pub fn partition_batch(partition: i32, first_offset: i64, events: &[String]) -> Batch {
     let mut batch = Batch::default();
     for (i, event) in events.iter().enumerate() {
         batch.push(Delivery {
-            partition: 0,
+            partition,
             offset: first_offset + i as i64,
             key: None,
             payload: Some(event.clone().into_bytes()),

@@ -15,7 +15,7 @@ mod kafka;
 pub mod orders;
 mod replica;
 
-pub use db::{TestDb, batch, connect, migrated_store, private_ca, source};
+pub use db::{TestDb, batch, connect, migrated_store, partition_batch, private_ca, source};
 pub use kafka::{BackgroundProduce, Broker, read_whole_topic, send, watermarks};
 pub use replica::{
     Replica, assert_exclusive_ownership, assert_nothing_applied_twice, http_get, metric,
