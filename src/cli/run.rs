@@ -434,6 +434,7 @@ fn start_combiner(
         guards: guards(args),
         caps: Caps::of(processing.batch_max_events, source.max_locks),
         lock_timeout: Duration::from_millis(settings.database.lock_timeout_ms),
+        gather: Duration::from_micros(processing.combine_gather_us),
     };
     background.push(tokio::spawn(combiner.clone().run(
         applier,

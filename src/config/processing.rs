@@ -20,6 +20,9 @@ pub struct ProcessingSettings {
     /// Apply the small batches of this replica's partitions that wait at the same time in one
     /// transaction (`crate::kafka::combiner`): fewer transactions at low and medium rates.
     pub combine_partitions: bool,
+    /// How long the combiner, when no transaction of its runs, waits after the first batch for
+    /// others before it starts one (microseconds; 0: at once).
+    pub combine_gather_us: u64,
     /// How long a revoke or a shutdown waits for in-flight batches before giving up on them.
     /// Unset: [`Settings::drain_timeout`] derives it from the group's timeouts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -47,6 +50,7 @@ impl Default for ProcessingSettings {
             batch_max_events: 500,
             batch_linger_ms: 0,
             combine_partitions: true,
+            combine_gather_us: 0,
             drain_timeout_ms: None,
             dead_letter_max_share: 0.5,
             dead_letter_window: 1_000,
@@ -83,6 +87,12 @@ impl ProcessingSettings {
             return Err(ConfigError::key(
                 "processing.batch_linger_ms",
                 "must be at most 60000",
+            ));
+        }
+        if self.combine_gather_us > 100_000 {
+            return Err(ConfigError::key(
+                "processing.combine_gather_us",
+                "must be at most 100000",
             ));
         }
         if !(MIN_BUFFER_BYTES..=MAX_BUFFER_BYTES).contains(&self.buffer_bytes) {

@@ -241,6 +241,9 @@ impl Combiner {
                     // The workers that one fetch woke submit within microseconds of each other:
                     // let them, so that one transaction takes them all.
                     tokio::task::yield_now().await;
+                    if !only_full && !apply.gather.is_zero() {
+                        tokio::time::sleep(apply.gather).await;
+                    }
                     let taken = self.take(&in_flight, apply.caps, only_full);
                     if taken.is_empty() {
                         continue;
@@ -272,6 +275,8 @@ pub struct Applier {
     /// `database.lock_timeout_ms`: a combined transaction waits at most the lesser of this and
     /// [`COMBINED_LOCK_WAIT`].
     pub lock_timeout: Duration,
+    /// `processing.combine_gather_us`.
+    pub gather: Duration,
 }
 
 impl Applier {

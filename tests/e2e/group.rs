@@ -30,7 +30,8 @@ enum Protocol {
     /// Classic protocol, cooperative-sticky assignment, the broker's minimum session (6 s) so
     /// that a frozen member is expelled quickly; the drain's default follows it.
     Cooperative,
-    /// Classic protocol, eager `range` assignment: every rebalance revokes everything.
+    /// Classic protocol, eager `range` assignment: every rebalance revokes everything; the
+    /// combiner waits 1 ms for more batches (`processing.combine_gather_us`).
     Eager,
     /// KIP-848 (`group.protocol=consumer`): the broker's own assignor; the session (6 s) is set
     /// on the broker.
@@ -73,7 +74,13 @@ impl Protocol {
                 settings.push(("processing.combine_partitions", "false"));
                 settings
             }
-            Protocol::Eager => classic("range"),
+            Protocol::Eager => {
+                // And a combiner that waits a millisecond for more batches (it must still
+                // combine, and keep every guarantee through the rebalances).
+                let mut settings = classic("range");
+                settings.push(("processing.combine_gather_us", "1000"));
+                settings
+            }
             Protocol::Consumer => vec![
                 ("kafka.group_protocol", "consumer"),
                 ("processing.drain_timeout_ms", "4000"),
