@@ -30,3 +30,4 @@ pub mod signals;
 pub mod stats;
 pub mod store;
 pub mod telemetry;
+pub mod traces;

@@ -36,6 +36,8 @@ pub const LOCK_HOLDERS: &str = "inventory_lock_budget_transactions";
 pub const LOCKS_PER_BATCH: &str = "inventory_lock_budget_locks_per_batch";
 pub const TRANSACTION_PARTITIONS: &str = "inventory_transaction_partitions";
 pub const COMBINED_FALLBACKS: &str = "inventory_combined_fallbacks_total";
+pub const SPANS_EXPORTED: &str = "inventory_trace_spans_exported_total";
+pub const SPANS_DROPPED: &str = "inventory_trace_spans_dropped_total";
 pub const BUILD_INFO: &str = "inventory_build_info";
 
 /// Produce-to-commit latency buckets from 1 ms to 5 min: a millisecond apart up to 5 ms and no
@@ -261,6 +263,18 @@ const DESCRIPTIONS: &[(&str, Kind, Option<Unit>, &str)] = &[
         None,
         "Combined transactions that failed and changed nothing; their partitions' batches were applied alone.",
     ),
+    (
+        SPANS_EXPORTED,
+        Kind::Counter,
+        None,
+        "Trace spans the OTLP exporter delivered (traces.endpoint).",
+    ),
+    (
+        SPANS_DROPPED,
+        Kind::Counter,
+        None,
+        "Trace spans lost because their export failed (the collector down or refusing).",
+    ),
 ];
 
 fn describe_all() {
@@ -335,6 +349,8 @@ fn start_at_zero() {
         REPLAYS,
         STEP_OUTS,
         COMBINED_FALLBACKS,
+        SPANS_EXPORTED,
+        SPANS_DROPPED,
     ] {
         metrics::counter!(name).absolute(0);
     }

@@ -42,6 +42,7 @@ fuzz_target!(|data: &[u8]| {
         key: None,
         payload: Some(data.to_vec()),
         timestamp_ms: None,
+        trace: None,
     });
     let clock = Clock {
         now: chrono::DateTime::UNIX_EPOCH,

@@ -146,7 +146,10 @@ pub fn with_settings(
 ) -> anyhow::Result<ExitCode> {
     match cli.settings(needs) {
         Ok(settings) => {
-            crate::telemetry::init(settings.log.format, &settings.log.level);
+            if let Err(e) = crate::telemetry::init_with_traces(&settings) {
+                eprintln!("invalid configuration: traces: {e:#}");
+                return Ok(ExitCode::from(EXIT_CONFIG));
+            }
             f(settings)
         }
         Err(e) => {

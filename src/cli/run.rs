@@ -69,10 +69,12 @@ pub fn main(settings: Settings, args: &RunArgs) -> anyhow::Result<ExitCode> {
             EXIT_RUNTIME
         }
     };
+    // The last spans, within their own bound (the exit runs no destructors).
+    crate::traces::shutdown();
     crate::signals::exit_now(code)
 }
 
-/// Every exit ends within the drain timeout plus 8 s of the shutdown's start (a signal, or a
+/// Every exit ends within the drain timeout plus 8 s (10 s with traces) of the shutdown's start (a signal, or a
 /// fatal failure), whatever leaving the group does: the poll thread gets the drain plus
 /// `STOP_MARGIN` (a commit, serving the unsubscribe's rebalance for up to 5 s, librdkafka's
 /// close), the background tasks `BACKGROUND_STOP`, the runtime `RUNTIME_SHUTDOWN`. Past its
@@ -82,11 +84,17 @@ const STOP_MARGIN: Duration = Duration::from_secs(6);
 const BACKGROUND_STOP: Duration = Duration::from_secs(1);
 const RUNTIME_SHUTDOWN: Duration = Duration::from_secs(1);
 
-/// The longest a replica takes from a signal to its exit: the drain timeout plus 8 s. A signal
+/// The longest a replica takes from a signal to its exit: the drain timeout plus 8 s, plus the
+/// traces' last flush when they are on. A signal
 /// during start-up (connecting, migrating) ends it at once, before it joined anything. The
 /// orchestrator's grace period must be above this (`config` prints it).
 pub fn shutdown_bound(settings: &Settings) -> Duration {
-    settings.drain_timeout() + STOP_MARGIN + BACKGROUND_STOP + RUNTIME_SHUTDOWN
+    let traces = if settings.traces.enabled() {
+        crate::traces::FLUSH_AT_EXIT
+    } else {
+        Duration::ZERO
+    };
+    settings.drain_timeout() + STOP_MARGIN + BACKGROUND_STOP + RUNTIME_SHUTDOWN + traces
 }
 
 /// A start-up failure that waiting will not mend.

@@ -1,6 +1,6 @@
 //! Settings, loaded with figment in the order docs/contract.md section 5 gives, later layers
 //! winning: defaults, a TOML file (`--config` or `INVENTORY_CONFIG`), the conventional short
-//! forms (`DATABASE_URL`, `KAFKA_BROKERS`, `PORT`), `INVENTORY_<SECTION>__<KEY>` variables,
+//! forms (`DATABASE_URL`, `KAFKA_BROKERS`, `PORT`, the standard `OTEL_*` variables), `INVENTORY_<SECTION>__<KEY>` variables,
 //! then command-line flags. [`Settings::validate`] refuses bad values at start-up, naming the
 //! key: each section checks its own rules ([`kafka`], [`database`], [`processing`], [`orders`],
 //! [`history`], [`server`]), and this module the rules across sections (the drain must fit
@@ -17,6 +17,7 @@ pub mod processing;
 pub mod server;
 #[cfg(test)]
 mod tests;
+pub mod traces;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -32,6 +33,7 @@ pub use kafka::{GroupProtocol, KafkaSettings};
 pub use orders::{ReservationSettings, ResultSettings};
 pub use processing::ProcessingSettings;
 pub use server::{HttpSettings, LogFormat, LogSettings};
+pub use traces::TracesSettings;
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -44,6 +46,7 @@ pub struct Settings {
     pub history: HistorySettings,
     pub http: HttpSettings,
     pub log: LogSettings,
+    pub traces: TracesSettings,
 }
 
 const DAY_S: u64 = 86_400;
@@ -120,6 +123,13 @@ impl Settings {
                 figment = figment.merge(Serialized::default(key, value));
             }
         }
+        for (key, value) in traces::short_forms(|name| std::env::var(name).ok()) {
+            let value = match key {
+                "traces.sampler_arg" => parse_override(&value),
+                _ => Value::from(value),
+            };
+            figment = figment.merge(Serialized::default(key, value));
+        }
         if let Ok(port) = std::env::var("PORT") {
             figment = figment.merge(Serialized::default("http.addr", format!("0.0.0.0:{port}")));
         }
@@ -148,6 +158,7 @@ impl Settings {
         self.reservations.validate()?;
         self.http.validate()?;
         self.log.validate()?;
+        self.traces.validate()?;
         if needs.kafka {
             self.kafka.check_with_librdkafka()?;
         }

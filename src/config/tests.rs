@@ -219,3 +219,42 @@ fn database_descriptions_hold_no_password() {
         assert!(d.starts_with("app@db:") && d.ends_with("/x"), "{d}");
     }
 }
+
+#[test]
+#[allow(clippy::result_large_err)] // figment's Jail returns figment::Error
+fn the_standard_otel_variables_configure_traces() {
+    figment::Jail::expect_with(|jail| {
+        jail.set_env("DATABASE_URL", "postgres://u@db/x");
+        jail.set_env("KAFKA_BROKERS", "k:9092");
+        let s = Settings::load(None, &[], ALL).map_err(|e| e.to_string())?;
+        assert!(
+            !s.traces.enabled(),
+            "tracing must be off without an endpoint"
+        );
+
+        jail.set_env("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4318");
+        jail.set_env("OTEL_SERVICE_NAME", "stock");
+        jail.set_env("OTEL_TRACES_SAMPLER", "parentbased_traceidratio");
+        jail.set_env("OTEL_TRACES_SAMPLER_ARG", "0.1");
+        let s = Settings::load(None, &[], ALL).map_err(|e| e.to_string())?;
+        assert_eq!(s.traces.endpoint, "http://collector:4318/v1/traces");
+        assert_eq!(s.traces.service_name, "stock");
+        assert_eq!(s.traces.sampler, "parentbased_traceidratio");
+        assert!((s.traces.sampler_arg - 0.1).abs() < 1e-9);
+
+        // The service's own variables win over the standard ones.
+        jail.set_env("INVENTORY_TRACES__SERVICE_NAME", "mine");
+        let s = Settings::load(None, &[], ALL).map_err(|e| e.to_string())?;
+        assert_eq!(s.traces.service_name, "mine");
+
+        jail.set_env("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc");
+        let err = Settings::load(None, &[], ALL).unwrap_err().to_string();
+        assert!(err.contains("traces.protocol: only http/protobuf"), "{err}");
+        jail.set_env("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf");
+
+        jail.set_env("OTEL_TRACES_SAMPLER", "sometimes");
+        let err = Settings::load(None, &[], ALL).unwrap_err().to_string();
+        assert!(err.contains("traces.sampler: must be one of"), "{err}");
+        Ok(())
+    });
+}

@@ -25,6 +25,16 @@ pub struct Delivery {
     pub payload: Option<Vec<u8>>,
     /// When the producer created it (Kafka CreateTime, ms since the epoch), for latency.
     pub timestamp_ms: Option<i64>,
+    /// Its W3C Trace Context headers, if it has a `traceparent` (boxed: most have none).
+    pub trace: Option<Box<TraceHeaders>>,
+}
+
+/// A message's W3C Trace Context headers as received (`traceparent`, `tracestate`), checked
+/// only where a span links to them ([`crate::traces`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TraceHeaders {
+    pub traceparent: String,
+    pub tracestate: Option<String>,
 }
 
 impl Delivery {
@@ -241,6 +251,11 @@ impl Batch {
     /// Producer timestamps of the deliveries that have one.
     pub fn timestamps(&self) -> impl Iterator<Item = i64> + '_ {
         self.items.iter().filter_map(|(d, _)| d.timestamp_ms)
+    }
+
+    /// The trace headers of the deliveries that carry them, in offset order.
+    pub fn traces(&self) -> impl Iterator<Item = &TraceHeaders> + '_ {
+        self.items.iter().filter_map(|(d, _)| d.trace.as_deref())
     }
 
     /// First and last offset of the batch.
@@ -519,6 +534,7 @@ mod tests {
             key: None,
             payload: Some(json.as_bytes().to_vec()),
             timestamp_ms: None,
+            trace: None,
         }
     }
 

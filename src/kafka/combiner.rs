@@ -28,6 +28,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, oneshot};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 
 use crate::domain::Batch;
 use crate::domain::batch::{MAX_BYTES_PER_BATCH, MAX_LINES_PER_BATCH};
@@ -41,11 +42,13 @@ pub const COMBINED_LOCK_WAIT: Duration = Duration::from_millis(200);
 /// What became of a batch handed to the combiner.
 #[derive(Debug)]
 pub enum Verdict {
-    /// Committed: what it did, how long its transaction took and how many partitions it held.
+    /// Committed: what it did, how long its transaction took, how many partitions it held, and
+    /// its span.
     Committed {
         outcome: BatchOutcome,
         took: Duration,
         partitions: usize,
+        span: tracing::Span,
     },
     /// Nothing done: apply it in a transaction of its own.
     Alone,
@@ -291,8 +294,11 @@ impl Applier {
             })
             .collect();
         let lock_wait = (parts.len() > 1).then(|| COMBINED_LOCK_WAIT.min(self.lock_timeout));
+        let span = self.span(&taken);
         let started = Instant::now();
-        let applied = apply_parts(&self.pool, &self.source, &parts, self.guards, lock_wait).await;
+        let applied = apply_parts(&self.pool, &self.source, &parts, self.guards, lock_wait)
+            .instrument(span.clone())
+            .await;
         let took = started.elapsed();
         drop(parts);
         drop(permit);
@@ -300,11 +306,13 @@ impl Applier {
         metrics::histogram!(crate::metrics::TRANSACTION_PARTITIONS).record(partitions as f64);
         match applied {
             Ok(outcomes) => {
+                record_parts(&span, &taken, &outcomes);
                 for (entry, outcome) in taken.into_iter().zip(outcomes) {
                     let verdict = Verdict::Committed {
                         outcome,
                         took,
                         partitions,
+                        span: span.clone(),
                     };
                     let _ = entry.answer.send((entry.batch, verdict));
                 }
@@ -312,6 +320,7 @@ impl Applier {
             Err(failure) => {
                 metrics::counter!(crate::metrics::COMBINED_FALLBACKS).increment(1);
                 tracing::debug!(
+                    parent: &span,
                     partitions,
                     error = %crate::logs::chain(&failure),
                     "combined transaction failed; its partitions' batches are applied alone"
@@ -321,6 +330,55 @@ impl Applier {
                 }
             }
         }
+    }
+}
+
+impl Applier {
+    /// The span of one combined transaction (none when traces are off): the messaging
+    /// conventions' batch span for several partitions, linked to every event of every part.
+    fn span(&self, taken: &[Entry]) -> tracing::Span {
+        if !crate::traces::enabled() {
+            return tracing::Span::none();
+        }
+        let topic = &self.source.topic;
+        let partitions: Vec<i32> = taken.iter().map(|e| e.partition).collect();
+        let span = tracing::info_span!(
+            "batch",
+            otel.name = %format_args!("process {topic}"),
+            otel.kind = "consumer",
+            messaging.system = "kafka",
+            messaging.operation.type = "process",
+            messaging.destination.name = %topic,
+            messaging.consumer.group.name = %self.source.group,
+            messaging.batch.message_count = taken.iter().map(|e| e.batch.len()).sum::<usize>(),
+            transaction_partitions = partitions.len(),
+            partitions = %crate::logs::list(&partitions),
+        );
+        for entry in taken {
+            crate::traces::link_events(&span, &entry.batch);
+        }
+        span
+    }
+}
+
+/// Each part's offsets and outcome, as an event of the combined transaction's span.
+fn record_parts(span: &tracing::Span, taken: &[Entry], outcomes: &[BatchOutcome]) {
+    if !crate::traces::enabled() {
+        return;
+    }
+    for (entry, outcome) in taken.iter().zip(outcomes) {
+        let (first, last) = entry.batch.offsets().unwrap_or_default();
+        tracing::debug!(
+            parent: span,
+            partition = entry.partition,
+            first_offset = first,
+            last_offset = last,
+            applied = outcome.applied,
+            rejected = outcome.rejected,
+            duplicates = outcome.duplicates,
+            dead_letters = outcome.dead_letters,
+            "part committed"
+        );
     }
 }
 

@@ -273,6 +273,7 @@ mod tests {
             key: Some(b"sku".to_vec()),
             payload: Some(vec![0; 1000]),
             timestamp_ms: None,
+            trace: None,
         };
         backlog.added(footprint(&d));
         assert_eq!(backlog.bytes(), 1003 + DELIVERY_OVERHEAD);

@@ -5,10 +5,10 @@
 use std::time::Duration;
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::BorrowedMessage;
+use rdkafka::message::{BorrowedMessage, Headers};
 use rdkafka::{Message, Offset, TopicPartitionList};
 
-use crate::domain::Delivery;
+use crate::domain::{Delivery, TraceHeaders};
 use crate::kafka::group::GroupContext;
 use crate::kafka::partitions::Dispatched;
 use crate::kafka::worker::Halted;
@@ -16,6 +16,24 @@ use crate::kafka::worker::Halted;
 /// Bound on seeking a partition before resuming it: the seek is served by librdkafka's own
 /// threads, not the network, so it is quick; a failed one is retried on the next turn.
 const SEEK_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// The message's W3C Trace Context headers, when it has a `traceparent` (the first of each;
+/// values that are not UTF-8 count as absent).
+fn trace_headers(message: &BorrowedMessage<'_>) -> Option<Box<TraceHeaders>> {
+    let headers = message.headers()?;
+    let value = |name: &str| {
+        headers
+            .iter()
+            .find(|h| h.key.eq_ignore_ascii_case(name))
+            .and_then(|h| h.value)
+            .and_then(|v| std::str::from_utf8(v).ok())
+            .map(str::to_owned)
+    };
+    Some(Box::new(TraceHeaders {
+        traceparent: value("traceparent")?,
+        tracestate: value("tracestate"),
+    }))
+}
 
 impl GroupContext {
     /// Hands a delivery to its partition's worker without ever waiting: a partition whose
@@ -28,6 +46,7 @@ impl GroupContext {
             key: message.key().map(<[u8]>::to_vec),
             payload: message.payload().map(<[u8]>::to_vec),
             timestamp_ms: message.timestamp().to_millis(),
+            trace: trace_headers(message),
         };
         let dispatched = self.partitions().deliver(delivery);
         match dispatched {

@@ -241,13 +241,7 @@ impl PartitionWorker {
 
     async fn apply_part(&mut self, batch: &Batch) -> Applied {
         let (first, last) = batch.offsets().unwrap_or_default();
-        let span = tracing::info_span!(
-            "batch",
-            topic = %self.ctx.source.topic,
-            partition = self.partition,
-            first_offset = first,
-            last_offset = last,
-        );
+        let span = self.batch_span(batch, (first, last));
         match self.apply_with_retry(batch).instrument(span).await {
             Ok(()) => Applied::Done,
             Err(Some(Failure::TooManyLocks { skus })) => {
@@ -287,6 +281,43 @@ impl PartitionWorker {
             }
             Err(None) => Applied::Stop,
         }
+    }
+
+    /// The span of a batch applied alone. With traces on it follows OpenTelemetry's messaging
+    /// conventions and links to each event's context; its outcome is recorded once committed.
+    fn batch_span(&self, batch: &Batch, (first, last): (i64, i64)) -> tracing::Span {
+        let topic = &self.ctx.source.topic;
+        if !crate::traces::enabled() {
+            return tracing::info_span!(
+                "batch",
+                topic = %topic,
+                partition = self.partition,
+                first_offset = first,
+                last_offset = last,
+            );
+        }
+        let span = tracing::info_span!(
+            "batch",
+            otel.name = %format_args!("process {topic}"),
+            otel.kind = "consumer",
+            messaging.system = "kafka",
+            messaging.operation.type = "process",
+            messaging.destination.name = %topic,
+            messaging.destination.partition.id = %self.partition,
+            messaging.consumer.group.name = %self.ctx.source.group,
+            messaging.batch.message_count = batch.len(),
+            topic = %topic,
+            partition = self.partition,
+            first_offset = first,
+            last_offset = last,
+            transaction_partitions = tracing::field::Empty,
+            applied = tracing::field::Empty,
+            rejected = tracing::field::Empty,
+            duplicates = tracing::field::Empty,
+            dead_letters = tracing::field::Empty,
+        );
+        crate::traces::link_events(&span, batch);
+        span
     }
 
     /// Stops the partition at `offset`, the message that took it past its dead-letter limit:
@@ -460,6 +491,14 @@ impl PartitionWorker {
         self.ctx.offsets.processed(self.partition, last + 1);
         metrics::gauge!(crate::metrics::RECORDED_OFFSET, "partition" => partition)
             .set((last + 1) as f64);
+        if crate::traces::enabled() {
+            let span = tracing::Span::current();
+            span.record("transaction_partitions", partitions);
+            span.record("applied", outcome.applied);
+            span.record("rejected", outcome.rejected);
+            span.record("duplicates", outcome.duplicates);
+            span.record("dead_letters", outcome.dead_letters);
+        }
         tracing::debug!(
             event = crate::logs::BATCH_COMMITTED,
             partition = self.partition,
@@ -508,8 +547,11 @@ impl PartitionWorker {
                     outcome,
                     took,
                     partitions,
+                    span,
                 },
             )) => {
+                // Its log lines belong to the transaction's span.
+                let _in_span = span.enter();
                 self.committed(&batch, (first, last), &outcome, (took, partitions), false);
                 Combined::Done
             }

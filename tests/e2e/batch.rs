@@ -124,6 +124,7 @@ async fn the_fence_refuses_a_stale_owner_and_a_claim_waits_for_the_batch_in_flig
         key: None,
         payload: Some(br#"{"event_id":"e1","type":"restock","sku":"S-1","quantity":5}"#.to_vec()),
         timestamp_ms: None,
+        trace: None,
     });
     let refused = apply_batch(&pool, &source, &batch, Guards::On, stale).await;
     assert!(matches!(refused, Err(Failure::Fenced(_))), "{refused:?}");

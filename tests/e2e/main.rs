@@ -25,6 +25,7 @@ mod stall;
 mod standing;
 mod support;
 mod tls;
+mod traces;
 mod upgrade;
 
 use crate::support::{EXIT, SETTLE};

@@ -39,6 +39,7 @@ use std::time::Duration;
 
 use tokio_postgres::Row;
 use tokio_postgres::types::{ToSql, Type};
+use tracing::Instrument as _;
 
 use crate::domain::{Batch, Clock, OrderBook, Parts, StockBook};
 use crate::store::ownership::{FENCE, check_fence};
@@ -46,6 +47,7 @@ use crate::store::pauses::{PAUSED, WHOLE_TOPIC};
 use crate::store::retention::{CLOCK_SHARED, clock_key};
 use crate::store::statements::{Params, Statements};
 use crate::store::{Failure, Pool};
+use crate::traces;
 use rows::{WriteRows, lock_keys, read_reservations, read_stock};
 use sql::{KEYED_PLANS, KEYED_PLANS_BOUNDED, LOCK, NOW, ORDER_SKUS, RECORDED, RESERVATIONS, STOCK};
 
@@ -149,7 +151,9 @@ pub async fn apply_parts(
         return Err(Failure::TooManyLocks { skus: skus.len() });
     }
     let partitions: Vec<i32> = next_offsets.iter().map(|(p, _)| *p).collect();
-    let read = lock_and_read(txn, source, &partitions, guards, batches, &orders, &skus).await?;
+    let read = lock_and_read(txn, source, &partitions, guards, batches, &orders, &skus)
+        .instrument(traces::step("lock and read"))
+        .await?;
     for (part, partition) in parts.iter().zip(&partitions) {
         check_fence(*partition, part.epoch, read.owners.get(partition).copied())?;
         if read.paused.contains(partition) || read.paused.contains(&WHOLE_TOPIC) {
@@ -168,9 +172,12 @@ pub async fn apply_parts(
     );
 
     let rows = WriteRows::of(&plan, source, next_offsets);
-    write(txn, &rows.writes()).await?;
+    write(txn, &rows.writes())
+        .instrument(traces::step("write"))
+        .await?;
     let outcomes = partitions.iter().map(|p| plan.outcome(*p)).collect();
-    tx.commit().await?;
+    tx.commit().instrument(traces::step("commit")).await?;
+    traces::decisions(&plan);
     Ok(outcomes)
 }
 

@@ -228,6 +228,7 @@ pub fn partition_batch(partition: i32, first_offset: i64, events: &[String]) -> 
             key: None,
             payload: Some(event.clone().into_bytes()),
             timestamp_ms: None,
+            trace: None,
         });
     }
     batch

@@ -199,6 +199,7 @@ fn cut_into_batches(spec: WorkloadSpec, partitions: i32) -> (Vec<Vec<Batch>>, Ex
             key: message.key.map(String::into_bytes),
             payload: Some(message.value),
             timestamp_ms: None,
+            trace: None,
         });
         next_offset[p] += 1;
     }

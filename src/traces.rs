@@ -1,0 +1,243 @@
+//! OpenTelemetry traces (docs/operations.md, "Traces"): the OTLP export set up from
+//! `[traces]`, and the W3C Trace Context that events carry in their Kafka headers.
+//!
+//! - A batch's transaction is one span, linked to the context of every event it applies (a
+//!   batch has many parents, so links, not a parent): [`link_events`].
+//! - Spans are exported by the SDK's batch processor on a thread of its own; a collector that
+//!   is down or slow costs spans (dropped and counted), never an event or the consume path.
+
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use opentelemetry::propagation::{Extractor, TextMapPropagator};
+use opentelemetry::trace::{SpanContext, TraceContextExt, TracerProvider as _};
+use opentelemetry::{Context, KeyValue};
+use opentelemetry_otlp::WithExportConfig as _;
+use opentelemetry_sdk::error::OTelSdkResult;
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider, SpanData, SpanExporter};
+use opentelemetry_sdk::{Resource, trace::BatchSpanProcessor};
+use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+
+use crate::config::TracesSettings;
+use crate::domain::{Batch, BatchPlan, TraceHeaders};
+
+/// The instrumentation scope of every span.
+const SCOPE: &str = "inventory-consumer";
+/// The longest the exit waits for the last spans to leave.
+pub const FLUSH_AT_EXIT: Duration = Duration::from_secs(2);
+
+static PROVIDER: OnceLock<SdkTracerProvider> = OnceLock::new();
+static ON: AtomicBool = AtomicBool::new(false);
+
+/// Whether spans are exported: per-event work for traces (links, span events) is skipped when
+/// not.
+pub fn enabled() -> bool {
+    ON.load(Ordering::Relaxed)
+}
+
+/// The tracer provider for `settings`, installed for [`shutdown`]; `None` when tracing is off.
+/// `max_links`: a batch span's links (one per event: `processing.batch_max_events`).
+pub fn provider(
+    settings: &TracesSettings,
+    max_links: usize,
+) -> anyhow::Result<Option<SdkTracerProvider>> {
+    if !settings.enabled() {
+        return Ok(None);
+    }
+    let exporter = opentelemetry_otlp::SpanExporter::builder()
+        .with_http()
+        .with_endpoint(settings.endpoint.clone())
+        .build()?;
+    let processor = BatchSpanProcessor::builder(Counting(exporter)).build();
+    let provider = SdkTracerProvider::builder()
+        .with_span_processor(processor)
+        .with_sampler(sampler(settings))
+        .with_max_links_per_span(u32::try_from(max_links).unwrap_or(u32::MAX))
+        .with_resource(
+            Resource::builder()
+                .with_service_name(settings.service_name.clone())
+                .with_attribute(KeyValue::new("service.version", env!("CARGO_PKG_VERSION")))
+                .build(),
+        )
+        .build();
+    let _ = PROVIDER.set(provider.clone());
+    ON.store(true, Ordering::Relaxed);
+    Ok(Some(provider))
+}
+
+/// The tracer the tracing layer turns spans into OpenTelemetry spans with.
+pub fn tracer(provider: &SdkTracerProvider) -> opentelemetry_sdk::trace::Tracer {
+    provider.tracer(SCOPE)
+}
+
+fn sampler(settings: &TracesSettings) -> Sampler {
+    let ratio = settings.sampler_arg;
+    match settings.sampler.as_str() {
+        "always_on" => Sampler::AlwaysOn,
+        "always_off" => Sampler::AlwaysOff,
+        "traceidratio" => Sampler::TraceIdRatioBased(ratio),
+        "parentbased_always_off" => Sampler::ParentBased(Box::new(Sampler::AlwaysOff)),
+        "parentbased_traceidratio" => {
+            Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(ratio)))
+        }
+        _ => Sampler::ParentBased(Box::new(Sampler::AlwaysOn)),
+    }
+}
+
+/// Sends what the spans still queued, within [`FLUSH_AT_EXIT`]: the process exits without
+/// running destructors.
+pub fn shutdown() {
+    if let Some(provider) = PROVIDER.get()
+        && let Err(e) = provider.shutdown_with_timeout(FLUSH_AT_EXIT)
+    {
+        tracing::warn!(error = %e, "traces: the last spans may not have been sent");
+    }
+}
+
+/// The remote span context `headers` carry, if they are valid W3C Trace Context: an event
+/// without one, or with a malformed one, starts no trace of its own (its batch's span is a
+/// root either way).
+pub fn context_of(headers: &TraceHeaders) -> Option<SpanContext> {
+    let cx = TraceContextPropagator::new().extract_with_context(&Context::new(), headers);
+    let span = cx.span().span_context().clone();
+    span.is_valid().then_some(span)
+}
+
+impl Extractor for TraceHeaders {
+    fn get(&self, key: &str) -> Option<&str> {
+        match key {
+            "traceparent" => Some(&self.traceparent),
+            "tracestate" => self.tracestate.as_deref(),
+            _ => None,
+        }
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        vec!["traceparent", "tracestate"]
+    }
+}
+
+/// Links `span` to the context of each event of `batch` that carries one.
+pub fn link_events(span: &tracing::Span, batch: &Batch) {
+    if !enabled() {
+        return;
+    }
+    for trace in batch.traces() {
+        if let Some(cx) = context_of(trace) {
+            span.add_link(cx);
+        }
+    }
+}
+
+/// A step of a batch's transaction, as a child span of its batch's (none when traces are off).
+pub fn step(name: &'static str) -> tracing::Span {
+    if !enabled() {
+        return tracing::Span::none();
+    }
+    tracing::info_span!(
+        "step",
+        otel.name = name,
+        otel.kind = "client",
+        db.system.name = "postgresql",
+    )
+}
+
+/// A committed plan's rejections and dead letters, as events of the current span (its batch's).
+pub fn decisions(plan: &BatchPlan<'_>) {
+    if !enabled() {
+        return;
+    }
+    for planned in &plan.events {
+        if let Some(reason) = planned.outcome.reason() {
+            tracing::debug!(
+                event_id = %planned.event.id,
+                partition = planned.partition,
+                offset = planned.offset,
+                reason,
+                "event rejected"
+            );
+        }
+    }
+    for dead in &plan.dead_letters {
+        tracing::debug!(
+            partition = dead.delivery.partition,
+            offset = dead.delivery.offset,
+            reason = dead.error,
+            detail = %dead.detail,
+            "dead letter"
+        );
+    }
+}
+
+/// Counts what the exporter sent and what it could not (the batch processor drops a batch
+/// whose export failed).
+#[derive(Debug)]
+struct Counting<E>(E);
+
+impl<E: SpanExporter> SpanExporter for Counting<E> {
+    async fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
+        let spans = batch.len() as u64;
+        let result = self.0.export(batch).await;
+        match &result {
+            Ok(()) => metrics::counter!(crate::metrics::SPANS_EXPORTED).increment(spans),
+            Err(_) => metrics::counter!(crate::metrics::SPANS_DROPPED).increment(spans),
+        }
+        result
+    }
+
+    fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
+        self.0.shutdown_with_timeout(timeout)
+    }
+
+    fn force_flush(&self) -> OTelSdkResult {
+        self.0.force_flush()
+    }
+
+    fn set_resource(&mut self, resource: &Resource) {
+        self.0.set_resource(resource);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(traceparent: &str, tracestate: Option<&str>) -> TraceHeaders {
+        TraceHeaders {
+            traceparent: traceparent.into(),
+            tracestate: tracestate.map(Into::into),
+        }
+    }
+
+    #[test]
+    fn a_valid_traceparent_is_the_remote_context() {
+        let cx = context_of(&headers(
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            Some("vendor=x"),
+        ))
+        .expect("valid");
+        assert_eq!(
+            cx.trace_id().to_string(),
+            "4bf92f3577b34da6a3ce929d0e0e4736"
+        );
+        assert_eq!(cx.span_id().to_string(), "00f067aa0ba902b7");
+        assert!(cx.is_sampled() && cx.is_remote());
+        assert_eq!(cx.trace_state().header(), "vendor=x");
+    }
+
+    #[test]
+    fn malformed_traceparents_are_no_context() {
+        for bad in [
+            "",
+            "garbage",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        ] {
+            assert!(context_of(&headers(bad, None)).is_none(), "{bad:?}");
+        }
+    }
+}

@@ -1,0 +1,317 @@
+//! OpenTelemetry traces (docs/operations.md, "Traces") as a tracing backend sees them: an
+//! OTLP/HTTP receiver of the test's own decodes what a replica exports with the protocol's
+//! published definitions (`opentelemetry-proto`), and events produced with known
+//! `traceparent` headers through Apache Kafka are followed into their batch's span.
+
+use std::collections::{BTreeSet, HashMap};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+use opentelemetry_proto::tonic::common::v1::KeyValue;
+use opentelemetry_proto::tonic::common::v1::any_value::Value;
+use opentelemetry_proto::tonic::trace::v1::Span;
+use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
+use prost::Message as _;
+use rand::Rng as _;
+use rdkafka::ClientConfig;
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use serde_json::json;
+
+use crate::support::{EXIT, GROUP, SETTLE, TOPIC, TestEnv, http_get, metric, wait_until};
+
+/// What the receiver got: every span of every request, and each request's `service.name`.
+#[derive(Default)]
+struct Received {
+    spans: Vec<Span>,
+    services: BTreeSet<String>,
+}
+
+/// An OTLP/HTTP receiver on a local port: `POST /v1/traces`, protobuf.
+async fn receiver() -> (SocketAddr, Arc<Mutex<Received>>) {
+    let received = Arc::new(Mutex::new(Received::default()));
+    let sink = received.clone();
+    let app = axum::Router::new().route(
+        "/v1/traces",
+        axum::routing::post(move |body: axum::body::Bytes| {
+            let sink = sink.clone();
+            async move {
+                let request = ExportTraceServiceRequest::decode(body).expect("an OTLP request");
+                let mut sink = sink.lock().unwrap();
+                for resource in request.resource_spans {
+                    if let Some(service) = resource.resource.as_ref().and_then(|r| {
+                        r.attributes
+                            .iter()
+                            .find(|a| a.key == "service.name")
+                            .and_then(text)
+                    }) {
+                        sink.services.insert(service);
+                    }
+                    for scope in resource.scope_spans {
+                        sink.spans.extend(scope.spans);
+                    }
+                }
+                axum::http::StatusCode::OK
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (addr, received)
+}
+
+fn text(kv: &KeyValue) -> Option<String> {
+    match kv.value.as_ref()?.value.as_ref()? {
+        Value::StringValue(s) => Some(s.clone()),
+        Value::IntValue(i) => Some(i.to_string()),
+        other => Some(format!("{other:?}")),
+    }
+}
+
+fn attribute(attributes: &[KeyValue], key: &str) -> Option<String> {
+    attributes.iter().find(|a| a.key == key).and_then(text)
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A W3C `traceparent` with random ids: (header, trace id, span id).
+fn traceparent() -> (String, String, String) {
+    let mut rng = rand::rng();
+    let trace = format!("{:032x}", rng.random::<u128>() | 1);
+    let span = format!("{:016x}", rng.random::<u64>() | 1);
+    (format!("00-{trace}-{span}-01"), trace, span)
+}
+
+/// A message to produce: its partition, payload and headers.
+type Outgoing = (i32, String, Vec<(&'static str, String)>);
+
+/// Produces each message with its headers, acknowledged.
+async fn produce(bootstrap: &str, messages: Vec<Outgoing>) {
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("enable.idempotence", "true")
+        .create()
+        .expect("producer");
+    for (partition, payload, headers) in messages {
+        let mut owned = OwnedHeaders::new();
+        for (key, value) in &headers {
+            owned = owned.insert(Header {
+                key,
+                value: Some(value.as_str()),
+            });
+        }
+        let record = FutureRecord::to(TOPIC)
+            .partition(partition)
+            .key("k")
+            .payload(&payload)
+            .headers(owned);
+        producer
+            .send(record, Duration::from_secs(30))
+            .await
+            .expect("acknowledged");
+    }
+}
+
+/// A replica on Apache Kafka exports a span per batch transaction: linked to the context of
+/// every event that carried a valid `traceparent` (and to no other), with OpenTelemetry's
+/// messaging attributes, its steps as child spans, a rejection and a dead letter as events; and
+/// its JSON log lines inside a batch carry that span's ids.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_batch_span_links_each_event_that_carries_a_trace() {
+    crate::support::install_apache();
+    let env = TestEnv::on_apache(3, 1).await;
+    let (addr, received) = receiver().await;
+    let endpoint = format!("http://{addr}");
+    let mut replica = env.replica_with_env(
+        "r1",
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
+            ("OTEL_SERVICE_NAME", "inventory-under-test"),
+            ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+        ],
+        &[],
+    );
+
+    let mut messages = Vec::new();
+    let mut traced: BTreeSet<(String, String)> = BTreeSet::new();
+    for i in 0..60 {
+        let event = json!({"event_id": format!("t-{i}"), "type": "restock", "sku": format!("S{}", i % 7), "quantity": 5});
+        let mut headers = Vec::new();
+        match i % 4 {
+            0 | 1 => {
+                let (header, trace, span) = traceparent();
+                traced.insert((trace, span));
+                headers.push(("traceparent", header));
+                headers.push(("tracestate", "vendor=test".to_owned()));
+            }
+            // Malformed: no context, never an error.
+            2 => headers.push(("traceparent", "00-not-a-trace-01".to_owned())),
+            _ => {}
+        }
+        messages.push((i % 3, event.to_string(), headers));
+    }
+    let (header, trace, span) = traceparent();
+    traced.insert((trace.clone(), span.clone()));
+    let sale =
+        json!({"event_id": "t-oversold", "type": "sale", "sku": "S0", "quantity": 1_000_000});
+    messages.push((0, sale.to_string(), vec![("traceparent", header)]));
+    messages.push((1, "{not json".to_owned(), vec![]));
+    produce(&env.broker.bootstrap, messages).await;
+    env.wait_processed(62, SETTLE).await;
+
+    let addr_http = replica.http_addr().await;
+    wait_until("the spans to be exported", SETTLE, || async {
+        let (_, text) = http_get(&addr_http, "/metrics");
+        metric(&text, "inventory_trace_spans_exported_total", &[]) > 0.0
+    })
+    .await;
+    let (status, _) = replica.terminate(EXIT);
+    assert!(status.success(), "exit: {status:?}\n{}", replica.log());
+
+    let received = received.lock().unwrap();
+    assert!(
+        received.services.contains("inventory-under-test"),
+        "{:?}",
+        received.services
+    );
+    let batches: Vec<&Span> = received
+        .spans
+        .iter()
+        .filter(|s| s.name == format!("process {TOPIC}"))
+        .collect();
+    assert!(
+        !batches.is_empty(),
+        "no batch span among {} spans",
+        received.spans.len()
+    );
+    let mut linked = BTreeSet::new();
+    for batch in &batches {
+        assert_eq!(batch.kind, SpanKind::Consumer as i32, "{batch:?}");
+        assert_eq!(
+            attribute(&batch.attributes, "messaging.system").as_deref(),
+            Some("kafka")
+        );
+        assert_eq!(
+            attribute(&batch.attributes, "messaging.destination.name").as_deref(),
+            Some(TOPIC)
+        );
+        assert_eq!(
+            attribute(&batch.attributes, "messaging.consumer.group.name").as_deref(),
+            Some(GROUP)
+        );
+        assert!(
+            batch.parent_span_id.is_empty(),
+            "a batch span is a root: {batch:?}"
+        );
+        for link in &batch.links {
+            let pair = (hex(&link.trace_id), hex(&link.span_id));
+            assert!(linked.insert(pair.clone()), "linked twice: {pair:?}");
+        }
+    }
+    eprintln!(
+        "{} spans, {} batch spans, {} links",
+        received.spans.len(),
+        batches.len(),
+        linked.len()
+    );
+    assert_eq!(
+        linked, traced,
+        "the batch spans link exactly the events with a valid context"
+    );
+
+    // The steps are children of their batch's span.
+    let ids: HashMap<Vec<u8>, &Span> = batches.iter().map(|s| (s.span_id.clone(), *s)).collect();
+    for step in ["lock and read", "write", "commit"] {
+        let children: Vec<&Span> = received.spans.iter().filter(|s| s.name == step).collect();
+        assert!(!children.is_empty(), "no `{step}` span");
+        for child in children {
+            assert!(
+                ids.contains_key(&child.parent_span_id),
+                "`{step}` outside a batch span"
+            );
+            assert_eq!(child.trace_id, ids[&child.parent_span_id].trace_id);
+        }
+    }
+
+    // The oversold sale's rejection and the malformed message's dead letter, with reasons.
+    let events: Vec<(String, Option<String>)> = batches
+        .iter()
+        .flat_map(|b| b.events.iter())
+        .map(|e| (e.name.clone(), attribute(&e.attributes, "reason")))
+        .collect();
+    assert!(
+        events.contains(&("event rejected".into(), Some("insufficient_stock".into()))),
+        "{events:?}"
+    );
+    assert!(
+        events
+            .iter()
+            .any(|(name, reason)| name == "dead letter" && reason.is_some()),
+        "{events:?}"
+    );
+
+    // Log lines inside a batch carry its span's ids.
+    let committed = replica.events("batch_committed");
+    assert!(!committed.is_empty());
+    let span_ids: BTreeSet<String> = batches.iter().map(|s| hex(&s.span_id)).collect();
+    for line in committed {
+        let span_id = line["span_id"].as_str().unwrap_or_default().to_owned();
+        assert!(
+            span_ids.contains(&span_id),
+            "a batch_committed line outside an exported batch span: {line}"
+        );
+        assert_eq!(line["trace_id"].as_str().map(str::len), Some(32), "{line}");
+    }
+}
+
+/// A collector that is down costs spans, counted, and nothing else: every event is applied,
+/// and the replica exits 0 on SIGTERM.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_collector_that_is_down_costs_no_event() {
+    let env = TestEnv::new(3).await;
+    // A port nothing listens on.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let endpoint = format!("http://{}", closed.local_addr().unwrap());
+    drop(closed);
+    let mut replica = env.replica_with_env(
+        "r1",
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
+            ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+            ("OTEL_EXPORTER_OTLP_TIMEOUT", "500"),
+        ],
+        &[],
+    );
+    let mut messages = Vec::new();
+    for i in 0..300 {
+        let (header, _, _) = traceparent();
+        let event = json!({"event_id": format!("d-{i}"), "type": "restock", "sku": format!("S{}", i % 11), "quantity": 1});
+        messages.push((i % 3, event.to_string(), vec![("traceparent", header)]));
+    }
+    produce(&env.broker.bootstrap, messages).await;
+    env.wait_processed(300, SETTLE).await;
+    let addr = replica.http_addr().await;
+    wait_until("dropped spans to be counted", SETTLE, || async {
+        let (_, text) = http_get(&addr, "/metrics");
+        metric(&text, "inventory_trace_spans_dropped_total", &[]) > 0.0
+    })
+    .await;
+    let (_, text) = http_get(&addr, "/metrics");
+    assert_eq!(
+        metric(&text, "inventory_trace_spans_exported_total", &[]),
+        0.0
+    );
+    let (status, _) = replica.terminate(EXIT);
+    assert!(status.success(), "exit: {status:?}\n{}", replica.log());
+    assert_eq!(
+        env.db
+            .scalar("SELECT sum(current_stock)::bigint FROM products")
+            .await,
+        300
+    );
+}
