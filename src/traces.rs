@@ -6,11 +6,12 @@
 //! - Spans are exported by the SDK's batch processor on a thread of its own; a collector that
 //!   is down or slow costs spans (dropped and counted), never an event or the consume path.
 
+use std::collections::HashMap;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use opentelemetry::propagation::{Extractor, TextMapPropagator};
+use opentelemetry::propagation::{Extractor, TextMapPropagator as _};
 use opentelemetry::trace::{SpanContext, TraceContextExt, TracerProvider as _};
 use opentelemetry::{Context, KeyValue};
 use opentelemetry_otlp::WithExportConfig as _;
@@ -18,6 +19,7 @@ use opentelemetry_sdk::error::OTelSdkResult;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider, SpanData, SpanExporter};
 use opentelemetry_sdk::{Resource, trace::BatchSpanProcessor};
+use rdkafka::message::{Header, OwnedHeaders};
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
 use crate::config::TracesSettings;
@@ -131,6 +133,21 @@ pub fn link_events(span: &tracing::Span, batch: &Batch) {
     }
 }
 
+/// A span of the service's own work named `name`, of OpenTelemetry kind `kind` (`internal`,
+/// `client`...), with room for an `expired` and a `replies` count; none when traces are off.
+pub fn span(name: &'static str, kind: &'static str) -> tracing::Span {
+    if !enabled() {
+        return tracing::Span::none();
+    }
+    tracing::info_span!(
+        "work",
+        otel.name = name,
+        otel.kind = kind,
+        expired = tracing::field::Empty,
+        replies = tracing::field::Empty,
+    )
+}
+
 /// A step of a batch's transaction, as a child span of its batch's (none when traces are off).
 pub fn step(name: &'static str) -> tracing::Span {
     if !enabled() {
@@ -169,6 +186,44 @@ pub fn decisions(plan: &BatchPlan<'_>) {
             "dead letter"
         );
     }
+}
+
+/// The headers of a reply to a request that carried `request`, and the span of its sending:
+/// the reply goes on in the request's trace. With traces on, the sending is a producer span
+/// whose parent is the request's context, and the header names it; off, the header is the
+/// request's own context. `None` when the request carried no valid context.
+pub fn reply_headers(
+    request: Option<&TraceHeaders>,
+    topic: &str,
+) -> Option<(OwnedHeaders, tracing::Span)> {
+    let parent = context_of(request?)?;
+    let mut carrier: HashMap<String, String> = HashMap::new();
+    let send = if enabled() {
+        let span = tracing::info_span!(
+            "send",
+            otel.name = %format_args!("send {topic}"),
+            otel.kind = "producer",
+            messaging.system = "kafka",
+            messaging.operation.type = "send",
+            messaging.destination.name = %topic,
+        );
+        let _ = span.set_parent(Context::new().with_remote_span_context(parent));
+        TraceContextPropagator::new().inject_context(&span.context(), &mut carrier);
+        span
+    } else {
+        let cx = Context::new().with_remote_span_context(parent);
+        TraceContextPropagator::new().inject_context(&cx, &mut carrier);
+        tracing::Span::none()
+    };
+    let mut headers = OwnedHeaders::new();
+    // The propagator writes `tracestate` even when empty: left out then.
+    for (key, value) in carrier.iter().filter(|(_, v)| !v.is_empty()) {
+        headers = headers.insert(Header {
+            key: key.as_str(),
+            value: Some(value.as_str()),
+        });
+    }
+    Some((headers, send))
 }
 
 /// Counts what the exporter sent and what it could not (the batch processor drops a batch

@@ -129,9 +129,26 @@ pub struct BatchPlan<'a> {
     pub ended: Vec<EndedReservation>,
     /// The replies to the batch's order steps, in order.
     pub replies: Vec<Reply>,
-    /// The event ids whose replies to publish, in the batch's order: the new replies, and the
-    /// recorded ones of order steps sent again.
-    pub queued: Vec<&'a str>,
+    /// The replies to publish, in the batch's order: the new replies, and the recorded ones of
+    /// order steps sent again.
+    pub queued: Vec<Queued<'a>>,
+}
+
+/// A reply to publish: its event's id, and the trace context of the message that asked for it
+/// now (a request sent again is answered in its own trace).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Queued<'a> {
+    pub event_id: &'a str,
+    pub trace: Option<&'a TraceHeaders>,
+}
+
+impl<'a> Queued<'a> {
+    fn of(event: &'a Event, delivery: &'a Delivery) -> Self {
+        Queued {
+            event_id: &event.id,
+            trace: delivery.trace.as_deref(),
+        }
+    }
 }
 
 impl BatchPlan<'_> {
@@ -393,7 +410,7 @@ impl<'a> Parts<'_, 'a> {
                     tally.duplicates += 1;
                     // Its recorded reply, if it got one, is published again.
                     if reply_all || event.kind.is_order_step() {
-                        plan.queued.push(&event.id);
+                        plan.queued.push(Queued::of(event, delivery));
                     }
                     continue;
                 }
@@ -434,7 +451,7 @@ impl<'a> Parts<'_, 'a> {
                 tally.replies += 1;
                 let reservation = order.and_then(|o| orders.get(o));
                 plan.replies.push(reply_to(event, outcome, reservation));
-                plan.queued.push(&event.id);
+                plan.queued.push(Queued::of(event, delivery));
             }
             seen.insert(&event.id, digest);
             plan.events.push(PlannedEvent {
@@ -624,8 +641,9 @@ mod tests {
             ],
             "results.all_events: every decided stock event, keyed by its SKU"
         );
+        let queued: Vec<&str> = all.queued.iter().map(|q| q.event_id).collect();
         assert_eq!(
-            all.queued,
+            queued,
             ["r1", "s1", "s1", "s2", "s3", "old", "s4"],
             "the duplicates' recorded replies are published again"
         );

@@ -12,7 +12,7 @@ pub mod rules;
 
 pub use batch::{
     Batch, BatchOutcome, BatchPlan, DeadLetter, Delivery, MAX_LINES_PER_BATCH, Parts, PlannedEvent,
-    TraceHeaders,
+    Queued, TraceHeaders,
 };
 pub use dead_letter_limit::{DeadLetterLimit, LimitExceeded};
 pub use event::{Event, EventKind, Expiry, InvalidEvent, Line, decode};

@@ -26,6 +26,8 @@
 //!   empty, so the replies its replica queued never wait for a timer. Otherwise a relay looks
 //!   every [`IDLE`], for the replies a replica that died left queued. Looking costs one
 //!   statement: a round takes its transaction and the lock only when something is queued.
+//! - **In the request's trace.** A reply carries a `traceparent` header that continues the trace
+//!   of the message that asked for it, stored with its row ([`crate::traces::reply_headers`]).
 
 use std::time::Duration;
 
@@ -34,7 +36,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use tokio_postgres::types::{ToSql, Type};
 use tokio_util::sync::CancellationToken;
 
-use crate::domain::lock_key;
+use crate::domain::{TraceHeaders, lock_key};
 use crate::store::{Failure, Pool};
 
 /// Replies per round (one transaction).
@@ -64,7 +66,7 @@ pub enum Round {
 
 const QUEUED: &str = "
     SELECT o.id, coalesce(r.reply_key, r.order_id), r.payload,
-           extract(epoch FROM now() - o.queued_at)::float8
+           extract(epoch FROM now() - o.queued_at)::float8, o.traceparent, o.tracestate
     FROM reply_outbox o JOIN replies r ON r.event_id = o.event_id
     ORDER BY o.id
     LIMIT $1";
@@ -214,13 +216,27 @@ pub async fn relay_round(
     if rows.is_empty() {
         return Ok(Round::Empty);
     }
+    let round = crate::traces::span("relay replies", "internal");
+    round.record("replies", rows.len());
     let mut ids = Vec::with_capacity(rows.len());
     let mut deliveries = Vec::with_capacity(rows.len());
+    // Each reply's sending, in its request's trace: ended once acknowledged.
+    let mut sends = Vec::new();
     for row in &rows {
         ids.push(row.try_get::<_, i64>(0)?);
         let key: &str = row.try_get(1)?;
         let payload: &str = row.try_get(2)?;
-        let record = FutureRecord::to(topic).key(key).payload(payload);
+        let request = row
+            .try_get::<_, Option<String>>(4)?
+            .map(|traceparent| TraceHeaders {
+                traceparent,
+                tracestate: row.try_get(5).ok().flatten(),
+            });
+        let mut record = FutureRecord::to(topic).key(key).payload(payload);
+        if let Some((headers, send)) = crate::traces::reply_headers(request.as_ref(), topic) {
+            record = record.headers(headers);
+            sends.push(send);
+        }
         let delivery = producer
             .send_result(record)
             .map_err(|(e, _)| Failure::transient_from("queueing a reply", e))?;
@@ -246,9 +262,11 @@ pub async fn relay_round(
             )));
         }
     }
+    drop(sends);
     let ids_param = [(&ids as &(dyn ToSql + Sync), Type::INT8_ARRAY)];
     tx.execute_typed(PUBLISHED, &ids_param).await?;
     tx.commit().await?;
+    drop(round);
     metrics::counter!(crate::metrics::REPLIES).increment(ids.len() as u64);
     Ok(Round::Published(ids.len()))
 }

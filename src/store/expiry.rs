@@ -18,14 +18,16 @@ use tokio::sync::Semaphore;
 use tokio_postgres::Transaction;
 use tokio_postgres::types::{ToSql, Type};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 
 use crate::domain::batch::{EndedReservation, product_changes};
 use crate::domain::event::EXPIRY_PREFIX;
 use crate::domain::{
-    Movement, OrderBook, Reply, ReservationStatus, StockBook, expire, expiry_reply,
+    Movement, OrderBook, Queued, Reply, ReservationStatus, StockBook, expire, expiry_reply,
 };
 use crate::store::apply::rows::{
-    EndedRows, MovementRows, ProductRows, ReplyRows, lock_keys, read_reservations, read_stock,
+    EndedRows, MovementRows, ProductRows, QueueRows, ReplyRows, lock_keys, read_reservations,
+    read_stock,
 };
 use crate::store::apply::sql::{
     END_RESERVATIONS, INSERT_EVENTS, INSERT_MOVEMENTS, INSERT_REPLIES, LOCK, NOW, QUEUE_REPLIES,
@@ -102,14 +104,22 @@ pub async fn sweep(pool: &Pool, topic: &str, max_lines: usize) -> Result<usize, 
     if due.is_empty() {
         return Ok(0);
     }
-    let mut read = lock_and_read(&tx, &due).await?;
-    let expiries = decide(&due, &mut read);
+    let span = crate::traces::span("expire reservations", "internal");
+    let expired = expire_due(tx, topic, &due).instrument(span.clone()).await?;
+    span.record("expired", expired);
+    metrics::counter!(crate::metrics::EXPIRED).increment(expired as u64);
+    Ok(expired)
+}
+
+/// Expires what of `due` is still due, and commits.
+async fn expire_due(tx: Transaction<'_>, topic: &str, due: &[String]) -> Result<usize, Failure> {
+    let mut read = lock_and_read(&tx, due).await?;
+    let expiries = decide(due, &mut read);
     if expiries.expired.is_empty() {
         return Ok(0);
     }
     write(&tx, topic, &expiries, &read.existing).await?;
     tx.commit().await?;
-    metrics::counter!(crate::metrics::EXPIRED).increment(expiries.expired.len() as u64);
     Ok(expiries.expired.len())
 }
 
@@ -243,10 +253,16 @@ async fn write(
     let replies = &expiries.replies;
     let reply_rows = ReplyRows::of(replies);
     let reply_params = reply_rows.params();
-    let queue_param = [(
-        &reply_rows.event_ids as &(dyn ToSql + Sync),
-        Type::TEXT_ARRAY,
-    )];
+    // An expiry answers no message: its reply has no trace context to carry on.
+    let queued: Vec<Queued<'_>> = replies
+        .iter()
+        .map(|r| Queued {
+            event_id: &r.event_id,
+            trace: None,
+        })
+        .collect();
+    let queue_rows = QueueRows::of(&queued);
+    let queue_param = queue_rows.params();
     tokio::try_join!(
         biased;
         tx.execute_typed(INSERT_EVENTS, &event_params),

@@ -1,7 +1,8 @@
 //! OpenTelemetry traces (docs/operations.md, "Traces") as a tracing backend sees them: an
 //! OTLP/HTTP receiver of the test's own decodes what a replica exports with the protocol's
 //! published definitions (`opentelemetry-proto`), and events produced with known
-//! `traceparent` headers through Apache Kafka are followed into their batch's span.
+//! `traceparent` headers through Apache Kafka are followed into their batch's span, and a
+//! reply out of it in its request's trace.
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
@@ -20,7 +21,10 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::json;
 
-use crate::support::{EXIT, GROUP, SETTLE, TOPIC, TestEnv, http_get, metric, wait_until};
+use crate::support::{
+    EXIT, GROUP, RESULTS_TOPIC, SETTLE, TOPIC, TestEnv, http_get, metric, read_whole_topic,
+    wait_until,
+};
 
 /// What the receiver got: every span of every request, and each request's `service.name`.
 #[derive(Default)]
@@ -161,8 +165,20 @@ async fn a_batch_span_links_each_event_that_carries_a_trace() {
         json!({"event_id": "t-oversold", "type": "sale", "sku": "S0", "quantity": 1_000_000});
     messages.push((0, sale.to_string(), vec![("traceparent", header)]));
     messages.push((1, "{not json".to_owned(), vec![]));
+    // An order service's reserve with a trace, and one without: the first reply must continue
+    // the request's trace, the second carries none.
+    let (header, request_trace, request_span) = traceparent();
+    traced.insert((request_trace.clone(), request_span.clone()));
+    let reserve = |order: &str| json!({"event_id": format!("{order}-r"), "type": "reserve", "order_id": order, "sku": "S1", "quantity": 1});
+    messages.push((
+        2,
+        reserve("o-traced").to_string(),
+        vec![("traceparent", header)],
+    ));
+    messages.push((2, reserve("o-plain").to_string(), vec![]));
     produce(&env.broker.bootstrap, messages).await;
-    env.wait_processed(62, SETTLE).await;
+    env.wait_processed(64, SETTLE).await;
+    crate::support::orders::wait_for_replies(&env, 2).await;
 
     let addr_http = replica.http_addr().await;
     wait_until("the spans to be exported", SETTLE, || async {
@@ -255,6 +271,41 @@ async fn a_batch_span_links_each_event_that_carries_a_trace() {
         "{events:?}"
     );
 
+    // The traced reserve's reply continues its trace: its header names a producer span whose
+    // parent is the request's span. The other reply has no header.
+    let (replies, _) = read_whole_topic(&env.broker.bootstrap, RESULTS_TOPIC);
+    let header_of = |order: &str| {
+        let reply = replies
+            .iter()
+            .find(|m| m.key.as_deref() == Some(order.as_bytes()))
+            .unwrap_or_else(|| panic!("no reply for {order}"));
+        reply
+            .headers
+            .iter()
+            .find(|(k, _)| k == "traceparent")
+            .map(|(_, v)| v.clone())
+    };
+    assert_eq!(header_of("o-plain"), None);
+    let reply_parent = header_of("o-traced").expect("the reply carries a traceparent");
+    let parts: Vec<&str> = reply_parent.split('-').collect();
+    assert_eq!(parts.len(), 4, "{reply_parent}");
+    assert_eq!(
+        parts[1], request_trace,
+        "the reply is in the request's trace"
+    );
+    let send = received
+        .spans
+        .iter()
+        .find(|s| hex(&s.span_id) == parts[2])
+        .unwrap_or_else(|| panic!("no exported span {} (the reply's parent)", parts[2]));
+    assert_eq!(send.name, format!("send {RESULTS_TOPIC}"));
+    assert_eq!(send.kind, SpanKind::Producer as i32);
+    assert_eq!(
+        hex(&send.parent_span_id),
+        request_span,
+        "the send's parent is the request"
+    );
+
     // Log lines inside a batch carry its span's ids.
     let committed = replica.events("batch_committed");
     assert!(!committed.is_empty());
@@ -314,4 +365,48 @@ async fn a_collector_that_is_down_costs_no_event() {
             .await,
         300
     );
+}
+
+/// With traces off a reply still continues its request's trace: its headers are the request's
+/// own `traceparent` and `tracestate`.
+#[tokio::test(flavor = "multi_thread")]
+async fn with_traces_off_a_reply_carries_its_requests_context() {
+    let env = TestEnv::new(3).await;
+    let mut replica = env.replica("r1", &[]);
+    let (header, _, _) = traceparent();
+    let restock = json!({"event_id": "off-s", "type": "restock", "sku": "S1", "quantity": 3});
+    let reserve = json!({"event_id": "off-r", "type": "reserve", "order_id": "o-off", "sku": "S1", "quantity": 1});
+    produce(
+        &env.broker.bootstrap,
+        vec![
+            (0, restock.to_string(), vec![]),
+            (
+                0,
+                reserve.to_string(),
+                vec![
+                    ("traceparent", header.clone()),
+                    ("tracestate", "vendor=off".to_owned()),
+                ],
+            ),
+        ],
+    )
+    .await;
+    env.wait_processed(2, SETTLE).await;
+    crate::support::orders::wait_for_replies(&env, 1).await;
+    let (replies, _) = read_whole_topic(&env.broker.bootstrap, RESULTS_TOPIC);
+    let reply = replies
+        .iter()
+        .find(|m| m.key.as_deref() == Some(b"o-off".as_slice()))
+        .expect("the reserve's reply");
+    let mut headers = reply.headers.clone();
+    headers.sort();
+    assert_eq!(
+        headers,
+        [
+            ("traceparent".to_owned(), header),
+            ("tracestate".to_owned(), "vendor=off".to_owned())
+        ]
+    );
+    let (status, _) = replica.terminate(EXIT);
+    assert!(status.success(), "exit: {status:?}\n{}", replica.log());
 }

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Headers as _;
 use rdkafka::{Message, Offset, TopicPartitionList};
 
 /// One message read back from a topic.
@@ -15,6 +16,8 @@ pub struct TopicMessage {
     pub offset: i64,
     pub key: Option<Vec<u8>>,
     pub payload: Option<Vec<u8>>,
+    /// Its headers, as (key, value) text (values that are not UTF-8 are left out).
+    pub headers: Vec<(String, String)>,
 }
 
 /// Each partition's watermarks (low, high).
@@ -88,6 +91,17 @@ pub fn read_whole_topic(
             offset: message.offset(),
             key: message.key().map(<[u8]>::to_vec),
             payload: message.payload().map(<[u8]>::to_vec),
+            headers: message
+                .headers()
+                .map(|hs| {
+                    hs.iter()
+                        .filter_map(|h| {
+                            let value = std::str::from_utf8(h.value?).ok()?;
+                            Some((h.key.to_owned(), value.to_owned()))
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
         });
         left -= 1;
     }

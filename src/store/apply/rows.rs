@@ -11,7 +11,8 @@ use super::sql::{
 use super::{Source, Write};
 use crate::domain::batch::{BatchPlan, EndedReservation, ProductChange};
 use crate::domain::{
-    Line, Movement, OrderBook, Reply, Reservation, ReservationStatus, Stock, StockBook, lock_key,
+    Line, Movement, OrderBook, Queued, Reply, Reservation, ReservationStatus, Stock, StockBook,
+    lock_key,
 };
 use crate::store::Failure;
 
@@ -28,7 +29,7 @@ pub(super) struct WriteRows<'a> {
     made: ReservationRows<'a>,
     ended: EndedRows<'a>,
     replies: ReplyRows<'a>,
-    queued: &'a [&'a str],
+    queued: QueueRows<'a>,
     dead: DeadLetterRows<'a>,
 }
 
@@ -51,7 +52,7 @@ impl<'a> WriteRows<'a> {
             made: ReservationRows::of(plan),
             ended: EndedRows::of(&plan.ended),
             replies: ReplyRows::of(&plan.replies),
-            queued: &plan.queued,
+            queued: QueueRows::of(&plan.queued),
             dead: DeadLetterRows::of(plan),
         }
     }
@@ -93,8 +94,8 @@ impl<'a> WriteRows<'a> {
             ),
             Write::new(
                 QUEUE_REPLIES,
-                &[(&self.queued, Type::TEXT_ARRAY)],
-                !self.queued.is_empty(),
+                &self.queued.params(),
+                !self.queued.event_ids.is_empty(),
             ),
             Write::new(
                 INSERT_DEAD_LETTERS,
@@ -308,6 +309,37 @@ impl<'a> ReplyRows<'a> {
             (&self.orders, Type::TEXT_ARRAY),
             (&self.keys, Type::TEXT_ARRAY),
             (&self.payloads, Type::TEXT_ARRAY),
+        ]
+    }
+}
+
+/// Replies to queue for the relay, in order, each with its request's trace context.
+pub(in crate::store) struct QueueRows<'a> {
+    event_ids: Vec<&'a str>,
+    traceparents: Vec<Option<&'a str>>,
+    tracestates: Vec<Option<&'a str>>,
+}
+
+impl<'a> QueueRows<'a> {
+    pub(in crate::store) fn of(queued: &[Queued<'a>]) -> Self {
+        QueueRows {
+            event_ids: queued.iter().map(|q| q.event_id).collect(),
+            traceparents: queued
+                .iter()
+                .map(|q| q.trace.map(|t| t.traceparent.as_str()))
+                .collect(),
+            tracestates: queued
+                .iter()
+                .map(|q| q.trace.and_then(|t| t.tracestate.as_deref()))
+                .collect(),
+        }
+    }
+
+    pub(in crate::store) fn params(&self) -> [(&(dyn ToSql + Sync), Type); 3] {
+        [
+            (&self.event_ids, Type::TEXT_ARRAY),
+            (&self.traceparents, Type::TEXT_ARRAY),
+            (&self.tracestates, Type::TEXT_ARRAY),
         ]
     }
 }

@@ -103,12 +103,13 @@ pub(in crate::store) const INSERT_REPLIES: &str = concat!(
 );
 
 // Queued in the order given (a function scan keeps array order, and so do the identities):
-// the batch's order, new replies and those of requests sent again alike. A request sent
-// again whose first delivery got no reply (a stock event decided while `results.all_events`
-// was off) has none to publish.
+// the batch's order, new replies and those of requests sent again alike, each with the trace
+// context of the message that asked (migration 16). A request sent again whose first delivery
+// got no reply (a stock event decided while `results.all_events` was off) has none to publish.
 pub(in crate::store) const QUEUE_REPLIES: &str = "
-    INSERT INTO reply_outbox (event_id)
-    SELECT t.e FROM unnest($1::text[]) WITH ORDINALITY AS t(e, n)
+    INSERT INTO reply_outbox (event_id, traceparent, tracestate)
+    SELECT t.e, t.tp, t.ts FROM unnest($1::text[], $2::text[], $3::text[])
+        WITH ORDINALITY AS t(e, tp, ts, n)
     WHERE EXISTS (SELECT 1 FROM replies r WHERE r.event_id = t.e)
     ORDER BY t.n";
 
