@@ -118,7 +118,8 @@ async fn bench_refuses_a_backlog_the_embedded_broker_cannot_keep() {
 }
 
 /// `bench` on a small scale: every run (database only, 1 and 3 replicas on both brokers,
-/// per-event, unsafe, hot SKU, latency, the order service's saga on both brokers, memory)
+/// 3 replicas with traces off, at 10% and at 100%, per-event, unsafe, hot SKU, latency, the
+/// order service's saga on both brokers, memory)
 /// completes and passes its audit, and the report
 /// (`--json`) has every run and ratio. Speed is not asserted here: the numbers are for `bench`
 /// at full size.
@@ -164,6 +165,22 @@ async fn bench_runs_every_mode_and_each_passes_verify() {
     let report = format!("{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "bench failed:\n{report}");
     assert!(stdout.contains("verify: PASS in every run"), "{report}");
+    // The traced runs' replicas exported to bench's receiver.
+    let exports = report
+        .lines()
+        .filter_map(|l| {
+            l.split("trace receiver: ")
+                .nth(1)?
+                .split(' ')
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .max();
+    assert!(
+        exports.is_some_and(|n| n > 0),
+        "no spans reached bench's receiver:\n{report}"
+    );
     let text = std::fs::read_to_string(&json)
         .unwrap_or_else(|e| panic!("reading bench's --json ({e}):\n{report}"));
     let figures: serde_json::Value =
@@ -182,6 +199,9 @@ fn every_run_measured(runs: &serde_json::Value, text: &str) {
         ("steady", 10_000),
         ("one", 10_000),
         ("three", 10_000),
+        ("traces-off", 10_000),
+        ("traces-10", 10_000),
+        ("traces-100", 10_000),
         ("per-event", 1_000),
         ("unsafe", 10_000),
         ("hot", 10_000),
@@ -249,6 +269,8 @@ fn every_ratio_reported(ratios: &serde_json::Value, text: &str) {
         ("hot SKU / uniform (1 replica)", Some("rate"), true),
         ("Apache Kafka / embedded (1 replica)", Some("rate"), false),
         ("Apache Kafka / embedded (3 replicas)", Some("rate"), false),
+        ("traces at 10% / off (3 replicas)", Some("rate"), true),
+        ("traces at 100% / off (3 replicas)", Some("rate"), false),
         ("peak RSS of the memory run, MiB", None, true),
     ] {
         let ratio = ratios

@@ -21,6 +21,7 @@ mod database;
 mod pipeline;
 mod report;
 mod saga;
+mod trace_sink;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -89,9 +90,9 @@ pub struct BenchArgs {
     /// given a cache that holds the dedupe horizon's indexes (see docs/performance.md).
     #[arg(long, value_name = "SIZE", default_value = "128MB")]
     pub shared_buffers: String,
-    /// Only these runs (comma-separated): database, steady, one, three, per-event, unsafe,
-    /// hot, latency, latency-half, saga, memory, one-apache, three-apache, latency-apache,
-    /// saga-apache. Default: all.
+    /// Only these runs (comma-separated): database, steady, one, three, traces-off, traces-10,
+    /// traces-100, per-event, unsafe, hot, latency, latency-half, saga, memory, one-apache,
+    /// three-apache, latency-apache, saga-apache. Default: all.
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
     /// Where the replicas' logs go (default: a new directory under the system temp dir).
@@ -130,6 +131,8 @@ struct Bench {
     /// The database holding the steady-state run's history, filled on first use and copied
     /// for each of its runs.
     history: Option<History>,
+    /// Where the traces runs' replicas send their spans, started on first use.
+    trace_sink: Option<trace_sink::TraceSink>,
 }
 
 struct History {
@@ -296,6 +299,7 @@ impl Bench {
                 days: args.history_days,
                 template: None,
             }),
+            trace_sink: None,
         })
     }
 

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 
 use super::report::{Latency, Measured, StatementTime, report, statement_profile};
+use super::trace_sink::TraceSink;
 use super::{BATCH, Bench, BenchArgs, step, verify};
 use crate::cli::produce::deliver;
 use crate::embedded::local_kafka::{BrokerKind, LocalKafka};
@@ -48,6 +49,9 @@ pub(super) struct Pipeline {
     pub(super) broker: BrokerKind,
     /// Orders placed by a client instead of the workload (see `super::saga`).
     saga: bool,
+    /// Events with a `traceparent` each, and the replicas' traces sampled at this percentage
+    /// (0: off) to bench's own OTLP receiver ([`super::trace_sink`]).
+    pub(super) traces: Option<u32>,
 }
 
 /// A pipeline run: its key (for `--only`), its name in the report, and what it runs.
@@ -76,6 +80,7 @@ impl Pipeline {
             rate: 0,
             broker: BrokerKind::Embedded,
             saga: false,
+            traces: None,
         }
     }
 }
@@ -84,7 +89,6 @@ impl Pipeline {
 /// `--apache` only).
 pub(super) fn pipeline_runs(args: &BenchArgs) -> Vec<Run> {
     let batched = Pipeline::batched(args);
-    let rate = args.latency_rate;
     let mut runs = vec![
         ("one", "pipeline, 1 replica".to_owned(), batched),
         (
@@ -124,6 +128,33 @@ pub(super) fn pipeline_runs(args: &BenchArgs) -> Vec<Run> {
             },
         ),
         (
+            "memory",
+            format!(
+                "memory: {} backlog, 1 replica, {BACKLOG_PARTITIONS} partitions",
+                args.backlog
+            ),
+            Pipeline {
+                events: args.backlog,
+                partitions: BACKLOG_PARTITIONS,
+                ..batched
+            },
+        ),
+    ];
+    // The paced runs after the hot SKU's, the traces runs after the 3-replica one.
+    runs.splice(5..5, paced_runs(batched, args));
+    runs.splice(2..2, traces_runs(batched));
+    if args.apache {
+        runs.extend(apache_runs(batched, args));
+    }
+    runs
+}
+
+/// The runs at a set rate, 3 replicas: latency at `--latency-rate` and at half the 3-replica
+/// rate, and the order service's saga.
+fn paced_runs(batched: Pipeline, args: &BenchArgs) -> [Run; 3] {
+    let rate = args.latency_rate;
+    [
+        (
             "latency",
             format!("latency at {rate} events/s, 3 replicas"),
             Pipeline {
@@ -149,23 +180,34 @@ pub(super) fn pipeline_runs(args: &BenchArgs) -> Vec<Run> {
             ),
             saga(batched, args),
         ),
+    ]
+}
+
+/// The 3-replica run on events that each carry a `traceparent`: traces off, and sampled at
+/// 10% and 100% to bench's own receiver; reported after the 3-replica run.
+fn traces_runs(batched: Pipeline) -> [Run; 3] {
+    let traced = |percent| Pipeline {
+        replicas: 3,
+        traces: Some(percent),
+        ..batched
+    };
+    [
         (
-            "memory",
-            format!(
-                "memory: {} backlog, 1 replica, {BACKLOG_PARTITIONS} partitions",
-                args.backlog
-            ),
-            Pipeline {
-                events: args.backlog,
-                partitions: BACKLOG_PARTITIONS,
-                ..batched
-            },
+            "traces-off",
+            "3 replicas, traced events, traces off".to_owned(),
+            traced(0),
         ),
-    ];
-    if args.apache {
-        runs.extend(apache_runs(batched, args));
-    }
-    runs
+        (
+            "traces-10",
+            "3 replicas, traced events, traces at 10%".to_owned(),
+            traced(10),
+        ),
+        (
+            "traces-100",
+            "3 replicas, traced events, traces at 100%".to_owned(),
+            traced(100),
+        ),
+    ]
 }
 
 /// The 1- and 3-replica pipelines again, on Apache Kafka, and the latency run: the embedded
@@ -262,7 +304,9 @@ impl Bench {
         // clock starts: they are the harness's work, on the same cores as the pipeline.
         let messages: Vec<Message> = Generator::new(spec).collect();
         let expected = Oracle::over(&messages);
-        let producer = EventProducer::new(&settings).context("creating the producer")?;
+        let producer = EventProducer::new(&settings)
+            .context("creating the producer")?
+            .traced(p.traces.is_some());
         // The clock starts with production: at full speed for a backlog run (the producer
         // outpaces the pipeline, so the backlog builds up at once), at `rate` otherwise.
         let before = self.cpu_reading(&replicas);
@@ -283,6 +327,11 @@ impl Bench {
         let profile = self.profile(stats.as_ref(), &url);
         let peak_rss = replicas.iter().filter_map(|r| r.peak_rss_bytes()).max();
         stop_all(&mut replicas)?;
+        if let (Some(percent), Some(sink)) = (p.traces, &self.trace_sink)
+            && percent > 0
+        {
+            step(&format!("{name}: {}", sink.received()));
+        }
         producer
             .join()
             .map_err(|_| anyhow::anyhow!("the producer thread panicked"))??;
@@ -306,6 +355,9 @@ impl Bench {
     /// A run's fresh database, its broker, the settings that name both, and its replicas once
     /// they share the partitions.
     pub(super) fn set_up(&mut self, p: Pipeline) -> anyhow::Result<RunSetup> {
+        if p.traces.is_some_and(|percent| percent > 0) && self.trace_sink.is_none() {
+            self.trace_sink = Some(TraceSink::start(&self.rt)?);
+        }
         let url = self.fresh_database()?;
         let broker = LocalKafka::start(p.broker, p.partitions)?;
         let mut settings = Settings::default();
@@ -386,6 +438,17 @@ impl Bench {
             ("processing.batch_max_events", batch.as_str()),
             ("database.migrate", "false"),
         ];
+        let (endpoint, ratio);
+        if let (Some(percent), Some(sink)) = (p.traces, &self.trace_sink)
+            && percent > 0
+        {
+            (endpoint, ratio) = (sink.url.clone(), (f64::from(percent) / 100.0).to_string());
+            settings.extend([
+                ("traces.endpoint", endpoint.as_str()),
+                ("traces.sampler", "traceidratio"),
+                ("traces.sampler_arg", ratio.as_str()),
+            ]);
+        }
         settings.extend(
             self.replica_settings
                 .iter()

@@ -231,6 +231,18 @@ pub(super) fn ratios(results: &[(&str, Measured)]) -> Vec<Ratio> {
             None,
         ),
         (
+            "traces at 10% / off (3 replicas)",
+            by_rate,
+            rate("traces-10", "traces-off"),
+            at_least(0.9),
+        ),
+        (
+            "traces at 100% / off (3 replicas)",
+            by_rate,
+            rate("traces-100", "traces-off"),
+            None,
+        ),
+        (
             "peak RSS of the memory run, MiB",
             None,
             peak_rss,
