@@ -53,6 +53,19 @@ fn install(format: Option<LogFormat>, level: &str, otel: Option<Otel>) {
     } else {
         LogFormat::Json
     });
+    // A second init (tests, embedded use) keeps the first subscriber.
+    let Some(otel) = otel else {
+        // Logs alone: one global filter, so that disabled callsites cost nothing.
+        let builder = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr);
+        let _ = match format {
+            LogFormat::Json => builder.json().flatten_event(true).try_init(),
+            LogFormat::Pretty => builder.compact().try_init(),
+        };
+        return;
+    };
+    // Logs and traces, each with its own filter.
     let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
     let fmt = match format {
         LogFormat::Json => fmt
@@ -63,7 +76,6 @@ fn install(format: Option<LogFormat>, level: &str, otel: Option<Otel>) {
             .boxed(),
         LogFormat::Pretty => fmt.compact().with_filter(filter).boxed(),
     };
-    // A second init (tests, embedded use) keeps the first subscriber.
     let _ = tracing_subscriber::registry()
         .with(otel)
         .with(fmt)

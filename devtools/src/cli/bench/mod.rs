@@ -133,6 +133,8 @@ struct Bench {
     history: Option<History>,
     /// Where the traces runs' replicas send their spans, started on first use.
     trace_sink: Option<trace_sink::TraceSink>,
+    /// `--service`: the replicas are another build's.
+    external_service: bool,
 }
 
 struct History {
@@ -300,6 +302,7 @@ impl Bench {
                 template: None,
             }),
             trace_sink: None,
+            external_service: args.service.is_some(),
         })
     }
 
@@ -377,11 +380,37 @@ impl Bench {
     }
 
     /// A new, migrated database for the next run: empty, or a copy of `template`.
+    /// A pipeline run's database, migrated by the replicas' own build: another build
+    /// (`--service`) may be at an older migration than this one, and refuses a newer schema.
     fn fresh_database(&mut self) -> anyhow::Result<String> {
-        self.fresh_database_from(None)
+        if !self.external_service {
+            return self.fresh_database_from(None);
+        }
+        let url = self.fresh_database_unmigrated(None)?;
+        let out = self
+            .service
+            .command()
+            .arg("migrate")
+            .env("DATABASE_URL", &url)
+            .env_remove("INVENTORY_DATABASE__URL")
+            .output()
+            .context("running the service's migrate")?;
+        anyhow::ensure!(
+            out.status.success(),
+            "the service's migrate failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(url)
     }
 
+    /// A run's database, migrated by this build.
     fn fresh_database_from(&mut self, template: Option<&str>) -> anyhow::Result<String> {
+        let url = self.fresh_database_unmigrated(template)?;
+        self.rt.block_on(store::migrate::migrate(&url))?;
+        Ok(url)
+    }
+
+    fn fresh_database_unmigrated(&mut self, template: Option<&str>) -> anyhow::Result<String> {
         self.runs += 1;
         let name = format!("inventory_bench_{}_{}", std::process::id(), self.runs);
         self.rt.block_on(async {
@@ -408,7 +437,6 @@ impl Bench {
                     settling.elapsed().as_secs_f64()
                 ));
             }
-            store::migrate::migrate(&url).await?;
             anyhow::Ok(url)
         })
     }
