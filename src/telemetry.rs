@@ -35,6 +35,7 @@ pub fn init_with_traces(settings: &Settings) -> anyhow::Result<()> {
             .with_location(false)
             .with_threads(false)
             .with_tracked_inactivity(false)
+            .with_target(false)
             .with_filter(Targets::new().with_target("inventory_consumer", tracing::Level::DEBUG))
             .boxed()
     });

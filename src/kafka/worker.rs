@@ -52,6 +52,18 @@ fn record_latency(batch: &Batch) {
     }
 }
 
+/// A batch applied alone: its outcome on its span (the current one), when traces are on. (A
+/// combined transaction's span has each part's as an event.)
+fn record_outcome(outcome: &BatchOutcome) {
+    if crate::traces::enabled() {
+        let span = tracing::Span::current();
+        span.record("applied", outcome.applied);
+        span.record("rejected", outcome.rejected);
+        span.record("duplicates", outcome.duplicates);
+        span.record("dead_letters", outcome.dead_letters);
+    }
+}
+
 /// What every worker of a process shares.
 #[derive(Clone)]
 pub struct WorkerContext {
@@ -310,7 +322,6 @@ impl PartitionWorker {
             partition = self.partition,
             first_offset = first,
             last_offset = last,
-            transaction_partitions = tracing::field::Empty,
             applied = tracing::field::Empty,
             rejected = tracing::field::Empty,
             duplicates = tracing::field::Empty,
@@ -417,6 +428,7 @@ impl PartitionWorker {
             match attempted {
                 Ok(outcome) => {
                     let took = attempt.elapsed();
+                    record_outcome(&outcome);
                     self.committed(batch, (first, last), &outcome, (took, 1), paused);
                     return Ok(());
                 }
@@ -491,14 +503,6 @@ impl PartitionWorker {
         self.ctx.offsets.processed(self.partition, last + 1);
         metrics::gauge!(crate::metrics::RECORDED_OFFSET, "partition" => partition)
             .set((last + 1) as f64);
-        if crate::traces::enabled() {
-            let span = tracing::Span::current();
-            span.record("transaction_partitions", partitions);
-            span.record("applied", outcome.applied);
-            span.record("rejected", outcome.rejected);
-            span.record("duplicates", outcome.duplicates);
-            span.record("dead_letters", outcome.dead_letters);
-        }
         tracing::debug!(
             event = crate::logs::BATCH_COMMITTED,
             partition = self.partition,

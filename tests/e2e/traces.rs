@@ -83,6 +83,45 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// The spans of one request's trace, and the batch span that links to the request, as text.
+fn order_trace(spans: &[Span], trace: &str, request: &str) -> String {
+    let line = |s: &Span, depth: usize| {
+        let ms = s.end_time_unix_nano.saturating_sub(s.start_time_unix_nano) as f64 / 1e6;
+        let attributes: Vec<String> = s
+            .attributes
+            .iter()
+            .filter_map(|a| Some(format!("{}={}", a.key, text(a)?)))
+            .collect();
+        let events: Vec<String> = s.events.iter().map(|e| e.name.clone()).collect();
+        format!(
+            "{:indent$}{} [span {}, {ms:.2} ms] {} {:?}\n",
+            "",
+            s.name,
+            hex(&s.span_id),
+            attributes.join(" "),
+            events,
+            indent = depth * 2
+        )
+    };
+    let mut out = format!("trace {trace}\n  request span {request} (the producer's)\n");
+    for s in spans.iter().filter(|s| hex(&s.trace_id) == trace) {
+        out += &line(s, 2);
+    }
+    let linking = spans.iter().filter(|s| {
+        s.links
+            .iter()
+            .any(|l| hex(&l.trace_id) == trace && hex(&l.span_id) == request)
+    });
+    for batch in linking {
+        out += &format!("  linked from trace {}:\n", hex(&batch.trace_id));
+        out += &line(batch, 2);
+        for step in spans.iter().filter(|s| s.parent_span_id == batch.span_id) {
+            out += &line(step, 3);
+        }
+    }
+    out
+}
+
 /// A W3C `traceparent` with random ids: (header, trace id, span id).
 fn traceparent() -> (String, String, String) {
     let mut rng = rand::rng();
@@ -304,6 +343,11 @@ async fn a_batch_span_links_each_event_that_carries_a_trace() {
         hex(&send.parent_span_id),
         request_span,
         "the send's parent is the request"
+    );
+    // The order as a tracing backend shows it (printed for people: `--no-capture`).
+    eprintln!(
+        "{}",
+        order_trace(&received.spans, &request_trace, &request_span)
     );
 
     // Log lines inside a batch carry its span's ids.
