@@ -273,7 +273,7 @@ const DESCRIPTIONS: &[(&str, Kind, Option<Unit>, &str)] = &[
         SPANS_DROPPED,
         Kind::Counter,
         None,
-        "Trace spans lost because their export failed (the collector down or refusing).",
+        "Trace spans lost: reason export_failed (the collector down or refusing) or queue_full (it is slow or hangs).",
     ),
 ];
 
@@ -350,9 +350,11 @@ fn start_at_zero() {
         STEP_OUTS,
         COMBINED_FALLBACKS,
         SPANS_EXPORTED,
-        SPANS_DROPPED,
     ] {
         metrics::counter!(name).absolute(0);
+    }
+    for reason in ["export_failed", "queue_full"] {
+        metrics::counter!(SPANS_DROPPED, "reason" => reason).absolute(0);
     }
     metrics::gauge!(ASSIGNED).set(0.0);
     metrics::gauge!(STEPPED_OUT).set(0.0);

@@ -4,11 +4,12 @@
 //! - A batch's transaction is one span, linked to the context of every event it applies (a
 //!   batch has many parents, so links, not a parent): [`link_events`].
 //! - Spans are exported by the SDK's batch processor on a thread of its own; a collector that
-//!   is down or slow costs spans (dropped and counted), never an event or the consume path.
+//!   is down or slow costs spans (dropped and counted: [`Admission`], [`Counting`]), never an
+//!   event or the consume path.
 
 use std::collections::HashMap;
-use std::sync::OnceLock;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use opentelemetry::propagation::{Extractor, TextMapPropagator as _};
@@ -17,7 +18,10 @@ use opentelemetry::{Context, KeyValue};
 use opentelemetry_otlp::WithExportConfig as _;
 use opentelemetry_sdk::error::OTelSdkResult;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
-use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider, SpanData, SpanExporter};
+use opentelemetry_sdk::trace::{
+    OTEL_BSP_MAX_QUEUE_SIZE_DEFAULT, Sampler, SdkTracerProvider, SpanData, SpanExporter,
+    SpanProcessor,
+};
 use opentelemetry_sdk::{Resource, trace::BatchSpanProcessor};
 use rdkafka::message::{Header, OwnedHeaders};
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
@@ -52,9 +56,19 @@ pub fn provider(
         .with_http()
         .with_endpoint(settings.endpoint.clone())
         .build()?;
-    let processor = BatchSpanProcessor::builder(Counting(exporter)).build();
+    let held = Arc::new(AtomicUsize::new(0));
+    let processor = BatchSpanProcessor::builder(Counting {
+        inner: exporter,
+        held: held.clone(),
+    })
+    .build();
+    let admission = Admission {
+        inner: processor,
+        held,
+        limit: queue_size(),
+    };
     let provider = SdkTracerProvider::builder()
-        .with_span_processor(processor)
+        .with_span_processor(admission)
         .with_sampler(sampler(settings))
         .with_max_links_per_span(u32::try_from(max_links).unwrap_or(u32::MAX))
         .with_resource(
@@ -226,32 +240,84 @@ pub fn reply_headers(
     Some((headers, send))
 }
 
-/// Counts what the exporter sent and what it could not (the batch processor drops a batch
-/// whose export failed).
+/// The batch processor's queue (`OTEL_BSP_MAX_QUEUE_SIZE`, which it reads too).
+fn queue_size() -> usize {
+    std::env::var("OTEL_BSP_MAX_QUEUE_SIZE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(OTEL_BSP_MAX_QUEUE_SIZE_DEFAULT)
+}
+
+/// Admits ended spans to the batch processor while it holds fewer than its queue's size
+/// (queued or being exported), and counts the others as dropped: the processor itself would
+/// drop them with a single warning (a collector that is slow or hangs).
 #[derive(Debug)]
-struct Counting<E>(E);
+struct Admission<P> {
+    inner: P,
+    held: Arc<AtomicUsize>,
+    limit: usize,
+}
+
+impl<P: SpanProcessor> SpanProcessor for Admission<P> {
+    fn on_start(&self, span: &mut opentelemetry_sdk::trace::Span, cx: &Context) {
+        self.inner.on_start(span, cx);
+    }
+
+    fn on_end(&self, span: SpanData) {
+        if self.held.fetch_add(1, Ordering::Relaxed) >= self.limit {
+            self.held.fetch_sub(1, Ordering::Relaxed);
+            metrics::counter!(crate::metrics::SPANS_DROPPED, "reason" => "queue_full").increment(1);
+            return;
+        }
+        self.inner.on_end(span);
+    }
+
+    fn force_flush(&self) -> OTelSdkResult {
+        self.inner.force_flush()
+    }
+
+    fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
+        self.inner.shutdown_with_timeout(timeout)
+    }
+
+    fn set_resource(&mut self, resource: &Resource) {
+        self.inner.set_resource(resource);
+    }
+}
+
+/// Counts what the exporter sent and what it could not (the batch processor drops a batch
+/// whose export failed), and lets [`Admission`] know the spans are gone either way.
+#[derive(Debug)]
+struct Counting<E> {
+    inner: E,
+    held: Arc<AtomicUsize>,
+}
 
 impl<E: SpanExporter> SpanExporter for Counting<E> {
     async fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
-        let spans = batch.len() as u64;
-        let result = self.0.export(batch).await;
+        let spans = batch.len();
+        let result = self.inner.export(batch).await;
+        self.held.fetch_sub(spans, Ordering::Relaxed);
         match &result {
-            Ok(()) => metrics::counter!(crate::metrics::SPANS_EXPORTED).increment(spans),
-            Err(_) => metrics::counter!(crate::metrics::SPANS_DROPPED).increment(spans),
+            Ok(()) => metrics::counter!(crate::metrics::SPANS_EXPORTED).increment(spans as u64),
+            Err(_) => {
+                metrics::counter!(crate::metrics::SPANS_DROPPED, "reason" => "export_failed")
+                    .increment(spans as u64);
+            }
         }
         result
     }
 
     fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
-        self.0.shutdown_with_timeout(timeout)
+        self.inner.shutdown_with_timeout(timeout)
     }
 
     fn force_flush(&self) -> OTelSdkResult {
-        self.0.force_flush()
+        self.inner.force_flush()
     }
 
     fn set_resource(&mut self, resource: &Resource) {
-        self.0.set_resource(resource);
+        self.inner.set_resource(resource);
     }
 }
 

@@ -393,7 +393,11 @@ async fn a_collector_that_is_down_costs_no_event() {
     let addr = replica.http_addr().await;
     wait_until("dropped spans to be counted", SETTLE, || async {
         let (_, text) = http_get(&addr, "/metrics");
-        metric(&text, "inventory_trace_spans_dropped_total", &[]) > 0.0
+        metric(
+            &text,
+            "inventory_trace_spans_dropped_total",
+            &["reason=\"export_failed\""],
+        ) > 0.0
     })
     .await;
     let (_, text) = http_get(&addr, "/metrics");
@@ -408,6 +412,70 @@ async fn a_collector_that_is_down_costs_no_event() {
             .scalar("SELECT sum(current_stock)::bigint FROM products")
             .await,
         300
+    );
+}
+
+/// A collector that accepts connections and never answers holds the export; spans that find
+/// the queue full are dropped and counted, and nothing else changes: every event is applied,
+/// and the replica exits 0 on SIGTERM, its last flush bounded.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_collector_that_hangs_costs_no_event() {
+    let env = TestEnv::new(3).await;
+    let hang = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let endpoint = format!("http://{}", hang.local_addr().unwrap());
+    // Accepts, and holds every connection open without a word.
+    std::thread::spawn(move || {
+        let held: Vec<_> = hang.incoming().map_while(Result::ok).collect();
+        drop(held);
+    });
+    let mut replica = env.replica_with_env(
+        "r1",
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
+            ("OTEL_BSP_SCHEDULE_DELAY", "50"),
+            ("OTEL_BSP_MAX_QUEUE_SIZE", "20"),
+            ("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "10"),
+            ("OTEL_EXPORTER_OTLP_TIMEOUT", "60000"),
+        ],
+        &[],
+    );
+    let mut messages = Vec::new();
+    for i in 0..200 {
+        let (header, _, _) = traceparent();
+        let event = json!({"event_id": format!("h-{i}"), "type": "restock", "sku": format!("S{}", i % 11), "quantity": 1});
+        messages.push((i % 3, event.to_string(), vec![("traceparent", header)]));
+    }
+    // One at a time, acknowledged: many small batches, many spans.
+    produce(&env.broker.bootstrap, messages).await;
+    env.wait_processed(200, SETTLE).await;
+    let addr = replica.http_addr().await;
+    wait_until(
+        "spans dropped at a full queue to be counted",
+        SETTLE,
+        || async {
+            let (_, text) = http_get(&addr, "/metrics");
+            metric(
+                &text,
+                "inventory_trace_spans_dropped_total",
+                &["reason=\"queue_full\""],
+            ) > 0.0
+        },
+    )
+    .await;
+    let (_, text) = http_get(&addr, "/metrics");
+    assert_eq!(
+        metric(&text, "inventory_trace_spans_exported_total", &[]),
+        0.0
+    );
+    let stopping = std::time::Instant::now();
+    let (status, _) = replica.terminate(EXIT);
+    assert!(status.success(), "exit: {status:?}\n{}", replica.log());
+    eprintln!("exit took {:?} with the export hanging", stopping.elapsed());
+    assert_eq!(
+        env.db
+            .scalar("SELECT sum(current_stock)::bigint FROM products")
+            .await,
+        200
     );
 }
 
