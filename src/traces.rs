@@ -8,7 +8,7 @@
 //!   event or the consume path.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -35,12 +35,11 @@ const SCOPE: &str = "inventory-consumer";
 pub const FLUSH_AT_EXIT: Duration = Duration::from_secs(2);
 
 static PROVIDER: OnceLock<SdkTracerProvider> = OnceLock::new();
-static ON: AtomicBool = AtomicBool::new(false);
 
 /// Whether spans are exported: per-event work for traces (links, span events) is skipped when
 /// not.
 pub fn enabled() -> bool {
-    ON.load(Ordering::Relaxed)
+    PROVIDER.get().is_some()
 }
 
 /// The tracer provider for `settings`, installed for [`shutdown`]; `None` when tracing is off.
@@ -79,7 +78,6 @@ pub fn provider(
         )
         .build();
     let _ = PROVIDER.set(provider.clone());
-    ON.store(true, Ordering::Relaxed);
     Ok(Some(provider))
 }
 

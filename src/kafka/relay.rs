@@ -226,11 +226,12 @@ pub async fn relay_round(
         ids.push(row.try_get::<_, i64>(0)?);
         let key: &str = row.try_get(1)?;
         let payload: &str = row.try_get(2)?;
+        let tracestate: Option<String> = row.try_get(5)?;
         let request = row
             .try_get::<_, Option<String>>(4)?
             .map(|traceparent| TraceHeaders {
                 traceparent,
-                tracestate: row.try_get(5).ok().flatten(),
+                tracestate,
             });
         let mut record = FutureRecord::to(topic).key(key).payload(payload);
         if let Some((headers, send)) = crate::traces::reply_headers(request.as_ref(), topic) {
