@@ -368,51 +368,15 @@ async fn a_batch_span_links_each_event_that_carries_a_trace() {
 /// and the replica exits 0 on SIGTERM.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_collector_that_is_down_costs_no_event() {
-    let env = TestEnv::new(3).await;
     // A port nothing listens on.
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let endpoint = format!("http://{}", closed.local_addr().unwrap());
     drop(closed);
-    let mut replica = env.replica_with_env(
-        "r1",
-        &[
-            ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
-            ("OTEL_BSP_SCHEDULE_DELAY", "100"),
-            ("OTEL_EXPORTER_OTLP_TIMEOUT", "500"),
-        ],
-        &[],
-    );
-    let mut messages = Vec::new();
-    for i in 0..300 {
-        let (header, _, _) = traceparent();
-        let event = json!({"event_id": format!("d-{i}"), "type": "restock", "sku": format!("S{}", i % 11), "quantity": 1});
-        messages.push((i % 3, event.to_string(), vec![("traceparent", header)]));
-    }
-    produce(&env.broker.bootstrap, messages).await;
-    env.wait_processed(300, SETTLE).await;
-    let addr = replica.http_addr().await;
-    wait_until("dropped spans to be counted", SETTLE, || async {
-        let (_, text) = http_get(&addr, "/metrics");
-        metric(
-            &text,
-            "inventory_trace_spans_dropped_total",
-            &["reason=\"export_failed\""],
-        ) > 0.0
-    })
-    .await;
-    let (_, text) = http_get(&addr, "/metrics");
-    assert_eq!(
-        metric(&text, "inventory_trace_spans_exported_total", &[]),
-        0.0
-    );
-    let (status, _) = replica.terminate(EXIT);
-    assert!(status.success(), "exit: {status:?}\n{}", replica.log());
-    assert_eq!(
-        env.db
-            .scalar("SELECT sum(current_stock)::bigint FROM products")
-            .await,
-        300
-    );
+    let exporter = [
+        ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+        ("OTEL_EXPORTER_OTLP_TIMEOUT", "500"),
+    ];
+    spans_dropped_no_event_lost(&endpoint, &exporter, 300, "export_failed").await;
 }
 
 /// A collector that accepts connections and never answers holds the export; spans that find
@@ -420,7 +384,6 @@ async fn a_collector_that_is_down_costs_no_event() {
 /// and the replica exits 0 on SIGTERM, its last flush bounded.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_collector_that_hangs_costs_no_event() {
-    let env = TestEnv::new(3).await;
     let hang = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let endpoint = format!("http://{}", hang.local_addr().unwrap());
     // Accepts, and holds every connection open without a word.
@@ -428,37 +391,48 @@ async fn a_collector_that_hangs_costs_no_event() {
         let held: Vec<_> = hang.incoming().map_while(Result::ok).collect();
         drop(held);
     });
-    let mut replica = env.replica_with_env(
-        "r1",
-        &[
-            ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
-            ("OTEL_BSP_SCHEDULE_DELAY", "50"),
-            ("OTEL_BSP_MAX_QUEUE_SIZE", "20"),
-            ("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "10"),
-            ("OTEL_EXPORTER_OTLP_TIMEOUT", "60000"),
-        ],
-        &[],
-    );
+    let exporter = [
+        ("OTEL_BSP_SCHEDULE_DELAY", "50"),
+        ("OTEL_BSP_MAX_QUEUE_SIZE", "20"),
+        ("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "10"),
+        ("OTEL_EXPORTER_OTLP_TIMEOUT", "60000"),
+    ];
+    spans_dropped_no_event_lost(&endpoint, &exporter, 200, "queue_full").await;
+}
+
+/// A replica exporting to `endpoint` (with the `exporter` variables) is sent `events` traced
+/// restocks, one at a time (many small batches, many spans). Spans must be dropped and counted
+/// with `reason`, none exported; every event applied; the replica exits 0 on SIGTERM.
+async fn spans_dropped_no_event_lost(
+    endpoint: &str,
+    exporter: &[(&str, &str)],
+    events: i64,
+    reason: &str,
+) {
+    let env = TestEnv::new(3).await;
+    let mut variables = vec![("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint)];
+    variables.extend_from_slice(exporter);
+    let mut replica = env.replica_with_env("r1", &variables, &[]);
     let mut messages = Vec::new();
-    for i in 0..200 {
+    for i in 0..events {
         let (header, _, _) = traceparent();
-        let event = json!({"event_id": format!("h-{i}"), "type": "restock", "sku": format!("S{}", i % 11), "quantity": 1});
-        messages.push((i % 3, event.to_string(), vec![("traceparent", header)]));
+        let event = json!({"event_id": format!("e-{i}"), "type": "restock", "sku": format!("S{}", i % 11), "quantity": 1});
+        messages.push((
+            (i % 3) as i32,
+            event.to_string(),
+            vec![("traceparent", header)],
+        ));
     }
-    // One at a time, acknowledged: many small batches, many spans.
     produce(&env.broker.bootstrap, messages).await;
-    env.wait_processed(200, SETTLE).await;
+    env.wait_processed(events, SETTLE).await;
     let addr = replica.http_addr().await;
+    let label = format!("reason=\"{reason}\"");
     wait_until(
-        "spans dropped at a full queue to be counted",
+        &format!("spans dropped ({reason}) to be counted"),
         SETTLE,
         || async {
             let (_, text) = http_get(&addr, "/metrics");
-            metric(
-                &text,
-                "inventory_trace_spans_dropped_total",
-                &["reason=\"queue_full\""],
-            ) > 0.0
+            metric(&text, "inventory_trace_spans_dropped_total", &[&label]) > 0.0
         },
     )
     .await;
@@ -470,12 +444,12 @@ async fn a_collector_that_hangs_costs_no_event() {
     let stopping = std::time::Instant::now();
     let (status, _) = replica.terminate(EXIT);
     assert!(status.success(), "exit: {status:?}\n{}", replica.log());
-    eprintln!("exit took {:?} with the export hanging", stopping.elapsed());
+    eprintln!("exit took {:?} ({reason})", stopping.elapsed());
     assert_eq!(
         env.db
             .scalar("SELECT sum(current_stock)::bigint FROM products")
             .await,
-        200
+        events
     );
 }
 
