@@ -17,12 +17,14 @@ use inventory_consumer::store::{self, Guards, Source, apply_batch};
 impl Bench {
     /// The replicas' transaction driven directly: the workload cut into the batches a worker
     /// would make, partition by partition, each partition applying its batches in order, all
-    /// partitions at once through one pool. Best of 2, 4 and 8 connections. With `history`,
-    /// on a copy of the history's database (the steady state).
+    /// partitions at once through one pool, `batch` deliveries to a transaction (a full
+    /// worker batch is [`BATCH`]). Best of 2, 4 and 8 connections. With `history`, on a copy of
+    /// the history's database (the steady state).
     pub(super) fn database_only(
         &mut self,
         events: u64,
         partitions: i32,
+        batch: usize,
         history: bool,
     ) -> anyhow::Result<Measured> {
         let (template, base) = if history {
@@ -33,7 +35,8 @@ impl Bench {
         };
         let label = match &base {
             Some(b) => format!("steady state, {} events of history", b.events),
-            None => "database only".to_owned(),
+            None if batch == BATCH => "database only".to_owned(),
+            None => format!("database only, batches of {batch}"),
         };
         let mut best: Option<Measured> = None;
         for connections in [2, 4, 8] {
@@ -42,7 +45,7 @@ impl Bench {
             step(&format!(
                 "{label}, {connections} connections: {events} events"
             ));
-            let (batches, expected) = cut_into_batches(spec, partitions);
+            let (batches, expected) = cut_into_batches(spec, partitions, batch);
             let expected = match &base {
                 Some(base) => expected.on_top_of(base.clone()),
                 None => expected,
@@ -178,8 +181,13 @@ async fn apply_in_partitions(
     Ok(())
 }
 
-/// The workload as the batches partition workers would cut, per partition, and its oracle.
-fn cut_into_batches(spec: WorkloadSpec, partitions: i32) -> (Vec<Vec<Batch>>, Expectation) {
+/// The workload as the batches partition workers would cut (of `batch` deliveries), per
+/// partition, and its oracle.
+fn cut_into_batches(
+    spec: WorkloadSpec,
+    partitions: i32,
+    batch: usize,
+) -> (Vec<Vec<Batch>>, Expectation) {
     let n = partitions.max(1) as usize;
     let mut oracle = Oracle::default();
     let mut done: Vec<Vec<Batch>> = (0..n).map(|_| Vec::new()).collect();
@@ -190,7 +198,7 @@ fn cut_into_batches(spec: WorkloadSpec, partitions: i32) -> (Vec<Vec<Batch>>, Ex
         // Keyed by SKU, as the producer keys them: one SKU stays in one partition.
         let key = message.key.clone().unwrap_or_default();
         let p = lock_key(&key).rem_euclid(n as i64) as usize;
-        if open[p].is_full(BATCH, MAX_LINES_PER_BATCH) {
+        if open[p].is_full(batch, MAX_LINES_PER_BATCH) {
             done[p].push(std::mem::take(&mut open[p]));
         }
         open[p].push(Delivery {

@@ -69,6 +69,17 @@ pub struct BenchArgs {
     /// at half this rate and commits each order when its reserve's reply arrives. 0 skips it.
     #[arg(long, default_value_t = 2_000)]
     pub saga_rate: u64,
+    /// Deliveries per transaction of the `database-small` run (the database-only run again, on
+    /// a twentieth of the events): the median batch of the latency runs, where a transaction's
+    /// fixed cost is spread over a few events.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=500))]
+    pub small_batch: u64,
+    /// Seconds each Apache Kafka run at a set rate (`latency-apache`, `saga-apache`) first
+    /// produces at its rate before its latency is measured (added to the run): each run starts
+    /// a fresh broker, whose JIT compiler takes a core's fraction for about its first minute,
+    /// as no broker in service does.
+    #[arg(long, default_value_t = 60)]
+    pub apache_warmup: u64,
     /// Rounds of the throughput runs; each run reports its median round.
     #[arg(long, default_value_t = 1)]
     pub repeat: u32,
@@ -90,7 +101,8 @@ pub struct BenchArgs {
     /// given a cache that holds the dedupe horizon's indexes (see docs/performance.md).
     #[arg(long, value_name = "SIZE", default_value = "128MB")]
     pub shared_buffers: String,
-    /// Only these runs (comma-separated): database, steady, one, three, traces-off, traces-10,
+    /// Only these runs (comma-separated): database, database-small, steady, one, three,
+    /// traces-off, traces-10,
     /// traces-100, per-event, unsafe, hot, latency, latency-half, saga, memory, one-apache,
     /// three-apache, latency-apache, saga-apache. Default: all.
     #[arg(long, value_delimiter = ',')]
@@ -152,10 +164,12 @@ pub fn main(cli: &GlobalArgs, args: &BenchArgs) -> anyhow::Result<ExitCode> {
     let results = medians(measure_rounds(&mut bench, args, &runs)?);
 
     print_table(results.iter().map(|(_, m)| m));
-    for (_, m) in results
-        .iter()
-        .filter(|(k, _)| matches!(*k, "database" | "steady" | "three" | "saga" | "saga-apache"))
-    {
+    for (_, m) in results.iter().filter(|(k, _)| {
+        matches!(
+            *k,
+            "database" | "database-small" | "steady" | "three" | "saga" | "saga-apache"
+        )
+    }) {
         print_profile(m);
     }
     let ratios = report::ratios(&results);
@@ -191,14 +205,22 @@ fn measure_rounds(bench: &mut Bench, args: &BenchArgs, runs: &[Run]) -> anyhow::
             record(
                 &mut rounds,
                 "database",
-                bench.database_only(args.events, args.partitions, false)?,
+                bench.database_only(args.events, args.partitions, BATCH, false)?,
+            );
+        }
+        if args.wants("database-small") {
+            let small = usize::try_from(args.small_batch).unwrap_or(BATCH);
+            record(
+                &mut rounds,
+                "database-small",
+                bench.database_only(small_run_events(args), args.partitions, small, false)?,
             );
         }
         if args.wants("steady") && bench.history.is_some() {
             record(
                 &mut rounds,
                 "steady",
-                bench.database_only(args.events, args.partitions, true)?,
+                bench.database_only(args.events, args.partitions, BATCH, true)?,
             );
         }
         // Odd rounds go backwards, so that no run always follows the same one.
@@ -244,6 +266,12 @@ fn record(rounds: &mut Rounds, key: &'static str, m: Measured) {
         Some((_, all)) => all.push(m),
         None => rounds.push((key, vec![m])),
     }
+}
+
+/// Events of the `database-small` run: a twentieth of `--events` (at least 1,000), as the
+/// per-event run takes; small transactions are slow.
+fn small_run_events(args: &BenchArgs) -> u64 {
+    (args.events / 20).max(1_000)
 }
 
 /// Half the rate a run measured, rounded down to a hundred events per second.

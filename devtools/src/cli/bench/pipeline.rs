@@ -52,6 +52,8 @@ pub(super) struct Pipeline {
     /// Events with a `traceparent` each, and the replicas' traces sampled at this percentage
     /// (0: off) to bench's own OTLP receiver ([`super::trace_sink`]).
     pub(super) traces: Option<u32>,
+    /// Seconds of a rate run produced before its latency is measured (0: its first fifth).
+    warmup: u64,
 }
 
 /// A pipeline run: its key (for `--only`), its name in the report, and what it runs.
@@ -64,6 +66,26 @@ impl Pipeline {
             events: rate * seconds,
             rate,
             ..self
+        }
+    }
+
+    /// This run at a rate, its first `seconds` at that rate not measured (and added).
+    fn warmed_for(self, seconds: u64) -> Pipeline {
+        Pipeline {
+            events: self.events + self.rate * seconds,
+            warmup: seconds,
+            ..self
+        }
+    }
+
+    /// How long a rate run produces before its latency is measured: without the producer's and
+    /// the consumers' first fetches (at most a few hundred ms), and on Apache Kafka without a
+    /// freshly started broker's JIT compilation.
+    pub(super) fn warmup(&self) -> Duration {
+        if self.warmup > 0 {
+            Duration::from_secs(self.warmup)
+        } else {
+            Duration::from_secs_f64(self.events as f64 / self.rate.max(1) as f64 / 5.0)
         }
     }
 
@@ -81,6 +103,7 @@ impl Pipeline {
             broker: BrokerKind::Embedded,
             saga: false,
             traces: None,
+            warmup: 0,
         }
     }
 }
@@ -239,7 +262,8 @@ fn apache_runs(batched: Pipeline, args: &BenchArgs) -> [Run; 4] {
                 replicas: 3,
                 ..apache
             }
-            .at_rate(args.latency_rate, args.latency_seconds),
+            .at_rate(args.latency_rate, args.latency_seconds)
+            .warmed_for(args.apache_warmup),
         ),
         (
             "saga-apache",
@@ -250,7 +274,8 @@ fn apache_runs(batched: Pipeline, args: &BenchArgs) -> [Run; 4] {
             Pipeline {
                 broker: BrokerKind::Apache,
                 ..saga(batched, args)
-            },
+            }
+            .warmed_for(args.apache_warmup),
         ),
     ]
 }
@@ -528,15 +553,14 @@ pub(super) struct Histograms {
 type Cumulative = Vec<(f64, f64)>;
 
 impl Histograms {
-    /// A reading taken a fifth into a rate run, on a thread of its own, and the addresses read:
-    /// latency is read over the run's steady part, without the producer's and the consumers'
-    /// first fetches (at most a few hundred ms).
+    /// A reading taken once a rate run is warm ([`Pipeline::warmup`]), on a thread of its own,
+    /// and the addresses read: latency is read over the run's steady part.
     pub(super) fn after_warmup(
         replicas: &[ReplicaProcess],
         p: Pipeline,
     ) -> std::thread::JoinHandle<(Option<Histograms>, Vec<String>)> {
         let addrs: Vec<String> = replicas.iter().filter_map(|r| r.http_addr()).collect();
-        let warmup = Duration::from_secs_f64(p.events as f64 / p.rate.max(1) as f64 / 5.0);
+        let warmup = p.warmup();
         std::thread::spawn(move || {
             std::thread::sleep(warmup);
             (Histograms::read(&addrs), addrs)

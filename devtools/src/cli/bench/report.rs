@@ -125,8 +125,9 @@ pub(super) struct Ratio {
 enum Basis {
     /// Events per second.
     Rate,
-    /// CPU time per event, the second run's over the first's: as with rates, above 1 means the
-    /// first run does better.
+    /// CPU time per event. Held to at least a bound, or to none: the second run's over the
+    /// first's (as with rates, above 1 means the first run does better). Held to at most one:
+    /// the first run's over the second's (what the first costs, in times the second's).
     CpuTime,
 }
 
@@ -250,8 +251,38 @@ pub(super) fn ratios(results: &[(&str, Measured)]) -> Vec<Ratio> {
         ),
     ];
     all.into_iter()
+        .chain(small_batch_cost(results))
         .filter_map(|(name, by, value, target)| Some(Ratio::new(name, by, value?, target)))
         .collect()
+}
+
+/// A ratio before it is computed: its name, what it compares, its value if both runs were
+/// measured, and its target.
+type RatioRow = (&'static str, Option<Basis>, Option<f64>, Option<Target>);
+
+/// A transaction's fixed cost: CPU per event of the small batches' run over the full ones',
+/// the server's and the client's apart, each held to the latency runs' CPU bound (at most 2
+/// times), for the database alone.
+fn small_batch_cost(results: &[(&str, Measured)]) -> [RatioRow; 2] {
+    let get = |key: &str| results.iter().find(|(k, _)| *k == key).map(|(_, m)| m.cpu);
+    let small_over_full = |cpu: fn(&Cpu) -> Option<f64>| {
+        Some(cpu(&get("database-small")?)? / cpu(&get("database")?)?)
+    };
+    let (by, target) = (Some(Basis::CpuTime), Some(Target::AtMost(2.0)));
+    [
+        (
+            "small / full batches, server CPU",
+            by,
+            small_over_full(|c| c.server),
+            target,
+        ),
+        (
+            "small / full batches, client CPU",
+            by,
+            small_over_full(|c| c.replicas),
+            target,
+        ),
+    ]
 }
 
 /// The ratios, as the report prints them.

@@ -55,7 +55,7 @@ impl Bench {
         let stats = self.rt.block_on(self.statement_stats());
         let before = self.cpu_reading(&replicas);
         let warm = Histograms::after_warmup(&replicas, p);
-        let outcome = client.run(&orders, Arc::clone(&producer))?;
+        let outcome = client.run(&orders, Arc::clone(&producer), p.warmup())?;
         let cpu = before.per_event(&self.cpu_reading(&replicas), outcome.requests as f64);
         if let Ok((Some(warm), addrs)) = warm.join() {
             report_commit_latency(&warm, &addrs);
@@ -195,7 +195,7 @@ struct Outcome {
     rejected: u64,
     /// From the first request to the last reply.
     seconds: f64,
-    /// Request to reply, over the requests sent after the first fifth of the run.
+    /// Request to reply, over the requests sent after the run's warm-up.
     latency: Option<Latency>,
 }
 
@@ -237,8 +237,14 @@ impl Client {
     }
 
     /// Places the orders: reserves paced on this thread, replies read (and commits sent) on
-    /// another, until every request has its reply.
-    fn run(self, orders: &Orders, producer: Arc<EventProducer>) -> anyhow::Result<Outcome> {
+    /// another, until every request has its reply. Latency counts the requests sent after
+    /// `warmup`.
+    fn run(
+        self,
+        orders: &Orders,
+        producer: Arc<EventProducer>,
+        warmup: Duration,
+    ) -> anyhow::Result<Outcome> {
         let waiting: Arc<Waiting> = Arc::default();
         let placed = Arc::new(AtomicBool::new(false));
         let start = Instant::now();
@@ -257,7 +263,7 @@ impl Client {
             .map_err(|_| anyhow::anyhow!("the reply reader panicked"))?;
         let mut sent = placing?;
         let replies = replies?;
-        let warm = start + start.elapsed() / 5;
+        let warm = start + warmup;
         let mut latencies: Vec<Duration> = replies
             .latencies
             .iter()
