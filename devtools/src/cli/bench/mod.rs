@@ -102,9 +102,8 @@ pub struct BenchArgs {
     #[arg(long, value_name = "SIZE", default_value = "128MB")]
     pub shared_buffers: String,
     /// Only these runs (comma-separated): database, database-small, steady, one, three,
-    /// traces-off, traces-10,
-    /// traces-100, per-event, unsafe, hot, latency, latency-half, saga, memory, one-apache,
-    /// three-apache, latency-apache, saga-apache. Default: all.
+    /// traces-off, traces-10, traces-100, per-event, unsafe, hot, latency, latency-half, saga,
+    /// memory, one-apache, three-apache, latency-apache, saga-apache. Default: all.
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
     /// Where the replicas' logs go (default: a new directory under the system temp dir).
