@@ -267,9 +267,9 @@ fn record(rounds: &mut Rounds, key: &'static str, m: Measured) {
     }
 }
 
-/// Events of the `database-small` run: a twentieth of `--events` (at least 1,000), as the
-/// per-event run takes; small transactions are slow.
-fn small_run_events(args: &BenchArgs) -> u64 {
+/// Events of the runs in small transactions (`per-event`, `database-small`): a twentieth of
+/// `--events`, at least 1,000; small transactions are slow.
+pub(super) fn small_run_events(args: &BenchArgs) -> u64 {
     (args.events / 20).max(1_000)
 }
 

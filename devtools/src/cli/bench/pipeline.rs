@@ -7,7 +7,7 @@ use anyhow::{Context, bail};
 
 use super::report::{Latency, Measured, StatementTime, report, statement_profile};
 use super::trace_sink::TraceSink;
-use super::{BATCH, Bench, BenchArgs, step, verify};
+use super::{BATCH, Bench, BenchArgs, small_run_events, step, verify};
 use crate::cli::produce::deliver;
 use crate::embedded::local_kafka::{BrokerKind, LocalKafka};
 use crate::embedded::replica::{ReplicaProcess, local_env};
@@ -127,7 +127,7 @@ pub(super) fn pipeline_runs(args: &BenchArgs) -> Vec<Run> {
             "per-event mode (batch of 1), 1 replica".to_owned(),
             Pipeline {
                 batch: 1,
-                events: (args.events / 20).max(1_000),
+                events: small_run_events(args),
                 ..batched
             },
         ),
