@@ -19,8 +19,8 @@ use opentelemetry_otlp::WithExportConfig as _;
 use opentelemetry_sdk::error::OTelSdkResult;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{
-    OTEL_BSP_MAX_QUEUE_SIZE_DEFAULT, Sampler, SdkTracerProvider, SpanData, SpanExporter,
-    SpanProcessor,
+    BatchConfigBuilder, OTEL_BSP_MAX_QUEUE_SIZE, OTEL_BSP_MAX_QUEUE_SIZE_DEFAULT, Sampler,
+    SdkTracerProvider, SpanData, SpanExporter, SpanProcessor,
 };
 use opentelemetry_sdk::{Resource, trace::BatchSpanProcessor};
 use rdkafka::message::{Header, OwnedHeaders};
@@ -56,15 +56,21 @@ pub fn provider(
         .with_endpoint(settings.endpoint.clone())
         .build()?;
     let held = Arc::new(AtomicUsize::new(0));
+    let limit = queue_size();
+    // The other `OTEL_BSP_*` variables are the SDK's to read (its builder's default does).
+    let config = BatchConfigBuilder::default()
+        .with_max_queue_size(limit)
+        .build();
     let processor = BatchSpanProcessor::builder(Counting {
         inner: exporter,
         held: held.clone(),
     })
+    .with_batch_config(config)
     .build();
     let admission = Admission {
         inner: processor,
         held,
-        limit: queue_size(),
+        limit,
     };
     let provider = SdkTracerProvider::builder()
         .with_span_processor(admission)
@@ -238,9 +244,10 @@ pub fn reply_headers(
     Some((headers, send))
 }
 
-/// The batch processor's queue (`OTEL_BSP_MAX_QUEUE_SIZE`, which it reads too).
+/// The batch processor's queue (`OTEL_BSP_MAX_QUEUE_SIZE`), read once for it and for
+/// [`Admission`].
 fn queue_size() -> usize {
-    std::env::var("OTEL_BSP_MAX_QUEUE_SIZE")
+    std::env::var(OTEL_BSP_MAX_QUEUE_SIZE)
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(OTEL_BSP_MAX_QUEUE_SIZE_DEFAULT)
