@@ -400,9 +400,17 @@ async fn a_collector_that_hangs_costs_no_event() {
     spans_dropped_no_event_lost(&endpoint, &exporter, 200, "queue_full").await;
 }
 
+/// The most events a transaction holds in [`spans_dropped_no_event_lost`].
+const EVENTS_PER_TRANSACTION: usize = 5;
+
 /// A replica exporting to `endpoint` (with the `exporter` variables) is sent `events` traced
-/// restocks, one at a time (many small batches, many spans). Spans must be dropped and counted
-/// with `reason`, none exported; every event applied; the replica exits 0 on SIGTERM.
+/// restocks. Spans must be dropped and counted with `reason`, none exported; every event
+/// applied; the replica exits 0 on SIGTERM.
+///
+/// Its transactions hold at most [`EVENTS_PER_TRANSACTION`] events, so the spans (4 a
+/// transaction: the batch's and its 3 steps') outnumber a small queue whatever the timing:
+/// uncapped, a replica that starts late takes the events in 2 or 3 transactions, and a queue of
+/// 20 never fills.
 async fn spans_dropped_no_event_lost(
     endpoint: &str,
     exporter: &[(&str, &str)],
@@ -412,7 +420,9 @@ async fn spans_dropped_no_event_lost(
     let env = TestEnv::new(3).await;
     let mut variables = vec![("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint)];
     variables.extend_from_slice(exporter);
-    let mut replica = env.replica_with_env("r1", &variables, &[]);
+    let cap = EVENTS_PER_TRANSACTION.to_string();
+    let mut replica =
+        env.replica_with_env("r1", &variables, &[("processing.batch_max_events", &cap)]);
     let mut messages = Vec::new();
     for i in 0..events {
         let (header, _, _) = traceparent();
