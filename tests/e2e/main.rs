@@ -30,7 +30,7 @@ mod upgrade;
 
 use crate::support::{EXIT, SETTLE};
 use serde_json::json;
-use support::{TestEnv, wait_until};
+use support::{TestEnv, wait_for_group, wait_until};
 
 /// One replica, a workload of 20,000 events over 1,000 SKUs with 5% re-sent duplicates and
 /// 1% malformed messages: the database ends equal to the oracle, and the duplicates the
@@ -94,11 +94,7 @@ async fn two_replicas_never_oversell() {
     let mut r1 = env.replica("r1", &[]);
     let mut r2 = env.replica("r2", &[]);
     // Both must own partitions before the sales are sent, or one could do all the work.
-    wait_until("both replicas to own partitions", SETTLE, || async {
-        let (a, b) = (r1.owned(), r2.owned());
-        !a.is_empty() && !b.is_empty() && a.len() + b.len() == 12
-    })
-    .await;
+    wait_for_group(&[&r1, &r2], 12, SETTLE).await;
 
     env.produce_json(
         &[json!({"event_id": "restock-1", "type": "restock", "sku": "HOT-1", "quantity": 10})],
@@ -146,6 +142,8 @@ async fn multi_line_events_across_partitions_are_atomic_without_deadlock() {
     let env = TestEnv::new(12).await;
     let mut r1 = env.replica("r1", &[("processing.batch_max_events", "20")]);
     let mut r2 = env.replica("r2", &[("processing.batch_max_events", "20")]);
+    // Both must own partitions before the events are sent, or one could do all the work.
+    wait_for_group(&[&r1, &r2], 12, SETTLE).await;
     let skus: Vec<String> = (0..12).map(|i| format!("M-{i}")).collect();
     let restocks: Vec<_> = skus
         .iter()

@@ -6,7 +6,7 @@ use inventory_consumer::domain::lock_key;
 use serde_json::json;
 
 use crate::support::{EXIT, SETTLE};
-use crate::support::{TestEnv, http_get, metric, terminate_all, wait_until};
+use crate::support::{TestEnv, http_get, metric, terminate_all, wait_for_group, wait_until};
 
 /// Metrics move as events are processed and as the group rebalances; both replicas become
 /// ready and stay live.
@@ -23,11 +23,7 @@ async fn metrics_follow_processing_and_rebalances() {
         .await;
         assert_eq!(http_get(addr, "/livez").0, 200);
     }
-    wait_until("both replicas to own partitions", SETTLE, || async {
-        let (x, y) = (r1.owned(), r2.owned());
-        !x.is_empty() && !y.is_empty() && x.len() + y.len() == 12
-    })
-    .await;
+    wait_for_group(&[&r1, &r2], 12, SETTLE).await;
 
     let expected = env.produce(&[
         "--events",
@@ -380,11 +376,7 @@ async fn the_dashboard_and_the_alerts_name_only_exported_metrics() {
 async fn status_shows_what_the_database_and_the_broker_hold() {
     let env = TestEnv::new(6).await;
     let mut replicas = vec![env.replica("r1", &[]), env.replica("r2", &[])];
-    wait_until("both replicas to own partitions", SETTLE, || async {
-        let (a, b) = (replicas[0].owned(), replicas[1].owned());
-        !a.is_empty() && !b.is_empty() && a.len() + b.len() == 6
-    })
-    .await;
+    wait_for_group(&[&replicas[0], &replicas[1]], 6, SETTLE).await;
     let expected = env.produce(&["--events", "2000", "--skus", "100", "--seed", "8"]);
     env.wait_processed(expected.events as i64, SETTLE).await;
 

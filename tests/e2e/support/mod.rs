@@ -74,6 +74,17 @@ where
     }
 }
 
+/// Waits until each of `replicas` owns partitions and together they own all `partitions`: the
+/// group has formed, so the work sent next is shared, and none of it is a backlog that one
+/// replica drained alone before the others joined.
+pub async fn wait_for_group(replicas: &[&Replica], partitions: usize, timeout: Duration) {
+    wait_until("every replica to own partitions", timeout, || async {
+        let owned: Vec<usize> = replicas.iter().map(|r| r.owned().len()).collect();
+        owned.iter().all(|&n| n > 0) && owned.iter().sum::<usize>() == partitions
+    })
+    .await;
+}
+
 /// One test's world: a database, an embedded broker, a directory for files and logs.
 pub struct TestEnv {
     pub db: TestDb,
