@@ -23,7 +23,7 @@ use crate::support::{
 #[tokio::test(flavor = "multi_thread")]
 async fn replies_survive_a_replica_killed_mid_stream() {
     let env = TestEnv::new(PARTITIONS).await;
-    let mut replicas = three_replicas(&env, &[]);
+    let mut replicas = three_replicas(&env, &[]).await;
     let skus = ["K0", "K1", "K2", "K3"];
     restock_each(&env, &skus, 150).await;
 
@@ -185,7 +185,7 @@ async fn all_events_publishes_stock_outcomes_too() {
 #[tokio::test(flavor = "multi_thread")]
 async fn an_orders_replies_arrive_in_order_across_expiries_and_a_replica_crash() {
     let env = TestEnv::new(PARTITIONS).await;
-    let mut replicas = three_replicas(&env, &[("reservations.sweep_interval_ms", "200")]);
+    let mut replicas = three_replicas(&env, &[("reservations.sweep_interval_ms", "200")]).await;
     let skus = ["E0", "E1", "E2", "E3"];
     restock_each(&env, &skus, 10_000).await;
 

@@ -23,7 +23,7 @@ use crate::support::{TestEnv, http_get, metric, terminate_all, wait_until};
 #[tokio::test(flavor = "multi_thread")]
 async fn a_thousand_orders_compete_for_a_hundred_units() {
     let env = TestEnv::new(PARTITIONS).await;
-    let mut replicas = three_replicas(&env, &[]);
+    let mut replicas = three_replicas(&env, &[]).await;
     send_events(
         &env,
         &[(
@@ -313,11 +313,7 @@ async fn a_commit_after_the_expiry_is_rejected_before_any_sweep() {
 #[tokio::test(flavor = "multi_thread")]
 async fn generated_order_traffic_matches_the_model() {
     let env = TestEnv::on_apache(PARTITIONS, 1).await;
-    let mut replicas = three_replicas(&env, &[]);
-    wait_until("the group to own every partition", SETTLE, || async {
-        replicas.iter().map(|r| r.owned().len()).sum::<usize>() == PARTITIONS as usize
-    })
-    .await;
+    let mut replicas = three_replicas(&env, &[]).await;
     let producer = env.produce_in_background(&[
         "--events",
         "12000",

@@ -5,7 +5,8 @@
 use std::collections::BTreeMap;
 
 use super::{
-    RESULTS_TOPIC, Replica, SETTLE, TestEnv, read_whole_topic, send, wait_until, watermarks,
+    RESULTS_TOPIC, Replica, SETTLE, TestEnv, read_whole_topic, send, wait_for_group, wait_until,
+    watermarks,
 };
 
 pub const PARTITIONS: i32 = 12;
@@ -115,11 +116,16 @@ pub async fn wait_for_replies(env: &TestEnv, count: i64) {
     }
 }
 
-pub fn three_replicas(env: &TestEnv, settings: &[(&str, &str)]) -> Vec<Replica> {
-    ["r1", "r2", "r3"]
+/// Three replicas of `settings`, once each owns some of the [`PARTITIONS`]: a replica the test
+/// kills then has work to lose, and the others' events are decided as they arrive.
+pub async fn three_replicas(env: &TestEnv, settings: &[(&str, &str)]) -> Vec<Replica> {
+    let replicas: Vec<Replica> = ["r1", "r2", "r3"]
         .iter()
         .map(|name| env.replica(name, settings))
-        .collect()
+        .collect();
+    let all: Vec<&Replica> = replicas.iter().collect();
+    wait_for_group(&all, PARTITIONS as usize, SETTLE).await;
+    replicas
 }
 
 /// Restocks each of `skus` with `quantity` (the i-th through partition i) and waits until all
