@@ -190,11 +190,12 @@ async fn database_faults_are_retried_without_loss_or_double_effect() {
         expected.duplicates,
         total.dead_letters
     );
-    assert!(
-        terminated > 0 && total.retries > 0,
-        "the faults were felt: {total:?}"
-    );
-    if !restarted {
+    assert!(terminated > 0, "no session was cut off mid-transaction");
+    // A session cut off in a combined transaction costs no retry (its batches are applied
+    // alone), so only the restart, which fails every connection, is sure to cause one.
+    if restarted {
+        assert!(total.retries > 0, "the restart was felt: {total:?}");
+    } else {
         crate::support::skip_unless_ci("the server restart (a shared server is never restarted)");
     }
     assert_eq!(
