@@ -2,7 +2,9 @@
 //! starts ahead of the database is read again from where the database stands.
 
 use crate::support::{EXIT, SETTLE_SLOW};
-use crate::support::{TestEnv, http_get, metric, output_text, terminate_all, wait_until};
+use crate::support::{
+    TestEnv, http_get, metric, output_text, terminate_all, wait_for_group, wait_until,
+};
 
 /// On Apache Kafka, three replicas apply a workload; mid-stream, `replay --to-time` rewinds
 /// every partition to the first message produced after a moment already applied.
@@ -20,15 +22,7 @@ async fn a_replayed_window_changes_nothing_while_three_replicas_run() {
         env.replica("r2", &[]),
         env.replica("r3", &[]),
     ];
-    wait_until(
-        "the three replicas to share the partitions",
-        SETTLE_SLOW,
-        || async {
-            replicas.iter().all(|r| !r.owned().is_empty())
-                && replicas.iter().map(|r| r.owned().len()).sum::<usize>() == 6
-        },
-    )
-    .await;
+    wait_for_group(&[&replicas[0], &replicas[1], &replicas[2]], 6, SETTLE_SLOW).await;
     // No invalid messages: then every message of the window is an event, and a duplicate
     // when read again.
     let producing = env.produce_in_background(&[
